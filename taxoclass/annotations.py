@@ -1,0 +1,414 @@
+"""Read and check Herbarium 2022 / NAFlora-1M COCO-style annotations and species tables.
+
+`validate_annotations` lists *every* problem (schema and semantic) with its JSON path,
+the record, what was expected, what was found and how to fix it; `load_annotations`
+raises :class:`AnnotationError` with that list when there are errors. Extra fields (e.g.
+``order`` on categories) are kept.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import AnnotationError
+from .taxonomy import DEFAULT_RANKS, Taxonomy, species_name
+
+SCHEMA_NAME = "herbarium2022_annotations.schema.json"
+SECTIONS = ("images", "annotations", "categories", "genera", "distances", "licenses",
+            "institutions")
+
+
+@dataclass
+class Problem:
+    """One thing wrong with an annotation file."""
+
+    path: str  # JSON path, e.g. "$.annotations[12].category_id"
+    record: str  # which record, e.g. "image_id=13"
+    expected: str
+    found: str
+    fix: str
+    severity: str = "error"
+
+    def __str__(self) -> str:
+        rec = f" ({self.record})" if self.record else ""
+        return (f"{self.severity.upper()} {self.path}{rec}: expected {self.expected}, "
+                f"found {self.found}. Fix: {self.fix}")
+
+
+@dataclass
+class ValidationReport:
+    """All problems found in one file, plus counts for the summary."""
+
+    source: str
+    problems: list[Problem] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity != "error"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def format(self) -> str:
+        """Human-readable report: every problem, then a one-line verdict."""
+        lines = [str(p) for p in self.problems]
+        if self.ok:
+            counts = ", ".join(f"{v} {k}" for k, v in self.counts.items())
+            lines.append(f"OK {self.source}: {counts}"
+                         + (f" ({len(self.warnings)} warnings)" if self.warnings else ""))
+        else:
+            lines.append(f"FAILED {self.source}: {len(self.errors)} errors, "
+                         f"{len(self.warnings)} warnings.")
+        return "\n".join(lines)
+
+    def to_frame(self) -> pd.DataFrame:
+        cols = ["severity", "path", "record", "expected", "found", "fix"]
+        return pd.DataFrame([{c: getattr(p, c) for c in cols} for p in self.problems],
+                            columns=cols)
+
+
+@dataclass
+class Annotations:
+    """A loaded annotation file: one DataFrame per section."""
+
+    source: str
+    images: pd.DataFrame
+    annotations: pd.DataFrame
+    categories: pd.DataFrame
+    genera: pd.DataFrame
+    distances: pd.DataFrame
+    licenses: pd.DataFrame
+    institutions: pd.DataFrame
+    extra: dict = field(default_factory=dict)
+
+    def taxonomy(self, ranks: Sequence[str] = DEFAULT_RANKS) -> Taxonomy:
+        """The taxonomy of the categories, with genus distances when the file has them."""
+        if self.categories.empty:
+            raise AnnotationError(f"{self.source}: has no categories, so no taxonomy can be "
+                                  "built. Expected a 'categories' list with family/genus/species.")
+        missing = [r for r in ranks if r not in self.categories.columns]
+        if missing:
+            raise AnnotationError(
+                f"{self.source}: categories have no {', '.join(missing)} field; expected one "
+                f"field per rank {tuple(ranks)}. Add the field(s) or choose ranks the file has.")
+        tax = Taxonomy.from_records(self.categories.to_dict("records"), ranks,
+                                    source=self.source)
+        if not self.distances.empty and not self.genera.empty:
+            name = dict(zip(self.genera["genus_id"], self.genera["genus"]))
+            tax.genus_distances = {
+                (name[a], name[b]): float(d)
+                for a, b, d in self.distances[["genus_id_x", "genus_id_y", "distance"]]
+                .itertuples(index=False) if a in name and b in name}
+        return tax
+
+    def labelled_images(self, images_root: str | Path | None = None) -> pd.DataFrame:
+        """One row per annotated image: image_id, file_name, path, category_id and ranks."""
+        cats = self.categories.drop(columns=[c for c in ("license",) if c in self.categories])
+        df = (self.annotations[["image_id", "category_id"]]
+              .merge(self.images[["image_id", "file_name"]], on="image_id", how="left")
+              .merge(cats, on="category_id", how="left"))
+        root = Path(images_root) if images_root else Path(self.source).parent
+        df["path"] = [str(root / f) for f in df["file_name"]]
+        return df
+
+    def image_items(self, images_root: str | Path | None = None) -> list[tuple[str, str]]:
+        """(image_id, path) of every image in the file, labelled or not."""
+        root = Path(images_root) if images_root else Path(self.source).parent
+        return [(str(i), str(root / f))
+                for i, f in zip(self.images["image_id"], self.images["file_name"])]
+
+
+# ---------------------------------------------------------------------- reading
+def read_json(path: str | Path) -> dict:
+    """Read a JSON file; a missing file or broken JSON raises :class:`AnnotationError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(f"{path}: file not found. Expected a Herbarium 2022-style "
+                              "annotations JSON; check the path.")
+    try:
+        with path.open(encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise AnnotationError(
+            f"{path}: broken JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}. "
+            "Fix the file (e.g. `python -m json.tool FILE` shows where).") from exc
+    except UnicodeDecodeError as exc:
+        raise AnnotationError(f"{path}: not UTF-8 text ({exc.reason}). Expected a JSON file "
+                              "saved as UTF-8.") from exc
+    if not isinstance(data, dict):
+        raise AnnotationError(f"{path}: expected a JSON object with 'images' and 'categories', "
+                              f"found a {type(data).__name__}.")
+    return data
+
+
+def load_annotations(path: str | Path, *, images_root: str | Path | None = None,
+                     check: bool = True) -> Annotations:
+    """Load an annotation file; with ``check`` raise :class:`AnnotationError` on any error."""
+    data = read_json(path)
+    if check:
+        report = validate_annotations(data, source_name=str(path), images_root=images_root)
+        if not report.ok:
+            raise AnnotationError(f"{path} has {len(report.errors)} problem(s):\n"
+                                  + "\n".join(str(p) for p in report.errors)
+                                  + f"\nRun `taxoclass validate {path}` for the full report.")
+    return annotations_from_dict(data, source=str(path))
+
+
+def annotations_from_dict(data: Mapping, *, source: str = "<dict>") -> Annotations:
+    """Turn a parsed annotation dict into :class:`Annotations` (no checks)."""
+    defaults = {
+        "images": ["image_id", "file_name"], "annotations": ["image_id", "category_id"],
+        "categories": ["category_id", "family", "genus", "species"],
+        "genera": ["genus_id", "genus"], "distances": ["genus_id_x", "genus_id_y", "distance"],
+        "licenses": ["id"], "institutions": ["institution_id"],
+    }
+    frames = {k: pd.DataFrame(data.get(k) or [], columns=None if data.get(k) else cols)
+              for k, cols in defaults.items()}
+    cats = frames["categories"]
+    for col in ("family", "genus", "species"):
+        if col in cats:
+            cats[col] = cats[col].fillna("").astype(str)
+    extra = {k: v for k, v in data.items() if k not in SECTIONS}
+    return Annotations(source=source, extra=extra, **frames)
+
+
+@lru_cache(maxsize=4)
+def load_schema(name: str = SCHEMA_NAME) -> dict:
+    """A JSON Schema shipped in ``data_schemas/``."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "schemas", here.parent / "data_schemas"):
+        if (folder / name).is_file():
+            return json.loads((folder / name).read_text())
+    raise FileNotFoundError(f"Schema {name} not found next to the taxoclass package.")
+
+
+# ---------------------------------------------------------------------- checks
+def _rec(obj: object, *keys: str) -> str:
+    if not isinstance(obj, Mapping):
+        return ""
+    return ", ".join(f"{k}={obj[k]!r}" for k in keys if k in obj)
+
+
+def _json_path(parts: Sequence) -> str:
+    out = "$"
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}"
+    return out
+
+
+def validate_annotations(source: str | Path | Mapping, *, images_root: str | Path | None = None,
+                         source_name: str | None = None) -> ValidationReport:
+    """Check an annotation file (path or parsed dict) against the schema and for consistency.
+
+    Finds: schema violations, duplicate ids, annotations pointing at missing images or
+    categories, ``genus_id`` disagreeing with the category's genus, a genus under two
+    families (or a family under two orders), categories without family/genus, unknown
+    genus ids in ``distances``, and (with ``images_root``) image files missing on disk.
+    """
+    if isinstance(source, Mapping):
+        data = source
+        name = source_name or "<dict>"
+    else:
+        data = read_json(source)
+        name = str(source)
+    report = ValidationReport(source=name)
+    add = report.problems.append
+
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(load_schema())
+    for err in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.path))):
+        parts = list(err.absolute_path)
+        record = ""
+        if len(parts) >= 2 and isinstance(parts[1], int):
+            record = _rec(data[parts[0]][parts[1]], "image_id", "category_id", "genus_id", "id")
+        found = repr(err.instance) if len(repr(err.instance)) < 80 else type(err.instance).__name__
+        if err.validator == "required":
+            missing = err.message.split("'")[1] if "'" in err.message else err.message
+            expected, found = f"a {missing!r} field", f"no {missing!r}"
+            fix = f"add {missing!r} to this record"
+        elif err.validator == "type":
+            expected = f"type {err.validator_value}"
+            fix = f"write a value of type {err.validator_value}"
+        else:
+            expected = f"{err.validator} {err.validator_value!r}"
+            fix = err.message
+        add(Problem(_json_path(parts), record, expected, found, fix))
+    if report.errors:  # structure is wrong: semantic checks would only repeat the noise
+        report.counts = {k: len(data.get(k) or []) for k in ("images", "annotations",
+                                                               "categories")}
+        return report
+
+    images = data.get("images") or []
+    anns = data.get("annotations") or []
+    cats = data.get("categories") or []
+    genera = data.get("genera") or []
+
+    def duplicates(section: str, key: str, items: list) -> set:
+        counts = Counter(it[key] for it in items)
+        dup = {k for k, c in counts.items() if c > 1}
+        seen: set = set()
+        for i, it in enumerate(items):
+            if it[key] in dup:
+                if it[key] in seen:
+                    add(Problem(f"$.{section}[{i}].{key}", _rec(it, key),
+                                f"a unique {key}", f"{it[key]!r} used {counts[it[key]]} times",
+                                f"give each {section[:-1]} its own {key} or remove the copy"))
+                seen.add(it[key])
+        return dup
+
+    duplicates("images", "image_id", images)
+    duplicates("categories", "category_id", cats)
+    duplicates("genera", "genus_id", genera)
+
+    image_ids = {im["image_id"] for im in images}
+    cat_by_id = {c["category_id"]: c for c in cats}
+    genus_by_id = {g["genus_id"]: g["genus"] for g in genera}
+    labelled: Counter = Counter()
+    for i, a in enumerate(anns):
+        rec = _rec(a, "image_id", "category_id")
+        labelled[a["image_id"]] += 1
+        if labelled[a["image_id"]] == 2:
+            add(Problem(f"$.annotations[{i}].image_id", rec, "one annotation per image",
+                        "a second annotation for this image",
+                        "keep one label per image (taxoclass is single-label per image)"))
+        if a["image_id"] not in image_ids:
+            add(Problem(f"$.annotations[{i}].image_id", rec,
+                        "an image_id listed in 'images'", repr(a["image_id"]),
+                        "add the image to 'images' or remove the annotation"))
+        cat = cat_by_id.get(a["category_id"])
+        if cat is None:
+            add(Problem(f"$.annotations[{i}].category_id", rec,
+                        "a category_id listed in 'categories'", repr(a["category_id"]),
+                        "add the category or correct the annotation's category_id"))
+            continue
+        gid = a.get("genus_id")
+        if gid is not None and genus_by_id:
+            gname = genus_by_id.get(gid)
+            if gname is None:
+                add(Problem(f"$.annotations[{i}].genus_id", rec, "a genus_id listed in 'genera'",
+                            repr(gid), "add the genus to 'genera' or correct genus_id"))
+            elif gname != cat.get("genus"):
+                add(Problem(f"$.annotations[{i}].genus_id", rec,
+                            f"genus_id of {cat.get('genus')!r} (the category's genus)",
+                            f"genus_id {gid} = {gname!r}",
+                            "correct the annotation's genus_id or the category's genus"))
+
+    # Taxon consistency across categories.
+    parents: dict[tuple[str, str], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    ranks = ["order", "family", "genus"] if any("order" in c for c in cats) else ["family",
+                                                                                   "genus"]
+    for i, c in enumerate(cats):
+        rec = _rec(c, "category_id", "scientificName")
+        for r in ("family", "genus"):
+            if not str(c.get(r, "")).strip():
+                add(Problem(f"$.categories[{i}].{r}", rec, f"a non-empty {r}", "''",
+                            f"fill in the {r} (only 'species' may be empty: a {r}-level label "
+                            "needs every rank above it)"))
+        for upper, lower in zip(ranks, ranks[1:]):
+            lo, up = str(c.get(lower, "")).strip(), str(c.get(upper, "")).strip()
+            if lo and up:
+                parents[(lower, lo)][up].append(i)
+        sp = species_name(str(c.get("genus", "")), str(c.get("species", "")))
+        if sp and str(c.get("family", "")).strip():
+            parents[("species", sp)][str(c.get("genus", "")).strip()].append(i)
+    for (rank, name_), ups in parents.items():
+        if len(ups) > 1:
+            detail = "; ".join(f"{u!r} in categories at {idx[:5]}" for u, idx in ups.items())
+            first = min(i for idx in ups.values() for i in idx)
+            add(Problem(f"$.categories[{first}].{rank}", f"{rank}={name_!r}",
+                        f"{rank} {name_!r} under one parent", f"{len(ups)} parents: {detail}",
+                        f"make every category that names {rank} {name_!r} use the same parent"))
+    dup_names = Counter((str(c.get("genus", "")), str(c.get("species", ""))) for c in cats)
+    for (g, s), n in dup_names.items():
+        if n > 1 and s:
+            add(Problem("$.categories", f"{g} {s}", "one category per taxon",
+                        f"{n} categories for {g} {s}",
+                        "merge the categories (or tell them apart, e.g. by authors)",
+                        severity="warning"))
+
+    for i, d in enumerate(data.get("distances") or []):
+        for k in ("genus_id_x", "genus_id_y"):
+            if genus_by_id and d[k] not in genus_by_id:
+                add(Problem(f"$.distances[{i}].{k}", _rec(d, k), "a genus_id listed in 'genera'",
+                            repr(d[k]), "add the genus to 'genera' or drop the distance"))
+
+    if images_root is not None:
+        root = Path(images_root)
+        if not root.is_dir():
+            add(Problem("--images-root", str(root), "an existing directory",
+                        "no such directory", "pass the folder that holds the images' file_name "
+                        "paths"))
+        else:
+            for i, im in enumerate(images):
+                if not (root / im["file_name"]).is_file():
+                    add(Problem(f"$.images[{i}].file_name", _rec(im, "image_id"),
+                                f"a file under {root}", f"{im['file_name']!r} missing",
+                                "restore the image or remove it and its annotation"))
+
+    report.counts = {"images": len(images), "annotations": len(anns), "categories": len(cats)}
+    if cats and not report.errors:
+        tax = annotations_from_dict(data, source=name).taxonomy(
+            ("order", *DEFAULT_RANKS) if ranks[0] == "order" else DEFAULT_RANKS)
+        report.counts.update({f"{r} taxa": n for r, n in tax.sizes.items()})
+        n_genus_only = sum(1 for c in cats if not str(c.get("species", "")).strip())
+        if n_genus_only:
+            report.counts["genus-level categories"] = n_genus_only
+    return report
+
+
+# ---------------------------------------------------------------------- tables
+def read_species_table(path: str | Path) -> pd.DataFrame:
+    """Read a species table (CSV or ``;``-separated, like PlantCLEF's species metadata).
+
+    Returns columns ``species_id``, ``species``, ``genus``, ``family`` (plus any others,
+    e.g. ``order``). ``species`` is the full name; genus is taken from it when the
+    column is absent.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(f"{path}: species table not found; check the path.")
+    head = path.read_text(encoding="utf-8", errors="replace").splitlines()[:1]
+    sep = ";" if head and head[0].count(";") > head[0].count(",") else ","
+    try:
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    except Exception as exc:  # pandas raises several parser errors
+        raise AnnotationError(f"{path}: cannot parse as a {sep!r}-separated table: {exc}") from exc
+    df.columns = [c.strip() for c in df.columns]
+    if "species" not in df.columns:
+        raise AnnotationError(f"{path}: expected a 'species' column, found columns "
+                              f"{list(df.columns)}. Rename the column holding species names.")
+    if "genus" not in df.columns:
+        df["genus"] = df["species"].str.split().str[0].fillna("")
+    if "family" not in df.columns:
+        df["family"] = ""
+    if "species_id" not in df.columns:
+        df["species_id"] = [str(i) for i in range(len(df))]
+    return df
+
+
+def read_class_mapping(path: str | Path) -> list[str]:
+    """PlantCLEF ``class_mapping.txt``: the species id of each model output unit, in order."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(f"{path}: class mapping not found; expected the PlantCLEF "
+                              "class_mapping.txt (one species id per line).")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(set(ids)) != len(ids):
+        dup = [k for k, v in Counter(ids).items() if v > 1][:5]
+        raise AnnotationError(f"{path}: species ids repeat (e.g. {dup}); each output unit "
+                              "needs its own species id.")
+    return ids
