@@ -363,7 +363,8 @@ def validate_annotations(source: str | Path | Mapping, *, images_root: str | Pat
     if cats and not report.errors:
         tax = annotations_from_dict(data, source=name).taxonomy(
             ("order", *DEFAULT_RANKS) if ranks[0] == "order" else DEFAULT_RANKS)
-        report.counts.update({f"{r} taxa": n for r, n in tax.sizes.items()})
+        report.counts.update({f"{r} taxa": n for r, n in tax.summary().items()
+                              if r != "placeholders"})
         n_genus_only = sum(1 for c in cats if not str(c.get("species", "")).strip())
         if n_genus_only:
             report.counts["genus-level categories"] = n_genus_only

@@ -1,0 +1,37 @@
+"""taxoclass: name organisms in images at the taxonomic rank the evidence supports.
+
+Heavy modules (torch, timm, pandas) are imported lazily, so ``taxoclass --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import AnnotationError as AnnotationError
+from .errors import BackboneError as BackboneError
+from .errors import BundleError as BundleError
+from .errors import CacheError as CacheError
+from .errors import ConfigError as ConfigError
+from .errors import ImageError as ImageError
+from .errors import TaxoclassError as TaxoclassError
+from .errors import TaxonomyError as TaxonomyError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Taxonomy": "taxonomy",
+    "load_annotations": "annotations",
+    "validate_annotations": "annotations",
+    "read_species_table": "annotations",
+    "read_class_mapping": "annotations",
+    "create_backbone": "backbones",
+    "compute_embeddings": "embeddings",
+    "load_embeddings": "embeddings",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'taxoclass' has no attribute {name!r}")

@@ -1,0 +1,137 @@
+"""YAML configs with defaults and ``--set key.sub=value`` overrides.
+
+A config file sets values over :data:`DEFAULTS`; unknown keys are an error (a typo
+must not silently fall back to a default). Relative paths in a config file are
+resolved against the file's folder, so a config works from any working directory.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+DEFAULTS: dict[str, Any] = {
+    "data": {
+        "annotations": None,       # Herbarium 2022-style annotations JSON
+        "images_root": None,       # folder the images' file_name paths are relative to
+        "ranks": ["family", "genus", "species"],
+        "val_fraction": 0.3,       # seeded split stratified by the lowest rank
+        "split_seed": 0,
+        "split_file": None,        # optional CSV image_id,split (train/val) given by the user
+    },
+    "backbone": {
+        "name": "vit_base_patch14_reg4_dinov2.lvd142m",
+        "checkpoint": None,
+        "class_mapping": None,
+        "model_kwargs": {},
+    },
+    "embeddings": {
+        "cache": None,             # default: <out>/../embeddings-<backbone>
+        "batch_size": 64,
+        "num_workers": 0,
+    },
+    "model": {
+        "hidden": None,            # None: linear heads; an int: a shared MLP layer first
+        "dropout": 0.0,
+        "normalize": True,         # L2-normalise embeddings before the heads
+    },
+    "loss": {
+        "rank_weights": None,      # e.g. {family: 1, genus: 1, species: 1}
+        "dependency_weight": 1.0,
+        "class_balanced": False,
+        "class_balanced_beta": 0.999,
+        "label_smoothing": 0.0,
+    },
+    "train": {
+        "epochs": 200,
+        "batch_size": 256,
+        "lr": 0.003,
+        "weight_decay": 0.0001,
+        "patience": 20,            # early stopping on validation loss
+        "seed": 0,
+    },
+    "decode": {"method": "path", "top_k": 5},
+    "out": None,
+}
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any], *,
+               where: str = "config", strict: bool = True) -> dict[str, Any]:
+    """Merge ``update`` into a copy of ``base``; unknown keys raise :class:`ConfigError`."""
+    out = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if strict and key not in out:
+            raise ConfigError(f"{where}: unknown key {key!r}. Expected one of "
+                              f"{sorted(out)}; check the spelling.")
+        if isinstance(out.get(key), dict) and isinstance(value, Mapping) and out[key]:
+            out[key] = deep_merge(out[key], value, where=f"{where}.{key}", strict=strict)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.lr=0.01"`` -> (["train", "lr"], 0.01); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=50.")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc}).") from exc
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                defaults: Mapping[str, Any] = DEFAULTS) -> dict[str, Any]:
+    """Defaults, then the YAML file, then ``--set`` overrides; paths resolved to absolute."""
+    cfg = copy.deepcopy(dict(defaults))
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found. See configs/ for examples.")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top, found "
+                              f"{type(data).__name__}.")
+        cfg = deep_merge(cfg, data, where=str(path))
+        base = path.resolve().parent
+        cfg = _resolve_paths(cfg, base)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = cfg
+        for i, k in enumerate(keys[:-1]):
+            if not isinstance(node.get(k), dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(keys[:i + 1])} is not a section.")
+            node = node[k]
+        if keys[-1] not in node:
+            raise ConfigError(f"--set {item!r}: unknown key {'.'.join(keys)!r}. Expected one of "
+                              f"{sorted(node)}.")
+        node[keys[-1]] = value
+    return _resolve_paths(cfg, Path.cwd())
+
+
+PATH_KEYS = {("data", "annotations"), ("data", "images_root"), ("data", "split_file"),
+             ("backbone", "checkpoint"), ("backbone", "class_mapping"),
+             ("embeddings", "cache"), ("out",)}
+
+
+def _resolve_paths(cfg: dict[str, Any], base: Path) -> dict[str, Any]:
+    for keys in PATH_KEYS:
+        node = cfg
+        for k in keys[:-1]:
+            node = node.get(k) or {}
+        value = node.get(keys[-1]) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            node[keys[-1]] = str((base / value).resolve())
+    return cfg

@@ -1,0 +1,109 @@
+"""Annotation validation: the real leaf file is clean; each kind of breakage is named."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from taxoclass.annotations import (
+    load_annotations,
+    read_class_mapping,
+    read_species_table,
+    validate_annotations,
+)
+from taxoclass.errors import AnnotationError
+
+
+@pytest.fixture(scope="module")
+def leaf_dict(shared_data):
+    return json.loads((shared_data / "leaf" / "annotations.json").read_text())
+
+
+def test_leaf_annotations_validate_clean(shared_data):
+    report = validate_annotations(shared_data / "leaf" / "annotations.json",
+                                  images_root=shared_data / "leaf")
+    assert report.ok, report.format()
+    assert report.counts["images"] == 990
+    assert report.counts["species taxa"] == 98
+    assert report.counts["genus taxa"] == 34
+    assert report.counts["genus-level categories"] == 1
+
+
+def test_extra_fields_are_kept(shared_data):
+    ann = load_annotations(shared_data / "leaf" / "annotations.json")
+    assert "order" in ann.categories.columns
+    df = ann.labelled_images()
+    assert len(df) == 990 and {"family", "genus", "species", "path"} <= set(df.columns)
+
+
+def _messages(data, **kw):
+    return [str(p) for p in validate_annotations(data, **kw).errors]
+
+
+def test_every_semantic_problem_is_listed(leaf_dict, shared_data):
+    d = copy.deepcopy(leaf_dict)
+    d["images"][2]["image_id"] = d["images"][0]["image_id"]  # duplicate id
+    d["annotations"][3]["category_id"] = 999  # missing category
+    d["annotations"][5]["genus_id"] = 7  # genus_id disagrees with category
+    d["categories"][1]["family"] = "Rosaceae"  # Acer under two families
+    d["images"][4]["file_name"] = "images/nope.jpg"  # missing on disk
+    msgs = _messages(d, images_root=shared_data / "leaf")
+    joined = "\n".join(msgs)
+    assert "$.images[2].image_id" in joined and "unique image_id" in joined
+    assert "$.annotations[3].category_id" in joined and "found 999" in joined
+    assert "$.annotations[5].genus_id" in joined and "Cercis" in joined
+    assert "genus 'Acer' under one parent" in joined and "'Rosaceae'" in joined
+    assert "'images/nope.jpg' missing" in joined
+    # the annotation of the renamed image now points at a missing image
+    assert "$.annotations[2].image_id" in joined
+    assert all("Fix:" in m for m in msgs)
+
+
+def test_schema_violations_name_path_and_field(leaf_dict):
+    d = copy.deepcopy(leaf_dict)
+    d["images"][0]["file_name"] = 5
+    del d["categories"][2]["genus"]
+    msgs = _messages(d)
+    assert any(m.startswith("ERROR $.images[0].file_name") and "type string" in m for m in msgs)
+    assert any("$.categories[2]" in m and "'genus'" in m for m in msgs)
+
+
+def test_broken_json_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [\n  {"image_id": 1,,}\n]}')
+    with pytest.raises(AnnotationError, match=r"bad\.json: broken JSON at line 2"):
+        load_annotations(bad)
+
+
+def test_load_refuses_inconsistent_file(tmp_path, leaf_dict):
+    d = copy.deepcopy(leaf_dict)
+    d["categories"][1]["family"] = "Rosaceae"
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(AnnotationError, match="taxoclass validate"):
+        load_annotations(path)
+
+
+def test_missing_images_root_is_reported(leaf_dict, tmp_path):
+    msgs = _messages(leaf_dict, images_root=tmp_path / "nowhere")
+    assert len(msgs) == 1 and "no such directory" in msgs[0]
+
+
+def test_image_list_without_categories_is_valid(shared_data):
+    report = validate_annotations(shared_data / "leaf" / "unlabelled.json",
+                                  images_root=shared_data / "leaf")
+    assert report.ok and report.counts["images"] == 594
+
+
+def test_species_table_and_class_mapping(shared_data):
+    pc = shared_data / "plantclef2024"
+    table = read_species_table(pc / "plantclef2024_species_DERIVED_genus_family_from_inat.csv")
+    assert {"species_id", "species", "genus", "family"} <= set(table.columns)
+    assert len(table) == 7806
+    names = read_species_table(pc / "species_id_to_name.txt")
+    assert names.loc[0, "genus"] == "Taxus"
+    ids = read_class_mapping(pc / "class_mapping.txt")
+    assert len(ids) == 7806 and ids[0] == "1355868"
+    assert set(ids) <= set(names["species_id"])

@@ -1,0 +1,74 @@
+"""Config loading and the thin CLI (validate, taxonomy, help)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from taxoclass.cli import main
+from taxoclass.config import load_config
+from taxoclass.errors import ConfigError
+
+
+def test_config_overrides_and_path_resolution(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("data:\n  annotations: ann.json\ntrain:\n  epochs: 5\n")
+    cfg = load_config(cfg_file, ["train.lr=0.5", "model.hidden=128"])
+    assert cfg["train"]["epochs"] == 5 and cfg["train"]["lr"] == 0.5
+    assert cfg["model"]["hidden"] == 128
+    assert cfg["data"]["annotations"] == str(tmp_path / "ann.json")
+
+
+def test_config_unknown_key_is_an_error(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train:\n  epoks: 5\n")
+    with pytest.raises(ConfigError, match="unknown key 'epoks'"):
+        load_config(cfg_file)
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["train.lr"])
+
+
+def test_cli_validate_clean_and_broken(shared_data, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["validate", str(shared_data / "leaf" / "annotations.json"),
+                               "--images-root", str(shared_data / "leaf")])
+    assert res.exit_code == 0, res.output
+    assert "OK" in res.output and "98 species taxa" in res.output
+    data = json.loads((shared_data / "leaf" / "annotations.json").read_text())
+    data["annotations"][0]["category_id"] = 12345
+    data["annotations"][1]["category_id"] = 54321
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    report = tmp_path / "problems.csv"
+    res = runner.invoke(main, ["validate", str(bad), "--report", str(report)])
+    assert res.exit_code == 1
+    assert "found 12345" in res.output and "found 54321" in res.output
+    assert "2 errors" in res.output
+    assert len(report.read_text().strip().splitlines()) == 3
+
+
+def test_cli_broken_json_is_one_clear_error(tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text("{")
+    res = CliRunner().invoke(main, ["taxonomy", str(bad)])
+    assert res.exit_code == 2
+    assert "broken.json: broken JSON" in res.output and "Traceback" not in res.output
+
+
+def test_cli_taxonomy_counts_and_csv(shared_data, tmp_path):
+    out = tmp_path / "tree.csv"
+    res = CliRunner().invoke(main, ["taxonomy", str(shared_data / "naflora-mini" / "metadata.json"),
+                                    "--csv", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "species: 1863" in res.output and "family: 162" in res.output
+    assert len(out.read_text().splitlines()) == 1 + 1863 + 829 + 162
+
+
+def test_help_is_fast_and_imports_no_torch():
+    code = ("import sys, taxoclass.cli; "
+            "assert 'torch' not in sys.modules and 'pandas' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
