@@ -134,6 +134,130 @@ def embed(annotations: Path, images_root: Path | None, backbone: str, checkpoint
         click.echo(f"{len(result.failures)} image(s) failed; see {out / 'failures.csv'}",
                    err=True)
 
+# --------------------------------------------------------------------------- train
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="YAML config (see configs/leaf.yaml). Relative paths in it are relative to "
+                   "the config file.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value, e.g. --set train.epochs=50 --set out=runs/x. "
+                   "Repeatable.")
+def train(config_path: Path | None, overrides: tuple[str, ...]) -> None:
+    """Train family/genus/species heads jointly with the class-dependency loss.
+
+    Reads the annotations and the embedding cache (computing it when missing), makes a
+    seeded validation split stratified by species, trains with early stopping, and
+    writes a model bundle: head weights (safetensors), taxonomy, labels, resolved
+    config, training curve, split, validation metrics and provenance.
+    """
+    from .config import load_config
+    from .workflows import train_from_config
+
+    cfg = load_config(config_path, overrides)
+    with _progress("embedding", "img") as emb, _progress("training", "epoch") as prog:
+        out = train_from_config(cfg, progress=prog, embed_progress=emb)
+    _print_metrics(out / "metrics_val.json", f"validation metrics ({out})")
+    click.echo(f"model bundle written to {out}")
+
+
+def _print_metrics(path_or_dict, title: str) -> None:
+    import json
+
+    m = json.loads(Path(path_or_dict).read_text()) if isinstance(path_or_dict, Path) \
+        else path_or_dict
+    click.echo(title)
+    click.echo(f"{'rank':>10} {'n':>6} {'acc':>7} {'top5':>7} {'macroF1':>8}")
+    for rank, r in m.get("per_rank", {}).items():
+        top5 = r.get("top5_accuracy")
+        click.echo(f"{rank:>10} {r.get('n', 0):>6} {r['accuracy']:>7.3f} "
+                   f"{(top5 if top5 is not None else float('nan')):>7.3f} "
+                   f"{r['macro_f1']:>8.3f}")
+    h = m.get("hierarchical", {})
+    if h:
+        click.echo(f"hierarchical P/R/F1: {h.get('precision', 0):.3f} / "
+                   f"{h.get('recall', 0):.3f} / {h.get('f1', 0):.3f}")
+    sev = m.get("mistake_severity", {})
+    if sev:
+        click.echo("mistake severity: " + ", ".join(
+            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in sev.items()))
+    if "coherence_rate" in m:
+        click.echo(f"coherent predictions: {m['coherence_rate']:.3f}")
+
+
+# --------------------------------------------------------------------------- predict
+@main.command()
+@click.option("--model", type=click.Path(path_type=Path), required=True,
+              help="Model bundle folder written by `taxoclass train`.")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for predictions.csv / predictions.json, provenance and the "
+                   "(resumable) embedding cache.")
+@click.option("--top-k", default=5, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+def predict(model: Path, images: tuple[Path, ...], out: Path | None, top_k: int,
+            batch_size: int) -> None:
+    """Predict family, genus and species (coherent path + top-k) for IMAGES (files or folders)."""
+    from .workflows import predict_images
+
+    with _progress("predicting", "img") as prog:
+        frame = predict_images(model, images, out=out, top_k=top_k, batch_size=batch_size,
+                               progress=prog)
+    cols = [c for c in frame.columns if not c.endswith("_top5")]
+    with _wide_pandas():
+        click.echo(frame[cols].to_string(index=False, max_rows=50))
+    if out:
+        click.echo(f"wrote {out / 'predictions.csv'} and {out / 'predictions.json'}")
+
+
+class _wide_pandas:
+    def __enter__(self):
+        import pandas as pd
+
+        self._ctx = pd.option_context("display.width", 200, "display.max_colwidth", 40,
+                                      "display.float_format", "{:.3f}".format)
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+# --------------------------------------------------------------------------- evaluate
+@main.command()
+@click.option("--model", type=click.Path(path_type=Path), required=True,
+              help="Model bundle folder written by `taxoclass train`.")
+@click.option("--annotations", type=click.Path(path_type=Path), required=True)
+@click.option("--images-root", type=click.Path(path_type=Path), default=None,
+              help="Folder the file_name paths are relative to [default: the JSON's folder].")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where to write metrics.json (a file) — its folder also gets confusion.csv, "
+                   "predictions.csv and provenance.json.")
+@click.option("--split", type=click.Choice(["auto", "all", "val", "train"]), default="auto",
+              show_default=True,
+              help="auto: only the validation images when ANNOTATIONS is the training file.")
+def evaluate(model: Path, annotations: Path, images_root: Path | None, out: Path | None,
+             split: str) -> None:
+    """Per-rank accuracy / macro-F1 / top-5, hierarchical P/R/F1, mistake severity,
+    coherence rate and the most confused taxon pairs.
+    """
+    from .workflows import evaluate_model
+
+    out_dir = None
+    if out is not None:
+        out_dir = out.parent if out.suffix == ".json" else out
+    with _progress("embedding", "img") as prog:
+        metrics = evaluate_model(model, annotations, images_root=images_root, out=out_dir,
+                                 split=split, progress=prog)
+    if out is not None and out.suffix == ".json" and out.name != "metrics.json":
+        from .fileio import atomic_write_json
+
+        atomic_write_json(out, {k: v for k, v in metrics.items() if k != "confusion"})
+    _print_metrics(metrics, f"{metrics['n_images']} images ({metrics['split']} split)")
+    click.echo("most confused pairs:")
+    for row in metrics["confusion"][:10]:
+        click.echo(f"  {row['count']:>3} x  {row['true']}  ->  {row['predicted']}")
+    if out is not None:
+        click.echo(f"wrote {out}")
+
 
 class _progress:
     """A tqdm bar driven by the library's ``progress(done, total)`` callback."""

@@ -60,3 +60,286 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
         "backbone": backbone, "checkpoint": str(checkpoint) if checkpoint else None,
         "batch_size": batch_size, "num_workers": num_workers})
     return result
+
+
+# --------------------------------------------------------------------------- training
+def _targets(taxonomy: Taxonomy, rows) -> tuple[dict, list]:
+    """Class index per rank for each labelled row (-1 below the label's rank)."""
+    import numpy as np
+
+    ranks = taxonomy.ranks
+    out = {r: np.full(len(rows), -1, dtype=np.int64) for r in ranks}
+    nodes = []
+    for i, rec in enumerate(rows.to_dict("records")):
+        node = taxonomy.node_for(rec)
+        nodes.append(node)
+        for r, k in taxonomy.path_indices(node).items():
+            out[r][i] = k
+    return out, nodes
+
+
+def _embeddings_for(ids: Sequence[str], paths: Sequence[str], *, cache: str | Path,
+                    backbone_cfg: dict, batch_size: int = 64, num_workers: int = 0,
+                    progress: Progress | None = None):
+    """Embeddings for ``ids`` (in that order) from ``cache``, computing what is missing.
+
+    Returns (embeddings [n, d] float32, found mask [n], backbone description).
+    """
+    import numpy as np
+
+    from .backbones import create_backbone, resolve_backbone_name
+    from .embeddings import compute_embeddings, load_embeddings
+    from .errors import CacheError
+
+    cache = Path(cache)
+    wanted = resolve_backbone_name(backbone_cfg["name"])
+    loaded = None
+    try:
+        loaded = load_embeddings(cache)
+        have = loaded.manifest.get("backbone", {}).get("name")
+        if have != wanted:
+            raise CacheError(f"Embedding cache {cache} holds {have!r} features but the config "
+                             f"asks for backbone {wanted!r}. Fix: point embeddings.cache at a "
+                             "new folder, or set backbone.name to match.")
+        if not set(ids) <= set(loaded.image_ids.tolist()):
+            loaded = None  # recompute: compute_embeddings reuses nothing of another plan
+    except CacheError as exc:
+        if "holds" in str(exc):
+            raise
+        loaded = None
+    if loaded is None:
+        bb = create_backbone(backbone_cfg["name"], checkpoint=backbone_cfg.get("checkpoint"),
+                             class_mapping=backbone_cfg.get("class_mapping"),
+                             model_kwargs=backbone_cfg.get("model_kwargs") or None)
+        result = compute_embeddings(list(zip(ids, paths)), bb, cache, batch_size=batch_size,
+                                    num_workers=num_workers, progress=progress)
+        loaded = result.cache
+    pos = {k: i for i, k in enumerate(loaded.image_ids.tolist())}
+    found = np.array([k in pos for k in ids])
+    emb = np.zeros((len(ids), loaded.embeddings.shape[1]), dtype=np.float32)
+    idx = [pos[k] for k in ids if k in pos]
+    emb[found] = loaded.embeddings[idx]
+    return emb, found, loaded.manifest.get("backbone", {})
+
+
+def train_from_config(cfg: dict, *, progress: Progress | None = None,
+                      embed_progress: Progress | None = None) -> Path:
+    """Train a hierarchical head as configured (``configs/leaf.yaml``); returns the bundle."""
+    import numpy as np
+    import pandas as pd
+
+    from .annotations import load_annotations
+    from .bundle import ModelBundle
+    from .config import ConfigError
+    from .fileio import atomic_write_csv, atomic_write_json
+    from .metrics import evaluate_predictions
+    from .training import stratified_split, train_head
+
+    data = cfg["data"]
+    if not data.get("annotations"):
+        raise ConfigError("data.annotations is not set: point it at the annotations JSON "
+                          "(in the config or with --set data.annotations=PATH).")
+    if not cfg.get("out"):
+        raise ConfigError("out is not set: the folder for the model bundle (config 'out' or "
+                          "--set out=DIR).")
+    out = Path(cfg["out"])
+    root = Path(data.get("images_root") or Path(data["annotations"]).parent)
+    ann = load_annotations(data["annotations"])
+    tax = ann.taxonomy(data.get("ranks") or DEFAULT_RANKS)
+    rows = ann.labelled_images(root)
+    y, nodes = _targets(tax, rows)
+    ids = [str(i) for i in rows["image_id"]]
+    emb_cfg = cfg["embeddings"]
+    cache = emb_cfg.get("cache") or str(out.parent / f"{out.name}-embeddings")
+    x, found, backbone_desc = _embeddings_for(
+        ids, rows["path"].tolist(), cache=cache, backbone_cfg=cfg["backbone"],
+        batch_size=int(emb_cfg.get("batch_size", 64)),
+        num_workers=int(emb_cfg.get("num_workers", 0)), progress=embed_progress)
+    if not found.all():
+        missing = [i for i, f in zip(ids, found) if not f][:5]
+        print(f"warning: {int((~found).sum())} labelled image(s) have no embedding (unreadable; "
+              f"see {cache}/failures.csv), e.g. {missing}; training without them.")
+    strata = np.array(["/".join(n) for n in nodes])
+    if data.get("split_file"):
+        split = pd.read_csv(data["split_file"], dtype={"image_id": str})
+        is_val = np.array([s == "val" for s in
+                           pd.Series(ids).map(dict(zip(split.image_id, split.split)))])
+    else:
+        is_val = stratified_split(strata, float(data.get("val_fraction", 0.3)),
+                                  int(data.get("split_seed", 0)))
+    tr, va = found & ~is_val, found & is_val
+    result = train_head(x[tr], {r: v[tr] for r, v in y.items()}, x[va],
+                        {r: v[va] for r, v in y.items()}, tax, model=cfg["model"],
+                        loss=cfg["loss"], train=cfg["train"],
+                        normalize_inputs=bool(cfg["model"].get("normalize", True)),
+                        progress=progress)
+    bundle = ModelBundle(head=result.head, taxonomy=tax, normalize=bool(
+        cfg["model"].get("normalize", True)), decode_method=cfg["decode"]["method"],
+        backbone={"name": cfg["backbone"]["name"],
+                  "checkpoint": cfg["backbone"].get("checkpoint"),
+                  "class_mapping": cfg["backbone"].get("class_mapping"),
+                  "model_kwargs": cfg["backbone"].get("model_kwargs") or {},
+                  "description": backbone_desc},
+        extra={"annotations": str(Path(data["annotations"]).resolve()),
+               "embedding_cache": str(Path(cache).resolve()), "best_epoch": result.best_epoch})
+    decoded = bundle.predict_embeddings(x[va], top_k=int(cfg["decode"].get("top_k", 5)))
+    metrics = evaluate_predictions(decoded.path, {r: v[va] for r, v in y.items()}, tax,
+                                   topk_index=decoded.topk_index)
+    bundle.save(out)
+    atomic_write_csv(out / "history.csv", result.history)
+    atomic_write_csv(out / "split.csv", pd.DataFrame(
+        {"image_id": ids, "split": np.where(is_val, "val", "train"), "embedded": found}))
+    atomic_write_json(out / "metrics_val.json", metrics)
+    write_provenance(out, config=cfg, backbone=backbone_desc, extra={
+        "training": {"best_epoch": result.best_epoch, "epochs_run": len(result.history),
+                     "seconds": result.seconds, "n_train": int(tr.sum()),
+                     "n_val": int(va.sum())}})
+    return out
+
+
+# --------------------------------------------------------------------------- predict
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of image paths."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.exists() or p.suffix.lower() in IMAGE_SUFFIXES:
+            out.append(p)  # a missing file becomes a recorded failure, not a crash
+        else:
+            raise AnnotationError(f"{p}: no such file or folder. Pass image files or folders.")
+    if not out:
+        raise AnnotationError(f"No images found in {[str(i) for i in inputs]} (looked for "
+                              f"{', '.join(IMAGE_SUFFIXES)}).")
+    return out
+
+
+def predict_images(model: str | Path, images: Sequence[str | Path], *,
+                   out: str | Path | None = None, batch_size: int = 64, num_workers: int = 0,
+                   top_k: int = 5, progress: Progress | None = None):
+    """Coherent family/genus/species predictions for image files or folders.
+
+    Returns a DataFrame (one row per image; failed images carry an ``error``). With
+    ``out``, embeddings are cached (resumable) in ``out/embeddings`` and
+    ``predictions.csv`` / ``predictions.json`` plus provenance are written there.
+    """
+    import tempfile
+
+    import pandas as pd
+
+    from .bundle import ModelBundle
+    from .embeddings import compute_embeddings
+    from .fileio import atomic_write_csv, atomic_write_json
+
+    bundle = ModelBundle.load(model)
+    paths = collect_images(images)
+    items = [(str(p), str(p)) for p in paths]
+    backbone = bundle.create_backbone()
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_dir = Path(out) / "embeddings" if out else Path(tmp) / "embeddings"
+        res = compute_embeddings(items, backbone, cache_dir, batch_size=batch_size,
+                                 num_workers=num_workers, progress=progress)
+    decoded = bundle.predict_embeddings(res.cache.embeddings, top_k=top_k)
+    frame = decoded.to_frame(bundle.taxonomy, ids=res.cache.image_ids.tolist())
+    frame = frame.rename(columns={"id": "image"})
+    if len(res.failures):
+        fails = pd.DataFrame({"image": res.failures["image_id"].astype(str),
+                              "error": res.failures["error"]})
+        frame = pd.concat([frame, fails], ignore_index=True)
+    if out:
+        atomic_write_csv(Path(out) / "predictions.csv", frame)
+        atomic_write_json(Path(out) / "predictions.json",
+                          frame.astype(object).where(frame.notna(), None).to_dict("records"))
+        write_provenance(out, backbone=backbone.describe(),
+                         config={"model": str(Path(model).resolve()), "top_k": top_k,
+                                 "images": [str(i) for i in images]})
+    return frame
+
+
+# --------------------------------------------------------------------------- evaluate
+def evaluate_model(model: str | Path, annotations: str | Path, *,
+                   images_root: str | Path | None = None, out: str | Path | None = None,
+                   split: str = "auto", cache: str | Path | None = None,
+                   progress: Progress | None = None) -> dict:
+    """Per-rank and hierarchical metrics of a bundle on labelled images.
+
+    ``split="auto"`` scores only the validation images when ``annotations`` is the file
+    the model was trained on (so training images never inflate the figures); ``"all"``
+    scores every labelled image. Writes metrics.json, confusion.csv and predictions.csv
+    into ``out`` when given.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from .annotations import load_annotations
+    from .bundle import ModelBundle
+    from .errors import ConfigError, TaxonomyError
+    from .fileio import atomic_write_csv, atomic_write_json
+    from .metrics import confusion_summary, evaluate_predictions
+
+    bundle = ModelBundle.load(model)
+    tax = bundle.taxonomy
+    root = Path(images_root) if images_root else Path(annotations).parent
+    ann = load_annotations(annotations, images_root=None)
+    rows = ann.labelled_images(root)
+    keep, unknown = [], 0
+    for rec in rows.to_dict("records"):
+        try:
+            tax.node_for(rec)
+            keep.append(True)
+        except TaxonomyError:
+            keep.append(False)
+            unknown += 1
+    rows = rows[np.array(keep, dtype=bool)].reset_index(drop=True)
+    ids = [str(i) for i in rows["image_id"]]
+    same_file = Path(annotations).resolve() == Path(bundle.extra.get("annotations", "")).resolve()
+    split_file = Path(model) / "split.csv"
+    if split not in ("auto", "all", "val", "train"):
+        raise ConfigError(f"--split {split!r}: expected auto, all, val or train.")
+    if split == "auto":
+        split = "val" if same_file and split_file.is_file() else "all"
+    if split != "all":
+        if not split_file.is_file():
+            raise ConfigError(f"--split {split}: {split_file} not found; use --split all.")
+        s = pd.read_csv(split_file, dtype={"image_id": str})
+        chosen = set(s.loc[s["split"] == split, "image_id"])
+        mask = np.array([i in chosen for i in ids])
+        rows, ids = rows[mask].reset_index(drop=True), [i for i, m in zip(ids, mask) if m]
+    if not ids:
+        raise ConfigError(f"{annotations}: no labelled image of the model's taxa to evaluate "
+                          f"(split {split}).")
+    y, _ = _targets(tax, rows)
+    cache = cache or bundle.extra.get("embedding_cache")
+    if not cache:
+        cache = Path(out or tempfile_dir()) / "embeddings"
+    x, found, _ = _embeddings_for(ids, rows["path"].tolist(), cache=cache,
+                                  backbone_cfg=bundle.backbone, progress=progress)
+    x, y = x[found], {r: v[found] for r, v in y.items()}
+    decoded = bundle.predict_embeddings(x)
+    metrics = evaluate_predictions(decoded.path, y, tax, topk_index=decoded.topk_index)
+    metrics["split"] = split
+    metrics["n_images"] = int(found.sum())
+    metrics["n_skipped_unknown_taxon"] = unknown
+    metrics["n_failed_images"] = int((~found).sum())
+    confusion = confusion_summary(decoded.path, y, tax, rank=tax.ranks[-1])
+    if out:
+        out = Path(out)
+        atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_csv(out / "confusion.csv", confusion)
+        ids_found = [i for i, f in zip(ids, found) if f]
+        atomic_write_csv(out / "predictions.csv", decoded.to_frame(tax, ids=ids_found))
+        write_provenance(out, backbone=bundle.backbone, config={
+            "model": str(Path(model).resolve()), "annotations": str(Path(annotations).resolve()),
+            "split": split})
+    metrics["confusion"] = confusion.to_dict("records")
+    return metrics
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="taxoclass-")

@@ -1,0 +1,144 @@
+"""Train the multi-rank head on cached embeddings: seeded stratified split, mini-batch
+AdamW, class-dependency loss, early stopping on validation loss (best weights kept).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import ConfigError
+from .heads import MultiRankHead
+from .losses import ClassDependencyLoss, class_balanced_weights
+from .taxonomy import Taxonomy
+
+Progress = Callable[[int, int], None]
+
+
+def stratified_split(strata: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of validation rows, stratified by ``strata`` (e.g. the species).
+
+    Every stratum with at least two rows puts ``round(val_fraction * n)`` rows (at least
+    one, at most n-1) in validation; singletons stay in training.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be between 0 and 1, found {val_fraction}.")
+    rng = np.random.default_rng(seed)
+    is_val = np.zeros(len(strata), dtype=bool)
+    for value in sorted(set(strata.tolist())):
+        idx = np.flatnonzero(strata == value)
+        if len(idx) < 2:
+            continue
+        k = int(min(max(round(val_fraction * len(idx)), 1), len(idx) - 1))
+        is_val[rng.choice(idx, size=k, replace=False)] = True
+    return is_val
+
+
+def normalize(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """L2-normalise rows (the heads see unit-length embeddings)."""
+    t = torch.as_tensor(x, dtype=torch.float32)
+    return torch.nn.functional.normalize(t, dim=1)
+
+
+@dataclass
+class TrainResult:
+    head: MultiRankHead
+    history: pd.DataFrame  # epoch, train_loss, val_loss, val_<rank>_acc, seconds
+    best_epoch: int
+    seconds: float
+    samples_per_second: float
+
+
+def train_head(x_train: np.ndarray, y_train: Mapping[str, np.ndarray],
+               x_val: np.ndarray | None, y_val: Mapping[str, np.ndarray] | None,
+               taxonomy: Taxonomy, *, model: Mapping | None = None, loss: Mapping | None = None,
+               train: Mapping | None = None, normalize_inputs: bool = True,
+               progress: Progress | None = None) -> TrainResult:
+    """Fit a :class:`MultiRankHead` on embeddings; targets: class index per rank, -1 unknown.
+
+    ``model``, ``loss`` and ``train`` are the config sections of the same names.
+    """
+    model = dict(model or {})
+    loss = dict(loss or {})
+    train = dict(train or {})
+    seed = int(train.get("seed", 0))
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    ranks = taxonomy.ranks
+    xt = normalize(x_train) if normalize_inputs else torch.as_tensor(x_train, dtype=torch.float32)
+    yt = {r: torch.as_tensor(np.asarray(y_train[r]), dtype=torch.long) for r in ranks}
+    has_val = x_val is not None and len(x_val) > 0
+    if has_val:
+        xv = normalize(x_val) if normalize_inputs else torch.as_tensor(x_val, dtype=torch.float32)
+        yv = {r: torch.as_tensor(np.asarray(y_val[r]), dtype=torch.long) for r in ranks}
+
+    head = MultiRankHead(xt.shape[1], {r: taxonomy.n_classes(r) for r in ranks},
+                         hidden=model.get("hidden"), dropout=float(model.get("dropout", 0.0)))
+    class_weights = None
+    if loss.get("class_balanced"):
+        class_weights = {}
+        for r in ranks:
+            y = yt[r][yt[r] >= 0].numpy()
+            counts = np.bincount(y, minlength=taxonomy.n_classes(r))
+            class_weights[r] = class_balanced_weights(counts, float(loss.get("class_balanced_beta",
+                                                                              0.999)))
+    criterion = ClassDependencyLoss(taxonomy, rank_weights=loss.get("rank_weights"),
+                                    dependency_weight=float(loss.get("dependency_weight", 1.0)),
+                                    class_weights=class_weights,
+                                    label_smoothing=float(loss.get("label_smoothing", 0.0)))
+    opt = torch.optim.AdamW(head.parameters(), lr=float(train.get("lr", 3e-3)),
+                            weight_decay=float(train.get("weight_decay", 1e-4)))
+    epochs = int(train.get("epochs", 200))
+    batch_size = int(train.get("batch_size", 256))
+    patience = int(train.get("patience", 20))
+    n = len(xt)
+    best = (float("inf"), 0, copy.deepcopy(head.state_dict()))
+    rows = []
+    t0 = time.perf_counter()
+    seen = 0
+    for epoch in range(1, epochs + 1):
+        head.train()
+        order = torch.randperm(n, generator=gen)
+        total, t_epoch = 0.0, time.perf_counter()
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            out = head(xt[idx])
+            value = criterion(out, {r: yt[r][idx] for r in ranks})
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            total += float(value) * len(idx)
+        seen += n
+        row = {"epoch": epoch, "train_loss": total / n,
+               "seconds": time.perf_counter() - t_epoch}
+        if has_val:
+            head.eval()
+            with torch.inference_mode():
+                out = head(xv)
+                row["val_loss"] = float(criterion(out, yv))
+                for r in ranks:
+                    mask = yv[r] >= 0
+                    if mask.any():
+                        acc = (out[r].argmax(1)[mask] == yv[r][mask]).float().mean()
+                        row[f"val_{r}_acc"] = float(acc)
+            score = row["val_loss"]
+        else:
+            score = row["train_loss"]
+        rows.append(row)
+        if score < best[0] - 1e-6:
+            best = (score, epoch, copy.deepcopy(head.state_dict()))
+        if progress:
+            progress(epoch, epochs)
+        if epoch - best[1] >= patience:
+            break
+    head.load_state_dict(best[2])
+    head.eval()
+    seconds = time.perf_counter() - t0
+    return TrainResult(head=head, history=pd.DataFrame(rows), best_epoch=best[1],
+                       seconds=seconds, samples_per_second=seen / max(seconds, 1e-9))
