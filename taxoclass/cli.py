@@ -167,7 +167,7 @@ def _print_metrics(path_or_dict, title: str) -> None:
         else path_or_dict
     click.echo(title)
     click.echo(f"{'rank':>10} {'n':>6} {'acc':>7} {'top5':>7} {'macroF1':>8}")
-    for rank, r in m.get("per_rank", {}).items():
+    for rank, r in m.get("ranks", {}).items():
         top5 = r.get("top5_accuracy")
         click.echo(f"{rank:>10} {r.get('n', 0):>6} {r['accuracy']:>7.3f} "
                    f"{(top5 if top5 is not None else float('nan')):>7.3f} "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -56,25 +55,6 @@ def _clean(value: object) -> str:
     if isinstance(value, float) and np.isnan(value):
         return ""
     return str(value).strip()
-
-
-@dataclass(frozen=True)
-class TaxonPath:
-    """A node described rank by rank (``{"family": "Fagaceae", "genus": "Quercus"}``)."""
-
-    node: Node
-    ranks: tuple[str, ...]
-
-    @property
-    def rank(self) -> str:
-        return self.ranks[len(self.node) - 1] if self.node else "root"
-
-    @property
-    def name(self) -> str:
-        return self.node[-1] if self.node else "root"
-
-    def as_dict(self) -> dict[str, str]:
-        return dict(zip(self.ranks, self.node))
 
 
 class Taxonomy:

@@ -113,7 +113,7 @@ def train_head(x_train: np.ndarray, y_train: Mapping[str, np.ndarray],
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
-            total += float(value) * len(idx)
+            total += float(value.detach()) * len(idx)
         seen += n
         row = {"epoch": epoch, "train_loss": total / n,
                "seconds": time.perf_counter() - t_epoch}

@@ -1,0 +1,222 @@
+"""Coherent decoding: per-rank probabilities that agree along the tree, and the best path.
+
+Two methods, both vectorised over the taxonomy's index arrays (no Python loop over taxa):
+
+- ``"path"``: every full path (leaf = lowest-rank class) is scored by the sum of the
+  per-rank log-softmax along it; a softmax over paths gives leaf probabilities, which
+  are summed up the tree. All heads vote; a species is only likely if its genus and
+  family heads agree.
+- ``"marginal"``: the lowest-rank softmax alone, summed up the tree. The higher heads
+  are ignored (useful when they were not trained, e.g. a flat species model).
+
+The reported path is the arg-max leaf and its ancestors, so the species reported is
+always a child of the genus reported, and so on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+__all__ = ["METHODS", "Decoded", "coherent_probabilities", "decode", "decode_leaf_probabilities",
+           "is_coherent", "marginalise"]
+
+METHODS: tuple[str, ...] = ("path", "marginal")
+
+
+@dataclass
+class Decoded:
+    """Coherent predictions for a batch; every array has one row per image.
+
+    ``path``/``path_prob``: class index and coherent probability, per rank, of the single
+    best path (arg-max leaf and its ancestors). ``probs``: full coherent probabilities.
+    ``topk_index``/``topk_prob``: the ``k`` most probable classes per rank, best first.
+    ``method`` says how the probabilities were made (the reason behind the answer).
+
+    The path follows the best *leaf*, so its genus need not be the most probable genus
+    (two oaks at 0.3 each beat one maple at 0.4 at genus rank, yet the maple is the best
+    leaf); rank-level decisions (back-off) should read ``probs`` / ``topk_*``.
+    """
+
+    ranks: tuple[str, ...]
+    probs: dict[str, np.ndarray]
+    path: dict[str, np.ndarray]
+    path_prob: dict[str, np.ndarray]
+    topk_index: dict[str, np.ndarray]
+    topk_prob: dict[str, np.ndarray]
+    method: str = "path"
+    top_k: int = field(default=5)
+
+    def __len__(self) -> int:
+        return len(self.path[self.ranks[-1]])
+
+    def to_frame(self, taxonomy, ids: Sequence | None = None) -> pd.DataFrame:
+        """One row per image: ``<rank>``, ``<rank>_prob``, ``<rank>_top5`` ("name:prob;...")."""
+        n = len(self)
+        if ids is not None and len(ids) != n:
+            raise ValueError(f"Decoded.to_frame: got {len(ids)} ids for {n} predictions.")
+        cols: dict[str, object] = {}
+        if ids is not None:
+            cols["id"] = list(ids)
+        for rank in self.ranks:
+            names = np.asarray(taxonomy.names(rank), dtype=object)
+            cols[rank] = names[self.path[rank]]
+            cols[f"{rank}_prob"] = self.path_prob[rank]
+            idx, prob = self.topk_index[rank], self.topk_prob[rank]
+            cols[f"{rank}_top{self.top_k}"] = [
+                ";".join(f"{names[i]}:{p:.4f}" for i, p in zip(row_i, row_p))
+                for row_i, row_p in zip(idx, prob)]
+        cols["method"] = self.method
+        return pd.DataFrame(cols)
+
+
+def _check(logits: Mapping[str, object], taxonomy) -> dict[str, Tensor]:
+    lowest = taxonomy.ranks[-1]
+    if lowest not in logits:
+        raise ValueError(f"Decoding needs logits for the lowest rank {lowest!r}; got ranks "
+                         f"{list(logits)}.")
+    out: dict[str, Tensor] = {}
+    batch = None
+    for rank in taxonomy.ranks:
+        if rank not in logits:
+            continue
+        x = torch.as_tensor(logits[rank])
+        if not x.is_floating_point():
+            x = x.float()
+        n = taxonomy.n_classes(rank)
+        if x.ndim != 2 or x.shape[1] != n:
+            raise ValueError(f"Logits for rank {rank!r} must have shape [batch, {n}], got "
+                             f"{tuple(x.shape)}.")
+        if batch is not None and x.shape[0] != batch:
+            raise ValueError(f"Logits disagree on the batch size: {rank!r} has {x.shape[0]} "
+                             f"rows, the rank above has {batch}.")
+        batch = x.shape[0]
+        out[rank] = x
+    extra = sorted(set(logits) - set(taxonomy.ranks))
+    if extra:
+        raise ValueError(f"Logits name rank(s) {extra} that the taxonomy {taxonomy.ranks} lacks.")
+    return out
+
+
+def _index(taxonomy, rank: str, parent: str, device: torch.device) -> Tensor:
+    return torch.as_tensor(taxonomy.parent_index(rank, parent), device=device)
+
+
+def marginalise(leaf_probs: Tensor, taxonomy) -> dict[str, Tensor]:
+    """Sum lowest-rank probabilities ``[batch, n_leaf]`` up the tree, per rank."""
+    lowest = taxonomy.ranks[-1]
+    out = {lowest: leaf_probs}
+    for rank in taxonomy.ranks[:-1]:
+        idx = _index(taxonomy, lowest, rank, leaf_probs.device)
+        acc = leaf_probs.new_zeros((leaf_probs.shape[0], taxonomy.n_classes(rank)))
+        out[rank] = acc.index_add_(1, idx, leaf_probs)
+    return {r: out[r] for r in taxonomy.ranks}
+
+
+def _leaf_scores(logits: Mapping[str, Tensor], taxonomy, method: str) -> Tensor:
+    """Log-scores of every leaf (full path), before the softmax over leaves."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown decoding method {method!r}; expected one of {METHODS}.")
+    x = _check(logits, taxonomy)
+    lowest = taxonomy.ranks[-1]
+    score = x[lowest].log_softmax(dim=1)
+    if method == "path":
+        for rank, z in x.items():
+            if rank != lowest:
+                idx = _index(taxonomy, lowest, rank, z.device)
+                score = score + z.log_softmax(dim=1).index_select(1, idx)
+    return score
+
+
+def coherent_probabilities(logits: Mapping[str, Tensor], taxonomy,
+                           method: str = "path") -> dict[str, Tensor]:
+    """Per-rank probabilities that sum up the tree (genus = sum of its species).
+
+    ``logits``: rank -> ``[batch, n_classes]`` (tensors or arrays). Method ``"path"``
+    uses every rank present (the lowest rank is required); ``"marginal"`` only the
+    lowest. Differentiable; runs on the logits' device.
+    """
+    return marginalise(_leaf_scores(logits, taxonomy, method).softmax(dim=1), taxonomy)
+
+
+def decode_leaf_probabilities(leaf_probs: Tensor | np.ndarray, taxonomy, *, top_k: int = 5,
+                              method: str = "marginal") -> Decoded:
+    """Build a :class:`Decoded` from lowest-rank probabilities (rows summing to 1)."""
+    p = torch.as_tensor(leaf_probs)
+    if not p.is_floating_point():
+        p = p.float()
+    return _decoded(marginalise(p, taxonomy), taxonomy, top_k=top_k, method=method)
+
+
+@torch.no_grad()
+def decode(logits: Mapping[str, Tensor], taxonomy, *, method: str = "path",
+           top_k: int = 5) -> Decoded:
+    """Coherent probabilities, the best path and the top-k per rank, as numpy arrays."""
+    return _decoded(coherent_probabilities(logits, taxonomy, method), taxonomy, top_k=top_k,
+                    method=method)
+
+
+def _decoded(probs: dict[str, Tensor], taxonomy, *, top_k: int, method: str) -> Decoded:
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}.")
+    lowest = taxonomy.ranks[-1]
+    leaf = probs[lowest].argmax(dim=1)
+    path, path_prob, topk_index, topk_prob = {}, {}, {}, {}
+    for rank in taxonomy.ranks:
+        p = probs[rank]
+        idx = leaf if rank == lowest else _index(taxonomy, lowest, rank, p.device)[leaf]
+        path[rank] = idx.cpu().numpy()
+        path_prob[rank] = p.gather(1, idx[:, None])[:, 0].detach().cpu().numpy()
+        val, ind = p.topk(min(top_k, p.shape[1]), dim=1)
+        topk_index[rank] = ind.cpu().numpy()
+        topk_prob[rank] = val.detach().cpu().numpy()
+    return Decoded(ranks=tuple(taxonomy.ranks),
+                   probs={r: probs[r].detach().cpu().numpy() for r in taxonomy.ranks},
+                   path=path, path_prob=path_prob, topk_index=topk_index, topk_prob=topk_prob,
+                   method=method, top_k=top_k)
+
+
+def is_coherent(path: Mapping[str, np.ndarray], taxonomy) -> np.ndarray:
+    """Per row: every reported class sits under the class reported at the rank above.
+
+    ``-1`` means "not reported" (a prediction that backs off to a higher rank); it is
+    coherent only below the reported ranks, never above one.
+    """
+    ranks = [r for r in taxonomy.ranks if r in path]
+    if not ranks:
+        raise ValueError(f"is_coherent: path names none of the ranks {taxonomy.ranks}.")
+    n = len(np.asarray(path[ranks[0]]))
+    ok = np.ones(n, dtype=bool)
+    cols = {}
+    for r in ranks:
+        c = np.asarray(path[r]).astype(np.int64)
+        size = taxonomy.n_classes(r)
+        ok &= (c >= -1) & (c < size)
+        cols[r] = np.where((c >= 0) & (c < size), c, -1)
+    for parent, child in zip(ranks[:-1], ranks[1:]):
+        up = taxonomy.parent_index(child, parent)
+        c, p = cols[child], cols[parent]
+        has_child = c >= 0
+        ok &= ~has_child | ((p >= 0) & (up[np.maximum(c, 0)] == p))
+    return ok
+
+
+def concat_decoded(parts: Sequence[Decoded]) -> Decoded:
+    """Join batch-wise :class:`Decoded` results (same ranks, method and k) row-wise."""
+    if not parts:
+        raise ValueError("concat_decoded needs at least one part.")
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+
+    def cat(attr: str) -> dict[str, np.ndarray]:
+        return {r: np.concatenate([getattr(p, attr)[r] for p in parts]) for r in first.ranks}
+
+    return Decoded(ranks=first.ranks, probs=cat("probs"), path=cat("path"),
+                   path_prob=cat("path_prob"), topk_index=cat("topk_index"),
+                   topk_prob=cat("topk_prob"), method=first.method, top_k=first.top_k)
