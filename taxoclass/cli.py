@@ -17,6 +17,13 @@ from .errors import TaxoclassError
 class _Group(click.Group):
     """Turn taxoclass errors into one clear message and exit code 2, not a traceback."""
 
+    def main(self, args=None, prog_name=None, **kwargs):
+        from . import provenance
+
+        argv = list(sys.argv[1:] if args is None else args)
+        provenance.set_command_line(["taxoclass", *argv])
+        return super().main(args=args, prog_name=prog_name, **kwargs)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -110,9 +117,13 @@ def taxonomy(source: Path, ranks: str, csv_out: Path | None) -> None:
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--num-workers", default=0, show_default=True,
               help="DataLoader workers decoding images in parallel.")
+@click.option("--model-kwargs", default=None, metavar="JSON",
+              help='Extra timm.create_model arguments, e.g. \'{"img_size": 224}\'; needed to '
+                   "rebuild a checkpoint of a non-default shape.")
 @click.option("--overwrite", is_flag=True, help="Discard an existing cache in --out.")
 def embed(annotations: Path, images_root: Path | None, backbone: str, checkpoint: Path | None,
-          out: Path, batch_size: int, num_workers: int, overwrite: bool) -> None:
+          out: Path, batch_size: int, num_workers: int, model_kwargs: str | None,
+          overwrite: bool) -> None:
     """Compute one embedding per image into a resumable on-disk cache.
 
     Writes chunks atomically with a manifest (backbone, checkpoint hash, transform,
@@ -125,6 +136,7 @@ def embed(annotations: Path, images_root: Path | None, backbone: str, checkpoint
         result = embed_annotations(annotations, images_root=images_root, backbone=backbone,
                                    checkpoint=checkpoint, out=out, batch_size=batch_size,
                                    num_workers=num_workers, overwrite=overwrite,
+                                   model_kwargs=_json_option("--model-kwargs", model_kwargs),
                                    progress=progress)
     n = len(result.cache.image_ids)
     click.echo(f"{n} embeddings of dim {result.cache.embeddings.shape[1]} in {out} "
@@ -194,14 +206,16 @@ def _print_metrics(path_or_dict, title: str) -> None:
                    "(resumable) embedding cache.")
 @click.option("--top-k", default=5, show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
+@click.option("--overwrite", is_flag=True,
+              help="Discard an embedding cache in --out left by a run on other images.")
 def predict(model: Path, images: tuple[Path, ...], out: Path | None, top_k: int,
-            batch_size: int) -> None:
+            batch_size: int, overwrite: bool) -> None:
     """Predict family, genus and species (coherent path + top-k) for IMAGES (files or folders)."""
     from .workflows import predict_images
 
     with _progress("predicting", "img") as prog:
         frame = predict_images(model, images, out=out, top_k=top_k, batch_size=batch_size,
-                               progress=prog)
+                               overwrite=overwrite, progress=prog)
     cols = [c for c in frame.columns if not c.endswith("_top5")]
     with _wide_pandas():
         click.echo(frame[cols].to_string(index=False, max_rows=50))
@@ -257,6 +271,21 @@ def evaluate(model: Path, annotations: Path, images_root: Path | None, out: Path
         click.echo(f"  {row['count']:>3} x  {row['true']}  ->  {row['predicted']}")
     if out is not None:
         click.echo(f"wrote {out}")
+
+
+def _json_option(name: str, value: str | None) -> dict | None:
+    import json
+
+    if not value:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"expected a JSON object, found {value!r} ({exc.msg})",
+                                 param_hint=name) from exc
+    if not isinstance(parsed, dict):
+        raise click.BadParameter(f"expected a JSON object, found {value!r}", param_hint=name)
+    return parsed
 
 
 class _progress:

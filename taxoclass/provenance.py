@@ -30,8 +30,18 @@ def environment() -> dict[str, str]:
     return info
 
 
+_COMMAND_LINE: list[str] | None = None
+
+
+def set_command_line(argv: list[str]) -> None:
+    """Record the command line being run (the CLI calls this; tests may too)."""
+    global _COMMAND_LINE
+    _COMMAND_LINE = list(argv)
+
+
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
+    argv = _COMMAND_LINE or [Path(sys.argv[0]).name, *sys.argv[1:]]
+    return " ".join(shlex.quote(str(a)) for a in argv)
 
 
 def write_provenance(out_dir: str | Path, *, config: Mapping[str, Any] | None = None,

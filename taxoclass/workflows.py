@@ -220,7 +220,7 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
 
 def predict_images(model: str | Path, images: Sequence[str | Path], *,
                    out: str | Path | None = None, batch_size: int = 64, num_workers: int = 0,
-                   top_k: int = 5, progress: Progress | None = None):
+                   top_k: int = 5, overwrite: bool = False, progress: Progress | None = None):
     """Coherent family/genus/species predictions for image files or folders.
 
     Returns a DataFrame (one row per image; failed images carry an ``error``). With
@@ -242,7 +242,8 @@ def predict_images(model: str | Path, images: Sequence[str | Path], *,
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = Path(out) / "embeddings" if out else Path(tmp) / "embeddings"
         res = compute_embeddings(items, backbone, cache_dir, batch_size=batch_size,
-                                 num_workers=num_workers, progress=progress)
+                                 num_workers=num_workers, overwrite=overwrite,
+                                 progress=progress)
     decoded = bundle.predict_embeddings(res.cache.embeddings, top_k=top_k)
     frame = decoded.to_frame(bundle.taxonomy, ids=res.cache.image_ids.tolist())
     frame = frame.rename(columns={"id": "image"})

@@ -1,0 +1,124 @@
+"""End to end through the CLI, as a user runs it: embed → train → evaluate → predict.
+
+Uses a tiny DINOv2-shaped ViT whose checkpoint the test saves itself (the DINOv2 code
+path with local weights) on 40 real leaf images of 8 species.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import timm
+import torch
+import yaml
+from click.testing import CliRunner
+
+from taxoclass.cli import main
+
+ARCH = "vit_base_patch14_reg4_dinov2"
+
+
+@pytest.fixture(scope="module")
+def small_leaf(shared_data, tmp_path_factory):
+    """Annotations for 5 images of each of 8 species (one of them genus-only) + a checkpoint."""
+    tmp = tmp_path_factory.mktemp("wf")
+    data = json.loads((shared_data / "leaf" / "annotations.json").read_text())
+    cats = [c for c in data["categories"] if c["genus"] in ("Acer", "Quercus", "Philadelphus",
+                                                           "Alnus")][:8]
+    if not any(c["species"] == "" for c in cats):
+        cats[-1] = next(c for c in data["categories"] if c["species"] == "")
+    keep_cats = {c["category_id"] for c in cats}
+    anns, per = [], {}
+    for a in data["annotations"]:
+        if a["category_id"] in keep_cats and per.get(a["category_id"], 0) < 5:
+            per[a["category_id"]] = per.get(a["category_id"], 0) + 1
+            anns.append(a)
+    ids = {a["image_id"] for a in anns}
+    small = dict(data, annotations=anns, categories=cats,
+                 images=[im for im in data["images"] if im["image_id"] in ids])
+    ann_path = tmp / "annotations.json"
+    ann_path.write_text(json.dumps(small))
+    kwargs = {"img_size": 56, "depth": 2, "embed_dim": 64, "num_heads": 2}
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, pretrained=False, num_classes=0, **kwargs)
+    ckpt = tmp / "tiny_dinov2.pth"
+    torch.save(model.state_dict(), ckpt)
+    return {"dir": tmp, "ann": ann_path, "root": shared_data / "leaf", "ckpt": ckpt,
+            "kwargs": kwargs, "n": len(small["images"]), "categories": cats}
+
+
+def test_embed_train_evaluate_predict(small_leaf):
+    torch.set_num_threads(1)
+    runner = CliRunner()
+    d = small_leaf
+    cache = d["dir"] / "emb"
+    res = runner.invoke(main, ["embed", "--annotations", str(d["ann"]), "--images-root",
+                               str(d["root"]), "--backbone", ARCH, "--checkpoint", str(d["ckpt"]),
+                               "--model-kwargs", json.dumps(d["kwargs"]), "--out", str(cache),
+                               "--batch-size", "16"])
+    assert res.exit_code == 0, res.output
+    assert f"{d['n']} embeddings of dim 64" in res.output
+    prov = json.loads((cache / "provenance.json").read_text())
+    assert prov["backbone"]["name"] == ARCH and prov["backbone"]["checkpoint_sha256"]
+    assert "taxoclass embed" in prov["command"]
+
+    cfg = {"data": {"annotations": str(d["ann"]), "images_root": str(d["root"]),
+                    "val_fraction": 0.4},
+           "backbone": {"name": ARCH, "checkpoint": str(d["ckpt"]), "model_kwargs": d["kwargs"]},
+           "embeddings": {"cache": str(cache)},
+           "train": {"epochs": 40, "patience": 40, "batch_size": 16},
+           "out": str(d["dir"] / "model")}
+    cfg_path = d["dir"] / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    res = runner.invoke(main, ["train", "--config", str(cfg_path), "--set", "train.lr=0.01"])
+    assert res.exit_code == 0, res.output
+    model = d["dir"] / "model"
+    for name in ("bundle.json", "heads.safetensors", "taxonomy.json", "labels.json",
+                 "config.yaml", "history.csv", "split.csv", "metrics_val.json",
+                 "provenance.json"):
+        assert (model / name).is_file(), name
+    assert yaml.safe_load((model / "config.yaml").read_text())["train"]["lr"] == 0.01
+    history = pd.read_csv(model / "history.csv")
+    assert len(history) == 40 and history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    val = json.loads((model / "metrics_val.json").read_text())
+    assert val["coherence_rate"] == 1.0
+    split = pd.read_csv(model / "split.csv")
+    assert (split["split"] == "val").sum() == 16  # 40% of 5 images = 2 per taxon, 8 taxa
+
+    out = d["dir"] / "eval" / "metrics.json"
+    res = runner.invoke(main, ["evaluate", "--model", str(model), "--annotations", str(d["ann"]),
+                               "--images-root", str(d["root"]), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(out.read_text())
+    assert metrics["split"] == "val" and metrics["n_images"] == 16
+    assert set(metrics["ranks"]) == {"family", "genus", "species"}
+    assert metrics["coherence_rate"] == 1.0
+    assert (out.parent / "confusion.csv").is_file()
+
+    images = [d["root"] / "images" / f"{i}.jpg" for i in (1, 2, 3)]
+    pred_dir = d["dir"] / "pred"
+    res = runner.invoke(main, ["predict", "--model", str(model), *map(str, images),
+                               "--out", str(pred_dir)])
+    assert res.exit_code == 0, res.output
+    frame = pd.read_csv(pred_dir / "predictions.csv")
+    assert len(frame) == 3
+    tax = json.loads((model / "taxonomy.json").read_text())
+    paths = {tuple(p) for p in tax["nodes"]}
+    for row in frame.itertuples():
+        assert (row.family, row.genus, row.species) in paths  # coherent path
+        assert 0.0 <= row.species_prob <= row.genus_prob + 1e-6 <= row.family_prob + 2e-6
+    assert json.loads((pred_dir / "predictions.json").read_text())[0]["image"].endswith("1.jpg")
+
+
+def test_train_refuses_missing_settings(tmp_path):
+    res = CliRunner().invoke(main, ["train", "--set", "out=x"])
+    assert res.exit_code == 2 and "data.annotations is not set" in res.output
+
+
+def test_model_that_is_not_a_bundle(tmp_path):
+    img = tmp_path / "a.jpg"
+    img.write_bytes(b"")
+    res = CliRunner().invoke(main, ["predict", "--model", str(tmp_path), str(img)])
+    assert res.exit_code == 2 and "not a taxoclass model bundle" in res.output
