@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from taxoclass.backbones import Backbone
 from taxoclass.errors import CacheError, ImageError
+from taxoclass.fileio import atomic_write, atomic_write_csv, atomic_write_json
 from taxoclass.images import load_image
 
 __all__ = [
@@ -96,27 +97,15 @@ class EmbedResult:
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], *, mode: str = "wb") -> None:
-    """Write via ``write(fh)`` to a temp file next to ``path``, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        text_opts = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
-        with os.fdopen(fd, mode, **text_opts) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, write, mode=mode)
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    _atomic_write(path, lambda fh: json.dump(obj, fh, indent=1, sort_keys=False), mode="w")
+    atomic_write_json(path, obj)
 
 
 def _write_failures(path: Path, failures: pd.DataFrame) -> None:
-    _atomic_write(path, lambda fh: failures.to_csv(fh, index=False), mode="w")
+    atomic_write_csv(path, failures)
 
 
 def _chunk_name(index: int) -> str:
