@@ -1,0 +1,303 @@
+"""Plot aggregation across the taxonomic tree: tile probabilities → the taxa of a plot.
+
+Each tile carries coherent per-rank probabilities (genus = sum of its species). A rule
+turns the tiles' probabilities into one score per taxon and rank:
+
+- ``"argmax_union"``: the arg-max species of every tile, united (the PlantCLEF 2024
+  DS@GT baseline); with the default species threshold of 0 it is exactly that baseline.
+- ``"max"``: the best tile's probability.
+- ``"noisy_or"``: ``1 - Π(1 - p)`` over tiles (evidence accumulates across tiles).
+- ``"mean"``: the (weighted) mean probability over tiles.
+
+Records are chosen bottom-up so each find is named once, at the lowest rank its evidence
+supports: a species where its score passes the species threshold; a genus (``Carex sp.``)
+where the genus passes its threshold and none of its species is reported; a family
+likewise. A species and its own genus are never both reported. Tiles flagged unknown
+(outliers) give no taxon evidence; they are counted in one ``"unknown"`` record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .errors import ConfigError, TaxonomyError
+
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "RULES",
+    "UNKNOWN",
+    "PlotRecord",
+    "aggregate_plot",
+    "apply_checklist",
+    "checklist_mask",
+    "rule_scores",
+    "tile_assignments",
+]
+
+RULES: tuple[str, ...] = ("argmax_union", "max", "noisy_or", "mean")
+UNKNOWN = "unknown"
+
+#: Per rule, per rank. Ranks not listed fall back to the lowest listed value above them.
+DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
+    "argmax_union": {"species": 0.0, "genus": 0.5, "family": 0.5},
+    "max": {"species": 0.5, "genus": 0.6, "family": 0.7},
+    "noisy_or": {"species": 0.9, "genus": 0.95, "family": 0.98},
+    "mean": {"species": 0.1, "genus": 0.15, "family": 0.2},
+}
+
+
+@dataclass
+class PlotRecord:
+    """One find in a plot: a taxon at the rank its evidence supports, and why.
+
+    ``taxon_rank`` is ``"species"``, ``"genus"``, ``"family"`` (any taxonomy rank) or
+    ``"unknown"``; ``taxon`` its display label (``"Carex sp."`` at genus rank);
+    ``node`` the taxon's full path in the taxonomy (empty for unknown); ``n_tiles`` the
+    tiles that support it; ``reason`` the rule and roll-up that produced it.
+    """
+
+    plot_id: str
+    taxon_rank: str
+    taxon: str
+    score: float
+    n_tiles: int
+    reason: str
+    node: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["node"] = list(self.node)
+        d["score"] = float(self.score)
+        d["n_tiles"] = int(self.n_tiles)
+        return d
+
+
+# ---------------------------------------------------------------------- checklist
+def checklist_mask(taxonomy, checklist: Sequence[str]) -> np.ndarray:
+    """Boolean mask over lowest-rank classes: True where the leaf is on the checklist.
+
+    A checklist name may be at any rank (``"Carex"``, ``"Carex sp."``, ``"Poaceae"``,
+    ``"Carex nigra"``); a leaf is allowed when any taxon on its path is named. Names not
+    in the taxonomy are ignored (a regional list names taxa the model never saw), but a
+    checklist that matches nothing raises :class:`TaxonomyError`.
+    """
+    lowest = taxonomy.ranks[-1]
+    mask = np.zeros(taxonomy.n_classes(lowest), dtype=bool)
+    matched = 0
+    for raw in checklist:
+        name = str(raw).strip()
+        if not name:
+            continue
+        hits = taxonomy.find(name)
+        if not hits and name.endswith(" sp."):
+            hits = taxonomy.find(name[:-4].strip())
+        if not hits:
+            continue
+        matched += 1
+        for node in hits:
+            rank = taxonomy.rank_of(node)
+            if rank == lowest:
+                mask[taxonomy.index(node)] = True
+            else:
+                mask |= taxonomy.parent_index(lowest, rank) == taxonomy.index(node)
+    if not matched:
+        shown = ", ".join(repr(str(c)) for c in list(checklist)[:5])
+        raise TaxonomyError(f"None of the {len(checklist)} checklist names ({shown}...) is in "
+                            f"the model's taxonomy {taxonomy}. Expected names at any rank, "
+                            "e.g. 'Carex nigra', 'Carex' or 'Poaceae'.")
+    return mask
+
+
+def apply_checklist(probs: Mapping[str, np.ndarray], taxonomy, checklist: Sequence[str], *,
+                    outside_weight: float = 0.0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Re-weight leaf probabilities to a checklist, renormalise, and sum up the tree again.
+
+    ``outside_weight = 0`` restricts to the checklist; ``0 < w < 1`` down-weights taxa
+    outside it. Returns the new probabilities and a per-tile boolean that is True where
+    no probability mass was left (every likely taxon was off the checklist): such a
+    tile is evidence of something unlisted, and the caller should count it as unknown.
+    """
+    if not 0.0 <= outside_weight <= 1.0:
+        raise ConfigError(f"outside_weight must be in [0, 1], got {outside_weight}.")
+    lowest = taxonomy.ranks[-1]
+    mask = checklist_mask(taxonomy, checklist)
+    leaf = np.asarray(probs[lowest], dtype=np.float64) * np.where(mask, 1.0, outside_weight)
+    total = leaf.sum(axis=1, keepdims=True)
+    empty = total[:, 0] <= 1e-12
+    leaf = np.where(empty[:, None], 0.0, leaf / np.maximum(total, 1e-300))
+    return _up_the_tree(leaf, taxonomy), empty
+
+
+def _up_the_tree(leaf: np.ndarray, taxonomy) -> dict[str, np.ndarray]:
+    lowest = taxonomy.ranks[-1]
+    out = {lowest: leaf}
+    for rank in taxonomy.ranks[:-1]:
+        acc = np.zeros((leaf.shape[0], taxonomy.n_classes(rank)))
+        np.add.at(acc.T, taxonomy.parent_index(lowest, rank), leaf.T)
+        out[rank] = acc
+    return {r: out[r] for r in taxonomy.ranks}
+
+
+# ---------------------------------------------------------------------- scoring
+def _thresholds(rule: str, ranks: Sequence[str],
+                thresholds: Mapping[str, float] | None) -> dict[str, float]:
+    base = dict(DEFAULT_THRESHOLDS[rule])
+    base.update({str(k): float(v) for k, v in (thresholds or {}).items()})
+    unknown = sorted(set(base) - set(ranks) - set(DEFAULT_THRESHOLDS[rule]))
+    if unknown:
+        raise ConfigError(f"Thresholds name rank(s) {unknown} that the taxonomy {tuple(ranks)} "
+                          "lacks.")
+    out: dict[str, float] = {}
+    fallback = 0.5
+    for r in ranks:
+        out[r] = base.get(r, fallback)
+        fallback = out[r]
+    return out
+
+
+def rule_scores(probs: np.ndarray, rule: str, weights: np.ndarray | None = None) -> np.ndarray:
+    """One score per class from tile probabilities ``[n_tiles, n_classes]`` (no tiles: 0)."""
+    p = np.asarray(probs, dtype=np.float64)
+    w = np.ones(len(p)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if len(p) == 0 or w.sum() <= 0:
+        return np.zeros(p.shape[1] if p.ndim == 2 else 0)
+    if rule == "max" or rule == "argmax_union":
+        return np.where(w[:, None] > 0, p, 0.0).max(axis=0)
+    if rule == "noisy_or":
+        return 1.0 - np.exp((w[:, None] * np.log1p(-np.clip(p, 0.0, 1.0 - 1e-12))).sum(axis=0))
+    if rule == "mean":
+        return (w[:, None] * p).sum(axis=0) / w.sum()
+    raise ConfigError(f"Unknown aggregation rule {rule!r}; expected one of {RULES}.")
+
+
+def _check_inputs(probs: Mapping[str, np.ndarray], taxonomy, unknown, weights):
+    missing = [r for r in taxonomy.ranks if r not in probs]
+    if missing:
+        raise ValueError(f"aggregate_plot needs probabilities for every rank {taxonomy.ranks}; "
+                         f"missing {missing}.")
+    p = {r: np.asarray(probs[r], dtype=np.float64) for r in taxonomy.ranks}
+    n = len(p[taxonomy.ranks[-1]])
+    for r, a in p.items():
+        if a.ndim != 2 or a.shape != (n, taxonomy.n_classes(r)):
+            raise ValueError(f"Probabilities for rank {r!r} must have shape [{n}, "
+                             f"{taxonomy.n_classes(r)}], got {a.shape}.")
+    flags = np.zeros(n, dtype=bool) if unknown is None else np.asarray(unknown, dtype=bool)
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    if flags.shape != (n,) or w.shape != (n,):
+        raise ValueError(f"unknown flags and tile weights need one value per tile ({n}); got "
+                         f"{flags.shape} and {w.shape}.")
+    if (w < 0).any():
+        raise ValueError("Tile weights must be non-negative.")
+    return p, flags, w
+
+
+def aggregate_plot(probs: Mapping[str, np.ndarray], taxonomy, *, plot_id: str = "",
+                   rule: str = "max", thresholds: Mapping[str, float] | None = None,
+                   unknown: np.ndarray | Sequence[bool] | None = None,
+                   weights: np.ndarray | Sequence[float] | None = None,
+                   checklist: Sequence[str] | None = None, outside_weight: float = 0.0,
+                   min_tiles: int = 1) -> list[PlotRecord]:
+    """The taxa of one plot, each at the lowest rank its tiles support.
+
+    ``probs``: rank -> coherent tile probabilities ``[n_tiles, n_classes]`` (e.g.
+    ``Decoded.probs``). ``unknown``: per-tile outlier flags (flagged tiles count only in
+    the ``"unknown"`` record). ``weights``: per-tile weights (e.g. by scale); a weight of
+    0 drops the tile. ``checklist``: taxa expected in the region (see
+    :func:`apply_checklist`). ``thresholds``: rank -> minimum score, over the rule's
+    defaults (:data:`DEFAULT_THRESHOLDS`). ``min_tiles``: tiles that must support a
+    taxon (its arg-max at that rank, or a probability at or over the rank's threshold;
+    ``argmax_union`` counts arg-max tiles only).
+
+    Records come species first (best score first), then genera, families, unknown.
+    """
+    if rule not in RULES:
+        raise ConfigError(f"Unknown aggregation rule {rule!r}; expected one of {RULES}.")
+    p, flags, w = _check_inputs(probs, taxonomy, unknown, weights)
+    if checklist:
+        p, off_list = apply_checklist(p, taxonomy, checklist, outside_weight=outside_weight)
+        flags = flags | off_list
+    ranks = taxonomy.ranks
+    lowest = ranks[-1]
+    th = _thresholds(rule, ranks, thresholds)
+    known = (~flags) & (w > 0)
+    reason_suffix = "+checklist" if checklist else ""
+
+    records: list[PlotRecord] = []
+    covered: set[tuple[str, ...]] = set()  # reported nodes and all their ancestors
+
+    def support(rank: str, idx: int) -> int:
+        a = p[rank][known]
+        if not len(a):
+            return 0
+        hit = a.argmax(axis=1) == idx
+        if rule != "argmax_union" and th[rank] > 0:
+            hit |= a[:, idx] >= th[rank]
+        return int(hit.sum())
+
+    for depth, rank in enumerate(reversed(ranks)):
+        a = p[rank][known]
+        if not len(a):
+            break
+        if rule == "argmax_union" and rank == lowest:
+            best = a.argmax(axis=1)
+            cand = np.unique(best[a[np.arange(len(a)), best] >= th[rank]])
+            scores = np.zeros(a.shape[1])
+            for c in cand:
+                scores[c] = a[best == c, c].max()
+        else:
+            scores = rule_scores(a, "max" if rule == "argmax_union" else rule, w[known])
+            cand = np.flatnonzero(scores >= th[rank])
+        found = []
+        for c in cand:
+            node = taxonomy.node(rank, int(c))
+            shown = taxonomy.reported(node)
+            # ``covered`` holds every reported taxon and its ancestors, so a taxon is
+            # reported only when no lower-rank find already sits under it.
+            if shown in covered or not shown:
+                continue
+            n_sup = support(rank, int(c))
+            if n_sup < min_tiles:
+                continue
+            found.append((float(scores[c]), shown, n_sup))
+        for score, shown, n_sup in sorted(found, key=lambda t: (-t[0], t[1])):
+            if shown in covered:
+                continue  # two placeholders standing for one taxon
+            roll = "" if depth == 0 else f"+rollup_to_{rank}"
+            records.append(PlotRecord(plot_id, taxonomy.rank_of(shown), taxonomy.label(shown),
+                                      score, n_sup, f"{rule}{roll}{reason_suffix}", shown))
+            covered.update(shown[:k] for k in range(1, len(shown) + 1))
+    n_unknown = int(flags.sum())
+    if n_unknown:
+        records.append(PlotRecord(plot_id, UNKNOWN, UNKNOWN, n_unknown / len(flags), n_unknown,
+                                  "outlier"))
+    return records
+
+
+def tile_assignments(records: Sequence[PlotRecord], probs: Mapping[str, np.ndarray], taxonomy,
+                     *, unknown: np.ndarray | Sequence[bool] | None = None) -> list[str]:
+    """For each tile, the label of the reported taxon it supports.
+
+    A tile supports the lowest reported taxon on its arg-max path (species first, then
+    genus, then family); a flagged tile is ``"unknown"``; a tile that supports no
+    reported taxon is ``""``.
+    """
+    n = len(np.asarray(probs[taxonomy.ranks[-1]]))
+    flags = np.zeros(n, dtype=bool) if unknown is None else np.asarray(unknown, dtype=bool)
+    by_node = {r.node: r.taxon for r in records if r.node}
+    best = {r: np.asarray(probs[r]).argmax(axis=1) for r in taxonomy.ranks}
+    out = []
+    for i in range(n):
+        if flags[i]:
+            out.append(UNKNOWN)
+            continue
+        label = ""
+        for rank in reversed(taxonomy.ranks):
+            node = taxonomy.reported(taxonomy.node(rank, int(best[rank][i])))
+            if node in by_node:
+                label = by_node[node]
+                break
+        out.append(label)
+    return out

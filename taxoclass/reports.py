@@ -1,0 +1,383 @@
+"""Plot reports: tile every plot photo, classify the tiles, aggregate, write every output.
+
+:func:`plot_report` is the one job the CLI calls. Files written into ``out_dir``::
+
+    plot_records.csv         one row per find: plot_id, taxon_rank, taxon, score, n_tiles, reason
+    plot_records.json        the same per plot, with settings (data_schemas/plot_report.schema.json)
+    report.html              self-contained: photos with the tile grid coloured by taxon
+    plantclef_submission.csv PlantCLEF run file (2024: ``plot_id;species_ids``, 2025:
+                             ``quadrat_id,species_ids``) with ids like ``[1361281, 1395807]``
+    occurrences_dwc.csv      Darwin Core occurrences (one per taxon record)
+    failures.csv             photos that could not be read (photo, error)
+    provenance.json          version, command, classifier, settings
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from . import __version__
+from .errors import ConfigError, ImageError
+from .fileio import atomic_write_csv, atomic_write_json, atomic_write_text
+from .images import load_image
+from .plots import RULES, UNKNOWN, PlotRecord, _thresholds, aggregate_plot, apply_checklist
+from .plots import tile_assignments as _tile_assignments
+from .provenance import write_provenance
+from .tiling import Tile, crop_tiles, make_tiles, parse_grid
+
+__all__ = [
+    "OUTPUT_FILES",
+    "PlotReportResult",
+    "darwin_core_frame",
+    "plantclef_submission_frame",
+    "plot_report",
+    "records_frame",
+    "render_html",
+]
+
+Progress = Callable[[int, int], None]
+UnknownFlagger = Callable[[Any], np.ndarray]
+
+OUTPUT_FILES = {
+    "csv": "plot_records.csv",
+    "json": "plot_records.json",
+    "html": "report.html",
+    "plantclef": "plantclef_submission.csv",
+    "dwc": "occurrences_dwc.csv",
+    "failures": "failures.csv",
+}
+RECORD_COLUMNS = ["plot_id", "taxon_rank", "taxon", "score", "n_tiles", "reason"]
+DWC_COLUMNS = ["occurrenceID", "eventID", "scientificName", "taxonRank",
+               "identificationQualifier", "family", "genus", "basisOfRecord", "identifiedBy",
+               "identificationRemarks", "associatedMedia"]
+
+
+@dataclass
+class PlotResult:
+    """Everything known about one plot after aggregation (what the HTML draws)."""
+
+    plot_id: str
+    photo: Path
+    size: tuple[int, int]
+    tiles: list[Tile]
+    records: list[PlotRecord]
+    tile_labels: list[str]
+    thumbnail: Image.Image
+
+
+@dataclass
+class PlotReportResult:
+    """What :func:`plot_report` did: records per plot, failures, and the files written."""
+
+    out_dir: Path
+    records: dict[str, list[PlotRecord]]
+    failures: list[dict[str, str]]
+    files: dict[str, Path]
+    plots: list[PlotResult] = field(default_factory=list, repr=False)
+
+    @property
+    def n_plots(self) -> int:
+        return len(self.records)
+
+
+# ---------------------------------------------------------------------- frames
+def records_frame(records: Mapping[str, Sequence[PlotRecord]]) -> pd.DataFrame:
+    """One row per record, columns :data:`RECORD_COLUMNS`."""
+    rows = [{c: getattr(r, c) for c in RECORD_COLUMNS} for recs in records.values() for r in recs]
+    frame = pd.DataFrame(rows, columns=RECORD_COLUMNS)
+    frame["score"] = frame["score"].astype(float).round(6)
+    return frame
+
+
+def _format_ids(ids: Sequence[str]) -> str:
+    return "[" + ", ".join(ids) + "]"
+
+
+def plantclef_submission_frame(records: Mapping[str, Sequence[PlotRecord]], taxonomy, *,
+                               taxon_ids: Mapping[tuple[str, ...], str] | None = None,
+                               year: int = 2024) -> pd.DataFrame:
+    """PlantCLEF run: one row per plot, species records only (the task scores species).
+
+    Species ids come from ``taxon_ids`` (the PlantCLEF classifier knows them); a model
+    without ids writes species names instead. 2024: columns ``plot_id``/``species_ids``
+    (written ``;``-separated); 2025: ``quadrat_id``/``species_ids`` (comma-separated).
+    """
+    if year not in (2024, 2025):
+        raise ConfigError(f"PlantCLEF submission year must be 2024 or 2025, got {year}.")
+    lowest = taxonomy.ranks[-1]
+    ids = dict(taxon_ids or {})
+    rows = []
+    for plot_id, recs in records.items():
+        out: list[str] = []
+        for r in recs:
+            if r.taxon_rank != lowest:
+                continue
+            out.extend(ids[r.node].split(",") if r.node in ids else [r.taxon])
+        rows.append({"plot_id" if year == 2024 else "quadrat_id": plot_id,
+                     "species_ids": _format_ids(list(dict.fromkeys(out)))})
+    return pd.DataFrame(rows, columns=["plot_id" if year == 2024 else "quadrat_id",
+                                       "species_ids"])
+
+
+def darwin_core_frame(records: Mapping[str, Sequence[PlotRecord]], taxonomy, *,
+                      photos: Mapping[str, str], identified_by: str) -> pd.DataFrame:
+    """Darwin Core occurrences: one per taxon record (unknown tiles are not occurrences)."""
+    rows = []
+    ranks = taxonomy.ranks
+    for plot_id, recs in records.items():
+        for i, r in enumerate(recs):
+            if r.taxon_rank == UNKNOWN or not r.node:
+                continue
+            genus_level = "species" in ranks and r.taxon_rank != ranks[-1]
+            path = dict(zip(ranks, r.node))
+            rows.append({
+                "occurrenceID": f"{plot_id}:{i + 1}",
+                "eventID": plot_id,
+                "scientificName": r.node[-1],
+                "taxonRank": r.taxon_rank,
+                "identificationQualifier": "sp." if r.taxon_rank == "genus" and genus_level else "",
+                "family": path.get("family", ""),
+                "genus": path.get("genus", ""),
+                "basisOfRecord": "MachineObservation",
+                "identifiedBy": identified_by,
+                "identificationRemarks": f"score={r.score:.4f}; n_tiles={r.n_tiles}; "
+                                         f"reason={r.reason}",
+                "associatedMedia": photos.get(plot_id, ""),
+            })
+    return pd.DataFrame(rows, columns=DWC_COLUMNS)
+
+
+# ---------------------------------------------------------------------- HTML
+def _palette(labels: Sequence[str]) -> dict[str, tuple[int, int, int]]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    out: dict[str, tuple[int, int, int]] = {}
+    for i, lab in enumerate(dict.fromkeys(x for x in labels if x and x != UNKNOWN)):
+        r, g, b, _ = cmap(i % 20)
+        out[lab] = (int(r * 255), int(g * 255), int(b * 255))
+    out[UNKNOWN] = (20, 20, 20)
+    return out
+
+
+def _draw_tiles(plot: PlotResult, colours: Mapping[str, tuple[int, int, int]]) -> Image.Image:
+    """Thumbnail with the finest grid's tiles filled by the colour of the taxon they support."""
+    thumb = plot.thumbnail.convert("RGBA")
+    sx, sy = thumb.width / plot.size[0], thumb.height / plot.size[1]
+    scales = [t.scale for t in plot.tiles]
+    finest = max(dict.fromkeys(scales), key=lambda s: scales.count(s)) if scales else None
+    layer = Image.new("RGBA", thumb.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    for tile, label in zip(plot.tiles, plot.tile_labels):
+        if tile.scale != finest:
+            continue
+        x0, y0, x1, y1 = tile.box
+        box = (x0 * sx, y0 * sy, x1 * sx - 1, y1 * sy - 1)
+        if label == UNKNOWN:
+            draw.rectangle(box, fill=(0, 0, 0, 110), outline=(230, 30, 30, 255), width=3)
+            draw.line((box[0], box[1], box[2], box[3]), fill=(230, 30, 30, 255), width=3)
+            draw.line((box[0], box[3], box[2], box[1]), fill=(230, 30, 30, 255), width=3)
+        elif label:
+            draw.rectangle(box, fill=(*colours[label], 90), outline=(*colours[label], 255),
+                           width=3)
+        else:
+            draw.rectangle(box, outline=(200, 200, 200, 200), width=1)
+    return Image.alpha_composite(thumb, layer).convert("RGB")
+
+
+def _b64_jpeg(img: Image.Image, quality: int = 80) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def render_html(plots: Sequence[PlotResult], failures: Sequence[Mapping[str, str]], *,
+                taxonomy, title: str, settings: Mapping[str, Any]) -> str:
+    """A self-contained HTML page (images inline as base64 JPEG, no external files)."""
+    esc = html.escape
+    colours = _palette([lab for p in plots for lab in p.tile_labels]
+                       + [r.taxon for p in plots for r in p.records])
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{esc(title)}</title><style>",
+        "body{font-family:sans-serif;margin:1.5em;color:#222}"
+        ".plot{display:flex;gap:1.5em;margin-bottom:2em;border-top:1px solid #ccc;"
+        "padding-top:1em}.sw{display:inline-block;width:1em;height:1em;margin-right:.4em;"
+        "vertical-align:middle;border:1px solid #555}table{border-collapse:collapse}"
+        "td,th{padding:.15em .6em;text-align:left}th{background:#eee}.fail{color:#a00}",
+        "</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+        "<p>" + "; ".join(f"{esc(str(k))}: {esc(str(v))}" for k, v in settings.items()) + "</p>",
+        "<p>Tiles of the finest grid are coloured by the reported taxon they support; tiles "
+        "crossed in red were flagged unknown (outliers); grey outlines support no reported "
+        "taxon.</p>",
+    ]
+    for p in plots:
+        img = _b64_jpeg(_draw_tiles(p, colours))
+        parts.append(f"<div class='plot' id='{esc(p.plot_id)}'><div>"
+                     f"<h2>{esc(p.plot_id)}</h2><img alt='{esc(p.plot_id)}' "
+                     f"src='data:image/jpeg;base64,{img}'><br><small>{esc(str(p.photo))} "
+                     f"({p.size[0]}×{p.size[1]} px, {len(p.tiles)} tiles)</small></div><div>")
+        legend = [lab for lab in dict.fromkeys(p.tile_labels) if lab]
+        parts.append("<h3>Legend</h3><ul style='list-style:none;padding:0'>")
+        for lab in legend:
+            n = p.tile_labels.count(lab)
+            parts.append(f"<li><span class='sw' style='background:rgb{colours[lab]}'></span>"
+                         f"{esc(lab)} ({n} tile{'s' if n != 1 else ''})</li>")
+        parts.append("</ul><h3>Taxa by rank</h3>")
+        order = [*reversed(taxonomy.ranks), UNKNOWN]
+        parts.append("<table><tr><th>rank</th><th>taxon</th><th>score</th><th>tiles</th>"
+                     "<th>reason</th></tr>")
+        for rank in order:
+            for r in (x for x in p.records if x.taxon_rank == rank):
+                sw = (f"<span class='sw' style='background:rgb{colours[r.taxon]}'></span>"
+                      if r.taxon in colours else "")
+                parts.append(f"<tr><td>{esc(rank)}</td><td>{sw}<i>{esc(r.taxon)}</i></td>"
+                             f"<td>{r.score:.3f}</td><td>{r.n_tiles}</td>"
+                             f"<td>{esc(r.reason)}</td></tr>")
+        if not p.records:
+            parts.append("<tr><td colspan='5'>nothing passed the thresholds</td></tr>")
+        parts.append("</table></div></div>")
+    if failures:
+        parts.append("<h2 class='fail'>Photos that could not be read</h2><ul>")
+        parts.extend(f"<li class='fail'>{esc(f['photo'])}: {esc(f['error'])}</li>"
+                     for f in failures)
+        parts.append("</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------- the job
+def _plot_ids(photos: Sequence[Path]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for p in photos:
+        stem = p.stem or p.name
+        seen[stem] = seen.get(stem, 0) + 1
+        out.append(stem if seen[stem] == 1 else f"{stem}__{seen[stem]}")
+    return out
+
+
+def _backbone_name(classifier: Any) -> str:
+    name = getattr(classifier, "backbone_name", None)
+    if name:
+        return str(name)
+    bb = classifier.describe().get("backbone", {})
+    return str(bb.get("name", "unknown")) if isinstance(bb, Mapping) else str(bb)
+
+
+def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Path, *,
+                grids: Sequence[Any] = (3,), overlap: float = 0.0, rule: str = "max",
+                thresholds: Mapping[str, float] | None = None,
+                checklist: Sequence[str] | None = None, outside_weight: float = 0.0,
+                flag_unknown: UnknownFlagger | None = None, min_tiles: int = 1,
+                plantclef_year: int = 2024, thumbnail_px: int = 640,
+                overwrite: bool = True, progress: Progress | None = None) -> PlotReportResult:
+    """Tile, classify, aggregate and report every plot photo; write all outputs into ``out_dir``.
+
+    ``classifier``: a :class:`~taxoclass.tiling.TileClassifier` (a trained bundle or the
+    PlantCLEF checkpoint). ``grids``/``overlap``: see :func:`~taxoclass.tiling.make_tiles`.
+    ``rule``/``thresholds``/``checklist``/``min_tiles``: see
+    :func:`~taxoclass.plots.aggregate_plot`. ``flag_unknown(decoded) -> bool[n_tiles]``
+    marks outlier tiles (e.g. an outlier detector's labels). A photo that cannot be read
+    is recorded in ``failures.csv`` and the other plots carry on. ``progress(done,
+    total)`` is called after each plot.
+    """
+    if rule not in RULES:
+        raise ConfigError(f"Unknown aggregation rule {rule!r}; expected one of {RULES}.")
+    taxonomy = classifier.taxonomy
+    th = _thresholds(rule, taxonomy.ranks, thresholds)
+    grid_labels = [f"{r}x{c}" for r, c in (parse_grid(g) for g in grids)]
+    if not 0.0 <= float(overlap) < 1.0:
+        raise ConfigError(f"Tile overlap must be a fraction in [0, 1), got {overlap}.")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"Output folder {str(out)!r} is a file; pass a folder path.")
+    if not overwrite and (out / OUTPUT_FILES["json"]).exists():
+        raise ConfigError(f"{out / OUTPUT_FILES['json']} exists; pass overwrite=True or "
+                          "another output folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [Path(p) for p in photos]
+    ids = _plot_ids(paths)
+    records: dict[str, list[PlotRecord]] = {}
+    failures: list[dict[str, str]] = []
+    plots: list[PlotResult] = []
+    plot_json = []
+    for done, (plot_id, path) in enumerate(zip(ids, paths), start=1):
+        try:
+            image = load_image(path)
+        except ImageError as exc:
+            failures.append({"photo": str(path), "error": str(exc)})
+            if progress:
+                progress(done, len(paths))
+            continue
+        tiles = make_tiles(image.size, grids=grids, overlap=overlap, plot_id=plot_id)
+        decoded = classifier.predict_tiles(crop_tiles(image, tiles))
+        probs = decoded.probs
+        flags = (np.zeros(len(tiles), dtype=bool) if flag_unknown is None
+                 else np.asarray(flag_unknown(decoded), dtype=bool).reshape(len(tiles)))
+        if checklist:
+            probs, off_list = apply_checklist(probs, taxonomy, checklist,
+                                              outside_weight=outside_weight)
+            flags = flags | off_list
+        recs = aggregate_plot(probs, taxonomy, plot_id=plot_id, rule=rule, thresholds=th,
+                              unknown=flags, min_tiles=min_tiles)
+        if checklist:
+            for r in recs:
+                if r.taxon_rank != UNKNOWN:
+                    r.reason += "+checklist"
+        labels = _tile_assignments(recs, probs, taxonomy, unknown=flags)
+        thumb = image.copy()
+        thumb.thumbnail((thumbnail_px, thumbnail_px))
+        records[plot_id] = recs
+        plots.append(PlotResult(plot_id, path, image.size, tiles, recs, labels, thumb))
+        plot_json.append({"plot_id": plot_id, "photo": str(path), "width": image.size[0],
+                          "height": image.size[1], "n_tiles": len(tiles),
+                          "n_unknown_tiles": int(flags.sum()),
+                          "records": [r.to_dict() for r in recs]})
+        if progress:
+            progress(done, len(paths))
+
+    describe = classifier.describe()
+    backbone = _backbone_name(classifier)
+    taxon_ids = classifier.taxon_ids() if hasattr(classifier, "taxon_ids") else {}
+    for pj in plot_json:
+        for rec in pj["records"]:
+            rec["taxon_id"] = taxon_ids.get(tuple(rec["node"]))
+    settings = {"rule": rule, "thresholds": th, "grids": grid_labels, "overlap": float(overlap),
+                "checklist": list(checklist) if checklist else None, "min_tiles": min_tiles}
+    files = {k: out / v for k, v in OUTPUT_FILES.items()}
+    atomic_write_csv(files["csv"], records_frame(records))
+    atomic_write_json(files["json"], {
+        "taxoclass_version": __version__,
+        "classifier": {"kind": str(describe.get("kind", type(classifier).__name__)),
+                       "backbone": backbone},
+        "settings": settings, "plots": plot_json, "failures": failures})
+    sub = plantclef_submission_frame(records, taxonomy, taxon_ids=taxon_ids, year=plantclef_year)
+    atomic_write_text(files["plantclef"], sub.to_csv(index=False,
+                                                     sep=";" if plantclef_year == 2024 else ","))
+    atomic_write_csv(files["dwc"], darwin_core_frame(
+        records, taxonomy, photos={p.plot_id: str(p.photo) for p in plots},
+        identified_by=f"taxoclass {__version__} ({backbone})"))
+    atomic_write_csv(files["failures"], pd.DataFrame(failures, columns=["photo", "error"]))
+    atomic_write_text(files["html"], render_html(
+        plots, failures, taxonomy=taxonomy, title=f"taxoclass plot report ({len(plots)} plots)",
+        settings={"rule": rule, "grids": ", ".join(grid_labels), "overlap": overlap,
+                  "backbone": backbone, **{f"threshold {k}": v for k, v in th.items()}}))
+    files["provenance"] = write_provenance(
+        out, backbone=describe,
+        config={**settings, "photos": [str(p) for p in paths], "plantclef_year": plantclef_year,
+                "outside_weight": outside_weight},
+        extra={"outputs": {k: v.name for k, v in files.items()}, "n_plots": len(records),
+               "n_failures": len(failures)})
+    return PlotReportResult(out, records, failures, files, plots)

@@ -1,0 +1,228 @@
+"""Cut plot (quadrat) photos into grids of tiles and classify the tiles in batches.
+
+A plot photo holds many plants; a classifier trained on single-plant images sees one
+tile at a time. :func:`make_tiles` lays one or several grids over the photo (e.g. 2×2
+and 4×4 at once, so large and small plants both fill some tile), with an optional
+overlap so a plant on a tile border is whole in a neighbouring tile.
+
+:class:`TileClassifier` is the interface the plot pipeline needs from a model: a
+taxonomy and ``predict_tiles(images) -> Decoded``. :class:`BundleTileClassifier` wraps a
+trained :class:`~taxoclass.bundle.ModelBundle`; the PlantCLEF checkpoint wrapper lives in
+:mod:`taxoclass.plantclef`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import ConfigError
+
+__all__ = [
+    "BundleTileClassifier",
+    "Tile",
+    "TileClassifier",
+    "crop_tiles",
+    "embed_tiles",
+    "make_tiles",
+    "parse_grid",
+]
+
+Grid = int | tuple[int, int] | str
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile of a plot photo: its grid (``scale``, e.g. ``"3x3"``), cell and pixel box.
+
+    ``box`` is ``(x0, y0, x1, y1)`` in pixels, ``x1``/``y1`` exclusive (PIL crop order).
+    """
+
+    plot_id: str
+    scale: str
+    row: int
+    col: int
+    box: tuple[int, int, int, int]
+
+    @property
+    def tile_id(self) -> str:
+        return f"{self.plot_id}/{self.scale}/r{self.row}c{self.col}"
+
+    @property
+    def width(self) -> int:
+        return self.box[2] - self.box[0]
+
+    @property
+    def height(self) -> int:
+        return self.box[3] - self.box[1]
+
+
+def parse_grid(grid: Grid) -> tuple[int, int]:
+    """``3 -> (3, 3)``, ``(2, 4) -> (2, 4)``, ``"2x4" -> (2, 4)`` (rows × cols)."""
+    try:
+        if isinstance(grid, str):
+            parts = grid.lower().replace("×", "x").split("x")
+            rows, cols = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (
+                int(parts[0]), int(parts[1]))
+        elif isinstance(grid, (int, np.integer)):
+            rows = cols = int(grid)
+        else:
+            rows, cols = (int(v) for v in grid)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"Tile grid {grid!r} is not understood. Expected an int (3 means "
+                          f"3x3), a pair (rows, cols) or a string like '2x4'.") from exc
+    if rows < 1 or cols < 1:
+        raise ConfigError(f"Tile grid {grid!r} must have at least one row and one column.")
+    return rows, cols
+
+
+def _starts(length: int, n: int, overlap: float) -> list[tuple[int, int]]:
+    """``n`` intervals of equal size covering ``[0, length)`` with the given overlap."""
+    size = length / (1.0 + (n - 1) * (1.0 - overlap))
+    step = size * (1.0 - overlap)
+    out = []
+    for i in range(n):
+        a = int(round(i * step))
+        b = length if i == n - 1 else int(round(i * step + size))
+        out.append((a, max(b, a + 1)))
+    return out
+
+
+def _count_for_size(length: int, size: int, overlap: float) -> int:
+    """How many tiles of ``size`` px (overlapping by ``overlap``) cover ``length`` px."""
+    if size >= length:
+        return 1
+    step = size * (1.0 - overlap)
+    return int(math.ceil((length - size) / step - 1e-9)) + 1
+
+
+def make_tiles(image_size: tuple[int, int], *, grids: Sequence[Grid] = (3,),
+               tile_size: int | tuple[int, int] | None = None, overlap: float = 0.0,
+               plot_id: str = "") -> list[Tile]:
+    """Tiles covering an image of ``image_size = (width, height)``, for every grid.
+
+    ``grids``: one or more grids (``3`` = 3×3, ``(2, 4)``, ``"2x4"``); all scales are
+    returned together, coarsest first as given. ``tile_size`` (px, square or
+    ``(w, h)``) replaces ``grids``: as many tiles of about that size as cover the image.
+    ``overlap`` is the fraction of a tile shared with its neighbour (0 ≤ overlap < 1).
+    Tiles of a grid have equal size (±1 px) and the last row/column ends at the border.
+    """
+    width, height = int(image_size[0]), int(image_size[1])
+    if width < 1 or height < 1:
+        raise ConfigError(f"Cannot tile an image of size {image_size}; expected width and "
+                          "height of at least 1 px.")
+    if not 0.0 <= float(overlap) < 1.0:
+        raise ConfigError(f"Tile overlap must be a fraction in [0, 1), got {overlap}.")
+    if tile_size is not None:
+        tw, th = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
+        if tw < 1 or th < 1:
+            raise ConfigError(f"tile_size must be positive, got {tile_size}.")
+        shapes = [(_count_for_size(height, int(th), overlap),
+                   _count_for_size(width, int(tw), overlap))]
+    else:
+        if not grids:
+            raise ConfigError("make_tiles needs at least one grid (e.g. grids=(3,)) or a "
+                              "tile_size.")
+        shapes = [parse_grid(g) for g in grids]
+    tiles: list[Tile] = []
+    for rows, cols in dict.fromkeys(shapes):
+        if rows > height or cols > width:
+            raise ConfigError(f"A {rows}x{cols} grid does not fit an image of {width}x{height} "
+                              "px; use a coarser grid.")
+        ys, xs = _starts(height, rows, overlap), _starts(width, cols, overlap)
+        scale = f"{rows}x{cols}"
+        for r, (y0, y1) in enumerate(ys):
+            for c, (x0, x1) in enumerate(xs):
+                tiles.append(Tile(plot_id, scale, r, c, (x0, y0, x1, y1)))
+    return tiles
+
+
+def crop_tiles(image: Image.Image, tiles: Sequence[Tile]) -> list[Image.Image]:
+    """The pixels of each tile, as RGB images."""
+    return [image.crop(t.box) for t in tiles]
+
+
+def _batched(images: Sequence[Image.Image], backbone: Any, batch_size: int,
+             fn: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.stack([backbone.transform(im.convert("RGB")) for im in images[i:i + batch_size]])
+        out.append(fn(x).float().cpu().numpy())
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(out)
+
+
+def embed_tiles(image: Image.Image, tiles: Sequence[Tile], backbone: Any,
+                batch_size: int = 32) -> np.ndarray:
+    """Backbone embeddings ``[n_tiles, num_features]`` of the tiles of one photo."""
+    emb = _batched(crop_tiles(image, tiles), backbone, batch_size, backbone.embed)
+    return emb.reshape(len(tiles), -1) if len(tiles) else emb
+
+
+@runtime_checkable
+class TileClassifier(Protocol):
+    """What the plot pipeline needs from a model."""
+
+    taxonomy: Any
+
+    def predict_tiles(self, images: Sequence[Image.Image]):
+        """Coherent per-rank predictions (:class:`~taxoclass.decoding.Decoded`) per image."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able provenance: backbone, weights, head."""
+        ...
+
+
+class BundleTileClassifier:
+    """A trained :class:`~taxoclass.bundle.ModelBundle` (backbone + rank heads) on tiles."""
+
+    def __init__(self, bundle: Any, backbone: Any | None = None, *, batch_size: int = 32,
+                 top_k: int = 5) -> None:
+        self.bundle = bundle
+        self.backbone = backbone if backbone is not None else bundle.create_backbone()
+        self.batch_size = int(batch_size)
+        self.top_k = int(top_k)
+
+    @classmethod
+    def load(cls, path: Any, *, device: str = "cpu", batch_size: int = 32) -> BundleTileClassifier:
+        from .bundle import ModelBundle
+
+        bundle = ModelBundle.load(path)
+        return cls(bundle, bundle.create_backbone(device=device), batch_size=batch_size)
+
+    @property
+    def taxonomy(self) -> Any:
+        return self.bundle.taxonomy
+
+    @property
+    def backbone_name(self) -> str:
+        return self.backbone.name
+
+    def predict_tiles(self, images: Sequence[Image.Image]):
+        from .decoding import decode_leaf_probabilities
+
+        emb = _batched(list(images), self.backbone, self.batch_size, self.backbone.embed)
+        if not len(images):
+            n = self.taxonomy.n_classes(self.taxonomy.ranks[-1])
+            return decode_leaf_probabilities(np.zeros((0, n), np.float32), self.taxonomy,
+                                             top_k=self.top_k)
+        return self.bundle.predict_embeddings(emb, top_k=self.top_k)
+
+    def taxon_ids(self) -> dict[tuple[str, ...], str]:
+        """External ids of leaf taxa (none for a trained bundle)."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "model-bundle", "backbone": self.backbone.describe(),
+                "head": self.bundle.head.config(), "decode_method": self.bundle.decode_method,
+                "taxonomy": self.taxonomy.summary()}
