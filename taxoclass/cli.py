@@ -273,6 +273,130 @@ def evaluate(model: Path, annotations: Path, images_root: Path | None, out: Path
         click.echo(f"wrote {out}")
 
 
+# --------------------------------------------------------------------------- plots
+def _thresholds(items: tuple[str, ...]) -> dict[str, float] | None:
+    out = {}
+    for item in items:
+        rank, sep, value = item.partition("=")
+        try:
+            out[rank.strip()] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"expected RANK=NUMBER, found {item!r}",
+                                     param_hint="--threshold") from None
+        if not sep:
+            raise click.BadParameter(f"expected RANK=NUMBER, found {item!r}",
+                                     param_hint="--threshold")
+    return out or None
+
+
+@main.command("plot-report")
+@click.option("--model", type=click.Path(path_type=Path), required=True,
+              help="A model bundle folder, or a PlantCLEF 2024 checkpoint file "
+                   "(model_best.pth.tar; then also --class-mapping and --species-table).")
+@click.argument("plots", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Report folder.")
+@click.option("--grid", "grids", multiple=True, default=("3",), show_default=True,
+              help="Tile grid, e.g. 4 or 2x3; repeat for several scales at once.")
+@click.option("--overlap", default=0.0, show_default=True,
+              help="Fraction of a tile shared with its neighbour.")
+@click.option("--rule", type=click.Choice(["max", "noisy_or", "mean", "argmax_union"]),
+              default="max", show_default=True,
+              help="How tile probabilities become plot-level finds (argmax_union = the "
+                   "PlantCLEF 2024 third-place baseline).")
+@click.option("--threshold", "thresholds", multiple=True, metavar="RANK=P",
+              help="Per-rank threshold for the rule, e.g. --threshold species=0.4.")
+@click.option("--checklist", type=click.Path(path_type=Path), default=None,
+              help="Text file of taxa expected in the region (one name per line, any rank).")
+@click.option("--class-mapping", type=click.Path(path_type=Path), default=None,
+              help="PlantCLEF class_mapping.txt (with a checkpoint --model).")
+@click.option("--species-table", type=click.Path(path_type=Path), default=None,
+              help="Species table with species_id, species, genus, family (with a checkpoint "
+                   "--model).")
+@click.option("--backbone", default="vit_base_patch14_reg4_dinov2", show_default=True,
+              help="Architecture of a checkpoint --model.")
+@click.option("--model-kwargs", default=None, metavar="JSON",
+              help="Extra timm.create_model arguments for a checkpoint --model.")
+@click.option("--plantclef-year", type=click.Choice(["2024", "2025"]), default="2024",
+              show_default=True, help="Submission file format.")
+@click.option("--batch-size", default=32, show_default=True)
+def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, grids: tuple[str, ...],
+                    overlap: float, rule: str, thresholds: tuple[str, ...],
+                    checklist: Path | None, class_mapping: Path | None,
+                    species_table: Path | None, backbone: str, model_kwargs: str | None,
+                    plantclef_year: str, batch_size: int) -> None:
+    """Rank-aware reports for plot (quadrat) photos: tiles → taxa at the rank the
+    evidence supports. Writes plot_records.csv/.json, report.html (photos with tile grid
+    and taxa), plantclef_submission.csv, occurrences_dwc.csv, failures.csv, provenance.
+    """
+    from .workflows import plot_report_job
+
+    with _progress("plots", "plot") as prog:
+        result = plot_report_job(
+            model, plots, out, class_mapping=class_mapping, species_table=species_table,
+            backbone=backbone, model_kwargs=_json_option("--model-kwargs", model_kwargs),
+            checklist=checklist, batch_size=batch_size, progress=prog, grids=list(grids),
+            overlap=overlap, rule=rule, thresholds=_thresholds(thresholds),
+            plantclef_year=int(plantclef_year))
+    for plot_id, records in result.records.items():
+        finds = ", ".join(f"{r.taxon} ({r.taxon_rank}, {r.score:.2f})" for r in records)
+        click.echo(f"{plot_id}: {finds or 'nothing above threshold'}")
+    if result.failures:
+        click.echo(f"{len(result.failures)} photo(s) failed; see {out / 'failures.csv'}",
+                   err=True)
+    click.echo(f"report: {out / 'report.html'}")
+
+
+@main.command()
+@click.option("--model", type=click.Path(path_type=Path), default=None,
+              help="Model bundle folder (its backbone is explained).")
+@click.option("--backbone", default=None, help="Or a timm backbone name (with --checkpoint).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None)
+@click.option("--model-kwargs", default=None, metavar="JSON")
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Overlay PNG.")
+@click.option("--head", type=int, default=None,
+              help="One attention head (default: the mean over heads).")
+def explain(model: Path | None, backbone: str | None, checkpoint: Path | None,
+            model_kwargs: str | None, image: Path, out: Path, head: int | None) -> None:
+    """Overlay the last block's class-token attention (DINOv2 / ViT) on IMAGE."""
+    from .attention import explain as explain_image
+    from .backbones import create_backbone
+    from .bundle import ModelBundle
+
+    if model is not None:
+        bb = ModelBundle.load(model).create_backbone()
+    elif backbone is not None:
+        bb = create_backbone(backbone, checkpoint=checkpoint,
+                             model_kwargs=_json_option("--model-kwargs", model_kwargs))
+    else:
+        raise click.UsageError("pass --model BUNDLE or --backbone NAME [--checkpoint P].")
+    explain_image(bb, image, out, head=head)
+    click.echo(f"wrote {out}")
+
+
+@main.command("evaluate-plots")
+@click.option("--records", type=click.Path(path_type=Path), required=True,
+              help="plot_records.csv written by plot-report.")
+@click.option("--truth", type=click.Path(path_type=Path), required=True,
+              help="CSV with plot_id and species (one row per species, or ';'-separated).")
+@click.option("--taxonomy", "taxonomy_source", type=click.Path(path_type=Path), required=True,
+              help="The model bundle folder, an annotations JSON or a species table.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for plot_metrics.json and plot_metrics_per_plot.csv.")
+def evaluate_plots_cmd(records: Path, truth: Path, taxonomy_source: Path,
+                       out: Path | None) -> None:
+    """PlantCLEF macro F1 averaged per plot, macro F1 per species, micro F1, and the same
+    with rank-aware credit (a correct genus-level record counts at genus rank).
+    """
+    from .workflows import evaluate_plots_job
+
+    result = evaluate_plots_job(records, truth, taxonomy_source, out=out)
+    click.echo(f"{'rank':>10} {'F1/plot':>8} {'F1/taxon':>9} {'micro F1':>9} {'plots':>6}")
+    for rank, m in result.items():
+        click.echo(f"{rank:>10} {m['macro_f1_per_plot']:>8.3f} {m['macro_f1_per_taxon']:>9.3f} "
+                   f"{m['micro_f1']:>9.3f} {m['n_plots']:>6}")
+
+
 def _json_option(name: str, value: str | None) -> dict | None:
     import json
 

@@ -344,3 +344,103 @@ def tempfile_dir() -> str:
     import tempfile
 
     return tempfile.mkdtemp(prefix="taxoclass-")
+
+
+# --------------------------------------------------------------------------- plots
+def load_tile_classifier(model: str | Path, *, class_mapping: str | Path | None = None,
+                         species_table: str | Path | None = None,
+                         backbone: str = "vit_base_patch14_reg4_dinov2",
+                         model_kwargs: dict | None = None, batch_size: int = 32):
+    """A tile classifier from a model bundle folder, or from a PlantCLEF 2024 checkpoint file
+    (``model_best.pth.tar`` + ``class_mapping.txt`` + species table: no training needed).
+    """
+    from .errors import ConfigError
+    from .plantclef import PlantCLEFClassifier
+    from .tiling import BundleTileClassifier
+
+    model = Path(model)
+    if model.is_dir():
+        return BundleTileClassifier.load(model, batch_size=batch_size)
+    if not model.is_file():
+        raise ConfigError(f"--model {model}: no such bundle folder or checkpoint file.")
+    if not class_mapping or not species_table:
+        raise ConfigError(f"--model {model} is a checkpoint file: the zero-training PlantCLEF path "
+                          "also needs --class-mapping (class_mapping.txt) and --species-table "
+                          "(species_id;species;genus;family CSV).")
+    return PlantCLEFClassifier.from_files(model, class_mapping, species_table, backbone=backbone,
+                                          model_kwargs=model_kwargs, batch_size=batch_size)
+
+
+def plot_report_job(model: str | Path, photos: Sequence[str | Path], out: str | Path, *,
+                    class_mapping: str | Path | None = None,
+                    species_table: str | Path | None = None,
+                    backbone: str = "vit_base_patch14_reg4_dinov2",
+                    model_kwargs: dict | None = None, checklist: str | Path | None = None,
+                    batch_size: int = 32, progress: Progress | None = None, **settings):
+    """Rank-aware reports for plot photos (files or folders); see ``reports.plot_report``."""
+    from .reports import plot_report
+
+    classifier = load_tile_classifier(model, class_mapping=class_mapping,
+                                      species_table=species_table, backbone=backbone,
+                                      model_kwargs=model_kwargs, batch_size=batch_size)
+    names = None
+    if checklist:
+        names = [ln.strip() for ln in Path(checklist).read_text().splitlines() if ln.strip()]
+    flagger = getattr(classifier, "flag_unknown", None)
+    return plot_report(classifier, collect_images(photos), out, checklist=names,
+                       flag_unknown=flagger, progress=progress, **settings)
+
+
+def read_plot_truth(path: str | Path) -> dict[str, list[str]]:
+    """Ground-truth species per plot from a CSV with ``plot_id`` and ``species`` columns
+    (one row per species, or several species separated by ``;`` in one cell).
+    """
+    import pandas as pd
+
+    from .errors import AnnotationError
+
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = {"plot_id", "species"} - set(frame.columns)
+    if missing:
+        raise AnnotationError(f"{path}: expected columns plot_id and species, missing "
+                              f"{sorted(missing)} (found {list(frame.columns)}).")
+    truth: dict[str, list[str]] = {}
+    for plot_id, cell in zip(frame["plot_id"], frame["species"]):
+        truth.setdefault(plot_id, []).extend(s.strip() for s in cell.split(";") if s.strip())
+    return truth
+
+
+def evaluate_plots_job(records: str | Path, truth: str | Path, taxonomy_source: str | Path,
+                       *, out: str | Path | None = None) -> dict:
+    """Plot metrics (PlantCLEF macro F1 per plot, per species, micro; rank-aware credit)."""
+    import pandas as pd
+
+    from .fileio import atomic_write_csv, atomic_write_json
+    from .plot_eval import evaluate_plots
+    from .plots import PlotRecord
+
+    source = Path(taxonomy_source)
+    if (source / "taxonomy.json").is_file():
+        tax = Taxonomy.load(source / "taxonomy.json")
+    else:
+        tax = load_taxonomy(source)
+    frame = pd.read_csv(records, dtype={"plot_id": str})
+    predicted: dict[str, list] = {}
+    for row in frame.to_dict("records"):
+        node = ()
+        if row["taxon_rank"] in tax.ranks:
+            hits = tax.find(str(row["taxon"]).removesuffix(" sp."), row["taxon_rank"])
+            node = hits[0] if hits else ()
+        predicted.setdefault(row["plot_id"], []).append(PlotRecord(
+            plot_id=row["plot_id"], taxon_rank=row["taxon_rank"], taxon=row["taxon"],
+            score=float(row["score"]), n_tiles=int(row["n_tiles"]), reason=row["reason"],
+            node=node))
+    result = evaluate_plots(predicted, read_plot_truth(truth), tax)
+    per_plot = result.pop("per_plot", None)
+    if out:
+        atomic_write_json(Path(out) / "plot_metrics.json", result)
+        if per_plot is not None:
+            atomic_write_csv(Path(out) / "plot_metrics_per_plot.csv", per_plot)
+        write_provenance(out, config={"records": str(records), "truth": str(truth),
+                                      "taxonomy": str(taxonomy_source)})
+    return result
