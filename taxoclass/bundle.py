@@ -10,6 +10,8 @@ Layout::
     history.csv          training curve
     split.csv            image_id, split (train/val) used for training
     provenance.json      version, command line, environment, backbone
+    openset.json         (optional) outlier detector, evidence combiner, per-rank thresholds
+    openset.npz          (optional) the detector's training embeddings (refit on load)
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ BUNDLE_FILE = "bundle.json"
 WEIGHTS_FILE = "heads.safetensors"
 TAXONOMY_FILE = "taxonomy.json"
 LABELS_FILE = "labels.json"
+OPENSET_FILE = "openset.json"
+OPENSET_ARRAYS = "openset.npz"
 
 
 @dataclass
@@ -46,6 +50,7 @@ class ModelBundle:
     normalize: bool = True
     decode_method: str = "path"
     extra: dict[str, Any] = field(default_factory=dict)
+    scorer: Any = None  # taxoclass.openset.OpenSetScorer: detector + thresholds for back-off
 
     # ------------------------------------------------------------------ inference
     def logits(self, embeddings: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
@@ -65,6 +70,34 @@ class ModelBundle:
                         method=self.decode_method, top_k=top_k)
                  for i in range(0, max(len(embeddings), 1), batch_size)]
         return concat_decoded(parts)
+
+    def predict_with_backoff(self, embeddings: np.ndarray, *, top_k: int = 5):
+        """Coherent predictions plus back-off to the lowest reliable rank.
+
+        Returns ``(frame, decoded)``: one row per embedding with ``taxon_rank``, ``taxon``,
+        ``score``, ``reason``, ``outlier`` and the full coherent path with probabilities.
+        Without a fitted scorer every answer is the species of the best path
+        (reason ``"species"``, score = its probability).
+        """
+        from .backoff import back_off_batch
+
+        x = np.asarray(embeddings, dtype=np.float32)
+        decoded = self.predict_embeddings(x, top_k=top_k)
+        if self.scorer is not None:
+            frame = self.scorer.predict(self.scorer_input(x), decoded, self.taxonomy)
+        else:
+            zeros = {r: 0.0 for r in self.taxonomy.ranks}
+            frame = back_off_batch(decoded, decoded.path_prob, zeros, None, self.taxonomy)
+            frame["outlier"] = False
+        frame["taxon_rank"] = frame["taxon_rank"].fillna("unknown")
+        return frame, decoded
+
+    def scorer_input(self, embeddings: np.ndarray) -> np.ndarray:
+        """The detector sees the same (normalised) embeddings as the head."""
+        x = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
+        if self.normalize:
+            x = torch.nn.functional.normalize(x, dim=1)
+        return x.numpy()
 
     def create_backbone(self, device: str = "cpu"):
         """Rebuild the backbone the head was trained on."""
@@ -87,6 +120,12 @@ class ModelBundle:
         atomic_write_json(out / TAXONOMY_FILE, self.taxonomy.to_dict())
         atomic_write_json(out / LABELS_FILE, {r: self.taxonomy.names(r)
                                               for r in self.taxonomy.ranks})
+        if self.scorer is not None:
+            params, arrays = self.scorer.to_state()
+            atomic_write_json(out / OPENSET_FILE, params)
+            tmp = out / (OPENSET_ARRAYS + ".tmp.npz")
+            np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+            tmp.replace(out / OPENSET_ARRAYS)
         # bundle.json last: its presence marks a complete bundle.
         atomic_write_json(out / BUNDLE_FILE, {
             "format_version": FORMAT_VERSION, "head": self.head.config(),
@@ -118,9 +157,20 @@ class ModelBundle:
             raise BundleError(f"{path / WEIGHTS_FILE}: weights do not fit the head described "
                               f"in {BUNDLE_FILE}: {exc}") from exc
         head.eval()
+        scorer = None
+        if (path / OPENSET_FILE).is_file():
+            from .openset import OpenSetScorer
+
+            if not (path / OPENSET_ARRAYS).is_file():
+                raise BundleError(f"{path}: {OPENSET_FILE} without {OPENSET_ARRAYS}; the bundle "
+                                  "is incomplete. Retrain.")
+            with np.load(path / OPENSET_ARRAYS, allow_pickle=False) as arrays:
+                scorer = OpenSetScorer.from_state(json.loads((path / OPENSET_FILE).read_text()),
+                                                  {k: arrays[k] for k in arrays.files})
         return cls(head=head, taxonomy=taxonomy, backbone=meta["backbone"],
                    normalize=meta.get("normalize", True),
-                   decode_method=meta.get("decode_method", "path"), extra=meta.get("extra", {}))
+                   decode_method=meta.get("decode_method", "path"), extra=meta.get("extra", {}),
+                   scorer=scorer)
 
     def update_extra(self, out_dir: str | Path, values: Mapping[str, Any]) -> None:
         """Add fields to ``extra`` and rewrite ``bundle.json`` (e.g. fitted thresholds)."""

@@ -216,11 +216,48 @@ def predict(model: Path, images: tuple[Path, ...], out: Path | None, top_k: int,
     with _progress("predicting", "img") as prog:
         frame = predict_images(model, images, out=out, top_k=top_k, batch_size=batch_size,
                                overwrite=overwrite, progress=prog)
-    cols = [c for c in frame.columns if not c.endswith("_top5")]
-    with _wide_pandas():
-        click.echo(frame[cols].to_string(index=False, max_rows=50))
+    _show_predictions(frame)
     if out:
         click.echo(f"wrote {out / 'predictions.csv'} and {out / 'predictions.json'}")
+
+
+def _show_predictions(frame) -> None:
+    cols = [c for c in ("image", "flagged", "taxon_rank", "taxon", "score", "reason",
+                        "species", "species_prob", "error") if c in frame.columns]
+    shown = frame[cols].copy()
+    shown["image"] = shown["image"].map(lambda p: Path(str(p)).name)
+    with _wide_pandas():
+        click.echo(shown.to_string(index=False, max_rows=60, na_rep=""))
+
+
+@main.command("flag-unknowns")
+@click.option("--model", type=click.Path(path_type=Path), required=True,
+              help="Model bundle folder written by `taxoclass train` (with its outlier "
+                   "detector and calibrated thresholds).")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for flags.csv, flags_summary.json, predictions and provenance. "
+                   "(flags.csv: one row per image, flagged rows first.)")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--overwrite", is_flag=True,
+              help="Discard an embedding cache in --out left by a run on other images.")
+def flag_unknowns_cmd(model: Path, images: tuple[Path, ...], out: Path, batch_size: int,
+                      overwrite: bool) -> None:
+    """Screen field-survey IMAGES (files or folders) for species the model does not know.
+
+    Each image is named at the lowest rank whose evidence passes its calibrated threshold:
+    a known species by name, an unknown oak as "Quercus sp." (reason
+    backoff_to_genus:outlier or :low_confidence), or "unknown".
+    """
+    from .workflows import flag_unknowns
+
+    with _progress("screening", "img") as prog:
+        frame, summary = flag_unknowns(model, images, out=out, batch_size=batch_size,
+                                       overwrite=overwrite, progress=prog)
+    _show_predictions(frame)
+    click.echo(f"{summary['n_flagged']} of {summary['n_images']} images flagged; resolved at: "
+               + ", ".join(f"{k} {v}" for k, v in summary["resolved_at"].items()))
+    click.echo(f"wrote {out / 'flags.csv'}")
 
 
 class _wide_pandas:

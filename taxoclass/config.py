@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
         "val_fraction": 0.3,       # seeded split stratified by the lowest rank
         "split_seed": 0,
         "split_file": None,        # optional CSV image_id,split (train/val) given by the user
+        "holdout_species": [],     # binomials left out of the model entirely (open-set tests)
     },
     "backbone": {
         "name": "vit_base_patch14_reg4_dinov2.lvd142m",
@@ -57,6 +58,15 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
     },
     "decode": {"method": "path", "top_k": 5},
+    "openset": {
+        "enabled": True,           # fit an outlier detector + per-rank thresholds for back-off
+        "detector": "knn",         # pyod: knn, lof, ecod, copod, iforest
+        "scope": "group",          # per predicted genus (falls back to global), or global
+        "combiner": "rank_mean",   # how probability and outlier score combine into evidence
+        "target_precision": {"family": 0.95, "genus": 0.95, "species": 0.97},
+        "min_support": 10,         # fewest validation answers a threshold may rest on
+        "max_train": 50000,        # detector reference set size (seeded subsample above it)
+    },
     "out": None,
 }
 
@@ -92,7 +102,6 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
                 defaults: Mapping[str, Any] = DEFAULTS) -> dict[str, Any]:
     """Defaults, then the YAML file, then ``--set`` overrides; paths resolved to absolute."""
     cfg = copy.deepcopy(dict(defaults))
-    base = Path.cwd()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -104,9 +113,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path}: expected a mapping of sections at the top, found "
                               f"{type(data).__name__}.")
-        cfg = deep_merge(cfg, data, where=str(path))
-        base = path.resolve().parent
-        cfg = _resolve_paths(cfg, base)
+        data = dict(data)
+        parent = data.pop("extends", None)
+        if parent:  # another config file this one starts from (relative to this file)
+            cfg = load_config(path.resolve().parent / parent, (), defaults)
+        cfg = deep_merge(cfg, _resolve_paths(data, path.resolve().parent), where=str(path))
     for item in overrides:
         keys, value = parse_override(item)
         node = cfg
@@ -127,6 +138,7 @@ PATH_KEYS = {("data", "annotations"), ("data", "images_root"), ("data", "split_f
 
 
 def _resolve_paths(cfg: dict[str, Any], base: Path) -> dict[str, Any]:
+    cfg = copy.deepcopy(dict(cfg))
     for keys in PATH_KEYS:
         node = cfg
         for k in keys[:-1]:

@@ -145,8 +145,19 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     out = Path(cfg["out"])
     root = Path(data.get("images_root") or Path(data["annotations"]).parent)
     ann = load_annotations(data["annotations"])
-    tax = ann.taxonomy(data.get("ranks") or DEFAULT_RANKS)
     rows = ann.labelled_images(root)
+    held = list(data.get("holdout_species") or [])
+    if held:
+        from .openset import choose_holdout, known_taxonomy, split_known_unknown
+
+        try:
+            held = choose_holdout(rows, species=held)  # checks the names exist
+        except ValueError as exc:
+            raise ConfigError(f"data.holdout_species: {exc}") from exc
+        tax = known_taxonomy(ann.categories, held, data.get("ranks") or DEFAULT_RANKS)
+        rows = rows[~split_known_unknown(rows, held)].reset_index(drop=True)
+    else:
+        tax = ann.taxonomy(data.get("ranks") or DEFAULT_RANKS)
     y, nodes = _targets(tax, rows)
     ids = [str(i) for i in rows["image_id"]]
     emb_cfg = cfg["embeddings"]
@@ -185,6 +196,11 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     decoded = bundle.predict_embeddings(x[va], top_k=int(cfg["decode"].get("top_k", 5)))
     metrics = evaluate_predictions(decoded.path, {r: v[va] for r, v in y.items()}, tax,
                                    topk_index=decoded.topk_index)
+    ocfg = cfg.get("openset") or {}
+    if ocfg.get("enabled", True):
+        bundle.scorer = fit_openset_scorer(bundle, x[tr], y["genus"][tr], x[va],
+                                           rows[va].reset_index(drop=True), ocfg)
+        metrics["openset_thresholds"] = bundle.scorer.thresholds.to_dict()
     bundle.save(out)
     atomic_write_csv(out / "history.csv", result.history)
     atomic_write_csv(out / "split.csv", pd.DataFrame(
@@ -195,6 +211,34 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
                      "seconds": result.seconds, "n_train": int(tr.sum()),
                      "n_val": int(va.sum())}})
     return out
+
+
+def fit_openset_scorer(bundle, x_train, genus_train, x_val, rows_val, ocfg: dict):
+    """Fit the outlier detector on training embeddings, and the evidence combiner and the
+    per-rank thresholds (to ``ocfg["target_precision"]``) on the validation images.
+
+    The validation split also chose the early-stopping epoch, so thresholds are slightly
+    optimistic; with few validation images per rank a target may be unreachable (the
+    rank is then never trusted: threshold +inf, listed in ``thresholds.unreachable``).
+    """
+    import numpy as np
+
+    from .openset import correct_by_rank, fit_scorer, path_names, truth_names
+
+    tax = bundle.taxonomy
+    max_train = int(ocfg.get("max_train", 50000))
+    if len(x_train) > max_train:
+        keep = np.sort(np.random.default_rng(0).choice(len(x_train), max_train, replace=False))
+        x_train, genus_train = x_train[keep], genus_train[keep]
+    decoded_val = bundle.predict_embeddings(x_val)
+    correct = correct_by_rank(path_names(decoded_val.path, tax),
+                              truth_names(rows_val, tax.ranks), tax.ranks)
+    return fit_scorer(bundle.scorer_input(x_train), genus_train, bundle.scorer_input(x_val),
+                      decoded_val, correct, method=ocfg.get("detector", "knn"),
+                      scope=ocfg.get("scope", "group"),
+                      combiner=ocfg.get("combiner", "rank_mean"),
+                      target_precision=ocfg.get("target_precision", 0.95),
+                      min_support=int(ocfg.get("min_support", 10)))
 
 
 # --------------------------------------------------------------------------- predict
@@ -221,9 +265,11 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
 def predict_images(model: str | Path, images: Sequence[str | Path], *,
                    out: str | Path | None = None, batch_size: int = 64, num_workers: int = 0,
                    top_k: int = 5, overwrite: bool = False, progress: Progress | None = None):
-    """Coherent family/genus/species predictions for image files or folders.
+    """Predictions for image files or folders, backed off to the lowest reliable rank.
 
-    Returns a DataFrame (one row per image; failed images carry an ``error``). With
+    Returns a DataFrame, one row per image: ``taxon_rank``, ``taxon`` (``Quercus sp.`` at
+    genus rank), ``score``, ``reason``, ``outlier``, the full coherent path with
+    probabilities and top-k per rank; failed images carry an ``error``. With
     ``out``, embeddings are cached (resumable) in ``out/embeddings`` and
     ``predictions.csv`` / ``predictions.json`` plus provenance are written there.
     """
@@ -244,9 +290,10 @@ def predict_images(model: str | Path, images: Sequence[str | Path], *,
         res = compute_embeddings(items, backbone, cache_dir, batch_size=batch_size,
                                  num_workers=num_workers, overwrite=overwrite,
                                  progress=progress)
-    decoded = bundle.predict_embeddings(res.cache.embeddings, top_k=top_k)
-    frame = decoded.to_frame(bundle.taxonomy, ids=res.cache.image_ids.tolist())
-    frame = frame.rename(columns={"id": "image"})
+    backoff, decoded = bundle.predict_with_backoff(res.cache.embeddings, top_k=top_k)
+    tops = decoded.to_frame(bundle.taxonomy)
+    frame = pd.concat([pd.DataFrame({"image": res.cache.image_ids.tolist()}), backoff,
+                       tops[[c for c in tops.columns if "_top" in c]]], axis=1)
     if len(res.failures):
         fails = pd.DataFrame({"image": res.failures["image_id"].astype(str),
                               "error": res.failures["error"]})
@@ -262,6 +309,34 @@ def predict_images(model: str | Path, images: Sequence[str | Path], *,
 
 
 # --------------------------------------------------------------------------- evaluate
+def flag_unknowns(model: str | Path, images: Sequence[str | Path], *, out: str | Path,
+                  batch_size: int = 64, overwrite: bool = False,
+                  progress: Progress | None = None):
+    """Field-survey screening: one row per image, flagged rows (not named to species) first.
+
+    Writes ``flags.csv`` into ``out`` (plus predictions and provenance) and returns
+    ``(frame, summary)`` where summary counts images resolved at each rank.
+    """
+    import pandas as pd
+
+    from .bundle import ModelBundle
+    from .fileio import atomic_write_csv, atomic_write_json
+
+    frame = predict_images(model, images, out=out, batch_size=batch_size, overwrite=overwrite,
+                           progress=progress)
+    lowest = ModelBundle.load(model).taxonomy.ranks[-1]
+    reason = frame["reason"] if "reason" in frame else pd.Series([None] * len(frame))
+    frame.insert(1, "flagged", (reason != lowest).to_numpy())
+    frame = frame.sort_values(["flagged", "taxon_rank", "image"], ascending=[False, True, True],
+                              kind="stable").reset_index(drop=True)
+    resolved = frame["taxon_rank"].fillna("failed").value_counts().to_dict()
+    summary = {"n_images": len(frame), "n_flagged": int(frame["flagged"].sum()),
+               "resolved_at": {k: int(v) for k, v in resolved.items()}}
+    atomic_write_csv(Path(out) / "flags.csv", frame)
+    atomic_write_json(Path(out) / "flags_summary.json", summary)
+    return frame, summary
+
+
 def evaluate_model(model: str | Path, annotations: str | Path, *,
                    images_root: str | Path | None = None, out: str | Path | None = None,
                    split: str = "auto", cache: str | Path | None = None,

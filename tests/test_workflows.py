@@ -110,6 +110,28 @@ def test_embed_train_evaluate_predict(small_leaf):
         assert (row.family, row.genus, row.species) in paths  # coherent path
         assert 0.0 <= row.species_prob <= row.genus_prob + 1e-6 <= row.family_prob + 2e-6
     assert json.loads((pred_dir / "predictions.json").read_text())[0]["image"].endswith("1.jpg")
+    reasons = {"species", "unknown"} | {f"backoff_to_{r}:{why}" for r in ("genus", "family")
+                                        for why in ("outlier", "low_confidence")}
+    assert set(frame["reason"]) <= reasons
+    assert set(frame["taxon_rank"]) <= {"species", "genus", "family", "unknown"}
+
+    # thresholds and detector survive the bundle round trip
+    from taxoclass.bundle import ModelBundle
+
+    assert (model / "openset.json").is_file() and (model / "openset.npz").is_file()
+    saved = json.loads((model / "openset.json").read_text())["thresholds"]
+    loaded = ModelBundle.load(model)
+    assert loaded.scorer.thresholds.to_dict() == saved
+
+    flags_dir = d["dir"] / "flags"
+    res = runner.invoke(main, ["flag-unknowns", "--model", str(model), *map(str, images),
+                               str(d["dir"] / "missing.jpg"), "--out", str(flags_dir)])
+    assert res.exit_code == 0, res.output
+    flags = pd.read_csv(flags_dir / "flags.csv")
+    assert len(flags) == 4 and flags["flagged"].iloc[0]  # the missing image is flagged first
+    assert flags["flagged"].is_monotonic_decreasing
+    summary = json.loads((flags_dir / "flags_summary.json").read_text())
+    assert summary["n_images"] == 4 and sum(summary["resolved_at"].values()) == 4
 
 
 def test_train_refuses_missing_settings(tmp_path):

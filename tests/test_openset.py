@@ -1,0 +1,154 @@
+"""Open-set evaluation: held-out species on synthetic rows and on the real leaf embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from taxoclass.openset import (
+    OpenSetScorer,
+    choose_holdout,
+    correct_by_rank,
+    detection_table,
+    fit_scorer,
+    fpr_at_tpr,
+    known_taxonomy,
+    outcome_summary,
+    path_names,
+    risk_coverage,
+    split_known_unknown,
+    truth_names,
+)
+
+torch.set_num_threads(1)
+
+LEAF_CACHE = Path(__file__).resolve().parents[1] / "runs" / "leaf-lite0-embeddings"
+
+
+def _rows():
+    recs = []
+    for fam, gen, sps in [("Fagaceae", "Quercus", ["robur", "ilex", "rubra"]),
+                          ("Sapindaceae", "Acer", ["rubrum", "saccharum"]),
+                          ("Betulaceae", "Alnus", ["glutinosa"])]:
+        for s in sps:
+            recs += [{"family": fam, "genus": gen, "species": s}] * 3
+    return pd.DataFrame(recs)
+
+
+def test_choose_holdout_keeps_a_known_species_in_every_genus():
+    rows = _rows()
+    for seed in range(10):
+        held = choose_holdout(rows, n_species=10, seed=seed)
+        assert len(held) == 3  # Quercus gives 2, Acer 1, Alnus none
+        assert "Alnus glutinosa" not in held
+        assert choose_holdout(rows, n_species=10, seed=seed) == held  # seeded
+    frac = choose_holdout(rows, holdout_fraction=0.4, seed=1)
+    assert len(frac) == 2
+    mask = split_known_unknown(rows, ["Quercus ilex"])
+    assert mask.sum() == 3
+    tax = known_taxonomy(rows.drop_duplicates(), ["Quercus ilex"])
+    assert "Quercus ilex" not in tax.names("species") and tax.sizes["species"] == 5
+    with pytest.raises(ValueError, match="not in the rows"):
+        choose_holdout(rows, species=["Quercus alba"])
+
+
+def test_detection_metrics():
+    y = np.r_[np.zeros(100, bool), np.ones(100, bool)]
+    perfect = np.r_[np.zeros(100), np.ones(100)]
+    table = detection_table(y, {"perfect": perfect, "flipped": -perfect})
+    assert table.set_index("method").loc["perfect", "auroc"] == 1.0
+    assert table.set_index("method").loc["flipped", "auroc"] == 0.0
+    assert fpr_at_tpr(y, perfect) == 0.0
+    rng = np.random.default_rng(0)
+    assert 0.8 < fpr_at_tpr(y, rng.uniform(size=200)) <= 1.0
+
+
+def test_risk_coverage_precision_rises_as_coverage_falls():
+    rng = np.random.default_rng(0)
+    s = rng.uniform(size=500)
+    c = rng.uniform(size=500) < s
+    rc = risk_coverage({"species": s}, {"species": c}, coverages=(1.0, 0.5, 0.2))
+    assert list(rc.coverage) == [1.0, 0.5, 0.2]
+    assert rc.precision.is_monotonic_increasing
+
+
+@pytest.fixture(scope="module")
+def leaf():
+    if not (LEAF_CACHE / "embeddings.npy").is_file():
+        pytest.skip(f"cached EfficientNet-Lite0 leaf embeddings absent at {LEAF_CACHE} (run "
+                    "`taxoclass embed` on the leaf data)")
+    from taxoclass.annotations import load_annotations
+    from taxoclass.embeddings import load_embeddings
+
+    ann_path = Path(__file__).resolve().parents[2] / "shared/data/leaf/annotations.json"
+    if not ann_path.is_file():
+        pytest.skip(f"leaf annotations absent at {ann_path}")
+    ann = load_annotations(ann_path)
+    rows = ann.labelled_images().reset_index(drop=True)
+    cache = load_embeddings(LEAF_CACHE)
+    pos = {k: i for i, k in enumerate(cache.image_ids.tolist())}
+    return ann, rows, cache.embeddings[[pos[str(i)] for i in rows["image_id"]]]
+
+
+def test_heldout_species_on_real_leaf_embeddings(leaf):
+    from taxoclass.decoding import decode
+    from taxoclass.training import normalize, stratified_split, train_head
+    from taxoclass.workflows import _targets
+
+    ann, rows, x = leaf
+    held = choose_holdout(rows, n_species=12, seed=0)
+    calib = choose_holdout(rows[~split_known_unknown(rows, held)], n_species=8, seed=1)
+    unk, cal = split_known_unknown(rows, held), split_known_unknown(rows, calib)
+    tax = known_taxonomy(ann.categories, [*held, *calib])
+    assert not set(held) & set(tax.names("species"))
+    kn = ~unk & ~cal
+    kr, xk = rows[kn].reset_index(drop=True), x[kn]
+    y, nodes = _targets(tax, kr)
+    strata = np.array(["/".join(n) for n in nodes])
+    test = stratified_split(strata, 0.3, 0)
+    tr_idx = np.flatnonzero(~test)
+    val = np.zeros(len(kr), bool)
+    val[tr_idx[stratified_split(strata[tr_idx], 0.25, 1)]] = True
+    tr = ~test & ~val
+    head = train_head(xk[tr], {r: a[tr] for r, a in y.items()}, None, None, tax,
+                      train={"epochs": 80, "lr": 0.003, "batch_size": 128, "seed": 0}).head
+
+    def dec(a):
+        with torch.inference_mode():
+            return decode(head(normalize(a)), tax)
+
+    x_val = np.concatenate([xk[val], x[cal]])
+    d_val = dec(x_val)
+    c_val = correct_by_rank(path_names(d_val.path, tax),
+                            truth_names(pd.concat([kr[val], rows[cal]])), tax.ranks)
+    scorer = fit_scorer(xk[tr], y["genus"][tr], x_val, d_val, c_val, method="knn",
+                        scope="group", target_precision={"family": 0.9, "genus": 0.9,
+                                                         "species": 0.97})
+    x_test = np.concatenate([xk[test], x[unk]])
+    is_unk = np.r_[np.zeros(test.sum(), bool), np.ones(unk.sum(), bool)]
+    d_test = dec(x_test)
+    frame = scorer.predict(x_test, d_test, tax)
+    truth = truth_names(pd.concat([kr[test], rows[unk]]))
+    s = outcome_summary(frame, truth, is_unk, tax.ranks)
+    # Floors measured on this split (see bench/results/openset.md for the full run).
+    assert s["unknown_correct_higher"] >= FLOOR_CORRECT_HIGHER, str(s)
+    assert s["unknown_named_species"] <= CEIL_NAMED_SPECIES, str(s)
+    assert s["known_precision_genus"] >= 0.9, str(s)
+    if s["known_coverage_species"] > 0:
+        assert s["known_precision_species"] >= 0.9, str(s)
+    ev, _ = scorer.evidence(x_test, d_test)
+    auroc = detection_table(is_unk, {"evidence": -ev["species"]}).auroc[0]
+    assert auroc >= 0.65
+    # the whole scorer survives a JSON + arrays round trip with identical answers
+    params, arrays = scorer.to_state()
+    import json
+    back = OpenSetScorer.from_state(json.loads(json.dumps(params)), arrays)
+    pd.testing.assert_frame_equal(back.predict(x_test, d_test, tax), frame)
+
+
+FLOOR_CORRECT_HIGHER = 0.3
+CEIL_NAMED_SPECIES = 0.15
