@@ -285,11 +285,27 @@ class _wide_pandas:
 @click.option("--split", type=click.Choice(["auto", "all", "val", "train"]), default="auto",
               show_default=True,
               help="auto: only the validation images when ANNOTATIONS is the training file.")
+@click.option("--holdout-species", multiple=True, metavar="BINOMIAL",
+              help="Open-set evaluation: retrain the bundle's recipe without this species "
+                   "(repeatable), then score unknown detection and back-off.")
+@click.option("--holdout-fraction", type=float, default=None,
+              help="Open-set evaluation with a seeded share of the species held out (only "
+                   "species whose genus keeps a known species).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the hold-out choice/split.")
 def evaluate(model: Path, annotations: Path, images_root: Path | None, out: Path | None,
-             split: str) -> None:
+             split: str, holdout_species: tuple[str, ...], holdout_fraction: float | None,
+             seed: int) -> None:
     """Per-rank accuracy / macro-F1 / top-5, hierarchical P/R/F1, mistake severity,
     coherence rate and the most confused taxon pairs.
+
+    With --holdout-species or --holdout-fraction: open-set evaluation instead (AUROC and
+    FPR@95%TPR per detection method, what back-off reports for held-out and known
+    species, risk-coverage per rank).
     """
+    if holdout_species or holdout_fraction is not None:
+        _evaluate_holdout(model, annotations, images_root, out, holdout_species,
+                          holdout_fraction, seed)
+        return
     from .workflows import evaluate_model
 
     out_dir = None
@@ -308,6 +324,30 @@ def evaluate(model: Path, annotations: Path, images_root: Path | None, out: Path
         click.echo(f"  {row['count']:>3} x  {row['true']}  ->  {row['predicted']}")
     if out is not None:
         click.echo(f"wrote {out}")
+
+
+def _evaluate_holdout(model, annotations, images_root, out, species, fraction, seed) -> None:
+    from .workflows import evaluate_holdout
+
+    out_dir = None if out is None else (out.parent if out.suffix == ".json" else out)
+    with _progress("embedding", "img") as prog:
+        r = evaluate_holdout(model, annotations, images_root=images_root,
+                             holdout_species=list(species) or None, holdout_fraction=fraction,
+                             seed=seed, out=out_dir, progress=prog)
+    click.echo(f"held out {len(r['held_out_species'])} species: "
+               + ", ".join(r["held_out_species"]))
+    click.echo(f"test: {r['n_test_known']} known + {r['n_test_held_out']} held-out images; "
+               "known accuracy " + ", ".join(f"{k} {v:.3f}"
+                                             for k, v in r["known_test_accuracy"].items()))
+    click.echo("unknown detection (higher score = unknown):")
+    for row in r["detection"]:
+        click.echo(f"  {row['method']:<45} AUROC {row['auroc']:.3f}  "
+                   f"FPR@95%TPR {row['fpr_at_95tpr']:.3f}")
+    click.echo("back-off outcomes:")
+    for k, v in r["outcomes"].items():
+        click.echo(f"  {k:<28} {v:.3f}" if isinstance(v, float) else f"  {k:<28} {v}")
+    if out_dir is not None:
+        click.echo(f"wrote {out_dir / 'openset_metrics.json'}")
 
 
 # --------------------------------------------------------------------------- plots

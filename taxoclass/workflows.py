@@ -519,3 +519,136 @@ def evaluate_plots_job(records: str | Path, truth: str | Path, taxonomy_source: 
         write_provenance(out, config={"records": str(records), "truth": str(truth),
                                       "taxonomy": str(taxonomy_source)})
     return result
+
+
+# --------------------------------------------------------------------------- open set
+def evaluate_holdout(model: str | Path, annotations: str | Path, *,
+                     images_root: str | Path | None = None,
+                     holdout_species: Sequence[str] | None = None,
+                     holdout_fraction: float | None = None, n_holdout: int | None = None,
+                     seed: int = 0, test_fraction: float = 0.3, out: str | Path | None = None,
+                     progress: Progress | None = None) -> dict:
+    """Open-set evaluation: retrain the bundle's recipe without some species, then measure.
+
+    Held-out species (given, or a seeded choice whose genus keeps a known species) are
+    removed from the taxonomy and training. The known species' images are split
+    ``test_fraction`` for test (stratified, seeded); the rest trains the head (its own
+    validation split stops training and calibrates the back-off). Test = known test
+    images + every held-out image. Returns (and writes into ``out``) unknown-detection
+    AUROC / FPR@95%TPR per method, what back-off did with held-out and known images, and
+    a risk-coverage table per rank.
+    """
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    from .annotations import load_annotations
+    from .bundle import ModelBundle
+    from .errors import ConfigError
+    from .fileio import atomic_write_csv, atomic_write_json
+    from .openset import (
+        choose_holdout,
+        correct_by_rank,
+        detection_table,
+        known_taxonomy,
+        outcome_summary,
+        path_names,
+        risk_coverage,
+        split_known_unknown,
+        truth_names,
+    )
+    from .outliers import DETECTORS, OutlierDetector, confidence_scores
+    from .training import stratified_split, train_head
+
+    bundle = ModelBundle.load(model)
+    cfg_file = Path(model) / "config.yaml"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{cfg_file} not found: the bundle has no training recipe to retrain "
+                          "without the held-out species.")
+    cfg = yaml.safe_load(cfg_file.read_text())
+    root = Path(images_root) if images_root else Path(annotations).parent
+    ann = load_annotations(annotations)
+    rows = ann.labelled_images(root).reset_index(drop=True)
+    ranks = tuple(bundle.taxonomy.ranks)
+    try:
+        held = choose_holdout(rows, species=holdout_species, holdout_fraction=holdout_fraction,
+                              n_species=n_holdout, seed=seed)
+    except ValueError as exc:
+        raise ConfigError(f"hold-out choice: {exc}") from exc
+    ids = [str(i) for i in rows["image_id"]]
+    cache = bundle.extra.get("embedding_cache") or str(Path(out or tempfile_dir()) / "embeddings")
+    x_all, found, _ = _embeddings_for(ids, rows["path"].tolist(), cache=cache,
+                                      backbone_cfg=bundle.backbone, progress=progress)
+    rows, x_all = rows[found].reset_index(drop=True), x_all[found]
+    is_unk = split_known_unknown(rows, held)
+    tax = known_taxonomy(ann.categories, held, ranks)
+    kr, xk = rows[~is_unk].reset_index(drop=True), x_all[~is_unk]
+    y, nodes = _targets(tax, kr)
+    strata = np.array(["/".join(n) for n in nodes])
+    is_test = stratified_split(strata, test_fraction, seed)
+    tr_idx = np.flatnonzero(~is_test)
+    val_fraction = float(cfg.get("data", {}).get("val_fraction", 0.3))
+    is_val = np.zeros(len(kr), dtype=bool)
+    is_val[tr_idx[stratified_split(strata[tr_idx], val_fraction, seed + 1)]] = True
+    is_tr = ~is_test & ~is_val
+    res = train_head(xk[is_tr], {r: a[is_tr] for r, a in y.items()}, xk[is_val],
+                     {r: a[is_val] for r, a in y.items()}, tax, model=cfg.get("model"),
+                     loss=cfg.get("loss"), train=cfg.get("train"),
+                     normalize_inputs=bundle.normalize)
+    sub = ModelBundle(head=res.head, taxonomy=tax, backbone=bundle.backbone,
+                      normalize=bundle.normalize, decode_method=bundle.decode_method)
+    ocfg = dict(cfg.get("openset") or {})
+    sub.scorer = fit_openset_scorer(sub, xk[is_tr], y["genus"][is_tr], xk[is_val],
+                                    kr[is_val].reset_index(drop=True), ocfg)
+
+    x_test = np.concatenate([xk[is_test], x_all[is_unk]])
+    test_rows = pd.concat([kr[is_test], rows[is_unk]]).reset_index(drop=True)
+    y_unk = np.r_[np.zeros(int(is_test.sum()), bool), np.ones(int(is_unk.sum()), bool)]
+    logits = sub.logits(x_test)
+    frame, decoded = sub.predict_with_backoff(x_test)
+    truth = truth_names(test_rows, ranks)
+    correct = correct_by_rank(path_names(decoded.path, tax), truth, ranks)
+
+    # Every score for "is this image of an unknown species?", higher = more likely unknown.
+    scores: dict[str, np.ndarray] = {}
+    conf = confidence_scores(decoded.probs, {r: v.numpy() for r, v in logits.items()})
+    for name, s in conf[ranks[-1]].items():
+        scores[f"{name} ({ranks[-1]})"] = -s
+    x_tr_in, x_test_in = sub.scorer_input(xk[is_tr]), sub.scorer_input(x_test)
+    for method in DETECTORS:
+        for scope in ("global", "group"):
+            det = OutlierDetector(method, scope=scope).fit(x_tr_in, y["genus"][is_tr])
+            scores[f"pyod {method} ({scope})"] = det.decision_function(
+                x_test_in, decoded.path["genus"])
+    evidence, _ = sub.scorer.evidence(x_test_in, decoded)
+    scores[f"combined evidence ({ocfg.get('combiner', 'rank_mean')}, "
+           f"{ocfg.get('detector', 'knn')} {ocfg.get('scope', 'group')})"] = -evidence[ranks[-1]]
+    detection = detection_table(y_unk, scores).sort_values("auroc", ascending=False)
+    summary = outcome_summary(frame, truth, y_unk, ranks)
+    rc = risk_coverage({r: evidence[r][~y_unk] for r in ranks},
+                       {r: correct[r][~y_unk] for r in ranks})
+    result = {
+        "held_out_species": held, "seed": seed,
+        "n_train": int(is_tr.sum()), "n_val": int(is_val.sum()),
+        "n_test_known": int(is_test.sum()), "n_test_held_out": int(is_unk.sum()),
+        "known_test_accuracy": {r: float(correct[r][~y_unk].mean()) for r in ranks},
+        "held_out_right_genus_on_path": float(correct["genus"][y_unk].mean())
+        if "genus" in correct and y_unk.any() else None,
+        "thresholds": sub.scorer.thresholds.to_dict(),
+        "outcomes": summary,
+        "detection": detection.to_dict("records"),
+        "risk_coverage": rc.to_dict("records"),
+    }
+    if out:
+        out = Path(out)
+        atomic_write_json(out / "openset_metrics.json", result)
+        atomic_write_csv(out / "openset_detection.csv", detection)
+        atomic_write_csv(out / "openset_risk_coverage.csv", rc)
+        frame.insert(0, "image_id", test_rows["image_id"].astype(str).to_numpy())
+        frame.insert(1, "held_out", y_unk)
+        atomic_write_csv(out / "openset_predictions.csv", frame)
+        write_provenance(out, backbone=bundle.backbone, config={
+            "model": str(Path(model).resolve()), "annotations": str(Path(annotations).resolve()),
+            "holdout_species": held, "seed": seed, "test_fraction": test_fraction,
+            "retrain": {k: cfg.get(k) for k in ("model", "loss", "train", "openset")}})
+    return result
