@@ -294,8 +294,13 @@ def create_backbone(
     num_classes: int | None = None,
     device: str = "cpu",
     model_kwargs: dict | None = None,
+    data_overrides: dict | None = None,
 ) -> Backbone:
-    """Build a timm backbone with real weights (or random ones, only when asked)."""
+    """Build a timm backbone with real weights (or random ones, only when asked).
+
+    ``data_overrides`` changes timm's resolved data config before the transform is made,
+    e.g. ``{"crop_pct": 1.0}`` to keep the whole image (no centre crop).
+    """
     resolved = resolve_backbone_name(name)
     arch, _tag = split_model_name_tag(resolved)
     kwargs = dict(model_kwargs or {})
@@ -391,6 +396,11 @@ def create_backbone(
     if lite0_package:
         data_config["mean"] = _LITE0_MEAN_STD
         data_config["std"] = _LITE0_MEAN_STD
+    for key, value in (data_overrides or {}).items():
+        if key not in data_config:
+            raise BackboneError(f"data override {key!r} is not a timm data-config key; expected "
+                                f"one of {sorted(data_config)}.")
+        data_config[key] = tuple(value) if isinstance(value, list) else value
     transform = timm.data.create_transform(**data_config, is_training=False)
     return Backbone(
         model=model,
