@@ -51,6 +51,7 @@ class ModelBundle:
     decode_method: str = "path"
     extra: dict[str, Any] = field(default_factory=dict)
     scorer: Any = None  # taxoclass.openset.OpenSetScorer: detector + thresholds for back-off
+    path: Path | None = None  # the folder it was loaded from (relative checkpoints resolve here)
 
     # ------------------------------------------------------------------ inference
     def logits(self, embeddings: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
@@ -104,7 +105,10 @@ class ModelBundle:
         from .backbones import create_backbone
 
         b = self.backbone
-        return create_backbone(b["name"], checkpoint=b.get("checkpoint"),
+        checkpoint = b.get("checkpoint")
+        if checkpoint and self.path is not None and not Path(checkpoint).is_absolute():
+            checkpoint = str(self.path / checkpoint)  # e.g. a fine-tuned backbone.pth inside
+        return create_backbone(b["name"], checkpoint=checkpoint,
                                class_mapping=b.get("class_mapping"),
                                pretrained=b.get("pretrained", True),
                                model_kwargs=b.get("model_kwargs") or None, device=device)
@@ -170,7 +174,7 @@ class ModelBundle:
         return cls(head=head, taxonomy=taxonomy, backbone=meta["backbone"],
                    normalize=meta.get("normalize", True),
                    decode_method=meta.get("decode_method", "path"), extra=meta.get("extra", {}),
-                   scorer=scorer)
+                   scorer=scorer, path=path)
 
     def update_extra(self, out_dir: str | Path, values: Mapping[str, Any]) -> None:
         """Add fields to ``extra`` and rewrite ``bundle.json`` (e.g. fitted thresholds)."""

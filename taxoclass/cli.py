@@ -154,7 +154,15 @@ def embed(annotations: Path, images_root: Path | None, backbone: str, checkpoint
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config value, e.g. --set train.epochs=50 --set out=runs/x. "
                    "Repeatable.")
-def train(config_path: Path | None, overrides: tuple[str, ...]) -> None:
+@click.option("--finetune", is_flag=True,
+              help="Train the backbone and heads together on the images (end-to-end, "
+                   "resumable; bf16 on CUDA) instead of heads on cached embeddings.")
+@click.option("--unfreeze-blocks", type=int, default=None,
+              help="With --finetune: train only the last N blocks (0 = heads only, -1 = all).")
+@click.option("--device", default=None, help="With --finetune: cpu or cuda [default: cuda if "
+              "available].")
+def train(config_path: Path | None, overrides: tuple[str, ...], finetune: bool,
+          unfreeze_blocks: int | None, device: str | None) -> None:
     """Train family/genus/species heads jointly with the class-dependency loss.
 
     Reads the annotations and the embedding cache (computing it when missing), makes a
@@ -166,6 +174,16 @@ def train(config_path: Path | None, overrides: tuple[str, ...]) -> None:
     from .workflows import train_from_config
 
     cfg = load_config(config_path, overrides)
+    if finetune:
+        from .finetune import finetune_from_config
+
+        if unfreeze_blocks is not None:
+            cfg["finetune"]["unfreeze_blocks"] = unfreeze_blocks
+        with _progress("fine-tuning", "step") as prog:
+            out = finetune_from_config(cfg, progress=prog, device=device)
+        _print_metrics(out / "metrics_val.json", f"validation metrics ({out})")
+        click.echo(f"model bundle written to {out}")
+        return
     with _progress("embedding", "img") as emb, _progress("training", "epoch") as prog:
         out = train_from_config(cfg, progress=prog, embed_progress=emb)
     _print_metrics(out / "metrics_val.json", f"validation metrics ({out})")

@@ -67,6 +67,15 @@ DEFAULTS: dict[str, Any] = {
         "min_support": 10,         # fewest validation answers a threshold may rest on
         "max_train": 50000,        # detector reference set size (seeded subsample above it)
     },
+    "finetune": {                  # `taxoclass train --finetune`: backbone + heads end to end
+        "epochs": 10, "batch_size": 32, "accum_steps": 1, "lr": 1e-4,
+        "layer_decay": 0.75,       # layer-wise lr decay: block k from the top gets lr * 0.75**k
+        "weight_decay": 0.05, "warmup_epochs": 1.0, "min_lr_ratio": 0.01,
+        "unfreeze_blocks": -1,     # -1 all, 0 heads only, N the last N blocks/stages
+        "grad_clip": 1.0, "patience": 3, "augment": True, "num_workers": 4, "seed": 0,
+        "max_steps": None, "checkpoint_steps": None, "resume": True,
+        "keep_checkpoints": False, "compile": False,
+    },
     "out": None,
 }
 

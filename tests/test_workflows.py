@@ -144,3 +144,35 @@ def test_model_that_is_not_a_bundle(tmp_path):
     img.write_bytes(b"")
     res = CliRunner().invoke(main, ["predict", "--model", str(tmp_path), str(img)])
     assert res.exit_code == 2 and "not a taxoclass model bundle" in res.output
+
+
+def test_train_finetune_from_cli(small_leaf):
+    """`taxoclass train --finetune`: backbone + heads end to end, then predict with the bundle."""
+    torch.set_num_threads(1)
+    d = small_leaf
+    cfg = {"data": {"annotations": str(d["ann"]), "images_root": str(d["root"]),
+                    "val_fraction": 0.4},
+           "backbone": {"name": ARCH, "checkpoint": str(d["ckpt"]), "model_kwargs": d["kwargs"]},
+           "finetune": {"epochs": 1, "batch_size": 8, "num_workers": 0, "warmup_epochs": 0.0},
+           "out": str(d["dir"] / "ft-model")}
+    cfg_path = d["dir"] / "ft.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    runner = CliRunner()
+    res = runner.invoke(main, ["train", "--config", str(cfg_path), "--finetune",
+                               "--unfreeze-blocks", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    model = d["dir"] / "ft-model"
+    bundle = json.loads((model / "bundle.json").read_text())
+    assert bundle["backbone"]["checkpoint"] == "backbone.pth"  # relative: the bundle can move
+    moved = d["dir"] / "moved-ft-model"
+    model.rename(moved)
+    res = runner.invoke(main, ["predict", "--model", str(moved),
+                               str(d["root"] / "images" / "1.jpg")])
+    assert res.exit_code == 0, res.output
+
+
+def test_finetune_defaults_match_library():
+    from taxoclass.config import DEFAULTS
+    from taxoclass.finetune import FINETUNE_DEFAULTS
+
+    assert DEFAULTS["finetune"] == dict(FINETUNE_DEFAULTS)

@@ -1,0 +1,258 @@
+"""End-to-end fine-tuning of a tiny DINOv2-shaped ViT on real leaf images (CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from taxoclass.errors import ConfigError
+from taxoclass.finetune import (
+    FinetuneModel,
+    FinetuneSettings,
+    embed_images,
+    finetune,
+    layerwise_param_groups,
+    set_trainable,
+)
+from taxoclass.heads import MultiRankHead
+
+SPECIES = [("Acer", "palmatum"), ("Acer", "rubrum"), ("Ulmus", "bergmanniana"),
+           ("Zelkova", "serrata")]
+PER_SPECIES = 6  # 4 train + 2 validation each: 24 images
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def leaf_data():
+    """24 real leaf images of 4 species (2 families, 3 genera) with their targets."""
+    from conftest import SHARED_DATA
+
+    from taxoclass import workflows
+    from taxoclass.annotations import load_annotations
+    from taxoclass.taxonomy import Taxonomy
+
+    leaf = SHARED_DATA / "leaf"
+    if not (leaf / "annotations.json").is_file():
+        pytest.skip(f"real leaf data {leaf} is absent (see shared/data/README.md)")
+    rows = load_annotations(leaf / "annotations.json").labelled_images(leaf)
+    parts = []
+    for genus, species in SPECIES:
+        hit = rows[(rows["genus"] == genus) & (rows["species"] == species)]
+        if len(hit) < PER_SPECIES:
+            pytest.skip(f"leaf data has fewer than {PER_SPECIES} images of {genus} {species}")
+        parts.append(hit.sort_values("image_id").head(PER_SPECIES))
+    import pandas as pd
+
+    sel = pd.concat(parts, ignore_index=True)
+    tax = Taxonomy.from_records(sel[["family", "genus", "species"]].to_dict("records"))
+    y, _ = workflows._targets(tax, sel)
+    is_val = np.tile(np.arange(PER_SPECIES) >= PER_SPECIES - 2, len(SPECIES))
+    paths = np.asarray(sel["path"].tolist(), dtype=object)
+    return {"tax": tax,
+            "train": (list(paths[~is_val]), {r: v[~is_val] for r, v in y.items()}),
+            "val": (list(paths[is_val]), {r: v[is_val] for r, v in y.items()})}
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone():
+    from conftest import TINY_DINO_KWARGS
+
+    from taxoclass.backbones import create_backbone
+
+    torch.manual_seed(0)
+    return create_backbone("vit_base_patch14_reg4_dinov2", pretrained=False,
+                           model_kwargs=dict(TINY_DINO_KWARGS))
+
+
+BASE = dict(batch_size=4, num_workers=0, lr=2e-3, warmup_epochs=0.0, layer_decay=0.8,
+            weight_decay=0.01, patience=0, seed=0)
+
+
+def run(data, backbone, out, **settings):
+    cfg = {**BASE, **settings}
+    return finetune(*data["train"], *data["val"], data["tax"], backbone=backbone, out_dir=out,
+                    config=cfg, model={"normalize": True})
+
+
+def model_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def trained(leaf_data, tiny_backbone, tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("ft") / "bundle"
+    return run(leaf_data, tiny_backbone, out, epochs=4, unfreeze_blocks=-1, augment=False)
+
+
+def test_loss_decreases_and_bundle_written(trained):
+    h = trained.history
+    assert trained.completed and len(h) == 4
+    assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0] - 0.05
+    assert np.isfinite(h["val_loss"]).all()
+    assert (trained.bundle_dir / "backbone.pth").is_file()
+    assert (trained.bundle_dir / "bundle.json").is_file()
+    assert not (trained.bundle_dir / "finetune_state").exists()  # cleaned after success
+
+
+def test_bundle_reproduces_finetuned_logits(trained, leaf_data):
+    from taxoclass.bundle import ModelBundle
+    from taxoclass.images import load_image
+
+    bundle = ModelBundle.load(trained.bundle_dir)
+    assert bundle.backbone["checkpoint"] == trained.backbone_checkpoint.name  # bundle-relative
+    bb = bundle.create_backbone()
+    x = bb.transform(load_image(leaf_data["val"][0][0])).unsqueeze(0)
+    with torch.inference_mode():
+        want = trained.model(x)
+    got = bundle.logits(bb.embed(x))
+    for r in bundle.taxonomy.ranks:
+        torch.testing.assert_close(got[r], want[r], atol=1e-5, rtol=1e-5)
+    assert bb.weights_source == "checkpoint"
+    emb, ok = embed_images(trained.model, [leaf_data["val"][0][0]], bb.transform)
+    assert ok.all()
+    np.testing.assert_allclose(emb, bb.embed(x).numpy(), atol=1e-5)
+
+
+def test_llrd_group_learning_rates(tiny_backbone, leaf_data):
+    head = MultiRankHead.for_taxonomy(leaf_data["tax"], tiny_backbone.num_features)
+    import copy
+
+    model = FinetuneModel(copy.deepcopy(tiny_backbone.model), head)
+    lr, d = 1e-3, 0.5
+    groups = layerwise_param_groups(model, lr=lr, layer_decay=d, weight_decay=0.05)
+    by_name = {g["name"]: g for g in groups}
+    expected = {"head": lr, "top": lr, "blocks.1": lr * d, "blocks.0": lr * d**2,
+                "stem": lr * d**3}
+    for name, want in expected.items():  # "top" (final norm) has no decayed tensor
+        if name != "top":
+            assert by_name[name]["lr"] == pytest.approx(want)
+            assert by_name[name]["weight_decay"] == 0.05
+        assert by_name[f"{name}/no_decay"]["lr"] == pytest.approx(want)
+        assert by_name[f"{name}/no_decay"]["weight_decay"] == 0.0
+    assert "top" not in by_name
+    # every trainable parameter in exactly one group; tokens and pos_embed not decayed
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    stem_nd = {id(p) for p in by_name["stem/no_decay"]["params"]}
+    assert id(model.backbone.pos_embed) in stem_nd and id(model.backbone.cls_token) in stem_nd
+    # only the unfrozen part gets groups
+    set_trainable(model, 1)
+    names = {g["name"].split("/")[0] for g in layerwise_param_groups(
+        model, lr=lr, layer_decay=d, weight_decay=0.05)}
+    assert names == {"head", "top", "blocks.1"}
+    set_trainable(model, 0)
+    names = {g["name"].split("/")[0] for g in layerwise_param_groups(
+        model, lr=lr, layer_decay=d, weight_decay=0.05)}
+    assert names == {"head"}
+
+
+def test_unfreeze_last_block_only(leaf_data, tiny_backbone, tmp_path):
+    before = model_state(tiny_backbone.model)
+    res = run(leaf_data, tiny_backbone, tmp_path / "b", epochs=1, unfreeze_blocks=1)
+    assert res.lr_groups.keys() >= {"head", "top/no_decay", "blocks.1"}
+    assert not any(k.startswith(("blocks.0", "stem")) for k in res.lr_groups)
+    after = res.model.backbone.state_dict()
+    assert model_state(tiny_backbone.model).keys() == before.keys()  # caller's model untouched
+    for k, v in before.items():
+        frozen = k.startswith(("blocks.0.", "patch_embed.")) or k in (
+            "cls_token", "reg_token", "pos_embed")
+        if frozen:
+            assert torch.equal(after[k], v), f"frozen {k} changed"
+        assert torch.equal(tiny_backbone.model.state_dict()[k], v)
+    changed = [k for k in before if k.startswith("blocks.1.") and not torch.equal(after[k],
+                                                                                  before[k])]
+    assert len(changed) >= 8, changed
+    assert not torch.equal(after["norm.weight"], before["norm.weight"])
+
+
+def test_grad_accumulation_matches_larger_batch(leaf_data, tiny_backbone, tmp_path):
+    a = run(leaf_data, tiny_backbone, tmp_path / "a", epochs=1, batch_size=4, accum_steps=2,
+            grad_clip=None)
+    b = run(leaf_data, tiny_backbone, tmp_path / "b", epochs=1, batch_size=8, accum_steps=1,
+            grad_clip=None)
+    assert a.steps == b.steps == 2
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    worst = max(float((sa[k] - sb[k]).abs().max()) for k in sa)
+    assert worst < 1e-4, worst
+    assert a.history["train_loss"].iloc[0] == pytest.approx(b.history["train_loss"].iloc[0],
+                                                            abs=1e-5)
+
+
+class Interrupt(RuntimeError):
+    pass
+
+
+def test_interrupted_run_resumes_to_same_weights(leaf_data, tiny_backbone, tmp_path):
+    settings = dict(epochs=2, unfreeze_blocks=-1, augment=True, keep_checkpoints=True)
+    full = run(leaf_data, tiny_backbone, tmp_path / "full", **settings)
+    assert full.steps == 8 and full.resumed_from_step is None
+
+    # 1) a crash in the middle of epoch 2: resumes from the end-of-epoch-1 checkpoint
+    out = tmp_path / "crash"
+
+    def boom(event):
+        if event["event"] == "step" and event["step"] == 6:
+            raise Interrupt("simulated crash")
+
+    with pytest.raises(Interrupt):
+        finetune(*leaf_data["train"], *leaf_data["val"], leaf_data["tax"],
+                 backbone=tiny_backbone, out_dir=out, config={**BASE, **settings},
+                 callback=boom)
+    assert (out / "finetune_state" / "last.pt").is_file()
+    assert not (out / "bundle.json").exists()
+    resumed = run(leaf_data, tiny_backbone, out, **settings)
+    assert resumed.resumed_from_step == 4
+    # 2) a pause after 3 steps (mid epoch 1), then the rest
+    out2 = tmp_path / "paused"
+    paused = run(leaf_data, tiny_backbone, out2, max_steps=3, **settings)
+    assert not paused.completed and paused.steps == 3 and paused.bundle_dir is None
+    again = run(leaf_data, tiny_backbone, out2, max_steps=3, **settings)  # no step taken
+    assert not again.completed and again.steps == 3 and again.resumed_from_step == 3
+    rest = run(leaf_data, tiny_backbone, out2, **settings)
+    assert rest.resumed_from_step == 3 and rest.completed
+
+    want = full.model.state_dict()
+    for res in (resumed, rest):
+        got = res.model.state_dict()
+        worst = max(float((got[k] - want[k]).abs().max()) for k in want)
+        assert worst <= 1e-6, worst
+        np.testing.assert_allclose(res.history["val_loss"], full.history["val_loss"], atol=1e-6)
+
+
+def test_resume_refuses_another_run(leaf_data, tiny_backbone, tmp_path):
+    out = tmp_path / "x"
+    run(leaf_data, tiny_backbone, out, epochs=2, max_steps=1)
+    with pytest.raises(ConfigError, match="checkpoint of another run"):
+        run(leaf_data, tiny_backbone, out, epochs=2, lr=1e-2)
+
+
+def test_settings_are_checked():
+    with pytest.raises(ConfigError, match="unknown key"):
+        FinetuneSettings.from_mapping({"unfreeze": 2})
+    with pytest.raises(ConfigError, match="accum_steps"):
+        FinetuneSettings.from_mapping({"accum_steps": 0})
+    with pytest.raises(ConfigError, match="unfreeze_blocks"):
+        FinetuneSettings.from_mapping({"unfreeze_blocks": -2})
+
+
+def test_unreadable_image_is_reported_and_skipped(leaf_data, tiny_backbone, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    paths, y = leaf_data["train"]
+    paths = [str(bad), *paths[1:]]
+    res = finetune(paths, y, [], None, leaf_data["tax"], backbone=tiny_backbone,
+                   out_dir=tmp_path / "o", config={**BASE, "epochs": 1, "unfreeze_blocks": 0})
+    assert res.completed and [p for p, _ in res.failures] == [str(bad)]
+    assert "cannot be decoded" in res.failures[0][1]
+    assert Path(res.bundle_dir, "bundle.json").is_file()
