@@ -121,9 +121,15 @@ def taxonomy(source: Path, ranks: str, csv_out: Path | None) -> None:
               help='Extra timm.create_model arguments, e.g. \'{"img_size": 224}\'; needed to '
                    "rebuild a checkpoint of a non-default shape.")
 @click.option("--overwrite", is_flag=True, help="Discard an existing cache in --out.")
+@click.option("--engine", type=click.Choice(["local", "spark"]), default="local",
+              show_default=True,
+              help="local: this machine; spark: the same code in PySpark mapInPandas, Parquet "
+                   "output, resumable (needs `pip install taxoclass[spark]` and Java).")
+@click.option("--master", default=None,
+              help="Spark master URL with --engine spark [default: local[2]].")
 def embed(annotations: Path, images_root: Path | None, backbone: str, checkpoint: Path | None,
           out: Path, batch_size: int, num_workers: int, model_kwargs: str | None,
-          overwrite: bool) -> None:
+          overwrite: bool, engine: str, master: str | None) -> None:
     """Compute one embedding per image into a resumable on-disk cache.
 
     Writes chunks atomically with a manifest (backbone, checkpoint hash, transform,
@@ -137,7 +143,7 @@ def embed(annotations: Path, images_root: Path | None, backbone: str, checkpoint
                                    checkpoint=checkpoint, out=out, batch_size=batch_size,
                                    num_workers=num_workers, overwrite=overwrite,
                                    model_kwargs=_json_option("--model-kwargs", model_kwargs),
-                                   progress=progress)
+                                   progress=progress, engine=engine, master=master)
     n = len(result.cache.image_ids)
     click.echo(f"{n} embeddings of dim {result.cache.embeddings.shape[1]} in {out} "
                f"({result.n_computed} computed, {result.n_reused} reused, "
@@ -226,14 +232,29 @@ def _print_metrics(path_or_dict, title: str) -> None:
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--overwrite", is_flag=True,
               help="Discard an embedding cache in --out left by a run on other images.")
+@click.option("--engine", type=click.Choice(["local", "spark"]), default="local",
+              show_default=True,
+              help="local: this machine; spark: the same code in PySpark mapInPandas, Parquet "
+                   "output, resumable (needs `pip install taxoclass[spark]` and Java).")
+@click.option("--master", default=None,
+              help="Spark master URL with --engine spark [default: local[2]].")
 def predict(model: Path, images: tuple[Path, ...], out: Path | None, top_k: int,
-            batch_size: int, overwrite: bool) -> None:
+            batch_size: int, overwrite: bool, engine: str, master: str | None) -> None:
     """Predict family, genus and species (coherent path + top-k) for IMAGES (files or folders)."""
     from .workflows import predict_images
 
     with _progress("predicting", "img") as prog:
-        frame = predict_images(model, images, out=out, top_k=top_k, batch_size=batch_size,
-                               overwrite=overwrite, progress=prog)
+        if engine == "local":
+            frame = predict_images(model, images, out=out, top_k=top_k, batch_size=batch_size,
+                                   overwrite=overwrite, progress=prog)
+        else:
+            from .engines import get_engine
+
+            if out is None:
+                raise click.UsageError("--engine spark writes Parquet: pass --out DIR.")
+            frame = get_engine(engine, master=master).predict(
+                model, images, out, batch_size=batch_size, top_k=top_k, overwrite=overwrite,
+                progress=prog)
     _show_predictions(frame)
     if out:
         click.echo(f"wrote {out / 'predictions.csv'} and {out / 'predictions.json'}")
@@ -414,19 +435,31 @@ def _thresholds(items: tuple[str, ...]) -> dict[str, float] | None:
 @click.option("--plantclef-year", type=click.Choice(["2024", "2025"]), default="2024",
               show_default=True, help="Submission file format.")
 @click.option("--batch-size", default=32, show_default=True)
+@click.option("--engine", type=click.Choice(["local", "spark"]), default="local",
+              show_default=True,
+              help="local: this machine; spark: the same code in PySpark mapInPandas, Parquet "
+                   "output, resumable (needs `pip install taxoclass[spark]` and Java).")
+@click.option("--master", default=None,
+              help="Spark master URL with --engine spark [default: local[2]].")
 def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, grids: tuple[str, ...],
                     overlap: float, rule: str, thresholds: tuple[str, ...],
                     checklist: Path | None, class_mapping: Path | None,
                     species_table: Path | None, backbone: str, model_kwargs: str | None,
-                    plantclef_year: str, batch_size: int) -> None:
+                    plantclef_year: str, batch_size: int, engine: str,
+                    master: str | None) -> None:
     """Rank-aware reports for plot (quadrat) photos: tiles → taxa at the rank the
     evidence supports. Writes plot_records.csv/.json, report.html (photos with tile grid
     and taxa), plantclef_submission.csv, occurrences_dwc.csv, failures.csv, provenance.
     """
     from .workflows import plot_report_job
 
+    job = plot_report_job
+    if engine != "local":
+        from .engines import get_engine
+
+        job = get_engine(engine, master=master).plot_report
     with _progress("plots", "plot") as prog:
-        result = plot_report_job(
+        result = job(
             model, plots, out, class_mapping=class_mapping, species_table=species_table,
             backbone=backbone, model_kwargs=_json_option("--model-kwargs", model_kwargs),
             checklist=checklist, batch_size=batch_size, progress=prog, grids=list(grids),

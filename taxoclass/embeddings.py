@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ __all__ = [
     "EmbedResult",
     "EmbeddingCache",
     "compute_embeddings",
+    "embed_batches",
     "load_embeddings",
 ]
 
@@ -141,6 +144,100 @@ def _collate(
     failed = [(i, err or "unknown error") for i, x, err in batch if x is None]
     tensor = torch.stack([x for _, x in ok]) if ok else None
     return [i for i, _ in ok], tensor, failed
+
+
+def _prefetch(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Produce ``batches`` on a background thread, ``depth`` ahead of the consumer.
+
+    Without DataLoader worker processes this still overlaps JPEG decoding and resizing
+    (PIL and torch release the GIL) with the forward pass of the previous batch.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    done = object()
+    stop = threading.Event()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((done, exc))
+
+    thread = threading.Thread(target=produce, name="taxoclass-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = slots.get()
+            if item is done:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.1)
+
+
+def embed_batches(
+    paths: Sequence[str | Path],
+    backbone: Backbone,
+    batches: Sequence[Sequence[int]],
+    *,
+    num_workers: int = 0,
+    prefetch: int = 2,
+) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]]:
+    """Embed ``paths`` batch by batch: yields ``(ok_indices, features, failures)``.
+
+    ``batches`` lists indices into ``paths`` (one list per forward pass).
+    ``features`` is float32 ``[len(ok_indices), num_features]`` (``None`` when the whole
+    batch failed); ``failures`` holds ``(index, error)`` for missing or undecodable
+    images. Decoding overlaps the forward pass: in ``num_workers`` DataLoader processes,
+    or with ``num_workers=0`` on one background thread. Memory is bounded by the
+    batches in flight, whatever the number of images. The local engine and the Spark
+    executors both call this, so they compute the same numbers.
+    """
+    if num_workers < 0:
+        raise CacheError(f"num_workers must be >= 0 (found {num_workers}).")
+    device = backbone.device
+    on_cuda = device.type == "cuda"
+    loader_kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        loader_kwargs["prefetch_factor"] = max(1, prefetch)
+    loader = DataLoader(
+        _ImageDataset([str(p) for p in paths], backbone.transform),
+        batch_sampler=[list(b) for b in batches],
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=on_cuda,
+        **loader_kwargs,
+    )
+    source: Iterator[Any] = iter(loader)
+    if num_workers == 0 and prefetch > 0:
+        source = _prefetch(source, depth=prefetch)
+    with torch.inference_mode():
+        for ok_idx, tensor, bad in source:
+            feats = None
+            if tensor is not None:
+                if on_cuda:
+                    tensor = tensor.to(device, non_blocking=True)
+                out = backbone.embed(tensor).float().cpu().numpy()
+                feats = np.ascontiguousarray(out, dtype=np.float32)
+            yield ok_idx, feats, bad
 
 
 # ---------------------------------------------------------------------------- manifest
@@ -332,38 +429,33 @@ def compute_embeddings(
 
     n_computed = 0
     if pending:
-        loader = DataLoader(
-            _ImageDataset(paths, backbone.transform),
-            batch_sampler=list(_batches(pending, batch_size)),
-            num_workers=num_workers,
-            collate_fn=_collate,
-        )
         chunk_iter = iter(pending)
         current = next(chunk_iter)
         rows: list[np.ndarray] = []
         row_ids: list[str] = []
         failed: list[tuple[str, str]] = []
         done_images = n_reused
-        with torch.inference_mode():
-            for ok_idx, tensor, bad in loader:
-                if tensor is not None:
-                    feats = backbone.embed(tensor).float().cpu().numpy()
-                    rows.append(np.ascontiguousarray(feats, dtype=np.float32))
-                    row_ids.extend(ids[i] for i in ok_idx)
-                for i, err in bad:
-                    failed.append((ids[i], err))
-                    failures.append({"image_id": ids[i], "path": paths[i], "error": err})
-                batch_stop = max(ok_idx + [i for i, _ in bad]) + 1
-                done_images += len(ok_idx) + len(bad)
-                n_computed += len(ok_idx) + len(bad)
-                if batch_stop == current["stop"]:
-                    _finish_chunk(root, current, rows, row_ids, failed, manifest["dim"])
-                    _write_failures(root / FAILURES, _failures_frame(failures, ids))
-                    save_manifest()
-                    rows, row_ids, failed = [], [], []
-                    current = next(chunk_iter, None)
-                if progress is not None:
-                    progress(done_images, n)
+        for ok_idx, feats, bad in embed_batches(
+            paths, backbone, list(_batches(pending, batch_size)), num_workers=num_workers
+        ):
+            if feats is not None:
+                rows.append(feats)
+                row_ids.extend(ids[i] for i in ok_idx)
+            for i, err in bad:
+                failed.append((ids[i], err))
+                failures.append({"image_id": ids[i], "path": paths[i], "error": err})
+            batch_stop = max(ok_idx + [i for i, _ in bad]) + 1
+            done_images += len(ok_idx) + len(bad)
+            n_computed += len(ok_idx) + len(bad)
+            if batch_stop == current["stop"]:
+                # Only the current chunk's rows are held; they go to disk here.
+                _finish_chunk(root, current, rows, row_ids, failed, manifest["dim"])
+                _write_failures(root / FAILURES, _failures_frame(failures, ids))
+                save_manifest()
+                rows, row_ids, failed = [], [], []
+                current = next(chunk_iter, None)
+            if progress is not None:
+                progress(done_images, n)
 
     failures_df = _failures_frame(failures, ids)
     _write_failures(root / FAILURES, failures_df)

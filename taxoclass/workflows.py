@@ -35,10 +35,13 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
                       backbone: str = "vit_base_patch14_reg4_dinov2.lvd142m",
                       checkpoint: str | Path | None = None, batch_size: int = 64,
                       num_workers: int = 0, overwrite: bool = False,
-                      model_kwargs: dict | None = None, progress: Progress | None = None):
+                      model_kwargs: dict | None = None, progress: Progress | None = None,
+                      engine: str = "local", master: str | None = None):
     """Embed every image listed in ``annotations`` into the cache folder ``out``.
 
-    Returns the :class:`~taxoclass.embeddings.EmbedResult`.
+    ``engine="spark"`` runs the same embedding code in PySpark (``master``, default
+    ``local[2]``) and writes Parquet. Returns the
+    :class:`~taxoclass.embeddings.EmbedResult`.
     """
     from .annotations import load_annotations
     from .backbones import create_backbone
@@ -52,6 +55,13 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
     items = ann.image_items(root)
     if not items:
         raise AnnotationError(f"{annotations}: lists no images; nothing to embed.")
+    if engine != "local":
+        from .engines import get_engine
+
+        spec = {"name": backbone, "checkpoint": str(checkpoint) if checkpoint else None,
+                "model_kwargs": model_kwargs or {}}
+        return get_engine(engine, master=master).embed(
+            items, spec, out, batch_size=batch_size, overwrite=overwrite, progress=progress)
     model = create_backbone(backbone, checkpoint=checkpoint, model_kwargs=model_kwargs)
     result = compute_embeddings(items, model, out, batch_size=batch_size,
                                 num_workers=num_workers, overwrite=overwrite, progress=progress)
