@@ -42,17 +42,77 @@ __all__ = ["CONFIDENCE_SCORES", "DETECTORS", "EvidenceCombiner", "OutlierDetecto
 #: pyod detectors exposed by name (lower case); all cheap on a few thousand embeddings.
 #: HBOS is left out: pyod's HBOS compiles with numba on first use (seconds per process)
 #: and ranked last on the leaf benchmark.
-DETECTORS: tuple[str, ...] = ("knn", "lof", "ecod", "copod", "iforest")
+#: ``"mahalanobis"`` is not pyod: a class-conditional relative Mahalanobis distance
+#: (:class:`_RelativeMahalanobis`), the best single unknown-species score on the leaf benchmark.
+DETECTORS: tuple[str, ...] = ("knn", "lof", "ecod", "copod", "iforest", "mahalanobis")
 #: Keys of :func:`confidence_scores` (``neg_energy`` only when logits are given).
 CONFIDENCE_SCORES: tuple[str, ...] = ("max_prob", "margin", "neg_entropy", "neg_energy")
 COMBINERS: tuple[str, ...] = ("logistic", "rank_mean")
 STATE_VERSION = 1
 
 
+class _RelativeMahalanobis:
+    """Class-conditional relative Mahalanobis distance (Ren et al. 2021), pyod-style.
+
+    In a PCA space of the training rows (``n_components``), each class (``labels`` at fit)
+    gets its mean; one covariance is shared (pooled within-class), shrunk towards a scaled
+    identity by ``shrinkage`` (few images per species). The score is the smallest squared
+    distance to a class mean minus the squared distance under the background (all rows, one
+    Gaussian), which removes what is merely unusual for any image. Without labels it is the
+    plain Mahalanobis distance to the one Gaussian. Higher = more abnormal.
+    """
+
+    def __init__(self, n_components: int = 128, shrinkage: float = 0.3,
+                 contamination: float = 0.1) -> None:
+        self.n_components = n_components
+        self.shrinkage = shrinkage
+        self.contamination = contamination
+
+    def _shrunk_precision(self, cov: np.ndarray) -> np.ndarray:
+        d = cov.shape[0]
+        cov = (1 - self.shrinkage) * cov + self.shrinkage * np.trace(cov) / d * np.eye(d)
+        return np.linalg.pinv(cov, hermitian=True)
+
+    def fit(self, x: np.ndarray, labels: np.ndarray | None = None) -> _RelativeMahalanobis:
+        self.center_ = x.mean(0)
+        xc = x - self.center_
+        dim = max(1, min(self.n_components, len(x) - 1, x.shape[1]))
+        # PCA by SVD (deterministic up to sign, which distances ignore).
+        _, _, vt = np.linalg.svd(xc, full_matrices=False)
+        self.components_ = vt[:dim]
+        r = xc @ self.components_.T
+        self.bg_precision_ = self._shrunk_precision(np.cov(r.T, bias=True).reshape(dim, dim))
+        if labels is None:
+            self.means_ = None
+        else:
+            lab = np.asarray(labels)
+            classes, inv = np.unique(lab, return_inverse=True)
+            self.means_ = np.stack([r[inv == i].mean(0) for i in range(len(classes))])
+            res = r - self.means_[inv]
+            self.precision_ = self._shrunk_precision(res.T @ res / len(r))
+        self.decision_scores_ = self.decision_function(x)
+        self.threshold_ = float(np.quantile(self.decision_scores_, 1 - self.contamination))
+        return self
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        r = (np.asarray(x, dtype=np.float64) - self.center_) @ self.components_.T
+        bg = np.einsum("nd,de,ne->n", r, self.bg_precision_, r)
+        if self.means_ is None:
+            return bg
+        best = np.full(len(r), np.inf)
+        for i in range(0, len(self.means_), 64):  # chunks keep memory at n * 64 * dim
+            diff = r[:, None, :] - self.means_[None, i:i + 64]
+            d = np.einsum("nkd,de,nke->nk", diff, self.precision_, diff)
+            best = np.minimum(best, d.min(1))
+        return best - bg
+
+
 def _pyod(method: str, n_samples: int, *, n_neighbors: int, contamination: float,
           random_state: int):
     """A fresh pyod detector; neighbour counts are clamped to the sample size."""
     k = max(1, min(n_neighbors, n_samples - 1))
+    if method == "mahalanobis":
+        return _RelativeMahalanobis(contamination=contamination)
     if method == "knn":
         from pyod.models.knn import KNN
         return KNN(n_neighbors=k, contamination=contamination, method="mean")
@@ -84,6 +144,9 @@ class OutlierDetector:
     method: one of :data:`DETECTORS`.
     scope: ``"global"`` (one detector on all training rows) or ``"group"`` (one per
         group with at least ``min_group_size`` rows, plus the global one as fallback).
+        For ``method="mahalanobis"`` there is always one detector and the ``groups``
+        given to :meth:`fit` are its classes (pass species labels: class-conditional
+        distance); scoring needs no groups.
     min_group_size: smallest group that gets its own detector.
     n_neighbors: for KNN (mean distance to the k nearest) and LOF.
     contamination: pyod's expected outlier share; sets ``threshold_`` used by
@@ -126,10 +189,13 @@ class OutlierDetector:
             raise ValueError("OutlierDetector: input holds NaN or infinite values.")
         return _l2(x) if self.normalize else x
 
-    def _fit_one(self, x: np.ndarray) -> dict[str, Any]:
+    def _fit_one(self, x: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:
         det = _pyod(self.method, len(x), n_neighbors=self.n_neighbors,
                     contamination=self.contamination, random_state=self.random_state)
-        det.fit(x)
+        if self.method == "mahalanobis":
+            det.fit(x, labels)
+        else:
+            det.fit(x)
         train = np.asarray(det.decision_scores_, dtype=np.float64)
         mean, std = float(train.mean()), float(train.std())
         return {"detector": det, "mean": mean, "std": std if std > 1e-12 else 1.0,
@@ -160,9 +226,13 @@ class OutlierDetector:
         self.n_features_in_ = raw.shape[1]
         self.train_X_ = raw
         self.train_groups_ = g
-        self.global_ = self._fit_one(x)
         self.groups_: dict[int, dict[str, Any]] = {}
-        if self.scope == "group":
+        if self.method == "mahalanobis":
+            # One detector; the groups are its classes (species labels work best).
+            self.global_ = self._fit_one(x, g)
+        else:
+            self.global_ = self._fit_one(x)
+        if self.scope == "group" and self.method != "mahalanobis":
             for value in np.unique(g):
                 mask = g == value
                 if mask.sum() >= max(self.min_group_size, 3):
@@ -177,7 +247,7 @@ class OutlierDetector:
 
     def _route(self, n: int, groups) -> np.ndarray:
         """Detector key per row: a group id with its own detector, else -1 (global)."""
-        if self.scope != "group":
+        if self.scope != "group" or self.method == "mahalanobis":
             return np.full(n, -1, dtype=np.int64)
         if groups is None:
             raise ValueError("OutlierDetector(scope='group') scores need groups: the predicted "

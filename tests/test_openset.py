@@ -143,11 +143,43 @@ def test_heldout_species_on_real_leaf_embeddings(leaf):
     ev, _ = scorer.evidence(x_test, d_test)
     auroc = detection_table(is_unk, {"evidence": -ev["species"]}).auroc[0]
     assert auroc >= 0.65
+    # class-conditional Mahalanobis on species labels: at least as good an unknown score
+    maha = fit_scorer(xk[tr], y["genus"][tr], x_val, d_val, c_val, method="mahalanobis",
+                      labels_train=y["species"][tr],
+                      target_precision={"family": 0.9, "genus": 0.9, "species": 0.97})
+    assert maha.detector.method == "mahalanobis"
+    ev_m, _ = maha.evidence(x_test, d_test)
+    z_m, _ = maha.outlier(x_test, d_test)
+    assert detection_table(is_unk, {"z": z_m}).auroc[0] >= auroc - 0.02
+    assert maha.predict(x_test, d_test, tax)["reason"].notna().all()
     # the whole scorer survives a JSON + arrays round trip with identical answers
     params, arrays = scorer.to_state()
     import json
     back = OpenSetScorer.from_state(json.loads(json.dumps(params)), arrays)
     pd.testing.assert_frame_equal(back.predict(x_test, d_test, tax), frame)
+
+
+def test_fit_scorer_mahalanobis_on_species_labels_and_knn_default():
+    from taxoclass.decoding import decode
+    from taxoclass.taxonomy import Taxonomy
+
+    rows = _rows().drop_duplicates()
+    tax = Taxonomy.from_records(rows.to_dict("records"), ("family", "genus", "species"))
+    rng = np.random.default_rng(0)
+    n_sp = tax.n_classes("species")
+    leaf = rng.integers(0, n_sp, 120)
+    centres = rng.standard_normal((n_sp, 8))
+    x = centres[leaf] + 0.1 * rng.standard_normal((120, 8))
+    genus_of = np.array([list(tax.nodes("genus")).index(n[:2]) for n in tax.nodes("species")])
+    logits = {r: torch.zeros(60, tax.n_classes(r)) for r in tax.ranks}
+    logits["species"] = torch.as_tensor(np.eye(n_sp)[leaf[60:]] * 3, dtype=torch.float32)
+    d_val = decode(logits, tax)
+    correct = {r: d_val.path["species"] == leaf[60:] for r in tax.ranks}
+    s1 = fit_scorer(x[:60], genus_of[leaf[:60]], x[60:], d_val, correct,
+                    method="mahalanobis", labels_train=leaf[:60], min_support=1)
+    s2 = fit_scorer(x[:60], genus_of[leaf[:60]], x[60:], d_val, correct, min_support=1)
+    assert (s1.detector.method, s2.detector.method) == ("mahalanobis", "knn")
+    assert s1.outlier(x[60:], d_val)[0].shape == (60,)
 
 
 FLOOR_CORRECT_HIGHER = 0.3

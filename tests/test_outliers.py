@@ -116,3 +116,22 @@ def test_evidence_combiner_uses_both_signals_and_round_trips(method):
     # farther out (higher z) never raises the evidence
     assert comb.score({"species": np.full(2, 0.8)}, np.array([0.0, 3.0]))["species"][1] <= \
         comb.score({"species": np.full(2, 0.8)}, np.array([0.0, 3.0]))["species"][0]
+
+
+def test_mahalanobis_is_class_conditional_and_round_trips():
+    """A new class between two known ones is typical globally but far from every class."""
+    rng = np.random.default_rng(5)
+    train, labels, inl, _, _ = _clusters(3)
+    mid = np.zeros(16)
+    mid[0] = mid[1] = 1.0
+    novel = mid / np.linalg.norm(mid) + 0.05 * rng.standard_normal((30, 16))
+    x = np.concatenate([inl, novel])
+    y = np.r_[np.zeros(len(inl)), np.ones(len(novel))]
+    det = OutlierDetector("mahalanobis").fit(train, labels)
+    assert roc_auc_score(y, det.decision_function(x)) >= 0.9
+    # scoring needs no groups even with scope="group"; the groups are the classes
+    gdet = OutlierDetector("mahalanobis", scope="group").fit(train, labels)
+    np.testing.assert_allclose(gdet.decision_function(x), det.decision_function(x))
+    params, arrays = det.to_state()
+    back = OutlierDetector.from_state(json.loads(json.dumps(params)), arrays)
+    np.testing.assert_allclose(back.decision_function(x), det.decision_function(x))
