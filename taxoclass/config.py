@@ -60,7 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "decode": {"method": "path", "top_k": 5},
     "openset": {
         "enabled": True,           # fit an outlier detector + per-rank thresholds for back-off
-        "detector": "knn",         # pyod: knn, lof, ecod, copod, iforest
+        "detector": "knn",         # pyod knn, lof, ecod, copod, iforest; or mahalanobis
         "scope": "group",          # per predicted genus (falls back to global), or global
         "combiner": "rank_mean",   # how probability and outlier score combine into evidence
         "target_precision": {"family": 0.95, "genus": 0.95, "species": 0.97},

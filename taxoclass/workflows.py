@@ -209,7 +209,8 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     ocfg = cfg.get("openset") or {}
     if ocfg.get("enabled", True):
         bundle.scorer = fit_openset_scorer(bundle, x[tr], y["genus"][tr], x[va],
-                                           rows[va].reset_index(drop=True), ocfg)
+                                           rows[va].reset_index(drop=True), ocfg,
+                                           species_train=y[tax.ranks[-1]][tr])
         metrics["openset_thresholds"] = bundle.scorer.thresholds.to_dict()
     bundle.save(out)
     atomic_write_csv(out / "history.csv", result.history)
@@ -223,7 +224,8 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     return out
 
 
-def fit_openset_scorer(bundle, x_train, genus_train, x_val, rows_val, ocfg: dict):
+def fit_openset_scorer(bundle, x_train, genus_train, x_val, rows_val, ocfg: dict, *,
+                       species_train=None):
     """Fit the outlier detector on training embeddings, and the evidence combiner and the
     per-rank thresholds (to ``ocfg["target_precision"]``) on the validation images.
 
@@ -240,6 +242,7 @@ def fit_openset_scorer(bundle, x_train, genus_train, x_val, rows_val, ocfg: dict
     if len(x_train) > max_train:
         keep = np.sort(np.random.default_rng(0).choice(len(x_train), max_train, replace=False))
         x_train, genus_train = x_train[keep], genus_train[keep]
+        species_train = None if species_train is None else species_train[keep]
     decoded_val = bundle.predict_embeddings(x_val)
     correct = correct_by_rank(path_names(decoded_val.path, tax),
                               truth_names(rows_val, tax.ranks), tax.ranks)
@@ -248,7 +251,7 @@ def fit_openset_scorer(bundle, x_train, genus_train, x_val, rows_val, ocfg: dict
                       scope=ocfg.get("scope", "group"),
                       combiner=ocfg.get("combiner", "rank_mean"),
                       target_precision=ocfg.get("target_precision", 0.95),
-                      min_support=int(ocfg.get("min_support", 10)))
+                      min_support=int(ocfg.get("min_support", 10)), labels_train=species_train)
 
 
 # --------------------------------------------------------------------------- predict
@@ -609,7 +612,8 @@ def evaluate_holdout(model: str | Path, annotations: str | Path, *,
                       normalize=bundle.normalize, decode_method=bundle.decode_method)
     ocfg = dict(cfg.get("openset") or {})
     sub.scorer = fit_openset_scorer(sub, xk[is_tr], y["genus"][is_tr], xk[is_val],
-                                    kr[is_val].reset_index(drop=True), ocfg)
+                                    kr[is_val].reset_index(drop=True), ocfg,
+                                    species_train=y[ranks[-1]][is_tr])
 
     x_test = np.concatenate([xk[is_test], x_all[is_unk]])
     test_rows = pd.concat([kr[is_test], rows[is_unk]]).reset_index(drop=True)
