@@ -33,6 +33,7 @@ __all__ = [
     "aggregate_plot",
     "apply_checklist",
     "checklist_mask",
+    "keep_top_k",
     "rule_scores",
     "tile_assignments",
 ]
@@ -158,6 +159,19 @@ def _thresholds(rule: str, ranks: Sequence[str],
     return out
 
 
+def keep_top_k(probs: np.ndarray, k: int) -> np.ndarray:
+    """Each row keeps its ``k`` largest values; the others become 0 (ties broken by index)."""
+    if int(k) < 1:
+        raise ConfigError(f"top_k must be at least 1, got {k}.")
+    a = np.asarray(probs, dtype=np.float64)
+    if a.ndim != 2 or int(k) >= a.shape[1]:
+        return a
+    keep = np.argpartition(-a, int(k) - 1, axis=1)[:, :int(k)]
+    out = np.zeros_like(a)
+    np.put_along_axis(out, keep, np.take_along_axis(a, keep, axis=1), axis=1)
+    return out
+
+
 def rule_scores(probs: np.ndarray, rule: str, weights: np.ndarray | None = None) -> np.ndarray:
     """One score per class from tile probabilities ``[n_tiles, n_classes]`` (no tiles: 0)."""
     p = np.asarray(probs, dtype=np.float64)
@@ -199,7 +213,8 @@ def aggregate_plot(probs: Mapping[str, np.ndarray], taxonomy, *, plot_id: str = 
                    unknown: np.ndarray | Sequence[bool] | None = None,
                    weights: np.ndarray | Sequence[float] | None = None,
                    checklist: Sequence[str] | None = None, outside_weight: float = 0.0,
-                   min_tiles: int = 1) -> list[PlotRecord]:
+                   min_tiles: int = 1, top_k: int | None = None,
+                   min_tile_prob: float = 0.0) -> list[PlotRecord]:
     """The taxa of one plot, each at the lowest rank its tiles support.
 
     ``probs``: rank -> coherent tile probabilities ``[n_tiles, n_classes]`` (e.g.
@@ -209,7 +224,11 @@ def aggregate_plot(probs: Mapping[str, np.ndarray], taxonomy, *, plot_id: str = 
     :func:`apply_checklist`). ``thresholds``: rank -> minimum score, over the rule's
     defaults (:data:`DEFAULT_THRESHOLDS`). ``min_tiles``: tiles that must support a
     taxon (its arg-max at that rank, or a probability at or over the rank's threshold;
-    ``argmax_union`` counts arg-max tiles only).
+    ``argmax_union`` counts arg-max tiles only). ``top_k``: each tile keeps only its
+    ``k`` most probable classes at every rank (the rest count 0), so many small
+    probabilities cannot add up to a find under ``noisy_or``/``mean``. ``min_tile_prob``:
+    a tile whose best lowest-rank probability is below it gives no evidence (weight 0;
+    e.g. a background tile the model is unsure about; it is not counted as unknown).
 
     Records come species first (best score first), then genera, families, unknown.
     """
@@ -221,6 +240,10 @@ def aggregate_plot(probs: Mapping[str, np.ndarray], taxonomy, *, plot_id: str = 
         flags = flags | off_list
     ranks = taxonomy.ranks
     lowest = ranks[-1]
+    if min_tile_prob > 0 and len(w):
+        w = np.where(p[lowest].max(axis=1) >= min_tile_prob, w, 0.0)
+    if top_k is not None:
+        p = {r: keep_top_k(a, top_k) for r, a in p.items()}
     th = _thresholds(rule, ranks, thresholds)
     known = (~flags) & (w > 0)
     reason_suffix = "+checklist" if checklist else ""

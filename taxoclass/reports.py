@@ -281,23 +281,37 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
                 thresholds: Mapping[str, float] | None = None,
                 checklist: Sequence[str] | None = None, outside_weight: float = 0.0,
                 flag_unknown: UnknownFlagger | None = None, min_tiles: int = 1,
+                top_k: int | None = None, min_tile_prob: float = 0.0,
+                scale_weights: Mapping[str, float] | None = None,
                 plantclef_year: int = 2024, thumbnail_px: int = 640,
                 overwrite: bool = True, progress: Progress | None = None) -> PlotReportResult:
     """Tile, classify, aggregate and report every plot photo; write all outputs into ``out_dir``.
 
     ``classifier``: a :class:`~taxoclass.tiling.TileClassifier` (a trained bundle or the
     PlantCLEF checkpoint). ``grids``/``overlap``: see :func:`~taxoclass.tiling.make_tiles`.
-    ``rule``/``thresholds``/``checklist``/``min_tiles``: see
-    :func:`~taxoclass.plots.aggregate_plot`. ``flag_unknown(decoded) -> bool[n_tiles]``
-    marks outlier tiles (e.g. an outlier detector's labels). A photo that cannot be read
-    is recorded in ``failures.csv`` and the other plots carry on. ``progress(done,
-    total)`` is called after each plot.
+    ``rule``/``thresholds``/``checklist``/``min_tiles``/``top_k``/``min_tile_prob``: see
+    :func:`~taxoclass.plots.aggregate_plot`. ``scale_weights``: weight of each grid's
+    tiles (``{"2x2": 0.5, "4x4": 1.0}``; grids not named weigh 1).
+    ``flag_unknown(decoded) -> bool[n_tiles]`` marks outlier tiles (e.g. an outlier
+    detector's labels; :meth:`~taxoclass.tiling.BundleTileClassifier.flag_unknown`). A
+    photo that cannot be read is recorded in ``failures.csv`` and the other plots carry
+    on. ``progress(done, total)`` is called after each plot.
     """
     if rule not in RULES:
         raise ConfigError(f"Unknown aggregation rule {rule!r}; expected one of {RULES}.")
     taxonomy = classifier.taxonomy
     th = _thresholds(rule, taxonomy.ranks, thresholds)
     grid_labels = [f"{r}x{c}" for r, c in (parse_grid(g) for g in grids)]
+    weights_by_scale = {}
+    for g, w in (scale_weights or {}).items():
+        r, c = parse_grid(g)
+        if float(w) < 0:
+            raise ConfigError(f"scale_weights[{g!r}] = {w}: tile weights must be >= 0.")
+        weights_by_scale[f"{r}x{c}"] = float(w)
+    unused = sorted(set(weights_by_scale) - set(grid_labels))
+    if unused:
+        raise ConfigError(f"scale_weights names grid(s) {unused} that are not among the grids "
+                          f"{grid_labels}.")
     if not 0.0 <= float(overlap) < 1.0:
         raise ConfigError(f"Tile overlap must be a fraction in [0, 1), got {overlap}.")
     out = Path(out_dir)
@@ -330,8 +344,10 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
             probs, off_list = apply_checklist(probs, taxonomy, checklist,
                                               outside_weight=outside_weight)
             flags = flags | off_list
+        weights = np.array([weights_by_scale.get(t.scale, 1.0) for t in tiles])
         recs = aggregate_plot(probs, taxonomy, plot_id=plot_id, rule=rule, thresholds=th,
-                              unknown=flags, min_tiles=min_tiles)
+                              unknown=flags, weights=weights, min_tiles=min_tiles, top_k=top_k,
+                              min_tile_prob=min_tile_prob)
         if checklist:
             for r in recs:
                 if r.taxon_rank != UNKNOWN:
@@ -355,7 +371,9 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
         for rec in pj["records"]:
             rec["taxon_id"] = taxon_ids.get(tuple(rec["node"]))
     settings = {"rule": rule, "thresholds": th, "grids": grid_labels, "overlap": float(overlap),
-                "checklist": list(checklist) if checklist else None, "min_tiles": min_tiles}
+                "checklist": list(checklist) if checklist else None, "min_tiles": min_tiles,
+                "top_k": top_k, "min_tile_prob": float(min_tile_prob),
+                "scale_weights": weights_by_scale or None}
     files = {k: out / v for k, v in OUTPUT_FILES.items()}
     atomic_write_csv(files["csv"], records_frame(records))
     atomic_write_json(files["json"], {

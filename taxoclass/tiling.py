@@ -7,8 +7,9 @@ overlap so a plant on a tile border is whole in a neighbouring tile.
 
 :class:`TileClassifier` is the interface the plot pipeline needs from a model: a
 taxonomy and ``predict_tiles(images) -> Decoded``. :class:`BundleTileClassifier` wraps a
-trained :class:`~taxoclass.bundle.ModelBundle`; the PlantCLEF checkpoint wrapper lives in
-:mod:`taxoclass.plantclef`.
+trained :class:`~taxoclass.bundle.ModelBundle` and, when the bundle has an open-set
+scorer, flags unknown tiles (:meth:`BundleTileClassifier.flag_unknown`); the PlantCLEF
+checkpoint wrapper lives in :mod:`taxoclass.plantclef`.
 """
 
 from __future__ import annotations
@@ -192,6 +193,7 @@ class BundleTileClassifier:
         self.backbone = backbone if backbone is not None else bundle.create_backbone()
         self.batch_size = int(batch_size)
         self.top_k = int(top_k)
+        self._last: tuple[Any, np.ndarray] | None = None
 
     @classmethod
     def load(cls, path: Any, *, device: str = "cpu", batch_size: int = 32) -> BundleTileClassifier:
@@ -208,15 +210,59 @@ class BundleTileClassifier:
     def backbone_name(self) -> str:
         return self.backbone.name
 
-    def predict_tiles(self, images: Sequence[Image.Image]):
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Backbone embeddings ``[n, num_features]`` of tile images (what the head sees)."""
+        return _batched(list(images), self.backbone, self.batch_size, self.backbone.embed)
+
+    def predict_embeddings(self, emb: np.ndarray):
+        """Coherent per-rank predictions for tile embeddings (from :meth:`embed`)."""
         from .decoding import decode_leaf_probabilities
 
-        emb = _batched(list(images), self.backbone, self.batch_size, self.backbone.embed)
-        if not len(images):
+        if not len(emb):
             n = self.taxonomy.n_classes(self.taxonomy.ranks[-1])
             return decode_leaf_probabilities(np.zeros((0, n), np.float32), self.taxonomy,
                                              top_k=self.top_k)
         return self.bundle.predict_embeddings(emb, top_k=self.top_k)
+
+    def predict_tiles(self, images: Sequence[Image.Image]):
+        emb = self.embed(images)
+        decoded = self.predict_embeddings(emb)
+        # Kept (one batch) so :meth:`flag_unknown` can run the detector on these tiles.
+        self._last = (decoded, emb)
+        return decoded
+
+    def unknown_flags(self, emb: np.ndarray, decoded) -> np.ndarray:
+        """Per tile: True where the bundle's open-set scorer says the tile is unknown.
+
+        A tile is unknown evidence when the scorer's outlier detector flags it (its
+        embedding is far from the training images of the genus it was assigned to), or
+        when back-off finds no reliable rank at all (answer ``"unknown"``: even the family
+        evidence is below its calibrated threshold). A tile backed off to genus or family
+        for low confidence alone is *not* unknown: it still supports that higher taxon in
+        the plot. A bundle without a scorer flags nothing.
+        """
+        n = len(emb)
+        scorer = getattr(self.bundle, "scorer", None)
+        if scorer is None or n == 0:
+            return np.zeros(n, dtype=bool)
+        frame = scorer.predict(self.bundle.scorer_input(emb), decoded, self.taxonomy)
+        outlier = frame["outlier"].to_numpy(dtype=bool)
+        no_rank = frame["taxon_rank"].isna().to_numpy() | (frame["reason"] == "unknown").to_numpy()
+        return outlier | no_rank
+
+    def flag_unknown(self, decoded) -> np.ndarray:
+        """Unknown flags for the tiles of the last :meth:`predict_tiles` call.
+
+        ``decoded`` must be the object that call returned (the plot pipeline passes it
+        straight through); see :meth:`unknown_flags` for what counts as unknown.
+        """
+        last = getattr(self, "_last", None)
+        if last is None or last[0] is not decoded:
+            raise ValueError("flag_unknown(decoded) needs the Decoded returned by the latest "
+                             "predict_tiles call of this classifier (the tile embeddings are "
+                             "kept for one batch only); call predict_tiles first, or use "
+                             "unknown_flags(embeddings, decoded).")
+        return self.unknown_flags(last[1], decoded)
 
     def taxon_ids(self) -> dict[tuple[str, ...], str]:
         """External ids of leaf taxa (none for a trained bundle)."""

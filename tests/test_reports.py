@@ -143,3 +143,92 @@ def test_submission_formats():
         "plot_id;species_ids", "CBN-1;[1361281]", "CBN-2;[]"]
     s25 = plantclef_submission_frame(recs, TAX, taxon_ids=ids, year=2025)
     assert s25.to_csv(index=False).splitlines()[0] == "quadrat_id,species_ids"
+
+
+# ---------------------------------------------------------------------- unknown tiles
+@pytest.fixture(scope="module")
+def openset_model(shared_data, tmp_path_factory) -> Path:
+    """A real bundle with an open-set scorer: tiny DINOv2 checkpoint, 48 real leaf images.
+
+    Trained by ``train_from_config`` (as ``taxoclass train`` does) on 6 images each of 8
+    maple/oak/alder taxa; the kNN detector is fitted on the training embeddings and its
+    thresholds on the validation half.
+    """
+    import timm
+
+    from taxoclass.config import load_config
+    from taxoclass.workflows import train_from_config
+
+    tmp = tmp_path_factory.mktemp("openset")
+    data = json.loads((shared_data / "leaf" / "annotations.json").read_text())
+    cats = [c for c in data["categories"] if c["genus"] in ("Acer", "Quercus", "Alnus")][:8]
+    keep = {c["category_id"] for c in cats}
+    anns, per = [], {}
+    for a in data["annotations"]:
+        if a["category_id"] in keep and per.get(a["category_id"], 0) < 6:
+            per[a["category_id"]] = per.get(a["category_id"], 0) + 1
+            anns.append(a)
+    ids = {a["image_id"] for a in anns}
+    (tmp / "ann.json").write_text(json.dumps(dict(
+        data, annotations=anns, categories=cats,
+        images=[im for im in data["images"] if im["image_id"] in ids])))
+    kwargs = {"img_size": 56, "depth": 2, "embed_dim": 64, "num_heads": 2}
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False, num_classes=0,
+                              **kwargs)
+    torch.save(model.state_dict(), tmp / "tiny_dinov2.pth")
+    cfg = load_config(None, [
+        f"data.annotations={tmp / 'ann.json'}", f"data.images_root={shared_data / 'leaf'}",
+        "data.val_fraction=0.5", "backbone.name=vit_base_patch14_reg4_dinov2",
+        f"backbone.checkpoint={tmp / 'tiny_dinov2.pth'}", f"embeddings.cache={tmp / 'emb'}",
+        "train.epochs=60", "train.lr=0.01", "train.batch_size=16", "openset.min_support=3",
+        f"out={tmp / 'model'}"])
+    cfg["backbone"]["model_kwargs"] = kwargs
+    return train_from_config(cfg)
+
+
+def test_bundle_classifier_flags_unknown_tiles_with_its_detector(openset_model, shared_data):
+    from dataclasses import replace
+
+    from taxoclass.images import load_image
+    from taxoclass.tiling import crop_tiles, make_tiles
+
+    clf = BundleTileClassifier.load(openset_model, batch_size=8)
+    assert clf.bundle.scorer is not None
+    split = pd.read_csv(openset_model / "split.csv", dtype={"image_id": str})
+    train_id = split.loc[split["split"] == "train", "image_id"].iloc[0]
+    leaf = load_image(shared_data / "leaf" / "images" / f"{train_id}.jpg")
+    quadrat = load_image(shared_data / "quadrat" / "CBN-can-A1-20230705.jpg")
+
+    # a whole training leaf is known; every tile of a real vegetation photo is unknown
+    dec = clf.predict_tiles([leaf])
+    flags = clf.flag_unknown(dec)
+    assert flags.dtype == bool and flags.shape == (1,) and not flags[0]
+    tiles = make_tiles(quadrat.size, grids=(2, 3))
+    dec = clf.predict_tiles(crop_tiles(quadrat, tiles))
+    flags = clf.flag_unknown(dec)
+    assert flags.shape == (13,) and flags.all()
+
+    # the flags are the scorer's verdicts: outlier, or no reliable rank at all
+    emb = clf.embed(crop_tiles(quadrat, tiles))
+    frame, _ = clf.bundle.predict_with_backoff(emb)
+    expected = frame["outlier"].to_numpy(bool) | (frame["taxon_rank"] == "unknown").to_numpy()
+    np.testing.assert_array_equal(clf.unknown_flags(emb, dec), expected)
+    with pytest.raises(ValueError, match="latest predict_tiles"):
+        clf.flag_unknown(clf.predict_embeddings(emb))
+
+    # without a scorer nothing is flagged
+    plain = BundleTileClassifier(replace(clf.bundle, scorer=None), clf.backbone)
+    assert not plain.flag_unknown(plain.predict_tiles(crop_tiles(quadrat, tiles))).any()
+
+
+def test_plot_report_job_counts_detector_unknowns(openset_model, shared_data, tmp_path):
+    from taxoclass.workflows import plot_report_job
+
+    quadrat = shared_data / "quadrat" / "CBN-can-A1-20230705.jpg"
+    res = plot_report_job(openset_model, [quadrat], tmp_path / "rep", grids=(2,), rule="max")
+    recs = res.records[quadrat.stem]
+    assert [(r.taxon_rank, r.n_tiles, r.reason) for r in recs] == [("unknown", 4, "outlier")]
+    doc = json.loads((tmp_path / "rep" / "plot_records.json").read_text())
+    assert doc["plots"][0]["n_unknown_tiles"] == 4
+    assert "crossed in red" in (tmp_path / "rep" / "report.html").read_text()

@@ -11,7 +11,7 @@ from PIL import Image
 
 from taxoclass.decoding import decode_leaf_probabilities
 from taxoclass.errors import ConfigError, TaxonomyError
-from taxoclass.plots import RULES, aggregate_plot, apply_checklist, tile_assignments
+from taxoclass.plots import RULES, aggregate_plot, apply_checklist, keep_top_k, tile_assignments
 from taxoclass.taxonomy import Taxonomy
 from taxoclass.tiling import crop_tiles, embed_tiles, make_tiles
 
@@ -162,6 +162,46 @@ def test_checklist_restricts_and_renormalises():
     assert [(r.taxon, r.reason) for r in recs] == [("unknown", "outlier")]
     with pytest.raises(TaxonomyError, match="checklist"):
         apply_checklist(probs, TAX, ["Quercus robur"])
+
+
+def test_keep_top_k():
+    a = np.array([[0.1, 0.5, 0.3, 0.1], [0.7, 0.1, 0.1, 0.1]])
+    np.testing.assert_allclose(keep_top_k(a, 2), [[0, 0.5, 0.3, 0], [0.7, 0.1, 0, 0]])
+    np.testing.assert_allclose(keep_top_k(a, 4), a)
+    with pytest.raises(ConfigError, match="top_k"):
+        keep_top_k(a, 0)
+
+
+def test_top_k_stops_small_probabilities_adding_up():
+    # Poa annua is second in 4 tiles at 0.3 and first in one at 0.4: noisy-or gives
+    # 1 - 0.7**4 * 0.6 = 0.86, though no tile is sure of it
+    tiles = [{"Carex nigra": 0.6, "Poa annua": 0.3}, {"Juncus effusus": 0.6, "Poa annua": 0.3},
+             {"Carex flacca": 0.6, "Poa annua": 0.3}, {"Poa pratensis": 0.6, "Poa annua": 0.3},
+             {"Poa annua": 0.4, "Carex nigra": 0.35}]
+    probs = leaf_probs(*tiles)
+    th = {"species": 0.7, "genus": 0.99, "family": 0.99}
+    names = {r.taxon for r in aggregate_plot(probs, TAX, rule="noisy_or", thresholds=th)}
+    assert "Poa annua" in names
+    names = {r.taxon for r in aggregate_plot(probs, TAX, rule="noisy_or", thresholds=th,
+                                              top_k=1)}
+    assert "Poa annua" not in names
+
+
+def test_min_tile_prob_drops_unsure_tiles_without_calling_them_unknown():
+    probs = leaf_probs({"Carex nigra": 0.9}, {"Poa annua": 0.25}, {"Poa annua": 0.25})
+    th = {"species": 0.2, "genus": 0.9, "family": 0.9}
+    recs = aggregate_plot(probs, TAX, rule="mean", thresholds=th)
+    assert {r.taxon for r in recs} == {"Carex nigra"}  # mean 0.3 vs 0.18
+    recs = aggregate_plot(probs, TAX, rule="max", thresholds=th, min_tile_prob=0.5)
+    assert [(r.taxon, r.n_tiles) for r in recs] == [("Carex nigra", 1)]
+    recs = aggregate_plot(probs, TAX, rule="max", thresholds=th, min_tile_prob=0.95)
+    assert recs == []
+
+
+def test_min_tiles_needs_two_supporting_tiles():
+    probs = leaf_probs({"Carex nigra": 0.9}, {"Poa annua": 0.8}, {"Poa annua": 0.7})
+    recs = aggregate_plot(probs, TAX, rule="max", thresholds={"species": 0.5}, min_tiles=2)
+    assert [(r.taxon, r.n_tiles) for r in recs] == [("Poa annua", 2)]
 
 
 tile_rows = st.lists(st.lists(st.floats(0.0, 1.0), min_size=N_LEAF, max_size=N_LEAF),

@@ -1,0 +1,132 @@
+"""The HTML plot report as a person sees it: rendered by headless Chromium, then checked.
+
+A small real report (two real leaf photos as plots, a tiny DINOv2-shaped backbone with a
+briefly trained rank head, a 2x2 grid) is written by ``plot_report``; Chromium takes a
+screenshot and dumps the DOM. The test checks that the screenshot is not blank, that
+the place where the first plot's picture is laid out really shows that picture (pixels
+compared with the embedded JPEG, and the colour of the first reported taxon's tiles is
+there), and that the taxa table names the reported taxa.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from taxoclass.backbones import create_backbone
+from taxoclass.bundle import ModelBundle
+from taxoclass.heads import MultiRankHead
+from taxoclass.reports import _palette, plot_report
+from taxoclass.taxonomy import Taxonomy
+from taxoclass.tiling import BundleTileClassifier
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium (`chromium`) is not "
+                                "on PATH; the rendered-report check needs a browser")
+
+TAX = Taxonomy.from_records([
+    {"family": "Sapindaceae", "genus": "Acer", "species": "campestre"},
+    {"family": "Fagaceae", "genus": "Quercus", "species": "robur"},
+    {"family": "Fagaceae", "genus": "Quercus", "species": "ilex"},
+    {"family": "Betulaceae", "genus": "Alnus", "species": "glutinosa"},
+])
+WINDOW = (1200, 1400)
+# Appended to a copy of the page: writes where each picture is laid out into the DOM,
+# which ``--dump-dom`` prints after scripts ran (same window size as the screenshot).
+GEOMETRY_JS = ("<script>document.body.insertAdjacentHTML('beforeend', '<pre id=\"geom\">' + "
+               "JSON.stringify([...document.images].map(i => {const r = "
+               "i.getBoundingClientRect(); return [r.left, r.top, r.width, r.height];})) + "
+               "'</pre>');</script>")
+
+
+def _chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+           "--disable-sync", "--hide-scrollbars", "--force-device-scale-factor=1",
+           f"--user-data-dir={tmp_path / 'chromium-profile'}",
+           f"--window-size={WINDOW[0]},{WINDOW[1]}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.fixture(scope="module")
+def classifier() -> BundleTileClassifier:
+    torch.manual_seed(0)
+    kwargs = dict(img_size=56, depth=2, embed_dim=64, num_heads=2)
+    backbone = create_backbone("vit_base_patch14_reg4_dinov2", pretrained=False,
+                               model_kwargs=kwargs)
+    head = MultiRankHead.for_taxonomy(TAX, 64)
+    x = torch.nn.functional.normalize(torch.randn(32, 64), dim=1)
+    leaf = torch.arange(32) % TAX.n_classes("species")
+    targets = {r: torch.as_tensor(TAX.parent_index("species", r))[leaf]
+               for r in ("family", "genus")}
+    targets["species"] = leaf
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    for _ in range(10):
+        out = head(x)
+        loss = sum(torch.nn.functional.cross_entropy(out[r], targets[r]) for r in TAX.ranks)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    bundle = ModelBundle(head=head.eval(), taxonomy=TAX,
+                         backbone={"name": backbone.name, "pretrained": False,
+                                   "model_kwargs": kwargs})
+    return BundleTileClassifier(bundle, backbone, batch_size=4)
+
+
+def test_rendered_report_shows_photos_and_taxa(classifier, leaf_image_paths, tmp_path):
+    torch.set_num_threads(1)
+    res = plot_report(classifier, leaf_image_paths[:2], tmp_path / "report", grids=(2,),
+                      rule="argmax_union", thumbnail_px=400)
+    page = res.files["html"]
+    first = res.plots[0]
+    taxa = [r.taxon for r in first.records]
+    assert taxa, "argmax_union reports every tile's arg-max species"
+
+    # the table is in the DOM, with the plot ids and every reported taxon
+    dom = _chromium(tmp_path, "--dump-dom", page.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "Taxa by rank" in dom.stdout
+    for plot in res.plots:
+        assert f"<h2>{plot.plot_id}</h2>" in dom.stdout
+        for r in plot.records:
+            assert f"<i>{r.taxon}</i>" in dom.stdout, r.taxon
+
+    # where the first picture is laid out (same window size as the screenshot)
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", GEOMETRY_JS + "</body>"))
+    geom_dom = _chromium(tmp_path, "--dump-dom", probe.as_uri())
+    geom = json.loads(re.findall(r"<pre id=\"geom\">(\[.*?\])</pre>", geom_dom.stdout)[-1])
+    assert len(geom) == 2
+    left, top, width, height = (int(round(v)) for v in geom[0])
+    embedded = page.read_text().split("data:image/jpeg;base64,")[1].split("'")[0]
+    picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(embedded))).convert("RGB"),
+                         dtype=np.float64)
+    assert (width, height) == picture.shape[1::-1]
+    assert top + height <= WINDOW[1], "the first plot's picture should fit in the screenshot"
+
+    shot = tmp_path / "report.png"
+    run = _chromium(tmp_path, f"--screenshot={shot}", page.as_uri())
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    screen = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float64)
+    assert screen.shape[:2] == (WINDOW[1], WINDOW[0])
+    assert screen.std() > 20, "the screenshot is blank"
+
+    # the picture's place on screen shows the picture: photo-like, and the same pixels
+    region = screen[top:top + height, left:left + width]
+    assert region.std() > 30 and len(np.unique(region.reshape(-1, 3), axis=0)) > 200
+    assert np.abs(region - picture).mean() < 6.0
+
+    # the first reported taxon's tile colour (full-strength outline) is drawn on the photo
+    colour = np.array(_palette([lab for p in res.plots for lab in p.tile_labels]
+                               + [r.taxon for p in res.plots for r in p.records])[taxa[0]])
+    close = np.abs(region - colour).max(axis=2) <= 24
+    assert close.sum() >= 100, f"tile colour {tuple(colour)} not found in the picture"
