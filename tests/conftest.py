@@ -33,3 +33,32 @@ def leaf_image_paths(shared_data: Path) -> list[Path]:
 def tiny_dino_kwargs() -> dict:
     """timm model kwargs for a tiny DINOv2-shaped ViT."""
     return dict(TINY_DINO_KWARGS)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def leaf_embedding_cache(shared_data: Path, request, tmp_path_factory) -> Path:
+    """EfficientNet-Lite0 embeddings of the 990 labelled leaf images (real weights).
+
+    Reuses ``runs/leaf-lite0-embeddings`` (the README quickstart's cache) when it is
+    complete, else computes the cache once per machine into pytest's cache folder
+    (about a minute on 2 cores), so the quality-floor tests run on a fresh clone too.
+    """
+    from taxoclass.embeddings import load_embeddings
+    from taxoclass.errors import CacheError
+    from taxoclass.workflows import embed_annotations
+
+    for candidate in (REPO / "runs" / "leaf-lite0-embeddings",):
+        try:
+            if len(load_embeddings(candidate)) >= 990:
+                return candidate
+        except CacheError:
+            pass
+    cache = getattr(request.config, "cache", None)
+    out = (cache.mkdir("leaf-lite0-embeddings") if cache is not None
+           else tmp_path_factory.mktemp("leaf-lite0-embeddings"))
+    embed_annotations(shared_data / "leaf" / "annotations.json",
+                      images_root=shared_data / "leaf", backbone="efficientnet-lite0", out=out)
+    return out

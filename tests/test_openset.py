@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -25,9 +23,6 @@ from taxoclass.openset import (
 )
 
 torch.set_num_threads(1)
-
-LEAF_CACHE = Path(__file__).resolve().parents[1] / "runs" / "leaf-lite0-embeddings"
-
 
 def _rows():
     recs = []
@@ -77,19 +72,13 @@ def test_risk_coverage_precision_rises_as_coverage_falls():
 
 
 @pytest.fixture(scope="module")
-def leaf():
-    if not (LEAF_CACHE / "embeddings.npy").is_file():
-        pytest.skip(f"cached EfficientNet-Lite0 leaf embeddings absent at {LEAF_CACHE} (run "
-                    "`taxoclass embed` on the leaf data)")
+def leaf(shared_data, leaf_embedding_cache):
     from taxoclass.annotations import load_annotations
     from taxoclass.embeddings import load_embeddings
 
-    ann_path = Path(__file__).resolve().parents[2] / "shared/data/leaf/annotations.json"
-    if not ann_path.is_file():
-        pytest.skip(f"leaf annotations absent at {ann_path}")
-    ann = load_annotations(ann_path)
+    ann = load_annotations(shared_data / "leaf" / "annotations.json")
     rows = ann.labelled_images().reset_index(drop=True)
-    cache = load_embeddings(LEAF_CACHE)
+    cache = load_embeddings(leaf_embedding_cache)
     pos = {k: i for i, k in enumerate(cache.image_ids.tolist())}
     return ann, rows, cache.embeddings[[pos[str(i)] for i in rows["image_id"]]]
 

@@ -14,7 +14,6 @@ from taxoclass.taxonomy import Taxonomy
 from taxoclass.training import normalize, stratified_split, train_head
 
 ROOT = Path(__file__).resolve().parents[1]
-LEAF_CACHE = ROOT / "runs" / "leaf-lite0-embeddings"
 
 
 @pytest.fixture(autouse=True)
@@ -27,15 +26,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def leaf(request):
+def leaf(shared_data, leaf_embedding_cache):
     """Real leaf labels and cached EfficientNet-Lite0 embeddings, split 70/30 by species."""
-    shared = ROOT.parent / "shared" / "data" / "leaf"
-    if not (shared / "annotations.json").is_file():
-        pytest.skip(f"real leaf data {shared} is absent (see shared/data/README.md)")
-    if not (LEAF_CACHE / "embeddings.npy").is_file():
-        pytest.skip(f"no embedding cache at {LEAF_CACHE}; build it with `taxoclass embed "
-                    "shared/data/leaf/annotations.json --backbone efficientnet-lite0 --out "
-                    "runs/leaf-lite0-embeddings` (tests never compute embeddings)")
+    shared = shared_data / "leaf"
     from taxoclass import workflows
     from taxoclass.annotations import load_annotations
     from taxoclass.embeddings import load_embeddings
@@ -44,11 +37,9 @@ def leaf(request):
     tax = ann.taxonomy()
     rows = ann.labelled_images(shared)
     y, nodes = workflows._targets(tax, rows)
-    cache = load_embeddings(LEAF_CACHE)
+    cache = load_embeddings(leaf_embedding_cache)
     pos = {k: i for i, k in enumerate(cache.image_ids.tolist())}
     ids = [str(i) for i in rows["image_id"]]
-    if not all(k in pos for k in ids):
-        pytest.skip(f"embedding cache {LEAF_CACHE} lacks some labelled leaf images")
     x = cache.embeddings[[pos[k] for k in ids]]
     strata = np.array(["/".join(n) for n in nodes])
     is_val = stratified_split(strata, 0.3, 0)
