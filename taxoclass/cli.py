@@ -114,7 +114,8 @@ def taxonomy(source: Path, ranks: str, csv_out: Path | None) -> None:
               help="Local weights: a timm state dict or a PlantCLEF model_best.pth.tar.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Cache folder; an interrupted run resumes here.")
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--batch-size", type=int, default=None,
+              help="Images per forward pass [default: 8 on a CPU, 64 on a GPU].")
 @click.option("--num-workers", default=0, show_default=True,
               help="DataLoader workers decoding images in parallel.")
 @click.option("--model-kwargs", default=None, metavar="JSON",
@@ -229,7 +230,8 @@ def _print_metrics(path_or_dict, title: str) -> None:
               help="Folder for predictions.csv / predictions.json, provenance and the "
                    "(resumable) embedding cache.")
 @click.option("--top-k", default=5, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--batch-size", type=int, default=None,
+              help="Images per forward pass [default: 8 on a CPU, 64 on a GPU].")
 @click.option("--overwrite", is_flag=True,
               help="Discard an embedding cache in --out left by a run on other images.")
 @click.option("--engine", type=click.Choice(["local", "spark"]), default="local",
@@ -252,9 +254,11 @@ def predict(model: Path, images: tuple[Path, ...], out: Path | None, top_k: int,
 
             if out is None:
                 raise click.UsageError("--engine spark writes Parquet: pass --out DIR.")
+            from .embeddings import auto_batch_size
+
             frame = get_engine(engine, master=master).predict(
-                model, images, out, batch_size=batch_size, top_k=top_k, overwrite=overwrite,
-                progress=prog)
+                model, images, out, batch_size=batch_size or auto_batch_size("cpu"),
+                top_k=top_k, overwrite=overwrite, progress=prog)
     _show_predictions(frame)
     if out:
         click.echo(f"wrote {out / 'predictions.csv'} and {out / 'predictions.json'}")
@@ -277,7 +281,8 @@ def _show_predictions(frame) -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Folder for flags.csv, flags_summary.json, predictions and provenance. "
                    "(flags.csv: one row per image, flagged rows first.)")
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--batch-size", type=int, default=None,
+              help="Images per forward pass [default: 8 on a CPU, 64 on a GPU].")
 @click.option("--overwrite", is_flag=True,
               help="Discard an embedding cache in --out left by a run on other images.")
 def flag_unknowns_cmd(model: Path, images: tuple[Path, ...], out: Path, batch_size: int,

@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "embeddings": {
         "cache": None,             # default: <out>/../embeddings-<backbone>
-        "batch_size": 64,
+        "batch_size": None,        # None: 8 on a CPU, 64 on a GPU
         "num_workers": 0,
     },
     "model": {

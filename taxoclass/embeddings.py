@@ -317,12 +317,20 @@ def _batches(chunks: list[dict], batch_size: int) -> Iterator[list[int]]:
             yield list(range(start, min(start + batch_size, chunk["stop"])))
 
 
+def auto_batch_size(device: torch.device | str = "cpu") -> int:
+    """Default batch size: 64 on a GPU; 8 on a CPU, where small batches stay in cache
+    (EfficientNet-Lite0 on 2 cores: 46 images/s at batch 8 vs 29 at batch 64, decode
+    included; see BENCHMARKS.md).
+    """
+    return 64 if torch.device(device).type == "cuda" else 8
+
+
 def compute_embeddings(
     items: Sequence[tuple[object, str | Path]],
     backbone: Backbone,
     out_dir: str | Path,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     num_workers: int = 0,
     chunk_size: int = 512,
     progress: Callable[[int, int], None] | None = None,
@@ -338,6 +346,8 @@ def compute_embeddings(
     chunks (the cache then stays ``complete: false``).
     """
     started = time.perf_counter()
+    if batch_size is None:
+        batch_size = auto_batch_size(backbone.device)
     if batch_size < 1 or chunk_size < 1:
         raise CacheError(
             f"batch_size and chunk_size must be >= 1 (found {batch_size}, {chunk_size})."

@@ -33,7 +33,7 @@ def load_taxonomy(source: str | Path, ranks: Sequence[str] = DEFAULT_RANKS) -> T
 def embed_annotations(annotations: str | Path, *, out: str | Path,
                       images_root: str | Path | None = None,
                       backbone: str = "vit_base_patch14_reg4_dinov2.lvd142m",
-                      checkpoint: str | Path | None = None, batch_size: int = 64,
+                      checkpoint: str | Path | None = None, batch_size: int | None = None,
                       num_workers: int = 0, overwrite: bool = False,
                       model_kwargs: dict | None = None, progress: Progress | None = None,
                       engine: str = "local", master: str | None = None):
@@ -56,8 +56,10 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
     if not items:
         raise AnnotationError(f"{annotations}: lists no images; nothing to embed.")
     if engine != "local":
+        from .embeddings import auto_batch_size
         from .engines import get_engine
 
+        batch_size = batch_size or auto_batch_size("cpu")
         spec = {"name": backbone, "checkpoint": str(checkpoint) if checkpoint else None,
                 "model_kwargs": model_kwargs or {}}
         return get_engine(engine, master=master).embed(
@@ -68,7 +70,8 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
     write_provenance(out, backbone=model.describe(), config={
         "annotations": str(Path(annotations).resolve()), "images_root": str(root.resolve()),
         "backbone": backbone, "checkpoint": str(checkpoint) if checkpoint else None,
-        "batch_size": batch_size, "num_workers": num_workers})
+        "batch_size": result.cache.manifest.get("plan", {}).get("batch_size", batch_size),
+        "num_workers": num_workers})
     return result
 
 
@@ -89,7 +92,7 @@ def _targets(taxonomy: Taxonomy, rows) -> tuple[dict, list]:
 
 
 def _embeddings_for(ids: Sequence[str], paths: Sequence[str], *, cache: str | Path,
-                    backbone_cfg: dict, batch_size: int = 64, num_workers: int = 0,
+                    backbone_cfg: dict, batch_size: int | None = None, num_workers: int = 0,
                     progress: Progress | None = None):
     """Embeddings for ``ids`` (in that order) from ``cache``, computing what is missing.
 
@@ -174,7 +177,7 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     cache = emb_cfg.get("cache") or str(out.parent / f"{out.name}-embeddings")
     x, found, backbone_desc = _embeddings_for(
         ids, rows["path"].tolist(), cache=cache, backbone_cfg=cfg["backbone"],
-        batch_size=int(emb_cfg.get("batch_size", 64)),
+        batch_size=emb_cfg.get("batch_size"),
         num_workers=int(emb_cfg.get("num_workers", 0)), progress=embed_progress)
     if not found.all():
         missing = [i for i, f in zip(ids, found) if not f][:5]
@@ -276,7 +279,8 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def predict_images(model: str | Path, images: Sequence[str | Path], *,
-                   out: str | Path | None = None, batch_size: int = 64, num_workers: int = 0,
+                   out: str | Path | None = None, batch_size: int | None = None,
+                   num_workers: int = 0,
                    top_k: int = 5, overwrite: bool = False, progress: Progress | None = None):
     """Predictions for image files or folders, backed off to the lowest reliable rank.
 
@@ -323,7 +327,7 @@ def predict_images(model: str | Path, images: Sequence[str | Path], *,
 
 # --------------------------------------------------------------------------- evaluate
 def flag_unknowns(model: str | Path, images: Sequence[str | Path], *, out: str | Path,
-                  batch_size: int = 64, overwrite: bool = False,
+                  batch_size: int | None = None, overwrite: bool = False,
                   progress: Progress | None = None):
     """Field-survey screening: one row per image, flagged rows (not named to species) first.
 
