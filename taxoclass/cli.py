@@ -49,6 +49,18 @@ def main() -> None:
     """
 
 
+def _engine_options(command):
+    """``--engine local|spark`` and ``--master URL`` for the commands both engines run."""
+    command = click.option(
+        "--master", default=None,
+        help="Spark master URL with --engine spark [default: local[2]].")(command)
+    return click.option("--engine", type=click.Choice(["local", "spark"]), default="local",
+                        show_default=True,
+                        help="local: this machine; spark: the same code in PySpark mapInPandas, "
+                             "Parquet output, resumable (needs `pip install taxoclass[spark]` "
+                             "and Java).")(command)
+
+
 # --------------------------------------------------------------------------- validate
 @main.command()
 @click.argument("annotations", type=click.Path(path_type=Path))
@@ -122,12 +134,7 @@ def taxonomy(source: Path, ranks: str, csv_out: Path | None) -> None:
               help='Extra timm.create_model arguments, e.g. \'{"img_size": 224}\'; needed to '
                    "rebuild a checkpoint of a non-default shape.")
 @click.option("--overwrite", is_flag=True, help="Discard an existing cache in --out.")
-@click.option("--engine", type=click.Choice(["local", "spark"]), default="local",
-              show_default=True,
-              help="local: this machine; spark: the same code in PySpark mapInPandas, Parquet "
-                   "output, resumable (needs `pip install taxoclass[spark]` and Java).")
-@click.option("--master", default=None,
-              help="Spark master URL with --engine spark [default: local[2]].")
+@_engine_options
 def embed(annotations: Path, images_root: Path | None, backbone: str, checkpoint: Path | None,
           out: Path, batch_size: int, num_workers: int, model_kwargs: str | None,
           overwrite: bool, engine: str, master: str | None) -> None:
@@ -234,12 +241,7 @@ def _print_metrics(path_or_dict, title: str) -> None:
               help="Images per forward pass [default: 8 on a CPU, 64 on a GPU].")
 @click.option("--overwrite", is_flag=True,
               help="Discard an embedding cache in --out left by a run on other images.")
-@click.option("--engine", type=click.Choice(["local", "spark"]), default="local",
-              show_default=True,
-              help="local: this machine; spark: the same code in PySpark mapInPandas, Parquet "
-                   "output, resumable (needs `pip install taxoclass[spark]` and Java).")
-@click.option("--master", default=None,
-              help="Spark master URL with --engine spark [default: local[2]].")
+@_engine_options
 def predict(model: Path, images: tuple[Path, ...], out: Path | None, top_k: int,
             batch_size: int, overwrite: bool, engine: str, master: str | None) -> None:
     """Predict family, genus and species (coherent path + top-k) for IMAGES (files or folders)."""
@@ -440,12 +442,7 @@ def _thresholds(items: tuple[str, ...]) -> dict[str, float] | None:
 @click.option("--plantclef-year", type=click.Choice(["2024", "2025"]), default="2024",
               show_default=True, help="Submission file format.")
 @click.option("--batch-size", default=32, show_default=True)
-@click.option("--engine", type=click.Choice(["local", "spark"]), default="local",
-              show_default=True,
-              help="local: this machine; spark: the same code in PySpark mapInPandas, Parquet "
-                   "output, resumable (needs `pip install taxoclass[spark]` and Java).")
-@click.option("--master", default=None,
-              help="Spark master URL with --engine spark [default: local[2]].")
+@_engine_options
 def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, grids: tuple[str, ...],
                     overlap: float, rule: str, thresholds: tuple[str, ...],
                     checklist: Path | None, class_mapping: Path | None,

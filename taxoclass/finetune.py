@@ -823,8 +823,7 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
     from .fileio import atomic_write_csv, atomic_write_json
     from .provenance import write_provenance
     from .taxonomy import DEFAULT_RANKS
-    from .training import stratified_split
-    from .workflows import _targets
+    from .workflows import _targets, validation_mask
 
     cfg = dict(cfg)
     data = cfg["data"]
@@ -845,14 +844,7 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
     tax = ann.taxonomy(data.get("ranks") or DEFAULT_RANKS)
     y, nodes = _targets(tax, rows)
     ids = [str(i) for i in rows["image_id"]]
-    strata = np.array(["/".join(n) for n in nodes])
-    if data.get("split_file"):
-        split = pd.read_csv(data["split_file"], dtype={"image_id": str})
-        is_val = np.array([s == "val" for s in
-                           pd.Series(ids).map(dict(zip(split.image_id, split.split)))])
-    else:
-        is_val = stratified_split(strata, float(data.get("val_fraction", 0.3)),
-                                  int(data.get("split_seed", 0)))
+    is_val = validation_mask(ids, nodes, data)
     paths = np.asarray(rows["path"].tolist(), dtype=object)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     bcfg = cfg["backbone"]

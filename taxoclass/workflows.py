@@ -91,6 +91,24 @@ def _targets(taxonomy: Taxonomy, rows) -> tuple[dict, list]:
     return out, nodes
 
 
+def validation_mask(ids: Sequence[str], nodes: Sequence[tuple], data: dict):
+    """Validation rows: from ``data.split_file`` (image_id, split) when given, else a
+    seeded split (``val_fraction``, ``split_seed``) stratified by each image's taxon.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from .training import stratified_split
+
+    if data.get("split_file"):
+        split = pd.read_csv(data["split_file"], dtype={"image_id": str})
+        chosen = pd.Series(list(ids)).map(dict(zip(split["image_id"], split["split"])))
+        return (chosen == "val").to_numpy()
+    strata = np.array(["/".join(n) for n in nodes])
+    return stratified_split(strata, float(data.get("val_fraction", 0.3)),
+                            int(data.get("split_seed", 0)))
+
+
 def _embeddings_for(ids: Sequence[str], paths: Sequence[str], *, cache: str | Path,
                     backbone_cfg: dict, batch_size: int | None = None, num_workers: int = 0,
                     progress: Progress | None = None):
@@ -146,7 +164,7 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     from .config import ConfigError
     from .fileio import atomic_write_csv, atomic_write_json
     from .metrics import evaluate_predictions
-    from .training import stratified_split, train_head
+    from .training import train_head
 
     data = cfg["data"]
     if not data.get("annotations"):
@@ -183,14 +201,7 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
         missing = [i for i, f in zip(ids, found) if not f][:5]
         print(f"warning: {int((~found).sum())} labelled image(s) have no embedding (unreadable; "
               f"see {cache}/failures.csv), e.g. {missing}; training without them.")
-    strata = np.array(["/".join(n) for n in nodes])
-    if data.get("split_file"):
-        split = pd.read_csv(data["split_file"], dtype={"image_id": str})
-        is_val = np.array([s == "val" for s in
-                           pd.Series(ids).map(dict(zip(split.image_id, split.split)))])
-    else:
-        is_val = stratified_split(strata, float(data.get("val_fraction", 0.3)),
-                                  int(data.get("split_seed", 0)))
+    is_val = validation_mask(ids, nodes, data)
     tr, va = found & ~is_val, found & is_val
     result = train_head(x[tr], {r: v[tr] for r, v in y.items()}, x[va],
                         {r: v[va] for r, v in y.items()}, tax, model=cfg["model"],
