@@ -16,6 +16,7 @@ Transforms always come from timm's data config (``resolve_model_data_config``).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 from collections.abc import Callable
@@ -70,6 +71,8 @@ class Backbone:
     weights_fingerprint: str | None = None
     model_kwargs: dict = field(default_factory=dict)
     channels_last: bool = False
+    #: Autocast dtype for inference: "bfloat16" on CUDA (fast path), None (fp32) on a CPU.
+    autocast: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -88,12 +91,17 @@ class Backbone:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.autocast))
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled pre-logits features ``[n, num_features]``."""
-        with torch.inference_mode():
+        """Pooled pre-logits features ``[n, num_features]`` (float32 even under bf16)."""
+        with torch.inference_mode(), self._autocast():
             x = self._prepare(x)
             feats = self.model.forward_features(x)
-            return self.model.forward_head(feats, pre_logits=True)
+            return self.model.forward_head(feats, pre_logits=True).float()
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Full classifier output ``[n, num_classes]``."""
@@ -118,6 +126,7 @@ class Backbone:
             "num_features": int(self.num_features),
             "num_classes": self.num_classes,
             "memory_format": "channels_last" if self.channels_last else "contiguous",
+            "autocast": self.autocast,
             "data_config": _jsonable(self.data_config),
             "transform": repr(self.transform),
             "timm_version": timm.__version__,
@@ -295,12 +304,22 @@ def create_backbone(
     device: str = "cpu",
     model_kwargs: dict | None = None,
     data_overrides: dict | None = None,
+    compile: bool = False,
 ) -> Backbone:
     """Build a timm backbone with real weights (or random ones, only when asked).
 
     ``data_overrides`` changes timm's resolved data config before the transform is made,
     e.g. ``{"crop_pct": 1.0}`` to keep the whole image (no centre crop).
+
+    On ``device="cuda"`` (or ``"auto"`` with a GPU present) inference runs under bf16
+    autocast, ViTs use timm's fused scaled-dot-product attention, CNNs channels-last;
+    ``compile=True`` wraps ``forward_features`` in ``torch.compile``.
     """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise BackboneError("device 'cuda' asked for, but torch sees no CUDA GPU here. Fix: "
+                            "--device cpu (or auto).")
     resolved = resolve_backbone_name(name)
     arch, _tag = split_model_name_tag(resolved)
     kwargs = dict(model_kwargs or {})
@@ -402,6 +421,8 @@ def create_backbone(
                                 f"one of {sorted(data_config)}.")
         data_config[key] = tuple(value) if isinstance(value, list) else value
     transform = timm.data.create_transform(**data_config, is_training=False)
+    if compile:
+        model.forward_features = torch.compile(model.forward_features)
     return Backbone(
         model=model,
         name=resolved,
@@ -415,4 +436,5 @@ def create_backbone(
         weights_fingerprint=_state_fingerprint(model) if source == "random-init" else None,
         model_kwargs=kwargs,
         channels_last=channels_last,
+        autocast="bfloat16" if torch.device(device).type == "cuda" else None,
     )

@@ -5,6 +5,7 @@ function and writes its result. Heavy imports happen inside the commands so that
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -47,6 +48,13 @@ def main() -> None:
       taxoclass evaluate --model runs/leaf --annotations annotations.json --images-root DIR
       taxoclass predict --model runs/leaf IMAGE...
     """
+
+
+def _device_option(command):
+    return click.option(
+        "--device", default="auto", show_default=True,
+        help="cpu, cuda (bf16 autocast, fused attention) or auto: cuda when a GPU is "
+             "present.")(command)
 
 
 def _engine_options(command):
@@ -135,9 +143,10 @@ def taxonomy(source: Path, ranks: str, csv_out: Path | None) -> None:
                    "rebuild a checkpoint of a non-default shape.")
 @click.option("--overwrite", is_flag=True, help="Discard an existing cache in --out.")
 @_engine_options
+@_device_option
 def embed(annotations: Path, images_root: Path | None, backbone: str, checkpoint: Path | None,
           out: Path, batch_size: int, num_workers: int, model_kwargs: str | None,
-          overwrite: bool, engine: str, master: str | None) -> None:
+          overwrite: bool, engine: str, master: str | None, device: str) -> None:
     """Compute one embedding per image into a resumable on-disk cache.
 
     Writes chunks atomically with a manifest (backbone, checkpoint hash, transform,
@@ -151,7 +160,8 @@ def embed(annotations: Path, images_root: Path | None, backbone: str, checkpoint
                                    checkpoint=checkpoint, out=out, batch_size=batch_size,
                                    num_workers=num_workers, overwrite=overwrite,
                                    model_kwargs=_json_option("--model-kwargs", model_kwargs),
-                                   progress=progress, engine=engine, master=master)
+                                   progress=progress, engine=engine, master=master,
+                                   device=device)
     n = len(result.cache.image_ids)
     click.echo(f"{n} embeddings of dim {result.cache.embeddings.shape[1]} in {out} "
                f"({result.n_computed} computed, {result.n_reused} reused, "
@@ -242,15 +252,17 @@ def _print_metrics(path_or_dict, title: str) -> None:
 @click.option("--overwrite", is_flag=True,
               help="Discard an embedding cache in --out left by a run on other images.")
 @_engine_options
+@_device_option
 def predict(model: Path, images: tuple[Path, ...], out: Path | None, top_k: int,
-            batch_size: int, overwrite: bool, engine: str, master: str | None) -> None:
+            batch_size: int, overwrite: bool, engine: str, master: str | None,
+            device: str) -> None:
     """Predict family, genus and species (coherent path + top-k) for IMAGES (files or folders)."""
     from .workflows import predict_images
 
     with _progress("predicting", "img") as prog:
         if engine == "local":
             frame = predict_images(model, images, out=out, top_k=top_k, batch_size=batch_size,
-                                   overwrite=overwrite, progress=prog)
+                                   overwrite=overwrite, progress=prog, device=device)
         else:
             from .engines import get_engine
 
@@ -287,8 +299,9 @@ def _show_predictions(frame) -> None:
               help="Images per forward pass [default: 8 on a CPU, 64 on a GPU].")
 @click.option("--overwrite", is_flag=True,
               help="Discard an embedding cache in --out left by a run on other images.")
+@_device_option
 def flag_unknowns_cmd(model: Path, images: tuple[Path, ...], out: Path, batch_size: int,
-                      overwrite: bool) -> None:
+                      overwrite: bool, device: str) -> None:
     """Screen field-survey IMAGES (files or folders) for species the model does not know.
 
     Each image is named at the lowest rank whose evidence passes its calibrated threshold:
@@ -299,7 +312,7 @@ def flag_unknowns_cmd(model: Path, images: tuple[Path, ...], out: Path, batch_si
 
     with _progress("screening", "img") as prog:
         frame, summary = flag_unknowns(model, images, out=out, batch_size=batch_size,
-                                       overwrite=overwrite, progress=prog)
+                                       overwrite=overwrite, progress=prog, device=device)
     _show_predictions(frame)
     click.echo(f"{summary['n_flagged']} of {summary['n_images']} images flagged; resolved at: "
                + ", ".join(f"{k} {v}" for k, v in summary["resolved_at"].items()))
@@ -443,19 +456,20 @@ def _thresholds(items: tuple[str, ...]) -> dict[str, float] | None:
               show_default=True, help="Submission file format.")
 @click.option("--batch-size", default=32, show_default=True)
 @_engine_options
+@_device_option
 def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, grids: tuple[str, ...],
                     overlap: float, rule: str, thresholds: tuple[str, ...],
                     checklist: Path | None, class_mapping: Path | None,
                     species_table: Path | None, backbone: str, model_kwargs: str | None,
                     plantclef_year: str, batch_size: int, engine: str,
-                    master: str | None) -> None:
+                    master: str | None, device: str) -> None:
     """Rank-aware reports for plot (quadrat) photos: tiles → taxa at the rank the
     evidence supports. Writes plot_records.csv/.json, report.html (photos with tile grid
     and taxa), plantclef_submission.csv, occurrences_dwc.csv, failures.csv, provenance.
     """
     from .workflows import plot_report_job
 
-    job = plot_report_job
+    job = functools.partial(plot_report_job, device=device)
     if engine != "local":
         from .engines import get_engine
 

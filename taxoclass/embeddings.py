@@ -65,6 +65,7 @@ _IDENTITY_KEYS = (
     "memory_format",
     "data_config",
     "transform",
+    "autocast",
 )
 
 

@@ -36,7 +36,8 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
                       checkpoint: str | Path | None = None, batch_size: int | None = None,
                       num_workers: int = 0, overwrite: bool = False,
                       model_kwargs: dict | None = None, progress: Progress | None = None,
-                      engine: str = "local", master: str | None = None):
+                      engine: str = "local", master: str | None = None,
+                      device: str = "auto"):
     """Embed every image listed in ``annotations`` into the cache folder ``out``.
 
     ``engine="spark"`` runs the same embedding code in PySpark (``master``, default
@@ -64,7 +65,8 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
                 "model_kwargs": model_kwargs or {}}
         return get_engine(engine, master=master).embed(
             items, spec, out, batch_size=batch_size, overwrite=overwrite, progress=progress)
-    model = create_backbone(backbone, checkpoint=checkpoint, model_kwargs=model_kwargs)
+    model = create_backbone(backbone, checkpoint=checkpoint, model_kwargs=model_kwargs,
+                            device=device)
     result = compute_embeddings(items, model, out, batch_size=batch_size,
                                 num_workers=num_workers, overwrite=overwrite, progress=progress)
     write_provenance(out, backbone=model.describe(), config={
@@ -292,7 +294,8 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
 def predict_images(model: str | Path, images: Sequence[str | Path], *,
                    out: str | Path | None = None, batch_size: int | None = None,
                    num_workers: int = 0,
-                   top_k: int = 5, overwrite: bool = False, progress: Progress | None = None):
+                   top_k: int = 5, overwrite: bool = False, progress: Progress | None = None,
+                   device: str = "auto"):
     """Predictions for image files or folders, backed off to the lowest reliable rank.
 
     Returns a DataFrame, one row per image: ``taxon_rank``, ``taxon`` (``Quercus sp.`` at
@@ -312,7 +315,7 @@ def predict_images(model: str | Path, images: Sequence[str | Path], *,
     bundle = ModelBundle.load(model)
     paths = collect_images(images)
     items = [(str(p), str(p)) for p in paths]
-    backbone = bundle.create_backbone()
+    backbone = bundle.create_backbone(device=device)
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = Path(out) / "embeddings" if out else Path(tmp) / "embeddings"
         res = compute_embeddings(items, backbone, cache_dir, batch_size=batch_size,
@@ -339,7 +342,7 @@ def predict_images(model: str | Path, images: Sequence[str | Path], *,
 # --------------------------------------------------------------------------- evaluate
 def flag_unknowns(model: str | Path, images: Sequence[str | Path], *, out: str | Path,
                   batch_size: int | None = None, overwrite: bool = False,
-                  progress: Progress | None = None):
+                  progress: Progress | None = None, device: str = "auto"):
     """Field-survey screening: one row per image, flagged rows (not named to species) first.
 
     Writes ``flags.csv`` into ``out`` (plus predictions and provenance) and returns
@@ -351,7 +354,7 @@ def flag_unknowns(model: str | Path, images: Sequence[str | Path], *, out: str |
     from .fileio import atomic_write_csv, atomic_write_json
 
     frame = predict_images(model, images, out=out, batch_size=batch_size, overwrite=overwrite,
-                           progress=progress)
+                           progress=progress, device=device)
     lowest = ModelBundle.load(model).taxonomy.ranks[-1]
     reason = frame["reason"] if "reason" in frame else pd.Series([None] * len(frame))
     frame.insert(1, "flagged", (reason != lowest).to_numpy())
@@ -453,7 +456,8 @@ def tempfile_dir() -> str:
 def load_tile_classifier(model: str | Path, *, class_mapping: str | Path | None = None,
                          species_table: str | Path | None = None,
                          backbone: str = "vit_base_patch14_reg4_dinov2",
-                         model_kwargs: dict | None = None, batch_size: int = 32):
+                         model_kwargs: dict | None = None, batch_size: int = 32,
+                         device: str = "auto"):
     """A tile classifier from a model bundle folder, or from a PlantCLEF 2024 checkpoint file
     (``model_best.pth.tar`` + ``class_mapping.txt`` + species table: no training needed).
     """
@@ -463,7 +467,7 @@ def load_tile_classifier(model: str | Path, *, class_mapping: str | Path | None 
 
     model = Path(model)
     if model.is_dir():
-        return BundleTileClassifier.load(model, batch_size=batch_size)
+        return BundleTileClassifier.load(model, batch_size=batch_size, device=device)
     if not model.is_file():
         raise ConfigError(f"--model {model}: no such bundle folder or checkpoint file.")
     if not class_mapping or not species_table:
@@ -471,7 +475,8 @@ def load_tile_classifier(model: str | Path, *, class_mapping: str | Path | None 
                           "also needs --class-mapping (class_mapping.txt) and --species-table "
                           "(species_id;species;genus;family CSV).")
     return PlantCLEFClassifier.from_files(model, class_mapping, species_table, backbone=backbone,
-                                          model_kwargs=model_kwargs, batch_size=batch_size)
+                                          model_kwargs=model_kwargs, batch_size=batch_size,
+                                          device=device)
 
 
 def plot_report_job(model: str | Path, photos: Sequence[str | Path], out: str | Path, *,
@@ -479,13 +484,15 @@ def plot_report_job(model: str | Path, photos: Sequence[str | Path], out: str | 
                     species_table: str | Path | None = None,
                     backbone: str = "vit_base_patch14_reg4_dinov2",
                     model_kwargs: dict | None = None, checklist: str | Path | None = None,
-                    batch_size: int = 32, progress: Progress | None = None, **settings):
+                    batch_size: int = 32, progress: Progress | None = None,
+                    device: str = "auto", **settings):
     """Rank-aware reports for plot photos (files or folders); see ``reports.plot_report``."""
     from .reports import plot_report
 
     classifier = load_tile_classifier(model, class_mapping=class_mapping,
                                       species_table=species_table, backbone=backbone,
-                                      model_kwargs=model_kwargs, batch_size=batch_size)
+                                      model_kwargs=model_kwargs, batch_size=batch_size,
+                                      device=device)
     names = None
     if checklist:
         names = [ln.strip() for ln in Path(checklist).read_text().splitlines() if ln.strip()]

@@ -188,3 +188,17 @@ def test_efficientnet_lite0_real_weights_classify_chelsea_as_egyptian_cat():
 def test_load_class_mapping_missing_file(tmp_path: Path):
     with pytest.raises(BackboneError, match="--class-mapping"):
         load_class_mapping(tmp_path / "class_mapping.txt")
+
+
+def test_device_choice_and_autocast_recorded(tiny_dino_kwargs):
+    """auto picks the CPU here (fp32, no autocast); asking for CUDA without one is a clear error."""
+    bb = create_backbone("vit_base_patch14_reg4_dinov2", pretrained=False, device="auto",
+                         model_kwargs=tiny_dino_kwargs)
+    assert bb.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        assert bb.autocast is None and bb.describe()["autocast"] is None
+        out = bb.embed(torch.randn(2, 3, 56, 56))
+        assert out.dtype == torch.float32 and out.shape == (2, 64)
+        with pytest.raises(BackboneError, match="--device cpu"):
+            create_backbone("vit_base_patch14_reg4_dinov2", pretrained=False, device="cuda",
+                            model_kwargs=tiny_dino_kwargs)
