@@ -823,16 +823,10 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
     from .fileio import atomic_write_csv, atomic_write_json
     from .provenance import write_provenance
     from .taxonomy import DEFAULT_RANKS
-    from .workflows import _targets, validation_mask
+    from .workflows import _targets, require_training_settings, validation_mask
 
     cfg = dict(cfg)
-    data = cfg["data"]
-    if not data.get("annotations"):
-        raise ConfigError("data.annotations is not set: point it at the annotations JSON "
-                          "(in the config or with --set data.annotations=PATH).")
-    if not cfg.get("out"):
-        raise ConfigError("out is not set: the folder for the model bundle (config 'out' or "
-                          "--set out=DIR).")
+    data = require_training_settings(cfg)
     if data.get("holdout_species"):
         raise ConfigError("data.holdout_species is not supported with --finetune yet; "
                           "remove it or train heads on cached embeddings.")

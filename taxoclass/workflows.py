@@ -93,6 +93,20 @@ def _targets(taxonomy: Taxonomy, rows) -> tuple[dict, list]:
     return out, nodes
 
 
+def require_training_settings(cfg: dict) -> dict:
+    """The ``data`` section, after checking that a training config names its inputs and output."""
+    from .errors import ConfigError
+
+    data = cfg["data"]
+    if not data.get("annotations"):
+        raise ConfigError("data.annotations is not set: point it at the annotations JSON "
+                          "(in the config or with --set data.annotations=PATH).")
+    if not cfg.get("out"):
+        raise ConfigError("out is not set: the folder for the model bundle (config 'out' or "
+                          "--set out=DIR).")
+    return data
+
+
 def validation_mask(ids: Sequence[str], nodes: Sequence[tuple], data: dict):
     """Validation rows: from ``data.split_file`` (image_id, split) when given, else a
     seeded split (``val_fraction``, ``split_seed``) stratified by each image's taxon.
@@ -168,13 +182,7 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     from .metrics import evaluate_predictions
     from .training import train_head
 
-    data = cfg["data"]
-    if not data.get("annotations"):
-        raise ConfigError("data.annotations is not set: point it at the annotations JSON "
-                          "(in the config or with --set data.annotations=PATH).")
-    if not cfg.get("out"):
-        raise ConfigError("out is not set: the folder for the model bundle (config 'out' or "
-                          "--set out=DIR).")
+    data = require_training_settings(cfg)
     out = Path(cfg["out"])
     root = Path(data.get("images_root") or Path(data["annotations"]).parent)
     ann = load_annotations(data["annotations"])

@@ -193,6 +193,21 @@ def _rounds(rows: list[tuple], chunk_size: int) -> Iterator[list[tuple]]:
         yield rows[start:start + chunk_size]
 
 
+def _append_rounds(session: SparkSession, todo: list[tuple], columns: str, run: Callable,
+                   schema: str, parquet: Path, *, chunk_size: int, partitions: int | None,
+                   done: int, total: int, progress: Progress | None) -> None:
+    """Run ``run`` over ``todo`` in rounds of ``chunk_size`` rows, appending each round to
+    ``parquet`` (a finished round survives an interruption: that is what resumes).
+    """
+    for rows in _rounds(todo, chunk_size):
+        n_parts = partitions or _default_partitions(session, len(rows))
+        frame = _rows_frame(session, rows, columns, n_parts)
+        frame.mapInPandas(run, schema).write.mode("append").parquet(str(parquet))
+        done += len(rows)
+        if progress is not None:
+            progress(done, total)
+
+
 def _check_manifest(root: Path, expected: Mapping[str, Any], keys: Sequence[str],
                     what: str) -> dict | None:
     """The existing manifest, after checking that ``keys`` match; CacheError otherwise."""
@@ -306,14 +321,9 @@ def spark_embed(items: Sequence[tuple[object, str | Path]], backbone_spec: Mappi
     if progress is not None:
         progress(n_reused, len(ids))
     run = _embed_partition(spec, batch_size, _task_threads(session))
-    finished = n_reused
-    for rows in _rounds(todo, chunk_size):
-        n_parts = partitions or _default_partitions(session, len(rows))
-        frame = _rows_frame(session, rows, "order long, image_id string, path string", n_parts)
-        frame.mapInPandas(run, EMBED_SCHEMA).write.mode("append").parquet(str(parquet))
-        finished += len(rows)
-        if progress is not None:
-            progress(finished, len(ids))
+    _append_rounds(session, todo, "order long, image_id string, path string", run,
+                   EMBED_SCHEMA, parquet, chunk_size=chunk_size, partitions=partitions,
+                   done=n_reused, total=len(ids), progress=progress)
 
     table = _read_parquet(parquet, ["image_id", "path", "error"] + (["embedding"] if collect
                                                                       else []))
@@ -462,14 +472,9 @@ def spark_predict(model_dir: str | Path, images: Sequence[str | Path], out: str 
         progress(len(unique) - len(todo), len(unique))
     schema = ", ".join(f"`{c}` {t}" for c, t in types.items())
     run = _predict_partition(model_dir, types, batch_size, top_k, _task_threads(session))
-    finished = len(unique) - len(todo)
-    for rows in _rounds(todo, chunk_size):
-        n_parts = partitions or _default_partitions(session, len(rows))
-        frame = _rows_frame(session, rows, "order long, image string", n_parts)
-        frame.mapInPandas(run, schema).write.mode("append").parquet(str(parquet))
-        finished += len(rows)
-        if progress is not None:
-            progress(finished, len(unique))
+    _append_rounds(session, todo, "order long, image string", run, schema, parquet,
+                   chunk_size=chunk_size, partitions=partitions,
+                   done=len(unique) - len(todo), total=len(unique), progress=progress)
 
     table = _read_parquet(parquet).drop_duplicates("image")
     position = {p: k for k, p in enumerate(unique)}
