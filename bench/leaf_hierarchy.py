@@ -36,7 +36,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "leaf"
-CACHE = ROOT / "runs" / "leaf-lite0-embeddings"
 CONFIG = ROOT / "configs" / "leaf.yaml"
 FLAT_C_GRID = (1.0, 10.0, 100.0, 1000.0)
 
@@ -45,25 +44,17 @@ def load_data():
     """Labelled rows, taxonomy, targets, embeddings (computed into the cache if absent)."""
     from taxoclass import workflows
     from taxoclass.annotations import load_annotations
-    from taxoclass.embeddings import load_embeddings
-    from taxoclass.errors import CacheError
+    from taxoclass.config import load_config
 
     ann_path = DATA / "annotations.json"
     ann = load_annotations(ann_path)
     tax = ann.taxonomy()
     rows = ann.labelled_images(DATA)
     y, nodes = workflows._targets(tax, rows)
-    ids = [str(i) for i in rows["image_id"]]
-    try:
-        cache = load_embeddings(CACHE)
-    except CacheError:
-        print(f"embedding cache {CACHE} absent: computing it (~1 min)", flush=True)
-        workflows.embed_annotations(ann_path, images_root=DATA, backbone="efficientnet-lite0",
-                                    out=CACHE)
-        cache = load_embeddings(CACHE)
-    pos = {k: i for i, k in enumerate(cache.image_ids.tolist())}
-    keep = np.array([k in pos for k in ids])
-    x = cache.embeddings[[pos[k] for k in ids if k in pos]].astype(np.float32)
+    # The features configs/leaf.yaml trains on (backbone, image size, resize), from its
+    # cache; computed there when absent.
+    x, keep, _ = workflows.config_embeddings(load_config(CONFIG), rows)
+    x = x[keep]
     y = {r: v[keep] for r, v in y.items()}
     strata = np.array(["/".join(n) for n, k in zip(nodes, keep) if k])
     return tax, x, y, strata

@@ -30,8 +30,8 @@ import torch
 import yaml
 
 from taxoclass.annotations import load_annotations
+from taxoclass.config import load_config
 from taxoclass.decoding import decode
-from taxoclass.embeddings import load_embeddings
 from taxoclass.openset import (
     choose_holdout,
     correct_by_rank,
@@ -46,11 +46,10 @@ from taxoclass.openset import (
 )
 from taxoclass.outliers import DETECTORS, EvidenceCombiner, OutlierDetector, confidence_scores
 from taxoclass.training import normalize, stratified_split, train_head
-from taxoclass.workflows import _targets
+from taxoclass.workflows import _targets, config_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "leaf" / "annotations.json"
-CACHE = ROOT / "runs" / "leaf-lite0-embeddings"
 CONFIG = ROOT / "configs" / "leaf.yaml"
 
 
@@ -78,16 +77,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not CACHE.is_dir() or not DATA.is_file():
-        print(f"Need {CACHE} and {DATA}.", file=sys.stderr)
+    if not DATA.is_file():
+        print(f"Need {DATA}.", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     cfg = yaml.safe_load(CONFIG.read_text())
     ann = load_annotations(DATA)
     rows = ann.labelled_images().reset_index(drop=True)
-    cache = load_embeddings(CACHE)
-    pos = {k: i for i, k in enumerate(cache.image_ids.tolist())}
-    x_all = cache.embeddings[[pos[str(i)] for i in rows["image_id"]]]
+    # The features configs/leaf.yaml trains on, from its cache (computed when absent).
+    tcfg = load_config(CONFIG)
+    x_all, found, _ = config_embeddings(tcfg, rows)
+    if not found.all():
+        print(f"{int((~found).sum())} leaf images could not be embedded", file=sys.stderr)
+        return 2
 
     held = choose_holdout(rows, n_species=args.n_holdout, seed=args.seed)
     rest = rows[~split_known_unknown(rows, held)]
@@ -199,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch threads {args.threads}), Python {platform.python_version()}",
         f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-        f"- features: EfficientNet-Lite0 cache `{CACHE.relative_to(ROOT)}`; head: "
+        f"- features: EfficientNet-Lite0 cache `{Path(tcfg['embeddings']['cache']).name}` "
+        f"({tcfg['backbone']['image_size']} px, {tcfg['backbone']['resize']}); head: "
         f"`train_head` with configs/leaf.yaml (model={cfg['model']}, train={cfg['train']}, "
         f"loss={cfg['loss']}); best epoch {res.best_epoch}; total {seconds:.1f} s",
         f"- held out ({len(held)}, seed {args.seed}): {', '.join(held)}",

@@ -49,15 +49,15 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from taxoclass.annotations import load_annotations
+from taxoclass.backbones import backbone_spec
 from taxoclass.bundle import ModelBundle
 from taxoclass.config import load_config
-from taxoclass.embeddings import load_embeddings
 from taxoclass.heads import MultiRankHead
 from taxoclass.plot_eval import evaluate_plots
 from taxoclass.plots import aggregate_plot, keep_top_k, rule_scores
 from taxoclass.tiling import BundleTileClassifier, crop_tiles, make_tiles
 from taxoclass.training import stratified_split, train_head
-from taxoclass.workflows import _targets
+from taxoclass.workflows import _targets, config_embeddings, view_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -132,7 +132,8 @@ def compose_and_embed(name: str, pool: dict[int, list[str]], n: int, seed: int, 
     """Compose ``n`` plots from ``pool`` (leaf index -> image paths), embed all tiles (cached)."""
     key = hashlib.sha256(json.dumps({
         "v": CACHE_VERSION, "n": n, "seed": seed, "size": args.size, "overlap": args.overlap,
-        "grids": ALL_GRIDS, "backbone": tiler.backbone.name, "clutter": args.clutter,
+        "grids": ALL_GRIDS, "backbone": tiler.backbone.name,
+        "preprocess": tiler.backbone.data_overrides, "clutter": args.clutter,
         "max_taxa": args.max_taxa,
         "pool": {str(k): v for k, v in sorted(pool.items())}}, sort_keys=True).encode()
     ).hexdigest()[:16]
@@ -173,10 +174,19 @@ def compose_and_embed(name: str, pool: dict[int, list[str]], n: int, seed: int, 
 
 
 # ---------------------------------------------------------------------- classifier
-def train_bundle(x, y, mask, taxonomy, cfg, cache_dir: Path | None = None) -> ModelBundle:
-    """``train_head`` on the rows in ``mask``; the head is cached by data and settings."""
-    key = hashlib.sha256(np.ascontiguousarray(x[mask]).tobytes() + json.dumps(
-        [cfg["model"], cfg["loss"], cfg["train"], {r: v[mask].tolist() for r, v in y.items()}],
+def train_bundle(x, y, mask, taxonomy, cfg, cache_dir: Path | None = None,
+                 views: tuple[np.ndarray, np.ndarray] | None = None) -> ModelBundle:
+    """``train_head`` on the rows in ``mask`` plus the tile-like views of those rows
+    (``views``: embeddings and source row index); the head is cached by data and settings."""
+    if views is not None and len(views[0]):
+        xv, src = views
+        keep = mask[src]
+        x_tr = np.concatenate([x[mask], xv[keep]])
+        y_tr = {r: np.concatenate([v[mask], v[src[keep]]]) for r, v in y.items()}
+    else:
+        x_tr, y_tr = x[mask], {r: v[mask] for r, v in y.items()}
+    key = hashlib.sha256(np.ascontiguousarray(x_tr).tobytes() + json.dumps(
+        [cfg["model"], cfg["loss"], cfg["train"], {r: v.tolist() for r, v in y_tr.items()}],
         sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = None if cache_dir is None else cache_dir / f"head-{key}.pt"
     if path is not None and path.is_file():
@@ -185,7 +195,7 @@ def train_bundle(x, y, mask, taxonomy, cfg, cache_dir: Path | None = None) -> Mo
                              dropout=float(cfg["model"].get("dropout", 0.0)))
         head.load_state_dict(torch.load(path, weights_only=True))
     else:
-        head = train_head(x[mask], {r: v[mask] for r, v in y.items()}, None, None, taxonomy,
+        head = train_head(x_tr, y_tr, None, None, taxonomy,
                           model=cfg["model"], loss=cfg["loss"], train=cfg["train"],
                           normalize_inputs=bool(cfg["model"].get("normalize", True))).head
         if path is not None:
@@ -194,7 +204,7 @@ def train_bundle(x, y, mask, taxonomy, cfg, cache_dir: Path | None = None) -> Mo
     return ModelBundle(head=head.eval(), taxonomy=taxonomy,
                        normalize=bool(cfg["model"].get("normalize", True)),
                        decode_method=cfg["decode"]["method"],
-                       backbone={"name": cfg["backbone"]["name"]})
+                       backbone=backbone_spec(cfg["backbone"]))
 
 
 def plot_probs(data: dict, bundle: ModelBundle) -> dict[str, dict]:
@@ -382,6 +392,9 @@ def main() -> None:
     ap.add_argument("--results", default=None, help="also write the markdown here")
     ap.add_argument("--quadrat", action="store_true", help="time plot_report on the quadrat")
     ap.add_argument("--quadrat-repeats", type=int, default=3)
+    ap.add_argument("--views", type=int, default=0,
+                    help="tile-like views per training image added to the heads' training "
+                         "rows (taxoclass.augment; the config's augment settings otherwise)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     out = Path(args.out)
@@ -395,19 +408,28 @@ def main() -> None:
     strata = np.array(["/".join(n) for n in nodes])
     is_test = stratified_split(strata, float(cfg["data"]["val_fraction"]),
                                int(cfg["data"]["split_seed"]))  # = taxoclass train's split
-    cache = load_embeddings(cfg["embeddings"]["cache"])
-    pos = {k: i for i, k in enumerate(cache.image_ids.tolist())}
-    ids = [str(i) for i in rows["image_id"]]
-    x = cache.embeddings[[pos[i] for i in ids]]
+    # The features configs/leaf.yaml trains on (backbone, image size, resize), cached.
+    x, found, _ = config_embeddings(cfg, rows)
+    if not found.all():
+        raise SystemExit(f"{int((~found).sum())} leaf images could not be embedded")
     train = ~is_test
+    views = None
+    if args.views:
+        cfg["augment"]["views_per_image"] = args.views
+        t0 = time.perf_counter()
+        train_idx = np.flatnonzero(train)
+        xv, src = view_embeddings(cfg, rows.iloc[train_idx].reset_index(drop=True))
+        views = (xv, train_idx[src])
+        print(f"{len(xv)} tile-like views of {len(train_idx)} training images embedded in "
+              f"{time.perf_counter() - t0:.0f}s")
     # calibration pool: ~30% of each taxon's TRAINING images; calibration head: the rest
     cal_pool = np.zeros(len(rows), dtype=bool)
     cal_pool[np.flatnonzero(train)[stratified_split(strata[train], 0.3, args.seed + 1)]] = True
     t0 = time.perf_counter()
     torch.manual_seed(0)
     heads = ROOT / "outputs" / "synthetic_plots_heads"
-    bundle = train_bundle(x, y, train, taxonomy, cfg, heads)
-    cal_bundle = train_bundle(x, y, train & ~cal_pool, taxonomy, cfg, heads)
+    bundle = train_bundle(x, y, train, taxonomy, cfg, heads, views)
+    cal_bundle = train_bundle(x, y, train & ~cal_pool, taxonomy, cfg, heads, views)
     lowest = taxonomy.ranks[-1]
     acc = float((bundle.predict_embeddings(x[is_test]).path[lowest] == y[lowest][is_test]).mean())
     print(f"heads trained in {time.perf_counter() - t0:.0f}s; test single-leaf species accuracy "
@@ -491,8 +513,11 @@ def main() -> None:
         f"- command: `.venv/bin/python {' '.join(['bench/synthetic_plots.py', *sys.argv[1:]])}`"
         f" ({total:.0f}s including cached tile embeddings)",
         f"- classifier: taxoclass head (`train_head`, configs/leaf.yaml hyper-parameters) on the "
-        f"{int(train.sum())} training-split EfficientNet-Lite0 leaf embeddings; tiles embedded "
-        f"by `create_backbone(\"efficientnet-lite0\")`; single-leaf species accuracy on the "
+        f"{int(train.sum())} training-split EfficientNet-Lite0 leaf embeddings "
+        f"(preprocessing {tiler.backbone.data_overrides or 'timm default'})"
+        + (f" plus {len(views[0])} tile-like views of them (`taxoclass.augment`, "
+           f"{args.views} per image, settings {cfg['augment']})" if views else "")
+        + f"; tiles embedded by the bundle's backbone; single-leaf species accuracy on the "
         f"{int(is_test.sum())} held-out images {acc:.3f}",
         f"- TEST: {args.n_test} plots from held-out images only (mean {n_true:.1f} true taxa "
         f"per plot); CALIBRATION: {args.n_cal} plots from training-split images only "

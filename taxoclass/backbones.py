@@ -34,8 +34,12 @@ from taxoclass.errors import BackboneError
 __all__ = [
     "BACKBONE_ALIASES",
     "DEFAULT_BACKBONE",
+    "RESIZE_MODES",
     "Backbone",
+    "backbone_from_spec",
+    "backbone_spec",
     "create_backbone",
+    "preprocess_overrides",
     "file_sha256",
     "load_class_mapping",
     "resolve_backbone_name",
@@ -53,6 +57,87 @@ _FIX_OPTIONS = (
     "--checkpoint PATH (a local timm state dict or a PlantCLEF model_best.pth.tar) "
     "or --backbone efficientnet-lite0 (real ImageNet weights that install offline)"
 )
+#: How an image becomes the model's square input: timm's centre crop (part of a long
+#: image is lost), a letterbox (whole image, longest side fitted, padded) or a squash
+#: (whole image, aspect ratio not kept).
+RESIZE_MODES = ("crop", "letterbox", "squash")
+_PAD_FILLS = ("mean", "black", "white")
+#: Keys of a backbone spec: what rebuilds the same features (config ``backbone`` section,
+#: bundle recipe, engine workers).
+SPEC_KEYS = ("name", "checkpoint", "model_kwargs", "pretrained", "class_mapping",
+             "data_overrides")
+
+
+def preprocess_overrides(image_size: int | None = None, resize: str | None = None,
+                         pad_fill: str | int | None = None) -> dict[str, Any]:
+    """timm data-config overrides for an input size, a resize mode and a letterbox fill.
+
+    ``resize="letterbox"`` keeps the whole image (longest side fitted, borders padded with
+    ``pad_fill``: ``"mean"`` (timm's default: the normalisation mean), ``"black"``,
+    ``"white"`` or a grey level 0-255); ``"squash"`` stretches it; ``"crop"`` is timm's
+    centre crop. Silhouettes and herbarium sheets lose their tips to a centre crop.
+    """
+    out: dict[str, Any] = {}
+    if image_size is not None:
+        size = int(image_size)
+        if size < 16:
+            raise BackboneError(f"image_size {image_size!r}: expected an input side of at least "
+                                f"16 pixels, e.g. 224 or 518.")
+        out["input_size"] = (3, size, size)
+    if resize is not None:
+        if resize not in RESIZE_MODES:
+            raise BackboneError(f"resize {resize!r}: expected one of {', '.join(RESIZE_MODES)}.")
+        if resize == "letterbox":
+            out.update(crop_mode="border", crop_pct=1.0)
+        elif resize == "squash":
+            out.update(crop_mode="squash", crop_pct=1.0)
+        else:
+            out["crop_mode"] = "center"
+    if pad_fill is not None:
+        if resize != "letterbox":
+            raise BackboneError(f"pad_fill {pad_fill!r} only applies to resize 'letterbox' "
+                                f"(got resize {resize!r}). Fix: set resize: letterbox or drop "
+                                f"pad_fill.")
+        if not (pad_fill in _PAD_FILLS or (isinstance(pad_fill, int)
+                                            and not isinstance(pad_fill, bool)
+                                            and 0 <= pad_fill <= 255)):
+            raise BackboneError(f"pad_fill {pad_fill!r}: expected one of "
+                                f"{', '.join(_PAD_FILLS)} or a grey level 0-255.")
+        out["pad_fill"] = pad_fill
+    return out
+
+
+def backbone_spec(section: dict[str, Any]) -> dict[str, Any]:
+    """A rebuildable backbone spec (:data:`SPEC_KEYS`) from a config ``backbone`` section.
+
+    The section's ``image_size`` / ``resize`` / ``pad_fill`` become ``data_overrides``
+    (:func:`preprocess_overrides`), merged over any explicit ``data_overrides``.
+    """
+    spec = {k: section.get(k) for k in SPEC_KEYS if section.get(k) is not None}
+    pre = preprocess_overrides(section.get("image_size"), section.get("resize"),
+                               section.get("pad_fill"))
+    overrides = {**dict(section.get("data_overrides") or {}), **pre}
+    if overrides:
+        spec["data_overrides"] = {k: list(v) if isinstance(v, tuple) else v
+                                  for k, v in overrides.items()}
+    spec.setdefault("model_kwargs", {})
+    return spec
+
+
+def backbone_from_spec(spec: dict[str, Any], *, device: str = "cpu",
+                       compile: bool = False) -> Backbone:
+    """Build the backbone a spec describes: ``name`` plus optional :data:`SPEC_KEYS`
+    (as for :func:`create_backbone`; ``pretrained`` defaults to True)."""
+    unknown = set(spec) - set(SPEC_KEYS)
+    if "name" not in spec or unknown:
+        raise BackboneError(f"Backbone spec {dict(spec)!r}: expected a 'name' and only the "
+                            f"keys {', '.join(SPEC_KEYS)} (unknown: {sorted(unknown)}).")
+    return create_backbone(spec["name"], checkpoint=spec.get("checkpoint"),
+                           pretrained=bool(spec.get("pretrained", True)),
+                           class_mapping=spec.get("class_mapping"),
+                           model_kwargs=spec.get("model_kwargs") or None,
+                           data_overrides=spec.get("data_overrides") or None,
+                           device=device, compile=compile)
 
 
 @dataclass
@@ -70,6 +155,7 @@ class Backbone:
     weights_source: str = "random-init"
     weights_fingerprint: str | None = None
     model_kwargs: dict = field(default_factory=dict)
+    data_overrides: dict = field(default_factory=dict)
     channels_last: bool = False
     #: Autocast dtype for inference: "bfloat16" on CUDA (fast path), None (fp32) on a CPU.
     autocast: str | None = None
@@ -114,6 +200,16 @@ class Backbone:
         with torch.inference_mode():
             return self.model(self._prepare(x))
 
+    def spec(self) -> dict[str, Any]:
+        """What :func:`backbone_from_spec` needs to rebuild this backbone."""
+        spec: dict[str, Any] = {"name": self.name, "model_kwargs": _jsonable(self.model_kwargs)}
+        if self.weights_source in ("checkpoint", "random-init"):
+            spec["checkpoint"] = self.checkpoint
+            spec["pretrained"] = False
+        if self.data_overrides:
+            spec["data_overrides"] = _jsonable(self.data_overrides)
+        return spec
+
     def describe(self) -> dict[str, Any]:
         """JSON-able provenance: what produced these features."""
         return {
@@ -123,6 +219,7 @@ class Backbone:
             "checkpoint_sha256": self.checkpoint_sha256,
             "weights_fingerprint": self.weights_fingerprint,
             "model_kwargs": _jsonable(self.model_kwargs),
+            "data_overrides": _jsonable(self.data_overrides),
             "num_features": int(self.num_features),
             "num_classes": self.num_classes,
             "memory_format": "channels_last" if self.channels_last else "contiguous",
@@ -132,6 +229,24 @@ class Backbone:
             "timm_version": timm.__version__,
             "torch_version": torch.__version__,
         }
+
+
+def _set_pad_fill(transform: Callable, pad_fill: str | int, data_config: dict) -> None:
+    """Set the letterbox border colour of timm's ``crop_mode="border"`` transform."""
+    from timm.data.transforms import CenterCropOrPad
+
+    pads = [t for t in getattr(transform, "transforms", []) if isinstance(t, CenterCropOrPad)]
+    if not pads:
+        raise BackboneError(f"pad_fill {pad_fill!r} needs the letterbox transform "
+                            f"(crop_mode 'border'); this one is {transform!r}. Fix: resize: "
+                            f"letterbox.")
+    if pad_fill == "mean":
+        fill = tuple(round(255 * v) for v in data_config["mean"])
+    else:
+        grey = {"black": 0, "white": 255}.get(pad_fill, pad_fill)
+        fill = (int(grey),) * 3
+    for t in pads:
+        t.fill = fill
 
 
 def _jsonable(obj: Any) -> Any:
@@ -415,12 +530,16 @@ def create_backbone(
     if lite0_package:
         data_config["mean"] = _LITE0_MEAN_STD
         data_config["std"] = _LITE0_MEAN_STD
-    for key, value in (data_overrides or {}).items():
+    overrides = dict(data_overrides or {})
+    pad_fill = overrides.pop("pad_fill", None)
+    for key, value in overrides.items():
         if key not in data_config:
             raise BackboneError(f"data override {key!r} is not a timm data-config key; expected "
-                                f"one of {sorted(data_config)}.")
+                                f"one of {sorted(data_config)} or pad_fill.")
         data_config[key] = tuple(value) if isinstance(value, list) else value
     transform = timm.data.create_transform(**data_config, is_training=False)
+    if pad_fill is not None:
+        _set_pad_fill(transform, pad_fill, data_config)
     if compile:
         model.forward_features = torch.compile(model.forward_features)
     return Backbone(
@@ -435,6 +554,7 @@ def create_backbone(
         weights_source=source,
         weights_fingerprint=_state_fingerprint(model) if source == "random-init" else None,
         model_kwargs=kwargs,
+        data_overrides=dict(data_overrides or {}),
         channels_last=channels_last,
         autocast="bfloat16" if torch.device(device).type == "cuda" else None,
     )

@@ -101,17 +101,14 @@ class ModelBundle:
         return x.numpy()
 
     def create_backbone(self, device: str = "cpu"):
-        """Rebuild the backbone the head was trained on."""
-        from .backbones import create_backbone
+        """Rebuild the backbone the head was trained on (same weights and preprocessing)."""
+        from .backbones import SPEC_KEYS, backbone_from_spec
 
-        b = self.backbone
-        checkpoint = b.get("checkpoint")
+        spec = {k: v for k, v in self.backbone.items() if k in SPEC_KEYS and v is not None}
+        checkpoint = spec.get("checkpoint")
         if checkpoint and self.path is not None and not Path(checkpoint).is_absolute():
-            checkpoint = str(self.path / checkpoint)  # e.g. a fine-tuned backbone.pth inside
-        return create_backbone(b["name"], checkpoint=checkpoint,
-                               class_mapping=b.get("class_mapping"),
-                               pretrained=b.get("pretrained", True),
-                               model_kwargs=b.get("model_kwargs") or None, device=device)
+            spec["checkpoint"] = str(self.path / checkpoint)  # e.g. a fine-tuned backbone.pth
+        return backbone_from_spec(spec, device=device)
 
     # ------------------------------------------------------------------ storage
     def save(self, out_dir: str | Path) -> Path:

@@ -121,6 +121,13 @@ def taxonomy(source: Path, ranks: str, csv_out: Path | None) -> None:
         click.echo(f"wrote {csv_out}")
 
 
+def _pad_fill_option(value: str | None) -> str | int | None:
+    """--pad-fill: a colour name or a grey level."""
+    if value is None or not value.strip().isdigit():
+        return value
+    return int(value)
+
+
 # --------------------------------------------------------------------------- embed
 @main.command()
 @click.option("--annotations", type=click.Path(path_type=Path), required=True,
@@ -141,11 +148,20 @@ def taxonomy(source: Path, ranks: str, csv_out: Path | None) -> None:
 @click.option("--model-kwargs", default=None, metavar="JSON",
               help='Extra timm.create_model arguments, e.g. \'{"img_size": 224}\'; needed to '
                    "rebuild a checkpoint of a non-default shape.")
+@click.option("--image-size", type=click.IntRange(min=16), default=None,
+              help="Input side in pixels [default: the model's own, e.g. 224].")
+@click.option("--resize", type=click.Choice(["crop", "letterbox", "squash"]), default=None,
+              help="crop: timm's centre crop (the ends of long images are lost); letterbox: "
+                   "whole image, padded to a square; squash: whole image, stretched "
+                   "[default: the model's own, a centre crop].")
+@click.option("--pad-fill", default=None, metavar="mean|black|white|0-255",
+              help="Letterbox border colour [default: mean].")
 @click.option("--overwrite", is_flag=True, help="Discard an existing cache in --out.")
 @_engine_options
 @_device_option
 def embed(annotations: Path, images_root: Path | None, backbone: str, checkpoint: Path | None,
           out: Path, batch_size: int, num_workers: int, model_kwargs: str | None,
+          image_size: int | None, resize: str | None, pad_fill: str | None,
           overwrite: bool, engine: str, master: str | None, device: str) -> None:
     """Compute one embedding per image into a resumable on-disk cache.
 
@@ -161,7 +177,8 @@ def embed(annotations: Path, images_root: Path | None, backbone: str, checkpoint
                                    num_workers=num_workers, overwrite=overwrite,
                                    model_kwargs=_json_option("--model-kwargs", model_kwargs),
                                    progress=progress, engine=engine, master=master,
-                                   device=device)
+                                   device=device, image_size=image_size, resize=resize,
+                                   pad_fill=_pad_fill_option(pad_fill))
     n = len(result.cache.image_ids)
     click.echo(f"{n} embeddings of dim {result.cache.embeddings.shape[1]} in {out} "
                f"({result.n_computed} computed, {result.n_reused} reused, "

@@ -31,6 +31,10 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint": None,
         "class_mapping": None,
         "model_kwargs": {},
+        "image_size": None,        # input side in pixels; None: the model's default
+        "resize": None,            # crop (timm's centre crop) | letterbox | squash
+        "pad_fill": None,          # letterbox border: mean | black | white | 0-255
+        "data_overrides": {},      # raw timm data-config keys (advanced)
     },
     "embeddings": {
         "cache": None,             # default: <out>/../embeddings-<backbone>
@@ -58,6 +62,13 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
     },
     "decode": {"method": "path", "top_k": 5},
+    "augment": {                   # tile-like views of TRAINING images (taxoclass.augment)
+        "views_per_image": 0,      # 0: off; e.g. 4 for a head that classifies plot tiles
+        "size": 320, "scale": [0.45, 1.4], "rotate": True, "max_cut": 0.35,
+        "background": "clutter",   # black | noise | clutter | a folder of background photos
+        "object_threshold": 80, "mask": "threshold", "seed": 0,
+        "dir": None,               # views + their embeddings; default <embeddings.cache>-views
+    },
     "openset": {
         "enabled": True,           # fit an outlier detector + per-rank thresholds for back-off
         "detector": "knn",         # pyod knn, lof, ecod, copod, iforest; or mahalanobis
@@ -143,7 +154,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
 
 PATH_KEYS = {("data", "annotations"), ("data", "images_root"), ("data", "split_file"),
              ("backbone", "checkpoint"), ("backbone", "class_mapping"),
-             ("embeddings", "cache"), ("out",)}
+             ("embeddings", "cache"), ("augment", "dir"), ("out",)}
 
 
 def _resolve_paths(cfg: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -66,7 +66,10 @@ _IDENTITY_KEYS = (
     "data_config",
     "transform",
     "autocast",
+    "data_overrides",
 )
+# What an identity key means when an older manifest lacks it.
+_IDENTITY_DEFAULTS = {"data_overrides": {}}
 
 
 @dataclass
@@ -266,10 +269,11 @@ def _differences(expected: dict, found: dict) -> list[str]:
         )
     exp_bb, found_bb = expected["backbone"], found.get("backbone", {})
     for key in _IDENTITY_KEYS:
-        if exp_bb.get(key) != found_bb.get(key):
+        default = _IDENTITY_DEFAULTS.get(key)
+        exp_value, found_value = exp_bb.get(key, default), found_bb.get(key, default)
+        if exp_value != found_value:
             diffs.append(
-                f"backbone {key}: expected {_short(exp_bb.get(key))}, "
-                f"found {_short(found_bb.get(key))}"
+                f"backbone {key}: expected {_short(exp_value)}, found {_short(found_value)}"
             )
     plan, found_plan = expected["plan"], found.get("plan", {})
     for key in ("n_images", "chunk_size", "batch_size", "image_ids_sha256"):

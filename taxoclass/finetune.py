@@ -437,7 +437,7 @@ class FinetuneResult:
 
 # --------------------------------------------------------------------------- training
 def _as_backbone(backbone: Any):
-    from .backbones import Backbone, create_backbone
+    from .backbones import Backbone, backbone_from_spec, backbone_spec, create_backbone
 
     if isinstance(backbone, Backbone):
         return backbone
@@ -448,10 +448,7 @@ def _as_backbone(backbone: Any):
         if not spec.get("name"):
             raise ConfigError(f"finetune: backbone spec {spec} has no 'name'; expected the "
                               f"config's backbone section (name, checkpoint, model_kwargs).")
-        return create_backbone(spec["name"], checkpoint=spec.get("checkpoint"),
-                               class_mapping=spec.get("class_mapping"),
-                               pretrained=bool(spec.get("pretrained", True)),
-                               model_kwargs=spec.get("model_kwargs") or None)
+        return backbone_from_spec(backbone_spec(spec))
     raise ConfigError(f"finetune: backbone must be a taxoclass Backbone, a model name or a "
                       f"backbone config mapping, got {type(backbone).__name__}.")
 
@@ -789,7 +786,8 @@ def _write_bundle(result: FinetuneResult, out: Path, *, bb, taxonomy: Taxonomy,
     head = copy.deepcopy(clf.head).cpu().eval()
     recipe = {"name": bb.name, "checkpoint": backbone_file.name, "pretrained": False,
               "class_mapping": None, "model_kwargs": dict(bb.model_kwargs or {}),
-              "finetuned": True, "base_checkpoint": bb.checkpoint,
+              "data_overrides": dict(bb.data_overrides or {}), "finetuned": True,
+              "base_checkpoint": bb.checkpoint,
               "base_weights_source": bb.weights_source, "base_description": bb.describe()}
     info = {"settings": asdict(settings), "best_epoch": result.best_epoch,
             "steps": result.steps, "stopped_early": result.stopped_early,
@@ -819,7 +817,7 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
     import pandas as pd
 
     from .annotations import load_annotations
-    from .backbones import create_backbone
+    from .backbones import backbone_from_spec, backbone_spec
     from .fileio import atomic_write_csv, atomic_write_json
     from .provenance import write_provenance
     from .taxonomy import DEFAULT_RANKS
@@ -842,9 +840,7 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
     paths = np.asarray(rows["path"].tolist(), dtype=object)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     bcfg = cfg["backbone"]
-    bb = create_backbone(bcfg["name"], checkpoint=bcfg.get("checkpoint"),
-                         class_mapping=bcfg.get("class_mapping"),
-                         model_kwargs=bcfg.get("model_kwargs") or None)
+    bb = backbone_from_spec(backbone_spec(bcfg))
     result = finetune(list(paths[~is_val]), {r: v[~is_val] for r, v in y.items()},
                       list(paths[is_val]), {r: v[is_val] for r, v in y.items()}, tax,
                       backbone=bb, out_dir=out, config=settings, model=cfg.get("model"),

@@ -6,6 +6,7 @@ outputs atomically and leaves ``provenance.json`` beside them.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -37,17 +38,24 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
                       num_workers: int = 0, overwrite: bool = False,
                       model_kwargs: dict | None = None, progress: Progress | None = None,
                       engine: str = "local", master: str | None = None,
-                      device: str = "auto"):
+                      device: str = "auto", image_size: int | None = None,
+                      resize: str | None = None, pad_fill: str | int | None = None):
     """Embed every image listed in ``annotations`` into the cache folder ``out``.
+
+    ``image_size`` / ``resize`` / ``pad_fill`` set the preprocessing
+    (:func:`~taxoclass.backbones.preprocess_overrides`; default: the model's own).
 
     ``engine="spark"`` runs the same embedding code in PySpark (``master``, default
     ``local[2]``) and writes Parquet. Returns the
     :class:`~taxoclass.embeddings.EmbedResult`.
     """
     from .annotations import load_annotations
-    from .backbones import create_backbone
+    from .backbones import backbone_from_spec, backbone_spec
     from .embeddings import compute_embeddings
 
+    spec = backbone_spec({"name": backbone, "checkpoint": str(checkpoint) if checkpoint else None,
+                          "model_kwargs": model_kwargs or {}, "image_size": image_size,
+                          "resize": resize, "pad_fill": pad_fill})
     ann = load_annotations(annotations, check=False)
     root = Path(images_root) if images_root else Path(annotations).parent
     if not root.is_dir():
@@ -61,17 +69,15 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
         from .engines import get_engine
 
         batch_size = batch_size or auto_batch_size("cpu")
-        spec = {"name": backbone, "checkpoint": str(checkpoint) if checkpoint else None,
-                "model_kwargs": model_kwargs or {}}
         return get_engine(engine, master=master).embed(
             items, spec, out, batch_size=batch_size, overwrite=overwrite, progress=progress)
-    model = create_backbone(backbone, checkpoint=checkpoint, model_kwargs=model_kwargs,
-                            device=device)
+    model = backbone_from_spec(spec, device=device)
     result = compute_embeddings(items, model, out, batch_size=batch_size,
                                 num_workers=num_workers, overwrite=overwrite, progress=progress)
     write_provenance(out, backbone=model.describe(), config={
         "annotations": str(Path(annotations).resolve()), "images_root": str(root.resolve()),
         "backbone": backbone, "checkpoint": str(checkpoint) if checkpoint else None,
+        "backbone_spec": spec,
         "batch_size": result.cache.manifest.get("plan", {}).get("batch_size", batch_size),
         "num_workers": num_workers})
     return result
@@ -134,30 +140,31 @@ def _embeddings_for(ids: Sequence[str], paths: Sequence[str], *, cache: str | Pa
     """
     import numpy as np
 
-    from .backbones import create_backbone, resolve_backbone_name
+    from .backbones import backbone_from_spec, backbone_spec, resolve_backbone_name
     from .embeddings import compute_embeddings, load_embeddings
     from .errors import CacheError
 
     cache = Path(cache)
-    wanted = resolve_backbone_name(backbone_cfg["name"])
-    loaded = None
+    spec = backbone_spec(backbone_cfg)
+    wanted = {"name": resolve_backbone_name(spec["name"]),
+              "data_overrides": json.loads(json.dumps(spec.get("data_overrides") or {}))}
     try:
         loaded = load_embeddings(cache)
-        have = loaded.manifest.get("backbone", {}).get("name")
+    except CacheError:
+        loaded = None  # absent or unfinished: compute_embeddings resumes or starts it
+    if loaded is not None:
+        have_bb = loaded.manifest.get("backbone", {})
+        have = {"name": have_bb.get("name"),
+                "data_overrides": have_bb.get("data_overrides") or {}}
         if have != wanted:
-            raise CacheError(f"Embedding cache {cache} holds {have!r} features but the config "
-                             f"asks for backbone {wanted!r}. Fix: point embeddings.cache at a "
-                             "new folder, or set backbone.name to match.")
+            raise CacheError(f"Embedding cache {cache} holds features of {have} but the config "
+                             f"asks for {wanted}. Fix: point embeddings.cache at a new folder, "
+                             f"or set the backbone section (name, image_size, resize, pad_fill) "
+                             f"to match.")
         if not set(ids) <= set(loaded.image_ids.tolist()):
             loaded = None  # recompute: compute_embeddings reuses nothing of another plan
-    except CacheError as exc:
-        if "holds" in str(exc):
-            raise
-        loaded = None
     if loaded is None:
-        bb = create_backbone(backbone_cfg["name"], checkpoint=backbone_cfg.get("checkpoint"),
-                             class_mapping=backbone_cfg.get("class_mapping"),
-                             model_kwargs=backbone_cfg.get("model_kwargs") or None)
+        bb = backbone_from_spec(spec)
         result = compute_embeddings(list(zip(ids, paths)), bb, cache, batch_size=batch_size,
                                     num_workers=num_workers, progress=progress)
         loaded = result.cache
@@ -169,6 +176,55 @@ def _embeddings_for(ids: Sequence[str], paths: Sequence[str], *, cache: str | Pa
     return emb, found, loaded.manifest.get("backbone", {})
 
 
+def config_embeddings(cfg: dict, rows, *, progress: Progress | None = None):
+    """Embeddings of ``rows`` (``image_id``, ``path``) from the config's cache.
+
+    The cache is ``embeddings.cache`` (default ``<out>-embeddings``) with the config's
+    backbone section (name, weights, preprocessing); what is missing is computed. Returns
+    (embeddings [n, d] float32, found mask [n], backbone description).
+    """
+    emb_cfg = cfg["embeddings"]
+    out = Path(cfg["out"])
+    cache = emb_cfg.get("cache") or str(out.parent / f"{out.name}-embeddings")
+    return _embeddings_for([str(i) for i in rows["image_id"]], rows["path"].tolist(),
+                           cache=cache, backbone_cfg=cfg["backbone"],
+                           batch_size=emb_cfg.get("batch_size"),
+                           num_workers=int(emb_cfg.get("num_workers", 0)), progress=progress)
+
+
+def view_embeddings(cfg: dict, rows, *, progress: Progress | None = None):
+    """Tile-like views of ``rows`` (the training images) and their embeddings.
+
+    As configured in ``augment`` (:class:`~taxoclass.augment.ViewSettings`); views are
+    written to ``augment.dir`` (default ``<embeddings.cache>-views``) and embedded with
+    the config's backbone into a cache beside them. Both resume. Returns (embeddings
+    [m, d] float32, index into ``rows`` of each view's source image [m]).
+    """
+    import numpy as np
+
+    from .augment import ViewSettings, write_views
+
+    acfg = dict(cfg.get("augment") or {})
+    folder = acfg.pop("dir", None)
+    settings = ViewSettings.from_mapping(acfg)
+    ids = [str(i) for i in rows["image_id"]]
+    if settings.views_per_image == 0 or not ids:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=int)
+    if folder is None:
+        out = Path(cfg["out"])
+        cache = cfg["embeddings"].get("cache") or str(out.parent / f"{out.name}-embeddings")
+        folder = f"{cache}-views"
+    frame = write_views(list(zip(ids, rows["path"].tolist())), folder, settings)
+    x, found, _ = _embeddings_for(
+        frame["view_id"].tolist(), frame["path"].tolist(),
+        cache=Path(folder) / f"embeddings-{settings.views_per_image}",
+        backbone_cfg=cfg["backbone"], batch_size=cfg["embeddings"].get("batch_size"),
+        num_workers=int(cfg["embeddings"].get("num_workers", 0)), progress=progress)
+    pos = {k: i for i, k in enumerate(ids)}
+    source = frame["source_id"].map(pos).to_numpy()
+    return x[found], source[found].astype(int)
+
+
 def train_from_config(cfg: dict, *, progress: Progress | None = None,
                       embed_progress: Progress | None = None) -> Path:
     """Train a hierarchical head as configured (``configs/leaf.yaml``); returns the bundle."""
@@ -176,6 +232,7 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     import pandas as pd
 
     from .annotations import load_annotations
+    from .backbones import backbone_spec
     from .bundle import ModelBundle
     from .config import ConfigError
     from .fileio import atomic_write_csv, atomic_write_json
@@ -201,30 +258,27 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
         tax = ann.taxonomy(data.get("ranks") or DEFAULT_RANKS)
     y, nodes = _targets(tax, rows)
     ids = [str(i) for i in rows["image_id"]]
-    emb_cfg = cfg["embeddings"]
-    cache = emb_cfg.get("cache") or str(out.parent / f"{out.name}-embeddings")
-    x, found, backbone_desc = _embeddings_for(
-        ids, rows["path"].tolist(), cache=cache, backbone_cfg=cfg["backbone"],
-        batch_size=emb_cfg.get("batch_size"),
-        num_workers=int(emb_cfg.get("num_workers", 0)), progress=embed_progress)
+    cache = cfg["embeddings"].get("cache") or str(out.parent / f"{out.name}-embeddings")
+    x, found, backbone_desc = config_embeddings(cfg, rows, progress=embed_progress)
     if not found.all():
         missing = [i for i, f in zip(ids, found) if not f][:5]
         print(f"warning: {int((~found).sum())} labelled image(s) have no embedding (unreadable; "
               f"see {cache}/failures.csv), e.g. {missing}; training without them.")
     is_val = validation_mask(ids, nodes, data)
     tr, va = found & ~is_val, found & is_val
-    result = train_head(x[tr], {r: v[tr] for r, v in y.items()}, x[va],
-                        {r: v[va] for r, v in y.items()}, tax, model=cfg["model"],
-                        loss=cfg["loss"], train=cfg["train"],
+    # Tile-like views of the training images only (never of validation images).
+    tr_idx = np.flatnonzero(tr)
+    xv, src = view_embeddings(cfg, rows.iloc[tr_idx].reset_index(drop=True),
+                              progress=embed_progress)
+    x_tr = np.concatenate([x[tr], xv]) if len(xv) else x[tr]
+    y_tr = {r: np.concatenate([v[tr], v[tr_idx[src]]]) for r, v in y.items()}
+    result = train_head(x_tr, y_tr, x[va], {r: v[va] for r, v in y.items()}, tax,
+                        model=cfg["model"], loss=cfg["loss"], train=cfg["train"],
                         normalize_inputs=bool(cfg["model"].get("normalize", True)),
                         progress=progress)
     bundle = ModelBundle(head=result.head, taxonomy=tax, normalize=bool(
         cfg["model"].get("normalize", True)), decode_method=cfg["decode"]["method"],
-        backbone={"name": cfg["backbone"]["name"],
-                  "checkpoint": cfg["backbone"].get("checkpoint"),
-                  "class_mapping": cfg["backbone"].get("class_mapping"),
-                  "model_kwargs": cfg["backbone"].get("model_kwargs") or {},
-                  "description": backbone_desc},
+        backbone={**backbone_spec(cfg["backbone"]), "description": backbone_desc},
         extra={"annotations": str(Path(data["annotations"]).resolve()),
                "embedding_cache": str(Path(cache).resolve()), "best_epoch": result.best_epoch})
     decoded = bundle.predict_embeddings(x[va], top_k=int(cfg["decode"].get("top_k", 5)))
@@ -232,9 +286,9 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
                                    topk_index=decoded.topk_index)
     ocfg = cfg.get("openset") or {}
     if ocfg.get("enabled", True):
-        bundle.scorer = fit_openset_scorer(bundle, x[tr], y["genus"][tr], x[va],
+        bundle.scorer = fit_openset_scorer(bundle, x_tr, y_tr["genus"], x[va],
                                            rows[va].reset_index(drop=True), ocfg,
-                                           species_train=y[tax.ranks[-1]][tr])
+                                           species_train=y_tr[tax.ranks[-1]])
         metrics["openset_thresholds"] = bundle.scorer.thresholds.to_dict()
     bundle.save(out)
     atomic_write_csv(out / "history.csv", result.history)
@@ -244,7 +298,7 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     write_provenance(out, config=cfg, backbone=backbone_desc, extra={
         "training": {"best_epoch": result.best_epoch, "epochs_run": len(result.history),
                      "seconds": result.seconds, "n_train": int(tr.sum()),
-                     "n_val": int(va.sum())}})
+                     "n_train_views": int(len(xv)), "n_val": int(va.sum())}})
     return out
 
 

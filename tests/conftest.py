@@ -62,3 +62,40 @@ def leaf_embedding_cache(shared_data: Path, request, tmp_path_factory) -> Path:
     embed_annotations(shared_data / "leaf" / "annotations.json",
                       images_root=shared_data / "leaf", backbone="efficientnet-lite0", out=out)
     return out
+
+
+TINY_VIT = "vit_base_patch14_reg4_dinov2"
+
+
+@pytest.fixture(scope="session")
+def small_leaf(shared_data, tmp_path_factory):
+    """Annotations for 5 images of each of 8 species (one of them genus-only) + a checkpoint."""
+    import json
+
+    import timm
+    import torch
+
+    tmp = tmp_path_factory.mktemp("wf")
+    data = json.loads((shared_data / "leaf" / "annotations.json").read_text())
+    cats = [c for c in data["categories"] if c["genus"] in ("Acer", "Quercus", "Philadelphus",
+                                                           "Alnus")][:8]
+    if not any(c["species"] == "" for c in cats):
+        cats[-1] = next(c for c in data["categories"] if c["species"] == "")
+    keep_cats = {c["category_id"] for c in cats}
+    anns, per = [], {}
+    for a in data["annotations"]:
+        if a["category_id"] in keep_cats and per.get(a["category_id"], 0) < 5:
+            per[a["category_id"]] = per.get(a["category_id"], 0) + 1
+            anns.append(a)
+    ids = {a["image_id"] for a in anns}
+    small = dict(data, annotations=anns, categories=cats,
+                 images=[im for im in data["images"] if im["image_id"] in ids])
+    ann_path = tmp / "annotations.json"
+    ann_path.write_text(json.dumps(small))
+    kwargs = {"img_size": 56, "depth": 2, "embed_dim": 64, "num_heads": 2}
+    torch.manual_seed(0)
+    model = timm.create_model(TINY_VIT, pretrained=False, num_classes=0, **kwargs)
+    ckpt = tmp / "tiny_dinov2.pth"
+    torch.save(model.state_dict(), ckpt)
+    return {"dir": tmp, "ann": ann_path, "root": shared_data / "leaf", "ckpt": ckpt,
+            "kwargs": kwargs, "n": len(small["images"]), "categories": cats, "arch": TINY_VIT}

@@ -9,44 +9,13 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-import pytest
-import timm
 import torch
 import yaml
 from click.testing import CliRunner
 
 from taxoclass.cli import main
 
-ARCH = "vit_base_patch14_reg4_dinov2"
-
-
-@pytest.fixture(scope="module")
-def small_leaf(shared_data, tmp_path_factory):
-    """Annotations for 5 images of each of 8 species (one of them genus-only) + a checkpoint."""
-    tmp = tmp_path_factory.mktemp("wf")
-    data = json.loads((shared_data / "leaf" / "annotations.json").read_text())
-    cats = [c for c in data["categories"] if c["genus"] in ("Acer", "Quercus", "Philadelphus",
-                                                           "Alnus")][:8]
-    if not any(c["species"] == "" for c in cats):
-        cats[-1] = next(c for c in data["categories"] if c["species"] == "")
-    keep_cats = {c["category_id"] for c in cats}
-    anns, per = [], {}
-    for a in data["annotations"]:
-        if a["category_id"] in keep_cats and per.get(a["category_id"], 0) < 5:
-            per[a["category_id"]] = per.get(a["category_id"], 0) + 1
-            anns.append(a)
-    ids = {a["image_id"] for a in anns}
-    small = dict(data, annotations=anns, categories=cats,
-                 images=[im for im in data["images"] if im["image_id"] in ids])
-    ann_path = tmp / "annotations.json"
-    ann_path.write_text(json.dumps(small))
-    kwargs = {"img_size": 56, "depth": 2, "embed_dim": 64, "num_heads": 2}
-    torch.manual_seed(0)
-    model = timm.create_model(ARCH, pretrained=False, num_classes=0, **kwargs)
-    ckpt = tmp / "tiny_dinov2.pth"
-    torch.save(model.state_dict(), ckpt)
-    return {"dir": tmp, "ann": ann_path, "root": shared_data / "leaf", "ckpt": ckpt,
-            "kwargs": kwargs, "n": len(small["images"]), "categories": cats}
+ARCH = "vit_base_patch14_reg4_dinov2"  # conftest.TINY_VIT, the small_leaf checkpoint
 
 
 def test_embed_train_evaluate_predict(small_leaf):

@@ -61,25 +61,17 @@ class Engine(Protocol):
         ...
 
 
+#: Keys of a backbone spec (same as :data:`taxoclass.backbones.SPEC_KEYS`; kept here so
+#: that importing the engines does not import torch).
 BACKBONE_SPEC_KEYS = ("name", "checkpoint", "model_kwargs", "pretrained", "class_mapping",
                       "data_overrides")
 
 
 def backbone_from_spec(spec: Mapping[str, Any]):
-    """Build the backbone a spec describes: ``name`` plus optional :data:`BACKBONE_SPEC_KEYS`
-    (as for :func:`~taxoclass.backbones.create_backbone`; ``pretrained`` defaults to True).
-    """
-    from ..backbones import create_backbone
+    """Build the backbone a spec describes (:func:`taxoclass.backbones.backbone_from_spec`)."""
+    from ..backbones import backbone_from_spec as build
 
-    unknown = set(spec) - set(BACKBONE_SPEC_KEYS)
-    if "name" not in spec or unknown:
-        raise ConfigError(f"Backbone spec {dict(spec)!r}: expected a 'name' and only the keys "
-                          f"{', '.join(BACKBONE_SPEC_KEYS)} (unknown: {sorted(unknown)}).")
-    return create_backbone(spec["name"], checkpoint=spec.get("checkpoint"),
-                           pretrained=bool(spec.get("pretrained", True)),
-                           class_mapping=spec.get("class_mapping"),
-                           model_kwargs=spec.get("model_kwargs") or None,
-                           data_overrides=spec.get("data_overrides") or None)
+    return build(dict(spec))
 
 
 @dataclass

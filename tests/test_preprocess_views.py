@@ -1,0 +1,142 @@
+"""Backbone preprocessing (image size, letterbox) and tile-like training views, end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from taxoclass.backbones import backbone_spec, create_backbone, preprocess_overrides
+from taxoclass.bundle import ModelBundle
+from taxoclass.cli import main
+from taxoclass.embeddings import load_embeddings
+from taxoclass.errors import BackboneError, CacheError
+from taxoclass.workflows import config_embeddings
+
+
+@pytest.fixture(scope="module")
+def lite0_random():
+    """Random-weight EfficientNet-Lite0 builder (no weights file needed)."""
+    def build(**overrides):
+        return create_backbone("efficientnet-lite0", pretrained=False,
+                               data_overrides=preprocess_overrides(**overrides) or None)
+    return build
+
+
+def _long_leaf() -> Image.Image:
+    """A white bar 300x60 on black: a long leaf whose tips a centre crop loses."""
+    img = Image.new("RGB", (300, 60))
+    img.paste((255, 255, 255), (0, 0, 300, 60))
+    return img
+
+
+def test_letterbox_keeps_the_whole_image_and_crop_does_not(lite0_random):
+    crop = lite0_random(image_size=64, resize="crop")
+    box = lite0_random(image_size=64, resize="letterbox", pad_fill="black")
+    t_crop, t_box = crop.transform(_long_leaf()), box.transform(_long_leaf())
+    assert t_crop.shape == t_box.shape == (3, 64, 64)
+    white, black = (1 - 0.5) / 0.5, (0 - 0.5) / 0.5  # lite0 normalisation: mean = std = 0.5
+    # centre crop: the bar fills the whole square (its ends are cut away)
+    assert torch.allclose(t_crop, torch.full_like(t_crop, white), atol=0.05)
+    # letterbox: whole bar across the width, black bands above and below
+    row_mean = t_box[0].mean(dim=1)
+    assert row_mean[:20].max() == pytest.approx(black, abs=1e-4)
+    assert row_mean[-20:].max() == pytest.approx(black, abs=1e-4)
+    assert row_mean[30].item() == pytest.approx(white, abs=0.05)
+    assert t_box[0, 32, 1].item() == pytest.approx(white, abs=0.1)  # the bar's left tip is kept
+
+
+def test_pad_fill_default_is_the_normalisation_mean(lite0_random):
+    t = lite0_random(image_size=64, resize="letterbox").transform(_long_leaf())
+    assert t[0, :5].abs().max().item() < 0.01  # mean grey normalises to 0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"resize": "stretch"}, "expected one of crop, letterbox, squash"),
+    ({"image_size": 8}, "at least 16 pixels"),
+    ({"resize": "crop", "pad_fill": "black"}, "only applies to resize 'letterbox'"),
+    ({"resize": "letterbox", "pad_fill": "purple"}, "grey level 0-255"),
+])
+def test_preprocess_errors_name_the_value_and_the_fix(kwargs, match):
+    with pytest.raises(BackboneError, match=match):
+        preprocess_overrides(**kwargs)
+
+
+def test_backbone_spec_round_trips_through_describe(lite0_random):
+    spec = backbone_spec({"name": "efficientnet-lite0", "image_size": 96, "resize": "squash",
+                          "pretrained": False})
+    assert spec["data_overrides"] == {"input_size": [3, 96, 96], "crop_mode": "squash",
+                                      "crop_pct": 1.0}
+    bb = lite0_random(image_size=96, resize="squash")
+    assert bb.describe()["data_overrides"]["crop_mode"] == "squash"
+    assert bb.data_config["input_size"] == (3, 96, 96)
+    assert bb.transform(_long_leaf()).shape == (3, 96, 96)
+
+
+def _config(d, tmp, **backbone):
+    return {"data": {"annotations": str(d["ann"]), "images_root": str(d["root"]),
+                     "val_fraction": 0.4},
+            "backbone": {"name": d["arch"], "checkpoint": str(d["ckpt"]),
+                         "model_kwargs": d["kwargs"], **backbone},
+            "embeddings": {"cache": str(tmp / "emb")},
+            "train": {"epochs": 5, "patience": None, "batch_size": 16},
+            "openset": {"enabled": False},
+            "out": str(tmp / "model")}
+
+
+def test_train_with_views_and_letterbox(small_leaf, tmp_path):
+    """`taxoclass train` with tile-like views: views of training images only, embedded with
+    the configured preprocessing, counted in provenance; the bundle rebuilds that
+    preprocessing."""
+    torch.set_num_threads(1)
+    d = small_leaf
+    cfg = _config(d, tmp_path, image_size=56, resize="letterbox")
+    cfg["augment"] = {"views_per_image": 2, "size": 64, "seed": 3}
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(main, ["train", "--config", str(cfg_path)])
+    assert res.exit_code == 0, res.output
+
+    model = tmp_path / "model"
+    prov = json.loads((model / "provenance.json").read_text())
+    split = pd.read_csv(model / "split.csv", dtype={"image_id": str})
+    train_ids = set(split.loc[split["split"] == "train", "image_id"])
+    assert prov["training"]["n_train"] == len(train_ids) == 24
+    assert prov["training"]["n_train_views"] == 2 * len(train_ids)
+    views_dir = tmp_path / "emb-views"
+    sources = {p.name.split("__v")[0] for p in (views_dir / "views").glob("*.jpg")}
+    assert sources == train_ids  # never a view of a validation image
+    with Image.open(next((views_dir / "views").glob("*.jpg"))) as im:
+        assert im.size == (64, 64)
+
+    bundle = ModelBundle.load(model)
+    assert bundle.backbone["data_overrides"]["crop_mode"] == "border"
+    bb = bundle.create_backbone()
+    assert bb.data_config["crop_mode"] == "border" and bb.data_config["crop_pct"] == 1.0
+    # the head was trained on the same features the bundle's backbone makes now
+    cache = load_embeddings(tmp_path / "emb")
+    files = {str(im["image_id"]): im["file_name"]
+             for im in json.loads(d["ann"].read_text())["images"]}
+    first = d["root"] / files[str(cache.image_ids[0])]
+    again = bb.embed(bb.transform(Image.open(first).convert("RGB")).unsqueeze(0)).numpy()
+    assert np.abs(again - cache.embeddings[:1]).max() < 1e-4
+
+
+def test_cache_of_other_preprocessing_is_refused(small_leaf, tmp_path):
+    d = small_leaf
+    from taxoclass.annotations import load_annotations
+    from taxoclass.config import DEFAULTS, deep_merge
+
+    rows = load_annotations(d["ann"]).labelled_images(d["root"]).head(4)
+    crop = deep_merge(DEFAULTS, _config(d, tmp_path, image_size=56, resize="crop"))
+    x, found, _ = config_embeddings(crop, rows)
+    assert found.all() and x.shape == (4, 64)
+    box = deep_merge(DEFAULTS, _config(d, tmp_path, image_size=56, resize="letterbox"))
+    with pytest.raises(CacheError, match="crop_mode.*center.*border|border.*center"):
+        config_embeddings(box, rows)
