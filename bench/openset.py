@@ -30,10 +30,11 @@ import torch
 import yaml
 
 from taxoclass.annotations import load_annotations
-from taxoclass.config import load_config
+from taxoclass.config import DEFAULTS, load_config
 from taxoclass.decoding import decode
 from taxoclass.openset import (
     choose_holdout,
+    confidence_of,
     correct_by_rank,
     detection_table,
     fit_scorer,
@@ -44,7 +45,14 @@ from taxoclass.openset import (
     split_known_unknown,
     truth_names,
 )
-from taxoclass.outliers import DETECTORS, EvidenceCombiner, OutlierDetector, confidence_scores
+from taxoclass.outliers import (
+    COMBINERS,
+    CONFIDENCES,
+    DETECTORS,
+    EvidenceCombiner,
+    OutlierDetector,
+    confidence_scores,
+)
 from taxoclass.training import normalize, stratified_split, train_head
 from taxoclass.workflows import _targets, config_embeddings
 
@@ -67,10 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-holdout", type=int, default=12)
     p.add_argument("--calib-holdout", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", default="knn", choices=DETECTORS,
+    o = DEFAULTS["openset"]  # the back-off `taxoclass train` fits by default
+    p.add_argument("--method", default=o["detector"], choices=DETECTORS,
                    help="detector for back-off (mahalanobis uses the species labels)")
-    p.add_argument("--scope", default="group", choices=("global", "group"))
-    p.add_argument("--combiner", default="rank_mean", choices=("rank_mean", "logistic"))
+    p.add_argument("--scope", default=o["scope"], choices=("global", "group"))
+    p.add_argument("--combiner", default=o["combiner"], choices=COMBINERS)
+    p.add_argument("--confidence", default=o["confidence"], choices=CONFIDENCES)
+    p.add_argument("--gate-quantile", type=float, default=o["gate_quantile"])
     p.add_argument("--species-target", type=float, default=0.97)
     p.add_argument("--higher-target", type=float, default=0.95)
     p.add_argument("--threads", type=int, default=1)
@@ -155,13 +166,19 @@ def main(argv: list[str] | None = None) -> int:
             kind = "" if method == "mahalanobis" else "pyod "
             scope = scope_name
             scores[f"{kind}{method} ({scope})"] = z_test
-            for comb in ("logistic", "rank_mean"):
-                c = EvidenceCombiner(comb).fit(d_val.path_prob, z_val, c_val)
-                evid[(method, scope, comb)] = -c.score(d_test.path_prob, z_test)["species"]
+            for comb in COMBINERS:
+                for conf in CONFIDENCES:
+                    c = EvidenceCombiner(comb, confidence=conf,
+                                         gate_quantile=args.gate_quantile)
+                    c.fit(confidence_of(d_val, conf), z_val, c_val)
+                    evid[(method, scope, comb, conf)] = -c.score(confidence_of(d_test, conf),
+                                                                 z_test)["species"]
     c = EvidenceCombiner("logistic", use_outlier=False).fit(d_val.path_prob, None, c_val)
     scores["logistic(path prob) species evidence"] = -c.score(d_test.path_prob, None)["species"]
-    for (method, scope, comb), s in evid.items():
-        scores[f"{comb}(path prob, {method} {scope}) species evidence"] = s
+    scores["path logit (species)"] = -d_test.path_logit["species"]
+    for (method, scope, comb, conf), s in evid.items():
+        what = "path prob" if conf == "path_prob" else "path logit"
+        scores[f"{comb}({what}, {method} {scope}) species evidence"] = s
     table = detection_table(y_unk, scores).sort_values("auroc", ascending=False)
 
     # ---- back-off with the chosen detector at the target precisions
@@ -169,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                "species": args.species_target}
     scorer = fit_scorer(x_tr, g_tr, x_val, d_val, c_val, method=args.method, scope=args.scope,
                         combiner=args.combiner, target_precision=targets, min_support=10,
-                        labels_train=s_tr)
+                        labels_train=s_tr, confidence=args.confidence,
+                        gate_quantile=args.gate_quantile)
     method_name = scorer.detector.method
     frame = scorer.predict(x_test, d_test, tax)
     summary = outcome_summary(frame, truth, y_unk, tax.ranks)

@@ -76,6 +76,15 @@ def run_bare(items, backbone, batch_size: int, pool: int) -> dict:
     return {"seconds": seconds, "images_per_s": n / seconds}
 
 
+def plain_copy(backbone):
+    """The same weights as timm builds them (contiguous float32): what a first script has."""
+    import copy
+    import dataclasses
+
+    model = copy.deepcopy(backbone.model).to(memory_format=torch.contiguous_format)
+    return dataclasses.replace(backbone, model=model, channels_last=False, autocast=None)
+
+
 def run_naive(items, backbone) -> dict:
     """Open, transform and embed one image at a time (what a first script does)."""
     start = time.perf_counter()
@@ -163,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-batch", type=int, default=4096)
     parser.add_argument("--species-table", type=Path, default=PLANTCLEF_TABLE)
     parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action="store_true",
+                        help="also run the pipeline with --precision bf16 (CPU autocast)")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     args = parser.parse_args(argv)
 
@@ -183,7 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     pipe = {w: run_pipeline(items, backbone, args.batch_size, w) for w in workers}
     bare = run_bare(items, backbone, args.batch_size, args.bare_pool)
+    bf16 = bare16 = None
+    if args.bf16:
+        b16 = create_backbone("efficientnet-lite0", precision="bf16")
+        b16.embed(torch.stack([b16.transform(load_image(p)) for _, p in items[:8]]))
+        bf16 = max((run_pipeline(items, b16, args.batch_size, w) for w in workers),
+                   key=lambda r: r["images_per_s"])
+        bare16 = run_bare(items, b16, args.batch_size, args.bare_pool)
     naive = run_naive(items[: args.naive_limit], backbone)
+    plain = plain_copy(backbone)
+    naive_plain = run_naive(items[: args.naive_limit], plain)
     head = run_head(args.head_n, 768, args.species_table, args.head_batch)
 
     best_w = max(pipe, key=lambda w: pipe[w]["images_per_s"])
@@ -208,17 +228,34 @@ def main(argv: list[str] | None = None) -> int:
                      f"| {r['images_per_s'] / best:.2f} |")
     lines.append(f"| (a) bare forward, pre-decoded | {bare['images_per_s']:.1f} | "
                  f"{bare['seconds']:.2f} | {bare['images_per_s'] / best:.2f} |")
-    lines.append(f"| (b) naive one-at-a-time loop ({len(items[: args.naive_limit])} images) | "
-                 f"{naive['images_per_s']:.1f} | {naive['seconds']:.2f} | "
+    n_naive = len(items[: args.naive_limit])
+    lines.append(f"| (b) naive one-at-a-time loop, plain timm model (contiguous fp32; "
+                 f"{n_naive} images) | {naive_plain['images_per_s']:.1f} | "
+                 f"{naive_plain['seconds']:.2f} | {naive_plain['images_per_s'] / best:.2f} |")
+    lines.append(f"| (b') naive one-at-a-time loop, taxoclass's channels-last model "
+                 f"({n_naive} images) | {naive['images_per_s']:.1f} | {naive['seconds']:.2f} | "
                  f"{naive['images_per_s'] / best:.2f} |")
+    if bf16 is not None:
+        lines.append(f"| pipeline, `--precision bf16` (CPU autocast) | "
+                     f"{bf16['images_per_s']:.1f} | {bf16['seconds']:.2f} | "
+                     f"{bf16['images_per_s'] / best:.2f} |")
+        lines.append(f"| (a) bare forward, bf16, pre-decoded | {bare16['images_per_s']:.1f} | "
+                     f"{bare16['seconds']:.2f} | {bare16['images_per_s'] / best:.2f} |")
     lines += [
         "",
         f"- pipeline (best: {best_w} workers) / bare forward = "
         f"{best / bare['images_per_s']:.0%} (goal >= 80 %: "
         f"{_goal(best >= 0.8 * bare['images_per_s'])})",
-        f"- pipeline / naive loop = {best / naive['images_per_s']:.1f}x (goal >= 3x: "
-        f"{_goal(best >= 3 * naive['images_per_s'])})",
+        f"- pipeline / naive loop (b) = {best / naive_plain['images_per_s']:.1f}x (goal >= 3x: "
+        f"{_goal(best >= 3 * naive_plain['images_per_s'])}); / (b') = "
+        f"{best / naive['images_per_s']:.1f}x",
     ]
+    if bf16 is not None:
+        r = bf16["images_per_s"]
+        lines += [f"- bf16 pipeline / bf16 bare forward = {r / bare16['images_per_s']:.0%}; "
+                  f"bf16 pipeline / naive loop (b) = {r / naive_plain['images_per_s']:.1f}x "
+                  f"(goal >= 3x: {_goal(r >= 3 * naive_plain['images_per_s'])}); / (b') = "
+                  f"{r / naive['images_per_s']:.1f}x"]
     if rss:
         lines += ["", f"Peak RSS of an embedding run ({args.rss_workers} workers, own "
                   "subprocess each):", "", "| images | peak RSS MiB | after model load MiB "

@@ -53,6 +53,7 @@ from taxoclass.backbones import backbone_spec
 from taxoclass.bundle import ModelBundle
 from taxoclass.config import load_config
 from taxoclass.heads import MultiRankHead
+from taxoclass.outliers import OutlierDetector
 from taxoclass.plot_eval import evaluate_plots
 from taxoclass.plots import aggregate_plot, keep_top_k, rule_scores
 from taxoclass.tiling import BundleTileClassifier, crop_tiles, make_tiles
@@ -79,7 +80,10 @@ SPACE = {
     "noisy_or": ((None, 1, 3), (0.0, 0.2, 0.4), (1, 2, 3)),
     "mean": ((None, 1, 3), (0.0, 0.2, 0.4), (1, 2, 3)),
 }
-COARSE_WEIGHTS = (0.0, 0.5, 1.0, 2.0)  # weight of 2x2 tiles relative to 4x4 (multi-scale only)
+COARSE_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
+# Tiles flagged unknown by the Mahalanobis detector: the share of the head's own training
+# rows that the cut would flag (pyod's contamination); None = no flags.
+FLAG_RATES = (None, 0.05, 0.1, 0.2, 0.3)  # weight of 2x2 tiles relative to 4x4 (multi-scale only)
 
 
 # ---------------------------------------------------------------------- composing plots
@@ -201,19 +205,31 @@ def train_bundle(x, y, mask, taxonomy, cfg, cache_dir: Path | None = None,
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(head.state_dict(), path)
-    return ModelBundle(head=head.eval(), taxonomy=taxonomy,
-                       normalize=bool(cfg["model"].get("normalize", True)),
-                       decode_method=cfg["decode"]["method"],
-                       backbone=backbone_spec(cfg["backbone"]))
+    bundle = ModelBundle(head=head.eval(), taxonomy=taxonomy,
+                         normalize=bool(cfg["model"].get("normalize", True)),
+                         decode_method=cfg["decode"]["method"],
+                         backbone=backbone_spec(cfg["backbone"]))
+    # The tile detector the product uses for plots (configs' openset.detector): class-
+    # conditional Mahalanobis on the head's own training rows; ``train_z`` sets the cut
+    # for a flag rate (pyod's contamination).
+    x_in = bundle.scorer_input(x_tr)
+    lowest = taxonomy.ranks[-1]
+    bundle.detector = OutlierDetector("mahalanobis", scope="global").fit(x_in, y_tr[lowest])
+    bundle.train_z = bundle.detector.decision_function(x_in)
+    return bundle
 
 
 def plot_probs(data: dict, bundle: ModelBundle) -> dict[str, dict]:
-    """Per plot: tile scales and coherent per-rank probabilities."""
+    """Per plot: tile scales, coherent per-rank probabilities and the flag cut per rate."""
     dec = bundle.predict_embeddings(data["emb"])
+    z = bundle.detector.decision_function(bundle.scorer_input(data["emb"]))
+    cuts = {rate: (np.inf if rate is None else float(np.quantile(bundle.train_z, 1 - rate)))
+            for rate in FLAG_RATES}
     out = {}
     for plot_id in data["truth"]:
         m = data["plot"] == plot_id
-        out[plot_id] = {"scale": data["scale"][m], "probs": {r: p[m] for r, p in dec.probs.items()}}
+        out[plot_id] = {"scale": data["scale"][m], "probs": {r: p[m] for r, p in dec.probs.items()},
+                        "flags": {rate: z[m] > cut for rate, cut in cuts.items()}}
     return out
 
 
@@ -228,7 +244,7 @@ def tile_weights(scales: np.ndarray, grid_set: tuple[str, ...], coarse: float) -
 
 def species_sweep(plots: dict, truth_idx: dict, placeholder: np.ndarray, rule: str,
                   grid_set: tuple[str, ...], coarse: float, top_k, gate: float,
-                  min_tiles: tuple[int, ...], lowest: str) -> np.ndarray:
+                  min_tiles: tuple[int, ...], lowest: str, flag_rate=None) -> np.ndarray:
     """Macro F1 per plot at species rank for every (min_tiles, species threshold).
 
     A vectorised copy of :func:`taxoclass.plots.aggregate_plot`'s species step (the
@@ -243,7 +259,7 @@ def species_sweep(plots: dict, truth_idx: dict, placeholder: np.ndarray, rule: s
             w = np.where(p.max(axis=1) >= gate, w, 0.0)
         if top_k is not None:
             p = keep_top_k(p, top_k)
-        known = w > 0
+        known = (w > 0) & ~tp["flags"][flag_rate]  # flagged tiles: unknown evidence only
         true = truth_idx[plot_id]
         if not known.any():
             f1 += 1.0 if not true.any() else 0.0
@@ -279,7 +295,8 @@ def run_rule(plots: dict, truth: dict, taxonomy, rule: str, grid_set: tuple[str,
         preds[plot_id] = aggregate_plot(
             tp["probs"], taxonomy, plot_id=plot_id, rule=rule, weights=w,
             thresholds=settings["thresholds"], min_tiles=settings.get("min_tiles", 1),
-            top_k=settings.get("top_k"), min_tile_prob=settings.get("min_tile_prob", 0.0))
+            top_k=settings.get("top_k"), min_tile_prob=settings.get("min_tile_prob", 0.0),
+            unknown=tp["flags"][settings.get("flag_rate")])
     return preds, evaluate_plots(preds, truth, taxonomy)
 
 
@@ -298,14 +315,14 @@ def calibrate(plots: dict, truth: dict, taxonomy, rule: str, grid_set: tuple[str
     top_ks, gates, min_tiles = SPACE[rule]
     coarse_opts = COARSE_WEIGHTS if len(grid_set) > 1 else (1.0,)
     best = (-1.0, None)
-    for top_k, gate, coarse in itertools.product(top_ks, gates, coarse_opts):
+    for top_k, gate, coarse, rate in itertools.product(top_ks, gates, coarse_opts, FLAG_RATES):
         f1 = species_sweep(plots, truth_idx, placeholder, rule, grid_set, coarse, top_k, gate,
-                           min_tiles, lowest)
+                           min_tiles, lowest, rate)
         i, j = np.unravel_index(int(np.argmax(f1)), f1.shape)
         if f1[i, j] > best[0] + 1e-9:
             best = (float(f1[i, j]), {"top_k": top_k, "min_tile_prob": gate,
                                       "coarse_weight": coarse, "min_tiles": int(min_tiles[i]),
-                                      "species": float(SPECIES_T[j])})
+                                      "species": float(SPECIES_T[j]), "flag_rate": rate})
     fast_f1, s = best
     # genus step: the genus threshold only adds genus records (species F1 is unchanged)
     genus_best = (-1.0, None)
@@ -320,7 +337,7 @@ def calibrate(plots: dict, truth: dict, taxonomy, rule: str, grid_set: tuple[str
                              f"from aggregate_plot's {ev['species']['macro_f1_per_plot']:.6f}")
     return {"thresholds": {"species": s["species"], "genus": tg}, "min_tiles": s["min_tiles"],
             "top_k": s["top_k"], "min_tile_prob": s["min_tile_prob"],
-            "coarse_weight": s["coarse_weight"],
+            "coarse_weight": s["coarse_weight"], "flag_rate": s["flag_rate"],
             "cal_species_f1": ev["species"]["macro_f1_per_plot"],
             "cal_genus_f1": ev["genus"]["macro_f1_per_plot"]}
 
@@ -344,6 +361,8 @@ def describe_settings(s: dict, multi: bool) -> str:
         parts.append(f"top_k={s['top_k']}")
     if s.get("min_tile_prob"):
         parts.append(f"tile_gate={s['min_tile_prob']:g}")
+    if s.get("flag_rate"):
+        parts.append(f"flag {s['flag_rate']:.0%} most novel")
     if multi:
         parts.append(f"w2x2={s['coarse_weight']:g}")
     return ", ".join(parts)
@@ -536,7 +555,9 @@ def main() -> None:
         f"({len(SPECIES_T)} values), `min_tiles` (1–3), `top_k` per tile (all/1/3, noisy_or "
         "and mean), a tile gate `min_tile_prob` (0/0.2/0.4 on the tile's best species "
         "probability, noisy_or and mean) and, for 2x2+4x4, the weight of 2x2 tiles "
-        "(0/0.5/1/2) maximising species macro F1 per plot; then the genus threshold "
+        "(0/0.5/1/2), and which tiles become unknown evidence (the Mahalanobis detector of "
+        "the head's training rows, cut at the score that flags none/5/10/20/30% of those "
+        "rows), maximising species macro F1 per plot; then the genus threshold "
         f"({len(GENUS_T)} values) maximising genus macro F1 per plot with the species "
         "settings fixed (genus records only add genus credit). The test plots are scored "
         "once with the chosen settings using `taxoclass.plots.aggregate_plot` and "

@@ -34,6 +34,7 @@ from taxoclass.errors import BackboneError
 __all__ = [
     "BACKBONE_ALIASES",
     "DEFAULT_BACKBONE",
+    "PRECISIONS",
     "RESIZE_MODES",
     "Backbone",
     "backbone_from_spec",
@@ -61,6 +62,7 @@ _FIX_OPTIONS = (
 #: image is lost), a letterbox (whole image, longest side fitted, padded) or a squash
 #: (whole image, aspect ratio not kept).
 RESIZE_MODES = ("crop", "letterbox", "squash")
+PRECISIONS = ("auto", "fp32", "bf16")
 _PAD_FILLS = ("mean", "black", "white")
 #: Keys of a backbone spec: what rebuilds the same features (config ``backbone`` section,
 #: bundle recipe, engine workers).
@@ -125,7 +127,7 @@ def backbone_spec(section: dict[str, Any]) -> dict[str, Any]:
 
 
 def backbone_from_spec(spec: dict[str, Any], *, device: str = "cpu",
-                       compile: bool = False) -> Backbone:
+                       compile: bool = False, precision: str = "auto") -> Backbone:
     """Build the backbone a spec describes: ``name`` plus optional :data:`SPEC_KEYS`
     (as for :func:`create_backbone`; ``pretrained`` defaults to True)."""
     unknown = set(spec) - set(SPEC_KEYS)
@@ -137,7 +139,7 @@ def backbone_from_spec(spec: dict[str, Any], *, device: str = "cpu",
                            class_mapping=spec.get("class_mapping"),
                            model_kwargs=spec.get("model_kwargs") or None,
                            data_overrides=spec.get("data_overrides") or None,
-                           device=device, compile=compile)
+                           device=device, compile=compile, precision=precision)
 
 
 @dataclass
@@ -420,6 +422,7 @@ def create_backbone(
     model_kwargs: dict | None = None,
     data_overrides: dict | None = None,
     compile: bool = False,
+    precision: str = "auto",
 ) -> Backbone:
     """Build a timm backbone with real weights (or random ones, only when asked).
 
@@ -429,7 +432,13 @@ def create_backbone(
     On ``device="cuda"`` (or ``"auto"`` with a GPU present) inference runs under bf16
     autocast, ViTs use timm's fused scaled-dot-product attention, CNNs channels-last;
     ``compile=True`` wraps ``forward_features`` in ``torch.compile``.
+
+    ``precision``: ``"auto"`` (bf16 autocast on CUDA, float32 on a CPU), ``"fp32"`` or
+    ``"bf16"`` (also on a CPU: about 2x faster where the CPU has AVX-512 BF16, with
+    features that differ from float32 by bf16 rounding; the cache records which).
     """
+    if precision not in PRECISIONS:
+        raise BackboneError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}.")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -556,5 +565,6 @@ def create_backbone(
         model_kwargs=kwargs,
         data_overrides=dict(data_overrides or {}),
         channels_last=channels_last,
-        autocast="bfloat16" if torch.device(device).type == "cuda" else None,
+        autocast=("bfloat16" if precision == "bf16" or (
+            precision == "auto" and torch.device(device).type == "cuda") else None),
     )

@@ -92,13 +92,16 @@ def precision_coverage(scores: np.ndarray, correct: np.ndarray
 
 def fit_thresholds(scores: Mapping[str, np.ndarray], correct: Mapping[str, np.ndarray], *,
                    target_precision: float | Mapping[str, float] = 0.95,
-                   min_support: int = 10) -> RankThresholds:
+                   min_support: int = 10,
+                   floor: Mapping[str, float] | None = None) -> RankThresholds:
     """Smallest threshold per rank whose accepted validation set reaches the target precision.
 
     ``scores``: rank -> evidence per validation image (higher = more trustworthy; NaN rows
     are ignored). ``correct``: rank -> whether the predicted taxon at that rank is right.
     ``target_precision``: one value for all ranks or one per rank. ``min_support``: the
     accepted set must hold at least this many images (a precision of 1/1 proves nothing).
+    ``floor``: rank -> lowest threshold allowed (e.g. 0 where gated rows score below 0
+    and must never be accepted, whatever the precision).
     """
     if min_support < 1:
         raise ValueError(f"min_support must be >= 1, got {min_support}.")
@@ -122,6 +125,7 @@ def fit_thresholds(scores: Mapping[str, np.ndarray], correct: Mapping[str, np.nd
         nval[rank] = n
         t, p, k = precision_coverage(s, c)
         ok = (p >= targets[rank] - 1e-12) & (k >= min_support)
+        ok &= t >= float((floor or {}).get(rank, -math.inf))
         if ok.any():
             i = int(np.flatnonzero(ok)[-1])  # scores descend: last ok = smallest threshold
             thr[rank], prec[rank] = float(t[i]), float(p[i])

@@ -156,12 +156,16 @@ def _pad_fill_option(value: str | None) -> str | int | None:
                    "[default: the model's own, a centre crop].")
 @click.option("--pad-fill", default=None, metavar="mean|black|white|0-255",
               help="Letterbox border colour [default: mean].")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+              show_default=True,
+              help="auto: bf16 autocast on a GPU, float32 on a CPU. bf16 on a CPU is about 2x "
+                   "faster where it has AVX-512 BF16 (features then carry bf16 rounding).")
 @click.option("--overwrite", is_flag=True, help="Discard an existing cache in --out.")
 @_engine_options
 @_device_option
 def embed(annotations: Path, images_root: Path | None, backbone: str, checkpoint: Path | None,
           out: Path, batch_size: int, num_workers: int, model_kwargs: str | None,
-          image_size: int | None, resize: str | None, pad_fill: str | None,
+          image_size: int | None, resize: str | None, pad_fill: str | None, precision: str,
           overwrite: bool, engine: str, master: str | None, device: str) -> None:
     """Compute one embedding per image into a resumable on-disk cache.
 
@@ -178,7 +182,7 @@ def embed(annotations: Path, images_root: Path | None, backbone: str, checkpoint
                                    model_kwargs=_json_option("--model-kwargs", model_kwargs),
                                    progress=progress, engine=engine, master=master,
                                    device=device, image_size=image_size, resize=resize,
-                                   pad_fill=_pad_fill_option(pad_fill))
+                                   pad_fill=_pad_fill_option(pad_fill), precision=precision)
     n = len(result.cache.image_ids)
     click.echo(f"{n} embeddings of dim {result.cache.embeddings.shape[1]} in {out} "
                f"({result.n_computed} computed, {result.n_reused} reused, "

@@ -51,6 +51,10 @@ class Decoded:
     topk_prob: dict[str, np.ndarray]
     method: str = "path"
     top_k: int = field(default=5)
+    #: Raw head logit of the path's class, per rank (when decoded from logits; empty for
+    #: decoders that start from probabilities). An unnormalised confidence: unlike the
+    #: softmax probability it stays low when no known class fits (unknown species).
+    path_logit: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.path[self.ranks[-1]])
@@ -157,8 +161,15 @@ def decode_leaf_probabilities(leaf_probs: Tensor | np.ndarray, taxonomy, *, top_
 def decode(logits: Mapping[str, Tensor], taxonomy, *, method: str = "path",
            top_k: int = 5) -> Decoded:
     """Coherent probabilities, the best path and the top-k per rank, as numpy arrays."""
-    return _decoded(coherent_probabilities(logits, taxonomy, method), taxonomy, top_k=top_k,
-                    method=method)
+    out = _decoded(coherent_probabilities(logits, taxonomy, method), taxonomy, top_k=top_k,
+                   method=method)
+    for rank in taxonomy.ranks:
+        if rank not in logits:
+            continue
+        lg = torch.as_tensor(logits[rank]).float()
+        idx = torch.as_tensor(out.path[rank], device=lg.device)
+        out.path_logit[rank] = lg.gather(1, idx[:, None])[:, 0].cpu().numpy()
+    return out
 
 
 def _decoded(probs: dict[str, Tensor], taxonomy, *, top_k: int, method: str) -> Decoded:
@@ -217,6 +228,10 @@ def concat_decoded(parts: Sequence[Decoded]) -> Decoded:
     def cat(attr: str) -> dict[str, np.ndarray]:
         return {r: np.concatenate([getattr(p, attr)[r] for p in parts]) for r in first.ranks}
 
+    logit_ranks = [r for r in first.ranks
+                   if all(r in p.path_logit for p in parts)]
     return Decoded(ranks=first.ranks, probs=cat("probs"), path=cat("path"),
                    path_prob=cat("path_prob"), topk_index=cat("topk_index"),
-                   topk_prob=cat("topk_prob"), method=first.method, top_k=first.top_k)
+                   topk_prob=cat("topk_prob"), method=first.method, top_k=first.top_k,
+                   path_logit={r: np.concatenate([p.path_logit[r] for p in parts])
+                               for r in logit_ranks})

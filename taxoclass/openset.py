@@ -33,7 +33,8 @@ from .calibration import RankThresholds, fit_thresholds
 from .outliers import EvidenceCombiner, OutlierDetector
 from .taxonomy import DEFAULT_RANKS, Taxonomy, species_name
 
-__all__ = ["OpenSetScorer", "choose_holdout", "correct_by_rank", "detection_table",
+__all__ = ["OpenSetScorer", "choose_holdout", "confidence_of", "correct_by_rank",
+           "detection_table",
            "fit_scorer", "fpr_at_tpr", "known_taxonomy", "outcome_summary", "path_names",
            "risk_coverage", "split_known_unknown", "truth_names"]
 
@@ -147,7 +148,7 @@ class OpenSetScorer:
 
     def evidence(self, x: np.ndarray, decoded) -> tuple[dict[str, np.ndarray], np.ndarray]:
         z, flags = self.outlier(x, decoded)
-        return self.combiner.score(decoded.path_prob, z), flags
+        return self.combiner.score(confidence_of(decoded, self.combiner.confidence), z), flags
 
     def predict(self, x: np.ndarray, decoded, taxonomy: Taxonomy) -> pd.DataFrame:
         """Back-off answers (:func:`~taxoclass.backoff.back_off_batch`) plus ``outlier``."""
@@ -172,12 +173,27 @@ class OpenSetScorer:
                    group_rank=str(params.get("group_rank", "genus")))
 
 
+def confidence_of(decoded, kind: str = "path_prob") -> dict[str, np.ndarray]:
+    """The combiner's confidence input per rank: ``decoded.path_prob`` or ``.path_logit``."""
+    if kind == "path_prob":
+        return decoded.path_prob
+    if kind != "path_logit":
+        raise ValueError(f"confidence {kind!r}: expected path_prob or path_logit.")
+    missing = [r for r in decoded.ranks if r not in decoded.path_logit]
+    if missing:
+        raise ValueError(f"confidence 'path_logit' needs the head's logits at ranks {missing}, "
+                         f"but these predictions were decoded from probabilities "
+                         f"({decoded.method}). Fix: openset.confidence: path_prob.")
+    return decoded.path_logit
+
+
 def fit_scorer(x_train: np.ndarray, groups_train: np.ndarray | None, x_val: np.ndarray,
                decoded_val, correct_val: Mapping[str, np.ndarray], *, method: str | None = None,
                scope: str = "group", combiner: str = "rank_mean",
                target_precision: float | Mapping[str, float] = 0.95, min_support: int = 10,
                detector_kwargs: Mapping[str, Any] | None = None,
-               group_rank: str = "genus", labels_train: np.ndarray | None = None
+               group_rank: str = "genus", labels_train: np.ndarray | None = None,
+               confidence: str = "path_prob", gate_quantile: float = 0.975
                ) -> OpenSetScorer:
     """Fit the detector on training embeddings, the combiner and thresholds on validation.
 
@@ -202,10 +218,13 @@ def fit_scorer(x_train: np.ndarray, groups_train: np.ndarray | None, x_val: np.n
         det.fit(x_train, groups_train if scope == "group" else None)
     groups = decoded_val.path[group_rank] if scope == "group" else None
     z = det.decision_function(x_val, groups)
-    comb = EvidenceCombiner(combiner).fit(decoded_val.path_prob, z, correct_val)
-    ev = comb.score(decoded_val.path_prob, z)
+    conf = confidence_of(decoded_val, confidence)
+    comb = EvidenceCombiner(combiner, confidence=confidence,
+                            gate_quantile=gate_quantile).fit(conf, z, correct_val)
+    ev = comb.score(conf, z)
+    floor = {r: 0.0 for r in comb.outlier_ranks_} if combiner == "gate" else None
     thr = fit_thresholds(ev, correct_val, target_precision=target_precision,
-                         min_support=min_support)
+                         min_support=min_support, floor=floor)
     return OpenSetScorer(detector=det, combiner=comb, thresholds=thr, group_rank=group_rank)
 
 

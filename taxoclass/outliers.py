@@ -47,7 +47,12 @@ __all__ = ["CONFIDENCE_SCORES", "DETECTORS", "EvidenceCombiner", "OutlierDetecto
 DETECTORS: tuple[str, ...] = ("knn", "lof", "ecod", "copod", "iforest", "mahalanobis")
 #: Keys of :func:`confidence_scores` (``neg_energy`` only when logits are given).
 CONFIDENCE_SCORES: tuple[str, ...] = ("max_prob", "margin", "neg_entropy", "neg_energy")
-COMBINERS: tuple[str, ...] = ("logistic", "rank_mean")
+COMBINERS: tuple[str, ...] = ("logistic", "rank_mean", "gate")
+#: What the combiners read as the head's confidence in the path's taxon, per rank:
+#: the coherent probability, or the raw logit of that class (``Decoded.path_logit``).
+CONFIDENCES: tuple[str, ...] = ("path_prob", "path_logit")
+#: Evidence of a gated row (``method="gate"``): below every threshold.
+GATED = -1.0
 STATE_VERSION = 1
 
 
@@ -363,18 +368,33 @@ class EvidenceCombiner:
     which is evidence against the species, not against *Quercus*). ``C``: inverse L2
     penalty of the regression. JSON-able via :meth:`to_dict`.
 
-    Why rank_mean by default: on the leaf benchmark (bench/results/openset.md) the
+    ``method="gate"``: the empirical CDF of ``p`` (as rank_mean), but at the outlier
+    ranks a row whose ``z`` lies above the ``gate_quantile`` of the validation rows that
+    are right at that rank gets :data:`GATED` evidence (never accepted). Two questions,
+    two tests: "is this one of the known taxa at all?" (the distance, with a cut set on
+    known images only, since validation holds no unknown species) and "which one, how
+    sure?" (the confidence, whose threshold is then fitted to a target precision).
+
+    ``p`` may be the path probability or, with ``confidence="path_logit"``, the raw
+    logit of the path's class (the logistic combiner then uses it as is instead of
+    ``logit(p)``); see :data:`CONFIDENCES`.
+
+    Why rank_mean over logistic: on the leaf benchmark (bench/results/openset.md) the
     regression learns mostly from known-species confusions in validation, which the
     probability already explains, and gives the distance too little weight for unseen
-    species; the rank average keeps both and detected held-out species better.
+    species; the rank average keeps both and detected held-out species better. The gate
+    keeps the two apart and kept most known species named (see the same table).
     """
 
     def __init__(self, method: str = "rank_mean", *, C: float = 1.0, use_outlier: bool = True,
-                 outlier_ranks: Sequence[str] | None = None) -> None:
+                 outlier_ranks: Sequence[str] | None = None, gate_quantile: float = 0.975,
+                 confidence: str = "path_prob") -> None:
         self.method = method
         self.C = C
         self.use_outlier = use_outlier
         self.outlier_ranks = outlier_ranks
+        self.gate_quantile = gate_quantile
+        self.confidence = confidence
 
     def fit(self, probs: Mapping[str, np.ndarray], outlier: np.ndarray | None,
             correct: Mapping[str, np.ndarray]) -> EvidenceCombiner:
@@ -382,6 +402,11 @@ class EvidenceCombiner:
         if self.method not in COMBINERS:
             raise ValueError(f"Unknown combination method {self.method!r}; expected one of "
                              f"{COMBINERS}.")
+        if self.confidence not in CONFIDENCES:
+            raise ValueError(f"Unknown confidence {self.confidence!r}; expected one of "
+                             f"{CONFIDENCES}.")
+        if not 0.0 < self.gate_quantile <= 1.0:
+            raise ValueError(f"gate_quantile must be in (0, 1], got {self.gate_quantile}.")
         use_z = self.use_outlier and outlier is not None
         self.ranks_ = tuple(probs)
         self.outlier_ranks_ = (tuple(self.outlier_ranks) if self.outlier_ranks is not None
@@ -390,6 +415,15 @@ class EvidenceCombiner:
         for rank in self.ranks_:
             p = np.asarray(probs[rank], dtype=np.float64)
             rank_z = rank in self.outlier_ranks_
+            if self.method == "gate":
+                entry = {"p_ref": np.quantile(p, np.linspace(0, 1, 201)).tolist()}
+                if rank_z:
+                    z = np.asarray(outlier, dtype=np.float64)
+                    ok = np.asarray(correct[rank], dtype=bool)
+                    known = z[ok] if ok.sum() >= 10 else z  # too few right: every row
+                    entry["z_cut"] = float(np.quantile(known, self.gate_quantile))
+                self.params_[rank] = entry
+                continue
             if self.method == "rank_mean":
                 q = np.linspace(0, 1, 201)
                 entry: dict[str, Any] = {"p_ref": np.quantile(p, q).tolist()}
@@ -418,9 +452,8 @@ class EvidenceCombiner:
         self.use_outlier_ = use_z
         return self
 
-    @staticmethod
-    def _features(p: np.ndarray, z: np.ndarray | None) -> np.ndarray:
-        cols = [_logit(p)]
+    def _features(self, p: np.ndarray, z: np.ndarray | None) -> np.ndarray:
+        cols = [p if self.confidence == "path_logit" else _logit(p)]
         if z is not None:
             cols.append(np.asarray(z, dtype=np.float64))
         return np.stack(cols, axis=1)
@@ -436,6 +469,12 @@ class EvidenceCombiner:
         for rank in self.ranks_:
             p = np.asarray(probs[rank], dtype=np.float64)
             par = self.params_[rank]
+            if self.method == "gate":
+                e = _ecdf(np.asarray(par["p_ref"]), p)
+                if rank in self.outlier_ranks_:
+                    e = np.where(np.asarray(outlier, dtype=np.float64) <= par["z_cut"], e, GATED)
+                out[rank] = e
+                continue
             if self.method == "rank_mean":
                 parts = [_ecdf(np.asarray(par["p_ref"]), p)]
                 if rank in self.outlier_ranks_:
@@ -453,12 +492,15 @@ class EvidenceCombiner:
             raise NotFittedError("This EvidenceCombiner is not fitted yet; call fit() first.")
         return {"method": self.method, "C": float(self.C), "use_outlier": self.use_outlier_,
                 "outlier_ranks": list(self.outlier_ranks_), "ranks": list(self.ranks_),
+                "gate_quantile": float(self.gate_quantile), "confidence": self.confidence,
                 "params": self.params_}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EvidenceCombiner:
         obj = cls(data["method"], C=float(data["C"]), use_outlier=bool(data["use_outlier"]),
-                  outlier_ranks=list(data["outlier_ranks"]))
+                  outlier_ranks=list(data["outlier_ranks"]),
+                  gate_quantile=float(data.get("gate_quantile", 0.975)),
+                  confidence=str(data.get("confidence", "path_prob")))
         obj.ranks_ = tuple(data["ranks"])
         obj.outlier_ranks_ = tuple(data["outlier_ranks"])
         obj.params_ = {r: dict(v) for r, v in data["params"].items()}

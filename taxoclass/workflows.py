@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import AnnotationError
+from .errors import AnnotationError, ConfigError
 from .provenance import write_provenance
 from .taxonomy import DEFAULT_RANKS, Taxonomy
 
@@ -39,7 +39,8 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
                       model_kwargs: dict | None = None, progress: Progress | None = None,
                       engine: str = "local", master: str | None = None,
                       device: str = "auto", image_size: int | None = None,
-                      resize: str | None = None, pad_fill: str | int | None = None):
+                      resize: str | None = None, pad_fill: str | int | None = None,
+                      precision: str = "auto"):
     """Embed every image listed in ``annotations`` into the cache folder ``out``.
 
     ``image_size`` / ``resize`` / ``pad_fill`` set the preprocessing
@@ -69,9 +70,12 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
         from .engines import get_engine
 
         batch_size = batch_size or auto_batch_size("cpu")
+        if precision != "auto":
+            raise ConfigError(f"--precision {precision} is for the local engine; Spark "
+                              f"executors embed in float32 on CPUs. Fix: drop --precision.")
         return get_engine(engine, master=master).embed(
             items, spec, out, batch_size=batch_size, overwrite=overwrite, progress=progress)
-    model = backbone_from_spec(spec, device=device)
+    model = backbone_from_spec(spec, device=device, precision=precision)
     result = compute_embeddings(items, model, out, batch_size=batch_size,
                                 num_workers=num_workers, overwrite=overwrite, progress=progress)
     write_provenance(out, backbone=model.describe(), config={
@@ -328,6 +332,8 @@ def fit_openset_scorer(bundle, x_train, genus_train, x_val, rows_val, ocfg: dict
                       decoded_val, correct, method=ocfg.get("detector", "knn"),
                       scope=ocfg.get("scope", "group"),
                       combiner=ocfg.get("combiner", "rank_mean"),
+                      confidence=ocfg.get("confidence", "path_prob"),
+                      gate_quantile=float(ocfg.get("gate_quantile", 0.975)),
                       target_precision=ocfg.get("target_precision", 0.95),
                       min_support=int(ocfg.get("min_support", 10)), labels_train=species_train)
 

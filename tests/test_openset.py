@@ -173,3 +173,48 @@ def test_fit_scorer_mahalanobis_on_species_labels_and_knn_default():
 
 FLOOR_CORRECT_HIGHER = 0.3
 CEIL_NAMED_SPECIES = 0.15
+
+
+def test_path_logit_gate_scorer_never_accepts_a_gated_row():
+    """decode() keeps the raw logit of the path's class; with the gate combiner a row
+    beyond the distance cut is never named to species, even at a lax precision target."""
+    from taxoclass.decoding import concat_decoded, decode, decode_leaf_probabilities
+    from taxoclass.openset import confidence_of
+    from taxoclass.outliers import GATED
+    from taxoclass.taxonomy import Taxonomy
+
+    rows = _rows().drop_duplicates()
+    tax = Taxonomy.from_records(rows.to_dict("records"), ("family", "genus", "species"))
+    rng = np.random.default_rng(0)
+    n_sp = tax.n_classes("species")
+    leaf = rng.integers(0, n_sp, 160)
+    centres = 3 * rng.standard_normal((n_sp, 8))
+    x = centres[leaf] + 0.3 * rng.standard_normal((160, 8))
+    x[-10:] = 3 * rng.standard_normal(8) + 0.3 * rng.standard_normal((10, 8))  # a new species
+    genus_of = np.array([list(tax.nodes("genus")).index(n[:2]) for n in tax.nodes("species")])
+    logits = {r: torch.as_tensor(rng.standard_normal((100, tax.n_classes(r))),
+                                 dtype=torch.float32) for r in tax.ranks}
+    logits["species"][np.arange(90), leaf[60:150]] += 4.0  # the novel rows get no boost
+    d_val = decode(logits, tax)
+    lg = logits["species"].numpy()
+    np.testing.assert_allclose(d_val.path_logit["species"],
+                               lg[np.arange(100), d_val.path["species"]], rtol=1e-6)
+    halves = concat_decoded([decode({r: v[:40] for r, v in logits.items()}, tax),
+                             decode({r: v[40:] for r, v in logits.items()}, tax)])
+    np.testing.assert_allclose(halves.path_logit["species"], d_val.path_logit["species"])
+    right = (d_val.path["species"] == leaf[60:]) & (np.arange(100) < 90)
+    correct = {r: right for r in tax.ranks}
+    scorer = fit_scorer(x[:60], genus_of[leaf[:60]], x[60:], d_val, correct,
+                        method="mahalanobis", scope="global", labels_train=leaf[:60],
+                        combiner="gate", confidence="path_logit", gate_quantile=0.95,
+                        target_precision=0.01, min_support=1)
+    ev, _ = scorer.evidence(x[60:], d_val)
+    gated = ev["species"] == GATED
+    assert gated[-10:].all() and gated[:-10].mean() < 0.2
+    assert scorer.thresholds.thresholds["species"] >= 0.0
+    frame = scorer.predict(x[60:], d_val, tax)
+    assert not (frame["taxon_rank"].to_numpy()[gated] == "species").any()
+    # a decoder that starts from probabilities has no logits: a clear error, not a guess
+    probs_only = decode_leaf_probabilities(torch.softmax(logits["species"], 1), tax)
+    with pytest.raises(ValueError, match="openset.confidence: path_prob"):
+        confidence_of(probs_only, "path_logit")

@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from taxoclass.outliers import (
     DETECTORS,
+    GATED,
     EvidenceCombiner,
     OutlierDetector,
     confidence_scores,
@@ -135,3 +136,33 @@ def test_mahalanobis_is_class_conditional_and_round_trips():
     params, arrays = det.to_state()
     back = OutlierDetector.from_state(json.loads(json.dumps(params)), arrays)
     np.testing.assert_allclose(back.decision_function(x), det.decision_function(x))
+
+
+def test_gate_rejects_far_rows_whatever_their_confidence_and_round_trips():
+    rng = np.random.default_rng(1)
+    n = 300
+    p = rng.uniform(0.0, 1.0, n)
+    z = rng.normal(0, 1, n)
+    correct = rng.uniform(size=n) < p
+    comb = EvidenceCombiner("gate", gate_quantile=0.9).fit({"genus": p, "species": p}, z,
+                                                          {"genus": correct, "species": correct})
+    cut = comb.params_["species"]["z_cut"]
+    assert cut == pytest.approx(np.quantile(z[correct], 0.9))  # set on rows that are right
+    ev = comb.score({"genus": np.full(3, 0.99), "species": np.array([0.99, 0.99, 0.2])},
+                    np.array([cut - 0.1, cut + 0.1, cut - 0.1]))
+    assert ev["species"][1] == GATED and ev["species"][0] > ev["species"][2] >= 0.0
+    assert (ev["genus"] >= 0).all()  # only the lowest rank is gated by default
+    back = EvidenceCombiner.from_dict(json.loads(json.dumps(comb.to_dict())))
+    assert back.gate_quantile == 0.9
+    np.testing.assert_array_equal(back.score({"genus": p, "species": p}, z)["species"],
+                                  comb.score({"genus": p, "species": p}, z)["species"])
+
+
+def test_combiner_rejects_unknown_method_confidence_and_quantile():
+    p, z, c = np.ones(3), np.zeros(3), {"species": np.ones(3, bool)}
+    with pytest.raises(ValueError, match="expected one of"):
+        EvidenceCombiner("vote").fit({"species": p}, z, c)
+    with pytest.raises(ValueError, match="Unknown confidence"):
+        EvidenceCombiner("gate", confidence="softmax").fit({"species": p}, z, c)
+    with pytest.raises(ValueError, match="gate_quantile"):
+        EvidenceCombiner("gate", gate_quantile=0.0).fit({"species": p}, z, c)
