@@ -140,3 +140,33 @@ def test_cache_of_other_preprocessing_is_refused(small_leaf, tmp_path):
     box = deep_merge(DEFAULTS, _config(d, tmp_path, image_size=56, resize="letterbox"))
     with pytest.raises(CacheError, match="crop_mode.*center.*border|border.*center"):
         config_embeddings(box, rows)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"image_size": 96, "resize": "letterbox"},
+                                       {"image_size": 80, "resize": "letterbox",
+                                        "pad_fill": "black"},
+                                       {"image_size": 64, "resize": "squash"}])
+def test_grayscale_fast_path_is_bit_identical(lite0_random, leaf_image_paths, tmp_path,
+                                              overrides):
+    from taxoclass.images import _gray_plan, load_image, load_transformed
+
+    bb = lite0_random(**overrides)
+    assert _gray_plan(bb.transform) is not None  # the fast path is really taken
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 130), np.uint8)).save(grey)
+    for path in [*leaf_image_paths[:5], grey]:
+        with Image.open(path) as im:
+            assert im.mode == "L"
+        fast = load_transformed(path, bb.transform)
+        slow = bb.transform(load_image(path))
+        assert fast.shape == slow.shape and torch.equal(fast, slow), path
+    # a colour border cannot be drawn in one channel: the plain path is used instead
+    from timm.data.transforms import CenterCropOrPad
+
+    pad = next(t for t in bb.transform.transforms if isinstance(t, CenterCropOrPad)) \
+        if overrides.get("resize") == "letterbox" else None
+    if pad is not None:
+        pad.fill = (10, 20, 30)
+        assert _gray_plan(bb.transform) is None
+        assert torch.equal(load_transformed(grey, bb.transform),
+                           bb.transform(load_image(grey)))
