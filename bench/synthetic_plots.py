@@ -368,13 +368,13 @@ def describe_settings(s: dict, multi: bool) -> str:
     return ", ".join(parts)
 
 
-def quadrat_timing(thresholds: dict, out: Path, repeats: int) -> list[dict]:
-    """Seconds per plot of ``plot_report`` on the real quadrat photo with runs/leaf-model."""
+def quadrat_timing(thresholds: dict, out: Path, repeats: int, model: Path) -> list[dict]:
+    """Seconds per plot of ``plot_report`` on the real quadrat photo with ``model``."""
     from taxoclass.reports import plot_report
 
     photo = DATA / "quadrat" / "CBN-can-A1-20230705.jpg"
     t0 = time.perf_counter()
-    clf = BundleTileClassifier.load(ROOT / "runs" / "leaf-model")
+    clf = BundleTileClassifier.load(model)
     load_s = time.perf_counter() - t0
     rows = []
     with Image.open(photo) as im:
@@ -520,14 +520,15 @@ def main() -> None:
 
     quadrat = None
     if args.quadrat:
+        model = ROOT / "runs" / ("leaf-plots-model" if args.views else "leaf-model")
         quadrat = pd.DataFrame(quadrat_timing(chosen[("4x4", "max")]["thresholds"], out,
-                                              args.quadrat_repeats))
+                                              args.quadrat_repeats, model))
     total = time.perf_counter() - t_start
     md = [
         "# Synthetic plots: calibrated aggregation rules vs arg-max-per-tile union",
         "",
         f"- date: {_dt.date.today().isoformat()}; machine: {platform.machine()}, "
-        f"{os.cpu_count()} CPU cores (shared, busy), Python {platform.python_version()}, "
+        f"{os.cpu_count()} CPU cores (shared VM), Python {platform.python_version()}, "
         f"torch {torch.__version__}, no GPU",
         f"- command: `.venv/bin/python {' '.join(['bench/synthetic_plots.py', *sys.argv[1:]])}`"
         f" ({total:.0f}s including cached tile embeddings)",
@@ -573,9 +574,9 @@ def main() -> None:
     if quadrat is not None:
         md += ["## Real quadrat timing", "",
                f"`plot_report` (rule max, the 4x4-calibrated thresholds, no overlap, all output "
-               f"files written) with `runs/leaf-model` on "
+               f"files written) with `{model.relative_to(ROOT)}` on "
                f"`shared/data/quadrat/CBN-can-A1-20230705.jpg`, {args.quadrat_repeats} runs "
-               "after loading; 2 busy shared CPU cores, so timings are noisy. The leaf "
+               "after loading; 2 shared CPU cores, so timings are noisy. The leaf "
                "model knows 99 leaf-silhouette taxa, none of which is a PlantCLEF quadrat "
                "plant: the records only show the pipeline runs.", "", markdown(quadrat), ""]
     text = "\n".join(md)
