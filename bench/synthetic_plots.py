@@ -384,7 +384,8 @@ def quadrat_timing(thresholds: dict, out: Path, repeats: int, model: Path) -> li
         for _ in range(repeats):
             t0 = time.perf_counter()
             res = plot_report(clf, [photo], out / f"quadrat-{label}", grids=grids, rule="max",
-                              thresholds=thresholds, overlap=0.0)
+                              thresholds=thresholds, overlap=0.0,
+                              flag_unknown=clf.flag_unknown)  # as `taxoclass plot-report`
             times.append(time.perf_counter() - t0)
         recs = res.records[photo.stem]
         rows.append({"grid": label, "tiles": len(make_tiles(size, grids=grids)),
@@ -573,8 +574,8 @@ def main() -> None:
     ]
     if quadrat is not None:
         md += ["## Real quadrat timing", "",
-               f"`plot_report` (rule max, the 4x4-calibrated thresholds, no overlap, all output "
-               f"files written) with `{model.relative_to(ROOT)}` on "
+               f"`plot_report` (rule max, the 4x4-calibrated thresholds, no overlap, unknown "
+               f"tiles flagged by the bundle's detector, all output files written) with `{model.relative_to(ROOT)}` on "
                f"`shared/data/quadrat/CBN-can-A1-20230705.jpg`, {args.quadrat_repeats} runs "
                "after loading; 2 shared CPU cores, so timings are noisy. The leaf "
                "model knows 99 leaf-silhouette taxa, none of which is a PlantCLEF quadrat "
