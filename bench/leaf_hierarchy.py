@@ -264,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     flat_c = args.flat_c
     if flat_c is None:
         flats = [r for r in tune_rows if r["method"].startswith("flat")]
+        # Without --tune: the C that --tune picked on configs/leaf.yaml's features (384 px
+        # letterbox, 2026-11-23); it was 100 on the old 224 px centre-crop features.
         flat_c = (float(max(flats, key=lambda r: r["species_acc"])["method"].split("C=")[1])
-                  if flats else 100.0)
+                  if flats else 1000.0)
 
     rows = []
     d, fit = fit_taxoclass(tax, x[tr], y_tr, x[te], cfg)

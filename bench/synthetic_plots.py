@@ -575,7 +575,8 @@ def main() -> None:
     if quadrat is not None:
         md += ["## Real quadrat timing", "",
                f"`plot_report` (rule max, the 4x4-calibrated thresholds, no overlap, unknown "
-               f"tiles flagged by the bundle's detector, all output files written) with `{model.relative_to(ROOT)}` on "
+               f"tiles flagged by the bundle's detector, all output files written) with "
+               f"`{model.relative_to(ROOT)}` on "
                f"`shared/data/quadrat/CBN-can-A1-20230705.jpg`, {args.quadrat_repeats} runs "
                "after loading; 2 shared CPU cores, so timings are noisy. The leaf "
                "model knows 99 leaf-silhouette taxa, none of which is a PlantCLEF quadrat "
