@@ -470,7 +470,7 @@ def create_backbone(
     ``compile=True`` wraps ``forward_features`` in ``torch.compile``.
 
     ``precision``: ``"auto"`` (bf16 autocast on CUDA, float32 on a CPU), ``"fp32"`` or
-    ``"bf16"`` (also on a CPU: about 2x faster where the CPU has AVX-512 BF16, with
+    ``"bf16"`` (also on a CPU: 1.4-1.7x faster where the CPU has AVX-512 BF16, with
     features that differ from float32 by bf16 rounding; the cache records which).
     """
     if precision not in PRECISIONS:

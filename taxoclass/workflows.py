@@ -54,6 +54,9 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
     from .backbones import backbone_from_spec, backbone_spec
     from .embeddings import compute_embeddings
 
+    if engine != "local" and precision != "auto":
+        raise ConfigError(f"--precision {precision} is for the local engine; Spark executors "
+                          f"embed in float32 on CPUs. Fix: drop --precision.")
     spec = backbone_spec({"name": backbone, "checkpoint": str(checkpoint) if checkpoint else None,
                           "model_kwargs": model_kwargs or {}, "image_size": image_size,
                           "resize": resize, "pad_fill": pad_fill})
@@ -70,9 +73,6 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
         from .engines import get_engine
 
         batch_size = batch_size or auto_batch_size("cpu")
-        if precision != "auto":
-            raise ConfigError(f"--precision {precision} is for the local engine; Spark "
-                              f"executors embed in float32 on CPUs. Fix: drop --precision.")
         return get_engine(engine, master=master).embed(
             items, spec, out, batch_size=batch_size, overwrite=overwrite, progress=progress)
     model = backbone_from_spec(spec, device=device, precision=precision)

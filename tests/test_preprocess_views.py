@@ -170,3 +170,25 @@ def test_grayscale_fast_path_is_bit_identical(lite0_random, leaf_image_paths, tm
         assert _gray_plan(bb.transform) is None
         assert torch.equal(load_transformed(grey, bb.transform),
                            bb.transform(load_image(grey)))
+
+
+def test_bf16_precision_on_cpu_is_recorded_and_close_to_fp32(leaf_image_paths, tmp_path):
+    from taxoclass.errors import ConfigError
+    from taxoclass.images import load_transformed
+    from taxoclass.workflows import embed_annotations
+
+    fp32 = create_backbone("efficientnet-lite0", pretrained=False)
+    bf16 = create_backbone("efficientnet-lite0", pretrained=False, precision="bf16")
+    bf16.model.load_state_dict(fp32.model.state_dict())
+    assert (fp32.autocast, bf16.autocast) == (None, "bfloat16")
+    assert bf16.describe()["autocast"] == "bfloat16"  # part of the cache identity
+    x = torch.stack([load_transformed(p, fp32.transform) for p in leaf_image_paths[:4]])
+    a, b = fp32.embed(x), bf16.embed(x)
+    assert b.dtype == torch.float32 and a.shape == b.shape
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+    assert (cos > 0.99).all() and not torch.equal(a, b)
+    with pytest.raises(BackboneError, match="expected one of auto, fp32, bf16"):
+        create_backbone("efficientnet-lite0", pretrained=False, precision="half")
+    with pytest.raises(ConfigError, match="--precision bf16 is for the local engine"):
+        embed_annotations(tmp_path / "none.json", out=tmp_path / "c", engine="spark",
+                          precision="bf16", backbone="efficientnet-lite0")
