@@ -812,7 +812,10 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
     ``finetune`` section. Writes ``split.csv``, ``metrics_val.json``, ``failures.csv``
     (unreadable images, if any) and ``provenance.json`` beside the bundle; the
     validation metrics come from the written bundle on embeddings of the fine-tuned
-    backbone. The open-set detector is not fitted here yet.
+    backbone. As for heads on cached embeddings, ``data.holdout_species`` are left out
+    and (``openset.enabled``) the outlier detector and the back-off thresholds are
+    fitted, on embeddings of the training and validation images by the fine-tuned
+    backbone.
     """
     import pandas as pd
 
@@ -820,20 +823,21 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
     from .backbones import backbone_from_spec, backbone_spec
     from .fileio import atomic_write_csv, atomic_write_json
     from .provenance import write_provenance
-    from .taxonomy import DEFAULT_RANKS
-    from .workflows import _targets, require_training_settings, validation_mask
+    from .workflows import (
+        _targets,
+        fit_openset_scorer,
+        known_rows,
+        require_training_settings,
+        validation_mask,
+    )
 
     cfg = dict(cfg)
     data = require_training_settings(cfg)
-    if data.get("holdout_species"):
-        raise ConfigError("data.holdout_species is not supported with --finetune yet; "
-                          "remove it or train heads on cached embeddings.")
     settings = FinetuneSettings.from_mapping(cfg.get("finetune"))
     out = Path(cfg["out"])
     root = Path(data.get("images_root") or Path(data["annotations"]).parent)
     ann = load_annotations(data["annotations"])
-    rows = ann.labelled_images(root)
-    tax = ann.taxonomy(data.get("ranks") or DEFAULT_RANKS)
+    tax, rows = known_rows(ann, ann.labelled_images(root), data)
     y, nodes = _targets(tax, rows)
     ids = [str(i) for i in rows["image_id"]]
     is_val = validation_mask(ids, nodes, data)
@@ -861,13 +865,27 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
     metrics: dict[str, Any] = {}
     if is_val.any():
         bundle = ModelBundle.load(out)
-        x_val, ok = embed_images(result.model, list(paths[is_val]), bb.transform,
-                                 batch_size=settings.batch_size,
-                                 num_workers=settings.num_workers, device=dev)
+
+        def embed(mask):
+            return embed_images(result.model, list(paths[mask]), bb.transform,
+                                batch_size=settings.batch_size,
+                                num_workers=settings.num_workers, device=dev)
+
+        x_val, ok = embed(is_val)
         decoded = bundle.predict_embeddings(x_val[ok], top_k=int(
             cfg.get("decode", {}).get("top_k", 5)))
         metrics = evaluate_predictions(decoded.path, {r: v[is_val][ok] for r, v in y.items()},
                                        tax, topk_index=decoded.topk_index)
+        ocfg = cfg.get("openset") or {}
+        if ocfg.get("enabled", True):
+            x_tr, ok_tr = embed(~is_val)
+            lowest = tax.ranks[-1]
+            bundle.scorer = fit_openset_scorer(
+                bundle, x_tr[ok_tr], y["genus"][~is_val][ok_tr], x_val[ok],
+                rows[is_val].reset_index(drop=True)[ok], ocfg,
+                species_train=y[lowest][~is_val][ok_tr])
+            bundle.save(out)
+            metrics["openset_thresholds"] = bundle.scorer.thresholds.to_dict()
     metrics["best_epoch"] = result.best_epoch
     atomic_write_json(out / "metrics_val.json", metrics)
     write_provenance(out, config=cfg, backbone=bb.describe(), extra={

@@ -180,6 +180,27 @@ def _embeddings_for(ids: Sequence[str], paths: Sequence[str], *, cache: str | Pa
     return emb, found, loaded.manifest.get("backbone", {})
 
 
+def known_rows(ann, rows, data: dict):
+    """(taxonomy, rows) a model trains on: without ``data.holdout_species``, if any.
+
+    Held-out species leave the taxonomy too (their genus stays when it keeps a known
+    species), so the model has no output for them: they are truly unknown to it.
+    """
+    held = list(data.get("holdout_species") or [])
+    ranks = data.get("ranks") or DEFAULT_RANKS
+    if not held:
+        return ann.taxonomy(ranks), rows
+    from .config import ConfigError
+    from .openset import choose_holdout, known_taxonomy, split_known_unknown
+
+    try:
+        held = choose_holdout(rows, species=held)  # checks the names exist
+    except ValueError as exc:
+        raise ConfigError(f"data.holdout_species: {exc}") from exc
+    tax = known_taxonomy(ann.categories, held, ranks)
+    return tax, rows[~split_known_unknown(rows, held)].reset_index(drop=True)
+
+
 def config_embeddings(cfg: dict, rows, *, progress: Progress | None = None):
     """Embeddings of ``rows`` (``image_id``, ``path``) from the config's cache.
 
@@ -238,7 +259,6 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     from .annotations import load_annotations
     from .backbones import backbone_spec
     from .bundle import ModelBundle
-    from .config import ConfigError
     from .fileio import atomic_write_csv, atomic_write_json
     from .metrics import evaluate_predictions
     from .training import train_head
@@ -248,18 +268,7 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     root = Path(data.get("images_root") or Path(data["annotations"]).parent)
     ann = load_annotations(data["annotations"])
     rows = ann.labelled_images(root)
-    held = list(data.get("holdout_species") or [])
-    if held:
-        from .openset import choose_holdout, known_taxonomy, split_known_unknown
-
-        try:
-            held = choose_holdout(rows, species=held)  # checks the names exist
-        except ValueError as exc:
-            raise ConfigError(f"data.holdout_species: {exc}") from exc
-        tax = known_taxonomy(ann.categories, held, data.get("ranks") or DEFAULT_RANKS)
-        rows = rows[~split_known_unknown(rows, held)].reset_index(drop=True)
-    else:
-        tax = ann.taxonomy(data.get("ranks") or DEFAULT_RANKS)
+    tax, rows = known_rows(ann, rows, data)
     y, nodes = _targets(tax, rows)
     ids = [str(i) for i in rows["image_id"]]
     cache = cfg["embeddings"].get("cache") or str(out.parent / f"{out.name}-embeddings")

@@ -133,11 +133,42 @@ def test_train_finetune_from_cli(small_leaf):
     model = d["dir"] / "ft-model"
     bundle = json.loads((model / "bundle.json").read_text())
     assert bundle["backbone"]["checkpoint"] == "backbone.pth"  # relative: the bundle can move
+    # the fine-tuned bundle backs off too: detector and thresholds fitted and saved
+    assert (model / "openset.json").is_file() and (model / "openset.npz").is_file()
+    assert "openset_thresholds" in json.loads((model / "metrics_val.json").read_text())
     moved = d["dir"] / "moved-ft-model"
     model.rename(moved)
     res = runner.invoke(main, ["predict", "--model", str(moved),
                                str(d["root"] / "images" / "1.jpg")])
     assert res.exit_code == 0, res.output
+    assert "reason" in res.output
+
+
+def test_train_finetune_leaves_holdout_species_out(small_leaf):
+    """`data.holdout_species` with --finetune: the species has no output in the model."""
+    torch.set_num_threads(1)
+    d = small_leaf
+    named = [c for c in d["categories"] if c["species"]]
+    by_genus: dict[str, list] = {}
+    for c in named:
+        by_genus.setdefault(c["genus"], []).append(c)
+    genus, cats = next((g, cs) for g, cs in by_genus.items() if len(cs) >= 2)
+    held = f"{genus} {cats[0]['species']}"
+    cfg = {"data": {"annotations": str(d["ann"]), "images_root": str(d["root"]),
+                    "val_fraction": 0.4, "holdout_species": [held]},
+           "backbone": {"name": ARCH, "checkpoint": str(d["ckpt"]), "model_kwargs": d["kwargs"]},
+           "finetune": {"epochs": 1, "batch_size": 8, "num_workers": 0, "warmup_epochs": 0.0},
+           "out": str(d["dir"] / "ft-held")}
+    cfg_path = d["dir"] / "ft-held.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(main, ["train", "--config", str(cfg_path), "--finetune",
+                                    "--unfreeze-blocks", "0", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    labels = json.loads((d["dir"] / "ft-held" / "labels.json").read_text())
+    species = list(labels["species"])
+    assert not any(held in str(s) for s in species) and len(species) == len(d["categories"]) - 1
+    split = pd.read_csv(d["dir"] / "ft-held" / "split.csv")
+    assert len(split) == d["n"] - 5  # the held-out species' 5 images are not used at all
 
 
 def test_finetune_defaults_match_library():
