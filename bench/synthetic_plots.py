@@ -354,7 +354,7 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def describe_settings(s: dict, multi: bool) -> str:
+def describe_settings(s: dict, multi: bool, coarse: str = "2x2") -> str:
     th = s["thresholds"]
     parts = [f"sp≥{th['species']:g}", f"gen≥{th['genus']:g}", f"min_tiles={s['min_tiles']}"]
     if s.get("top_k"):
@@ -364,7 +364,7 @@ def describe_settings(s: dict, multi: bool) -> str:
     if s.get("flag_rate"):
         parts.append(f"flag {s['flag_rate']:.0%} most novel")
     if multi:
-        parts.append(f"w2x2={s['coarse_weight']:g}")
+        parts.append(f"w{coarse}={s['coarse_weight']:g}")
     return ", ".join(parts)
 
 
@@ -412,10 +412,17 @@ def main() -> None:
     ap.add_argument("--results", default=None, help="also write the markdown here")
     ap.add_argument("--quadrat", action="store_true", help="time plot_report on the quadrat")
     ap.add_argument("--quadrat-repeats", type=int, default=3)
+    ap.add_argument("--dense", action="store_true",
+                    help="also a 6x6 grid (61 tiles per plot over 2x2..6x6): grid sets 6x6 "
+                         "and 4x4+6x6")
     ap.add_argument("--views", type=int, default=0,
                     help="tile-like views per training image added to the heads' training "
                          "rows (taxoclass.augment; the config's augment settings otherwise)")
     args = ap.parse_args()
+    global ALL_GRIDS
+    if args.dense:
+        ALL_GRIDS = (2, 3, 4, 6)
+        GRID_SETS.update({"6x6": ("6x6",), "4x4+6x6": ("4x4", "6x6")})
     t_start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -510,7 +517,8 @@ def main() -> None:
             chosen[(grid_name, rule)] = s
             preds, ev = run_rule(test_plots, test_data["truth"], taxonomy, rule, grid_set, s)
             label = "argmax_union + calibrated threshold" if rule == "argmax_union" else rule
-            add(label, preds, ev, describe_settings(s, len(grid_set) > 1), s["cal_species_f1"],
+            add(label, preds, ev, describe_settings(s, len(grid_set) > 1, grid_set[0]),
+                s["cal_species_f1"],
                 s["cal_genus_f1"])
     print(f"calibration + test scoring: {time.perf_counter() - t0:.0f}s")
     table = pd.DataFrame(table_rows)
