@@ -103,14 +103,6 @@ class EmbedResult:
 # ---------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], *, mode: str = "wb") -> None:
-    atomic_write(path, write, mode=mode)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    atomic_write_json(path, obj)
-
-
 def _write_failures(path: Path, failures: pd.DataFrame) -> None:
     atomic_write_csv(path, failures)
 
@@ -441,7 +433,7 @@ def compute_embeddings(
             "n_failed": sum(e["n_failed"] for e in done),
             "chunks_done": len(done),
         }
-        _write_json(root / MANIFEST, manifest)
+        atomic_write_json(root / MANIFEST, manifest)
 
     save_manifest()
     if progress is not None:
@@ -525,7 +517,7 @@ def _finish_chunk(
         "failed_ids": np.array([i for i, _ in failed], dtype=str),
         "failed_errors": np.array([e for _, e in failed], dtype=str),
     }
-    _atomic_write(root / entry["file"], lambda fh: np.savez(fh, **arrays))
+    atomic_write(root / entry["file"], lambda fh: np.savez(fh, **arrays), mode="wb")
     entry.update(done=True, n_embedded=len(row_ids), n_failed=len(failed))
 
 
@@ -551,7 +543,8 @@ def _consolidate(root: Path, manifest: dict) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     id_array = np.array(all_ids, dtype=str)
-    _atomic_write(root / IMAGE_IDS_NPY, lambda fh: np.save(fh, id_array, allow_pickle=False))
+    atomic_write(root / IMAGE_IDS_NPY, lambda fh: np.save(fh, id_array, allow_pickle=False),
+                 mode="wb")
 
 
 def load_embeddings(cache_dir: str | Path) -> EmbeddingCache:

@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -48,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError, ImageError
+from .fileio import atomic_write
 from .heads import HierarchicalClassifier, MultiRankHead
 from .images import load_image
 from .losses import ClassDependencyLoss, class_balanced_weights
@@ -372,17 +371,7 @@ def embed_images(model: HierarchicalClassifier, paths: Sequence[str | Path], tra
 
 # --------------------------------------------------------------------------- checkpoints
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: torch.save(obj, fh), mode="wb")
 
 
 def _rng_states(device: torch.device) -> dict[str, Any]:
