@@ -58,7 +58,7 @@ from taxoclass.plot_eval import evaluate_plots
 from taxoclass.plots import aggregate_plot, keep_top_k, rule_scores
 from taxoclass.tiling import BundleTileClassifier, crop_tiles, make_tiles
 from taxoclass.training import stratified_split, train_head
-from taxoclass.workflows import _targets, config_embeddings, view_embeddings
+from taxoclass.workflows import _targets, config_embeddings, view_embeddings, with_views
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -182,13 +182,7 @@ def train_bundle(x, y, mask, taxonomy, cfg, cache_dir: Path | None = None,
                  views: tuple[np.ndarray, np.ndarray] | None = None) -> ModelBundle:
     """``train_head`` on the rows in ``mask`` plus the tile-like views of those rows
     (``views``: embeddings and source row index); the head is cached by data and settings."""
-    if views is not None and len(views[0]):
-        xv, src = views
-        keep = mask[src]
-        x_tr = np.concatenate([x[mask], xv[keep]])
-        y_tr = {r: np.concatenate([v[mask], v[src[keep]]]) for r, v in y.items()}
-    else:
-        x_tr, y_tr = x[mask], {r: v[mask] for r, v in y.items()}
+    x_tr, y_tr = with_views(x, y, mask, views)
     key = hashlib.sha256(np.ascontiguousarray(x_tr).tobytes() + json.dumps(
         [cfg["model"], cfg["loss"], cfg["train"], {r: v.tolist() for r, v in y_tr.items()}],
         sort_keys=True, default=str).encode()).hexdigest()[:16]

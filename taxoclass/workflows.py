@@ -190,7 +190,6 @@ def known_rows(ann, rows, data: dict):
     ranks = data.get("ranks") or DEFAULT_RANKS
     if not held:
         return ann.taxonomy(ranks), rows
-    from .config import ConfigError
     from .openset import choose_holdout, known_taxonomy, split_known_unknown
 
     try:
@@ -201,6 +200,29 @@ def known_rows(ann, rows, data: dict):
     return tax, rows[~split_known_unknown(rows, held)].reset_index(drop=True)
 
 
+def embedding_cache(cfg: dict) -> str:
+    """The config's embedding cache folder: ``embeddings.cache``, else ``<out>-embeddings``."""
+    out = Path(cfg["out"])
+    return cfg["embeddings"].get("cache") or str(out.parent / f"{out.name}-embeddings")
+
+
+def with_views(x, y: dict, mask, views=None):
+    """Training rows ``x[mask]`` / ``y[rank][mask]`` plus the tile-like views of those rows.
+
+    ``views``: (view embeddings [m, d], index into ``x`` of each view's source image), as
+    :func:`view_embeddings` gives them; a view counts only when its source is in ``mask``
+    (never a view of a validation image) and takes its source's labels.
+    """
+    import numpy as np
+
+    if views is None or not len(views[0]):
+        return x[mask], {r: v[mask] for r, v in y.items()}
+    xv, src = views
+    keep = mask[src]
+    return (np.concatenate([x[mask], xv[keep]]),
+            {r: np.concatenate([v[mask], v[src[keep]]]) for r, v in y.items()})
+
+
 def config_embeddings(cfg: dict, rows, *, progress: Progress | None = None):
     """Embeddings of ``rows`` (``image_id``, ``path``) from the config's cache.
 
@@ -209,10 +231,8 @@ def config_embeddings(cfg: dict, rows, *, progress: Progress | None = None):
     (embeddings [n, d] float32, found mask [n], backbone description).
     """
     emb_cfg = cfg["embeddings"]
-    out = Path(cfg["out"])
-    cache = emb_cfg.get("cache") or str(out.parent / f"{out.name}-embeddings")
     return _embeddings_for([str(i) for i in rows["image_id"]], rows["path"].tolist(),
-                           cache=cache, backbone_cfg=cfg["backbone"],
+                           cache=embedding_cache(cfg), backbone_cfg=cfg["backbone"],
                            batch_size=emb_cfg.get("batch_size"),
                            num_workers=int(emb_cfg.get("num_workers", 0)), progress=progress)
 
@@ -236,9 +256,7 @@ def view_embeddings(cfg: dict, rows, *, progress: Progress | None = None):
     if settings.views_per_image == 0 or not ids:
         return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=int)
     if folder is None:
-        out = Path(cfg["out"])
-        cache = cfg["embeddings"].get("cache") or str(out.parent / f"{out.name}-embeddings")
-        folder = f"{cache}-views"
+        folder = f"{embedding_cache(cfg)}-views"
     frame = write_views(list(zip(ids, rows["path"].tolist())), folder, settings)
     x, found, _ = _embeddings_for(
         frame["view_id"].tolist(), frame["path"].tolist(),
@@ -271,7 +289,7 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     tax, rows = known_rows(ann, rows, data)
     y, nodes = _targets(tax, rows)
     ids = [str(i) for i in rows["image_id"]]
-    cache = cfg["embeddings"].get("cache") or str(out.parent / f"{out.name}-embeddings")
+    cache = embedding_cache(cfg)
     x, found, backbone_desc = config_embeddings(cfg, rows, progress=embed_progress)
     if not found.all():
         missing = [i for i, f in zip(ids, found) if not f][:5]
@@ -283,8 +301,7 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     tr_idx = np.flatnonzero(tr)
     xv, src = view_embeddings(cfg, rows.iloc[tr_idx].reset_index(drop=True),
                               progress=embed_progress)
-    x_tr = np.concatenate([x[tr], xv]) if len(xv) else x[tr]
-    y_tr = {r: np.concatenate([v[tr], v[tr_idx[src]]]) for r, v in y.items()}
+    x_tr, y_tr = with_views(x, y, tr, (xv, tr_idx[src]))
     result = train_head(x_tr, y_tr, x[va], {r: v[va] for r, v in y.items()}, tax,
                         model=cfg["model"], loss=cfg["loss"], train=cfg["train"],
                         normalize_inputs=bool(cfg["model"].get("normalize", True)),
