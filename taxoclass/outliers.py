@@ -426,21 +426,18 @@ class EvidenceCombiner:
         for rank in self.ranks_:
             p = np.asarray(probs[rank], dtype=np.float64)
             rank_z = rank in self.outlier_ranks_
-            if self.method == "gate":
-                entry = {"p_ref": np.quantile(p, np.linspace(0, 1, 201)).tolist()}
-                if rank_z:
-                    z = np.asarray(outlier, dtype=np.float64)
-                    ok = np.asarray(correct[rank], dtype=bool)
-                    known = z[ok] if ok.sum() >= 10 else z  # too few right: every row
-                    entry["z_cut"] = float(np.quantile(known, self.gate_quantile))
-                self.params_[rank] = entry
-                continue
-            if self.method == "rank_mean":
+            if self.method in ("rank_mean", "gate"):
+                # Both rank the confidence against its validation distribution.
                 q = np.linspace(0, 1, 201)
                 entry: dict[str, Any] = {"p_ref": np.quantile(p, q).tolist()}
                 if rank_z:
-                    entry["z_ref"] = np.quantile(-np.asarray(outlier, dtype=np.float64),
-                                                 q).tolist()
+                    z = np.asarray(outlier, dtype=np.float64)
+                    if self.method == "rank_mean":
+                        entry["z_ref"] = np.quantile(-z, q).tolist()
+                    else:
+                        ok = np.asarray(correct[rank], dtype=bool)
+                        known = z[ok] if ok.sum() >= 10 else z  # too few right: every row
+                        entry["z_cut"] = float(np.quantile(known, self.gate_quantile))
                 self.params_[rank] = entry
                 continue
             y = np.asarray(correct[rank], dtype=bool)
@@ -480,18 +477,15 @@ class EvidenceCombiner:
         for rank in self.ranks_:
             p = np.asarray(probs[rank], dtype=np.float64)
             par = self.params_[rank]
-            if self.method == "gate":
+            if self.method in ("rank_mean", "gate"):
                 e = _ecdf(np.asarray(par["p_ref"]), p)
                 if rank in self.outlier_ranks_:
-                    e = np.where(np.asarray(outlier, dtype=np.float64) <= par["z_cut"], e, GATED)
+                    z = np.asarray(outlier, dtype=np.float64)
+                    if self.method == "rank_mean":
+                        e = np.mean([e, _ecdf(np.asarray(par["z_ref"]), -z)], axis=0)
+                    else:
+                        e = np.where(z <= par["z_cut"], e, GATED)
                 out[rank] = e
-                continue
-            if self.method == "rank_mean":
-                parts = [_ecdf(np.asarray(par["p_ref"]), p)]
-                if rank in self.outlier_ranks_:
-                    parts.append(_ecdf(np.asarray(par["z_ref"]),
-                                       -np.asarray(outlier, dtype=np.float64)))
-                out[rank] = np.mean(parts, axis=0)
                 continue
             f = (self._features(p, outlier if rank in self.outlier_ranks_ else None)
                  - np.asarray(par["mean"])) / np.asarray(par["scale"])
