@@ -222,20 +222,20 @@ def main(argv: list[str] | None = None) -> int:
         b16.embed(torch.stack([b16.transform(load_image(p)) for _, p in items[:8]]))
     naive_items = items[: args.naive_limit]
 
-    def best(old, new):
+    def faster(old, new):
         return new if old is None or new["images_per_s"] > old["images_per_s"] else old
 
     pipe, bare, naive, naive_plain, bf16, bare16 = {}, None, None, None, None, None
     for _ in range(max(1, args.repeats)):  # interleaved rounds: drift hits every variant
         for w in workers:
-            pipe[w] = best(pipe.get(w), run_pipeline(items, backbone, args.batch_size, w))
-        bare = best(bare, run_bare(items, backbone, args.batch_size, args.bare_pool))
+            pipe[w] = faster(pipe.get(w), run_pipeline(items, backbone, args.batch_size, w))
+        bare = faster(bare, run_bare(items, backbone, args.batch_size, args.bare_pool))
         if b16 is not None:
             for w in workers:
-                bf16 = best(bf16, run_pipeline(items, b16, args.batch_size, w))
-            bare16 = best(bare16, run_bare(items, b16, args.batch_size, args.bare_pool))
-        naive = best(naive, run_naive(naive_items, backbone))
-        naive_plain = best(naive_plain, run_naive_fresh(args.data, args.naive_limit))
+                bf16 = faster(bf16, run_pipeline(items, b16, args.batch_size, w))
+            bare16 = faster(bare16, run_bare(items, b16, args.batch_size, args.bare_pool))
+        naive = faster(naive, run_naive(naive_items, backbone))
+        naive_plain = faster(naive_plain, run_naive_fresh(args.data, args.naive_limit))
     head = run_head(args.head_n, 768, args.species_table, args.head_batch)
 
     best_w = max(pipe, key=lambda w: pipe[w]["images_per_s"])

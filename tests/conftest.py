@@ -12,6 +12,17 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY_DINO_KWARGS = dict(img_size=56, depth=2, embed_dim=64, num_heads=2)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: deterministic, fast and polite on a shared machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real data folder ``../shared/data``; skips the test when it is absent."""
@@ -99,3 +110,41 @@ def small_leaf(shared_data, tmp_path_factory):
     torch.save(model.state_dict(), ckpt)
     return {"dir": tmp, "ann": ann_path, "root": shared_data / "leaf", "ckpt": ckpt,
             "kwargs": kwargs, "n": len(small["images"]), "categories": cats, "arch": TINY_VIT}
+
+
+@pytest.fixture(scope="session")
+def make_tile_classifier():
+    """Factory: a tiny DINOv2-shaped backbone (random weights) and a rank head trained a
+    few steps on random embeddings, wrapped as a BundleTileClassifier."""
+    def build(tax, *, n: int, steps: int, batch_size: int, random_labels: bool):
+        import torch
+
+        from taxoclass.backbones import create_backbone
+        from taxoclass.bundle import ModelBundle
+        from taxoclass.heads import MultiRankHead
+        from taxoclass.tiling import BundleTileClassifier
+
+        torch.manual_seed(0)
+        kwargs = dict(img_size=56, depth=2, embed_dim=64, num_heads=2)
+        backbone = create_backbone(TINY_VIT, pretrained=False, model_kwargs=kwargs)
+        head = MultiRankHead.for_taxonomy(tax, 64)
+        x = torch.nn.functional.normalize(torch.randn(n, 64), dim=1)
+        n_species = tax.n_classes("species")
+        leaf = (torch.randint(0, n_species, (n,)) if random_labels
+                else torch.arange(n) % n_species)
+        targets = {r: torch.as_tensor(tax.parent_index("species", r))[leaf]
+                   for r in ("family", "genus")}
+        targets["species"] = leaf
+        opt = torch.optim.Adam(head.parameters(), lr=0.05)
+        for _ in range(steps):
+            out = head(x)
+            loss = sum(torch.nn.functional.cross_entropy(out[r], targets[r])
+                       for r in tax.ranks)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        bundle = ModelBundle(head=head.eval(), taxonomy=tax,
+                             backbone={"name": backbone.name, "pretrained": False,
+                                       "model_kwargs": kwargs})
+        return BundleTileClassifier(bundle, backbone, batch_size=batch_size)
+    return build

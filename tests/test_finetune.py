@@ -24,12 +24,7 @@ SPECIES = [("Acer", "palmatum"), ("Acer", "rubrum"), ("Ulmus", "bergmanniana"),
 PER_SPECIES = 6  # 4 train + 2 validation each: 24 images
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,6 @@ import pytest
 import torch
 from PIL import Image
 
-from taxoclass.backbones import create_backbone
-from taxoclass.bundle import ModelBundle
-from taxoclass.heads import MultiRankHead
 from taxoclass.reports import _palette, plot_report
 from taxoclass.taxonomy import Taxonomy
 from taxoclass.tiling import BundleTileClassifier
@@ -58,28 +55,9 @@ def _chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def classifier() -> BundleTileClassifier:
-    torch.manual_seed(0)
-    kwargs = dict(img_size=56, depth=2, embed_dim=64, num_heads=2)
-    backbone = create_backbone("vit_base_patch14_reg4_dinov2", pretrained=False,
-                               model_kwargs=kwargs)
-    head = MultiRankHead.for_taxonomy(TAX, 64)
-    x = torch.nn.functional.normalize(torch.randn(32, 64), dim=1)
-    leaf = torch.arange(32) % TAX.n_classes("species")
-    targets = {r: torch.as_tensor(TAX.parent_index("species", r))[leaf]
-               for r in ("family", "genus")}
-    targets["species"] = leaf
-    opt = torch.optim.Adam(head.parameters(), lr=0.05)
-    for _ in range(10):
-        out = head(x)
-        loss = sum(torch.nn.functional.cross_entropy(out[r], targets[r]) for r in TAX.ranks)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    bundle = ModelBundle(head=head.eval(), taxonomy=TAX,
-                         backbone={"name": backbone.name, "pretrained": False,
-                                   "model_kwargs": kwargs})
-    return BundleTileClassifier(bundle, backbone, batch_size=4)
+def classifier(make_tile_classifier) -> BundleTileClassifier:
+    """A tiny DINOv2-shaped backbone and a rank head trained for a few steps."""
+    return make_tile_classifier(TAX, n=32, steps=10, batch_size=4, random_labels=False)
 
 
 def test_rendered_report_shows_photos_and_taxa(classifier, leaf_image_paths, tmp_path):

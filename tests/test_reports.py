@@ -12,9 +12,6 @@ import pytest
 import torch
 
 from taxoclass import __version__
-from taxoclass.backbones import create_backbone
-from taxoclass.bundle import ModelBundle
-from taxoclass.heads import MultiRankHead
 from taxoclass.plots import PlotRecord
 from taxoclass.reports import OUTPUT_FILES, plantclef_submission_frame, plot_report
 from taxoclass.taxonomy import Taxonomy
@@ -32,29 +29,9 @@ TAX = Taxonomy.from_records([
 
 
 @pytest.fixture(scope="module")
-def classifier() -> BundleTileClassifier:
+def classifier(make_tile_classifier) -> BundleTileClassifier:
     """A tiny DINOv2-shaped backbone and a rank head trained for a few steps."""
-    torch.manual_seed(0)
-    kwargs = dict(img_size=56, depth=2, embed_dim=64, num_heads=2)
-    backbone = create_backbone("vit_base_patch14_reg4_dinov2", pretrained=False,
-                               model_kwargs=kwargs)
-    head = MultiRankHead.for_taxonomy(TAX, 64)
-    x = torch.nn.functional.normalize(torch.randn(64, 64), dim=1)
-    leaf = torch.randint(0, TAX.n_classes("species"), (64,))
-    targets = {r: torch.as_tensor(TAX.parent_index("species", r))[leaf] for r in ("family",
-                                                                                  "genus")}
-    targets["species"] = leaf
-    opt = torch.optim.Adam(head.parameters(), lr=0.05)
-    for _ in range(20):
-        out = head(x)
-        loss = sum(torch.nn.functional.cross_entropy(out[r], targets[r]) for r in TAX.ranks)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    bundle = ModelBundle(head=head.eval(), taxonomy=TAX,
-                         backbone={"name": backbone.name, "pretrained": False,
-                                   "model_kwargs": kwargs})
-    return BundleTileClassifier(bundle, backbone, batch_size=5)
+    return make_tile_classifier(TAX, n=64, steps=20, batch_size=5, random_labels=True)
 
 
 def low_confidence(decoded) -> np.ndarray:
