@@ -23,7 +23,6 @@ from typing import Any, Protocol, runtime_checkable
 from ..errors import ConfigError
 
 __all__ = [
-    "BACKBONE_SPEC_KEYS",
     "ENGINE_NAMES",
     "Engine",
     "LocalEngine",
@@ -59,12 +58,6 @@ class Engine(Protocol):
                     *, progress: Progress | None = None, **settings: Any) -> Any:
         """Plot reports (``PlotReportResult``); settings as for ``plot_report_job``."""
         ...
-
-
-#: Keys of a backbone spec (same as :data:`taxoclass.backbones.SPEC_KEYS`; kept here so
-#: that importing the engines does not import torch).
-BACKBONE_SPEC_KEYS = ("name", "checkpoint", "model_kwargs", "pretrained", "class_mapping",
-                      "data_overrides")
 
 
 def backbone_from_spec(spec: Mapping[str, Any]):

@@ -37,13 +37,12 @@ from ..embeddings import _IDENTITY_KEYS, EmbeddingCache, EmbedResult, _normalise
 from ..errors import CacheError, ConfigError
 from ..fileio import atomic_write_csv, atomic_write_json
 from ..provenance import write_provenance
-from . import BACKBONE_SPEC_KEYS, backbone_from_spec
+from . import backbone_from_spec
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import DataFrame, SparkSession
 
 __all__ = [
-    "BACKBONE_SPEC_KEYS",
     "SparkEmbedResult",
     "backbone_from_spec",
     "get_spark",
