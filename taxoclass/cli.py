@@ -213,8 +213,12 @@ def train(config_path: Path | None, overrides: tuple[str, ...], finetune: bool,
     Reads the annotations and the embedding cache (computing it when missing), makes a
     seeded validation split stratified by species, trains with early stopping, and
     writes a model bundle: head weights (safetensors), taxonomy, labels, resolved
-    config, training curve, split, validation metrics and provenance.
+    config, training curve, split, validation metrics and provenance. With
+    ``openset.calibration: crossfit`` the head trains on every image and the metrics
+    (and the back-off thresholds) come from out-of-fold predictions.
     """
+    import json
+
     from .config import load_config
     from .workflows import train_from_config
 
@@ -231,7 +235,10 @@ def train(config_path: Path | None, overrides: tuple[str, ...], finetune: bool,
         return
     with _progress("embedding", "img") as emb, _progress("training", "epoch") as prog:
         out = train_from_config(cfg, progress=prog, embed_progress=emb)
-    _print_metrics(out / "metrics_val.json", f"validation metrics ({out})")
+    metrics = json.loads((out / "metrics_val.json").read_text())
+    kind = ("out-of-fold" if str(metrics.get("predictions", "")).startswith("out-of-fold")
+            else "validation")
+    _print_metrics(metrics, f"{kind} metrics ({out})")
     click.echo(f"model bundle written to {out}")
 
 

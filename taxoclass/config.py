@@ -84,6 +84,16 @@ DEFAULTS: dict[str, Any] = {
         "target_precision": {"family": 0.95, "genus": 0.95, "species": 0.97},
         "min_support": 10,         # fewest validation answers a threshold may rest on
         "max_train": 50000,        # detector reference set size (seeded subsample above it)
+        # What the combiner and thresholds are fitted on. holdout: the head trains on the
+        # training split, calibration on the validation split (~30% of images, never
+        # trained on). crossfit: `folds` heads, each trained on the other folds of
+        # train+validation, give out-of-fold predictions for every image; calibration
+        # rests on all of them and the final head trains on all images without a
+        # validation split (patience then watches the training loss). On the leaf bench
+        # (bench/results/openset_crossfit.md) crossfit names more known species at the
+        # same precision but also more held-out species; not with `train --finetune`.
+        "calibration": "holdout",  # holdout | crossfit
+        "folds": 5,                # crossfit: number of species-stratified folds (seeded)
     },
     "finetune": {                  # `taxoclass train --finetune`: backbone + heads end to end
         "epochs": 10, "batch_size": 32, "accum_steps": 1, "lr": 1e-4,
@@ -96,6 +106,23 @@ DEFAULTS: dict[str, Any] = {
     },
     "out": None,
 }
+
+
+CALIBRATIONS: tuple[str, ...] = ("holdout", "crossfit")
+
+
+def openset_calibration(ocfg: Mapping[str, Any] | None) -> tuple[str, int]:
+    """``(calibration, folds)`` of an ``openset`` section, checked (:class:`ConfigError`)."""
+    ocfg = ocfg or {}
+    mode = ocfg.get("calibration", DEFAULTS["openset"]["calibration"])
+    if mode not in CALIBRATIONS:
+        raise ConfigError(f"openset.calibration: found {mode!r}; expected one of "
+                          f"{', '.join(repr(c) for c in CALIBRATIONS)}.")
+    folds = ocfg.get("folds", DEFAULTS["openset"]["folds"])
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ConfigError(f"openset.folds: found {folds!r}; expected an integer of at least 2 "
+                          f"(e.g. 5).")
+    return str(mode), int(folds)
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any], *,

@@ -810,6 +810,7 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
 
     from .annotations import load_annotations
     from .backbones import backbone_from_spec, backbone_spec
+    from .config import openset_calibration
     from .fileio import atomic_write_csv, atomic_write_json
     from .provenance import write_provenance
     from .workflows import (
@@ -822,6 +823,10 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
 
     cfg = dict(cfg)
     data = require_training_settings(cfg)
+    if openset_calibration(cfg.get("openset"))[0] == "crossfit":
+        raise ConfigError("openset.calibration: crossfit is not supported with `train "
+                          "--finetune` (it would fine-tune the backbone once per fold). Fix: "
+                          "--set openset.calibration=holdout.")
     settings = FinetuneSettings.from_mapping(cfg.get("finetune"))
     out = Path(cfg["out"])
     root = Path(data.get("images_root") or Path(data["annotations"]).parent)

@@ -9,6 +9,9 @@ the known species. The pieces:
   (:func:`known_taxonomy`), so held-out species are not classes;
 - :class:`OpenSetScorer`: outlier detector + evidence combiner + calibrated thresholds,
   fitted on a validation split (:func:`fit_scorer`), giving back-off answers;
+- cross-fitting (:func:`crossfit_predictions`): out-of-fold predictions and outlier
+  scores for every training row, so the combiner and thresholds (:func:`fit_evidence`)
+  rest on all rows instead of a small validation split;
 - metrics: unknown-detection AUROC and FPR at 95% TPR per score
   (:func:`detection_table`), what happened to held-out and known images
   (:func:`outcome_summary`) and a risk-coverage table per rank (:func:`risk_coverage`).
@@ -20,7 +23,7 @@ never right at species rank; it is right at genus when its genus is predicted).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +36,11 @@ from .calibration import RankThresholds, fit_thresholds
 from .outliers import EvidenceCombiner, OutlierDetector
 from .taxonomy import DEFAULT_RANKS, Taxonomy, species_name
 
-__all__ = ["OpenSetScorer", "choose_holdout", "confidence_of", "correct_by_rank",
-           "detection_table",
-           "fit_scorer", "fpr_at_tpr", "known_taxonomy", "outcome_summary", "path_names",
-           "risk_coverage", "split_known_unknown", "truth_names"]
+__all__ = ["CrossfitPredictions", "OpenSetScorer", "choose_holdout", "confidence_of",
+           "correct_by_rank", "crossfit_folds", "crossfit_predictions", "detection_table",
+           "fit_detector", "fit_evidence", "fit_scorer", "fpr_at_tpr", "known_taxonomy",
+           "outcome_summary", "path_names", "risk_coverage", "split_known_unknown",
+           "truth_names"]
 
 
 # ---------------------------------------------------------------------- splitting
@@ -187,6 +191,44 @@ def confidence_of(decoded, kind: str = "path_prob") -> dict[str, np.ndarray]:
     return decoded.path_logit
 
 
+def fit_detector(x_train: np.ndarray, groups_train: np.ndarray | None = None, *,
+                 labels_train: np.ndarray | None = None, method: str | None = None,
+                 scope: str = "group", detector_kwargs: Mapping[str, Any] | None = None
+                 ) -> OutlierDetector:
+    """The outlier detector of :func:`fit_scorer`, fitted on training embeddings.
+
+    ``"mahalanobis"`` uses ``labels_train`` (species) as its classes, else
+    ``groups_train``; pyod detectors use ``groups_train`` for ``scope="group"``.
+    ``method=None`` means ``"knn"``.
+    """
+    det = OutlierDetector(method or "knn", scope=scope, **dict(detector_kwargs or {}))
+    if det.method == "mahalanobis":
+        return det.fit(x_train, labels_train if labels_train is not None else groups_train)
+    return det.fit(x_train, groups_train if scope == "group" else None)
+
+
+def fit_evidence(decoded, z: np.ndarray, correct: Mapping[str, np.ndarray], *,
+                 combiner: str = "rank_mean", confidence: str = "path_prob",
+                 gate_quantile: float = 0.975,
+                 target_precision: float | Mapping[str, float] = 0.95, min_support: int = 10
+                 ) -> tuple[EvidenceCombiner, RankThresholds]:
+    """Evidence combiner and per-rank thresholds from calibration predictions.
+
+    ``decoded``: the head's predictions on calibration rows that it did not train on
+    (a validation split, or out-of-fold predictions from :func:`crossfit_predictions`);
+    ``z``: their outlier scores from a detector that did not see them either;
+    ``correct``: rank -> whether ``decoded.path`` is right there.
+    """
+    conf = confidence_of(decoded, confidence)
+    comb = EvidenceCombiner(combiner, confidence=confidence,
+                            gate_quantile=gate_quantile).fit(conf, z, correct)
+    ev = comb.score(conf, z)
+    floor = {r: 0.0 for r in comb.outlier_ranks_} if combiner == "gate" else None
+    thr = fit_thresholds(ev, correct, target_precision=target_precision,
+                         min_support=min_support, floor=floor)
+    return comb, thr
+
+
 def fit_scorer(x_train: np.ndarray, groups_train: np.ndarray | None, x_val: np.ndarray,
                decoded_val, correct_val: Mapping[str, np.ndarray], *, method: str | None = None,
                scope: str = "group", combiner: str = "rank_mean",
@@ -209,23 +251,99 @@ def fit_scorer(x_train: np.ndarray, groups_train: np.ndarray | None, x_val: np.n
     may include species the head never saw (their species rank is simply never right),
     which teaches the combiner and the thresholds what novelty looks like.
     """
-    if method is None:
-        method = "knn"
-    det = OutlierDetector(method, scope=scope, **dict(detector_kwargs or {}))
-    if method == "mahalanobis":
-        det.fit(x_train, labels_train if labels_train is not None else groups_train)
-    else:
-        det.fit(x_train, groups_train if scope == "group" else None)
+    det = fit_detector(x_train, groups_train, labels_train=labels_train, method=method,
+                       scope=scope, detector_kwargs=detector_kwargs)
     groups = decoded_val.path[group_rank] if scope == "group" else None
     z = det.decision_function(x_val, groups)
-    conf = confidence_of(decoded_val, confidence)
-    comb = EvidenceCombiner(combiner, confidence=confidence,
-                            gate_quantile=gate_quantile).fit(conf, z, correct_val)
-    ev = comb.score(conf, z)
-    floor = {r: 0.0 for r in comb.outlier_ranks_} if combiner == "gate" else None
-    thr = fit_thresholds(ev, correct_val, target_precision=target_precision,
-                         min_support=min_support, floor=floor)
+    comb, thr = fit_evidence(decoded_val, z, correct_val, combiner=combiner,
+                             confidence=confidence, gate_quantile=gate_quantile,
+                             target_precision=target_precision, min_support=min_support)
     return OpenSetScorer(detector=det, combiner=comb, thresholds=thr, group_rank=group_rank)
+
+
+# ---------------------------------------------------------------------- cross-fitting
+def crossfit_folds(strata: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
+    """Fold index (0 .. ``n_folds``-1) per row, stratified by ``strata`` and seeded.
+
+    Each stratum's rows, in a seeded random order, are dealt round the folds from a
+    random starting fold, so every fold gets ``n // n_folds`` or one more of each stratum
+    (a species with fewer rows than folds is missing from some folds).
+    """
+    n_folds = int(n_folds)
+    strata = np.asarray(strata)
+    if n_folds < 2:
+        raise ValueError(f"crossfit_folds: n_folds must be at least 2, got {n_folds}.")
+    if len(strata) < n_folds:
+        raise ValueError(f"crossfit_folds: {len(strata)} rows cannot fill {n_folds} folds; "
+                         f"use fewer folds.")
+    rng = np.random.default_rng(seed)
+    fold = np.full(len(strata), -1, dtype=np.int64)
+    for value in np.unique(strata):
+        rows = np.flatnonzero(strata == value)
+        rng.shuffle(rows)
+        fold[rows] = (np.arange(len(rows)) + rng.integers(n_folds)) % n_folds
+    return fold
+
+
+@dataclass
+class CrossfitPredictions:
+    """Out-of-fold predictions: each row decoded by a head, and scored by a detector,
+    fitted on the other folds only (never on the row itself)."""
+
+    decoded: Any               # taxoclass.decoding.Decoded, one row per input row
+    outlier: np.ndarray        # detector z-score per row (higher = more abnormal)
+    fold: np.ndarray           # fold index per row
+    n_folds: int
+
+
+#: ``fit_fold(train_mask)`` -> (logits of a head fitted on ``train_mask`` rows: a function
+#: of embeddings, detector fitted on the same rows).
+FoldFit = Callable[[np.ndarray], tuple[Callable[[np.ndarray], Mapping[str, Any]],
+                                      OutlierDetector]]
+
+
+def crossfit_predictions(x: np.ndarray, strata: np.ndarray, fit_fold: FoldFit, taxonomy: Taxonomy,
+                         *, n_folds: int = 5, seed: int = 0, decode_method: str = "path",
+                         top_k: int = 5, x_detector: np.ndarray | None = None,
+                         group_rank: str = "genus") -> CrossfitPredictions:
+    """K-fold out-of-fold predictions and outlier scores for every row of ``x``.
+
+    Folds: :func:`crossfit_folds` of ``strata`` (e.g. the species). For fold ``k``,
+    ``fit_fold(mask)`` fits a head and a detector on the rows where ``mask`` is True (all
+    rows outside fold ``k``); the head's logits of fold ``k`` are decoded together with
+    the other folds' (``decode_method``) and the detector scores fold ``k``
+    (``x_detector`` rows, default ``x``; group detectors use the decoded ``group_rank``).
+    Feed the result to :func:`fit_evidence` to calibrate on every row.
+    """
+    import torch
+
+    from .decoding import decode
+
+    x = np.asarray(x)
+    x_det = x if x_detector is None else np.asarray(x_detector)
+    if len(x_det) != len(x) or len(strata) != len(x):
+        raise ValueError(f"crossfit_predictions: x ({len(x)} rows), x_detector "
+                         f"({len(x_det)}) and strata ({len(strata)}) must have the same rows.")
+    fold = crossfit_folds(strata, n_folds, seed)
+    logits: dict[str, np.ndarray] = {}
+    detectors = []
+    for k in range(int(n_folds)):
+        held = fold == k
+        predict, det = fit_fold(~held)
+        for r, v in predict(x[held]).items():
+            v = torch.as_tensor(v).float().numpy()
+            if r not in logits:
+                logits[r] = np.zeros((len(x), v.shape[1]), dtype=np.float32)
+            logits[r][held] = v
+        detectors.append(det)
+    decoded = decode({r: torch.as_tensor(v) for r, v in logits.items()}, taxonomy,
+                     method=decode_method, top_k=top_k)
+    z = np.zeros(len(x), dtype=np.float64)
+    for k, det in enumerate(detectors):
+        held = fold == k
+        groups = decoded.path[group_rank][held] if det.scope == "group" else None
+        z[held] = det.decision_function(x_det[held], groups)
+    return CrossfitPredictions(decoded=decoded, outlier=z, fold=fold, n_folds=int(n_folds))
 
 
 # ---------------------------------------------------------------------- metrics

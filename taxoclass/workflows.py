@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from .config import openset_calibration
 from .errors import AnnotationError, ConfigError
 from .provenance import write_provenance
 from .taxonomy import DEFAULT_RANKS, Taxonomy
@@ -114,6 +117,12 @@ def require_training_settings(cfg: dict) -> dict:
     if not cfg.get("out"):
         raise ConfigError("out is not set: the folder for the model bundle (config 'out' or "
                           "--set out=DIR).")
+    ocfg = cfg.get("openset") or {}
+    mode, _ = openset_calibration(ocfg)
+    if mode == "crossfit" and not ocfg.get("enabled", True):
+        raise ConfigError("openset.calibration: crossfit calibrates the open-set scorer, but "
+                          "openset.enabled is false. Fix: set openset.calibration: holdout, or "
+                          "openset.enabled: true.")
     return data
 
 
@@ -296,40 +305,109 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
         print(f"warning: {int((~found).sum())} labelled image(s) have no embedding (unreadable; "
               f"see {cache}/failures.csv), e.g. {missing}; training without them.")
     is_val = validation_mask(ids, nodes, data)
-    tr, va = found & ~is_val, found & is_val
+    ocfg = cfg.get("openset") or {}
+    crossfit = openset_calibration(ocfg)[0] == "crossfit"
+    # crossfit: every embedded image trains the final head (no validation split).
+    tr, va = (found, np.zeros_like(found)) if crossfit else (found & ~is_val, found & is_val)
     # Tile-like views of the training images only (never of validation images).
     tr_idx = np.flatnonzero(tr)
     xv, src = view_embeddings(cfg, rows.iloc[tr_idx].reset_index(drop=True),
                               progress=embed_progress)
-    x_tr, y_tr = with_views(x, y, tr, (xv, tr_idx[src]))
-    result = train_head(x_tr, y_tr, x[va], {r: v[va] for r, v in y.items()}, tax,
-                        model=cfg["model"], loss=cfg["loss"], train=cfg["train"],
-                        normalize_inputs=bool(cfg["model"].get("normalize", True)),
-                        progress=progress)
-    bundle = ModelBundle(head=result.head, taxonomy=tax, normalize=bool(
-        cfg["model"].get("normalize", True)), decode_method=cfg["decode"]["method"],
-        backbone={**backbone_spec(cfg["backbone"]), "description": backbone_desc},
-        extra={"annotations": str(Path(data["annotations"]).resolve()),
-               "embedding_cache": str(Path(cache).resolve()), "best_epoch": result.best_epoch})
-    decoded = bundle.predict_embeddings(x[va], top_k=int(cfg["decode"].get("top_k", 5)))
-    metrics = evaluate_predictions(decoded.path, {r: v[va] for r, v in y.items()}, tax,
-                                   topk_index=decoded.topk_index)
-    ocfg = cfg.get("openset") or {}
+    normalize_inputs = bool(cfg["model"].get("normalize", True))
+    top_k = int(cfg["decode"].get("top_k", 5))
+    fold = np.full(len(ids), -1)
+    if crossfit:
+        from .openset import truth_names
+
+        cf = crossfit_openset(x[tr], {r: v[tr] for r, v in y.items()}, tax,
+                              truth_names(rows[tr], tax.ranks), cfg,
+                              seed=int(data.get("split_seed", 0)), views=(xv, src),
+                              progress=progress)
+        result, calibration = cf.train, cf.info
+        fold[tr] = cf.oof.fold
+        # The final head trained on every row: its own validation figures would be
+        # in-sample, so the metrics are those of the out-of-fold predictions.
+        metrics = evaluate_predictions(cf.oof.decoded.path, {r: v[tr] for r, v in y.items()},
+                                       tax, topk_index=cf.oof.decoded.topk_index)
+        metrics["predictions"] = (f"out-of-fold: each of the {int(tr.sum())} images predicted "
+                                  f"by one of {cf.oof.n_folds} fold heads that did not train on "
+                                  f"it (the bundle's head trained on all of them)")
+    else:
+        x_tr, y_tr = with_views(x, y, tr, (xv, tr_idx[src]))
+        result = train_head(x_tr, y_tr, x[va], {r: v[va] for r, v in y.items()}, tax,
+                            model=cfg["model"], loss=cfg["loss"], train=cfg["train"],
+                            normalize_inputs=normalize_inputs, progress=progress)
+        calibration = {"calibration": "holdout", "n_calibration_rows": int(va.sum())}
+    bundle = ModelBundle(head=result.head, taxonomy=tax, normalize=normalize_inputs,
+                         decode_method=cfg["decode"]["method"],
+                         backbone={**backbone_spec(cfg["backbone"]), "description": backbone_desc},
+                         extra={"annotations": str(Path(data["annotations"]).resolve()),
+                                "embedding_cache": str(Path(cache).resolve()),
+                                "best_epoch": result.best_epoch})
+    if not crossfit:
+        decoded = bundle.predict_embeddings(x[va], top_k=top_k)
+        metrics = evaluate_predictions(decoded.path, {r: v[va] for r, v in y.items()}, tax,
+                                       topk_index=decoded.topk_index)
+        metrics["predictions"] = f"validation split ({int(va.sum())} images, not trained on)"
     if ocfg.get("enabled", True):
-        bundle.scorer = fit_openset_scorer(bundle, x_tr, y_tr["genus"], x[va],
-                                           rows[va].reset_index(drop=True), ocfg,
-                                           species_train=y_tr[tax.ranks[-1]])
+        if crossfit:
+            bundle.scorer = cf.scorer
+        else:
+            bundle.scorer = fit_openset_scorer(bundle, x_tr, y_tr["genus"], x[va],
+                                               rows[va].reset_index(drop=True), ocfg,
+                                               species_train=y_tr[tax.ranks[-1]])
         metrics["openset_thresholds"] = bundle.scorer.thresholds.to_dict()
+        metrics["openset_calibration"] = calibration
+        bundle.extra["openset_calibration"] = calibration
     bundle.save(out)
     atomic_write_csv(out / "history.csv", result.history)
-    atomic_write_csv(out / "split.csv", pd.DataFrame(
-        {"image_id": ids, "split": np.where(is_val, "val", "train"), "embedded": found}))
+    split = pd.DataFrame({"image_id": ids, "split": np.where(is_val & ~crossfit, "val", "train"),
+                          "embedded": found})
+    if crossfit:
+        split["fold"] = fold  # crossfit fold of each image (-1: not embedded)
+    atomic_write_csv(out / "split.csv", split)
     atomic_write_json(out / "metrics_val.json", metrics)
     write_provenance(out, config=cfg, backbone=backbone_desc, extra={
         "training": {"best_epoch": result.best_epoch, "epochs_run": len(result.history),
                      "seconds": result.seconds, "n_train": int(tr.sum()),
-                     "n_train_views": int(len(xv)), "n_val": int(va.sum())}})
+                     "n_train_views": int(len(xv)), "n_val": int(va.sum())},
+        "openset_calibration": calibration if ocfg.get("enabled", True) else None})
     return out
+
+
+def _scorer_space(x, normalize_inputs: bool):
+    """The embeddings as the detector sees them (as :meth:`ModelBundle.scorer_input`)."""
+    import numpy as np
+
+    from .training import normalize
+
+    return normalize(x).numpy() if normalize_inputs else np.asarray(x, dtype=np.float32)
+
+
+def _openset_detector(x_train, genus_train, species_train, ocfg: dict):
+    """The configured outlier detector on at most ``openset.max_train`` rows (seeded)."""
+    import numpy as np
+
+    from .openset import fit_detector
+
+    max_train = int(ocfg.get("max_train", 50000))
+    if len(x_train) > max_train:
+        keep = np.sort(np.random.default_rng(0).choice(len(x_train), max_train, replace=False))
+        x_train, genus_train = x_train[keep], genus_train[keep]
+        species_train = None if species_train is None else species_train[keep]
+    return fit_detector(x_train, genus_train, labels_train=species_train,
+                        method=ocfg.get("detector", "knn"), scope=ocfg.get("scope", "group"))
+
+
+def _openset_evidence(decoded, z, correct, ocfg: dict):
+    """The configured evidence combiner and thresholds (:func:`openset.fit_evidence`)."""
+    from .openset import fit_evidence
+
+    return fit_evidence(decoded, z, correct, combiner=ocfg.get("combiner", "rank_mean"),
+                        confidence=ocfg.get("confidence", "path_prob"),
+                        gate_quantile=float(ocfg.get("gate_quantile", 0.975)),
+                        target_precision=ocfg.get("target_precision", 0.95),
+                        min_support=int(ocfg.get("min_support", 10)))
 
 
 def fit_openset_scorer(bundle, x_train, genus_train, x_val, rows_val, ocfg: dict, *,
@@ -340,28 +418,93 @@ def fit_openset_scorer(bundle, x_train, genus_train, x_val, rows_val, ocfg: dict
     The validation split also chose the early-stopping epoch, so thresholds are slightly
     optimistic; with few validation images per rank a target may be unreachable (the
     rank is then never trusted: threshold +inf, listed in ``thresholds.unreachable``).
+    ``openset.calibration: crossfit`` calibrates on every image instead
+    (:func:`crossfit_openset`).
     """
-    import numpy as np
-
-    from .openset import correct_by_rank, fit_scorer, path_names, truth_names
+    from .openset import OpenSetScorer, correct_by_rank, path_names, truth_names
 
     tax = bundle.taxonomy
-    max_train = int(ocfg.get("max_train", 50000))
-    if len(x_train) > max_train:
-        keep = np.sort(np.random.default_rng(0).choice(len(x_train), max_train, replace=False))
-        x_train, genus_train = x_train[keep], genus_train[keep]
-        species_train = None if species_train is None else species_train[keep]
+    det = _openset_detector(bundle.scorer_input(x_train), genus_train, species_train, ocfg)
     decoded_val = bundle.predict_embeddings(x_val)
     correct = correct_by_rank(path_names(decoded_val.path, tax),
                               truth_names(rows_val, tax.ranks), tax.ranks)
-    return fit_scorer(bundle.scorer_input(x_train), genus_train, bundle.scorer_input(x_val),
-                      decoded_val, correct, method=ocfg.get("detector", "knn"),
-                      scope=ocfg.get("scope", "group"),
-                      combiner=ocfg.get("combiner", "rank_mean"),
-                      confidence=ocfg.get("confidence", "path_prob"),
-                      gate_quantile=float(ocfg.get("gate_quantile", 0.975)),
-                      target_precision=ocfg.get("target_precision", 0.95),
-                      min_support=int(ocfg.get("min_support", 10)), labels_train=species_train)
+    groups = decoded_val.path["genus"] if det.scope == "group" else None
+    z = det.decision_function(bundle.scorer_input(x_val), groups)
+    comb, thr = _openset_evidence(decoded_val, z, correct, ocfg)
+    return OpenSetScorer(detector=det, combiner=comb, thresholds=thr, group_rank="genus")
+
+
+@dataclass
+class CrossfitOpenset:
+    """A head trained on every row and an open-set scorer calibrated out of fold."""
+
+    train: Any                 # training.TrainResult of the final head (all rows)
+    scorer: Any                # openset.OpenSetScorer: detector on all rows, thresholds OOF
+    oof: Any                   # openset.CrossfitPredictions the thresholds rest on
+    correct: dict[str, Any]    # rank -> the out-of-fold path is right there
+    info: dict[str, Any]       # what to record: calibration, folds, seed, rows
+
+
+def crossfit_openset(x, y: dict, taxonomy: Taxonomy, truth: dict, cfg: dict, *, seed: int = 0,
+                     views=None, progress: Progress | None = None) -> CrossfitOpenset:
+    """``openset.calibration: crossfit``: head and open-set scorer without a validation split.
+
+    Rows are split into ``openset.folds`` folds stratified by taxon (seeded). For each
+    fold a head (:func:`~taxoclass.training.train_head` with the config's ``model``,
+    ``loss``, ``train`` sections, no validation rows) and the configured detector are
+    fitted on the other folds; their predictions and outlier scores of the fold's rows
+    are out-of-fold (:func:`~taxoclass.openset.crossfit_predictions`). The evidence
+    combiner and thresholds are fitted on these predictions of every row; then the final
+    head and the final detector are fitted on all rows. ``y``: class index per rank;
+    ``truth``: :func:`~taxoclass.openset.truth_names` of the rows; ``views``: (view
+    embeddings, index into ``x`` of each view's source), a view trains with its source.
+    Costs ``folds + 1`` head trainings.
+    """
+    import numpy as np
+
+    from .bundle import ModelBundle
+    from .openset import OpenSetScorer, correct_by_rank, crossfit_predictions, path_names
+    from .training import train_head
+
+    ocfg = dict(cfg.get("openset") or {})
+    _, n_folds = openset_calibration(ocfg)
+    model, train = dict(cfg.get("model") or {}), dict(cfg.get("train") or {})
+    decode_cfg = dict(cfg.get("decode") or {})
+    normalize_inputs = bool(model.get("normalize", True))
+    lowest = taxonomy.ranks[-1]
+    epochs = int(train.get("epochs", 200))
+
+    def fit(mask, k):
+        xt, yt = with_views(x, y, mask, views)
+        step = (None if progress is None else
+                lambda e, n: progress(k * epochs + e, (n_folds + 1) * epochs))
+        head = train_head(xt, yt, None, None, taxonomy, model=model, loss=cfg.get("loss"),
+                          train=train, normalize_inputs=normalize_inputs, progress=step)
+        det = _openset_detector(_scorer_space(xt, normalize_inputs), yt["genus"], yt[lowest],
+                                ocfg)
+        return head, det
+
+    fold_number = iter(range(n_folds))
+
+    def fit_fold(mask):
+        head, det = fit(mask, next(fold_number))
+        fold_bundle = ModelBundle(head=head.head, taxonomy=taxonomy, backbone={},
+                                  normalize=normalize_inputs)
+        return fold_bundle.logits, det
+
+    strata = np.array(["/".join(map(str, t)) for t in zip(*(y[r] for r in taxonomy.ranks))])
+    oof = crossfit_predictions(x, strata, fit_fold, taxonomy, n_folds=n_folds, seed=seed,
+                               decode_method=decode_cfg.get("method", "path"),
+                               top_k=int(decode_cfg.get("top_k", 5)),
+                               x_detector=_scorer_space(x, normalize_inputs))
+    correct = correct_by_rank(path_names(oof.decoded.path, taxonomy), truth, taxonomy.ranks)
+    comb, thr = _openset_evidence(oof.decoded, oof.outlier, correct, ocfg)
+    final, det = fit(np.ones(len(x), dtype=bool), n_folds)
+    info = {"calibration": "crossfit", "folds": n_folds, "seed": int(seed),
+            "n_calibration_rows": int(len(x)), "out_of_fold": True}
+    return CrossfitOpenset(train=final, scorer=OpenSetScorer(
+        detector=det, combiner=comb, thresholds=thr, group_rank="genus"),
+        oof=oof, correct=correct, info=info)
 
 
 # --------------------------------------------------------------------------- predict
@@ -508,6 +651,11 @@ def evaluate_model(model: str | Path, annotations: str | Path, *,
             raise ConfigError(f"--split {split}: {split_file} not found; use --split all.")
         s = pd.read_csv(split_file, dtype={"image_id": str})
         chosen = set(s.loc[s["split"] == split, "image_id"])
+        if split == "val" and not chosen:
+            raise ConfigError(f"{split_file} has no validation images: the model trained on "
+                              f"every image (openset.calibration: crossfit), so none is held "
+                              f"out. Its out-of-fold figures are in metrics_val.json; evaluate "
+                              f"on other annotations, or pass --split all (in-sample).")
         mask = np.array([i in chosen for i in ids])
         rows, ids = rows[mask].reset_index(drop=True), [i for i, m in zip(ids, mask) if m]
     if not ids:
@@ -662,7 +810,9 @@ def evaluate_holdout(model: str | Path, annotations: str | Path, *,
     Held-out species (given, or a seeded choice whose genus keeps a known species) are
     removed from the taxonomy and training. The known species' images are split
     ``test_fraction`` for test (stratified, seeded); the rest trains the head (its own
-    validation split stops training and calibrates the back-off). Test = known test
+    validation split stops training and calibrates the back-off; with the recipe's
+    ``openset.calibration: crossfit``, all of it trains the head and the back-off is
+    calibrated out of fold, :func:`crossfit_openset`). Test = known test
     images + every held-out image. Returns (and writes into ``out``) unknown-detection
     AUROC / FPR@95%TPR per method, what back-off did with held-out and known images, and
     a risk-coverage table per rank.
@@ -716,20 +866,36 @@ def evaluate_holdout(model: str | Path, annotations: str | Path, *,
     strata = np.array(["/".join(n) for n in nodes])
     is_test = stratified_split(strata, test_fraction, seed)
     tr_idx = np.flatnonzero(~is_test)
-    val_fraction = float(cfg.get("data", {}).get("val_fraction", 0.3))
+    ocfg = dict(cfg.get("openset") or {})
     is_val = np.zeros(len(kr), dtype=bool)
-    is_val[tr_idx[stratified_split(strata[tr_idx], val_fraction, seed + 1)]] = True
-    is_tr = ~is_test & ~is_val
-    res = train_head(xk[is_tr], {r: a[is_tr] for r, a in y.items()}, xk[is_val],
-                     {r: a[is_val] for r, a in y.items()}, tax, model=cfg.get("model"),
-                     loss=cfg.get("loss"), train=cfg.get("train"),
-                     normalize_inputs=bundle.normalize)
+    if openset_calibration(ocfg)[0] == "crossfit":
+        # Head on every non-test known image; thresholds on their out-of-fold predictions.
+        is_tr = ~is_test
+        cf = crossfit_openset(xk[is_tr], {r: a[is_tr] for r, a in y.items()}, tax,
+                              truth_names(kr[is_tr], ranks),
+                              {**cfg, "model": {**(cfg.get("model") or {}),
+                                                "normalize": bundle.normalize},
+                               "decode": {**(cfg.get("decode") or {}),
+                                          "method": bundle.decode_method}},
+                              seed=seed)
+        res, calibration = cf.train, cf.info
+    else:
+        val_fraction = float(cfg.get("data", {}).get("val_fraction", 0.3))
+        is_val[tr_idx[stratified_split(strata[tr_idx], val_fraction, seed + 1)]] = True
+        is_tr = ~is_test & ~is_val
+        res = train_head(xk[is_tr], {r: a[is_tr] for r, a in y.items()}, xk[is_val],
+                         {r: a[is_val] for r, a in y.items()}, tax, model=cfg.get("model"),
+                         loss=cfg.get("loss"), train=cfg.get("train"),
+                         normalize_inputs=bundle.normalize)
+        calibration = {"calibration": "holdout", "n_calibration_rows": int(is_val.sum())}
     sub = ModelBundle(head=res.head, taxonomy=tax, backbone=bundle.backbone,
                       normalize=bundle.normalize, decode_method=bundle.decode_method)
-    ocfg = dict(cfg.get("openset") or {})
-    sub.scorer = fit_openset_scorer(sub, xk[is_tr], y["genus"][is_tr], xk[is_val],
-                                    kr[is_val].reset_index(drop=True), ocfg,
-                                    species_train=y[ranks[-1]][is_tr])
+    if calibration["calibration"] == "crossfit":
+        sub.scorer = cf.scorer
+    else:
+        sub.scorer = fit_openset_scorer(sub, xk[is_tr], y["genus"][is_tr], xk[is_val],
+                                        kr[is_val].reset_index(drop=True), ocfg,
+                                        species_train=y[ranks[-1]][is_tr])
 
     x_test = np.concatenate([xk[is_test], x_all[is_unk]])
     test_rows = pd.concat([kr[is_test], rows[is_unk]]).reset_index(drop=True)
@@ -760,6 +926,7 @@ def evaluate_holdout(model: str | Path, annotations: str | Path, *,
     result = {
         "held_out_species": held, "seed": seed,
         "n_train": int(is_tr.sum()), "n_val": int(is_val.sum()),
+        "openset_calibration": calibration,
         "n_test_known": int(is_test.sum()), "n_test_held_out": int(is_unk.sum()),
         "known_test_accuracy": {r: float(correct[r][~y_unk].mean()) for r in ranks},
         "held_out_right_genus_on_path": float(correct["genus"][y_unk].mean())
