@@ -8,8 +8,13 @@ the test set is the other 30% of known images plus every held-out-species image.
 ``--calib-holdout N`` (default 0) also removes N further species from training and puts
 all their images in validation, so calibration sees what novelty looks like (they are in
 no test; a different training set, so figures are not comparable with the default run).
+``--calibration crossfit`` (``openset.calibration``) instead trains the head on the
+training and validation images together and fits the combiner and thresholds on their
+out-of-fold predictions (``taxoclass.workflows.crossfit_openset``, ``--folds`` heads);
+the combiner grid of the detection table needs a validation split and is left out.
 
     .venv/bin/python bench/openset.py [--n-holdout 12] [--calib-holdout 8] [--seed 0]
+        [--calibration holdout|crossfit] [--folds 5]
 
 Prints markdown (date, machine, command, tables); ``--out FILE`` also writes it.
 """
@@ -30,7 +35,7 @@ import torch
 import yaml
 
 from taxoclass.annotations import load_annotations
-from taxoclass.config import DEFAULTS, load_config
+from taxoclass.config import CALIBRATIONS, DEFAULTS, load_config
 from taxoclass.decoding import decode
 from taxoclass.openset import (
     choose_holdout,
@@ -54,7 +59,7 @@ from taxoclass.outliers import (
     confidence_scores,
 )
 from taxoclass.training import normalize, stratified_split, train_head
-from taxoclass.workflows import _targets, config_embeddings
+from taxoclass.workflows import _targets, config_embeddings, crossfit_openset
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "leaf" / "annotations.json"
@@ -82,12 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--combiner", default=o["combiner"], choices=COMBINERS)
     p.add_argument("--confidence", default=o["confidence"], choices=CONFIDENCES)
     p.add_argument("--gate-quantile", type=float, default=o["gate_quantile"])
+    p.add_argument("--calibration", default=o["calibration"], choices=CALIBRATIONS,
+                   help="holdout: calibrate on the validation split; crossfit: head on "
+                        "train+validation, calibration on out-of-fold predictions")
+    p.add_argument("--folds", type=int, default=o["folds"], help="crossfit folds")
     p.add_argument("--species-target", type=float, default=0.97)
     p.add_argument("--higher-target", type=float, default=0.95)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    crossfit = args.calibration == "crossfit"
+    if crossfit and args.calib_holdout:
+        p.error("--calib-holdout puts species in the validation split; --calibration "
+                "crossfit has none. Use one or the other.")
     if not DATA.is_file():
         print(f"Need {DATA}.", file=sys.stderr)
         return 2
@@ -120,10 +133,22 @@ def main(argv: list[str] | None = None) -> int:
     is_val = np.zeros(len(kr), dtype=bool)
     is_val[tr_idx[v]] = True
     is_tr = ~is_test & ~is_val
-    res = train_head(xk[is_tr], {r: a[is_tr] for r, a in y.items()}, xk[is_val],
-                     {r: a[is_val] for r, a in y.items()}, tax, model=cfg["model"],
-                     loss=cfg["loss"], train=cfg["train"],
-                     normalize_inputs=bool(cfg["model"].get("normalize", True)))
+    targets = {"family": args.higher_target, "genus": args.higher_target,
+               "species": args.species_target}
+    if crossfit:  # one head on train+validation; calibration on out-of-fold predictions
+        n_val_known = int(is_val.sum())
+        is_tr, is_val = ~is_test, np.zeros(len(kr), dtype=bool)
+        ocfg = {"detector": args.method, "scope": args.scope, "combiner": args.combiner,
+                "confidence": args.confidence, "gate_quantile": args.gate_quantile,
+                "target_precision": targets, "min_support": 10, "folds": args.folds}
+        cf = crossfit_openset(xk[is_tr], {r: a[is_tr] for r, a in y.items()}, tax,
+                              truth_names(kr[is_tr]), {**cfg, "openset": ocfg}, seed=args.seed)
+        res = cf.train
+    else:
+        res = train_head(xk[is_tr], {r: a[is_tr] for r, a in y.items()}, xk[is_val],
+                         {r: a[is_val] for r, a in y.items()}, tax, model=cfg["model"],
+                         loss=cfg["loss"], train=cfg["train"],
+                         normalize_inputs=bool(cfg["model"].get("normalize", True)))
     head = res.head.eval()
 
     def predict(x):
@@ -132,11 +157,13 @@ def main(argv: list[str] | None = None) -> int:
             lg = head(xt)
         return lg, decode(lg, tax, method=cfg["decode"]["method"])
 
-    # Validation = known val images + every calibration-holdout image.
-    x_val = np.concatenate([xk[is_val], x_all[is_cal]])
-    val_rows = pd.concat([kr[is_val], rows[is_cal]])
-    _, d_val = predict(x_val)
-    c_val = correct_by_rank(path_names(d_val.path, tax), truth_names(val_rows), tax.ranks)
+    if crossfit:  # calibration rows: out-of-fold predictions of every training row
+        x_val, d_val, c_val = xk[is_tr], cf.oof.decoded, cf.correct
+    else:  # validation = known val images + every calibration-holdout image
+        x_val = np.concatenate([xk[is_val], x_all[is_cal]])
+        val_rows = pd.concat([kr[is_val], rows[is_cal]])
+        _, d_val = predict(x_val)
+        c_val = correct_by_rank(path_names(d_val.path, tax), truth_names(val_rows), tax.ranks)
     # Test = known test images + every held-out-species image.
     x_test = np.concatenate([xk[is_test], x_all[is_unk]])
     test_rows = pd.concat([kr[is_test], rows[is_unk]])
@@ -162,10 +189,12 @@ def main(argv: list[str] | None = None) -> int:
         for scope_name, scope, labels in variants:
             det = OutlierDetector(method, scope=scope).fit(x_tr, labels)
             z_test = det.decision_function(x_test, d_test.path["genus"])
-            z_val = det.decision_function(x_val, d_val.path["genus"])
             kind = "" if method == "mahalanobis" else "pyod "
             scope = scope_name
             scores[f"{kind}{method} ({scope})"] = z_test
+            if crossfit:  # the detector saw every calibration row: no honest z to fit on
+                continue
+            z_val = det.decision_function(x_val, d_val.path["genus"])
             for comb in COMBINERS:
                 for conf in CONFIDENCES:
                     c = EvidenceCombiner(comb, confidence=conf,
@@ -179,20 +208,25 @@ def main(argv: list[str] | None = None) -> int:
     for (method, scope, comb, conf), s in evid.items():
         what = "path prob" if conf == "path_prob" else "path logit"
         scores[f"{comb}({what}, {method} {scope}) species evidence"] = s
-    table = detection_table(y_unk, scores).sort_values("auroc", ascending=False)
 
     # ---- back-off with the chosen detector at the target precisions
-    targets = {"family": args.higher_target, "genus": args.higher_target,
-               "species": args.species_target}
-    scorer = fit_scorer(x_tr, g_tr, x_val, d_val, c_val, method=args.method, scope=args.scope,
-                        combiner=args.combiner, target_precision=targets, min_support=10,
-                        labels_train=s_tr, confidence=args.confidence,
-                        gate_quantile=args.gate_quantile)
+    if crossfit:
+        scorer = cf.scorer
+    else:
+        scorer = fit_scorer(x_tr, g_tr, x_val, d_val, c_val, method=args.method,
+                            scope=args.scope, combiner=args.combiner, target_precision=targets,
+                            min_support=10, labels_train=s_tr, confidence=args.confidence,
+                            gate_quantile=args.gate_quantile)
     method_name = scorer.detector.method
     frame = scorer.predict(x_test, d_test, tax)
     summary = outcome_summary(frame, truth, y_unk, tax.ranks)
-    ev_val, _ = scorer.evidence(x_val, d_val)
     ev_test, _ = scorer.evidence(x_test, d_test)
+    if crossfit:
+        what = "path prob" if args.confidence == "path_prob" else "path logit"
+        scope = "species classes" if method_name == "mahalanobis" else args.scope
+        scores[f"{args.combiner}({what}, {method_name} {scope}) species evidence, "
+               f"crossfit-calibrated (the back-off scorer)"] = -ev_test["species"]
+    table = detection_table(y_unk, scores).sort_values("auroc", ascending=False)
     rc = risk_coverage({r: ev_test[r][~y_unk] for r in tax.ranks},
                        {r: c_test[r][~y_unk] for r in tax.ranks},
                        coverages=(1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5))
@@ -212,6 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
 
     th = scorer.thresholds
+    cal = "oof" if crossfit else "val"
+    if crossfit:
+        calibration = (f"- calibration: crossfit ({args.folds} species-stratified folds, seed "
+                       f"{args.seed}): the head trained on all {int(is_tr.sum())} train+"
+                       f"validation images ({n_val_known} of them the holdout mode's "
+                       f"validation split); combiner and thresholds fitted on their "
+                       f"{len(d_val)} out-of-fold predictions; detection table without the "
+                       f"combiner grid (it needs a validation split)")
+    else:
+        calibration = (f"- calibration: holdout (combiner and thresholds fitted on the "
+                       f"{len(x_val)} validation images)")
     out = [
         "# Open-set benchmark: held-out leaf species",
         "",
@@ -226,9 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         f"- held out ({len(held)}, seed {args.seed}): {', '.join(held)}",
         f"- calibration holdout ({len(calib)}, in validation only): "
         f"{', '.join(calib) or 'none'}",
-        f"- rows: train {int(is_tr.sum())}, validation {len(x_val)} "
-        f"({int(is_val.sum())} known + {int(is_cal.sum())} calibration-holdout), test "
-        f"{len(x_test)} ({int((~y_unk).sum())} known + {int(y_unk.sum())} held-out)",
+        calibration,
+        (f"- rows: train {int(is_tr.sum())} (train+validation), out-of-fold calibration "
+         f"{len(d_val)}, test " if crossfit else
+         f"- rows: train {int(is_tr.sum())}, validation {len(x_val)} "
+         f"({int(is_val.sum())} known + {int(is_cal.sum())} calibration-holdout), test ")
+        + f"{len(x_test)} ({int((~y_unk).sum())} known + {int(y_unk.sum())} held-out)",
         "- known-test accuracy of the path: "
         + ", ".join(f"{r} {c_test[r][~y_unk].mean():.3f}" for r in tax.ranks)
         + f"; held-out images with the right genus on the path: "
@@ -238,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Every score oriented higher = more likely unknown (confidences negated). "
         "Evidence rows are the species-rank evidence of the combination rule fitted on "
-        "validation.",
+        + ("out-of-fold predictions." if crossfit else "validation."),
         "",
         _md(table),
         "",
@@ -247,9 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         _md(pd.DataFrame([{"rank": r, "target": th.target[r],
                            "threshold": th.thresholds[r],
-                           "val precision": (th.precision[r] if th.precision[r] is not None
-                                             else float("nan")),
-                           "val coverage": th.coverage[r], "val support": th.support[r]}
+                           f"{cal} precision": (th.precision[r]
+                                                if th.precision[r] is not None
+                                                else float("nan")),
+                           f"{cal} coverage": th.coverage[r], f"{cal} support": th.support[r]}
                           for r in tax.ranks])),
         "",
         _md(pd.DataFrame([{"metric": k, "value": float(v)} for k, v in summary.items()])),
@@ -259,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         _md(pd.crosstab(frame["reason"], np.where(y_unk, "held-out", "known"))
             .reset_index().rename(columns={"reason": "reason"})),
         "",
-        "## Species operating points (test, descriptive sweep of the species threshold)",
+        "## Species operating points: known coverage vs held-out named to species (test, "
+        "descriptive sweep of the species threshold)",
         "",
         f"Held-out images whose path has the right family (ceiling for 'correct genus or "
         f"family' under any back-off rule): {ceiling:.3f}.",
@@ -276,7 +326,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
-    del ev_val
     return 0
 
 
