@@ -16,11 +16,11 @@ Two disjoint sets of plots:
   on the calibration plots with the calibration head; the test plots are then scored
   once with the full training-split head. No test image is used for any choice.
 
-Each plot has 1–8 taxa, richness and individual counts drawn from the real dune-meadow
-plot table (``vegetation-plots/dune.csv``); leaves are pasted at random positions,
-scales and rotations (straddling tile borders, overlapping) onto a cluttered background
-(so many tiles hold only soil, stones and twigs). Tile embeddings are cached under
-``--out`` and reused across runs.
+Each plot has 1–8 taxa (``--richness``: uniform on 1–8 by default), individual counts
+drawn from the real dune-meadow plot table (``vegetation-plots/dune.csv``); leaves are
+pasted at random positions, scales and rotations (straddling tile borders, overlapping)
+onto a cluttered background (so many tiles hold only soil, stones and twigs). Tile
+embeddings are cached under ``--out`` and reused across runs.
 
     .venv/bin/python bench/synthetic_plots.py [--n-test 40] [--n-cal 60] \
         [--results bench/results/synthetic_plots.md]
@@ -118,14 +118,24 @@ def paste_leaf(canvas: Image.Image, path: str, rng: np.random.Generator) -> None
     canvas.paste(Image.merge("RGB", (leaf, leaf, leaf)), (x, y), mask)
 
 
-def plot_recipes(n: int, rng: np.random.Generator, max_taxa: int = 8) -> list[list[int]]:
-    """Individual counts per taxon for ``n`` plots, drawn from real dune-meadow plots."""
+def plot_recipes(n: int, rng: np.random.Generator, max_taxa: int = 8,
+                 richness: str = "uniform") -> list[list[int]]:
+    """Individual counts per taxon for ``n`` plots, drawn from real dune-meadow plots.
+
+    ``richness="uniform"``: the number of taxa is uniform on 1..``max_taxa`` and their
+    counts are a random subset of a real plot's covers; ``"table"``: the real plot's own
+    richness, capped at ``max_taxa`` (dune plots hold 5–14 species, so nearly always
+    ``max_taxa``).
+    """
     dune = pd.read_csv(DATA / "vegetation-plots" / "dune.csv", index_col=0)
     out = []
     for _ in range(n):
         row = dune.iloc[int(rng.integers(len(dune)))]
         cover = row[row > 0].to_numpy()
-        k = int(min(max_taxa, max(1, len(cover))))
+        if richness == "uniform":
+            k = int(min(rng.integers(1, max_taxa + 1), len(cover)))
+        else:
+            k = int(min(max_taxa, max(1, len(cover))))
         chosen = rng.choice(cover, size=k, replace=False)
         out.append([int(math.ceil(c / 3)) for c in chosen])  # cover class 1-9 -> 1-3 plants
     return out
@@ -138,7 +148,8 @@ def compose_and_embed(name: str, pool: dict[int, list[str]], n: int, seed: int, 
         "v": CACHE_VERSION, "n": n, "seed": seed, "size": args.size, "overlap": args.overlap,
         "grids": ALL_GRIDS, "backbone": tiler.backbone.name,
         "preprocess": tiler.backbone.data_overrides, "clutter": args.clutter,
-        "max_taxa": args.max_taxa,
+        "max_taxa": args.max_taxa, **({} if args.richness == "table" else
+                                      {"richness": args.richness}),
         "pool": {str(k): v for k, v in sorted(pool.items())}}, sort_keys=True).encode()
     ).hexdigest()[:16]
     path = out / f"tiles-{name}-{key}.npz"
@@ -152,7 +163,7 @@ def compose_and_embed(name: str, pool: dict[int, list[str]], n: int, seed: int, 
     leaves = sorted(pool)
     embs, plot_of, scales, truth = [], [], [], {}
     t0 = time.perf_counter()
-    for i, counts in enumerate(plot_recipes(n, rng, args.max_taxa)):
+    for i, counts in enumerate(plot_recipes(n, rng, args.max_taxa, args.richness)):
         plot_id = f"{name}-{i:03d}"
         canvas = background(args.size, rng, args.clutter)
         taxa = rng.choice(leaves, size=min(len(counts), len(leaves)), replace=False)
@@ -280,6 +291,96 @@ def species_sweep(plots: dict, truth_idx: dict, placeholder: np.ndarray, rule: s
     return f1 / len(plots)
 
 
+def truth_vectors(truth: dict, taxonomy) -> tuple[dict, np.ndarray]:
+    """Per plot a boolean vector over lowest-rank classes (placeholders never true)."""
+    lowest = taxonomy.ranks[-1]
+    labels = [taxonomy.label(n) for n in taxonomy.nodes(lowest)]
+    placeholder = np.array([taxonomy.is_placeholder(n) for n in taxonomy.nodes(lowest)])
+    out = {}
+    for plot_id, taxa in truth.items():
+        v = np.zeros(len(labels), dtype=bool)
+        for t in taxa:
+            v[labels.index(t)] = True
+        out[plot_id] = v & ~placeholder
+    return out, placeholder
+
+
+def oracle_f1(plots: dict, truth: dict, taxonomy, rule: str, grid_set: tuple[str, ...],
+              how: str) -> float:
+    """Species macro F1 per plot from ``rule``'s score (all tiles of ``grid_set``, weight
+    1, no flags, no tile settings) with a cut-off per plot chosen KNOWING the truth.
+
+    ``how="true_k"``: each plot reports its K best-scoring species, K = its true number of
+    taxa (what a perfect species-count estimate would give). ``how="best_cutoff"``: the
+    best F1 over all cut-offs of the plot's ranking (an upper bound for any threshold on
+    that score; it may also drop a wrong top species, which no real rule can know).
+    """
+    lowest = taxonomy.ranks[-1]
+    truth_idx, placeholder = truth_vectors(truth, taxonomy)
+    f1 = []
+    for plot_id, tp in plots.items():
+        p = tp["probs"][lowest][np.isin(tp["scale"], grid_set)]
+        if rule == "argmax_union":  # a tile's arg-max species, scored by its best tile
+            p = np.where(p == p.max(axis=1, keepdims=True), p, 0.0)
+        score = rule_scores(p, "max" if rule == "argmax_union" else rule)
+        score = np.where(placeholder | (score <= 0), -np.inf, score)
+        true = truth_idx[plot_id]
+        order = np.argsort(-score, kind="stable")
+        order = order[np.isfinite(score[order])]
+        hits = np.concatenate([[0], np.cumsum(true[order])])  # true positives of top-k
+        k = np.arange(len(hits))
+        denom = k + true.sum()
+        per_k = np.where(denom == 0, 1.0, 2.0 * hits / np.maximum(denom, 1))
+        f1.append(float(per_k.max() if how == "best_cutoff"
+                        else per_k[min(int(true.sum()), len(per_k) - 1)]))
+    return float(np.mean(f1))
+
+
+def stack_features(tp: dict, grid_set: tuple[str, ...], lowest: str) -> np.ndarray:
+    """Per species of one plot: max, mean, noisy-or, share of tiles ranking it first and
+    in their top 3, for each grid of ``grid_set`` (flagged tiles included)."""
+    cols = []
+    for grid in grid_set:
+        a = tp["probs"][lowest][tp["scale"] == grid]
+        n, k = a.shape
+        first = np.bincount(a.argmax(axis=1), minlength=k) / n
+        top3 = np.zeros(k)
+        np.add.at(top3, np.argsort(-a, axis=1)[:, :3].ravel(), 1.0 / n)
+        cols += [a.max(axis=0), a.mean(axis=0), rule_scores(a, "noisy_or"), first, top3]
+    return np.column_stack(cols)
+
+
+def learned_rule(cal_plots: dict, cal_truth: dict, test_plots: dict, test_truth: dict,
+                 taxonomy, grid_set: tuple[str, ...]) -> tuple[float, float, float]:
+    """A learned aggregation rule (bench only, not in taxoclass): logistic regression on
+    :func:`stack_features` fitted on the calibration plots, the presence threshold chosen
+    there too. Returns (calibration F1, test species macro F1 per plot, threshold)."""
+    from sklearn.linear_model import LogisticRegression
+
+    lowest = taxonomy.ranks[-1]
+    cal_idx, placeholder = truth_vectors(cal_truth, taxonomy)
+    test_idx, _ = truth_vectors(test_truth, taxonomy)
+    xc = [stack_features(tp, grid_set, lowest) for tp in cal_plots.values()]
+    yc = [cal_idx[pid] for pid in cal_plots]
+    model = LogisticRegression(C=1.0, max_iter=3000).fit(np.concatenate(xc), np.concatenate(yc))
+
+    def f1(probs, truths, t):
+        out = []
+        for p, true in zip(probs, truths):
+            pred = (p >= t) & ~placeholder
+            denom = pred.sum() + true.sum()
+            out.append(1.0 if denom == 0 else 2.0 * (pred & true).sum() / denom)
+        return float(np.mean(out))
+
+    pc = [model.predict_proba(x)[:, 1] for x in xc]
+    grid = np.round(np.linspace(0.02, 0.9, 45), 4)
+    cal_f1 = [f1(pc, yc, t) for t in grid]
+    t = float(grid[int(np.argmax(cal_f1))])
+    pt = [model.predict_proba(stack_features(tp, grid_set, lowest))[:, 1]
+          for tp in test_plots.values()]
+    return max(cal_f1), f1(pt, [test_idx[pid] for pid in test_plots], t), t
+
+
 def run_rule(plots: dict, truth: dict, taxonomy, rule: str, grid_set: tuple[str, ...],
              settings: dict) -> tuple[dict, dict]:
     """Records of every plot with ``aggregate_plot`` and their scores (evaluate_plots)."""
@@ -297,15 +398,7 @@ def run_rule(plots: dict, truth: dict, taxonomy, rule: str, grid_set: tuple[str,
 def calibrate(plots: dict, truth: dict, taxonomy, rule: str, grid_set: tuple[str, ...]) -> dict:
     """Settings that maximise calibration macro F1 per plot: species step, then genus step."""
     lowest = taxonomy.ranks[-1]
-    names = taxonomy.names(lowest)
-    labels = [taxonomy.label(n) for n in taxonomy.nodes(lowest)]
-    placeholder = np.array([taxonomy.is_placeholder(n) for n in taxonomy.nodes(lowest)])
-    truth_idx = {}
-    for plot_id, taxa in truth.items():
-        v = np.zeros(len(names), dtype=bool)
-        for t in taxa:
-            v[labels.index(t)] = True
-        truth_idx[plot_id] = v & ~placeholder
+    truth_idx, placeholder = truth_vectors(truth, taxonomy)
     top_ks, gates, min_tiles = SPACE[rule]
     coarse_opts = COARSE_WEIGHTS if len(grid_set) > 1 else (1.0,)
     best = (-1.0, None)
@@ -400,6 +493,9 @@ def main() -> None:
     ap.add_argument("--overlap", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-taxa", type=int, default=8, help="taxa per plot at most")
+    ap.add_argument("--richness", choices=("uniform", "table"), default="uniform",
+                    help="taxa per plot: uniform on 1..--max-taxa (the issue's 1-8), or each "
+                         "real dune plot's own richness capped at --max-taxa (nearly always 8)")
     ap.add_argument("--no-clutter", dest="clutter", action="store_false",
                     help="plain soil background without stones and twigs (an easier variant)")
     ap.add_argument("--out", default=str(ROOT / "outputs" / "synthetic_plots"))
@@ -483,6 +579,11 @@ def main() -> None:
     chance = np.mean([len(v) for v in test_data["truth"].values()]) / len(labels)
 
     table_rows, chosen = [], {}
+
+    def oracles(rule, grid_set):
+        return tuple(oracle_f1(test_plots, test_data["truth"], taxonomy, rule, grid_set, how)
+                     for how in ("true_k", "best_cutoff"))
+
     t0 = time.perf_counter()
     for grid_name, grid_set in GRID_SETS.items():
         base = {"thresholds": {"species": 0.0, "genus": 0.5, "family": 0.5}}
@@ -491,7 +592,8 @@ def main() -> None:
         b_sp, b_ge = (base_ev["species"]["macro_f1_per_plot"],
                       base_ev["genus"]["macro_f1_per_plot"])
 
-        def add(label, preds, ev, settings, cal_sp=None, cal_ge=None, grid_name=grid_name,
+        def add(label, preds, ev, settings, cal_sp=None, cal_ge=None, oracle=None,
+                grid_name=grid_name,
                 b_sp=b_sp, b_ge=b_ge, b_pp=base_ev["per_plot"]):
             diff = 100 * (ev["per_plot"]["species_f1"] - b_pp["species_f1"]).to_numpy()
             table_rows.append({
@@ -503,17 +605,27 @@ def main() -> None:
                 "Δ genus (pts)": 100 * (ev["genus"]["macro_f1_per_plot"] - b_ge),
                 "cal species F1": cal_sp, "cal genus F1": cal_ge,
                 "records/plot": sum(map(len, preds.values())) / len(preds),
+                "oracle: true K": None if oracle is None else oracle[0],
+                "oracle: best cut-off per plot": None if oracle is None else oracle[1],
                 "settings (chosen on calibration)": settings})
 
-        add("argmax_union (baseline)", base_preds, base_ev, "species ≥ 0 (every tile's arg-max)")
+        add("argmax_union (baseline)", base_preds, base_ev, "species ≥ 0 (every tile's arg-max)",
+            oracle=oracles("argmax_union", grid_set))
         for rule in ("argmax_union", "max", "noisy_or", "mean"):
             s = calibrate(cal_plots, cal_data["truth"], taxonomy, rule, grid_set)
             chosen[(grid_name, rule)] = s
             preds, ev = run_rule(test_plots, test_data["truth"], taxonomy, rule, grid_set, s)
             label = "argmax_union + calibrated threshold" if rule == "argmax_union" else rule
             add(label, preds, ev, describe_settings(s, len(grid_set) > 1, grid_set[0]),
-                s["cal_species_f1"],
-                s["cal_genus_f1"])
+                s["cal_species_f1"], s["cal_genus_f1"],
+                None if rule == "argmax_union" else oracles(rule, grid_set))
+        cal_f1, test_f1, t = learned_rule(cal_plots, cal_data["truth"], test_plots,
+                                          test_data["truth"], taxonomy, grid_set)
+        table_rows.append({
+            "grid": grid_name, "rule": "learned (bench only: logistic regression on tile "
+            "statistics)", "species F1/plot": test_f1, "Δ species (pts)": 100 * (test_f1 - b_sp),
+            "cal species F1": cal_f1,
+            "settings (chosen on calibration)": f"presence ≥ {t:g}; species records only"})
     print(f"calibration + test scoring: {time.perf_counter() - t0:.0f}s")
     table = pd.DataFrame(table_rows)
     table.to_csv(out / "results.csv", index=False)
@@ -546,8 +658,9 @@ def main() -> None:
         f"per plot); CALIBRATION: {args.n_cal} plots from training-split images only "
         f"({int(cal_pool.sum())} images, ~30% of each taxon's training images) scored by a "
         f"calibration head trained on the other {int((train & ~cal_pool).sum())} training "
-        f"images; {args.size} px canvas, tile overlap {args.overlap}, at most {args.max_taxa} "
-        f"taxa per plot, background {'with' if args.clutter else 'without'} clutter",
+        f"images; {args.size} px canvas, tile overlap {args.overlap}, {args.richness} "
+        f"richness, at most {args.max_taxa} taxa per plot, background "
+        f"{'with' if args.clutter else 'without'} clutter",
         "",
         f"- tile quality: the arg-max species of a 4x4 tile is one of its plot's true taxa for "
         f"{hit_test:.1%} of test tiles ({hit_cal:.1%} of calibration tiles; a random species "
@@ -567,7 +680,13 @@ def main() -> None:
         "once with the chosen settings using `taxoclass.plots.aggregate_plot` and "
         "`taxoclass.plot_eval.evaluate_plots`. Genus F1 is rank-aware: species records "
         "count at their genus, `Genus sp.` records count at genus. Δ is in F1 points vs the "
-        "untuned baseline of the same grid.",
+        "untuned baseline of the same grid. The two oracle columns use the rule's score (all "
+        "tiles of the grid, weight 1, no tile settings) with a cut-off chosen per test plot "
+        "KNOWING its true taxa: `true K` reports each plot's K best species, K its true "
+        "number of taxa (a perfect species-count estimate); `best cut-off` is the best F1 "
+        "over all cut-offs of each plot's ranking (a loose upper bound: it may also drop a "
+        "wrong top species, which nothing can know). They show how much a better threshold "
+        "could still win from these tile probabilities.",
         "",
         "## Test macro F1 per plot",
         "",
