@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _results import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "leaf"
@@ -341,9 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if notes.is_file():
         lines += ["", notes.read_text()]
     text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    publish(text, args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from _results import markdown_table, publish
 
 from taxoclass.annotations import load_annotations
 from taxoclass.config import CALIBRATIONS, DEFAULTS, load_config
@@ -64,15 +65,6 @@ from taxoclass.workflows import _targets, config_embeddings, crossfit_openset
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "leaf" / "annotations.json"
 CONFIG = ROOT / "configs" / "leaf.yaml"
-
-
-def _md(frame: pd.DataFrame) -> str:
-    cols = list(frame.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in frame.itertuples(index=False):
-        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,12 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         "Evidence rows are the species-rank evidence of the combination rule fitted on "
         + ("out-of-fold predictions." if crossfit else "validation."),
         "",
-        _md(table),
+        markdown_table(table),
         "",
         f"## Back-off at target precision (detector {method_name} {args.scope}, "
         f"{args.combiner} combination)",
         "",
-        _md(pd.DataFrame([{"rank": r, "target": th.target[r],
+        markdown_table(pd.DataFrame([{"rank": r, "target": th.target[r],
                            "threshold": th.thresholds[r],
                            f"{cal} precision": (th.precision[r]
                                                 if th.precision[r] is not None
@@ -301,11 +293,12 @@ def main(argv: list[str] | None = None) -> int:
                            f"{cal} coverage": th.coverage[r], f"{cal} support": th.support[r]}
                           for r in tax.ranks])),
         "",
-        _md(pd.DataFrame([{"metric": k, "value": float(v)} for k, v in summary.items()])),
+        markdown_table(pd.DataFrame([{"metric": k, "value": float(v)}
+                                     for k, v in summary.items()])),
         "",
         "Reasons on the test set:",
         "",
-        _md(pd.crosstab(frame["reason"], np.where(y_unk, "held-out", "known"))
+        markdown_table(pd.crosstab(frame["reason"], np.where(y_unk, "held-out", "known"))
             .reset_index().rename(columns={"reason": "reason"})),
         "",
         "## Species operating points: known coverage vs held-out named to species (test, "
@@ -314,18 +307,15 @@ def main(argv: list[str] | None = None) -> int:
         f"Held-out images whose path has the right family (ceiling for 'correct genus or "
         f"family' under any back-off rule): {ceiling:.3f}.",
         "",
-        _md(pd.DataFrame(pts)),
+        markdown_table(pd.DataFrame(pts)),
         "",
         "## Risk-coverage on known test images (evidence of the back-off scorer)",
         "",
-        _md(rc),
+        markdown_table(rc),
         "",
     ]
     text = "\n".join(out)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    publish(text, args.out)
     return 0
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _results import publish
 
 from taxoclass.backbones import create_backbone
 from taxoclass.embeddings import compute_embeddings
@@ -306,10 +307,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{head['classes']}): **{head['per_s']:.0f} predictions/s** "
               f"({head['seconds']:.2f} s; taxonomy load {head['taxonomy_load_s']:.2f} s)", ""]
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+    publish(text, args.out)
     return 0
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from _results import publish
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
@@ -120,10 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['auroc_cosine']:.3f} | {seconds:.0f} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+    publish(text, args.out)
     return 0
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _results import publish
 
 from taxoclass.embeddings import compute_embeddings
 from taxoclass.engines import backbone_from_spec
@@ -104,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+    publish(text, args.out)
     return 0
 
 

@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from _results import markdown_table, publish
 from PIL import Image, ImageDraw, ImageFilter
 
 from taxoclass.annotations import load_annotations
@@ -430,17 +431,6 @@ def calibrate(plots: dict, truth: dict, taxonomy, rule: str, grid_set: tuple[str
 
 
 # ---------------------------------------------------------------------- report
-def markdown(table: pd.DataFrame) -> str:
-    def cell(v):
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return ""
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(False)]
-    return "\n".join(lines)
-
-
 def describe_settings(s: dict, multi: bool, coarse: str = "2x2") -> str:
     th = s["thresholds"]
     parts = [f"sp≥{th['species']:g}", f"gen≥{th['genus']:g}", f"min_tiles={s['min_tiles']}"]
@@ -690,7 +680,7 @@ def main() -> None:
         "",
         "## Test macro F1 per plot",
         "",
-        markdown(table),
+        markdown_table(table),
         "",
     ]
     if quadrat is not None:
@@ -701,12 +691,9 @@ def main() -> None:
                f"`shared/data/quadrat/CBN-can-A1-20230705.jpg`, {args.quadrat_repeats} runs "
                "after loading; 2 shared CPU cores, so timings are noisy. The leaf "
                "model knows 99 leaf-silhouette taxa, none of which is a PlantCLEF quadrat "
-               "plant: the records only show the pipeline runs.", "", markdown(quadrat), ""]
+               "plant: the records only show the pipeline runs.", "", markdown_table(quadrat), ""]
     text = "\n".join(md)
-    (out / "results.md").write_text(text)
-    if args.results:
-        Path(args.results).write_text(text)
-    print(text)
+    publish(text, out / "results.md", args.results)
 
 
 if __name__ == "__main__":
