@@ -78,38 +78,61 @@ def leaf_embedding_cache(shared_data: Path, request, tmp_path_factory) -> Path:
 TINY_VIT = "vit_base_patch14_reg4_dinov2"
 
 
+TINY_VIT_KWARGS = {"img_size": 56, "depth": 2, "embed_dim": 64, "num_heads": 2}
+
+
 @pytest.fixture(scope="session")
-def small_leaf(shared_data, tmp_path_factory):
-    """Annotations for 5 images of each of 8 species (one of them genus-only) + a checkpoint."""
+def write_leaf_subset(shared_data):
+    """Factory: a small real-leaf annotation file and a tiny random DINOv2 checkpoint.
+
+    ``write_leaf_subset(folder, ann_name, genera, per_category, placeholder=False)`` keeps
+    the first 8 categories of ``genera`` (the last swapped for a genus-only one when
+    ``placeholder`` and none is among them) and the first ``per_category`` images of each,
+    writes ``folder/ann_name`` and ``folder/tiny_dinov2.pth`` (seed 0, TINY_VIT_KWARGS),
+    and returns {"data": the annotation dict written, "ann": its path, "ckpt": the
+    checkpoint path, "kwargs": the model kwargs}.
+    """
     import json
 
     import timm
     import torch
 
-    tmp = tmp_path_factory.mktemp("wf")
     data = json.loads((shared_data / "leaf" / "annotations.json").read_text())
-    cats = [c for c in data["categories"] if c["genus"] in ("Acer", "Quercus", "Philadelphus",
-                                                           "Alnus")][:8]
-    if not any(c["species"] == "" for c in cats):
-        cats[-1] = next(c for c in data["categories"] if c["species"] == "")
-    keep_cats = {c["category_id"] for c in cats}
-    anns, per = [], {}
-    for a in data["annotations"]:
-        if a["category_id"] in keep_cats and per.get(a["category_id"], 0) < 5:
-            per[a["category_id"]] = per.get(a["category_id"], 0) + 1
-            anns.append(a)
-    ids = {a["image_id"] for a in anns}
-    small = dict(data, annotations=anns, categories=cats,
-                 images=[im for im in data["images"] if im["image_id"] in ids])
-    ann_path = tmp / "annotations.json"
-    ann_path.write_text(json.dumps(small))
-    kwargs = {"img_size": 56, "depth": 2, "embed_dim": 64, "num_heads": 2}
-    torch.manual_seed(0)
-    model = timm.create_model(TINY_VIT, pretrained=False, num_classes=0, **kwargs)
-    ckpt = tmp / "tiny_dinov2.pth"
-    torch.save(model.state_dict(), ckpt)
-    return {"dir": tmp, "ann": ann_path, "root": shared_data / "leaf", "ckpt": ckpt,
-            "kwargs": kwargs, "n": len(small["images"]), "categories": cats, "arch": TINY_VIT}
+
+    def write(folder: Path, ann_name: str, genera: tuple[str, ...], per_category: int,
+              placeholder: bool = False):
+        cats = [c for c in data["categories"] if c["genus"] in genera][:8]
+        if placeholder and not any(c["species"] == "" for c in cats):
+            cats[-1] = next(c for c in data["categories"] if c["species"] == "")
+        keep = {c["category_id"] for c in cats}
+        anns, per = [], {}
+        for a in data["annotations"]:
+            if a["category_id"] in keep and per.get(a["category_id"], 0) < per_category:
+                per[a["category_id"]] = per.get(a["category_id"], 0) + 1
+                anns.append(a)
+        ids = {a["image_id"] for a in anns}
+        small = dict(data, annotations=anns, categories=cats,
+                     images=[im for im in data["images"] if im["image_id"] in ids])
+        ann_path = folder / ann_name
+        ann_path.write_text(json.dumps(small))
+        torch.manual_seed(0)
+        model = timm.create_model(TINY_VIT, pretrained=False, num_classes=0, **TINY_VIT_KWARGS)
+        ckpt = folder / "tiny_dinov2.pth"
+        torch.save(model.state_dict(), ckpt)
+        return {"data": small, "ann": ann_path, "ckpt": ckpt, "kwargs": dict(TINY_VIT_KWARGS)}
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def small_leaf(shared_data, tmp_path_factory, write_leaf_subset):
+    """Annotations for 5 images of each of 8 species (one of them genus-only) + a checkpoint."""
+    tmp = tmp_path_factory.mktemp("wf")
+    sub = write_leaf_subset(tmp, "annotations.json",
+                            ("Acer", "Quercus", "Philadelphus", "Alnus"), 5, placeholder=True)
+    return {"dir": tmp, "ann": sub["ann"], "root": shared_data / "leaf", "ckpt": sub["ckpt"],
+            "kwargs": sub["kwargs"], "n": len(sub["data"]["images"]),
+            "categories": sub["data"]["categories"], "arch": TINY_VIT}
 
 
 @pytest.fixture(scope="session")

@@ -124,36 +124,18 @@ def test_submission_formats():
 
 # ---------------------------------------------------------------------- unknown tiles
 @pytest.fixture(scope="module")
-def openset_model(shared_data, tmp_path_factory) -> Path:
+def openset_model(shared_data, tmp_path_factory, write_leaf_subset) -> Path:
     """A real bundle with an open-set scorer: tiny DINOv2 checkpoint, 48 real leaf images.
 
     Trained by ``train_from_config`` (as ``taxoclass train`` does) on 6 images each of 8
     maple/oak/alder taxa; the kNN detector is fitted on the training embeddings and its
     thresholds on the validation half.
     """
-    import timm
-
     from taxoclass.config import load_config
     from taxoclass.workflows import train_from_config
 
     tmp = tmp_path_factory.mktemp("openset")
-    data = json.loads((shared_data / "leaf" / "annotations.json").read_text())
-    cats = [c for c in data["categories"] if c["genus"] in ("Acer", "Quercus", "Alnus")][:8]
-    keep = {c["category_id"] for c in cats}
-    anns, per = [], {}
-    for a in data["annotations"]:
-        if a["category_id"] in keep and per.get(a["category_id"], 0) < 6:
-            per[a["category_id"]] = per.get(a["category_id"], 0) + 1
-            anns.append(a)
-    ids = {a["image_id"] for a in anns}
-    (tmp / "ann.json").write_text(json.dumps(dict(
-        data, annotations=anns, categories=cats,
-        images=[im for im in data["images"] if im["image_id"] in ids])))
-    kwargs = {"img_size": 56, "depth": 2, "embed_dim": 64, "num_heads": 2}
-    torch.manual_seed(0)
-    model = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False, num_classes=0,
-                              **kwargs)
-    torch.save(model.state_dict(), tmp / "tiny_dinov2.pth")
+    kwargs = write_leaf_subset(tmp, "ann.json", ("Acer", "Quercus", "Alnus"), 6)["kwargs"]
     cfg = load_config(None, [
         f"data.annotations={tmp / 'ann.json'}", f"data.images_root={shared_data / 'leaf'}",
         "data.val_fraction=0.5", "backbone.name=vit_base_patch14_reg4_dinov2",
