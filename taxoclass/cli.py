@@ -217,9 +217,7 @@ def train(config_path: Path | None, overrides: tuple[str, ...], finetune: bool,
     ``openset.calibration: crossfit`` the head trains on every image and the metrics
     (and the back-off thresholds) come from out-of-fold predictions.
     """
-    import json
-
-    from .config import load_config
+    from .config import load_config, openset_calibration
     from .workflows import train_from_config
 
     cfg = load_config(config_path, overrides)
@@ -235,10 +233,9 @@ def train(config_path: Path | None, overrides: tuple[str, ...], finetune: bool,
         return
     with _progress("embedding", "img") as emb, _progress("training", "epoch") as prog:
         out = train_from_config(cfg, progress=prog, embed_progress=emb)
-    metrics = json.loads((out / "metrics_val.json").read_text())
-    kind = ("out-of-fold" if str(metrics.get("predictions", "")).startswith("out-of-fold")
+    kind = ("out-of-fold" if openset_calibration(cfg.get("openset"))[0] == "crossfit"
             else "validation")
-    _print_metrics(metrics, f"{kind} metrics ({out})")
+    _print_metrics(out / "metrics_val.json", f"{kind} metrics ({out})")
     click.echo(f"model bundle written to {out}")
 
 
