@@ -40,6 +40,15 @@ OPENSET_FILE = "openset.json"
 OPENSET_ARRAYS = "openset.npz"
 
 
+def scorer_input(embeddings: np.ndarray, normalize: bool) -> np.ndarray:
+    """Embeddings as the outlier detector sees them: float32, L2-normalised rows when the
+    head normalises its inputs (``normalize``), as the head sees them."""
+    x = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
+    if normalize:
+        x = torch.nn.functional.normalize(x, dim=1)
+    return x.numpy()
+
+
 @dataclass
 class ModelBundle:
     """A trained head with its taxonomy and the recipe for its backbone."""
@@ -95,10 +104,7 @@ class ModelBundle:
 
     def scorer_input(self, embeddings: np.ndarray) -> np.ndarray:
         """The detector sees the same (normalised) embeddings as the head."""
-        x = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
-        if self.normalize:
-            x = torch.nn.functional.normalize(x, dim=1)
-        return x.numpy()
+        return scorer_input(embeddings, self.normalize)
 
     def create_backbone(self, device: str = "cpu"):
         """Rebuild the backbone the head was trained on (same weights and preprocessing)."""

@@ -375,15 +375,6 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     return out
 
 
-def _scorer_space(x, normalize_inputs: bool):
-    """The embeddings as the detector sees them (as :meth:`ModelBundle.scorer_input`)."""
-    import numpy as np
-
-    from .training import normalize
-
-    return normalize(x).numpy() if normalize_inputs else np.asarray(x, dtype=np.float32)
-
-
 def _openset_detector(x_train, genus_train, species_train, ocfg: dict):
     """The configured outlier detector on at most ``openset.max_train`` rows (seeded)."""
     import numpy as np
@@ -462,7 +453,7 @@ def crossfit_openset(x, y: dict, taxonomy: Taxonomy, truth: dict, cfg: dict, *, 
     """
     import numpy as np
 
-    from .bundle import ModelBundle
+    from .bundle import ModelBundle, scorer_input
     from .openset import OpenSetScorer, correct_by_rank, crossfit_predictions, path_names
     from .training import train_head
 
@@ -480,7 +471,7 @@ def crossfit_openset(x, y: dict, taxonomy: Taxonomy, truth: dict, cfg: dict, *, 
                 lambda e, n: progress(k * epochs + e, (n_folds + 1) * epochs))
         head = train_head(xt, yt, None, None, taxonomy, model=model, loss=cfg.get("loss"),
                           train=train, normalize_inputs=normalize_inputs, progress=step)
-        det = _openset_detector(_scorer_space(xt, normalize_inputs), yt["genus"], yt[lowest],
+        det = _openset_detector(scorer_input(xt, normalize_inputs), yt["genus"], yt[lowest],
                                 ocfg)
         return head, det
 
@@ -496,7 +487,7 @@ def crossfit_openset(x, y: dict, taxonomy: Taxonomy, truth: dict, cfg: dict, *, 
     oof = crossfit_predictions(x, strata, fit_fold, taxonomy, n_folds=n_folds, seed=seed,
                                decode_method=decode_cfg.get("method", "path"),
                                top_k=int(decode_cfg.get("top_k", 5)),
-                               x_detector=_scorer_space(x, normalize_inputs))
+                               x_detector=scorer_input(x, normalize_inputs))
     correct = correct_by_rank(path_names(oof.decoded.path, taxonomy), truth, taxonomy.ranks)
     comb, thr = _openset_evidence(oof.decoded, oof.outlier, correct, ocfg)
     final, det = fit(np.ones(len(x), dtype=bool), n_folds)
