@@ -30,6 +30,7 @@ __all__ = [
     "Tile",
     "TileClassifier",
     "crop_tiles",
+    "embed_images",
     "embed_tiles",
     "make_tiles",
     "parse_grid",
@@ -162,10 +163,16 @@ def _batched(images: Sequence[Image.Image], backbone: Any, batch_size: int,
     return np.concatenate(out)
 
 
+def embed_images(images: Sequence[Image.Image], backbone: Any,
+                 batch_size: int = 32) -> np.ndarray:
+    """Backbone embeddings ``[n, num_features]`` of in-memory images, in batches."""
+    return _batched(list(images), backbone, batch_size, backbone.embed)
+
+
 def embed_tiles(image: Image.Image, tiles: Sequence[Tile], backbone: Any,
                 batch_size: int = 32) -> np.ndarray:
     """Backbone embeddings ``[n_tiles, num_features]`` of the tiles of one photo."""
-    emb = _batched(crop_tiles(image, tiles), backbone, batch_size, backbone.embed)
+    emb = embed_images(crop_tiles(image, tiles), backbone, batch_size)
     return emb.reshape(len(tiles), -1) if len(tiles) else emb
 
 
@@ -212,7 +219,7 @@ class BundleTileClassifier:
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Backbone embeddings ``[n, num_features]`` of tile images (what the head sees)."""
-        return _batched(list(images), self.backbone, self.batch_size, self.backbone.embed)
+        return embed_images(images, self.backbone, self.batch_size)
 
     def predict_embeddings(self, emb: np.ndarray):
         """Coherent per-rank predictions for tile embeddings (from :meth:`embed`)."""
