@@ -189,6 +189,70 @@ def compose_and_embed(name: str, pool: dict[int, list[str]], n: int, seed: int, 
     return data
 
 
+def companion_views(cfg: dict, rows: pd.DataFrame, sources: np.ndarray, pool: np.ndarray,
+                    n_views: int, max_companions: int, out: Path
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tile-like views holding several leaves, one training row per leaf (cached).
+
+    View ``k`` of each ``sources`` image is ``taxoclass.augment.tile_view`` of it (the
+    config's augment settings) plus 0..``max_companions`` leaves of other ``pool`` images
+    pasted on top (random scale and rotation, up to 60% outside the view). Returns (view
+    embeddings repeated once per leaf, row index of that leaf's image, row index of the
+    view's main image).
+    """
+    from taxoclass.augment import ViewSettings, _object, _place, _position, tile_view
+    from taxoclass.backbones import backbone_from_spec
+    from taxoclass.images import load_image
+    from taxoclass.tiling import embed_images
+
+    settings = ViewSettings.from_mapping({k: v for k, v in cfg["augment"].items()
+                                          if k != "dir"})
+    key = hashlib.sha256(json.dumps({
+        "settings": settings.to_dict(), "n": n_views, "companions": max_companions,
+        "backbone": backbone_spec(cfg["backbone"]), "sources": sources.tolist(),
+        "pool": pool.tolist(), "paths": rows["path"].tolist()}, sort_keys=True,
+        default=str).encode()).hexdigest()[:16]
+    path = out / f"companion-views-{key}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            emb, objects = z["emb"], z["objects"]
+    else:
+        images: dict[int, Image.Image] = {}
+
+        def image(i: int) -> Image.Image:
+            if i not in images:
+                images[i] = load_image(rows["path"].iloc[i]).convert("RGB")
+            return images[i]
+
+        views, objects = [], []
+        for i in sources.tolist():
+            for k in range(n_views):
+                rng = np.random.default_rng([7, i, k])
+                view = tile_view(image(i), rng, settings)
+                n = int(rng.integers(0, max_companions + 1))
+                others = [int(j) for j in rng.choice(pool, size=n, replace=False) if j != i]
+                for j in others:
+                    obj, use_threshold = _object(image(j), settings)
+                    placed = _place(obj, use_threshold, float(rng.uniform(*settings.scale))
+                                    * settings.size, float(rng.uniform(0, 360)), settings)
+                    if placed is None:
+                        continue
+                    pix, mask = placed
+                    view.paste(pix, (_position(pix.width, settings.size, 0.6, rng),
+                                     _position(pix.height, settings.size, 0.6, rng)), mask)
+                views.append(view)
+                objects.append([i] + others + [-1] * (max_companions - len(others)))
+        emb = embed_images(views, backbone_from_spec(backbone_spec(cfg["backbone"])))
+        objects = np.array(objects, dtype=np.int64)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, emb=emb, objects=objects)
+        tmp.replace(path)
+    keep = objects >= 0
+    per_view = keep.sum(axis=1)
+    return (np.repeat(emb, per_view, axis=0), objects[keep],
+            np.repeat(objects[:, 0], per_view))
+
+
 # ---------------------------------------------------------------------- classifier
 def train_bundle(x, y, mask, taxonomy, cfg, cache_dir: Path | None = None,
                  views: tuple[np.ndarray, np.ndarray] | None = None) -> ModelBundle:
@@ -498,6 +562,9 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=0,
                     help="tile-like views per training image added to the heads' training "
                          "rows (taxoclass.augment; the config's augment settings otherwise)")
+    ap.add_argument("--companions", type=int, default=0,
+                    help="with --views: up to this many other leaves pasted into each view, "
+                         "the view training once per leaf it holds (bench-only experiment)")
     args = ap.parse_args()
     global ALL_GRIDS
     if args.dense:
@@ -520,23 +587,32 @@ def main() -> None:
     if not found.all():
         raise SystemExit(f"{int((~found).sum())} leaf images could not be embedded")
     train = ~is_test
-    views = None
+    # calibration pool: ~30% of each taxon's TRAINING images; calibration head: the rest
+    cal_pool = np.zeros(len(rows), dtype=bool)
+    cal_pool[np.flatnonzero(train)[stratified_split(strata[train], 0.3, args.seed + 1)]] = True
+    views = cal_views = None
     if args.views:
         cfg["augment"]["views_per_image"] = args.views
         t0 = time.perf_counter()
         train_idx = np.flatnonzero(train)
-        xv, src = view_embeddings(cfg, rows.iloc[train_idx].reset_index(drop=True))
-        views = (xv, train_idx[src])
-        print(f"{len(xv)} tile-like views of {len(train_idx)} training images embedded in "
+        if args.companions:  # companions never come from the calibration pool
+            xv, src_rows, main = companion_views(cfg, rows, train_idx,
+                                                 np.flatnonzero(train & ~cal_pool), args.views,
+                                                 args.companions, out)
+            views = (xv, src_rows)
+            # the calibration head must not see a calibration-pool leaf in any view
+            cal_views = (xv[~cal_pool[main]], src_rows[~cal_pool[main]])
+        else:
+            xv, src = view_embeddings(cfg, rows.iloc[train_idx].reset_index(drop=True))
+            views = cal_views = (xv, train_idx[src])
+        print(f"{len(xv)} tile-like view rows ({args.views} views per image, one row per "
+              f"leaf) of {len(train_idx)} training images embedded in "
               f"{time.perf_counter() - t0:.0f}s")
-    # calibration pool: ~30% of each taxon's TRAINING images; calibration head: the rest
-    cal_pool = np.zeros(len(rows), dtype=bool)
-    cal_pool[np.flatnonzero(train)[stratified_split(strata[train], 0.3, args.seed + 1)]] = True
     t0 = time.perf_counter()
     torch.manual_seed(0)
     heads = ROOT / "outputs" / "synthetic_plots_heads"
     bundle = train_bundle(x, y, train, taxonomy, cfg, heads, views)
-    cal_bundle = train_bundle(x, y, train & ~cal_pool, taxonomy, cfg, heads, views)
+    cal_bundle = train_bundle(x, y, train & ~cal_pool, taxonomy, cfg, heads, cal_views)
     lowest = taxonomy.ranks[-1]
     acc = float((bundle.predict_embeddings(x[is_test]).path[lowest] == y[lowest][is_test]).mean())
     print(f"heads trained in {time.perf_counter() - t0:.0f}s; test single-leaf species accuracy "
@@ -641,7 +717,10 @@ def main() -> None:
         f"{int(train.sum())} training-split EfficientNet-Lite0 leaf embeddings "
         f"(preprocessing {tiler.backbone.data_overrides or 'timm default'})"
         + (f" plus {len(views[0])} tile-like views of them (`taxoclass.augment`, "
-           f"{args.views} per image, settings {cfg['augment']})" if views else "")
+           f"{args.views} per image, settings {cfg['augment']}"
+           + (f", each with up to {args.companions} other training leaves pasted in, one "
+              f"training row per leaf, counted once per leaf" if args.companions else "")
+           + ")" if views else "")
         + f"; tiles embedded by the bundle's backbone; single-leaf species accuracy on the "
         f"{int(is_test.sum())} held-out images {acc:.3f}",
         f"- TEST: {args.n_test} plots from held-out images only (mean {n_true:.1f} true taxa "
