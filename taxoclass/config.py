@@ -103,6 +103,8 @@ DEFAULTS: dict[str, Any] = {
         "grad_clip": 1.0, "patience": 3, "augment": True, "num_workers": 4, "seed": 0,
         "max_steps": None, "checkpoint_steps": None, "resume": True,
         "keep_checkpoints": False, "compile": False,
+        "tile_views": 0,           # also show each image N times per epoch as a fresh
+        #                            tile-like view (the augment section's settings)
     },
     "out": None,
 }

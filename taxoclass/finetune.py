@@ -98,6 +98,8 @@ class FinetuneSettings:
     resume: bool = True            # continue from <out>/finetune_state/last.pt if present
     keep_checkpoints: bool = False  # keep <out>/finetune_state after a finished run
     compile: bool = False          # torch.compile the model (CUDA only)
+    tile_views: int = 0            # per epoch, each image also seen N times as a fresh
+    #                                tile-like view (taxoclass.augment, the ``augment`` section)
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> FinetuneSettings:
@@ -135,6 +137,8 @@ class FinetuneSettings:
              "null", self.max_steps)
         need(self.checkpoint_steps is None or int(self.checkpoint_steps) >= 1,
              "checkpoint_steps must be >= 1 or null", self.checkpoint_steps)
+        need(int(self.tile_views) >= 0, "tile_views must be >= 0 (0: no tile-like views)",
+             self.tile_views)
 
 
 FINETUNE_DEFAULTS: dict[str, Any] = asdict(FinetuneSettings())
@@ -288,11 +292,16 @@ class ImageDataset(torch.utils.data.Dataset):
     by (seed, epoch, index) and the caller's RNG states are restored afterwards, so the
     result does not depend on batching, worker count or resuming. An unreadable image
     yields ``error`` (the message) instead of raising, and is dropped by :func:`collate`.
+    Items from ``n_plain`` on use ``view_transform`` instead of ``transform`` (the
+    fine-tuning set repeats its images there to show them as tile-like views).
     """
 
     def __init__(self, paths: Sequence[str | Path], targets: Mapping[str, np.ndarray],
-                 transform: Callable, *, seed: int | None = None) -> None:
+                 transform: Callable, *, seed: int | None = None,
+                 view_transform: Callable | None = None, n_plain: int | None = None) -> None:
         self.paths = [str(p) for p in paths]
+        self.view_transform = view_transform
+        self.n_plain = len(self.paths) if n_plain is None else int(n_plain)
         self.targets = {r: np.asarray(v, dtype=np.int64) for r, v in targets.items()}
         bad = {r: len(v) for r, v in self.targets.items() if len(v) != len(self.paths)}
         if bad:
@@ -311,15 +320,17 @@ class ImageDataset(torch.utils.data.Dataset):
             img = load_image(self.paths[i])
         except ImageError as exc:
             return None, y, i, str(exc)
+        transform = (self.transform if i < self.n_plain or self.view_transform is None
+                     else self.view_transform)
         if self.seed is None:
-            return self.transform(img), y, i, None
+            return transform(img), y, i, None
         s = (int(self.seed) * 1_000_003 + int(self.epoch)) * 10_000_019 + int(i)
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s % (2**63))
             random.seed(s)
             try:
-                x = self.transform(img)
+                x = transform(img)
             finally:
                 random.setstate(py_state)
         return x, y, i, None
@@ -335,6 +346,28 @@ def collate(items):
     ranks = ok[0][1].keys()
     y = {r: torch.tensor([it[1][r] for it in ok], dtype=torch.long) for r in ranks}
     return x, y, [it[2] for it in ok], failures
+
+
+class TileViewTransform:
+    """A fresh tile-like view of the image (:func:`taxoclass.augment.tile_view`), then
+    ``then`` (the backbone's evaluation transform).
+
+    The view's random draws come from torch's generator, so :class:`ImageDataset`'s
+    per-(seed, epoch, image) seeding makes them reproducible and resumable.
+    """
+
+    def __init__(self, settings: Any, then: Callable) -> None:
+        from .augment import ViewSettings
+
+        self.settings = (settings if isinstance(settings, ViewSettings)
+                         else ViewSettings.from_mapping(settings))
+        self.then = then
+
+    def __call__(self, image):
+        from .augment import tile_view
+
+        seed = int(torch.randint(0, 2**62, (1,)))
+        return self.then(tile_view(image, np.random.default_rng(seed), self.settings))
 
 
 def embed_images(model: HierarchicalClassifier, paths: Sequence[str | Path], transform: Callable,
@@ -483,7 +516,8 @@ def finetune(train_paths: Sequence[str | Path], y_train: Mapping[str, np.ndarray
              loss: Mapping[str, Any] | None = None, device: str | torch.device = "cpu",
              decode_method: str = "path", extra: Mapping[str, Any] | None = None,
              progress: Progress | None = None,
-             callback: Callback | None = None) -> FinetuneResult:
+             callback: Callback | None = None,
+             views: Mapping[str, Any] | Any | None = None) -> FinetuneResult:
     """Fine-tune ``backbone`` and rank heads end to end on images; write a bundle.
 
     ``y_train`` / ``y_val``: class index per rank and image (-1 where the label stops
@@ -496,7 +530,11 @@ def finetune(train_paths: Sequence[str | Path], y_train: Mapping[str, np.ndarray
     ``progress(step, total_steps)`` is called after each optimizer step, ``callback``
     with a dict after each step (``event="step"``) and epoch (``event="epoch"``);
     an exception raised there aborts the run, which then resumes from the last
-    checkpoint in ``out_dir/finetune_state``.
+    checkpoint in ``out_dir/finetune_state``. ``views``: the ``augment`` section (or a
+    :class:`~taxoclass.augment.ViewSettings`) for ``tile_views``: each epoch then shows
+    every training image once as usual and ``tile_views`` more times as a freshly drawn
+    tile-like view (rotated, rescaled, cut by the border, on a background), followed by
+    the evaluation transform: a backbone for plot tiles.
     """
     import pandas as pd
 
@@ -548,8 +586,10 @@ def finetune(train_paths: Sequence[str | Path], y_train: Mapping[str, np.ndarray
         opt = torch.optim.AdamW(groups, foreach=True)
 
     n_train = len(train_paths)
+    n_views = int(s.tile_views)
+    n_items = n_train * (1 + n_views)  # the images, then n_views tile-like passes of them
     bs, accum = int(s.batch_size), int(s.accum_steps)
-    n_micro = math.ceil(n_train / bs)
+    n_micro = math.ceil(n_items / bs)
     steps_per_epoch = math.ceil(n_micro / accum)
     total_steps = steps_per_epoch * int(s.epochs)
     warmup = round(float(s.warmup_epochs) * steps_per_epoch)
@@ -561,10 +601,18 @@ def finetune(train_paths: Sequence[str | Path], y_train: Mapping[str, np.ndarray
 
     train_tf = (create_transform(**bb.data_config, is_training=True) if s.augment
                 else bb.transform)
-    train_ds = ImageDataset(train_paths, y_train, train_tf, seed=int(s.seed))
+    view_tf = view_settings = None
+    if n_views:
+        view_tf = TileViewTransform(views, bb.transform)
+        view_settings = view_tf.settings.to_dict()
+    train_ds = ImageDataset(list(train_paths) * (1 + n_views),
+                            {r: np.tile(v, 1 + n_views) for r, v in y_train.items()},
+                            train_tf, seed=int(s.seed), view_transform=view_tf,
+                            n_plain=n_train)
     val_ds = ImageDataset(val_paths, y_val, bb.transform) if val_paths else None
 
     signature = {"n_train": n_train, "n_val": len(val_paths), "sizes": taxonomy.sizes,
+                 "views": view_settings,
                  "backbone": bb.name, "settings": {k: v for k, v in asdict(s).items() if k not in
                                                    ("max_steps", "checkpoint_steps", "resume",
                                                     "keep_checkpoints", "num_workers",
@@ -664,8 +712,8 @@ def finetune(train_paths: Sequence[str | Path], y_train: Mapping[str, np.ndarray
     while not finished and epoch < int(s.epochs):
         train_ds.epoch = epoch
         gen = torch.Generator().manual_seed(int(s.seed) * 7_919 + epoch)
-        order = torch.randperm(n_train, generator=gen).tolist()
-        micro = [order[i:i + bs] for i in range(0, n_train, bs)]
+        order = torch.randperm(n_items, generator=gen).tolist()
+        micro = [order[i:i + bs] for i in range(0, n_items, bs)]
         set_train_mode()
         t_epoch = time.perf_counter()
         it = iter(loader(train_ds, micro[micro_done:]))
@@ -677,7 +725,7 @@ def finetune(train_paths: Sequence[str | Path], y_train: Mapping[str, np.ndarray
             batches = [next(it) for _ in range(group_end - micro_done)]
             for _x, _, _, fails in batches:
                 for i, msg in fails:
-                    failures[i] = msg
+                    failures[i % n_train] = msg  # an image fails in each of its passes
             n_group = sum(len(b[2]) for b in batches)
             opt.zero_grad(set_to_none=True)
             group_loss = 0.0
@@ -757,7 +805,7 @@ def finetune(train_paths: Sequence[str | Path], y_train: Mapping[str, np.ndarray
                                        weights_only=True))
     clf.eval()
     _write_bundle(result, out, bb=bb, taxonomy=taxonomy, settings=s,
-                  decode_method=decode_method, extra=extra)
+                  decode_method=decode_method, extra=extra, views=view_settings)
     if not s.keep_checkpoints:
         shutil.rmtree(state_dir, ignore_errors=True)
     return result
@@ -765,7 +813,8 @@ def finetune(train_paths: Sequence[str | Path], y_train: Mapping[str, np.ndarray
 
 def _write_bundle(result: FinetuneResult, out: Path, *, bb, taxonomy: Taxonomy,
                   settings: FinetuneSettings, decode_method: str,
-                  extra: Mapping[str, Any] | None) -> None:
+                  extra: Mapping[str, Any] | None, views: Mapping[str, Any] | None = None
+                  ) -> None:
     from .bundle import ModelBundle
     from .fileio import atomic_write_csv
 
@@ -778,7 +827,7 @@ def _write_bundle(result: FinetuneResult, out: Path, *, bb, taxonomy: Taxonomy,
               "data_overrides": dict(bb.data_overrides or {}), "finetuned": True,
               "base_checkpoint": bb.checkpoint,
               "base_weights_source": bb.weights_source, "base_description": bb.describe()}
-    info = {"settings": asdict(settings), "best_epoch": result.best_epoch,
+    info = {"settings": asdict(settings), "views": views, "best_epoch": result.best_epoch,
             "steps": result.steps, "stopped_early": result.stopped_early,
             "lr_groups": result.lr_groups, "frozen": result.frozen}
     bundle = ModelBundle(head=head, taxonomy=taxonomy, backbone=recipe,
@@ -792,6 +841,12 @@ def _write_bundle(result: FinetuneResult, out: Path, *, bb, taxonomy: Taxonomy,
 
 
 # --------------------------------------------------------------------------- config job
+def _view_section(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The config's ``augment`` section as view settings (``dir`` is where the cheap path
+    writes its view files; fine-tuning draws fresh views in memory instead)."""
+    return {k: v for k, v in dict(cfg.get("augment") or {}).items() if k != "dir"}
+
+
 def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = None,
                          device: str | None = None) -> Path:
     """``taxoclass train --finetune``: fine-tune as configured and write the bundle.
@@ -845,7 +900,7 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
                       loss=cfg.get("loss"), device=dev,
                       decode_method=cfg.get("decode", {}).get("method", "path"),
                       extra={"annotations": str(Path(data["annotations"]).resolve())},
-                      progress=progress)
+                      progress=progress, views=_view_section(cfg))
     if not result.completed:
         return out
     atomic_write_csv(out / "split.csv", pd.DataFrame(

@@ -251,3 +251,31 @@ def test_unreadable_image_is_reported_and_skipped(leaf_data, tiny_backbone, tmp_
     assert res.completed and [p for p, _ in res.failures] == [str(bad)]
     assert "cannot be decoded" in res.failures[0][1]
     assert Path(res.bundle_dir, "bundle.json").is_file()
+
+
+def test_tile_views_are_fresh_reproducible_and_recorded(leaf_data, tiny_backbone, tmp_path):
+    """``tile_views``: each epoch shows every image once plus N tile-like views of it,
+    drawn anew per epoch but the same for the same (seed, epoch, image)."""
+    from taxoclass.bundle import ModelBundle
+    from taxoclass.finetune import ImageDataset, TileViewTransform
+
+    views = {"size": 64, "background": "clutter", "scale": [0.5, 1.0]}
+    tf = TileViewTransform(views, tiny_backbone.transform)
+    paths, y = leaf_data["train"]
+    ds = ImageDataset(paths[:2] * 2, {r: np.tile(v[:2], 2) for r, v in y.items()},
+                      tiny_backbone.transform, seed=3, view_transform=tf, n_plain=2)
+    plain, view = ds[0][0], ds[2][0]
+    assert ds[2][1] == ds[0][1]  # a view keeps its image's labels
+    assert plain.shape == view.shape and not torch.allclose(plain, view)
+    torch.testing.assert_close(ds[2][0], view)  # same seed, epoch, item: same view
+    ds.epoch = 1
+    assert not torch.allclose(ds[2][0], view)  # next epoch: a new view
+    with pytest.raises(ConfigError, match="tile_views must be >= 0"):
+        FinetuneSettings.from_mapping({"tile_views": -1})
+
+    res = finetune(paths, y, [], None, leaf_data["tax"], backbone=tiny_backbone,
+                   out_dir=tmp_path / "v", views=views,
+                   config={**BASE, "epochs": 1, "unfreeze_blocks": 0, "tile_views": 2})
+    assert res.steps == 3 * len(paths) // BASE["batch_size"]  # 16 images seen 3 times
+    info = ModelBundle.load(tmp_path / "v").extra["finetune"]
+    assert info["settings"]["tile_views"] == 2 and info["views"]["size"] == 64
