@@ -8,6 +8,8 @@ turns the tiles' probabilities into one score per taxon and rank:
 - ``"max"``: the best tile's probability.
 - ``"noisy_or"``: ``1 - Π(1 - p)`` over tiles (evidence accumulates across tiles).
 - ``"mean"``: the (weighted) mean probability over tiles.
+- ``"learned"``: scores computed elsewhere and passed in (``scores=``), e.g. by
+  :class:`taxoclass.plot_calibration.LearnedPlotRule` fitted on calibration plots.
 
 Records are chosen bottom-up so each find is named once, at the lowest rank its evidence
 supports: a species where its score passes the species threshold; a genus (``Carex sp.``)
@@ -27,7 +29,9 @@ from .errors import ConfigError, TaxonomyError
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "LEARNED",
     "RULES",
+    "SUPPORT_TOP",
     "UNKNOWN",
     "PlotRecord",
     "aggregate_plot",
@@ -36,10 +40,15 @@ __all__ = [
     "keep_top_k",
     "rule_scores",
     "tile_assignments",
+    "top_ranked",
 ]
 
 RULES: tuple[str, ...] = ("argmax_union", "max", "noisy_or", "mean")
+#: The rule whose per-taxon scores come precomputed (``aggregate_plot(scores=...)``).
+LEARNED = "learned"
 UNKNOWN = "unknown"
+#: With precomputed scores, a tile supports a taxon that is among its ``SUPPORT_TOP`` best.
+SUPPORT_TOP = 3
 
 #: Per rule, per rank. Ranks not listed fall back to the lowest listed value above them.
 DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
@@ -47,6 +56,7 @@ DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
     "max": {"species": 0.5, "genus": 0.6, "family": 0.7},
     "noisy_or": {"species": 0.9, "genus": 0.95, "family": 0.98},
     "mean": {"species": 0.1, "genus": 0.15, "family": 0.2},
+    LEARNED: {"species": 0.5, "genus": 0.5, "family": 0.5},
 }
 
 
@@ -208,13 +218,41 @@ def _check_inputs(probs: Mapping[str, np.ndarray], taxonomy, unknown, weights):
     return p, flags, w
 
 
+def top_ranked(probs: np.ndarray, k: int) -> np.ndarray:
+    """Boolean ``[n_tiles, n_classes]``: True where a class is among a tile's ``k`` best
+    and has a probability above 0."""
+    a = np.asarray(probs, dtype=np.float64)
+    out = np.zeros(a.shape, dtype=bool)
+    if a.ndim != 2 or not a.size:
+        return out
+    k = min(int(k), a.shape[1])
+    idx = np.argpartition(-a, k - 1, axis=1)[:, :k] if k < a.shape[1] else \
+        np.broadcast_to(np.arange(a.shape[1]), a.shape)
+    np.put_along_axis(out, idx, True, axis=1)
+    return out & (a > 0)
+
+
+def _check_scores(scores: Mapping[str, np.ndarray], taxonomy) -> dict[str, np.ndarray]:
+    out = {}
+    for r in taxonomy.ranks:
+        if r not in scores:
+            raise ValueError(f"Precomputed scores need every rank {taxonomy.ranks}; missing {r!r}.")
+        a = np.asarray(scores[r], dtype=np.float64)
+        if a.shape != (taxonomy.n_classes(r),):
+            raise ValueError(f"Precomputed scores for rank {r!r} must have shape "
+                             f"[{taxonomy.n_classes(r)}], got {a.shape}.")
+        out[r] = a
+    return out
+
+
 def aggregate_plot(probs: Mapping[str, np.ndarray], taxonomy, *, plot_id: str = "",
                    rule: str = "max", thresholds: Mapping[str, float] | None = None,
                    unknown: np.ndarray | Sequence[bool] | None = None,
                    weights: np.ndarray | Sequence[float] | None = None,
                    checklist: Sequence[str] | None = None, outside_weight: float = 0.0,
                    min_tiles: int = 1, top_k: int | None = None,
-                   min_tile_prob: float = 0.0) -> list[PlotRecord]:
+                   min_tile_prob: float = 0.0,
+                   scores: Mapping[str, np.ndarray] | None = None) -> list[PlotRecord]:
     """The taxa of one plot, each at the lowest rank its tiles support.
 
     ``probs``: rank -> coherent tile probabilities ``[n_tiles, n_classes]`` (e.g.
@@ -229,12 +267,22 @@ def aggregate_plot(probs: Mapping[str, np.ndarray], taxonomy, *, plot_id: str = 
     probabilities cannot add up to a find under ``noisy_or``/``mean``. ``min_tile_prob``:
     a tile whose best lowest-rank probability is below it gives no evidence (weight 0;
     e.g. a background tile the model is unsure about; it is not counted as unknown).
+    ``scores``: rank -> one precomputed score per class (rule ``"learned"``, e.g.
+    :meth:`~taxoclass.plot_calibration.LearnedPlotRule.scores`), used instead of the
+    rule's own; thresholds apply to them, and a taxon's supporting tiles are the
+    non-flagged tiles that rank it among their :data:`SUPPORT_TOP` best.
 
     Records come species first (best score first), then genera, families, unknown.
     """
-    if rule not in RULES:
-        raise ConfigError(f"Unknown aggregation rule {rule!r}; expected one of {RULES}.")
+    if rule not in RULES and rule != LEARNED:
+        raise ConfigError(f"Unknown aggregation rule {rule!r}; expected one of "
+                          f"{(*RULES, LEARNED)}.")
+    if (rule == LEARNED) != (scores is not None):
+        raise ConfigError(f"Rule {rule!r} with{'' if scores is not None else 'out'} precomputed "
+                          "scores: the learned rule needs its scores (scores=...), and only it "
+                          "takes them. Fit a LearnedPlotRule (taxoclass calibrate-plots).")
     p, flags, w = _check_inputs(probs, taxonomy, unknown, weights)
+    given = None if scores is None else _check_scores(scores, taxonomy)
     if checklist:
         p, off_list = apply_checklist(p, taxonomy, checklist, outside_weight=outside_weight)
         flags = flags | off_list
@@ -250,11 +298,16 @@ def aggregate_plot(probs: Mapping[str, np.ndarray], taxonomy, *, plot_id: str = 
 
     records: list[PlotRecord] = []
     covered: set[tuple[str, ...]] = set()  # reported nodes and all their ancestors
+    tops: dict[str, np.ndarray] = {}  # per rank: tiles ranking each class in their top few
 
     def support(rank: str, idx: int) -> int:
         a = p[rank][known]
         if not len(a):
             return 0
+        if given is not None:
+            if rank not in tops:
+                tops[rank] = top_ranked(a, SUPPORT_TOP).sum(axis=0)
+            return int(tops[rank][idx])
         hit = a.argmax(axis=1) == idx
         if rule != "argmax_union" and th[rank] > 0:
             hit |= a[:, idx] >= th[rank]
@@ -264,15 +317,18 @@ def aggregate_plot(probs: Mapping[str, np.ndarray], taxonomy, *, plot_id: str = 
         a = p[rank][known]
         if not len(a):
             break
-        if rule == "argmax_union" and rank == lowest:
+        if given is not None:
+            scores_r = given[rank]
+            cand = np.flatnonzero(scores_r >= th[rank])
+        elif rule == "argmax_union" and rank == lowest:
             best = a.argmax(axis=1)
             cand = np.unique(best[a[np.arange(len(a)), best] >= th[rank]])
-            scores = np.zeros(a.shape[1])
+            scores_r = np.zeros(a.shape[1])
             for c in cand:
-                scores[c] = a[best == c, c].max()
+                scores_r[c] = a[best == c, c].max()
         else:
-            scores = rule_scores(a, "max" if rule == "argmax_union" else rule, w[known])
-            cand = np.flatnonzero(scores >= th[rank])
+            scores_r = rule_scores(a, "max" if rule == "argmax_union" else rule, w[known])
+            cand = np.flatnonzero(scores_r >= th[rank])
         found = []
         for c in cand:
             node = taxonomy.node(rank, int(c))
@@ -284,7 +340,7 @@ def aggregate_plot(probs: Mapping[str, np.ndarray], taxonomy, *, plot_id: str = 
             n_sup = support(rank, int(c))
             if n_sup < min_tiles:
                 continue
-            found.append((float(scores[c]), shown, n_sup))
+            found.append((float(scores_r[c]), shown, n_sup))
         for score, shown, n_sup in sorted(found, key=lambda t: (-t[0], t[1])):
             if shown in covered:
                 continue  # two placeholders standing for one taxon

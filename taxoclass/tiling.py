@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -29,11 +30,14 @@ __all__ = [
     "BundleTileClassifier",
     "Tile",
     "TileClassifier",
+    "TilePredictions",
+    "classify_plot",
     "crop_tiles",
     "embed_images",
     "embed_tiles",
     "make_tiles",
     "parse_grid",
+    "plot_ids",
 ]
 
 Grid = int | tuple[int, int] | str
@@ -148,6 +152,53 @@ def make_tiles(image_size: tuple[int, int], *, grids: Sequence[Grid] = (3,),
 def crop_tiles(image: Image.Image, tiles: Sequence[Tile]) -> list[Image.Image]:
     """The pixels of each tile, as RGB images."""
     return [image.crop(t.box) for t in tiles]
+
+
+def plot_ids(photos: Sequence[Any]) -> list[str]:
+    """One plot id per photo: its file stem (``a/CBN-1.jpg`` -> ``CBN-1``); a stem seen
+    again gets ``__2``, ``__3``... so ids stay unique."""
+    seen: dict[str, int] = {}
+    out = []
+    for photo in photos:
+        p = Path(photo)
+        stem = p.stem or p.name
+        seen[stem] = seen.get(stem, 0) + 1
+        out.append(stem if seen[stem] == 1 else f"{stem}__{seen[stem]}")
+    return out
+
+
+@dataclass
+class TilePredictions:
+    """One plot photo's tiles, their coherent per-rank probabilities and unknown flags.
+
+    ``decoded`` is what the classifier returned (``decoded.probs``: rank -> ``[n_tiles,
+    n_classes]``); ``unknown`` is True for tiles flagged as outliers.
+    """
+
+    tiles: list[Tile]
+    decoded: Any
+    unknown: np.ndarray
+
+    @property
+    def probs(self) -> dict[str, np.ndarray]:
+        return self.decoded.probs
+
+    @property
+    def scales(self) -> np.ndarray:
+        """The grid label of each tile (``"4x4"``)."""
+        return np.array([t.scale for t in self.tiles], dtype=str)
+
+
+def classify_plot(classifier: Any, image: Image.Image, *, grids: Sequence[Grid] = (3,),
+                  overlap: float = 0.0, plot_id: str = "",
+                  flag_unknown: Callable[[Any], np.ndarray] | None = None) -> TilePredictions:
+    """Tile one plot photo (:func:`make_tiles`), classify the tiles in batches and flag
+    unknown ones with ``flag_unknown(decoded) -> bool[n_tiles]`` (none when omitted)."""
+    tiles = make_tiles(image.size, grids=grids, overlap=overlap, plot_id=plot_id)
+    decoded = classifier.predict_tiles(crop_tiles(image, tiles))
+    flags = (np.zeros(len(tiles), dtype=bool) if flag_unknown is None
+             else np.asarray(flag_unknown(decoded), dtype=bool).reshape(len(tiles)))
+    return TilePredictions(tiles, decoded, flags)
 
 
 def _batched(images: Sequence[Image.Image], backbone: Any, batch_size: int,
