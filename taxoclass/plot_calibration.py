@@ -1,0 +1,695 @@
+"""Plot-level calibration: aggregation settings chosen on plots whose species are known.
+
+A user with some plot photos and their species lists runs :func:`calibrate_plots`.
+Every photo is tiled and classified once (:func:`predict_plots`), then
+
+- each hand-set rule (``argmax_union``, ``max``, ``noisy_or``, ``mean``) gets the species
+  threshold that maximises species macro F1 per plot, then the genus threshold (rank-aware
+  genus F1, species fixed), then the family threshold (lower ranks fixed);
+- a :class:`LearnedPlotRule` (one logistic regression per rank on per-taxon statistics of
+  the plot's tiles) is fitted, and its presence thresholds are chosen the same way;
+- the rule with the best calibration species F1 is chosen (ties: the simpler rule, in
+  the order of :data:`RULE_ORDER`).
+
+The result, :class:`PlotSettings`, is saved as ``plot_settings.json``
+(``data_schemas/plot_settings.schema.json``; plain JSON, no pickle) and read back by
+``taxoclass plot-report --settings`` (:func:`resolve_report_settings`). The learned rule's
+parameters are always kept, chosen or not, so ``--rule learned`` can pick it later.
+
+Thresholds are swept in numpy with the selection of :func:`~taxoclass.plots.aggregate_plot`
+(at least one supporting tile; no tile weights, ``top_k`` or tile gate); the F1 figures in
+the calibration table come from ``aggregate_plot`` and
+:func:`~taxoclass.plot_eval.evaluate_plots` themselves.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .errors import AnnotationError, ConfigError, ImageError, TaxonomyError
+from .fileio import atomic_write_json
+from .images import load_image
+from .plot_eval import _truth_path, evaluate_plots
+from .plots import LEARNED, RULES, SUPPORT_TOP, PlotRecord, aggregate_plot, rule_scores, top_ranked
+from .tiling import classify_plot, parse_grid, plot_ids
+
+__all__ = [
+    "CANDIDATE_THRESHOLDS",
+    "DEFAULT_GRIDS",
+    "FEATURES",
+    "RULE_ORDER",
+    "SETTINGS_FILE",
+    "TABLE_FILE",
+    "CalibrationResult",
+    "LearnedPlotRule",
+    "PlotPredictions",
+    "PlotSettings",
+    "PlotTiles",
+    "ReportSettings",
+    "calibrate_plots",
+    "calibrate_rules",
+    "check_plot_truth",
+    "grid_label",
+    "plot_records",
+    "predict_plots",
+    "resolve_report_settings",
+]
+
+Progress = Callable[[int, int], None]
+
+SETTINGS_FILE = "plot_settings.json"
+TABLE_FILE = "plot_calibration.csv"
+SCHEMA_NAME = "plot_settings.schema.json"
+SETTINGS_FORMAT = "taxoclass-plot-settings"
+FORMAT_VERSION = 1
+DEFAULT_GRIDS: tuple[str, ...] = ("2x2", "4x4")
+#: Per grid scale, the statistics of a taxon's tile probabilities the learned rule sees.
+FEATURES: tuple[str, ...] = ("max", "mean", "noisy_or", "first", "top3")
+#: Simplest first: a tie in calibration species F1 goes to the earlier rule.
+RULE_ORDER: tuple[str, ...] = ("argmax_union", "max", "mean", "noisy_or", LEARNED)
+#: Thresholds tried at every rank (dense near 0 and 1, where noisy-or scores crowd).
+CANDIDATE_THRESHOLDS = np.unique(np.round(np.concatenate([
+    [0.0], np.linspace(0.01, 0.99, 99), 1.0 - np.logspace(-4, -2.1, 8),
+    np.logspace(-3, -2.1, 4)]), 6))
+
+
+def grid_label(grid: Any) -> str:
+    """``4 -> "4x4"``, ``"2x3" -> "2x3"`` (the tile scale label)."""
+    rows, cols = parse_grid(grid)
+    return f"{rows}x{cols}"
+
+
+# ---------------------------------------------------------------------- tile predictions
+@dataclass
+class PlotTiles:
+    """One plot's tiles: grid label per tile, coherent per-rank probabilities, unknown flags."""
+
+    plot_id: str
+    photo: str
+    scales: np.ndarray
+    probs: dict[str, np.ndarray]
+    unknown: np.ndarray
+
+
+@dataclass
+class PlotPredictions:
+    """Tile predictions per plot id, and the photos that could not be read."""
+
+    plots: dict[str, PlotTiles]
+    failures: list[dict[str, str]]
+
+
+def predict_plots(classifier: Any, photos: Sequence[str | Path], *,
+                  grids: Sequence[Any] = DEFAULT_GRIDS, overlap: float = 0.0,
+                  flag_unknown: Callable[[Any], np.ndarray] | None = None,
+                  progress: Progress | None = None) -> PlotPredictions:
+    """Tile and classify every plot photo (plot id = file stem, as in plot reports).
+
+    ``classifier``: a :class:`~taxoclass.tiling.TileClassifier`; ``flag_unknown``: as for
+    :func:`~taxoclass.reports.plot_report`. A photo that cannot be read is listed in
+    ``failures`` (photo, error) and the others carry on; ``progress(done, total)`` is
+    called after each photo.
+    """
+    paths = [Path(p) for p in photos]
+    plots: dict[str, PlotTiles] = {}
+    failures: list[dict[str, str]] = []
+    for done, (plot_id, path) in enumerate(zip(plot_ids(paths), paths), start=1):
+        try:
+            image = load_image(path)
+        except ImageError as exc:
+            failures.append({"photo": str(path), "error": str(exc)})
+        else:
+            pred = classify_plot(classifier, image, grids=grids, overlap=overlap,
+                                 plot_id=plot_id, flag_unknown=flag_unknown)
+            plots[plot_id] = PlotTiles(plot_id, str(path), pred.scales,
+                                       {r: np.asarray(a, dtype=np.float64)
+                                        for r, a in pred.probs.items()}, pred.unknown)
+        if progress:
+            progress(done, len(paths))
+    return PlotPredictions(plots, failures)
+
+
+# ---------------------------------------------------------------------- truth
+def check_plot_truth(truth: Mapping[str, Sequence[str]], photos: Sequence[str | Path],
+                     taxonomy: Any | None = None, *, truth_file: str = "the truth table") -> None:
+    """Raise :class:`AnnotationError` unless every photo has truth rows and every truth
+    plot a photo (plot id = photo file stem), and, with a taxonomy, every species name
+    is one of its lowest-rank taxa (``"Carex nigra"``, or ``"Philadelphus sp."`` where
+    the model knows that genus only)."""
+    paths = [Path(p) for p in photos]
+    ids = dict(zip(plot_ids(paths), paths))
+    no_photo = [p for p in truth if p not in ids]
+    if no_photo:
+        shown = ", ".join(sorted(ids)[:5]) + (", ..." if len(ids) > 5 else "")
+        raise AnnotationError(
+            f"{truth_file}: plot_id {no_photo[0]!r} has no photo"
+            f"{f' (nor {len(no_photo) - 1} other plot(s))' if len(no_photo) > 1 else ''}. "
+            f"Expected a photo whose file stem is the plot id (e.g. {no_photo[0]}.jpg) among "
+            f"the {len(ids)} photo(s) given (plot ids: {shown}). Pass its photo, or remove "
+            "the plot's rows from the truth file.")
+    no_truth = [p for p in ids if p not in truth]
+    if no_truth:
+        raise AnnotationError(
+            f"{ids[no_truth[0]]}: plot {no_truth[0]!r} has no row in {truth_file}"
+            f"{f' (nor {len(no_truth) - 1} other photo(s))' if len(no_truth) > 1 else ''}. "
+            "Expected a 'plot_id,species' row for every calibration photo (plot_id = the "
+            f"photo's file stem; an empty species cell for a plot without species). Add "
+            f"rows for {no_truth[0]!r}, or leave the photo out.")
+    if taxonomy is None:
+        return
+    lowest = taxonomy.ranks[-1]
+    names = set(taxonomy.names(lowest))
+    for plot_id, species in truth.items():
+        for name in species:
+            if name in names:
+                continue
+            close = difflib.get_close_matches(name, sorted(names), n=3)
+            hint = (f"Did you mean {', '.join(repr(c) for c in close)}?" if close
+                    else f"e.g. {sorted(names)[0]!r}.")
+            raise AnnotationError(
+                f"{truth_file}: record plot_id={plot_id!r}, species={name!r}: this {lowest} "
+                f"is not in the model's taxonomy {taxonomy!r}. Expected a {lowest} name the "
+                f"model knows, spelled as in its taxonomy; {hint} Fix the name, or drop the "
+                "row (a taxon the model cannot name cannot calibrate it).")
+
+
+class _Tree:
+    """Index maps for rank-aware scoring: class (r, c) -> its reported taxon at rank R."""
+
+    def __init__(self, taxonomy: Any) -> None:
+        self.taxonomy = taxonomy
+        self.ranks = list(taxonomy.ranks)
+        self.reported = {r: [taxonomy.reported(n) for n in taxonomy.nodes(r)] for r in self.ranks}
+        self.up: dict[tuple[str, str], np.ndarray] = {}
+        for i, r in enumerate(self.ranks):
+            for j in range(i + 1):
+                big, depth = self.ranks[j], j + 1
+                self.up[(r, big)] = np.array(
+                    [taxonomy.index(n[:depth]) if len(n) >= depth else -1
+                     for n in self.reported[r]], dtype=np.int64)
+
+    def truth(self, names: Sequence[str]) -> dict[str, tuple[np.ndarray, int, np.ndarray]]:
+        """Per rank: true classes (bool), number of true taxa, and the learned rule's labels
+        (a class whose reported taxon lies on a true path)."""
+        paths = [_truth_path(str(n), self.taxonomy) for n in names]
+        prefixes = {p[:k] for p in paths for k in range(1, len(p) + 1)}
+        out = {}
+        for j, rank in enumerate(self.ranks):
+            depth = j + 1
+            true_nodes = {p[:depth] for p in paths if len(p) >= depth}
+            vec = np.zeros(self.taxonomy.n_classes(rank), dtype=bool)
+            for node in true_nodes:
+                try:
+                    vec[self.taxonomy.index(node)] = True
+                except TaxonomyError:
+                    pass  # a taxon the model does not know: counted, never predicted
+            labels = np.array([n in prefixes for n in self.reported[rank]], dtype=bool)
+            out[rank] = (vec, len(true_nodes), labels)
+        return out
+
+
+# ---------------------------------------------------------------------- learned rule
+def _known(plot: PlotTiles) -> np.ndarray:
+    return ~np.asarray(plot.unknown, dtype=bool)
+
+
+class LearnedPlotRule:
+    """Presence of each taxon in a plot from statistics of its tiles' probabilities.
+
+    For every rank, each (plot, taxon) gets, per grid scale, the max, mean and noisy-or
+    of the taxon's probability over the plot's non-flagged tiles, and the share of those
+    tiles that rank it first and in their top 3 (:data:`FEATURES`); one logistic
+    regression per rank (scikit-learn) maps them to a presence score, applied in numpy.
+    ``fit`` also chooses a presence threshold per rank (``thresholds_``) maximising macro
+    F1 per plot on the calibration plots, bottom-up as for the hand-set rules.
+    """
+
+    def __init__(self, grids: Sequence[Any] = DEFAULT_GRIDS, *, C: float = 1.0,
+                 max_iter: int = 3000) -> None:
+        self.grids = tuple(grid_label(g) for g in grids)
+        self.C = float(C)
+        self.max_iter = int(max_iter)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f"{g}:{f}" for g in self.grids for f in FEATURES]
+
+    def features(self, probs: np.ndarray, scales: Sequence[str],
+                 unknown: np.ndarray | Sequence[bool] | None = None) -> np.ndarray:
+        """``[n_classes, n_features]`` from one rank's tile probabilities ``[n_tiles,
+        n_classes]`` (flagged tiles left out)."""
+        a = np.asarray(probs, dtype=np.float64)
+        scales = np.asarray(scales, dtype=str)
+        keep = np.ones(len(a), dtype=bool) if unknown is None else ~np.asarray(unknown, bool)
+        cols = []
+        for grid in self.grids:
+            t = a[keep & (scales == grid)]
+            n, k = len(t), a.shape[1]
+            if not n:
+                cols += [np.zeros(k)] * len(FEATURES)
+                continue
+            first = np.bincount(t.argmax(axis=1), minlength=k) / n
+            top3 = top_ranked(t, 3).sum(axis=0) / n
+            cols += [t.max(axis=0), t.mean(axis=0), rule_scores(t, "noisy_or"), first, top3]
+        return np.column_stack(cols)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "coef_"):
+            raise ConfigError("This LearnedPlotRule is not fitted; call fit() or load it from "
+                              "plot_settings.json (taxoclass calibrate-plots).")
+
+    def scores(self, probs: Mapping[str, np.ndarray], scales: Sequence[str],
+               unknown: np.ndarray | Sequence[bool] | None = None) -> dict[str, np.ndarray]:
+        """Rank -> presence score per class (pass to ``aggregate_plot(scores=...)``)."""
+        self._check_fitted()
+        missing = [r for r in self.ranks_ if r not in probs]
+        if missing:
+            raise ConfigError(f"The learned rule was fitted for ranks {self.ranks_}; the "
+                              f"probabilities lack {missing}.")
+        scales = np.asarray(scales, dtype=str)
+        other = sorted(set(scales.tolist()) - set(self.grids))
+        if other:
+            raise ConfigError(f"The learned rule was fitted on tiles of the grids {self.grids}; "
+                              f"got tiles of {other}. Tile with the grids it was fitted on.")
+        out = {}
+        for r in self.ranks_:
+            z = self.features(probs[r], scales, unknown) @ self.coef_[r] + self.intercept_[r]
+            out[r] = 1.0 / (1.0 + np.exp(-z))
+        return out
+
+    def fit(self, plots: Mapping[str, PlotTiles], truth: Mapping[str, Sequence[str]],
+            taxonomy: Any) -> LearnedPlotRule:
+        """Fit one logistic regression per rank on calibration plots, then the thresholds."""
+        from sklearn.linear_model import LogisticRegression
+
+        ids = _calibration_ids(plots, truth)
+        tree = _Tree(taxonomy)
+        tables = {p: tree.truth(truth[p]) for p in ids}
+        self.ranks_ = list(taxonomy.ranks)
+        self.coef_: dict[str, np.ndarray] = {}
+        self.intercept_: dict[str, float] = {}
+        for rank in self.ranks_:
+            x = np.concatenate([self.features(plots[p].probs[rank], plots[p].scales,
+                                              plots[p].unknown) for p in ids])
+            y = np.concatenate([tables[p][rank][2] for p in ids])
+            if y.all() or not y.any():  # one class only: a constant presence score
+                rate = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
+                self.coef_[rank] = np.zeros(x.shape[1])
+                self.intercept_[rank] = float(np.log(rate / (1 - rate)))
+                continue
+            model = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(x, y)
+            self.coef_[rank] = model.coef_[0].astype(np.float64)
+            self.intercept_[rank] = float(model.intercept_[0])
+        self.n_plots_ = len(ids)
+        self.thresholds_ = _choose_thresholds(plots, ids, tables, tree, LEARNED, learned=self)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON: grids, ranks, feature names, coefficients, intercepts, thresholds."""
+        self._check_fitted()
+        return {"grids": list(self.grids), "ranks": list(self.ranks_),
+                "features": self.feature_names, "C": self.C, "max_iter": self.max_iter,
+                "coef": {r: [float(v) for v in self.coef_[r]] for r in self.ranks_},
+                "intercept": {r: float(self.intercept_[r]) for r in self.ranks_},
+                "thresholds": {r: float(v) for r, v in self.thresholds_.items()},
+                "n_plots": int(self.n_plots_)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LearnedPlotRule:
+        rule = cls(data["grids"], C=data.get("C", 1.0), max_iter=data.get("max_iter", 3000))
+        if list(data["features"]) != rule.feature_names:
+            raise ConfigError(f"Learned rule features {list(data['features'])} are not the ones "
+                              f"this taxoclass computes ({rule.feature_names}); re-run "
+                              "taxoclass calibrate-plots.")
+        rule.ranks_ = list(data["ranks"])
+        rule.coef_ = {r: np.asarray(data["coef"][r], dtype=np.float64) for r in rule.ranks_}
+        rule.intercept_ = {r: float(data["intercept"][r]) for r in rule.ranks_}
+        rule.thresholds_ = {r: float(v) for r, v in data["thresholds"].items()}
+        rule.n_plots_ = int(data.get("n_plots", 0))
+        for r in rule.ranks_:
+            if rule.coef_[r].shape != (len(rule.feature_names),):
+                raise ConfigError(f"Learned rule rank {r!r}: {len(rule.coef_[r])} coefficients "
+                                  f"for {len(rule.feature_names)} features.")
+        return rule
+
+
+# ---------------------------------------------------------------------- threshold sweep
+def _calibration_ids(plots: Mapping[str, PlotTiles], truth: Mapping[str, Sequence[str]]
+                     ) -> list[str]:
+    ids = [p for p in plots if p in truth]
+    if not ids:
+        raise ConfigError("No calibration plot has both tile predictions and a species list; "
+                          "pass plot photos whose file stems are the truth file's plot ids.")
+    return ids
+
+
+def _evidence(plot: PlotTiles, rank: str, lowest: str, rule: str,
+              learned: dict[str, np.ndarray] | None):
+    """What :func:`aggregate_plot` selects on: per class score, support by arg-max (or top
+    few for the learned rule), and the best tile probability where a tile at or above the
+    threshold also supports (None otherwise)."""
+    a = plot.probs[rank][_known(plot)]
+    k = plot.probs[rank].shape[1]
+    if not len(a):
+        return np.zeros(k), np.zeros(k, dtype=bool), None
+    if rule == LEARNED:
+        return learned[rank], top_ranked(a, SUPPORT_TOP).any(axis=0), None
+    best = a.argmax(axis=1)
+    first = np.bincount(best, minlength=k) > 0
+    if rule == "argmax_union":
+        if rank == lowest:
+            score = np.zeros(k)
+            np.maximum.at(score, best, a[np.arange(len(a)), best])
+        else:
+            score = a.max(axis=0)
+        return score, first, None
+    return rule_scores(a, rule), first, a.max(axis=0)
+
+
+def _selected(ev, thresholds: np.ndarray) -> np.ndarray:
+    score, support, peak = ev
+    t = np.asarray(thresholds, dtype=np.float64)[None, :]
+    sel = support[:, None] if peak is None else support[:, None] | ((t > 0) & (peak[:, None] >= t))
+    return (score[:, None] >= t) & sel
+
+
+def _f1(pred: np.ndarray, true: np.ndarray, n_true: int) -> np.ndarray:
+    tp = (pred & true[:, None]).sum(axis=0)
+    denom = pred.sum(axis=0) + n_true
+    return np.where(denom == 0, 1.0, 2.0 * tp / np.maximum(denom, 1))
+
+
+def _pick(f1: np.ndarray) -> int:
+    """The middle of the first run of thresholds reaching the best F1."""
+    best = np.flatnonzero(f1 >= f1.max() - 1e-12)
+    end = 0
+    while end + 1 < len(best) and best[end + 1] == best[end] + 1:
+        end += 1
+    return int(best[end // 2])
+
+
+def _choose_thresholds(plots: Mapping[str, PlotTiles], ids: Sequence[str], tables: dict,
+                       tree: _Tree, rule: str, *, learned: LearnedPlotRule | None = None,
+                       candidates: np.ndarray = CANDIDATE_THRESHOLDS) -> dict[str, float]:
+    """Per rank, bottom-up: the threshold maximising rank-aware macro F1 per plot, with the
+    thresholds of the lower ranks fixed (their finds count at this rank too)."""
+    ranks = tree.ranks
+    lowest = ranks[-1]
+    scores = {p: (learned.scores(plots[p].probs, plots[p].scales, plots[p].unknown)
+                  if rule == LEARNED else None) for p in ids}
+    base = {p: {r: np.zeros(tree.taxonomy.n_classes(r), dtype=bool) for r in ranks} for p in ids}
+    out: dict[str, float] = {}
+    for i in range(len(ranks) - 1, -1, -1):
+        rank = ranks[i]
+        own = tree.up[(rank, rank)] >= 0
+        evs = {p: _evidence(plots[p], rank, lowest, rule, scores[p]) for p in ids}
+        f1 = np.zeros(len(candidates))
+        for p in ids:
+            true, n_true, _ = tables[p][rank]
+            pred = base[p][rank][:, None] | (_selected(evs[p], candidates) & own[:, None])
+            f1 += _f1(pred, true, n_true)
+        j = _pick(f1)
+        out[rank] = float(candidates[j])
+        for p in ids:
+            sel = _selected(evs[p], candidates[j:j + 1])[:, 0]
+            for big in ranks[:i + 1]:
+                up = tree.up[(rank, big)][sel]
+                base[p][big][up[up >= 0]] = True
+    return {r: out[r] for r in ranks}
+
+
+# ---------------------------------------------------------------------- records & settings
+def plot_records(plots: Mapping[str, PlotTiles], taxonomy: Any, *, rule: str,
+                 thresholds: Mapping[str, float] | None = None,
+                 learned: LearnedPlotRule | None = None) -> dict[str, list[PlotRecord]]:
+    """Records of every plot with :func:`~taxoclass.plots.aggregate_plot` (the learned
+    rule's scores passed in when ``rule == "learned"``)."""
+    if rule == LEARNED and learned is None:
+        raise ConfigError("rule 'learned' needs a fitted LearnedPlotRule (learned=...).")
+    out = {}
+    for plot_id, tp in plots.items():
+        scores = (learned.scores(tp.probs, tp.scales, tp.unknown) if rule == LEARNED else None)
+        out[plot_id] = aggregate_plot(tp.probs, taxonomy, plot_id=plot_id, rule=rule,
+                                      thresholds=thresholds, unknown=tp.unknown, scores=scores)
+    return out
+
+
+@dataclass
+class PlotSettings:
+    """Plot-report settings chosen on calibration plots (``plot_settings.json``).
+
+    ``rule``: the chosen rule; ``calibration``: one row per rule compared, with its
+    thresholds and calibration macro F1 per plot at every rank (``chosen`` marks the
+    winner); ``learned``: the fitted learned rule (always kept); ``source``: the file it
+    was read from, if any.
+    """
+
+    rule: str
+    grids: list[str]
+    overlap: float
+    calibration: list[dict[str, Any]]
+    learned: LearnedPlotRule | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None
+
+    def thresholds_for(self, rule: str) -> dict[str, float] | None:
+        """The calibrated thresholds of ``rule`` (None if it was not calibrated)."""
+        for row in self.calibration:
+            if row["rule"] == rule:
+                return dict(row["thresholds"])
+        return None
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return self.thresholds_for(self.rule) or {}
+
+    def table(self) -> pd.DataFrame:
+        """The per-rule calibration table: F1 per rank, thresholds per rank, chosen."""
+        rows = []
+        for row in self.calibration:
+            flat: dict[str, Any] = {"rule": row["rule"]}
+            ranks = list(row["macro_f1_per_plot"])[::-1]  # lowest rank first
+            flat.update({f"{r}_f1": row["macro_f1_per_plot"][r] for r in ranks})
+            flat.update({f"{r}_threshold": row["thresholds"][r] for r in ranks})
+            flat["chosen"] = bool(row["rule"] == self.rule)
+            rows.append(flat)
+        return pd.DataFrame(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": SETTINGS_FORMAT, "format_version": FORMAT_VERSION,
+                "rule": self.rule, "thresholds": self.thresholds, "grids": list(self.grids),
+                "overlap": float(self.overlap),
+                "calibration": [{**row, "chosen": row["rule"] == self.rule}
+                                for row in self.calibration],
+                "learned": self.learned.to_dict() if self.learned is not None else None,
+                "provenance": dict(self.provenance)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: Path | None = None) -> PlotSettings:
+        where = str(source) if source else "plot settings"
+        errors = sorted(_validator().iter_errors(data), key=lambda e: list(e.absolute_path))
+        if errors:
+            e = errors[0]
+            path = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}"
+                                 for p in e.absolute_path)
+            raise ConfigError(f"{where}: {path}: {e.message}. Expected a plot_settings.json "
+                              "written by `taxoclass calibrate-plots` (schema "
+                              f"{SCHEMA_NAME}); re-run it.")
+        learned = LearnedPlotRule.from_dict(data["learned"]) if data.get("learned") else None
+        rows = [{k: v for k, v in row.items() if k != "chosen"} for row in data["calibration"]]
+        return cls(rule=data["rule"], grids=list(data["grids"]), overlap=float(data["overlap"]),
+                   calibration=rows, learned=learned, provenance=dict(data.get("provenance", {})),
+                   source=source)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``plot_settings.json`` (``path`` is the file, or a folder to hold it)."""
+        path = Path(path)
+        if path.suffix.lower() != ".json":
+            path = path / SETTINGS_FILE
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> PlotSettings:
+        """Read and validate ``plot_settings.json`` (a file, or the folder holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / SETTINGS_FILE
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such settings file. Expected the plot_settings.json "
+                              "written by `taxoclass calibrate-plots --out DIR`.")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc}). Expected a plot_settings.json "
+                              "written by `taxoclass calibrate-plots`.") from exc
+        return cls.from_dict(data, source=path)
+
+
+def _validator():
+    import jsonschema
+
+    from .annotations import load_schema
+
+    return jsonschema.Draft202012Validator(load_schema(SCHEMA_NAME))
+
+
+def calibrate_rules(plots: Mapping[str, PlotTiles], truth: Mapping[str, Sequence[str]],
+                    taxonomy: Any, *, grids: Sequence[Any], overlap: float = 0.0,
+                    C: float = 1.0, provenance: Mapping[str, Any] | None = None) -> PlotSettings:
+    """Compare every rule on calibration plots with known species lists; keep the best.
+
+    Hand-set rules get thresholds bottom-up (species, then genus, then family); the
+    learned rule is fitted; the one with the best species macro F1 per plot is chosen.
+    """
+    ids = _calibration_ids(plots, truth)
+    plots = {p: plots[p] for p in ids}
+    truth = {p: list(truth[p]) for p in ids}
+    tree = _Tree(taxonomy)
+    tables = {p: tree.truth(truth[p]) for p in ids}
+    learned = LearnedPlotRule(grids, C=C).fit(plots, truth, taxonomy)
+    rows = []
+    for rule in RULE_ORDER:
+        th = (learned.thresholds_ if rule == LEARNED
+              else _choose_thresholds(plots, ids, tables, tree, rule))
+        ev = evaluate_plots(plot_records(plots, taxonomy, rule=rule, thresholds=th,
+                                         learned=learned), truth, taxonomy)
+        rows.append({"rule": rule, "thresholds": dict(th),
+                     "macro_f1_per_plot": {r: float(ev[r]["macro_f1_per_plot"])
+                                           for r in taxonomy.ranks}})
+    lowest = taxonomy.ranks[-1]
+    best = max(row["macro_f1_per_plot"][lowest] for row in rows)
+    chosen = next(row["rule"] for row in rows
+                  if row["macro_f1_per_plot"][lowest] >= best - 1e-9)
+    prov = {"taxoclass_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": None, "backbone": "unknown", **dict(provenance or {}),
+            "n_calibration_plots": len(ids)}
+    return PlotSettings(rule=chosen, grids=[grid_label(g) for g in grids], overlap=float(overlap),
+                        calibration=rows, learned=learned, provenance=prov)
+
+
+@dataclass
+class CalibrationResult:
+    """What :func:`calibrate_plots` did: the settings, unreadable photos, tile predictions
+    (and, from :func:`~taxoclass.workflows.calibrate_plots_job`, the files written)."""
+
+    settings: PlotSettings
+    failures: list[dict[str, str]]
+    predictions: PlotPredictions = field(repr=False)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def calibrate_plots(classifier: Any, photos: Sequence[str | Path],
+                    truth: Mapping[str, Sequence[str]], *, grids: Sequence[Any] = DEFAULT_GRIDS,
+                    overlap: float = 0.0,
+                    flag_unknown: Callable[[Any], np.ndarray] | None = None,
+                    progress: Progress | None = None, C: float = 1.0,
+                    model: str | Path | None = None,
+                    truth_file: str | Path | None = None) -> CalibrationResult:
+    """Plot settings from calibration photos whose species lists are known.
+
+    ``truth``: plot id (photo file stem) -> species names (e.g.
+    :func:`~taxoclass.workflows.read_plot_truth`); every photo needs one and every
+    name must be in the classifier's taxonomy (:func:`check_plot_truth`). Photos that
+    cannot be read are reported in ``failures`` and left out. ``model``/``truth_file``
+    are recorded in the provenance.
+    """
+    if not 0.0 <= float(overlap) < 1.0:
+        raise ConfigError(f"Tile overlap must be a fraction in [0, 1), got {overlap}.")
+    grid_labels = [grid_label(g) for g in grids]
+    if not grid_labels:
+        raise ConfigError("calibrate_plots needs at least one grid (e.g. grids=(4,)).")
+    taxonomy = classifier.taxonomy
+    check_plot_truth(truth, photos, taxonomy, truth_file=str(truth_file or "the truth table"))
+    preds = predict_plots(classifier, photos, grids=grid_labels, overlap=overlap,
+                          flag_unknown=flag_unknown, progress=progress)
+    if not preds.plots:
+        raise ImageError(f"None of the {len(preds.failures)} calibration photo(s) could be read "
+                         f"(first: {preds.failures[0]['photo']}: {preds.failures[0]['error']}).")
+    from .provenance import command_line
+    from .reports import _backbone_name
+
+    describe = classifier.describe()
+    provenance = {
+        "command": command_line(), "model": str(model) if model is not None else None,
+        "classifier": str(describe.get("kind", type(classifier).__name__)),
+        "backbone": _backbone_name(classifier), "truth": str(truth_file) if truth_file else None,
+        "n_failures": len(preds.failures), "flag_unknown": flag_unknown is not None}
+    settings = calibrate_rules(preds.plots, truth, taxonomy, grids=grid_labels, overlap=overlap,
+                               C=C, provenance=provenance)
+    return CalibrationResult(settings, preds.failures, preds)
+
+
+# ---------------------------------------------------------------------- report settings
+@dataclass
+class ReportSettings:
+    """The settings a plot report runs with, after a settings file and explicit options.
+
+    ``source``: the settings file (None without one); ``overridden``: options given
+    explicitly that replaced the file's values.
+    """
+
+    rule: str
+    thresholds: dict[str, float] | None
+    grids: list[str]
+    overlap: float
+    learned: LearnedPlotRule | None = None
+    source: str | None = None
+    overridden: list[str] = field(default_factory=list)
+
+
+def resolve_report_settings(settings: PlotSettings | str | Path | None = None, *,
+                            grids: Sequence[Any] | None = None, overlap: float | None = None,
+                            rule: str | None = None,
+                            thresholds: Mapping[str, float] | None = None) -> ReportSettings:
+    """Grids, overlap, rule and thresholds from ``settings`` (a :class:`PlotSettings` or
+    its file), each replaced by the explicit value when one is given (thresholds rank by
+    rank). Without settings: the plot-report defaults (3x3, no overlap, ``max``). The
+    ``learned`` rule needs settings that hold its parameters and its grids."""
+    if settings is not None and not isinstance(settings, PlotSettings):
+        settings = PlotSettings.load(settings)
+    if rule is not None and rule not in RULES and rule != LEARNED:
+        raise ConfigError(f"Unknown aggregation rule {rule!r}; expected one of "
+                          f"{(*RULES, LEARNED)}.")
+    given = [k for k, v in (("grids", grids), ("overlap", overlap), ("rule", rule),
+                            ("thresholds", thresholds)) if v is not None and v != () and v != {}]
+    if settings is None:
+        if rule == LEARNED:
+            raise ConfigError("Rule 'learned' needs its fitted parameters: pass the "
+                              "plot_settings.json written by `taxoclass calibrate-plots` "
+                              "(--settings), or choose another rule.")
+        return ReportSettings(rule=rule or "max",
+                              thresholds=dict(thresholds) if thresholds else None,
+                              grids=[grid_label(g) for g in (grids or (3,))],
+                              overlap=float(overlap or 0.0))
+    chosen = rule or settings.rule
+    th = dict(settings.thresholds_for(chosen) or {})
+    th.update({str(k): float(v) for k, v in (thresholds or {}).items()})
+    grid_labels = [grid_label(g) for g in grids] if grids else list(settings.grids)
+    learned = None
+    if chosen == LEARNED:
+        learned = settings.learned
+        where = settings.source or "the settings"
+        if learned is None:
+            raise ConfigError(f"{where} holds no learned-rule parameters, so rule 'learned' "
+                              "cannot run; re-run `taxoclass calibrate-plots`, or choose "
+                              "another rule.")
+        if sorted(grid_labels) != sorted(learned.grids):
+            raise ConfigError(f"The learned rule in {where} was fitted on the grids "
+                              f"{list(learned.grids)}; --grid {grid_labels} cannot be used with "
+                              "it. Drop --grid, or choose another rule.")
+    return ReportSettings(rule=chosen, thresholds=th or None, grids=grid_labels,
+                          overlap=float(settings.overlap if overlap is None else overlap),
+                          learned=learned,
+                          source=str(settings.source) if settings.source else "(in memory)",
+                          overridden=given)

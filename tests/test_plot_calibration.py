@@ -1,0 +1,264 @@
+"""Plot calibration: thresholds per rule, the learned rule, settings files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from taxoclass.decoding import decode_leaf_probabilities
+from taxoclass.errors import AnnotationError, ConfigError
+from taxoclass.plot_calibration import (
+    CANDIDATE_THRESHOLDS,
+    SETTINGS_FILE,
+    LearnedPlotRule,
+    PlotSettings,
+    PlotTiles,
+    calibrate_rules,
+    check_plot_truth,
+    plot_records,
+    resolve_report_settings,
+)
+from taxoclass.plot_eval import evaluate_plots
+from taxoclass.plots import LEARNED, RULES, aggregate_plot
+from taxoclass.taxonomy import Taxonomy
+
+torch.set_num_threads(1)
+
+SCHEMAS = Path(__file__).resolve().parents[1] / "data_schemas"
+TAX = Taxonomy.from_records([{"family": f, "genus": g, "species": s} for f, g, s in [
+    ("Cyperaceae", "Carex", "nigra"), ("Cyperaceae", "Carex", "flacca"),
+    ("Cyperaceae", "Carex", "panicea"), ("Juncaceae", "Juncus", "effusus"),
+    ("Juncaceae", "Juncus", "articulatus"), ("Poaceae", "Poa", "annua"),
+    ("Poaceae", "Poa", "pratensis"), ("Poaceae", "Festuca", "rubra"),
+    ("Poaceae", "Festuca", "ovina"), ("Fabaceae", "Trifolium", "repens"),
+    ("Fabaceae", "Trifolium", "pratense"), ("Hydrangeaceae", "Philadelphus", "")]])
+NAMED = [n for n in TAX.nodes("species") if not TAX.is_placeholder(n)]
+GRIDS = ("2x2", "4x4")
+
+
+def synthetic_plots(n: int, seed: int) -> tuple[dict[str, PlotTiles], dict[str, list[str]]]:
+    """Plots of 1-3 species: each true species at a moderate probability (0.25-0.45 over
+    background) in ~60% of the tiles; one false species as a single spiky tile."""
+    rng = np.random.default_rng(seed)
+    k = TAX.n_classes("species")
+    scales = np.array(["2x2"] * 4 + ["4x4"] * 16)
+    plots, truth = {}, {}
+    for i in range(n):
+        true = rng.choice(len(NAMED), size=rng.integers(1, 4), replace=False)
+        false = rng.choice([j for j in range(len(NAMED)) if j not in true])
+        rows = rng.dirichlet(np.ones(k), size=len(scales)) * 0.4
+        for t in true:
+            hit = rng.random(len(scales)) < 0.6
+            rows[hit, TAX.index(NAMED[t])] += rng.uniform(0.25, 0.45, hit.sum())
+        rows[rng.integers(len(scales)), TAX.index(NAMED[false])] += 2.0
+        rows /= rows.sum(axis=1, keepdims=True)
+        probs = decode_leaf_probabilities(rows, TAX).probs
+        pid = f"s{seed}-{i}"
+        plots[pid] = PlotTiles(pid, f"{pid}.jpg", scales,
+                               {r: np.asarray(a, dtype=np.float64) for r, a in probs.items()},
+                               np.zeros(len(scales), dtype=bool))
+        truth[pid] = [TAX.label(NAMED[t]) for t in true]
+    return plots, truth
+
+
+def peaked_plots(n: int, seed: int) -> tuple[dict[str, PlotTiles], dict[str, list[str]]]:
+    """Few tiles, each sure of one or two taxa: taxa that no tile ranks first still reach
+    noisy-or and mean thresholds (where aggregate_plot's tile support decides)."""
+    rng = np.random.default_rng(seed)
+    scales = np.array(["2x2"] * 4 + ["4x4"] * 2)
+    plots, truth = {}, {}
+    for i in range(n):
+        rows = rng.dirichlet(np.full(TAX.n_classes("species"), 0.2), size=len(scales))
+        probs = decode_leaf_probabilities(rows, TAX).probs
+        pid = f"q{seed}-{i}"
+        plots[pid] = PlotTiles(pid, f"{pid}.jpg", scales,
+                               {r: np.asarray(a, dtype=np.float64) for r, a in probs.items()},
+                               rng.random(len(scales)) < 0.1)
+        truth[pid] = [TAX.label(NAMED[t]) for t in
+                      rng.choice(len(NAMED), size=rng.integers(0, 4), replace=False)]
+    return plots, truth
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    cal, cal_truth = synthetic_plots(30, seed=0)
+    return cal, cal_truth, calibrate_rules(cal, cal_truth, TAX, grids=GRIDS, overlap=0.1)
+
+
+@pytest.fixture(scope="module")
+def calibrated_peaked():
+    cal, cal_truth = peaked_plots(30, seed=0)
+    return cal, cal_truth, calibrate_rules(cal, cal_truth, TAX, grids=GRIDS)
+
+
+def species_f1(plots, truth, rule, thresholds, learned=None) -> float:
+    recs = plot_records(plots, TAX, rule=rule, thresholds=thresholds, learned=learned)
+    return evaluate_plots(recs, truth, TAX)["species"]["macro_f1_per_plot"]
+
+
+# ---------------------------------------------------------------------- quality
+def test_learned_rule_beats_max_on_spread_evidence(calibrated):
+    _, _, s = calibrated
+    test, test_truth = synthetic_plots(30, seed=1)
+    learned = species_f1(test, test_truth, LEARNED, s.thresholds_for(LEARNED), s.learned)
+    best_max = max(species_f1(test, test_truth, "max", {"species": t})
+                   for t in CANDIDATE_THRESHOLDS[::4])  # max at its best, even on test plots
+    assert learned >= 0.9
+    assert learned >= best_max + 0.15
+    table = s.table().set_index("rule")
+    assert table.loc[LEARNED, "species_f1"] > table.loc["max", "species_f1"] + 0.15
+    assert s.rule in ("mean", LEARNED) and table.loc[s.rule, "chosen"]
+    assert table["chosen"].sum() == 1
+
+
+@pytest.mark.parametrize("data", ["calibrated", "calibrated_peaked"])
+@pytest.mark.parametrize("rule", [*RULES, LEARNED])
+def test_chosen_thresholds_are_the_best_aggregate_plot_can_do(request, data, rule):
+    """The numpy sweep picks what aggregate_plot itself scores best (species, then genus)."""
+    cal, truth, s = request.getfixturevalue(data)
+    th = s.thresholds_for(rule)
+    row = next(r for r in s.calibration if r["rule"] == rule)
+    ev = evaluate_plots(plot_records(cal, TAX, rule=rule, thresholds=th, learned=s.learned),
+                        truth, TAX)
+    assert row["macro_f1_per_plot"] == {r: pytest.approx(ev[r]["macro_f1_per_plot"])
+                                        for r in TAX.ranks}
+    for t in CANDIDATE_THRESHOLDS[::3]:
+        assert species_f1(cal, truth, rule, {**th, "species": t}, s.learned) <= \
+            row["macro_f1_per_plot"]["species"] + 1e-9
+    for t in CANDIDATE_THRESHOLDS[::6]:
+        ev = evaluate_plots(plot_records(cal, TAX, rule=rule, thresholds={**th, "genus": t},
+                                         learned=s.learned), truth, TAX)
+        assert ev["genus"]["macro_f1_per_plot"] <= row["macro_f1_per_plot"]["genus"] + 1e-9
+
+
+def test_ties_go_to_the_simpler_rule():
+    plots, truth = synthetic_plots(4, seed=3)
+    # every tile sure of one true species: every rule is perfect, so the simplest wins
+    for pid, tp in plots.items():
+        leaf = np.zeros_like(tp.probs["species"])
+        leaf[:, TAX.index(TAX.find(truth[pid][0], "species")[0])] = 1.0
+        tp.probs = decode_leaf_probabilities(leaf, TAX).probs
+        truth[pid] = truth[pid][:1]
+    s = calibrate_rules(plots, truth, TAX, grids=GRIDS)
+    assert s.table()["species_f1"].tolist() == [1.0] * 5
+    assert s.rule == "argmax_union"
+
+
+# ---------------------------------------------------------------------- records
+def test_settings_json_round_trip_gives_identical_records(calibrated, tmp_path):
+    cal, _, s = calibrated
+    path = s.save(tmp_path)
+    assert path == tmp_path / SETTINGS_FILE
+    doc = json.loads(path.read_text())
+    jsonschema.validate(doc, json.loads((SCHEMAS / "plot_settings.schema.json").read_text()))
+    assert doc["provenance"]["n_calibration_plots"] == 30
+    assert doc["learned"]["features"][:5] == ["2x2:max", "2x2:mean", "2x2:noisy_or",
+                                              "2x2:first", "2x2:top3"]
+    back = PlotSettings.load(tmp_path)
+    assert back.to_dict() == s.to_dict() and back.source == path
+    for rule in (LEARNED, s.rule, "noisy_or"):
+        a = plot_records(cal, TAX, rule=rule, thresholds=s.thresholds_for(rule),
+                         learned=s.learned)
+        b = plot_records(cal, TAX, rule=rule, thresholds=back.thresholds_for(rule),
+                         learned=back.learned)
+        assert {k: [r.to_dict() for r in v] for k, v in a.items()} == \
+            {k: [r.to_dict() for r in v] for k, v in b.items()}
+
+
+def test_a_broken_settings_file_names_the_problem(calibrated, tmp_path):
+    _, _, s = calibrated
+    doc = s.to_dict()
+    doc["learned"]["coef"]["species"] = doc["learned"]["coef"]["species"][:-1]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="coefficients"):
+        PlotSettings.load(bad)
+    doc = s.to_dict()
+    doc["rule"] = "median"
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=r"bad\.json: \$\.rule"):
+        PlotSettings.load(bad)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), th=st.tuples(*[st.floats(0.0, 1.0)] * 3),
+       n_flags=st.integers(0, 5))
+def test_learned_records_never_name_a_taxon_with_its_ancestor(calibrated, seed, th, n_flags):
+    _, _, s = calibrated
+    plots, _ = synthetic_plots(1, seed=seed)
+    tp = next(iter(plots.values()))
+    tp.unknown[:n_flags] = True
+    scores = s.learned.scores(tp.probs, tp.scales, tp.unknown)
+    recs = aggregate_plot(tp.probs, TAX, rule=LEARNED, scores=scores, unknown=tp.unknown,
+                          thresholds=dict(zip(("family", "genus", "species"), th)))
+    nodes = [r.node for r in recs if r.taxon_rank != "unknown"]
+    assert len(nodes) == len(set(nodes))
+    for a in nodes:
+        assert not any(b != a and b[:len(a)] == a for b in nodes), (a, nodes)
+    assert all(r.reason.startswith("learned") for r in recs if r.taxon_rank != "unknown")
+    unknown = [r for r in recs if r.taxon_rank == "unknown"]
+    assert [r.n_tiles for r in unknown] == ([n_flags] if n_flags else [])
+
+
+def test_learned_rule_rolls_up_to_genus_when_species_are_unsure(calibrated):
+    _, _, s = calibrated
+    plots, _ = synthetic_plots(1, seed=5)
+    tp = next(iter(plots.values()))
+    scores = s.learned.scores(tp.probs, tp.scales)
+    sp, ge = scores["species"], scores["genus"]
+    # thresholds no species passes but the best genus does: a genus record, no species
+    recs = aggregate_plot(tp.probs, TAX, rule=LEARNED, scores=scores,
+                          thresholds={"species": 1.0, "genus": float(ge.max()), "family": 1.0})
+    assert sp.max() < 1.0
+    assert [(r.taxon_rank, r.reason) for r in recs] == [("genus", "learned+rollup_to_genus")]
+
+
+def test_learned_rule_needs_its_scores_and_grids(calibrated):
+    _, _, s = calibrated
+    plots, _ = synthetic_plots(1, seed=2)
+    tp = next(iter(plots.values()))
+    with pytest.raises(ConfigError, match="learned rule needs its scores"):
+        aggregate_plot(tp.probs, TAX, rule=LEARNED)
+    with pytest.raises(ConfigError, match="fitted on tiles of the grids"):
+        s.learned.scores(tp.probs, np.array(["3x3"] * len(tp.scales)))
+    with pytest.raises(ConfigError, match="not fitted"):
+        LearnedPlotRule(GRIDS).scores(tp.probs, tp.scales)
+
+
+# ---------------------------------------------------------------------- report settings
+def test_resolve_report_settings(calibrated, tmp_path):
+    _, _, s = calibrated
+    path = s.save(tmp_path)
+    r = resolve_report_settings(path)
+    assert (r.rule, r.grids, r.overlap, r.thresholds) == (s.rule, list(GRIDS), 0.1, s.thresholds)
+    assert r.source == str(path) and r.overridden == []
+    r = resolve_report_settings(path, rule="max", thresholds={"species": 0.42}, overlap=0.0)
+    assert r.thresholds == {**s.thresholds_for("max"), "species": 0.42} and r.overlap == 0.0
+    assert r.overridden == ["overlap", "rule", "thresholds"] and r.learned is None
+    r = resolve_report_settings(path, rule=LEARNED)
+    assert r.learned is not None and r.thresholds == s.thresholds_for(LEARNED)
+    with pytest.raises(ConfigError, match="fitted on the grids"):
+        resolve_report_settings(path, rule=LEARNED, grids=[3])
+    with pytest.raises(ConfigError, match="needs its fitted parameters"):
+        resolve_report_settings(None, rule=LEARNED)
+    plain = resolve_report_settings(None)
+    assert (plain.rule, plain.grids, plain.overlap, plain.source) == ("max", ["3x3"], 0.0, None)
+
+
+def test_truth_and_photos_must_match():
+    photos = [Path("a/p1.jpg"), Path("a/p2.jpg")]
+    check_plot_truth({"p1": ["Carex nigra"], "p2": []}, photos, TAX, truth_file="t.csv")
+    with pytest.raises(AnnotationError, match=r"t\.csv: plot_id 'p3' has no photo.*p3\.jpg"):
+        check_plot_truth({"p1": [], "p2": [], "p3": []}, photos, truth_file="t.csv")
+    with pytest.raises(AnnotationError, match=r"p2\.jpg: plot 'p2' has no row in t\.csv"):
+        check_plot_truth({"p1": []}, photos, truth_file="t.csv")
+    with pytest.raises(AnnotationError, match=r"species='Carex nigrra'.*Did you mean "
+                                              r"'Carex nigra'"):
+        check_plot_truth({"p1": ["Carex nigrra"], "p2": []}, photos, TAX, truth_file="t.csv")
