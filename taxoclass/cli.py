@@ -456,16 +456,27 @@ def _thresholds(items: tuple[str, ...]) -> dict[str, float] | None:
                    "(model_best.pth.tar; then also --class-mapping and --species-table).")
 @click.argument("plots", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Report folder.")
-@click.option("--grid", "grids", multiple=True, default=("3",), show_default=True,
-              help="Tile grid, e.g. 4 or 2x3; repeat for several scales at once.")
-@click.option("--overlap", default=0.0, show_default=True,
-              help="Fraction of a tile shared with its neighbour.")
-@click.option("--rule", type=click.Choice(["max", "noisy_or", "mean", "argmax_union"]),
-              default="max", show_default=True,
+@click.option("--settings", "settings_file", type=click.Path(path_type=Path), default=None,
+              help="plot_settings.json written by `taxoclass calibrate-plots`: grids, overlap, "
+                   "rule and thresholds (and the learned rule) come from it. --grid, "
+                   "--overlap, --rule and --threshold given on the command line override it.")
+@click.option("--grid", "grids", multiple=True,
+              help="Tile grid, e.g. 4 or 2x3; repeat for several scales at once "
+                   "[default: 3, or the --settings file's grids].")
+@click.option("--overlap", type=float, default=None,
+              help="Fraction of a tile shared with its neighbour [default: 0, or the "
+                   "--settings file's].")
+@click.option("--rule", type=click.Choice(["max", "noisy_or", "mean", "argmax_union",
+                                           "learned"]),
+              default=None,
               help="How tile probabilities become plot-level finds (argmax_union = the "
-                   "PlantCLEF 2024 third-place baseline).")
+                   "PlantCLEF 2024 third-place baseline; learned = the logistic regression "
+                   "fitted by calibrate-plots, only with --settings) [default: max, or the "
+                   "--settings file's chosen rule].")
 @click.option("--threshold", "thresholds", multiple=True, metavar="RANK=P",
-              help="Per-rank threshold for the rule, e.g. --threshold species=0.4.")
+              help="Per-rank threshold for the rule, e.g. --threshold species=0.4 (other "
+                   "ranks keep the --settings file's calibrated value for the rule, else "
+                   "the rule's default).")
 @click.option("--checklist", type=click.Path(path_type=Path), default=None,
               help="Text file of taxa expected in the region (one name per line, any rank).")
 @click.option("--class-mapping", type=click.Path(path_type=Path), default=None,
@@ -482,8 +493,9 @@ def _thresholds(items: tuple[str, ...]) -> dict[str, float] | None:
 @click.option("--batch-size", default=32, show_default=True)
 @_engine_options
 @_device_option
-def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, grids: tuple[str, ...],
-                    overlap: float, rule: str, thresholds: tuple[str, ...],
+def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, settings_file: Path | None,
+                    grids: tuple[str, ...], overlap: float | None, rule: str | None,
+                    thresholds: tuple[str, ...],
                     checklist: Path | None, class_mapping: Path | None,
                     species_table: Path | None, backbone: str, model_kwargs: str | None,
                     plantclef_year: str, batch_size: int, engine: str,
@@ -503,8 +515,9 @@ def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, grids: tupl
         result = job(
             model, plots, out, class_mapping=class_mapping, species_table=species_table,
             backbone=backbone, model_kwargs=_json_option("--model-kwargs", model_kwargs),
-            checklist=checklist, batch_size=batch_size, progress=prog, grids=list(grids),
-            overlap=overlap, rule=rule, thresholds=_thresholds(thresholds),
+            checklist=checklist, batch_size=batch_size, progress=prog,
+            grids=list(grids) or None, overlap=overlap, rule=rule,
+            thresholds=_thresholds(thresholds), settings=settings_file,
             plantclef_year=int(plantclef_year))
     for plot_id, records in result.records.items():
         finds = ", ".join(f"{r.taxon} ({r.taxon_rank}, {r.score:.2f})" for r in records)
@@ -513,6 +526,63 @@ def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, grids: tupl
         click.echo(f"{len(result.failures)} photo(s) failed; see {out / 'failures.csv'}",
                    err=True)
     click.echo(f"report: {out / 'report.html'}")
+
+
+@main.command("calibrate-plots")
+@click.option("--model", type=click.Path(path_type=Path), required=True,
+              help="A model bundle folder, or a PlantCLEF 2024 checkpoint file "
+                   "(model_best.pth.tar; then also --class-mapping and --species-table).")
+@click.option("--truth", type=click.Path(path_type=Path), required=True,
+              help="CSV with plot_id (the photo's file stem) and species (one row per "
+                   "species, or ';'-separated); every photo needs rows.")
+@click.argument("plots", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for plot_settings.json, plot_calibration.csv, failures.csv.")
+@click.option("--grid", "grids", multiple=True,
+              help="Tile grid, e.g. 4 or 2x3; repeat for several scales at once "
+                   "[default: 2 and 4].")
+@click.option("--overlap", default=0.0, show_default=True,
+              help="Fraction of a tile shared with its neighbour.")
+@click.option("--class-mapping", type=click.Path(path_type=Path), default=None,
+              help="PlantCLEF class_mapping.txt (with a checkpoint --model).")
+@click.option("--species-table", type=click.Path(path_type=Path), default=None,
+              help="Species table with species_id, species, genus, family (with a checkpoint "
+                   "--model).")
+@click.option("--backbone", default="vit_base_patch14_reg4_dinov2", show_default=True,
+              help="Architecture of a checkpoint --model.")
+@click.option("--model-kwargs", default=None, metavar="JSON",
+              help="Extra timm.create_model arguments for a checkpoint --model.")
+@click.option("--batch-size", default=32, show_default=True)
+@_device_option
+def calibrate_plots_cmd(model: Path, truth: Path, plots: tuple[Path, ...], out: Path,
+                        grids: tuple[str, ...], overlap: float, class_mapping: Path | None,
+                        species_table: Path | None, backbone: str, model_kwargs: str | None,
+                        batch_size: int, device: str) -> None:
+    """Choose plot-report settings on plot photos (PLOTS: files or folders) whose species
+    are known: thresholds per rank for each rule, and a learned rule (logistic regression
+    on tile statistics); the rule with the best species macro F1 per plot is chosen.
+    Use the result with `taxoclass plot-report --settings OUT/plot_settings.json`.
+    """
+    from .workflows import calibrate_plots_job
+
+    with _progress("plots", "plot") as prog:
+        result = calibrate_plots_job(
+            model, plots, truth, out, grids=list(grids) or None, overlap=overlap,
+            class_mapping=class_mapping, species_table=species_table, backbone=backbone,
+            model_kwargs=_json_option("--model-kwargs", model_kwargs), batch_size=batch_size,
+            progress=prog, device=device)
+    settings = result.settings
+    with _wide_pandas():
+        click.echo(f"calibration on {settings.provenance['n_calibration_plots']} plots "
+                   "(macro F1 per plot; thresholds per rank):")
+        click.echo(settings.table().to_string(index=False))
+    th = ", ".join(f"{k}={v:g}" for k, v in settings.thresholds.items())
+    click.echo(f"chosen rule: {settings.rule} ({th}); grids {', '.join(settings.grids)}, "
+               f"overlap {settings.overlap:g}")
+    if result.failures:
+        click.echo(f"{len(result.failures)} photo(s) failed; see {out / 'failures.csv'}",
+                   err=True)
+    click.echo(f"wrote {result.files['settings']}")
 
 
 @main.command()

@@ -30,10 +30,11 @@ from . import __version__
 from .errors import ConfigError, ImageError
 from .fileio import atomic_write_csv, atomic_write_json, atomic_write_text
 from .images import load_image
-from .plots import RULES, UNKNOWN, PlotRecord, _thresholds, aggregate_plot, apply_checklist
+from .plot_calibration import PlotSettings, resolve_report_settings
+from .plots import UNKNOWN, PlotRecord, _thresholds, aggregate_plot, apply_checklist
 from .plots import tile_assignments as _tile_assignments
 from .provenance import write_provenance
-from .tiling import Tile, crop_tiles, make_tiles, parse_grid
+from .tiling import Tile, classify_plot, parse_grid, plot_ids
 
 __all__ = [
     "OUTPUT_FILES",
@@ -258,14 +259,7 @@ def render_html(plots: Sequence[PlotResult], failures: Sequence[Mapping[str, str
 
 
 # ---------------------------------------------------------------------- the job
-def _plot_ids(photos: Sequence[Path]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for p in photos:
-        stem = p.stem or p.name
-        seen[stem] = seen.get(stem, 0) + 1
-        out.append(stem if seen[stem] == 1 else f"{stem}__{seen[stem]}")
-    return out
+_plot_ids = plot_ids
 
 
 def _backbone_name(classifier: Any) -> str:
@@ -277,8 +271,9 @@ def _backbone_name(classifier: Any) -> str:
 
 
 def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Path, *,
-                grids: Sequence[Any] = (3,), overlap: float = 0.0, rule: str = "max",
-                thresholds: Mapping[str, float] | None = None,
+                grids: Sequence[Any] | None = None, overlap: float | None = None,
+                rule: str | None = None, thresholds: Mapping[str, float] | None = None,
+                settings: PlotSettings | str | Path | None = None,
                 checklist: Sequence[str] | None = None, outside_weight: float = 0.0,
                 flag_unknown: UnknownFlagger | None = None, min_tiles: int = 1,
                 top_k: int | None = None, min_tile_prob: float = 0.0,
@@ -288,20 +283,27 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
     """Tile, classify, aggregate and report every plot photo; write all outputs into ``out_dir``.
 
     ``classifier``: a :class:`~taxoclass.tiling.TileClassifier` (a trained bundle or the
-    PlantCLEF checkpoint). ``grids``/``overlap``: see :func:`~taxoclass.tiling.make_tiles`.
-    ``rule``/``thresholds``/``checklist``/``min_tiles``/``top_k``/``min_tile_prob``: see
-    :func:`~taxoclass.plots.aggregate_plot`. ``scale_weights``: weight of each grid's
-    tiles (``{"2x2": 0.5, "4x4": 1.0}``; grids not named weigh 1).
+    PlantCLEF checkpoint). ``grids``/``overlap``: see :func:`~taxoclass.tiling.make_tiles`
+    (default 3x3, no overlap). ``rule``/``thresholds``/``checklist``/``min_tiles``/
+    ``top_k``/``min_tile_prob``: see :func:`~taxoclass.plots.aggregate_plot` (default
+    ``max``). ``settings``: a :class:`~taxoclass.plot_calibration.PlotSettings` or its
+    ``plot_settings.json`` (``taxoclass calibrate-plots``): grids, overlap, rule and
+    thresholds come from it, and any of them given explicitly here overrides it; rule
+    ``"learned"`` needs it. The learned rule scores the non-flagged tiles of non-zero
+    weight; ``top_k``/``min_tile_prob`` do not change its scores. ``scale_weights``:
+    weight of each grid's tiles (``{"2x2": 0.5, "4x4": 1.0}``; grids not named weigh 1).
     ``flag_unknown(decoded) -> bool[n_tiles]`` marks outlier tiles (e.g. an outlier
     detector's labels; :meth:`~taxoclass.tiling.BundleTileClassifier.flag_unknown`). A
     photo that cannot be read is recorded in ``failures.csv`` and the other plots carry
     on. ``progress(done, total)`` is called after each plot.
     """
-    if rule not in RULES:
-        raise ConfigError(f"Unknown aggregation rule {rule!r}; expected one of {RULES}.")
+    resolved = resolve_report_settings(settings, grids=grids, overlap=overlap, rule=rule,
+                                       thresholds=thresholds)
+    rule, grids, overlap = resolved.rule, resolved.grids, resolved.overlap
+    learned = resolved.learned
     taxonomy = classifier.taxonomy
-    th = _thresholds(rule, taxonomy.ranks, thresholds)
-    grid_labels = [f"{r}x{c}" for r, c in (parse_grid(g) for g in grids)]
+    th = _thresholds(rule, taxonomy.ranks, resolved.thresholds)
+    grid_labels = list(grids)
     weights_by_scale = {}
     for g, w in (scale_weights or {}).items():
         r, c = parse_grid(g)
@@ -335,19 +337,19 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
             if progress:
                 progress(done, len(paths))
             continue
-        tiles = make_tiles(image.size, grids=grids, overlap=overlap, plot_id=plot_id)
-        decoded = classifier.predict_tiles(crop_tiles(image, tiles))
-        probs = decoded.probs
-        flags = (np.zeros(len(tiles), dtype=bool) if flag_unknown is None
-                 else np.asarray(flag_unknown(decoded), dtype=bool).reshape(len(tiles)))
+        pred = classify_plot(classifier, image, grids=grids, overlap=overlap, plot_id=plot_id,
+                             flag_unknown=flag_unknown)
+        tiles, probs, flags = pred.tiles, pred.probs, pred.unknown
         if checklist:
             probs, off_list = apply_checklist(probs, taxonomy, checklist,
                                               outside_weight=outside_weight)
             flags = flags | off_list
         weights = np.array([weights_by_scale.get(t.scale, 1.0) for t in tiles])
+        scores = (None if learned is None else
+                  learned.scores(probs, pred.scales, unknown=flags | (weights <= 0)))
         recs = aggregate_plot(probs, taxonomy, plot_id=plot_id, rule=rule, thresholds=th,
                               unknown=flags, weights=weights, min_tiles=min_tiles, top_k=top_k,
-                              min_tile_prob=min_tile_prob)
+                              min_tile_prob=min_tile_prob, scores=scores)
         if checklist:
             for r in recs:
                 if r.taxon_rank != UNKNOWN:
@@ -370,17 +372,18 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
     for pj in plot_json:
         for rec in pj["records"]:
             rec["taxon_id"] = taxon_ids.get(tuple(rec["node"]))
-    settings = {"rule": rule, "thresholds": th, "grids": grid_labels, "overlap": float(overlap),
-                "checklist": list(checklist) if checklist else None, "min_tiles": min_tiles,
-                "top_k": top_k, "min_tile_prob": float(min_tile_prob),
-                "scale_weights": weights_by_scale or None}
+    used = {"rule": rule, "thresholds": th, "grids": grid_labels, "overlap": float(overlap),
+            "checklist": list(checklist) if checklist else None, "min_tiles": min_tiles,
+            "top_k": top_k, "min_tile_prob": float(min_tile_prob),
+            "scale_weights": weights_by_scale or None, "settings_file": resolved.source,
+            "overridden": resolved.overridden}
     files = {k: out / v for k, v in OUTPUT_FILES.items()}
     atomic_write_csv(files["csv"], records_frame(records))
     atomic_write_json(files["json"], {
         "taxoclass_version": __version__,
         "classifier": {"kind": str(describe.get("kind", type(classifier).__name__)),
                        "backbone": backbone},
-        "settings": settings, "plots": plot_json, "failures": failures})
+        "settings": used, "plots": plot_json, "failures": failures})
     sub = plantclef_submission_frame(records, taxonomy, taxon_ids=taxon_ids, year=plantclef_year)
     atomic_write_text(files["plantclef"], sub.to_csv(index=False,
                                                      sep=";" if plantclef_year == 2024 else ","))
@@ -391,10 +394,11 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
     atomic_write_text(files["html"], render_html(
         plots, failures, taxonomy=taxonomy, title=f"taxoclass plot report ({len(plots)} plots)",
         settings={"rule": rule, "grids": ", ".join(grid_labels), "overlap": overlap,
-                  "backbone": backbone, **{f"threshold {k}": v for k, v in th.items()}}))
+                  "backbone": backbone, **{f"threshold {k}": v for k, v in th.items()},
+                  **({"settings file": resolved.source} if resolved.source else {})}))
     files["provenance"] = write_provenance(
         out, backbone=describe,
-        config={**settings, "photos": [str(p) for p in paths], "plantclef_year": plantclef_year,
+        config={**used, "photos": [str(p) for p in paths], "plantclef_year": plantclef_year,
                 "outside_weight": outside_weight},
         extra={"outputs": {k: v.name for k, v in files.items()}, "n_plots": len(records),
                "n_failures": len(failures)})

@@ -719,9 +719,13 @@ def plot_report_job(model: str | Path, photos: Sequence[str | Path], out: str | 
                     model_kwargs: dict | None = None, checklist: str | Path | None = None,
                     batch_size: int = 32, progress: Progress | None = None,
                     device: str = "auto", **settings):
-    """Rank-aware reports for plot photos (files or folders); see ``reports.plot_report``."""
+    """Rank-aware reports for plot photos (files or folders); see ``reports.plot_report``
+    (``settings=``: a plot_settings.json from :func:`calibrate_plots_job`)."""
+    from .plot_calibration import PlotSettings
     from .reports import plot_report
 
+    if settings.get("settings") is not None and not isinstance(settings["settings"], PlotSettings):
+        settings["settings"] = PlotSettings.load(settings["settings"])  # before the model loads
     classifier = load_tile_classifier(model, class_mapping=class_mapping,
                                       species_table=species_table, backbone=backbone,
                                       model_kwargs=model_kwargs, batch_size=batch_size,
@@ -751,6 +755,65 @@ def read_plot_truth(path: str | Path) -> dict[str, list[str]]:
     for plot_id, cell in zip(frame["plot_id"], frame["species"]):
         truth.setdefault(plot_id, []).extend(s.strip() for s in cell.split(";") if s.strip())
     return truth
+
+
+def calibrate_plots_job(model: str | Path, photos: Sequence[str | Path], truth: str | Path,
+                        out: str | Path, *, grids: Sequence[Any] | None = None,
+                        overlap: float = 0.0, class_mapping: str | Path | None = None,
+                        species_table: str | Path | None = None,
+                        backbone: str = "vit_base_patch14_reg4_dinov2",
+                        model_kwargs: dict | None = None, batch_size: int = 32,
+                        progress: Progress | None = None, device: str = "auto"):
+    """Plot settings from calibration photos with known species lists.
+
+    ``truth``: CSV with ``plot_id`` (photo file stem) and ``species`` (see
+    :func:`read_plot_truth`). Writes ``out/plot_settings.json``, ``out/plot_calibration.csv``
+    (F1 and thresholds per rule), ``out/failures.csv`` and provenance; returns the
+    :class:`~taxoclass.plot_calibration.CalibrationResult`.
+    """
+    import pandas as pd
+
+    from .fileio import atomic_write_csv
+    from .plot_calibration import (
+        DEFAULT_GRIDS,
+        SETTINGS_FILE,
+        TABLE_FILE,
+        calibrate_plots,
+        check_plot_truth,
+    )
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"Output folder {str(out)!r} is a file; pass a folder path.")
+    paths = collect_images(photos)
+    if not Path(truth).is_file():
+        raise AnnotationError(f"{truth}: no such truth file. Expected a CSV with columns "
+                              "plot_id and species.")
+    truth_table = read_plot_truth(truth)
+    check_plot_truth(truth_table, paths, truth_file=str(truth))  # before the model loads
+    classifier = load_tile_classifier(model, class_mapping=class_mapping,
+                                      species_table=species_table, backbone=backbone,
+                                      model_kwargs=model_kwargs, batch_size=batch_size,
+                                      device=device)
+    result = calibrate_plots(classifier, paths, truth_table, grids=grids or DEFAULT_GRIDS,
+                             overlap=overlap, flag_unknown=getattr(classifier, "flag_unknown",
+                                                                   None),
+                             progress=progress, model=model, truth_file=truth)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"settings": result.settings.save(out / SETTINGS_FILE),
+             "table": atomic_write_csv(out / TABLE_FILE, result.settings.table()),
+             "failures": atomic_write_csv(out / "failures.csv",
+                                          pd.DataFrame(result.failures,
+                                                       columns=["photo", "error"]))}
+    files["provenance"] = write_provenance(
+        out, backbone=classifier.describe(),
+        config={"model": str(model), "truth": str(truth), "photos": [str(p) for p in paths],
+                "grids": result.settings.grids, "overlap": result.settings.overlap},
+        extra={"outputs": {k: v.name for k, v in files.items()},
+               "n_plots": result.settings.provenance["n_calibration_plots"],
+               "n_failures": len(result.failures), "rule": result.settings.rule})
+    result.files = files
+    return result
 
 
 def evaluate_plots_job(records: str | Path, truth: str | Path, taxonomy_source: str | Path,

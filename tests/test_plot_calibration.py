@@ -1,4 +1,4 @@
-"""Plot calibration: thresholds per rule, the learned rule, settings files."""
+"""Plot calibration: thresholds per rule, the learned rule, settings files, the CLI."""
 
 from __future__ import annotations
 
@@ -7,19 +7,25 @@ from pathlib import Path
 
 import jsonschema
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
+from taxoclass.cli import main
 from taxoclass.decoding import decode_leaf_probabilities
 from taxoclass.errors import AnnotationError, ConfigError
 from taxoclass.plot_calibration import (
     CANDIDATE_THRESHOLDS,
     SETTINGS_FILE,
+    TABLE_FILE,
     LearnedPlotRule,
     PlotSettings,
     PlotTiles,
+    calibrate_plots,
     calibrate_rules,
     check_plot_truth,
     plot_records,
@@ -262,3 +268,141 @@ def test_truth_and_photos_must_match():
     with pytest.raises(AnnotationError, match=r"species='Carex nigrra'.*Did you mean "
                                               r"'Carex nigra'"):
         check_plot_truth({"p1": ["Carex nigrra"], "p2": []}, photos, TAX, truth_file="t.csv")
+
+
+# ---------------------------------------------------------------------- end to end
+SMALL = Taxonomy.from_records([
+    {"family": "Cyperaceae", "genus": "Carex", "species": "nigra"},
+    {"family": "Cyperaceae", "genus": "Carex", "species": "flacca"},
+    {"family": "Juncaceae", "genus": "Juncus", "species": "effusus"},
+    {"family": "Poaceae", "genus": "Poa", "species": "annua"},
+])
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(make_tile_classifier, tmp_path_factory) -> Path:
+    """A saved tiny bundle whose backbone weights travel with it (a checkpoint file)."""
+    clf = make_tile_classifier(SMALL, n=64, steps=20, batch_size=10, random_labels=True)
+    out = tmp_path_factory.mktemp("plot-cal-model")
+    torch.save(clf.backbone.model.state_dict(), out / "backbone.pth")
+    clf.bundle.backbone = {**clf.bundle.backbone, "checkpoint": str(out / "backbone.pth")}
+    clf.bundle.save(out / "model")
+    return out / "model"
+
+
+@pytest.fixture(scope="module")
+def plot_photos(tmp_path_factory) -> tuple[list[Path], Path]:
+    """Four small generated plot photos (coloured patches on soil) and their truth CSV."""
+    folder = tmp_path_factory.mktemp("plot-photos")
+    rng = np.random.default_rng(0)
+    photos = []
+    for i in range(4):
+        a = np.empty((96, 96, 3), dtype=np.uint8)
+        a[:] = (110, 80, 50)
+        for _ in range(3 + i):
+            y, x = rng.integers(0, 72, 2)
+            a[y:y + 24, x:x + 24] = rng.integers(0, 255, 3)
+        photos.append(folder / f"plot{i}.png")
+        Image.fromarray(a).save(photos[-1])
+    truth = folder / "truth.csv"
+    truth.write_text("plot_id,species\nplot0,Carex nigra\nplot1,Carex nigra;Poa annua\n"
+                     "plot2,Juncus effusus\nplot3,Carex flacca\nplot3,Poa annua\n")
+    return photos, truth
+
+
+def test_calibrate_plots_cli_then_plot_report_uses_the_settings(bundle_dir, plot_photos,
+                                                                 tmp_path, one_thread):
+    photos, truth = plot_photos
+    runner = CliRunner()
+    cal = tmp_path / "cal"
+    res = runner.invoke(main, ["calibrate-plots", "--model", str(bundle_dir), "--truth",
+                               str(truth), *map(str, photos), "--out", str(cal), "--grid", "2",
+                               "--grid", "3", "--overlap", "0.2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "chosen rule:" in res.output and "learned" in res.output
+    doc = json.loads((cal / SETTINGS_FILE).read_text())
+    jsonschema.validate(doc, json.loads((SCHEMAS / "plot_settings.schema.json").read_text()))
+    assert doc["grids"] == ["2x2", "3x3"] and doc["overlap"] == 0.2
+    prov = doc["provenance"]
+    assert prov["n_calibration_plots"] == 4 and prov["model"] == str(bundle_dir)
+    assert prov["backbone"] and prov["taxoclass_version"] and prov["created"]
+    table = pd.read_csv(cal / TABLE_FILE)
+    assert table["rule"].tolist() == ["argmax_union", "max", "mean", "noisy_or", "learned"]
+    assert table["chosen"].sum() == 1 and table.loc[table["chosen"], "rule"].item() == doc["rule"]
+    assert {"species_f1", "genus_f1", "species_threshold"} <= set(table.columns)
+
+    schema = json.loads((SCHEMAS / "plot_report.schema.json").read_text())
+    for extra, rule in (([], doc["rule"]), (["--rule", "learned"], "learned"),
+                        (["--rule", "max", "--threshold", "species=0.33"], "max")):
+        rep = tmp_path / f"rep-{rule}-{len(extra)}"
+        res = runner.invoke(main, ["plot-report", "--model", str(bundle_dir), *map(str, photos),
+                                   "--out", str(rep), "--settings", str(cal / SETTINGS_FILE),
+                                   "--device", "cpu", *extra])
+        assert res.exit_code == 0, res.output
+        rj = json.loads((rep / "plot_records.json").read_text())
+        jsonschema.validate(rj, schema)
+        used = rj["settings"]
+        assert used["settings_file"] == str(cal / SETTINGS_FILE)
+        assert used["rule"] == rule and used["grids"] == ["2x2", "3x3"] and used["overlap"] == 0.2
+        calibrated_th = next(r["thresholds"] for r in doc["calibration"] if r["rule"] == rule)
+        expected = {**calibrated_th, **({"species": 0.33} if rule == "max" else {})}
+        assert used["thresholds"] == pytest.approx(expected)
+        assert used["overridden"] == (["rule", "thresholds"] if rule == "max" else
+                                      ["rule"] if extra else [])
+        assert rj["plots"][0]["n_tiles"] == 4 + 9
+        reasons = {r["reason"].split("+")[0] for p in rj["plots"] for r in p["records"]}
+        assert reasons <= {rule, "outlier"}
+        prov = json.loads((rep / "provenance.json").read_text())
+        assert prov["config"]["settings_file"] == str(cal / SETTINGS_FILE)
+
+
+def test_calibrate_plots_library_reports_unreadable_photos(bundle_dir, plot_photos, tmp_path,
+                                                           one_thread):
+    from taxoclass.tiling import BundleTileClassifier
+
+    photos, _ = plot_photos
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    clf = BundleTileClassifier.load(bundle_dir, batch_size=10)
+    calls = []
+    truth = {"plot0": ["Carex nigra"], "plot1": ["Poa annua"], "broken": ["Carex flacca"]}
+    res = calibrate_plots(clf, [photos[0], bad, photos[1]], truth, grids=(2,),
+                          progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    assert [f["photo"] for f in res.failures] == [str(bad)]
+    assert set(res.predictions.plots) == {"plot0", "plot1"}
+    assert res.settings.provenance["n_calibration_plots"] == 2
+    assert res.settings.provenance["n_failures"] == 1
+
+
+@pytest.mark.parametrize("truth_text,message", [
+    ("plot_id,species\nplot0,Carex nigra\nplot1,Poa annua\nplot9,Poa annua\n",
+     r"truth\.csv: plot_id 'plot9' has no photo"),
+    ("plot_id,species\nplot0,Carex nigra\n",
+     r"plot1\.png: plot 'plot1' has no row in .*truth\.csv"),
+    ("plot_id,species\nplot0,Carex nigra\nplot1,Poa anua\n",
+     r"truth\.csv: record plot_id='plot1', species='Poa anua'.* not in the model's taxonomy"
+     r".*Did you mean 'Poa annua'"),
+])
+def test_calibrate_plots_cli_names_truth_problems(bundle_dir, plot_photos, tmp_path, truth_text,
+                                                  message):
+    photos, _ = plot_photos
+    truth = tmp_path / "truth.csv"
+    truth.write_text(truth_text)
+    res = CliRunner().invoke(main, ["calibrate-plots", "--model", str(bundle_dir), "--truth",
+                                    str(truth), *map(str, photos[:2]), "--out",
+                                    str(tmp_path / "cal"), "--device", "cpu"])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("Error: ")
+    import re
+
+    assert re.search(message, " ".join(res.output.split())), res.output
+    assert not (tmp_path / "cal" / SETTINGS_FILE).exists()
+
+
+def test_plot_report_rule_learned_needs_settings(bundle_dir, plot_photos, tmp_path):
+    photos, _ = plot_photos
+    res = CliRunner().invoke(main, ["plot-report", "--model", str(bundle_dir), str(photos[0]),
+                                    "--out", str(tmp_path / "rep"), "--rule", "learned",
+                                    "--device", "cpu"])
+    assert res.exit_code == 2 and "needs its fitted parameters" in res.output, res.output

@@ -6,6 +6,8 @@ one corrupt file. One SparkSession serves the whole module.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -156,3 +158,28 @@ def test_get_engine_names_and_options(spark):
         get_engine("dask")
     with pytest.raises(ConfigError, match="master"):
         get_engine("local", master="local[2]")
+
+
+def test_plot_report_with_settings_file_matches_local(spark, data):
+    """A plot_settings.json sets the executors' grids and overlap and the driver's rule."""
+    from taxoclass.engines.spark import spark_plot_report
+    from taxoclass.plot_calibration import calibrate_plots
+    from taxoclass.tiling import BundleTileClassifier
+    from taxoclass.workflows import plot_report_job
+
+    photos = data["paths"][3:7]
+    clf = BundleTileClassifier.load(data["bundle"], batch_size=8)
+    names = [clf.taxonomy.label(n) for n in clf.taxonomy.nodes("species")]
+    truth = {p.stem: names[i % 2:i % 2 + 2] for i, p in enumerate(photos)}
+    cal = calibrate_plots(clf, photos, truth, grids=(2, 3), overlap=0.1)
+    path = cal.settings.save(data["tmp"] / "cal")
+    local = plot_report_job(data["bundle"], photos, data["tmp"] / "rep_set_local",
+                            batch_size=8, settings=path, rule="learned")
+    res = spark_plot_report(data["bundle"], photos, data["tmp"] / "rep_set_spark", spark=spark,
+                            batch_size=8, settings=path, rule="learned")
+    pd.testing.assert_frame_equal(pd.read_csv(res.files["csv"]),
+                                  pd.read_csv(local.files["csv"]), atol=1e-5)
+    doc = json.loads(res.files["json"].read_text())
+    assert doc["settings"]["grids"] == ["2x2", "3x3"] and doc["settings"]["overlap"] == 0.1
+    assert doc["settings"]["rule"] == "learned" and doc["settings"]["settings_file"] == str(path)
+    assert doc["plots"][0]["n_tiles"] == 4 + 9

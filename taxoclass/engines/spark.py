@@ -639,26 +639,31 @@ def spark_plot_report(model: str | Path, photos: Sequence[str | Path], out: str 
                       species_table: str | Path | None = None,
                       backbone: str = "vit_base_patch14_reg4_dinov2",
                       model_kwargs: dict | None = None, checklist: str | Path | None = None,
-                      batch_size: int = 32, grids: Sequence[Any] = (3,), overlap: float = 0.0,
-                      overwrite: bool = False, spark: SparkSession | None = None,
+                      batch_size: int = 32, grids: Sequence[Any] | None = None,
+                      overlap: float | None = None, overwrite: bool = False,
+                      spark: SparkSession | None = None,
                       progress: Progress | None = None, **settings: Any):
     """:func:`taxoclass.workflows.plot_report_job` on Spark: one plot per task by default.
 
     Executors tile, embed and decode their plots (``out/plot_tiles.parquet/``; plots
     already there are skipped on a rerun); the driver aggregates and writes every report
     file with :func:`taxoclass.reports.plot_report`. ``settings``: rule, thresholds,
+    settings (a plot_settings.json; its grids and overlap apply unless given),
     outside_weight, min_tiles, plantclef_year, thumbnail_px. Returns the
     :class:`~taxoclass.reports.PlotReportResult`.
     """
+    from ..plot_calibration import resolve_report_settings
     from ..reports import plot_report
-    from ..tiling import parse_grid
     from ..workflows import collect_images
 
     model = Path(model)
     taxonomy, taxon_ids = _driver_taxonomy(model, class_mapping, species_table)
-    grid_list = [f"{r}x{c}" for r, c in (parse_grid(g) for g in grids)]
-    if not 0.0 <= float(overlap) < 1.0:
-        raise ConfigError(f"Tile overlap must be a fraction in [0, 1), got {overlap}.")
+    resolved = resolve_report_settings(settings.get("settings"), grids=grids, overlap=overlap,
+                                       rule=settings.get("rule"),
+                                       thresholds=settings.get("thresholds"))
+    grid_list, tile_overlap = resolved.grids, resolved.overlap
+    if not 0.0 <= tile_overlap < 1.0:
+        raise ConfigError(f"Tile overlap must be a fraction in [0, 1), got {tile_overlap}.")
     paths = [str(p) for p in collect_images(photos)]
     root = Path(out)
     parquet = root / TILES_PARQUET
@@ -668,7 +673,7 @@ def spark_plot_report(model: str | Path, photos: Sequence[str | Path], out: str 
             "backbone": backbone, "model_kwargs": model_kwargs, "batch_size": batch_size}
     manifest = {"format": "taxoclass-spark-plot-tiles", "format_version": SPARK_FORMAT_VERSION,
                 "engine": "spark", "classifier": args, "model": _file_stamp(model),
-                "grids": grid_list, "overlap": float(overlap)}
+                "grids": grid_list, "overlap": tile_overlap}
     if overwrite:
         _clear(root, [TILES_PARQUET, MANIFEST])
     _check_manifest(root, manifest, ["format_version", "classifier", "model", "grids",
@@ -681,7 +686,7 @@ def spark_plot_report(model: str | Path, photos: Sequence[str | Path], out: str 
     done = _done_keys(parquet, "photo")
     todo = [(k, p) for k, p in enumerate(unique) if p not in done]
     if todo:
-        run = _plots_partition(args, grid_list, float(overlap), _task_threads(session))
+        run = _plots_partition(args, grid_list, tile_overlap, _task_threads(session))
         frame = _rows_frame(session, todo, "order long, photo string",
                             partitions or len(todo))
         frame.mapInPandas(run, TILES_SCHEMA).write.mode("append").parquet(str(parquet))
