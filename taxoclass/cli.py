@@ -458,8 +458,9 @@ def _thresholds(items: tuple[str, ...]) -> dict[str, float] | None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Report folder.")
 @click.option("--settings", "settings_file", type=click.Path(path_type=Path), default=None,
               help="plot_settings.json written by `taxoclass calibrate-plots`: grids, overlap, "
-                   "rule and thresholds (and the learned rule) come from it. --grid, "
-                   "--overlap, --rule and --threshold given on the command line override it.")
+                   "rule, the rule's thresholds and tile settings (and the learned rule) come "
+                   "from it. --grid, --overlap, --rule, --threshold, --top-k, "
+                   "--min-tile-prob and --min-tiles given on the command line override it.")
 @click.option("--grid", "grids", multiple=True,
               help="Tile grid, e.g. 4 or 2x3; repeat for several scales at once "
                    "[default: 3, or the --settings file's grids].")
@@ -477,6 +478,16 @@ def _thresholds(items: tuple[str, ...]) -> dict[str, float] | None:
               help="Per-rank threshold for the rule, e.g. --threshold species=0.4 (other "
                    "ranks keep the --settings file's calibrated value for the rule, else "
                    "the rule's default).")
+@click.option("--top-k", "top_k", type=click.IntRange(min=0), default=None,
+              help="Each tile keeps only its K most probable classes, so many small "
+                   "probabilities cannot add up under noisy_or/mean; 0: every class "
+                   "[default: every class, or the --settings file's value for the rule].")
+@click.option("--min-tile-prob", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Tiles whose best species probability is below this give no evidence "
+                   "[default: 0, or the --settings file's value for the rule].")
+@click.option("--min-tiles", type=click.IntRange(min=1), default=None,
+              help="Tiles that must support a find [default: 1, or the --settings file's "
+                   "value for the rule].")
 @click.option("--checklist", type=click.Path(path_type=Path), default=None,
               help="Text file of taxa expected in the region (one name per line, any rank).")
 @click.option("--class-mapping", type=click.Path(path_type=Path), default=None,
@@ -495,7 +506,8 @@ def _thresholds(items: tuple[str, ...]) -> dict[str, float] | None:
 @_device_option
 def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, settings_file: Path | None,
                     grids: tuple[str, ...], overlap: float | None, rule: str | None,
-                    thresholds: tuple[str, ...],
+                    thresholds: tuple[str, ...], top_k: int | None,
+                    min_tile_prob: float | None, min_tiles: int | None,
                     checklist: Path | None, class_mapping: Path | None,
                     species_table: Path | None, backbone: str, model_kwargs: str | None,
                     plantclef_year: str, batch_size: int, engine: str,
@@ -517,7 +529,8 @@ def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, settings_fi
             backbone=backbone, model_kwargs=_json_option("--model-kwargs", model_kwargs),
             checklist=checklist, batch_size=batch_size, progress=prog,
             grids=list(grids) or None, overlap=overlap, rule=rule,
-            thresholds=_thresholds(thresholds), settings=settings_file,
+            thresholds=_thresholds(thresholds), settings=settings_file, top_k=top_k,
+            min_tile_prob=min_tile_prob, min_tiles=min_tiles,
             plantclef_year=int(plantclef_year))
     for plot_id, records in result.records.items():
         finds = ", ".join(f"{r.taxon} ({r.taxon_rank}, {r.score:.2f})" for r in records)
@@ -559,8 +572,10 @@ def calibrate_plots_cmd(model: Path, truth: Path, plots: tuple[Path, ...], out: 
                         species_table: Path | None, backbone: str, model_kwargs: str | None,
                         batch_size: int, device: str) -> None:
     """Choose plot-report settings on plot photos (PLOTS: files or folders) whose species
-    are known: thresholds per rank for each rule, and a learned rule (logistic regression
-    on tile statistics); the rule with the best species macro F1 per plot is chosen.
+    are known: thresholds per rank and tile settings (top-k, tile gate, supporting tiles)
+    for each rule, scored on these plots, and a learned rule (logistic regression on tile
+    statistics) scored out-of-fold; the rule with the best species macro F1 per plot is
+    chosen.
     Use the result with `taxoclass plot-report --settings OUT/plot_settings.json`.
     """
     from .workflows import calibrate_plots_job
@@ -574,11 +589,14 @@ def calibrate_plots_cmd(model: Path, truth: Path, plots: tuple[Path, ...], out: 
     settings = result.settings
     with _wide_pandas():
         click.echo(f"calibration on {settings.provenance['n_calibration_plots']} plots "
-                   "(macro F1 per plot; thresholds per rank):")
+                   "(macro F1 per plot, measured as 'evaluation' says; thresholds per "
+                   "rank; tile settings):")
         click.echo(settings.table().to_string(index=False))
     th = ", ".join(f"{k}={v:g}" for k, v in settings.thresholds.items())
-    click.echo(f"chosen rule: {settings.rule} ({th}); grids {', '.join(settings.grids)}, "
-               f"overlap {settings.overlap:g}")
+    tiles = settings.tiles
+    click.echo(f"chosen rule: {settings.rule} ({th}; top_k={tiles.top_k or 'all'}, "
+               f"min_tile_prob={tiles.min_tile_prob:g}, min_tiles={tiles.min_tiles}); "
+               f"grids {', '.join(settings.grids)}, overlap {settings.overlap:g}")
     if result.failures:
         click.echo(f"{len(result.failures)} photo(s) failed; see {out / 'failures.csv'}",
                    err=True)

@@ -275,8 +275,8 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
                 rule: str | None = None, thresholds: Mapping[str, float] | None = None,
                 settings: PlotSettings | str | Path | None = None,
                 checklist: Sequence[str] | None = None, outside_weight: float = 0.0,
-                flag_unknown: UnknownFlagger | None = None, min_tiles: int = 1,
-                top_k: int | None = None, min_tile_prob: float = 0.0,
+                flag_unknown: UnknownFlagger | None = None, min_tiles: int | None = None,
+                top_k: int | None = None, min_tile_prob: float | None = None,
                 scale_weights: Mapping[str, float] | None = None,
                 plantclef_year: int = 2024, thumbnail_px: int = 640,
                 overwrite: bool = True, progress: Progress | None = None) -> PlotReportResult:
@@ -286,9 +286,11 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
     PlantCLEF checkpoint). ``grids``/``overlap``: see :func:`~taxoclass.tiling.make_tiles`
     (default 3x3, no overlap). ``rule``/``thresholds``/``checklist``/``min_tiles``/
     ``top_k``/``min_tile_prob``: see :func:`~taxoclass.plots.aggregate_plot` (default
-    ``max``). ``settings``: a :class:`~taxoclass.plot_calibration.PlotSettings` or its
-    ``plot_settings.json`` (``taxoclass calibrate-plots``): grids, overlap, rule and
-    thresholds come from it, and any of them given explicitly here overrides it; rule
+    ``max``, every class, no tile gate, one supporting tile; ``top_k=0``: every class).
+    ``settings``: a :class:`~taxoclass.plot_calibration.PlotSettings` or its
+    ``plot_settings.json`` (``taxoclass calibrate-plots``): grids, overlap, rule, and the
+    rule's calibrated thresholds and tile settings (``top_k``, ``min_tile_prob``,
+    ``min_tiles``) come from it, and any of them given explicitly here overrides it; rule
     ``"learned"`` needs it. The learned rule scores the non-flagged tiles of non-zero
     weight; ``top_k``/``min_tile_prob`` do not change its scores. ``scale_weights``:
     weight of each grid's tiles (``{"2x2": 0.5, "4x4": 1.0}``; grids not named weigh 1).
@@ -298,8 +300,11 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
     on. ``progress(done, total)`` is called after each plot.
     """
     resolved = resolve_report_settings(settings, grids=grids, overlap=overlap, rule=rule,
-                                       thresholds=thresholds)
+                                       thresholds=thresholds, top_k=top_k,
+                                       min_tile_prob=min_tile_prob, min_tiles=min_tiles)
     rule, grids, overlap = resolved.rule, resolved.grids, resolved.overlap
+    top_k, min_tile_prob, min_tiles = (resolved.top_k, resolved.min_tile_prob,
+                                       resolved.min_tiles)
     learned = resolved.learned
     taxonomy = classifier.taxonomy
     th = _thresholds(rule, taxonomy.ranks, resolved.thresholds)
@@ -395,6 +400,9 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
         plots, failures, taxonomy=taxonomy, title=f"taxoclass plot report ({len(plots)} plots)",
         settings={"rule": rule, "grids": ", ".join(grid_labels), "overlap": overlap,
                   "backbone": backbone, **{f"threshold {k}": v for k, v in th.items()},
+                  **({"top_k": top_k} if top_k is not None else {}),
+                  **({"min_tile_prob": min_tile_prob} if min_tile_prob > 0 else {}),
+                  **({"min_tiles": min_tiles} if min_tiles != 1 else {}),
                   **({"settings file": resolved.source} if resolved.source else {})}))
     files["provenance"] = write_provenance(
         out, backbone=describe,

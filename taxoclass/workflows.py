@@ -811,7 +811,8 @@ def calibrate_plots_job(model: str | Path, photos: Sequence[str | Path], truth: 
                 "grids": result.settings.grids, "overlap": result.settings.overlap},
         extra={"outputs": {k: v.name for k, v in files.items()},
                "n_plots": result.settings.provenance["n_calibration_plots"],
-               "n_failures": len(result.failures), "rule": result.settings.rule})
+               "n_failures": len(result.failures), "rule": result.settings.rule,
+               "tiles": result.settings.tiles.to_dict()})
     result.files = files
     return result
 

@@ -1,4 +1,5 @@
-"""Plot calibration: thresholds per rule, the learned rule, settings files, the CLI."""
+"""Plot calibration: thresholds and tile settings per rule, the learned rule (scored
+out-of-fold), settings files, the CLI."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ from taxoclass.plot_calibration import (
     LearnedPlotRule,
     PlotSettings,
     PlotTiles,
+    TileSettings,
+    _species_f1,
+    _tile_options,
     calibrate_plots,
     calibrate_rules,
     check_plot_truth,
@@ -33,6 +37,7 @@ from taxoclass.plot_calibration import (
 )
 from taxoclass.plot_eval import evaluate_plots
 from taxoclass.plots import LEARNED, RULES, aggregate_plot
+from taxoclass.reports import plot_report
 from taxoclass.taxonomy import Taxonomy
 
 torch.set_num_threads(1)
@@ -92,6 +97,35 @@ def peaked_plots(n: int, seed: int) -> tuple[dict[str, PlotTiles], dict[str, lis
     return plots, truth
 
 
+def confuser_plots(n: int, seed: int) -> tuple[dict[str, PlotTiles], dict[str, list[str]]]:
+    """One true species, first in 12 of 20 tiles (~0.45); a confuser second in 16 tiles
+    (0.40), so its mean beats the true species' unless each tile keeps only its best
+    class (``top_k=1``); a false species sure (0.85) in 4 tiles, which defeats ``max``,
+    ``argmax_union`` (even with ``min_tiles=3``) and ``noisy_or``, not ``mean``."""
+    rng = np.random.default_rng(seed)
+    k = TAX.n_classes("species")
+    scales = np.array(["2x2"] * 4 + ["4x4"] * 16)
+    plots, truth = {}, {}
+    for i in range(n):
+        true, spike, confuser, *others = (TAX.index(NAMED[j]) for j in
+                                          rng.choice(len(NAMED), 7, replace=False))
+        rows = rng.dirichlet(np.ones(k), size=len(scales)) * 0.1
+        for tile, role in enumerate(rng.permutation(np.repeat([0, 1, 2], [12, 4, 4]))):
+            if role == 1:
+                rows[tile, spike] += 0.85
+            else:
+                rows[tile, true if role == 0 else others[tile % 4]] += rng.uniform(0.43, 0.47)
+                rows[tile, confuser] += 0.40
+        rows /= rows.sum(axis=1, keepdims=True)
+        probs = decode_leaf_probabilities(rows, TAX).probs
+        pid = f"c{seed}-{i}"
+        plots[pid] = PlotTiles(pid, f"{pid}.png", scales,
+                               {r: np.asarray(a, dtype=np.float64) for r, a in probs.items()},
+                               np.zeros(len(scales), dtype=bool))
+        truth[pid] = [TAX.label(TAX.node("species", true))]
+    return plots, truth
+
+
 @pytest.fixture(scope="module")
 def calibrated():
     cal, cal_truth = synthetic_plots(30, seed=0)
@@ -104,8 +138,9 @@ def calibrated_peaked():
     return cal, cal_truth, calibrate_rules(cal, cal_truth, TAX, grids=GRIDS)
 
 
-def species_f1(plots, truth, rule, thresholds, learned=None) -> float:
-    recs = plot_records(plots, TAX, rule=rule, thresholds=thresholds, learned=learned)
+def species_f1(plots, truth, rule, thresholds, learned=None, tiles=None, scores=None) -> float:
+    recs = plot_records(plots, TAX, rule=rule, thresholds=thresholds, learned=learned,
+                        tiles=tiles, scores=scores)
     return evaluate_plots(recs, truth, TAX)["species"]["macro_f1_per_plot"]
 
 
@@ -119,7 +154,9 @@ def test_learned_rule_beats_max_on_spread_evidence(calibrated):
     assert learned >= 0.9
     assert learned >= best_max + 0.15
     table = s.table().set_index("rule")
-    assert table.loc[LEARNED, "species_f1"] > table.loc["max", "species_f1"] + 0.15
+    # calibrated, max needs several supporting tiles and so drops the one spiky tile
+    assert table.loc["max", "min_tiles"] > 1
+    assert table.loc[LEARNED, "species_f1"] >= table.loc["max", "species_f1"]
     assert s.rule in ("mean", LEARNED) and table.loc[s.rule, "chosen"]
     assert table["chosen"].sum() == 1
 
@@ -127,21 +164,158 @@ def test_learned_rule_beats_max_on_spread_evidence(calibrated):
 @pytest.mark.parametrize("data", ["calibrated", "calibrated_peaked"])
 @pytest.mark.parametrize("rule", [*RULES, LEARNED])
 def test_chosen_thresholds_are_the_best_aggregate_plot_can_do(request, data, rule):
-    """The numpy sweep picks what aggregate_plot itself scores best (species, then genus)."""
+    """The numpy sweep picks what aggregate_plot itself scores best (species threshold and
+    tile settings, then genus); the learned rule on its out-of-fold scores."""
     cal, truth, s = request.getfixturevalue(data)
-    th = s.thresholds_for(rule)
+    th, tiles = s.thresholds_for(rule), s.tiles_for(rule)
+    scores = s.learned.oof_scores_ if rule == LEARNED else None
     row = next(r for r in s.calibration if r["rule"] == rule)
-    ev = evaluate_plots(plot_records(cal, TAX, rule=rule, thresholds=th, learned=s.learned),
-                        truth, TAX)
+    ev = evaluate_plots(plot_records(cal, TAX, rule=rule, thresholds=th, learned=s.learned,
+                                     tiles=tiles, scores=scores), truth, TAX)
     assert row["macro_f1_per_plot"] == {r: pytest.approx(ev[r]["macro_f1_per_plot"])
                                         for r in TAX.ranks}
-    for t in CANDIDATE_THRESHOLDS[::3]:
-        assert species_f1(cal, truth, rule, {**th, "species": t}, s.learned) <= \
-            row["macro_f1_per_plot"]["species"] + 1e-9
+    for opt in _tile_options(rule):
+        for t in CANDIDATE_THRESHOLDS[::3 if opt == tiles else 12]:
+            assert species_f1(cal, truth, rule, {**th, "species": t}, s.learned, opt,
+                              scores) <= row["macro_f1_per_plot"]["species"] + 1e-9
     for t in CANDIDATE_THRESHOLDS[::6]:
         ev = evaluate_plots(plot_records(cal, TAX, rule=rule, thresholds={**th, "genus": t},
-                                         learned=s.learned), truth, TAX)
+                                         learned=s.learned, tiles=tiles, scores=scores),
+                            truth, TAX)
         assert ev["genus"]["macro_f1_per_plot"] <= row["macro_f1_per_plot"]["genus"] + 1e-9
+
+
+@pytest.mark.parametrize("data", ["calibrated", "calibrated_peaked"])
+@pytest.mark.parametrize("rule", [*RULES, LEARNED])
+def test_sweep_matches_aggregate_plot_for_every_tile_setting(request, data, rule):
+    """Species F1 of the numpy sweep at every searched top_k / min_tile_prob / min_tiles
+    equals aggregate_plot's (the peaked plots have flagged tiles; the spread ones tiles
+    under the tile gate)."""
+    cal, truth, s = request.getfixturevalue(data)
+    ids = list(cal)[:12]
+    cal, truth = {p: cal[p] for p in ids}, {p: truth[p] for p in ids}
+    scores = s.learned.oof_scores_ if rule == LEARNED else None
+    options = _tile_options(rule)
+    assert len(options) == {"noisy_or": 27, "mean": 27, LEARNED: 1}.get(rule, 3)
+    assert options[0] == TileSettings()
+    for opt in options:
+        curve = _species_f1(cal, truth, TAX, rule, opt, scores=scores)
+        for i in range(0, len(CANDIDATE_THRESHOLDS), 9):
+            assert curve[i] == pytest.approx(species_f1(
+                cal, truth, rule, {"species": float(CANDIDATE_THRESHOLDS[i])}, s.learned, opt,
+                scores)), (opt, CANDIDATE_THRESHOLDS[i])
+
+
+def test_learned_rule_is_scored_out_of_fold(calibrated_peaked):
+    """On noisy plots (species lists unrelated to the tiles) the learned rule's in-sample
+    F1 flatters it; its reported F1 comes from plots each fold's model did not see."""
+    cal, truth, s = calibrated_peaked
+    inside = calibrate_rules(cal, truth, TAX, grids=GRIDS, folds=1)
+    table, table_in = s.table().set_index("rule"), inside.table().set_index("rule")
+    assert table.loc[LEARNED, "evaluation"] == "out-of-fold (k=5)"
+    assert table_in.loc[LEARNED, "evaluation"] == "in-sample"
+    assert set(table.drop(index=LEARNED)["evaluation"]) == {"in-sample"}
+    assert table.loc[LEARNED, "species_f1"] < table_in.loc[LEARNED, "species_f1"]
+    # the model kept is fitted on every plot either way; only thresholds and F1 differ
+    for r in TAX.ranks:
+        np.testing.assert_allclose(s.learned.coef_[r], inside.learned.coef_[r])
+    pid = next(iter(cal))
+    full = s.learned.scores(cal[pid].probs, cal[pid].scales, cal[pid].unknown)
+    assert not np.allclose(full["species"], s.learned.oof_scores_[pid]["species"])
+    doc = s.to_dict()
+    assert doc["learned"]["evaluation"] == "out-of-fold (k=5)" and doc["learned"]["folds"] == 5
+    assert next(r for r in doc["calibration"] if r["rule"] == LEARNED)["evaluation"] == \
+        "out-of-fold (k=5)"
+    # the same seed gives the same folds
+    again = calibrate_rules(cal, truth, TAX, grids=GRIDS)
+    assert again.table()["species_f1"].tolist() == s.table()["species_f1"].tolist()
+
+
+@pytest.mark.parametrize("n,evaluation", [
+    (3, "out-of-fold (k=3: only 3 plots)"),
+    (1, "in-sample (out-of-fold needs 2 plots or more)")])
+def test_few_plots_say_how_the_learned_rule_was_scored(n, evaluation):
+    plots, truth = synthetic_plots(n, seed=4)
+    s = calibrate_rules(plots, truth, TAX, grids=GRIDS)
+    table = s.table().set_index("rule")
+    assert table.loc[LEARNED, "evaluation"] == evaluation
+    assert s.learned.evaluation_ == evaluation
+
+
+class ReplayTiles:
+    """A tile classifier that hands back known tile probabilities, one plot per photo."""
+
+    def __init__(self, plots):
+        self.taxonomy = TAX
+        self._plots = list(plots)
+
+    def predict_tiles(self, images):
+        tp = self._plots.pop(0)
+        assert len(images) == len(tp.scales)
+        return decode_leaf_probabilities(tp.probs["species"], TAX)
+
+    def describe(self):
+        return {"kind": "replay"}
+
+
+def test_mean_with_top_k_1_is_calibrated_and_applied(tmp_path):
+    cal, truth = confuser_plots(16, seed=0)
+    s = calibrate_rules(cal, truth, TAX, grids=GRIDS)
+    table = s.table().set_index("rule")
+    th, tiles = s.thresholds_for("mean"), s.tiles_for("mean")
+    assert s.rule == "mean" and tiles.top_k == 1 and table.loc["mean", "top_k"] == 1
+    without = max(species_f1(cal, truth, "mean", {**th, "species": float(t)},
+                             tiles=TileSettings(None, tiles.min_tile_prob, tiles.min_tiles))
+                  for t in CANDIDATE_THRESHOLDS)
+    assert table.loc["mean", "species_f1"] == 1.0 > without + 0.2
+    assert table.drop(index=["mean", LEARNED])["species_f1"].max() < 0.9
+    path = s.save(tmp_path / "cal")
+    assert json.loads(path.read_text())["tiles"]["top_k"] == 1
+
+    photos = []
+    for pid in cal:
+        photos.append(tmp_path / f"{pid}.png")
+        Image.new("RGB", (64, 64), (90, 120, 60)).save(photos[-1])
+    schema = json.loads((SCHEMAS / "plot_report.schema.json").read_text())
+    expected = plot_records(cal, TAX, rule="mean", thresholds=th, tiles=tiles)
+    for extra, top_k, overridden in (({}, 1, []), ({"top_k": 0}, None, ["top_k"])):
+        out = tmp_path / f"rep{len(extra)}"
+        res = plot_report(ReplayTiles(cal.values()), photos, out, settings=path, **extra)
+        doc = json.loads((out / "plot_records.json").read_text())
+        jsonschema.validate(doc, schema)
+        used = doc["settings"]
+        assert (used["rule"], used["top_k"], used["min_tile_prob"], used["min_tiles"]) == \
+            ("mean", top_k, tiles.min_tile_prob, tiles.min_tiles)
+        assert used["overridden"] == overridden
+        if top_k == 1:
+            assert {p: [r.to_dict() for r in v] for p, v in res.records.items()} == \
+                {p: [r.to_dict() for r in v] for p, v in expected.items()}
+            assert evaluate_plots(res.records, truth, TAX)["species"]["macro_f1_per_plot"] == 1.0
+        else:
+            assert evaluate_plots(res.records, truth, TAX)["species"]["macro_f1_per_plot"] < 0.9
+
+
+def test_settings_without_tile_settings_or_evaluation_still_load(calibrated, tmp_path):
+    """plot_settings.json written before tile settings and out-of-fold scoring."""
+    _, _, s = calibrated
+    doc = s.to_dict()
+    del doc["tiles"]
+    for row in doc["calibration"]:
+        del row["tiles"], row["evaluation"]
+    for key in ("evaluation", "folds", "seed"):
+        del doc["learned"][key]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(doc))
+    old = PlotSettings.load(path)
+    assert all(old.tiles_for(r) == TileSettings() for r in (*RULES, LEARNED))
+    assert old.tiles == TileSettings()
+    assert set(old.table()["evaluation"]) == {"in-sample"}
+    assert old.learned.evaluation_ == "in-sample"
+    r = resolve_report_settings(path)
+    assert (r.rule, r.top_k, r.min_tile_prob, r.min_tiles) == (s.rule, None, 0.0, 1)
+    assert r.thresholds == s.thresholds
+    jsonschema.validate(old.to_dict(),
+                        json.loads((SCHEMAS / "plot_settings.schema.json").read_text()))
 
 
 def test_ties_go_to_the_simpler_rule():
@@ -244,7 +418,14 @@ def test_resolve_report_settings(calibrated, tmp_path):
     path = s.save(tmp_path)
     r = resolve_report_settings(path)
     assert (r.rule, r.grids, r.overlap, r.thresholds) == (s.rule, list(GRIDS), 0.1, s.thresholds)
+    assert (r.top_k, r.min_tile_prob, r.min_tiles) == (s.tiles.top_k, s.tiles.min_tile_prob,
+                                                       s.tiles.min_tiles)
     assert r.source == str(path) and r.overridden == []
+    r = resolve_report_settings(path, rule="max")
+    assert r.min_tiles == s.tiles_for("max").min_tiles
+    r = resolve_report_settings(path, top_k=0, min_tiles=2, min_tile_prob=0.3)
+    assert (r.top_k, r.min_tile_prob, r.min_tiles) == (None, 0.3, 2)
+    assert r.overridden == ["top_k", "min_tile_prob", "min_tiles"]
     r = resolve_report_settings(path, rule="max", thresholds={"species": 0.42}, overlap=0.0)
     assert r.thresholds == {**s.thresholds_for("max"), "species": 0.42} and r.overlap == 0.0
     assert r.overridden == ["overlap", "rule", "thresholds"] and r.learned is None
@@ -256,6 +437,10 @@ def test_resolve_report_settings(calibrated, tmp_path):
         resolve_report_settings(None, rule=LEARNED)
     plain = resolve_report_settings(None)
     assert (plain.rule, plain.grids, plain.overlap, plain.source) == ("max", ["3x3"], 0.0, None)
+    assert (plain.top_k, plain.min_tile_prob, plain.min_tiles) == (None, 0.0, 1)
+    assert resolve_report_settings(None, top_k=3).top_k == 3
+    with pytest.raises(ConfigError, match="min_tiles must be at least 1"):
+        resolve_report_settings(None, min_tiles=0)
 
 
 def test_truth_and_photos_must_match():
@@ -345,15 +530,30 @@ def test_calibrate_plots_cli_then_plot_report_uses_the_settings(bundle_dir, plot
         assert used["settings_file"] == str(cal / SETTINGS_FILE)
         assert used["rule"] == rule and used["grids"] == ["2x2", "3x3"] and used["overlap"] == 0.2
         calibrated_th = next(r["thresholds"] for r in doc["calibration"] if r["rule"] == rule)
-        expected = {**calibrated_th, **({"species": 0.33} if rule == "max" else {})}
+        expected = {**calibrated_th, **({"species": 0.33} if "--threshold" in extra else {})}
         assert used["thresholds"] == pytest.approx(expected)
-        assert used["overridden"] == (["rule", "thresholds"] if rule == "max" else
+        assert used["overridden"] == (["rule", "thresholds"] if "--threshold" in extra else
                                       ["rule"] if extra else [])
         assert rj["plots"][0]["n_tiles"] == 4 + 9
         reasons = {r["reason"].split("+")[0] for p in rj["plots"] for r in p["records"]}
         assert reasons <= {rule, "outlier"}
         prov = json.loads((rep / "provenance.json").read_text())
         assert prov["config"]["settings_file"] == str(cal / SETTINGS_FILE)
+        tiles = next(r["tiles"] for r in doc["calibration"] if r["rule"] == rule)
+        assert (used["top_k"], used["min_tile_prob"], used["min_tiles"]) == \
+            (tiles["top_k"], tiles["min_tile_prob"], tiles["min_tiles"])
+    assert table.loc[table["rule"] == "learned", "evaluation"].item() == \
+        "out-of-fold (k=4: only 4 plots)"
+
+    rep = tmp_path / "rep-tiles"
+    res = runner.invoke(main, ["plot-report", "--model", str(bundle_dir), *map(str, photos),
+                               "--out", str(rep), "--settings", str(cal / SETTINGS_FILE),
+                               "--device", "cpu", "--rule", "mean", "--top-k", "2",
+                               "--min-tile-prob", "0.05", "--min-tiles", "2"])
+    assert res.exit_code == 0, res.output
+    used = json.loads((rep / "plot_records.json").read_text())["settings"]
+    assert (used["top_k"], used["min_tile_prob"], used["min_tiles"]) == (2, 0.05, 2)
+    assert used["overridden"] == ["rule", "top_k", "min_tile_prob", "min_tiles"]
 
 
 def test_calibrate_plots_library_reports_unreadable_photos(bundle_dir, plot_photos, tmp_path,

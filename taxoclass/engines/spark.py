@@ -649,7 +649,7 @@ def spark_plot_report(model: str | Path, photos: Sequence[str | Path], out: str 
     already there are skipped on a rerun); the driver aggregates and writes every report
     file with :func:`taxoclass.reports.plot_report`. ``settings``: rule, thresholds,
     settings (a plot_settings.json; its grids and overlap apply unless given),
-    outside_weight, min_tiles, plantclef_year, thumbnail_px. Returns the
+    outside_weight, min_tiles, top_k, min_tile_prob, plantclef_year, thumbnail_px. Returns the
     :class:`~taxoclass.reports.PlotReportResult`.
     """
     from ..plot_calibration import resolve_report_settings
