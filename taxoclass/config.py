@@ -105,6 +105,7 @@ DEFAULTS: dict[str, Any] = {
         "keep_checkpoints": False, "compile": False,
         "tile_views": 0,           # also show each image N times per epoch as a fresh
         #                            tile-like view (the augment section's settings)
+        "probe_head": False,       # start from heads trained on the frozen embeddings (LP-FT)
     },
     "out": None,
 }

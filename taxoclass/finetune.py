@@ -100,6 +100,9 @@ class FinetuneSettings:
     compile: bool = False          # torch.compile the model (CUDA only)
     tile_views: int = 0            # per epoch, each image also seen N times as a fresh
     #                                tile-like view (taxoclass.augment, the ``augment`` section)
+    probe_head: bool = False       # `train --finetune`: start from heads trained on the frozen
+    #                                backbone's cached embeddings (LP-FT); finetune() itself
+    #                                takes such heads as ``head_init``
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> FinetuneSettings:
@@ -841,6 +844,25 @@ def _write_bundle(result: FinetuneResult, out: Path, *, bb, taxonomy: Taxonomy,
 
 
 # --------------------------------------------------------------------------- config job
+def _probe_head(cfg: Mapping[str, Any], rows, y: Mapping[str, np.ndarray], train: np.ndarray,
+                taxonomy: Taxonomy) -> MultiRankHead:
+    """Heads trained on the frozen backbone's embeddings of the ``train`` rows (and their
+    tile-like views when ``augment.views_per_image > 0``) with the config's ``train``
+    settings: the linear-probe start of LP-FT, from the same caches `taxoclass train`
+    uses. Rows without an embedding (unreadable images) are left out."""
+    from .training import train_head
+    from .workflows import config_embeddings, view_embeddings, with_views
+
+    x, found, _ = config_embeddings(dict(cfg), rows)
+    tr = train & found
+    tr_idx = np.flatnonzero(tr)
+    xv, src = view_embeddings(dict(cfg), rows.iloc[tr_idx].reset_index(drop=True))
+    x_tr, y_tr = with_views(x, dict(y), tr, (xv, tr_idx[src]))
+    return train_head(x_tr, y_tr, None, None, taxonomy, model=cfg["model"], loss=cfg["loss"],
+                      train=cfg["train"],
+                      normalize_inputs=bool(cfg["model"].get("normalize", True))).head
+
+
 def _view_section(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The config's ``augment`` section as view settings (``dir`` is where the cheap path
     writes its view files; fine-tuning draws fresh views in memory instead)."""
@@ -894,13 +916,14 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     bcfg = cfg["backbone"]
     bb = backbone_from_spec(backbone_spec(bcfg))
+    head_init = _probe_head(cfg, rows, y, ~is_val, tax) if settings.probe_head else None
     result = finetune(list(paths[~is_val]), {r: v[~is_val] for r, v in y.items()},
                       list(paths[is_val]), {r: v[is_val] for r, v in y.items()}, tax,
                       backbone=bb, out_dir=out, config=settings, model=cfg.get("model"),
                       loss=cfg.get("loss"), device=dev,
                       decode_method=cfg.get("decode", {}).get("method", "path"),
                       extra={"annotations": str(Path(data["annotations"]).resolve())},
-                      progress=progress, views=_view_section(cfg))
+                      progress=progress, views=_view_section(cfg), head_init=head_init)
     if not result.completed:
         return out
     atomic_write_csv(out / "split.csv", pd.DataFrame(

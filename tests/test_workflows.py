@@ -176,3 +176,47 @@ def test_finetune_defaults_match_library():
     from taxoclass.finetune import FINETUNE_DEFAULTS
 
     assert DEFAULTS["finetune"] == dict(FINETUNE_DEFAULTS)
+
+
+def test_train_finetune_starts_from_probe_heads_with_tile_views(small_leaf):
+    """finetune.probe_head (LP-FT): the fine-tuning starts from heads trained on the cached
+    embeddings; with a vanishing learning rate the bundle keeps exactly those heads."""
+    from safetensors.torch import load_file
+
+    from taxoclass.annotations import load_annotations
+    from taxoclass.config import load_config
+    from taxoclass.finetune import _probe_head
+    from taxoclass.workflows import _targets, known_rows, validation_mask
+
+    torch.set_num_threads(1)
+    d = small_leaf
+    cfg = {"data": {"annotations": str(d["ann"]), "images_root": str(d["root"]),
+                    "val_fraction": 0.4},
+           "backbone": {"name": ARCH, "checkpoint": str(d["ckpt"]), "model_kwargs": d["kwargs"]},
+           "train": {"epochs": 30},
+           "augment": {"size": 64},
+           "finetune": {"epochs": 1, "batch_size": 8, "num_workers": 0, "warmup_epochs": 0.0,
+                        "lr": 1e-12, "weight_decay": 0.0, "probe_head": True,
+                        "tile_views": 1},
+           "out": str(d["dir"] / "ft-probe")}
+    cfg_path = d["dir"] / "ft-probe.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(main, ["train", "--config", str(cfg_path), "--finetune",
+                                    "--unfreeze-blocks", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    model = d["dir"] / "ft-probe"
+    info = json.loads((model / "bundle.json").read_text())["extra"]["finetune"]
+    assert info["settings"]["probe_head"] and info["settings"]["tile_views"] == 1
+    assert info["views"]["size"] == 64
+
+    full = load_config(cfg_path)
+    ann = load_annotations(d["ann"])
+    tax, rows = known_rows(ann, ann.labelled_images(d["root"]), full["data"])
+    y, nodes = _targets(tax, rows)
+    is_val = validation_mask([str(i) for i in rows["image_id"]], nodes, full["data"])
+    torch.manual_seed(0)
+    probe = _probe_head(full, rows, y, ~is_val, tax).state_dict()
+    saved = load_file(str(model / "heads.safetensors"))
+    assert set(saved) == set(probe)
+    for k, v in probe.items():
+        torch.testing.assert_close(saved[k], v, atol=1e-6, rtol=1e-6)
