@@ -142,12 +142,43 @@ def plot_recipes(n: int, rng: np.random.Generator, max_taxa: int = 8,
     return out
 
 
+def compose_plots(name: str, pool: dict[int, list[str]], n: int, seed: int, args, taxonomy):
+    """Yield (plot id, plot image, true taxa labels) for ``n`` plots composed from ``pool``
+    (leaf index -> image paths); the same plots for the same arguments."""
+    rng = np.random.default_rng(seed)
+    leaves = sorted(pool)
+    for i, counts in enumerate(plot_recipes(n, rng, args.max_taxa, args.richness)):
+        canvas = background(args.size, rng, args.clutter)
+        taxa = rng.choice(leaves, size=min(len(counts), len(leaves)), replace=False)
+        for taxon, count in zip(taxa, counts):
+            for _ in range(count):
+                paste_leaf(canvas, str(rng.choice(pool[int(taxon)])), rng)
+        yield (f"{name}-{i:03d}", canvas,
+               [taxonomy.label(taxonomy.node("species", int(t))) for t in taxa])
+
+
+def export_plots(name: str, pool: dict[int, list[str]], n: int, seed: int, args, taxonomy,
+                 folder: Path) -> None:
+    """Write the plots as JPEGs in ``folder/name`` and their species in
+    ``folder/name_truth.csv`` (plot_id;species), the inputs `taxoclass calibrate-plots`
+    and `evaluate-plots` read."""
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for plot_id, canvas, taxa in compose_plots(name, pool, n, seed, args, taxonomy):
+        canvas.save(folder / name / f"{plot_id}.jpg", quality=90)
+        rows += [{"plot_id": plot_id, "species": t} for t in taxa]
+    pd.DataFrame(rows).to_csv(folder / f"{name}_truth.csv", index=False)
+    print(f"{n} {name} plots and their species written to {folder}")
+
+
 def compose_and_embed(name: str, pool: dict[int, list[str]], n: int, seed: int, args,
                       taxonomy, tiler: BundleTileClassifier, out: Path) -> dict:
     """Compose ``n`` plots from ``pool`` (leaf index -> image paths), embed all tiles (cached)."""
     key = hashlib.sha256(json.dumps({
         "v": CACHE_VERSION, "n": n, "seed": seed, "size": args.size, "overlap": args.overlap,
         "grids": ALL_GRIDS, "backbone": tiler.backbone.name,
+        **({"weights": tiler.backbone.checkpoint_sha256}
+           if tiler.backbone.checkpoint_sha256 else {}),
         "preprocess": tiler.backbone.data_overrides, "clutter": args.clutter,
         "max_taxa": args.max_taxa, **({} if args.richness == "table" else
                                       {"richness": args.richness}),
@@ -160,18 +191,11 @@ def compose_and_embed(name: str, pool: dict[int, list[str]], n: int, seed: int, 
         print(f"{name}: {n} plots, {len(data['emb'])} tile embeddings from cache {path}")
         return {"emb": data["emb"], "plot": data["plot"], "scale": data["scale"],
                 "truth": json.loads(str(data["truth"]))}
-    rng = np.random.default_rng(seed)
-    leaves = sorted(pool)
     embs, plot_of, scales, truth = [], [], [], {}
     t0 = time.perf_counter()
-    for i, counts in enumerate(plot_recipes(n, rng, args.max_taxa, args.richness)):
-        plot_id = f"{name}-{i:03d}"
-        canvas = background(args.size, rng, args.clutter)
-        taxa = rng.choice(leaves, size=min(len(counts), len(leaves)), replace=False)
-        truth[plot_id] = [taxonomy.label(taxonomy.node("species", int(t))) for t in taxa]
-        for taxon, count in zip(taxa, counts):
-            for _ in range(count):
-                paste_leaf(canvas, str(rng.choice(pool[int(taxon)])), rng)
+    for i, (plot_id, canvas, taxa) in enumerate(compose_plots(name, pool, n, seed, args,
+                                                               taxonomy)):
+        truth[plot_id] = taxa
         if i < 2:
             canvas.save(out / f"{plot_id}.jpg", quality=85)
         tiles = make_tiles(canvas.size, grids=ALL_GRIDS, overlap=args.overlap, plot_id=plot_id)
@@ -254,6 +278,70 @@ def companion_views(cfg: dict, rows: pd.DataFrame, sources: np.ndarray, pool: np
 
 
 # ---------------------------------------------------------------------- classifier
+def finetuned_config(cfg: dict, rows: pd.DataFrame, y: dict, mask: np.ndarray, taxonomy,
+                     args, out: Path) -> dict:
+    """Fine-tune the config's backbone on the ``mask`` rows (never a calibration-pool or
+    test image) with ``finetune.tile_views`` fresh tile-like views per image and epoch;
+    return the config pointing at the fine-tuned backbone (own embedding and view caches).
+    The run is cached by its settings and images."""
+    from taxoclass.finetune import finetune
+
+    size = args.finetune_size
+    base = {**cfg["backbone"], "image_size": size, "resize": "letterbox"}
+    settings = {"epochs": args.finetune_epochs, "batch_size": 32, "lr": args.finetune_lr,
+                "layer_decay": 0.7, "weight_decay": 0.05, "warmup_epochs": 0.5,
+                "unfreeze_blocks": args.finetune_blocks, "patience": 0, "augment": False,
+                "num_workers": 1, "seed": args.seed, "tile_views": args.finetune_views}
+    views = {k: v for k, v in cfg["augment"].items() if k != "dir"}
+    paths = rows["path"][mask].tolist()
+    key = hashlib.sha256(json.dumps([backbone_spec(base), settings, views, cfg["model"],
+                                     cfg["loss"], paths]
+                                    + (["probe", args.views] if args.finetune_probe else []),
+                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    ft = out / f"finetuned-{key}"
+    if not (ft / "bundle.json").is_file():
+        head_init = None
+        if args.finetune_probe:  # LP-FT: start from a head trained on the frozen features
+            probe_cfg = {**cfg, "backbone": base,
+                         "embeddings": {**cfg["embeddings"],
+                                        "cache": str(out / f"probe-{size}-embeddings")},
+                         "augment": {**cfg["augment"], "dir": str(out / f"probe-{size}-views")}}
+            xp, found, _ = config_embeddings(probe_cfg, rows)
+            pv = None
+            if args.views:
+                train_idx = np.flatnonzero(mask)
+                xv, src = view_embeddings(probe_cfg, rows.iloc[train_idx].reset_index(drop=True))
+                pv = (xv, train_idx[src])
+            torch.manual_seed(0)
+            head_init = train_bundle(xp, y, mask & found, taxonomy, cfg,
+                                     out / "probe-heads", pv).head
+        t0 = time.perf_counter()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="fine-tuning", unit="step")
+
+        def progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+
+        res = finetune(paths, {r: v[mask] for r, v in y.items()}, [], None, taxonomy,
+                       backbone=backbone_spec(base), out_dir=ft, config=settings,
+                       model=cfg["model"], loss=cfg["loss"], views=views, progress=progress,
+                       head_init=head_init)
+        bar.close()
+        print(f"fine-tuned in {time.perf_counter() - t0:.0f}s ({res.images_per_second:.1f} "
+              f"images/s); history:\n{res.history.to_string(index=False)}")
+    recipe = ModelBundle.load(ft).backbone
+    return {**cfg,
+            "backbone": {"name": recipe["name"], "checkpoint": str(ft / recipe["checkpoint"]),
+                         "pretrained": False, "data_overrides": recipe["data_overrides"],
+                         "model_kwargs": recipe.get("model_kwargs") or {}},
+            "embeddings": {**cfg["embeddings"], "cache": str(ft / "embeddings")},
+            "augment": {**cfg["augment"], "dir": str(ft / "views")},
+            "_finetune": {"dir": str(ft), "settings": settings,
+                          "probe": bool(args.finetune_probe)}}
+
+
 def train_bundle(x, y, mask, taxonomy, cfg, cache_dir: Path | None = None,
                  views: tuple[np.ndarray, np.ndarray] | None = None) -> ModelBundle:
     """``train_head`` on the rows in ``mask`` plus the tile-like views of those rows
@@ -401,49 +489,32 @@ def oracle_f1(plots: dict, truth: dict, taxonomy, rule: str, grid_set: tuple[str
     return float(np.mean(f1))
 
 
-def stack_features(tp: dict, grid_set: tuple[str, ...], lowest: str) -> np.ndarray:
-    """Per species of one plot: max, mean, noisy-or, share of tiles ranking it first and
-    in their top 3, for each grid of ``grid_set`` (flagged tiles included)."""
-    cols = []
-    for grid in grid_set:
-        a = tp["probs"][lowest][tp["scale"] == grid]
-        n, k = a.shape
-        first = np.bincount(a.argmax(axis=1), minlength=k) / n
-        top3 = np.zeros(k)
-        np.add.at(top3, np.argsort(-a, axis=1)[:, :3].ravel(), 1.0 / n)
-        cols += [a.max(axis=0), a.mean(axis=0), rule_scores(a, "noisy_or"), first, top3]
-    return np.column_stack(cols)
+def product_calibration(cal_plots: dict, cal_truth: dict, test_plots: dict, test_truth: dict,
+                        taxonomy, grid_set: tuple[str, ...]) -> tuple[dict, dict]:
+    """What `taxoclass calibrate-plots` chooses on the calibration plots
+    (:func:`taxoclass.plot_calibration.calibrate_rules`: every rule's thresholds and tile
+    settings, the learned rule scored out-of-fold), applied to the test plots as
+    `plot-report --settings` applies it. Tiles of ``grid_set`` only, none flagged (the
+    product flags with the bundle's own calibrated detector, which these bench heads lack).
+    Returns (settings, {rule: evaluate_plots result on the test plots})."""
+    from taxoclass.plot_calibration import PlotTiles, calibrate_rules, plot_records
 
+    def tiles(plots):
+        out = {}
+        for pid, tp in plots.items():
+            m = np.isin(tp["scale"], grid_set)
+            out[pid] = PlotTiles(pid, "", tp["scale"][m], {r: p[m] for r, p in tp["probs"].items()},
+                                 np.zeros(int(m.sum()), dtype=bool))
+        return out
 
-def learned_rule(cal_plots: dict, cal_truth: dict, test_plots: dict, test_truth: dict,
-                 taxonomy, grid_set: tuple[str, ...]) -> tuple[float, float, float]:
-    """A learned aggregation rule (bench only, not in taxoclass): logistic regression on
-    :func:`stack_features` fitted on the calibration plots, the presence threshold chosen
-    there too. Returns (calibration F1, test species macro F1 per plot, threshold)."""
-    from sklearn.linear_model import LogisticRegression
-
-    lowest = taxonomy.ranks[-1]
-    cal_idx, placeholder = truth_vectors(cal_truth, taxonomy)
-    test_idx, _ = truth_vectors(test_truth, taxonomy)
-    xc = [stack_features(tp, grid_set, lowest) for tp in cal_plots.values()]
-    yc = [cal_idx[pid] for pid in cal_plots]
-    model = LogisticRegression(C=1.0, max_iter=3000).fit(np.concatenate(xc), np.concatenate(yc))
-
-    def f1(probs, truths, t):
-        out = []
-        for p, true in zip(probs, truths):
-            pred = (p >= t) & ~placeholder
-            denom = pred.sum() + true.sum()
-            out.append(1.0 if denom == 0 else 2.0 * (pred & true).sum() / denom)
-        return float(np.mean(out))
-
-    pc = [model.predict_proba(x)[:, 1] for x in xc]
-    grid = np.round(np.linspace(0.02, 0.9, 45), 4)
-    cal_f1 = [f1(pc, yc, t) for t in grid]
-    t = float(grid[int(np.argmax(cal_f1))])
-    pt = [model.predict_proba(stack_features(tp, grid_set, lowest))[:, 1]
-          for tp in test_plots.values()]
-    return max(cal_f1), f1(pt, [test_idx[pid] for pid in test_plots], t), t
+    settings = calibrate_rules(tiles(cal_plots), cal_truth, taxonomy, grids=list(grid_set))
+    test = tiles(test_plots)
+    results = {}
+    for row in settings.calibration:
+        recs = plot_records(test, taxonomy, rule=row["rule"], thresholds=row["thresholds"],
+                            learned=settings.learned, tiles=row.get("tiles"))
+        results[row["rule"]] = evaluate_plots(recs, test_truth, taxonomy)
+    return settings, results
 
 
 def run_rule(plots: dict, truth: dict, taxonomy, rule: str, grid_set: tuple[str, ...],
@@ -562,6 +633,25 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=0,
                     help="tile-like views per training image added to the heads' training "
                          "rows (taxoclass.augment; the config's augment settings otherwise)")
+    ap.add_argument("--export", default=None, metavar="DIR",
+                    help="also write every calibration and test plot as a JPEG with a truth "
+                         "CSV into DIR (inputs for `taxoclass calibrate-plots` / "
+                         "`evaluate-plots`)")
+    ap.add_argument("--finetune-epochs", type=int, default=0,
+                    help="fine-tune the backbone first (taxoclass.finetune) for this many "
+                         "epochs on the training images outside the calibration pool, with "
+                         "fresh tile-like views (bench: the heads then train on its features)")
+    ap.add_argument("--finetune-views", type=int, default=4,
+                    help="tile-like views per image and epoch while fine-tuning")
+    ap.add_argument("--finetune-size", type=int, default=256,
+                    help="image size (letterbox) of the fine-tuned backbone")
+    ap.add_argument("--finetune-lr", type=float, default=1e-3,
+                    help="fine-tuning learning rate of the heads (blocks below: x0.7 each)")
+    ap.add_argument("--finetune-probe", action="store_true",
+                    help="LP-FT: start fine-tuning from a head trained on the frozen "
+                         "features (and --views views) of the same images")
+    ap.add_argument("--finetune-blocks", type=int, default=4,
+                    help="fine-tune the last N blocks (stages) of the backbone; -1: all")
     ap.add_argument("--companions", type=int, default=0,
                     help="with --views: up to this many other leaves pasted into each view, "
                          "the view training once per leaf it holds (bench-only experiment)")
@@ -590,6 +680,9 @@ def main() -> None:
     # calibration pool: ~30% of each taxon's TRAINING images; calibration head: the rest
     cal_pool = np.zeros(len(rows), dtype=bool)
     cal_pool[np.flatnonzero(train)[stratified_split(strata[train], 0.3, args.seed + 1)]] = True
+    if args.finetune_epochs:
+        cfg = finetuned_config(cfg, rows, y, train & ~cal_pool, taxonomy, args, out)
+        x, found, _ = config_embeddings(cfg, rows)
     views = cal_views = None
     if args.views:
         cfg["augment"]["views_per_image"] = args.views
@@ -626,6 +719,11 @@ def main() -> None:
         return {int(k): rows["path"][mask & (leaf_idx == k)].tolist()
                 for k in np.unique(leaf_idx[mask])}
 
+    if args.export:
+        export_plots("test", pool_of(is_test), args.n_test, args.seed, args, taxonomy,
+                     Path(args.export))
+        export_plots("cal", pool_of(cal_pool), args.n_cal, args.seed + 1000, args, taxonomy,
+                     Path(args.export))
     test_data = compose_and_embed("test", pool_of(is_test), args.n_test, args.seed, args,
                                   taxonomy, tiler, out)
     cal_data = compose_and_embed("cal", pool_of(cal_pool), args.n_cal, args.seed + 1000, args,
@@ -670,7 +768,8 @@ def main() -> None:
                 "genus F1/plot": ev["genus"]["macro_f1_per_plot"],
                 "Δ genus (pts)": 100 * (ev["genus"]["macro_f1_per_plot"] - b_ge),
                 "cal species F1": cal_sp, "cal genus F1": cal_ge,
-                "records/plot": sum(map(len, preds.values())) / len(preds),
+                "records/plot": (None if preds is None
+                                 else sum(map(len, preds.values())) / len(preds)),
                 "oracle: true K": None if oracle is None else oracle[0],
                 "oracle: best cut-off per plot": None if oracle is None else oracle[1],
                 "settings (chosen on calibration)": settings})
@@ -685,13 +784,19 @@ def main() -> None:
             add(label, preds, ev, describe_settings(s, len(grid_set) > 1, grid_set[0]),
                 s["cal_species_f1"], s["cal_genus_f1"],
                 None if rule == "argmax_union" else oracles(rule, grid_set))
-        cal_f1, test_f1, t = learned_rule(cal_plots, cal_data["truth"], test_plots,
-                                          test_data["truth"], taxonomy, grid_set)
-        table_rows.append({
-            "grid": grid_name, "rule": "learned (bench only: logistic regression on tile "
-            "statistics)", "species F1/plot": test_f1, "Δ species (pts)": 100 * (test_f1 - b_sp),
-            "cal species F1": cal_f1,
-            "settings (chosen on calibration)": f"presence ≥ {t:g}; species records only"})
+        settings, product = product_calibration(cal_plots, cal_data["truth"], test_plots,
+                                                test_data["truth"], taxonomy, grid_set)
+        for row in settings.calibration:
+            rule = row["rule"]
+            if rule != "learned" and rule != settings.rule:
+                continue
+            ev = product[rule]
+            tile = {k: v for k, v in (row.get("tiles") or {}).items()
+                    if v not in (None, 0, 0.0, 1)}
+            add(f"calibrate-plots: {rule}" + (" (its choice)" if rule == settings.rule else ""),
+                None, ev, f"thresholds {row['thresholds']}" + (f", tiles {tile}" if tile else "")
+                + f"; calibration {row['evaluation']}",
+                row["macro_f1_per_plot"][lowest], row["macro_f1_per_plot"].get("genus"))
     print(f"calibration + test scoring: {time.perf_counter() - t0:.0f}s")
     table = pd.DataFrame(table_rows)
     table.to_csv(out / "results.csv", index=False)
@@ -723,6 +828,14 @@ def main() -> None:
            + ")" if views else "")
         + f"; tiles embedded by the bundle's backbone; single-leaf species accuracy on the "
         f"{int(is_test.sum())} held-out images {acc:.3f}",
+        *([f"- backbone FINE-TUNED first (`taxoclass.finetune`, settings "
+           f"{cfg['_finetune']['settings']}"
+           + (", starting from a head trained on the frozen features of the same images and "
+              "views (LP-FT)" if cfg["_finetune"]["probe"] else "") + ") on the "
+           f"{int((train & ~cal_pool).sum())} training images outside the calibration pool, "
+           f"each also shown as {args.finetune_views} fresh tile-like views per epoch "
+           f"(`finetune.tile_views`); no calibration-pool or held-out image was seen"]
+          if "_finetune" in cfg else []),
         f"- TEST: {args.n_test} plots from held-out images only (mean {n_true:.1f} true taxa "
         f"per plot); CALIBRATION: {args.n_cal} plots from training-split images only "
         f"({int(cal_pool.sum())} images, ~30% of each taxon's training images) scored by a "
@@ -755,7 +868,13 @@ def main() -> None:
         "number of taxa (a perfect species-count estimate); `best cut-off` is the best F1 "
         "over all cut-offs of each plot's ranking (a loose upper bound: it may also drop a "
         "wrong top species, which nothing can know). They show how much a better threshold "
-        "could still win from these tile probabilities.",
+        "could still win from these tile probabilities. The `calibrate-plots` rows are what "
+        "the product's `taxoclass calibrate-plots` picks on the same calibration plots "
+        "(`taxoclass.plot_calibration.calibrate_rules`: thresholds and tile settings per "
+        "rule in-sample, the learned rule — a logistic regression per rank on per-taxon "
+        "tile statistics — scored out-of-fold; no tiles flagged), applied to the test "
+        "plots as `plot-report --settings` does; the learned rule is shown even when not "
+        "chosen.",
         "",
         "## Test macro F1 per plot",
         "",
