@@ -226,8 +226,8 @@ def train(config_path: Path | None, overrides: tuple[str, ...], finetune: bool,
 
         if unfreeze_blocks is not None:
             cfg["finetune"]["unfreeze_blocks"] = unfreeze_blocks
-        with _progress("fine-tuning", "step") as prog:
-            out = finetune_from_config(cfg, progress=prog, device=device)
+        with _progress("embedding", "img") as emb, _progress("fine-tuning", "step") as prog:
+            out = finetune_from_config(cfg, progress=prog, device=device, embed_progress=emb)
         _print_metrics(out / "metrics_val.json", f"validation metrics ({out})")
         click.echo(f"model bundle written to {out}")
         return
@@ -681,6 +681,9 @@ class _progress:
     def __call__(self, done: int, total: int) -> None:
         from tqdm.auto import tqdm
 
+        if self.bar is not None and (total != self.bar.total or done < self.bar.n):
+            self.bar.close()  # a new pass (e.g. the images, then their views)
+            self.bar = None
         if self.bar is None:
             self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, dynamic_ncols=True)
         self.bar.update(done - self.bar.n)

@@ -845,7 +845,7 @@ def _write_bundle(result: FinetuneResult, out: Path, *, bb, taxonomy: Taxonomy,
 
 # --------------------------------------------------------------------------- config job
 def _probe_head(cfg: Mapping[str, Any], rows, y: Mapping[str, np.ndarray], train: np.ndarray,
-                taxonomy: Taxonomy) -> MultiRankHead:
+                taxonomy: Taxonomy, embed_progress: Progress | None = None) -> MultiRankHead:
     """Heads trained on the frozen backbone's embeddings of the ``train`` rows (and their
     tile-like views when ``augment.views_per_image > 0``) with the config's ``train``
     settings: the linear-probe start of LP-FT, from the same caches `taxoclass train`
@@ -853,10 +853,11 @@ def _probe_head(cfg: Mapping[str, Any], rows, y: Mapping[str, np.ndarray], train
     from .training import train_head
     from .workflows import config_embeddings, view_embeddings, with_views
 
-    x, found, _ = config_embeddings(dict(cfg), rows)
+    x, found, _ = config_embeddings(dict(cfg), rows, progress=embed_progress)
     tr = train & found
     tr_idx = np.flatnonzero(tr)
-    xv, src = view_embeddings(dict(cfg), rows.iloc[tr_idx].reset_index(drop=True))
+    xv, src = view_embeddings(dict(cfg), rows.iloc[tr_idx].reset_index(drop=True),
+                              progress=embed_progress)
     x_tr, y_tr = with_views(x, dict(y), tr, (xv, tr_idx[src]))
     return train_head(x_tr, y_tr, None, None, taxonomy, model=cfg["model"], loss=cfg["loss"],
                       train=cfg["train"],
@@ -870,7 +871,8 @@ def _view_section(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = None,
-                         device: str | None = None) -> Path:
+                         device: str | None = None,
+                         embed_progress: Progress | None = None) -> Path:
     """``taxoclass train --finetune``: fine-tune as configured and write the bundle.
 
     Uses the ``data``, ``backbone``, ``model``, ``loss``, ``decode`` and ``out`` sections
@@ -916,7 +918,8 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     bcfg = cfg["backbone"]
     bb = backbone_from_spec(backbone_spec(bcfg))
-    head_init = _probe_head(cfg, rows, y, ~is_val, tax) if settings.probe_head else None
+    head_init = (_probe_head(cfg, rows, y, ~is_val, tax, embed_progress)
+                 if settings.probe_head else None)
     result = finetune(list(paths[~is_val]), {r: v[~is_val] for r, v in y.items()},
                       list(paths[is_val]), {r: v[is_val] for r, v in y.items()}, tax,
                       backbone=bb, out_dir=out, config=settings, model=cfg.get("model"),
