@@ -864,6 +864,27 @@ def _probe_head(cfg: Mapping[str, Any], rows, y: Mapping[str, np.ndarray], train
                       normalize_inputs=bool(cfg["model"].get("normalize", True))).head
 
 
+def _detector_views(cfg: Mapping[str, Any], rows, settings: FinetuneSettings):
+    """Tile-like view files of the training ``rows`` for the outlier detector of a model
+    trained for plots (``augment.views_per_image`` views each, or ``tile_views`` when only
+    those are set; the same files the probe heads use), as (frame of view files, index
+    into ``rows`` of each view's source); None when the config makes no views."""
+    from .augment import ViewSettings, write_views
+    from .workflows import embedding_cache
+
+    section = _view_section(cfg)
+    n = int(section.get("views_per_image", 0) or 0) or int(settings.tile_views)
+    if n == 0 or not len(rows):
+        return None
+    folder = (dict(cfg.get("augment") or {}).get("dir")
+              or f"{embedding_cache(dict(cfg))}-views")
+    ids = [str(i) for i in rows["image_id"]]
+    frame = write_views(list(zip(ids, rows["path"].tolist())), folder,
+                        ViewSettings.from_mapping({**section, "views_per_image": n}))
+    index = {i: k for k, i in enumerate(ids)}
+    return frame, np.array([index[str(i)] for i in frame["source_id"]], dtype=int)
+
+
 def _view_section(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The config's ``augment`` section as view settings (``dir`` is where the cheap path
     writes its view files; fine-tuning draws fresh views in memory instead)."""
@@ -955,10 +976,23 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
         if ocfg.get("enabled", True):
             x_tr, ok_tr = embed(~is_val)
             lowest = tax.ranks[-1]
+            x_det = x_tr[ok_tr]
+            y_det = {r: v[~is_val][ok_tr] for r, v in y.items()}
+            # A model for plot tiles: the detector also learns what tile-like views of
+            # the training images look like, or every tile of a plot would be "unknown".
+            views = _detector_views(cfg, rows[~is_val].reset_index(drop=True), settings)
+            if views is not None:
+                frame, src = views
+                xv, okv = embed_images(result.model, frame["path"].tolist(), bb.transform,
+                                       batch_size=settings.batch_size,
+                                       num_workers=settings.num_workers, device=dev)
+                keep = okv & ok_tr[src]
+                x_det = np.concatenate([x_det, xv[keep]])
+                y_det = {r: np.concatenate([y_det[r], v[~is_val][src[keep]]])
+                         for r, v in y.items()}
             bundle.scorer = fit_openset_scorer(
-                bundle, x_tr[ok_tr], y["genus"][~is_val][ok_tr], x_val[ok],
-                rows[is_val].reset_index(drop=True)[ok], ocfg,
-                species_train=y[lowest][~is_val][ok_tr])
+                bundle, x_det, y_det["genus"], x_val[ok],
+                rows[is_val].reset_index(drop=True)[ok], ocfg, species_train=y_det[lowest])
             bundle.save(out)
             metrics["openset_thresholds"] = bundle.scorer.thresholds.to_dict()
     metrics["best_epoch"] = result.best_epoch

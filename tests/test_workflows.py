@@ -208,6 +208,14 @@ def test_train_finetune_starts_from_probe_heads_with_tile_views(small_leaf):
     info = json.loads((model / "bundle.json").read_text())["extra"]["finetune"]
     assert info["settings"]["probe_head"] and info["settings"]["tile_views"] == 1
     assert info["views"]["size"] == 64
+    # the outlier detector also saw a tile-like view of every training image, else a
+    # plot model would flag every tile of a plot as unknown
+    from taxoclass.bundle import ModelBundle
+
+    split = pd.read_csv(model / "split.csv")
+    n_train = int((split["split"] == "train").sum())
+    det = ModelBundle.load(model).scorer.detector
+    assert len(det.train_groups_) == 2 * n_train
 
     full = load_config(cfg_path)
     ann = load_annotations(d["ann"])
