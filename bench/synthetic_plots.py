@@ -302,10 +302,11 @@ def finetuned_config(cfg: dict, rows: pd.DataFrame, y: dict, mask: np.ndarray, t
     if not (ft / "bundle.json").is_file():
         head_init = None
         if args.finetune_probe:  # LP-FT: start from a head trained on the frozen features
+            bg = "" if views["background"] == "clutter" else f"-{views['background']}"
             probe_cfg = {**cfg, "backbone": base,
                          "embeddings": {**cfg["embeddings"],
                                         "cache": str(out / f"probe-{size}-embeddings")},
-                         "augment": {**cfg["augment"], "dir": str(out / f"probe-{size}-views")}}
+                         "augment": {**cfg["augment"], "dir": str(out / f"probe-{size}-views{bg}")}}
             xp, found, _ = config_embeddings(probe_cfg, rows)
             pv = None
             if args.views:
@@ -650,6 +651,11 @@ def main() -> None:
     ap.add_argument("--finetune-probe", action="store_true",
                     help="LP-FT: start fine-tuning from a head trained on the frozen "
                          "features (and --views views) of the same images")
+    ap.add_argument("--view-background", default=None,
+                    help="background of every tile-like view (fine-tuning, probe and head "
+                         "views): black|noise|clutter|a folder of photos; default the config's "
+                         "(clutter, drawn like the plots' own background). 'noise' measures "
+                         "what a background unlike the plots' costs")
     ap.add_argument("--finetune-blocks", type=int, default=4,
                     help="fine-tune the last N blocks (stages) of the backbone; -1: all")
     ap.add_argument("--companions", type=int, default=0,
@@ -665,6 +671,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     cfg = load_config(CONFIG)
+    if args.view_background:
+        cfg["augment"]["background"] = args.view_background
+        cfg["augment"]["dir"] = str(out / f"views-{args.view_background}")
     ann = load_annotations(cfg["data"]["annotations"])
     taxonomy = ann.taxonomy(cfg["data"]["ranks"])
     rows = ann.labelled_images(cfg["data"]["images_root"])
