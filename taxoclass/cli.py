@@ -69,6 +69,23 @@ def _engine_options(command):
                              "and Java).")(command)
 
 
+
+def _checkpoint_model_options(command):
+    """The options that describe a PlantCLEF checkpoint ``--model`` (plot commands)."""
+    for option in reversed([
+        click.option("--class-mapping", type=click.Path(path_type=Path), default=None,
+                     help="PlantCLEF class_mapping.txt (with a checkpoint --model)."),
+        click.option("--species-table", type=click.Path(path_type=Path), default=None,
+                     help="Species table with species_id, species, genus, family (with a "
+                          "checkpoint --model)."),
+        click.option("--backbone", default="vit_base_patch14_reg4_dinov2", show_default=True,
+                     help="Architecture of a checkpoint --model."),
+        click.option("--model-kwargs", default=None, metavar="JSON",
+                     help="Extra timm.create_model arguments for a checkpoint --model."),
+    ]):
+        command = option(command)
+    return command
+
 # --------------------------------------------------------------------------- validate
 @main.command()
 @click.argument("annotations", type=click.Path(path_type=Path))
@@ -490,15 +507,7 @@ def _thresholds(items: tuple[str, ...]) -> dict[str, float] | None:
                    "value for the rule].")
 @click.option("--checklist", type=click.Path(path_type=Path), default=None,
               help="Text file of taxa expected in the region (one name per line, any rank).")
-@click.option("--class-mapping", type=click.Path(path_type=Path), default=None,
-              help="PlantCLEF class_mapping.txt (with a checkpoint --model).")
-@click.option("--species-table", type=click.Path(path_type=Path), default=None,
-              help="Species table with species_id, species, genus, family (with a checkpoint "
-                   "--model).")
-@click.option("--backbone", default="vit_base_patch14_reg4_dinov2", show_default=True,
-              help="Architecture of a checkpoint --model.")
-@click.option("--model-kwargs", default=None, metavar="JSON",
-              help="Extra timm.create_model arguments for a checkpoint --model.")
+@_checkpoint_model_options
 @click.option("--plantclef-year", type=click.Choice(["2024", "2025"]), default="2024",
               show_default=True, help="Submission file format.")
 @click.option("--batch-size", default=32, show_default=True)
@@ -556,15 +565,7 @@ def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, settings_fi
                    "[default: 2 and 4].")
 @click.option("--overlap", default=0.0, show_default=True,
               help="Fraction of a tile shared with its neighbour.")
-@click.option("--class-mapping", type=click.Path(path_type=Path), default=None,
-              help="PlantCLEF class_mapping.txt (with a checkpoint --model).")
-@click.option("--species-table", type=click.Path(path_type=Path), default=None,
-              help="Species table with species_id, species, genus, family (with a checkpoint "
-                   "--model).")
-@click.option("--backbone", default="vit_base_patch14_reg4_dinov2", show_default=True,
-              help="Architecture of a checkpoint --model.")
-@click.option("--model-kwargs", default=None, metavar="JSON",
-              help="Extra timm.create_model arguments for a checkpoint --model.")
+@_checkpoint_model_options
 @click.option("--batch-size", default=32, show_default=True)
 @_device_option
 def calibrate_plots_cmd(model: Path, truth: Path, plots: tuple[Path, ...], out: Path,
