@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from taxoclass.backbones import create_backbone
-from taxoclass.embeddings import compute_embeddings
+from taxoclass.features.backbones import create_backbone
+from taxoclass.features.embeddings import compute_embeddings
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "leaf"
 

@@ -5,8 +5,8 @@ backbone on a GPU:
 
 * ``inference``: pooled embeddings under ``torch.inference_mode`` (embedding caches,
   plot tiles);
-* ``train``: one fine-tuning step of :class:`taxoclass.finetune.FinetuneModel` with the
-  :class:`~taxoclass.losses.ClassDependencyLoss` on a PlantCLEF-sized taxonomy
+* ``train``: one fine-tuning step of :class:`taxoclass.model.finetune.FinetuneModel` with the
+  :class:`~taxoclass.model.losses.ClassDependencyLoss` on a PlantCLEF-sized taxonomy
   (7,806 species) and fused AdamW, all blocks trainable.
 
 Both run with bf16 autocast, fused scaled-dot-product attention (timm's ViT calls
@@ -85,7 +85,7 @@ def counted_flops(model: torch.nn.Module, x: torch.Tensor, autocast) -> float:
 
 
 def synthetic_taxonomy(n_species: int):
-    from taxoclass.taxonomy import Taxonomy
+    from taxoclass.taxonomy.tree import Taxonomy
 
     recs = [{"family": f"F{i // PER_FAMILY}", "genus": f"G{i // PER_GENUS}",
              "species": f"s{i}"} for i in range(n_species)]
@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import timm
 
-    from taxoclass.finetune import FinetuneModel
-    from taxoclass.heads import MultiRankHead
-    from taxoclass.losses import ClassDependencyLoss
+    from taxoclass.model.finetune import FinetuneModel
+    from taxoclass.model.heads import MultiRankHead
+    from taxoclass.model.losses import ClassDependencyLoss
 
     cuda = torch.cuda.is_available()
     if cuda:

@@ -43,9 +43,9 @@ FLAT_C_GRID = (1.0, 10.0, 100.0, 1000.0)
 
 def load_data():
     """Labelled rows, taxonomy, targets, embeddings (computed into the cache if absent)."""
-    from taxoclass import workflows
-    from taxoclass.annotations import load_annotations
     from taxoclass.config import load_config
+    from taxoclass.pipelines import jobs as workflows
+    from taxoclass.taxonomy.annotations import load_annotations
 
     ann_path = DATA / "annotations.json"
     ann = load_annotations(ann_path)
@@ -62,7 +62,7 @@ def load_data():
 
 
 def metrics_row(name, decoded_path, y, tax, fit_s, note=""):
-    from taxoclass.metrics import evaluate_predictions
+    from taxoclass.model.metrics import evaluate_predictions
 
     m = evaluate_predictions(decoded_path, y, tax)
     row = {"method": name, "fit_s": fit_s, "note": note}
@@ -92,8 +92,8 @@ def species_severity(path, y, tax) -> dict:
 
 # ----------------------------------------------------------------------------- methods
 def fit_taxoclass(tax, x_tr, y_tr, x_te, cfg, method=None):
-    from taxoclass.decoding import decode
-    from taxoclass.training import normalize, train_head
+    from taxoclass.model.decoding import decode
+    from taxoclass.model.training import normalize, train_head
 
     t0 = time.perf_counter()
     res = train_head(x_tr, y_tr, None, None, tax, model=cfg["model"], loss=cfg["loss"],
@@ -106,7 +106,7 @@ def fit_taxoclass(tax, x_tr, y_tr, x_te, cfg, method=None):
 
 
 def fit_flat(tax, x_tr, y_tr, x_te, C):
-    from taxoclass.baselines import FlatLinearProbe
+    from taxoclass.model.baselines import FlatLinearProbe
 
     t0 = time.perf_counter()
     model = FlatLinearProbe(tax, C=C, max_iter=3000).fit(x_tr, y_tr)
@@ -118,7 +118,7 @@ def fit_hiclass(tax, x_tr, y_tr, x_te, C):
     from hiclass import LocalClassifierPerParentNode
     from sklearn.linear_model import LogisticRegression
 
-    from taxoclass.baselines import l2_normalise
+    from taxoclass.model.baselines import l2_normalise
 
     def labels(targets):
         cols = []
@@ -140,7 +140,7 @@ def fit_hiclass(tax, x_tr, y_tr, x_te, C):
 
 
 def fit_nn(tax, x_tr, y_tr, x_te):
-    from taxoclass.baselines import NearestNeighbour
+    from taxoclass.model.baselines import NearestNeighbour
 
     t0 = time.perf_counter()
     model = NearestNeighbour(tax, mode="species").fit(x_tr, y_tr)
@@ -148,7 +148,7 @@ def fit_nn(tax, x_tr, y_tr, x_te):
 
 
 def fit_proto(tax, x_tr, y_tr, x_te):
-    from taxoclass.baselines import ClassPrototype
+    from taxoclass.model.baselines import ClassPrototype
 
     t0 = time.perf_counter()
     model = ClassPrototype(tax).fit(x_tr, y_tr)
@@ -160,7 +160,7 @@ def tune(tax, x, y, strata, train_idx, cfg) -> list[dict]:
     """Inner validation on the training part only: 3 stratified splits, averaged."""
     import copy
 
-    from taxoclass.training import stratified_split
+    from taxoclass.model.training import stratified_split
 
     inner = []
     for seed in (1, 2, 3):
@@ -195,8 +195,8 @@ def tune(tax, x, y, strata, train_idx, cfg) -> list[dict]:
                 model__hidden=1024, model__dropout=0.3, train__weight_decay=1e-4,
                 loss__label_smoothing=0.0),
     ]
-    from taxoclass.decoding import decode
-    from taxoclass.training import normalize, train_head
+    from taxoclass.model.decoding import decode
+    from taxoclass.model.training import normalize, train_head
 
     out = []
     for name, c in variants:
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from taxoclass.config import load_config
-    from taxoclass.training import stratified_split
+    from taxoclass.model.training import stratified_split
 
     if not (DATA / "annotations.json").is_file():
         print(f"skip: {DATA} not found (see shared/data/README.md)")

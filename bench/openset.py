@@ -10,7 +10,7 @@ all their images in validation, so calibration sees what novelty looks like (the
 no test; a different training set, so figures are not comparable with the default run).
 ``--calibration crossfit`` (``openset.calibration``) instead trains the head on the
 training and validation images together and fits the combiner and thresholds on their
-out-of-fold predictions (``taxoclass.workflows.crossfit_openset``, ``--folds`` heads);
+out-of-fold predictions (``taxoclass.pipelines.jobs.crossfit_openset``, ``--folds`` heads);
 the combiner grid of the detection table needs a validation split and is left out.
 
     .venv/bin/python bench/openset.py [--n-holdout 12] [--calib-holdout 8] [--seed 0]
@@ -35,10 +35,18 @@ import torch
 import yaml
 from _results import markdown_table, publish
 
-from taxoclass.annotations import load_annotations
 from taxoclass.config import CALIBRATIONS, DEFAULTS, load_config
-from taxoclass.decoding import decode
-from taxoclass.openset import (
+from taxoclass.model.decoding import decode
+from taxoclass.model.training import normalize, stratified_split, train_head
+from taxoclass.openset.detectors import (
+    COMBINERS,
+    CONFIDENCES,
+    DETECTORS,
+    EvidenceCombiner,
+    OutlierDetector,
+    confidence_scores,
+)
+from taxoclass.openset.scorer import (
     choose_holdout,
     confidence_of,
     correct_by_rank,
@@ -51,16 +59,8 @@ from taxoclass.openset import (
     split_known_unknown,
     truth_names,
 )
-from taxoclass.outliers import (
-    COMBINERS,
-    CONFIDENCES,
-    DETECTORS,
-    EvidenceCombiner,
-    OutlierDetector,
-    confidence_scores,
-)
-from taxoclass.training import normalize, stratified_split, train_head
-from taxoclass.workflows import _targets, config_embeddings, crossfit_openset
+from taxoclass.pipelines.jobs import _targets, config_embeddings, crossfit_openset
+from taxoclass.taxonomy.annotations import load_annotations
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "leaf" / "annotations.json"

@@ -3,7 +3,7 @@
 On the 990 labelled leaf images with EfficientNet-Lite0 (real weights, CPU), side by side
 in one run:
 
-* the local pipeline (:func:`taxoclass.embeddings.compute_embeddings`, workers 0 and 2),
+* the local pipeline (:func:`taxoclass.features.embeddings.compute_embeddings`, workers 0 and 2),
 * (a) the bare model forward on pre-decoded tensors, same batch size
   (goal: pipeline >= 80 % of it),
 * (b) a naive loop opening and embedding one image at a time (goal: pipeline >= 3x),
@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from _results import publish
 
-from taxoclass.backbones import create_backbone
-from taxoclass.embeddings import compute_embeddings
-from taxoclass.images import load_image
+from taxoclass.features.backbones import create_backbone
+from taxoclass.features.embeddings import compute_embeddings
+from taxoclass.io.images import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -150,8 +150,8 @@ def run_rss(sizes: list[int], data: Path, batch_size: int, workers: int) -> list
 
 def run_head(n: int, dim: int, table: Path, batch_size: int) -> dict:
     from taxoclass.bundle import ModelBundle
-    from taxoclass.heads import MultiRankHead
-    from taxoclass.workflows import load_taxonomy
+    from taxoclass.model.heads import MultiRankHead
+    from taxoclass.pipelines.jobs import load_taxonomy
 
     t0 = time.perf_counter()
     tax = load_taxonomy(table)

@@ -79,9 +79,9 @@ def synthetic(taxonomy, n: int, d: int, seed: int = 0):
 
 def step_breakdown(taxonomy, x, y, *, batch_size: int, steps: int, train_cfg: dict) -> dict:
     """Mean seconds per step of forward, loss, backward and optimizer step."""
-    from taxoclass.heads import MultiRankHead
-    from taxoclass.losses import ClassDependencyLoss
-    from taxoclass.training import make_optimizer, normalize
+    from taxoclass.model.heads import MultiRankHead
+    from taxoclass.model.losses import ClassDependencyLoss
+    from taxoclass.model.training import make_optimizer, normalize
 
     head = MultiRankHead(x.shape[1], taxonomy.sizes)
     crit = ClassDependencyLoss(taxonomy, dependency_weight=1.0)
@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                     default=str(ROOT / "bench" / "results" / "plantclef_scale_training.md"))
     args = ap.parse_args(argv)
 
-    from taxoclass.training import train_head
-    from taxoclass.workflows import load_taxonomy
+    from taxoclass.model.training import train_head
+    from taxoclass.pipelines.jobs import load_taxonomy
 
     if not CSV.is_file():
         print(f"skip: {CSV} not found (see shared/data/README.md)")

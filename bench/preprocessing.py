@@ -32,11 +32,11 @@ from _results import publish
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from taxoclass.annotations import load_annotations
-from taxoclass.backbones import create_backbone, preprocess_overrides
-from taxoclass.embeddings import embed_batches
-from taxoclass.training import stratified_split
-from taxoclass.workflows import _targets
+from taxoclass.features.backbones import create_backbone, preprocess_overrides
+from taxoclass.features.embeddings import embed_batches
+from taxoclass.model.training import stratified_split
+from taxoclass.pipelines.jobs import _targets
+from taxoclass.taxonomy.annotations import load_annotations
 
 ROOT = Path(__file__).resolve().parents[1]
 LEAF = ROOT.parent / "shared" / "data" / "leaf"

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from _results import publish
 
-from taxoclass.embeddings import compute_embeddings
 from taxoclass.engines import backbone_from_spec
+from taxoclass.features.embeddings import compute_embeddings
 
 LEAF = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "leaf"
 SPEC = {"name": "efficientnet-lite0"}

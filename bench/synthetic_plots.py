@@ -1,7 +1,7 @@
 """Synthetic plots from real leaf images: calibrated aggregation rules vs arg-max-union.
 
 The classifier is the real product path: a taxoclass multi-rank head trained with
-``taxoclass.training.train_head`` (hyper-parameters from ``configs/leaf.yaml``) on the
+``taxoclass.model.training.train_head`` (hyper-parameters from ``configs/leaf.yaml``) on the
 TRAINING split of the EfficientNet-Lite0 leaf embeddings (``runs/leaf-lite0-embeddings``;
 the same seeded 70/30 split as ``taxoclass train --config configs/leaf.yaml``), tiles
 embedded by ``create_backbone("efficientnet-lite0")`` and decoded by the bundle.
@@ -49,17 +49,17 @@ import torch
 from _results import markdown_table, publish
 from PIL import Image, ImageDraw, ImageFilter
 
-from taxoclass.annotations import load_annotations
-from taxoclass.backbones import backbone_spec
 from taxoclass.bundle import ModelBundle
 from taxoclass.config import load_config
-from taxoclass.heads import MultiRankHead
-from taxoclass.outliers import OutlierDetector
-from taxoclass.plot_eval import evaluate_plots
-from taxoclass.plots import aggregate_plot, keep_top_k, rule_scores
-from taxoclass.tiling import BundleTileClassifier, crop_tiles, make_tiles
-from taxoclass.training import stratified_split, train_head
-from taxoclass.workflows import _targets, config_embeddings, view_embeddings, with_views
+from taxoclass.features.backbones import backbone_spec
+from taxoclass.model.heads import MultiRankHead
+from taxoclass.model.training import stratified_split, train_head
+from taxoclass.openset.detectors import OutlierDetector
+from taxoclass.pipelines.jobs import _targets, config_embeddings, view_embeddings, with_views
+from taxoclass.plots.evaluation import evaluate_plots
+from taxoclass.plots.rules import aggregate_plot, keep_top_k, rule_scores
+from taxoclass.plots.tiling import BundleTileClassifier, crop_tiles, make_tiles
+from taxoclass.taxonomy.annotations import load_annotations
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -218,16 +218,16 @@ def companion_views(cfg: dict, rows: pd.DataFrame, sources: np.ndarray, pool: np
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tile-like views holding several leaves, one training row per leaf (cached).
 
-    View ``k`` of each ``sources`` image is ``taxoclass.augment.tile_view`` of it (the
+    View ``k`` of each ``sources`` image is ``taxoclass.features.views.tile_view`` of it (the
     config's augment settings) plus 0..``max_companions`` leaves of other ``pool`` images
     pasted on top (random scale and rotation, up to 60% outside the view). Returns (view
     embeddings repeated once per leaf, row index of that leaf's image, row index of the
     view's main image).
     """
-    from taxoclass.augment import ViewSettings, _object, _place, _position, tile_view
-    from taxoclass.backbones import backbone_from_spec
-    from taxoclass.images import load_image
-    from taxoclass.tiling import embed_images
+    from taxoclass.features.backbones import backbone_from_spec
+    from taxoclass.features.views import ViewSettings, _object, _place, _position, tile_view
+    from taxoclass.io.images import load_image
+    from taxoclass.plots.tiling import embed_images
 
     settings = ViewSettings.from_mapping({k: v for k, v in cfg["augment"].items()
                                           if k != "dir"})
@@ -284,7 +284,7 @@ def finetuned_config(cfg: dict, rows: pd.DataFrame, y: dict, mask: np.ndarray, t
     test image) with ``finetune.tile_views`` fresh tile-like views per image and epoch;
     return the config pointing at the fine-tuned backbone (own embedding and view caches).
     The run is cached by its settings and images."""
-    from taxoclass.finetune import finetune
+    from taxoclass.model.finetune import finetune
 
     size = args.finetune_size
     base = {**cfg["backbone"], "image_size": size, "resize": "letterbox"}
@@ -406,7 +406,7 @@ def species_sweep(plots: dict, truth_idx: dict, placeholder: np.ndarray, rule: s
                   min_tiles: tuple[int, ...], lowest: str, flag_rate=None) -> np.ndarray:
     """Macro F1 per plot at species rank for every (min_tiles, species threshold).
 
-    A vectorised copy of :func:`taxoclass.plots.aggregate_plot`'s species step (the
+    A vectorised copy of :func:`taxoclass.plots.rules.aggregate_plot`'s species step (the
     chosen settings are re-scored with ``aggregate_plot`` itself and must agree).
     """
     f1 = np.zeros((len(min_tiles), len(SPECIES_T)))
@@ -493,12 +493,12 @@ def oracle_f1(plots: dict, truth: dict, taxonomy, rule: str, grid_set: tuple[str
 def product_calibration(cal_plots: dict, cal_truth: dict, test_plots: dict, test_truth: dict,
                         taxonomy, grid_set: tuple[str, ...]) -> tuple[dict, dict]:
     """What `taxoclass calibrate-plots` chooses on the calibration plots
-    (:func:`taxoclass.plot_calibration.calibrate_rules`: every rule's thresholds and tile
+    (:func:`taxoclass.plots.calibration.calibrate_rules`: every rule's thresholds and tile
     settings, the learned rule scored out-of-fold), applied to the test plots as
     `plot-report --settings` applies it. Tiles of ``grid_set`` only, none flagged (the
     product flags with the bundle's own calibrated detector, which these bench heads lack).
     Returns (settings, {rule: evaluate_plots result on the test plots})."""
-    from taxoclass.plot_calibration import PlotTiles, calibrate_rules, plot_records
+    from taxoclass.plots.calibration import PlotTiles, calibrate_rules, plot_records
 
     def tiles(plots):
         out = {}
@@ -583,7 +583,7 @@ def describe_settings(s: dict, multi: bool, coarse: str = "2x2") -> str:
 
 def quadrat_timing(thresholds: dict, out: Path, repeats: int, model: Path) -> list[dict]:
     """Seconds per plot of ``plot_report`` on the real quadrat photo with ``model``."""
-    from taxoclass.reports import plot_report
+    from taxoclass.plots.report import plot_report
 
     photo = DATA / "quadrat" / "CBN-can-A1-20230705.jpg"
     t0 = time.perf_counter()
@@ -639,7 +639,7 @@ def main() -> None:
                          "CSV into DIR (inputs for `taxoclass calibrate-plots` / "
                          "`evaluate-plots`)")
     ap.add_argument("--finetune-epochs", type=int, default=0,
-                    help="fine-tune the backbone first (taxoclass.finetune) for this many "
+                    help="fine-tune the backbone first (taxoclass.model.finetune) for this many "
                          "epochs on the training images outside the calibration pool, with "
                          "fresh tile-like views (bench: the heads then train on its features)")
     ap.add_argument("--finetune-views", type=int, default=4,
@@ -868,8 +868,8 @@ def main() -> None:
         "rows), maximising species macro F1 per plot; then the genus threshold "
         f"({len(GENUS_T)} values) maximising genus macro F1 per plot with the species "
         "settings fixed (genus records only add genus credit). The test plots are scored "
-        "once with the chosen settings using `taxoclass.plots.aggregate_plot` and "
-        "`taxoclass.plot_eval.evaluate_plots`. Genus F1 is rank-aware: species records "
+        "once with the chosen settings using `taxoclass.plots.rules.aggregate_plot` and "
+        "`taxoclass.plots.evaluation.evaluate_plots`. Genus F1 is rank-aware: species records "
         "count at their genus, `Genus sp.` records count at genus. Δ is in F1 points vs the "
         "untuned baseline of the same grid. The two oracle columns use the rule's score (all "
         "tiles of the grid, weight 1, no tile settings) with a cut-off chosen per test plot "
@@ -879,7 +879,7 @@ def main() -> None:
         "wrong top species, which nothing can know). They show how much a better threshold "
         "could still win from these tile probabilities. The `calibrate-plots` rows are what "
         "the product's `taxoclass calibrate-plots` picks on the same calibration plots "
-        "(`taxoclass.plot_calibration.calibrate_rules`: thresholds and tile settings per "
+        "(`taxoclass.plots.calibration.calibrate_rules`: thresholds and tile settings per "
         "rule in-sample, the learned rule — a logistic regression per rank on per-taxon "
         "tile statistics — scored out-of-fold; no tiles flagged), applied to the test "
         "plots as `plot-report --settings` does; the learned rule is shown even when not "

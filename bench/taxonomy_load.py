@@ -13,9 +13,9 @@ import platform
 import time
 from pathlib import Path
 
-from taxoclass.annotations import load_annotations, read_json, validate_annotations
-from taxoclass.taxonomy import Taxonomy
-from taxoclass.workflows import load_taxonomy
+from taxoclass.pipelines.jobs import load_taxonomy
+from taxoclass.taxonomy.annotations import load_annotations, read_json, validate_annotations
+from taxoclass.taxonomy.tree import Taxonomy
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -20,14 +20,14 @@ from .errors import TaxonomyError as TaxonomyError
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Taxonomy": "taxonomy",
-    "load_annotations": "annotations",
-    "validate_annotations": "annotations",
-    "read_species_table": "annotations",
-    "read_class_mapping": "annotations",
-    "create_backbone": "backbones",
-    "compute_embeddings": "embeddings",
-    "load_embeddings": "embeddings",
+    "Taxonomy": "taxonomy.tree",
+    "load_annotations": "taxonomy.annotations",
+    "validate_annotations": "taxonomy.annotations",
+    "read_species_table": "taxonomy.annotations",
+    "read_class_mapping": "taxonomy.annotations",
+    "create_backbone": "features.backbones",
+    "compute_embeddings": "features.embeddings",
+    "load_embeddings": "features.embeddings",
 }
 
 

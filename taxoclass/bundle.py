@@ -27,9 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import BundleError
-from .fileio import atomic_write_json
-from .heads import MultiRankHead
-from .taxonomy import Taxonomy
+from .io.files import atomic_write_json
+from .model.heads import MultiRankHead
+from .taxonomy.tree import Taxonomy
 
 FORMAT_VERSION = 1
 BUNDLE_FILE = "bundle.json"
@@ -59,7 +59,7 @@ class ModelBundle:
     normalize: bool = True
     decode_method: str = "path"
     extra: dict[str, Any] = field(default_factory=dict)
-    scorer: Any = None  # taxoclass.openset.OpenSetScorer: detector + thresholds for back-off
+    scorer: Any = None  # taxoclass.openset.scorer.OpenSetScorer: detector + thresholds for back-off
     path: Path | None = None  # the folder it was loaded from (relative checkpoints resolve here)
 
     # ------------------------------------------------------------------ inference
@@ -73,8 +73,8 @@ class ModelBundle:
 
     def predict_embeddings(self, embeddings: np.ndarray | torch.Tensor, *, top_k: int = 5,
                            batch_size: int = 4096):
-        """Coherent per-rank predictions (:class:`~taxoclass.decoding.Decoded`)."""
-        from .decoding import concat_decoded, decode
+        """Coherent per-rank predictions (:class:`~taxoclass.model.decoding.Decoded`)."""
+        from .model.decoding import concat_decoded, decode
 
         parts = [decode(self.logits(embeddings[i:i + batch_size]), self.taxonomy,
                         method=self.decode_method, top_k=top_k)
@@ -89,7 +89,7 @@ class ModelBundle:
         Without a fitted scorer every answer is the species of the best path
         (reason ``"species"``, score = its probability).
         """
-        from .backoff import back_off_batch
+        from .openset.backoff import back_off_batch
 
         x = np.asarray(embeddings, dtype=np.float32)
         decoded = self.predict_embeddings(x, top_k=top_k)
@@ -108,7 +108,7 @@ class ModelBundle:
 
     def create_backbone(self, device: str = "cpu"):
         """Rebuild the backbone the head was trained on (same weights and preprocessing)."""
-        from .backbones import SPEC_KEYS, backbone_from_spec
+        from .features.backbones import SPEC_KEYS, backbone_from_spec
 
         spec = {k: v for k, v in self.backbone.items() if k in SPEC_KEYS and v is not None}
         checkpoint = spec.get("checkpoint")
@@ -166,7 +166,7 @@ class ModelBundle:
         head.eval()
         scorer = None
         if (path / OPENSET_FILE).is_file():
-            from .openset import OpenSetScorer
+            from .openset.scorer import OpenSetScorer
 
             if not (path / OPENSET_ARRAYS).is_file():
                 raise BundleError(f"{path}: {OPENSET_FILE} without {OPENSET_ARRAYS}; the bundle "

@@ -19,7 +19,7 @@ class _Group(click.Group):
     """Turn taxoclass errors into one clear message and exit code 2, not a traceback."""
 
     def main(self, args=None, prog_name=None, **kwargs):
-        from . import provenance
+        from .io import provenance
 
         argv = list(sys.argv[1:] if args is None else args)
         provenance.set_command_line(["taxoclass", *argv])
@@ -102,8 +102,8 @@ def validate(annotations: Path, images_root: Path | None, report: Path | None) -
     and how to fix it; exits 1 when there is any error. A clean file prints counts
     per rank.
     """
-    from .annotations import validate_annotations
-    from .fileio import atomic_write_csv
+    from .io.files import atomic_write_csv
+    from .taxonomy.annotations import validate_annotations
 
     result = validate_annotations(annotations, images_root=images_root)
     click.echo(result.format())
@@ -126,13 +126,13 @@ def taxonomy(source: Path, ranks: str, csv_out: Path | None) -> None:
     SOURCE is a Herbarium 2022-style annotations JSON, or a species table (CSV or
     ';'-separated with species, genus, family columns, like PlantCLEF's).
     """
-    from .workflows import load_taxonomy
+    from .pipelines.jobs import load_taxonomy
 
     tax = load_taxonomy(source, ranks=[r.strip() for r in ranks.split(",") if r.strip()])
     for rank, n in tax.summary().items():
         click.echo(f"{rank:>12}: {n}")
     if csv_out is not None:
-        from .fileio import atomic_write_csv
+        from .io.files import atomic_write_csv
 
         atomic_write_csv(csv_out, tax.to_frame())
         click.echo(f"wrote {csv_out}")
@@ -190,7 +190,7 @@ def embed(annotations: Path, images_root: Path | None, backbone: str, checkpoint
     image ids), records missing or corrupt images in failures.csv while the rest
     carries on, and writes provenance.json beside the cache.
     """
-    from .workflows import embed_annotations
+    from .pipelines.jobs import embed_annotations
 
     with _progress("embedding", "img") as progress:
         result = embed_annotations(annotations, images_root=images_root, backbone=backbone,
@@ -235,11 +235,11 @@ def train(config_path: Path | None, overrides: tuple[str, ...], finetune: bool,
     (and the back-off thresholds) come from out-of-fold predictions.
     """
     from .config import load_config, openset_calibration
-    from .workflows import train_from_config
+    from .pipelines.jobs import train_from_config
 
     cfg = load_config(config_path, overrides)
     if finetune:
-        from .finetune import finetune_from_config
+        from .model.finetune import finetune_from_config
 
         if unfreeze_blocks is not None:
             cfg["finetune"]["unfreeze_blocks"] = unfreeze_blocks
@@ -299,7 +299,7 @@ def predict(model: Path, images: tuple[Path, ...], out: Path | None, top_k: int,
             batch_size: int, overwrite: bool, engine: str, master: str | None,
             device: str) -> None:
     """Predict family, genus and species (coherent path + top-k) for IMAGES (files or folders)."""
-    from .workflows import predict_images
+    from .pipelines.jobs import predict_images
 
     with _progress("predicting", "img") as prog:
         if engine == "local":
@@ -310,7 +310,7 @@ def predict(model: Path, images: tuple[Path, ...], out: Path | None, top_k: int,
 
             if out is None:
                 raise click.UsageError("--engine spark writes Parquet: pass --out DIR.")
-            from .embeddings import auto_batch_size
+            from .features.embeddings import auto_batch_size
 
             frame = get_engine(engine, master=master).predict(
                 model, images, out, batch_size=batch_size or auto_batch_size("cpu"),
@@ -350,7 +350,7 @@ def flag_unknowns_cmd(model: Path, images: tuple[Path, ...], out: Path, batch_si
     a known species by name, an unknown oak as "Quercus sp." (reason
     backoff_to_genus:outlier or :low_confidence), or "unknown".
     """
-    from .workflows import flag_unknowns
+    from .pipelines.jobs import flag_unknowns
 
     with _progress("screening", "img") as prog:
         frame, summary = flag_unknowns(model, images, out=out, batch_size=batch_size,
@@ -407,7 +407,7 @@ def evaluate(model: Path, annotations: Path, images_root: Path | None, out: Path
         _evaluate_holdout(model, annotations, images_root, out, holdout_species,
                           holdout_fraction, seed)
         return
-    from .workflows import evaluate_model
+    from .pipelines.jobs import evaluate_model
 
     out_dir = None
     if out is not None:
@@ -416,7 +416,7 @@ def evaluate(model: Path, annotations: Path, images_root: Path | None, out: Path
         metrics = evaluate_model(model, annotations, images_root=images_root, out=out_dir,
                                  split=split, progress=prog)
     if out is not None and out.suffix == ".json" and out.name != "metrics.json":
-        from .fileio import atomic_write_json
+        from .io.files import atomic_write_json
 
         atomic_write_json(out, {k: v for k, v in metrics.items() if k != "confusion"})
     _print_metrics(metrics, f"{metrics['n_images']} images ({metrics['split']} split)")
@@ -428,7 +428,7 @@ def evaluate(model: Path, annotations: Path, images_root: Path | None, out: Path
 
 
 def _evaluate_holdout(model, annotations, images_root, out, species, fraction, seed) -> None:
-    from .workflows import evaluate_holdout
+    from .pipelines.jobs import evaluate_holdout
 
     out_dir = None if out is None else (out.parent if out.suffix == ".json" else out)
     with _progress("embedding", "img") as prog:
@@ -525,7 +525,7 @@ def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, settings_fi
     evidence supports. Writes plot_records.csv/.json, report.html (photos with tile grid
     and taxa), plantclef_submission.csv, occurrences_dwc.csv, failures.csv, provenance.
     """
-    from .workflows import plot_report_job
+    from .pipelines.jobs import plot_report_job
 
     job = functools.partial(plot_report_job, device=device)
     if engine != "local":
@@ -579,7 +579,7 @@ def calibrate_plots_cmd(model: Path, truth: Path, plots: tuple[Path, ...], out: 
     chosen.
     Use the result with `taxoclass plot-report --settings OUT/plot_settings.json`.
     """
-    from .workflows import calibrate_plots_job
+    from .pipelines.jobs import calibrate_plots_job
 
     with _progress("plots", "plot") as prog:
         result = calibrate_plots_job(
@@ -617,9 +617,9 @@ def calibrate_plots_cmd(model: Path, truth: Path, plots: tuple[Path, ...], out: 
 def explain(model: Path | None, backbone: str | None, checkpoint: Path | None,
             model_kwargs: str | None, image: Path, out: Path, head: int | None) -> None:
     """Overlay the last block's class-token attention (DINOv2 / ViT) on IMAGE."""
-    from .attention import explain as explain_image
-    from .backbones import create_backbone
     from .bundle import ModelBundle
+    from .features.attention import explain as explain_image
+    from .features.backbones import create_backbone
 
     if model is not None:
         bb = ModelBundle.load(model).create_backbone()
@@ -646,7 +646,7 @@ def evaluate_plots_cmd(records: Path, truth: Path, taxonomy_source: Path,
     """PlantCLEF macro F1 averaged per plot, macro F1 per species, micro F1, and the same
     with rank-aware credit (a correct genus-level record counts at genus rank).
     """
-    from .workflows import evaluate_plots_job
+    from .pipelines.jobs import evaluate_plots_job
 
     result = evaluate_plots_job(records, truth, taxonomy_source, out=out)
     click.echo(f"{'rank':>10} {'F1/plot':>8} {'F1/taxon':>9} {'micro F1':>9} {'plots':>6}")

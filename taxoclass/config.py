@@ -62,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
     },
     "decode": {"method": "path", "top_k": 5},
-    "augment": {                   # tile-like views of TRAINING images (taxoclass.augment)
+    "augment": {                   # tile-like views of TRAINING images (taxoclass.features.views)
         "views_per_image": 0,      # 0: off; e.g. 4 for a head that classifies plot tiles
         "size": 320, "scale": [0.45, 1.4], "rotate": True, "max_cut": 0.35,
         "background": "clutter",   # black | noise | clutter | a folder of background photos

@@ -57,9 +57,9 @@ def leaf_embedding_cache(shared_data: Path, request, tmp_path_factory) -> Path:
     complete, else computes the cache once per machine into pytest's cache folder
     (about a minute on 2 cores), so the quality-floor tests run on a fresh clone too.
     """
-    from taxoclass.embeddings import load_embeddings
     from taxoclass.errors import CacheError
-    from taxoclass.workflows import embed_annotations
+    from taxoclass.features.embeddings import load_embeddings
+    from taxoclass.pipelines.jobs import embed_annotations
 
     for candidate in (REPO / "runs" / "leaf-lite0-embeddings",):
         try:
@@ -142,10 +142,10 @@ def make_tile_classifier():
     def build(tax, *, n: int, steps: int, batch_size: int, random_labels: bool):
         import torch
 
-        from taxoclass.backbones import create_backbone
         from taxoclass.bundle import ModelBundle
-        from taxoclass.heads import MultiRankHead
-        from taxoclass.tiling import BundleTileClassifier
+        from taxoclass.features.backbones import create_backbone
+        from taxoclass.model.heads import MultiRankHead
+        from taxoclass.plots.tiling import BundleTileClassifier
 
         torch.manual_seed(0)
         kwargs = dict(img_size=56, depth=2, embed_dim=64, num_heads=2)

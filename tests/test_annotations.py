@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from taxoclass.annotations import (
+from taxoclass.errors import AnnotationError
+from taxoclass.taxonomy.annotations import (
     load_annotations,
     read_class_mapping,
     read_species_table,
     validate_annotations,
 )
-from taxoclass.errors import AnnotationError
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from taxoclass.attention import attention_map, explain
-from taxoclass.backbones import create_backbone
 from taxoclass.errors import BackboneError, ConfigError
-from taxoclass.images import load_image
+from taxoclass.features.attention import attention_map, explain
+from taxoclass.features.backbones import create_backbone
+from taxoclass.io.images import load_image
 
 torch.set_num_threads(1)
 

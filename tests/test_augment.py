@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 
-from taxoclass.augment import (
+from taxoclass.errors import CacheError, ConfigError, ImageError
+from taxoclass.features.views import (
     ViewSettings,
     clutter_background,
     stable_int,
     tile_view,
     write_views,
 )
-from taxoclass.errors import CacheError, ConfigError, ImageError
 
 W, H = 200, 120  # source ellipse image: the ellipse fills it
 

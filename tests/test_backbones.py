@@ -10,14 +10,14 @@ import timm
 import timm.data
 import torch
 
-from taxoclass.backbones import (
+from taxoclass.errors import BackboneError
+from taxoclass.features.backbones import (
     BACKBONE_ALIASES,
     DEFAULT_BACKBONE,
     create_backbone,
     file_sha256,
     load_class_mapping,
 )
-from taxoclass.errors import BackboneError
 
 DINO = "vit_base_patch14_reg4_dinov2"
 PLANTCLEF_HEAD = 7806

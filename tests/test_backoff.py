@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from taxoclass.backoff import back_off, back_off_batch
-from taxoclass.decoding import decode_leaf_probabilities
-from taxoclass.taxonomy import Taxonomy
+from taxoclass.model.decoding import decode_leaf_probabilities
+from taxoclass.openset.backoff import back_off, back_off_batch
+from taxoclass.taxonomy.tree import Taxonomy
 
 RANKS = ("family", "genus", "species")
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from sklearn.exceptions import NotFittedError
 
-from taxoclass.baselines import ClassPrototype, FlatLinearProbe, NearestNeighbour
-from taxoclass.decoding import Decoded, is_coherent
-from taxoclass.metrics import evaluate_predictions
-from taxoclass.taxonomy import Taxonomy
+from taxoclass.model.baselines import ClassPrototype, FlatLinearProbe, NearestNeighbour
+from taxoclass.model.decoding import Decoded, is_coherent
+from taxoclass.model.metrics import evaluate_predictions
+from taxoclass.taxonomy.tree import Taxonomy
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LEAF = DATA / "leaf" / "annotations.json"
@@ -37,7 +37,7 @@ def _synthetic_taxonomy() -> Taxonomy:
 def tax() -> Taxonomy:
     """The real leaf taxonomy (99 taxa, 34 genera, 24 families) when the data is there."""
     if LEAF.is_file():
-        from taxoclass.annotations import load_annotations
+        from taxoclass.taxonomy.annotations import load_annotations
 
         return load_annotations(LEAF).taxonomy()
     return _synthetic_taxonomy()

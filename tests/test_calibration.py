@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from taxoclass.calibration import RankThresholds, fit_thresholds
+from taxoclass.openset.thresholds import RankThresholds, fit_thresholds
 
 
 def _validation(seed=0, n=2000):

@@ -12,13 +12,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from taxoclass.decoding import (
+from taxoclass.model.decoding import (
     coherent_probabilities,
     decode,
     decode_leaf_probabilities,
     is_coherent,
 )
-from taxoclass.taxonomy import Taxonomy
+from taxoclass.taxonomy.tree import Taxonomy
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PLANTCLEF_CSV = DATA / "plantclef2024" / "plantclef2024_species_DERIVED_genus_family_from_inat.csv"
@@ -247,7 +247,7 @@ def test_decoding_at_plantclef_size_is_coherent_and_fast(plantclef_taxonomy):
 def test_leaf_taxonomy_placeholder_is_decoded_at_genus():
     if not LEAF.is_file():
         pytest.skip(f"leaf annotations not found at {LEAF} (../shared/data absent)")
-    from taxoclass.annotations import load_annotations
+    from taxoclass.taxonomy.annotations import load_annotations
 
     ann = load_annotations(LEAF)
     tax = ann.taxonomy()

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from taxoclass.backbones import create_backbone
-from taxoclass.embeddings import compute_embeddings, load_embeddings
 from taxoclass.errors import CacheError, ImageError
-from taxoclass.images import load_image
+from taxoclass.features.backbones import create_backbone
+from taxoclass.features.embeddings import compute_embeddings, load_embeddings
+from taxoclass.io.images import load_image
 
 
 @pytest.fixture

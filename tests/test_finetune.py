@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from taxoclass.errors import ConfigError
-from taxoclass.finetune import (
+from taxoclass.model.finetune import (
     FinetuneModel,
     FinetuneSettings,
     embed_images,
@@ -17,7 +17,7 @@ from taxoclass.finetune import (
     layerwise_param_groups,
     set_trainable,
 )
-from taxoclass.heads import MultiRankHead
+from taxoclass.model.heads import MultiRankHead
 
 SPECIES = [("Acer", "palmatum"), ("Acer", "rubrum"), ("Ulmus", "bergmanniana"),
            ("Zelkova", "serrata")]
@@ -32,9 +32,9 @@ def leaf_data():
     """24 real leaf images of 4 species (2 families, 3 genera) with their targets."""
     from conftest import SHARED_DATA
 
-    from taxoclass import workflows
-    from taxoclass.annotations import load_annotations
-    from taxoclass.taxonomy import Taxonomy
+    from taxoclass.pipelines import jobs as workflows
+    from taxoclass.taxonomy.annotations import load_annotations
+    from taxoclass.taxonomy.tree import Taxonomy
 
     leaf = SHARED_DATA / "leaf"
     if not (leaf / "annotations.json").is_file():
@@ -62,7 +62,7 @@ def leaf_data():
 def tiny_backbone():
     from conftest import TINY_DINO_KWARGS
 
-    from taxoclass.backbones import create_backbone
+    from taxoclass.features.backbones import create_backbone
 
     torch.manual_seed(0)
     return create_backbone("vit_base_patch14_reg4_dinov2", pretrained=False,
@@ -102,7 +102,7 @@ def test_loss_decreases_and_bundle_written(trained):
 
 def test_bundle_reproduces_finetuned_logits(trained, leaf_data):
     from taxoclass.bundle import ModelBundle
-    from taxoclass.images import load_image
+    from taxoclass.io.images import load_image
 
     bundle = ModelBundle.load(trained.bundle_dir)
     assert bundle.backbone["checkpoint"] == trained.backbone_checkpoint.name  # bundle-relative
@@ -257,7 +257,7 @@ def test_tile_views_are_fresh_reproducible_and_recorded(leaf_data, tiny_backbone
     """``tile_views``: each epoch shows every image once plus N tile-like views of it,
     drawn anew per epoch but the same for the same (seed, epoch, image)."""
     from taxoclass.bundle import ModelBundle
-    from taxoclass.finetune import ImageDataset, TileViewTransform
+    from taxoclass.model.finetune import ImageDataset, TileViewTransform
 
     views = {"size": 64, "background": "clutter", "scale": [0.5, 1.0]}
     tf = TileViewTransform(views, tiny_backbone.transform)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from taxoclass.errors import ConfigError
-from taxoclass.heads import HierarchicalClassifier, MultiRankHead
-from taxoclass.losses import ClassDependencyLoss, class_balanced_weights
-from taxoclass.taxonomy import Taxonomy
+from taxoclass.model.heads import HierarchicalClassifier, MultiRankHead
+from taxoclass.model.losses import ClassDependencyLoss, class_balanced_weights
+from taxoclass.taxonomy.tree import Taxonomy
 
 RECORDS = [
     {"family": "Fagaceae", "genus": "Quercus", "species": "robur"},

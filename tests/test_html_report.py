@@ -22,9 +22,9 @@ import pytest
 import torch
 from PIL import Image
 
-from taxoclass.reports import _palette, plot_report
-from taxoclass.taxonomy import Taxonomy
-from taxoclass.tiling import BundleTileClassifier
+from taxoclass.plots.report import _palette, plot_report
+from taxoclass.plots.tiling import BundleTileClassifier
+from taxoclass.taxonomy.tree import Taxonomy
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium (`chromium`) is not "

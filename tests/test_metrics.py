@@ -9,9 +9,9 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from taxoclass.decoding import decode
-from taxoclass.metrics import confusion_summary, evaluate_predictions, flatten_metrics
-from taxoclass.taxonomy import Taxonomy
+from taxoclass.model.decoding import decode
+from taxoclass.model.metrics import confusion_summary, evaluate_predictions, flatten_metrics
+from taxoclass.taxonomy.tree import Taxonomy
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LEAF = DATA / "leaf" / "annotations.json"
@@ -163,7 +163,7 @@ def test_confusion_summary_orders_pairs(case):
 def test_real_leaf_labels_perfect_and_random_predictions():
     if not LEAF.is_file():
         pytest.skip(f"leaf annotations not found at {LEAF} (../shared/data absent)")
-    from taxoclass.annotations import load_annotations
+    from taxoclass.taxonomy.annotations import load_annotations
 
     ann = load_annotations(LEAF)
     tax = ann.taxonomy()

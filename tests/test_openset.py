@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from taxoclass.openset import (
+from taxoclass.openset.scorer import (
     OpenSetScorer,
     choose_holdout,
     correct_by_rank,
@@ -73,8 +73,8 @@ def test_risk_coverage_precision_rises_as_coverage_falls():
 
 @pytest.fixture(scope="module")
 def leaf(shared_data, leaf_embedding_cache):
-    from taxoclass.annotations import load_annotations
-    from taxoclass.embeddings import load_embeddings
+    from taxoclass.features.embeddings import load_embeddings
+    from taxoclass.taxonomy.annotations import load_annotations
 
     ann = load_annotations(shared_data / "leaf" / "annotations.json")
     rows = ann.labelled_images().reset_index(drop=True)
@@ -84,9 +84,9 @@ def leaf(shared_data, leaf_embedding_cache):
 
 
 def test_heldout_species_on_real_leaf_embeddings(leaf):
-    from taxoclass.decoding import decode
-    from taxoclass.training import normalize, stratified_split, train_head
-    from taxoclass.workflows import _targets
+    from taxoclass.model.decoding import decode
+    from taxoclass.model.training import normalize, stratified_split, train_head
+    from taxoclass.pipelines.jobs import _targets
 
     ann, rows, x = leaf
     held = choose_holdout(rows, n_species=12, seed=0)
@@ -149,8 +149,8 @@ def test_heldout_species_on_real_leaf_embeddings(leaf):
 
 
 def test_fit_scorer_mahalanobis_on_species_labels_and_knn_default():
-    from taxoclass.decoding import decode
-    from taxoclass.taxonomy import Taxonomy
+    from taxoclass.model.decoding import decode
+    from taxoclass.taxonomy.tree import Taxonomy
 
     rows = _rows().drop_duplicates()
     tax = Taxonomy.from_records(rows.to_dict("records"), ("family", "genus", "species"))
@@ -178,10 +178,10 @@ CEIL_NAMED_SPECIES = 0.15
 def test_path_logit_gate_scorer_never_accepts_a_gated_row():
     """decode() keeps the raw logit of the path's class; with the gate combiner a row
     beyond the distance cut is never named to species, even at a lax precision target."""
-    from taxoclass.decoding import concat_decoded, decode, decode_leaf_probabilities
-    from taxoclass.openset import confidence_of
-    from taxoclass.outliers import GATED
-    from taxoclass.taxonomy import Taxonomy
+    from taxoclass.model.decoding import concat_decoded, decode, decode_leaf_probabilities
+    from taxoclass.openset.detectors import GATED
+    from taxoclass.openset.scorer import confidence_of
+    from taxoclass.taxonomy.tree import Taxonomy
 
     rows = _rows().drop_duplicates()
     tax = Taxonomy.from_records(rows.to_dict("records"), ("family", "genus", "species"))

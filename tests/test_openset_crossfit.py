@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from taxoclass.cli import main
 from taxoclass.config import load_config, openset_calibration
 from taxoclass.errors import ConfigError
-from taxoclass.openset import crossfit_folds, crossfit_predictions
-from taxoclass.outliers import OutlierDetector
-from taxoclass.taxonomy import Taxonomy
+from taxoclass.openset.detectors import OutlierDetector
+from taxoclass.openset.scorer import crossfit_folds, crossfit_predictions
+from taxoclass.taxonomy.tree import Taxonomy
 
 ARCH = "vit_base_patch14_reg4_dinov2"  # conftest.TINY_VIT, the small_leaf checkpoint
 
@@ -103,8 +103,8 @@ def test_crossfit_openset_head_memorises_but_calibration_is_out_of_fold(tmp_path
     the out-of-fold species answers stay at chance, and the bundle keeps the out-of-fold
     thresholds through save/load."""
     from taxoclass.bundle import ModelBundle
-    from taxoclass.openset import truth_names
-    from taxoclass.workflows import crossfit_openset
+    from taxoclass.openset.scorer import truth_names
+    from taxoclass.pipelines.jobs import crossfit_openset
 
     tax = _taxonomy()
     x, y = _random_labels(tax, 96, 64, genus_signal=10.0)
@@ -141,7 +141,7 @@ def test_bad_calibration_settings_are_clear_errors(tmp_path):
     res = CliRunner().invoke(main, ["train", "--set", "out=x", "--set", "data.annotations=a.json",
                                     "--set", "openset.calibration=kfold"])
     assert res.exit_code == 2 and "openset.calibration: found 'kfold'" in res.output
-    from taxoclass.finetune import finetune_from_config
+    from taxoclass.model.finetune import finetune_from_config
 
     cfg = load_config(overrides=["out=x", "data.annotations=a.json",
                                  "openset.calibration=crossfit"])

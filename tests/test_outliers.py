@@ -10,7 +10,7 @@ import torch
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import roc_auc_score
 
-from taxoclass.outliers import (
+from taxoclass.openset.detectors import (
     DETECTORS,
     GATED,
     EvidenceCombiner,

@@ -9,11 +9,11 @@ import pytest
 import timm
 import torch
 
-from taxoclass.annotations import read_class_mapping, read_species_table
 from taxoclass.errors import AnnotationError
-from taxoclass.images import load_image
-from taxoclass.plantclef import PlantCLEFClassifier, plantclef_taxonomy
-from taxoclass.tiling import TileClassifier, crop_tiles, make_tiles
+from taxoclass.io.images import load_image
+from taxoclass.plots.plantclef import PlantCLEFClassifier, plantclef_taxonomy
+from taxoclass.plots.tiling import TileClassifier, crop_tiles, make_tiles
+from taxoclass.taxonomy.annotations import read_class_mapping, read_species_table
 
 torch.set_num_threads(1)
 

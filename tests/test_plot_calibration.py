@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from taxoclass.cli import main
-from taxoclass.decoding import decode_leaf_probabilities
 from taxoclass.errors import AnnotationError, ConfigError
-from taxoclass.plot_calibration import (
+from taxoclass.model.decoding import decode_leaf_probabilities
+from taxoclass.plots.calibration import (
     CANDIDATE_THRESHOLDS,
     SETTINGS_FILE,
     TABLE_FILE,
@@ -35,10 +35,10 @@ from taxoclass.plot_calibration import (
     plot_records,
     resolve_report_settings,
 )
-from taxoclass.plot_eval import evaluate_plots
-from taxoclass.plots import LEARNED, RULES, aggregate_plot
-from taxoclass.reports import plot_report
-from taxoclass.taxonomy import Taxonomy
+from taxoclass.plots.evaluation import evaluate_plots
+from taxoclass.plots.report import plot_report
+from taxoclass.plots.rules import LEARNED, RULES, aggregate_plot
+from taxoclass.taxonomy.tree import Taxonomy
 
 torch.set_num_threads(1)
 
@@ -558,7 +558,7 @@ def test_calibrate_plots_cli_then_plot_report_uses_the_settings(bundle_dir, plot
 
 def test_calibrate_plots_library_reports_unreadable_photos(bundle_dir, plot_photos, tmp_path,
                                                            one_thread):
-    from taxoclass.tiling import BundleTileClassifier
+    from taxoclass.plots.tiling import BundleTileClassifier
 
     photos, _ = plot_photos
     bad = tmp_path / "broken.jpg"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from taxoclass.plot_eval import evaluate_plots, f1_score_sets
-from taxoclass.plots import PlotRecord
-from taxoclass.taxonomy import Taxonomy
+from taxoclass.plots.evaluation import evaluate_plots, f1_score_sets
+from taxoclass.plots.rules import PlotRecord
+from taxoclass.taxonomy.tree import Taxonomy
 
 TAX = Taxonomy.from_records([
     {"family": "Cyperaceae", "genus": "Carex", "species": "nigra"},

@@ -12,12 +12,12 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from taxoclass.backbones import backbone_spec, create_backbone, preprocess_overrides
 from taxoclass.bundle import ModelBundle
 from taxoclass.cli import main
-from taxoclass.embeddings import load_embeddings
 from taxoclass.errors import BackboneError, CacheError
-from taxoclass.workflows import config_embeddings
+from taxoclass.features.backbones import backbone_spec, create_backbone, preprocess_overrides
+from taxoclass.features.embeddings import load_embeddings
+from taxoclass.pipelines.jobs import config_embeddings
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +130,8 @@ def test_train_with_views_and_letterbox(small_leaf, tmp_path):
 
 def test_cache_of_other_preprocessing_is_refused(small_leaf, tmp_path):
     d = small_leaf
-    from taxoclass.annotations import load_annotations
     from taxoclass.config import DEFAULTS, deep_merge
+    from taxoclass.taxonomy.annotations import load_annotations
 
     rows = load_annotations(d["ann"]).labelled_images(d["root"]).head(4)
     crop = deep_merge(DEFAULTS, _config(d, tmp_path, image_size=56, resize="crop"))
@@ -148,7 +148,7 @@ def test_cache_of_other_preprocessing_is_refused(small_leaf, tmp_path):
                                        {"image_size": 64, "resize": "squash"}])
 def test_grayscale_fast_path_is_bit_identical(lite0_random, leaf_image_paths, tmp_path,
                                               overrides):
-    from taxoclass.images import _gray_plan, load_image, load_transformed
+    from taxoclass.io.images import _gray_plan, load_image, load_transformed
 
     bb = lite0_random(**overrides)
     assert _gray_plan(bb.transform) is not None  # the fast path is really taken
@@ -174,8 +174,8 @@ def test_grayscale_fast_path_is_bit_identical(lite0_random, leaf_image_paths, tm
 
 def test_bf16_precision_on_cpu_is_recorded_and_close_to_fp32(leaf_image_paths, tmp_path):
     from taxoclass.errors import ConfigError
-    from taxoclass.images import load_transformed
-    from taxoclass.workflows import embed_annotations
+    from taxoclass.io.images import load_transformed
+    from taxoclass.pipelines.jobs import embed_annotations
 
     fp32 = create_backbone("efficientnet-lite0", pretrained=False)
     bf16 = create_backbone("efficientnet-lite0", pretrained=False, precision="bf16")

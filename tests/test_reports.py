@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from taxoclass import __version__
-from taxoclass.plots import PlotRecord
-from taxoclass.reports import OUTPUT_FILES, plantclef_submission_frame, plot_report
-from taxoclass.taxonomy import Taxonomy
-from taxoclass.tiling import BundleTileClassifier
+from taxoclass.plots.report import OUTPUT_FILES, plantclef_submission_frame, plot_report
+from taxoclass.plots.rules import PlotRecord
+from taxoclass.plots.tiling import BundleTileClassifier
+from taxoclass.taxonomy.tree import Taxonomy
 
 torch.set_num_threads(1)
 
@@ -132,7 +132,7 @@ def openset_model(shared_data, tmp_path_factory, write_leaf_subset) -> Path:
     thresholds on the validation half.
     """
     from taxoclass.config import load_config
-    from taxoclass.workflows import train_from_config
+    from taxoclass.pipelines.jobs import train_from_config
 
     tmp = tmp_path_factory.mktemp("openset")
     kwargs = write_leaf_subset(tmp, "ann.json", ("Acer", "Quercus", "Alnus"), 6)["kwargs"]
@@ -149,8 +149,8 @@ def openset_model(shared_data, tmp_path_factory, write_leaf_subset) -> Path:
 def test_bundle_classifier_flags_unknown_tiles_with_its_detector(openset_model, shared_data):
     from dataclasses import replace
 
-    from taxoclass.images import load_image
-    from taxoclass.tiling import crop_tiles, make_tiles
+    from taxoclass.io.images import load_image
+    from taxoclass.plots.tiling import crop_tiles, make_tiles
 
     clf = BundleTileClassifier.load(openset_model, batch_size=8)
     assert clf.bundle.scorer is not None
@@ -182,7 +182,7 @@ def test_bundle_classifier_flags_unknown_tiles_with_its_detector(openset_model, 
 
 
 def test_plot_report_job_counts_detector_unknowns(openset_model, shared_data, tmp_path):
-    from taxoclass.workflows import plot_report_job
+    from taxoclass.pipelines.jobs import plot_report_job
 
     quadrat = shared_data / "quadrat" / "CBN-can-A1-20230705.jpg"
     res = plot_report_job(openset_model, [quadrat], tmp_path / "rep", grids=(2,), rule="max")

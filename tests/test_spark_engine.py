@@ -15,11 +15,11 @@ import timm
 import torch
 
 from taxoclass.bundle import ModelBundle
-from taxoclass.embeddings import compute_embeddings
 from taxoclass.engines import LocalEngine, SparkEngine, backbone_from_spec, get_engine
 from taxoclass.errors import CacheError, ConfigError
-from taxoclass.heads import MultiRankHead
-from taxoclass.taxonomy import Taxonomy
+from taxoclass.features.embeddings import compute_embeddings
+from taxoclass.model.heads import MultiRankHead
+from taxoclass.taxonomy.tree import Taxonomy
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:PySpark does not yet fully support pandas:FutureWarning")
@@ -109,7 +109,7 @@ def test_embed_matches_local_resumes_and_records_corrupt(spark, data):
 
 def test_predict_matches_predict_images(spark, data):
     from taxoclass.engines.spark import spark_predict
-    from taxoclass.workflows import predict_images
+    from taxoclass.pipelines.jobs import predict_images
 
     images = [*data["paths"][:12], data["corrupt"]]
     local = predict_images(data["bundle"], images, out=data["tmp"] / "pred_local", batch_size=5)
@@ -131,7 +131,7 @@ def test_predict_matches_predict_images(spark, data):
 
 def test_plot_report_matches_local(spark, data):
     from taxoclass.engines.spark import spark_plot_report
-    from taxoclass.workflows import plot_report_job
+    from taxoclass.pipelines.jobs import plot_report_job
 
     photos = [data["paths"][0], data["corrupt"], data["paths"][1], data["paths"][2]]
     settings = dict(grids=(2, 3), overlap=0.2, rule="max",
@@ -163,9 +163,9 @@ def test_get_engine_names_and_options(spark):
 def test_plot_report_with_settings_file_matches_local(spark, data):
     """A plot_settings.json sets the executors' grids and overlap and the driver's rule."""
     from taxoclass.engines.spark import spark_plot_report
-    from taxoclass.plot_calibration import calibrate_plots
-    from taxoclass.tiling import BundleTileClassifier
-    from taxoclass.workflows import plot_report_job
+    from taxoclass.pipelines.jobs import plot_report_job
+    from taxoclass.plots.calibration import calibrate_plots
+    from taxoclass.plots.tiling import BundleTileClassifier
 
     photos = data["paths"][3:7]
     clf = BundleTileClassifier.load(data["bundle"], batch_size=8)

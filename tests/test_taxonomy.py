@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from taxoclass.errors import TaxonomyError
-from taxoclass.taxonomy import INCERTAE_SEDIS, Taxonomy
+from taxoclass.taxonomy.tree import INCERTAE_SEDIS, Taxonomy
 
 RECORDS = [
     {"family": "Fagaceae", "genus": "Quercus", "species": "robur"},
@@ -103,7 +103,7 @@ def test_round_trip_through_json(tax):
 
 
 def test_naflora_mini_exact_counts(shared_data):
-    from taxoclass.annotations import load_annotations
+    from taxoclass.taxonomy.annotations import load_annotations
 
     ann = load_annotations(shared_data / "naflora-mini" / "metadata.json")
     tax = ann.taxonomy()
@@ -115,7 +115,7 @@ def test_naflora_mini_exact_counts(shared_data):
 
 
 def test_plantclef_species_table(shared_data):
-    from taxoclass.workflows import load_taxonomy
+    from taxoclass.pipelines.jobs import load_taxonomy
 
     tax = load_taxonomy(shared_data / "plantclef2024"
                         / "plantclef2024_species_DERIVED_genus_family_from_inat.csv")

@@ -9,11 +9,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from taxoclass.decoding import decode_leaf_probabilities
 from taxoclass.errors import ConfigError, TaxonomyError
-from taxoclass.plots import RULES, aggregate_plot, apply_checklist, keep_top_k, tile_assignments
-from taxoclass.taxonomy import Taxonomy
-from taxoclass.tiling import crop_tiles, embed_tiles, make_tiles
+from taxoclass.model.decoding import decode_leaf_probabilities
+from taxoclass.plots.rules import (
+    RULES,
+    aggregate_plot,
+    apply_checklist,
+    keep_top_k,
+    tile_assignments,
+)
+from taxoclass.plots.tiling import crop_tiles, embed_tiles, make_tiles
+from taxoclass.taxonomy.tree import Taxonomy
 
 torch.set_num_threads(1)
 
@@ -82,8 +88,8 @@ def test_tile_size_mode_and_crops():
 
 
 def test_embed_tiles_in_batches(leaf_image_paths, tiny_dino_kwargs):
-    from taxoclass.backbones import create_backbone
-    from taxoclass.images import load_image
+    from taxoclass.features.backbones import create_backbone
+    from taxoclass.io.images import load_image
 
     bb = create_backbone("vit_base_patch14_reg4_dinov2", pretrained=False,
                          model_kwargs=tiny_dino_kwargs)

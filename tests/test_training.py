@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from taxoclass.decoding import decode
-from taxoclass.losses import ClassDependencyLoss
-from taxoclass.taxonomy import Taxonomy
-from taxoclass.training import normalize, stratified_split, train_head
+from taxoclass.model.decoding import decode
+from taxoclass.model.losses import ClassDependencyLoss
+from taxoclass.model.training import normalize, stratified_split, train_head
+from taxoclass.taxonomy.tree import Taxonomy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,9 +23,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def leaf(shared_data, leaf_embedding_cache):
     """Real leaf labels and cached EfficientNet-Lite0 embeddings, split 70/30 by species."""
     shared = shared_data / "leaf"
-    from taxoclass import workflows
-    from taxoclass.annotations import load_annotations
-    from taxoclass.embeddings import load_embeddings
+    from taxoclass.features.embeddings import load_embeddings
+    from taxoclass.pipelines import jobs as workflows
+    from taxoclass.taxonomy.annotations import load_annotations
 
     ann = load_annotations(shared / "annotations.json")
     tax = ann.taxonomy()
@@ -81,7 +81,7 @@ def test_stratified_split_on_real_leaf_labels(leaf):
 # --------------------------------------------------------------------------- quality
 def test_train_head_on_real_leaf_embeddings_clears_quality_floor(leaf):
     from taxoclass.config import load_config
-    from taxoclass.metrics import evaluate_predictions
+    from taxoclass.model.metrics import evaluate_predictions
 
     cfg = load_config(ROOT / "configs" / "leaf.yaml")
     train = dict(cfg["train"], epochs=100)  # shorter than the config's 300, still converged

@@ -173,7 +173,7 @@ def test_train_finetune_leaves_holdout_species_out(small_leaf):
 
 def test_finetune_defaults_match_library():
     from taxoclass.config import DEFAULTS
-    from taxoclass.finetune import FINETUNE_DEFAULTS
+    from taxoclass.model.finetune import FINETUNE_DEFAULTS
 
     assert DEFAULTS["finetune"] == dict(FINETUNE_DEFAULTS)
 
@@ -183,10 +183,10 @@ def test_train_finetune_starts_from_probe_heads_with_tile_views(small_leaf):
     embeddings; with a vanishing learning rate the bundle keeps exactly those heads."""
     from safetensors.torch import load_file
 
-    from taxoclass.annotations import load_annotations
     from taxoclass.config import load_config
-    from taxoclass.finetune import _probe_head
-    from taxoclass.workflows import _targets, known_rows, validation_mask
+    from taxoclass.model.finetune import _probe_head
+    from taxoclass.pipelines.jobs import _targets, known_rows, validation_mask
+    from taxoclass.taxonomy.annotations import load_annotations
 
     torch.set_num_threads(1)
     d = small_leaf

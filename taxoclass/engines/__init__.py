@@ -61,15 +61,15 @@ class Engine(Protocol):
 
 
 def backbone_from_spec(spec: Mapping[str, Any]):
-    """Build the backbone a spec describes (:func:`taxoclass.backbones.backbone_from_spec`)."""
-    from ..backbones import backbone_from_spec as build
+    """Build the backbone a spec describes (``features.backbones.backbone_from_spec``)."""
+    from ..features.backbones import backbone_from_spec as build
 
     return build(dict(spec))
 
 
 @dataclass
 class LocalEngine:
-    """This machine: :func:`~taxoclass.embeddings.compute_embeddings` and friends."""
+    """This machine: :func:`~taxoclass.features.embeddings.compute_embeddings` and friends."""
 
     num_workers: int = 0
     chunk_size: int = 512
@@ -78,8 +78,8 @@ class LocalEngine:
     def embed(self, items: Items, backbone: Mapping[str, Any], out: str | Path, *,
               batch_size: int = 64, overwrite: bool = False,
               progress: Progress | None = None):
-        from ..embeddings import compute_embeddings
-        from ..provenance import write_provenance
+        from ..features.embeddings import compute_embeddings
+        from ..io.provenance import write_provenance
 
         model = backbone_from_spec(backbone)
         result = compute_embeddings(items, model, out, batch_size=batch_size,
@@ -93,7 +93,7 @@ class LocalEngine:
     def predict(self, model: str | Path, images: Sequence[str | Path], out: str | Path, *,
                 batch_size: int = 64, top_k: int = 5, overwrite: bool = False,
                 progress: Progress | None = None):
-        from ..workflows import predict_images
+        from ..pipelines.jobs import predict_images
 
         return predict_images(model, images, out=out, batch_size=batch_size,
                               num_workers=self.num_workers, top_k=top_k, overwrite=overwrite,
@@ -101,7 +101,7 @@ class LocalEngine:
 
     def plot_report(self, model: str | Path, photos: Sequence[str | Path], out: str | Path,
                     *, progress: Progress | None = None, **settings: Any):
-        from ..workflows import plot_report_job
+        from ..pipelines.jobs import plot_report_job
 
         return plot_report_job(model, photos, out, progress=progress, **settings)
 

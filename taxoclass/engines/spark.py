@@ -4,7 +4,7 @@ Each job ships ``(image_id, path)`` rows to the executors and runs
 ``DataFrame.mapInPandas`` over them. An executor's Python worker loads the model once
 (cached for the life of the worker, which Spark reuses across tasks), cuts its
 partition into batches and calls the same library functions as the local engine
-(:func:`taxoclass.embeddings.embed_batches`, :meth:`ModelBundle.predict_with_backoff`,
+(:func:`taxoclass.features.embeddings.embed_batches`, :meth:`ModelBundle.predict_with_backoff`,
 ``TileClassifier.predict_tiles``), so both engines compute the same numbers.
 
 Outputs are Parquet folders written by Spark in append mode, one Spark job per round of
@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ..embeddings import _IDENTITY_KEYS, EmbeddingCache, EmbedResult, _normalise_items
 from ..errors import CacheError, ConfigError
-from ..fileio import atomic_write_csv, atomic_write_json
-from ..provenance import write_provenance
+from ..features.embeddings import _IDENTITY_KEYS, EmbeddingCache, EmbedResult, _normalise_items
+from ..io.files import atomic_write_csv, atomic_write_json
+from ..io.provenance import write_provenance
 from . import backbone_from_spec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -240,7 +240,7 @@ def _clear(root: Path, names: Sequence[str]) -> None:
 # ---------------------------------------------------------------------------- embed
 @dataclass
 class SparkEmbedResult(EmbedResult):
-    """:class:`~taxoclass.embeddings.EmbedResult` plus the Parquet folder Spark wrote."""
+    """:class:`~taxoclass.features.embeddings.EmbedResult` plus the Parquet folder Spark wrote."""
 
     parquet: Path | None = None
 
@@ -251,7 +251,7 @@ EMBED_SCHEMA = "order long, image_id string, path string, embedding array<float>
 def _embed_partition(spec: dict, batch_size: int, threads: int
                      ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from ..embeddings import embed_batches
+        from ..features.embeddings import embed_batches
 
         _set_threads(threads)
         backbone = _cached({"backbone": spec, "stamp": _file_stamp(spec.get("checkpoint"))},
@@ -282,7 +282,7 @@ def spark_embed(items: Sequence[tuple[object, str | Path]], backbone_spec: Mappi
     ``error`` (null on success), ``order`` (position in ``items`` when first run).
     ``backbone_spec``: ``name``, ``checkpoint``, ``model_kwargs``, ``pretrained`` (and
     optionally ``class_mapping``, ``data_overrides``), as for
-    :func:`~taxoclass.backbones.create_backbone`. Items already in the output are
+    :func:`~taxoclass.features.backbones.create_backbone`. Items already in the output are
     skipped; failures are recorded once, as by the local engine, and listed in
     ``out/failures.csv``. ``collect`` loads the embeddings of ``items`` (in item order,
     failures left out) into ``result.cache``; pass ``False`` for data larger than the
@@ -358,7 +358,7 @@ def spark_embed(items: Sequence[tuple[object, str | Path]], backbone_spec: Mappi
 # ---------------------------------------------------------------------------- predict
 def _prediction_frame(bundle, emb: np.ndarray, images: Sequence[str], top_k: int
                       ) -> pd.DataFrame:
-    """The rows of :func:`taxoclass.workflows.predict_images` for embedded images."""
+    """The rows of :func:`taxoclass.pipelines.jobs.predict_images` for embedded images."""
     backoff, decoded = bundle.predict_with_backoff(emb, top_k=top_k)
     tops = decoded.to_frame(bundle.taxonomy)
     return pd.concat([pd.DataFrame({"image": list(images)}), backoff.reset_index(drop=True),
@@ -402,7 +402,7 @@ def _predict_partition(model_dir: str, types: dict[str, str], batch_size: int, t
                                                  Iterator[pd.DataFrame]]:
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from ..bundle import ModelBundle
-        from ..embeddings import embed_batches
+        from ..features.embeddings import embed_batches
 
         _set_threads(threads)
 
@@ -433,7 +433,7 @@ def spark_predict(model_dir: str | Path, images: Sequence[str | Path], out: str 
                   batch_size: int = 64, top_k: int = 5, chunk_size: int = 20_000,
                   overwrite: bool = False, spark: SparkSession | None = None,
                   progress: Progress | None = None) -> pd.DataFrame:
-    """:func:`taxoclass.workflows.predict_images` on Spark: same rows, same columns.
+    """:func:`taxoclass.pipelines.jobs.predict_images` on Spark: same rows, same columns.
 
     Executors embed their images and run the bundle's back-off; rows are appended to
     ``out/predictions.parquet/`` (images already there are skipped), then the driver
@@ -441,7 +441,7 @@ def spark_predict(model_dir: str | Path, images: Sequence[str | Path], out: str 
     failures with their ``error``) and ``provenance.json``.
     """
     from ..bundle import ModelBundle
-    from ..workflows import collect_images
+    from ..pipelines.jobs import collect_images
 
     started = time.perf_counter()
     bundle = ModelBundle.load(model_dir)  # heads only: cheap, and checks the bundle first
@@ -516,7 +516,7 @@ def _pack_decoded(decoded) -> bytes:
 
 
 def _unpack_decoded(blob: bytes):
-    from ..decoding import Decoded
+    from ..model.decoding import Decoded
 
     with np.load(io.BytesIO(blob), allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
@@ -535,9 +535,9 @@ def _plots_partition(classifier_args: dict, grids: list, overlap: float, threads
                      ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from ..errors import ImageError
-        from ..images import load_image
-        from ..tiling import crop_tiles, make_tiles
-        from ..workflows import load_tile_classifier
+        from ..io.images import load_image
+        from ..pipelines.jobs import load_tile_classifier
+        from ..plots.tiling import crop_tiles, make_tiles
 
         _set_threads(threads)
         key = {"plots": classifier_args, "stamp": _file_stamp(classifier_args["model"])}
@@ -572,10 +572,10 @@ def _plots_partition(classifier_args: dict, grids: list, overlap: float, threads
 
 
 class _ReplayClassifier:
-    """Hands :func:`~taxoclass.reports.plot_report` the executors' tile predictions.
+    """Hands :func:`~taxoclass.plots.report.plot_report` the executors' tile predictions.
 
     ``plot_report`` asks for the tiles of each readable photo in order; this returns the
-    :class:`~taxoclass.decoding.Decoded` an executor computed for that photo, after
+    :class:`~taxoclass.model.decoding.Decoded` an executor computed for that photo, after
     checking that the driver cut the same number and sizes of tiles.
     """
 
@@ -626,8 +626,8 @@ def _driver_taxonomy(model: Path, class_mapping, species_table) -> tuple[Any, di
     if not class_mapping or not species_table:
         raise ConfigError(f"--model {model} is a checkpoint file: the zero-training PlantCLEF "
                           "path also needs --class-mapping and --species-table.")
-    from ..backbones import load_class_mapping
-    from ..plantclef import plantclef_taxonomy
+    from ..features.backbones import load_class_mapping
+    from ..plots.plantclef import plantclef_taxonomy
 
     mapping = plantclef_taxonomy(load_class_mapping(class_mapping), species_table)
     return mapping.taxonomy, dict(mapping.species_ids)
@@ -643,18 +643,18 @@ def spark_plot_report(model: str | Path, photos: Sequence[str | Path], out: str 
                       overlap: float | None = None, overwrite: bool = False,
                       spark: SparkSession | None = None,
                       progress: Progress | None = None, **settings: Any):
-    """:func:`taxoclass.workflows.plot_report_job` on Spark: one plot per task by default.
+    """:func:`taxoclass.pipelines.jobs.plot_report_job` on Spark: one plot per task by default.
 
     Executors tile, embed and decode their plots (``out/plot_tiles.parquet/``; plots
     already there are skipped on a rerun); the driver aggregates and writes every report
-    file with :func:`taxoclass.reports.plot_report`. ``settings``: rule, thresholds,
+    file with :func:`taxoclass.plots.report.plot_report`. ``settings``: rule, thresholds,
     settings (a plot_settings.json; its grids and overlap apply unless given),
     outside_weight, min_tiles, top_k, min_tile_prob, plantclef_year, thumbnail_px. Returns the
-    :class:`~taxoclass.reports.PlotReportResult`.
+    :class:`~taxoclass.plots.report.PlotReportResult`.
     """
-    from ..plot_calibration import resolve_report_settings
-    from ..reports import plot_report
-    from ..workflows import collect_images
+    from ..pipelines.jobs import collect_images
+    from ..plots.calibration import resolve_report_settings
+    from ..plots.report import plot_report
 
     model = Path(model)
     taxonomy, taxon_ids = _driver_taxonomy(model, class_mapping, species_table)

@@ -26,14 +26,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from . import __version__
-from .errors import ConfigError, ImageError
-from .fileio import atomic_write_csv, atomic_write_json, atomic_write_text
-from .images import load_image
-from .plot_calibration import PlotSettings, resolve_report_settings
-from .plots import UNKNOWN, PlotRecord, _thresholds, aggregate_plot, apply_checklist
-from .plots import tile_assignments as _tile_assignments
-from .provenance import write_provenance
+from .. import __version__
+from ..errors import ConfigError, ImageError
+from ..io.files import atomic_write_csv, atomic_write_json, atomic_write_text
+from ..io.images import load_image
+from ..io.provenance import write_provenance
+from .calibration import PlotSettings, resolve_report_settings
+from .rules import UNKNOWN, PlotRecord, _thresholds, aggregate_plot, apply_checklist
+from .rules import tile_assignments as _tile_assignments
 from .tiling import Tile, classify_plot, parse_grid, plot_ids
 
 __all__ = [
@@ -282,12 +282,12 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
                 overwrite: bool = True, progress: Progress | None = None) -> PlotReportResult:
     """Tile, classify, aggregate and report every plot photo; write all outputs into ``out_dir``.
 
-    ``classifier``: a :class:`~taxoclass.tiling.TileClassifier` (a trained bundle or the
-    PlantCLEF checkpoint). ``grids``/``overlap``: see :func:`~taxoclass.tiling.make_tiles`
+    ``classifier``: a :class:`~taxoclass.plots.tiling.TileClassifier` (a trained bundle or the
+    PlantCLEF checkpoint). ``grids``/``overlap``: see :func:`~taxoclass.plots.tiling.make_tiles`
     (default 3x3, no overlap). ``rule``/``thresholds``/``checklist``/``min_tiles``/
-    ``top_k``/``min_tile_prob``: see :func:`~taxoclass.plots.aggregate_plot` (default
+    ``top_k``/``min_tile_prob``: see :func:`~taxoclass.plots.rules.aggregate_plot` (default
     ``max``, every class, no tile gate, one supporting tile; ``top_k=0``: every class).
-    ``settings``: a :class:`~taxoclass.plot_calibration.PlotSettings` or its
+    ``settings``: a :class:`~taxoclass.plots.calibration.PlotSettings` or its
     ``plot_settings.json`` (``taxoclass calibrate-plots``): grids, overlap, rule, and the
     rule's calibrated thresholds and tile settings (``top_k``, ``min_tile_prob``,
     ``min_tiles``) come from it, and any of them given explicitly here overrides it; rule
@@ -295,7 +295,7 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
     weight; ``top_k``/``min_tile_prob`` do not change its scores. ``scale_weights``:
     weight of each grid's tiles (``{"2x2": 0.5, "4x4": 1.0}``; grids not named weigh 1).
     ``flag_unknown(decoded) -> bool[n_tiles]`` marks outlier tiles (e.g. an outlier
-    detector's labels; :meth:`~taxoclass.tiling.BundleTileClassifier.flag_unknown`). A
+    detector's labels; :meth:`~taxoclass.plots.tiling.BundleTileClassifier.flag_unknown`). A
     photo that cannot be read is recorded in ``failures.csv`` and the other plots carry
     on. ``progress(done, total)`` is called after each plot.
     """

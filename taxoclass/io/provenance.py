@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from . import __version__
-from .fileio import atomic_write_json, atomic_write_text
+from .. import __version__
+from .files import atomic_write_json, atomic_write_text
 
 PROVENANCE_FILE = "provenance.json"
 CONFIG_FILE = "config.yaml"

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .plots import UNKNOWN, PlotRecord
+from .rules import UNKNOWN, PlotRecord
 
 __all__ = ["evaluate_plots", "f1_score_sets"]
 

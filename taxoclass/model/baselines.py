@@ -2,8 +2,8 @@
 
 All follow the scikit-learn contract: ``__init__`` stores parameters, ``fit(X, targets)``
 learns (``targets``: rank -> class index, ``-1`` where the label stops), fitted state
-ends in ``_``, ``predict(X)`` returns a :class:`~taxoclass.decoding.Decoded`, so
-:func:`~taxoclass.metrics.evaluate_predictions` applies unchanged.
+ends in ``_``, ``predict(X)`` returns a :class:`~taxoclass.model.decoding.Decoded`, so
+:func:`~taxoclass.model.metrics.evaluate_predictions` applies unchanged.
 
 - :class:`FlatLinearProbe`: logistic regression on the lowest rank over L2-normalised
   features (the DS@GT PlantCLEF recipe); higher ranks by summing its probabilities up

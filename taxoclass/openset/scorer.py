@@ -1,6 +1,6 @@
 """Open-set evaluation: hold species out, then ask whether the model notices them.
 
-Library functions only; the caller trains the head (``taxoclass.training.train_head``) on
+Library functions only; the caller trains the head (``taxoclass.model.training.train_head``) on
 the known species. The pieces:
 
 - choosing held-out species (:func:`choose_holdout`: a list, or a seeded share, keeping
@@ -31,10 +31,10 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from ..taxonomy.tree import DEFAULT_RANKS, Taxonomy, species_name
 from .backoff import back_off_batch
-from .calibration import RankThresholds, fit_thresholds
-from .outliers import EvidenceCombiner, OutlierDetector
-from .taxonomy import DEFAULT_RANKS, Taxonomy, species_name
+from .detectors import EvidenceCombiner, OutlierDetector
+from .thresholds import RankThresholds, fit_thresholds
 
 __all__ = ["CrossfitPredictions", "OpenSetScorer", "choose_holdout", "confidence_of",
            "correct_by_rank", "crossfit_folds", "crossfit_predictions", "detection_table",
@@ -155,7 +155,7 @@ class OpenSetScorer:
         return self.combiner.score(confidence_of(decoded, self.combiner.confidence), z), flags
 
     def predict(self, x: np.ndarray, decoded, taxonomy: Taxonomy) -> pd.DataFrame:
-        """Back-off answers (:func:`~taxoclass.backoff.back_off_batch`) plus ``outlier``."""
+        """Back-off answers (:func:`~taxoclass.openset.backoff.back_off_batch`) plus ``outlier``."""
         ev, flags = self.evidence(x, decoded)
         frame = back_off_batch(decoded, ev, self.thresholds.thresholds, flags, taxonomy)
         frame["outlier"] = flags
@@ -290,7 +290,7 @@ class CrossfitPredictions:
     """Out-of-fold predictions: each row decoded by a head, and scored by a detector,
     fitted on the other folds only (never on the row itself)."""
 
-    decoded: Any               # taxoclass.decoding.Decoded, one row per input row
+    decoded: Any               # taxoclass.model.decoding.Decoded, one row per input row
     outlier: np.ndarray        # detector z-score per row (higher = more abnormal)
     fold: np.ndarray           # fold index per row
     n_folds: int
@@ -317,7 +317,7 @@ def crossfit_predictions(x: np.ndarray, strata: np.ndarray, fit_fold: FoldFit, t
     """
     import torch
 
-    from .decoding import decode
+    from ..model.decoding import decode
 
     x = np.asarray(x)
     x_det = x if x_detector is None else np.asarray(x_detector)
@@ -368,7 +368,7 @@ def outcome_summary(frame: pd.DataFrame, truth: Mapping[str, np.ndarray],
                     ) -> dict[str, float]:
     """What back-off did with held-out-species images and with known-species images.
 
-    ``frame``: :func:`~taxoclass.backoff.back_off_batch` output; ``truth``:
+    ``frame``: :func:`~taxoclass.openset.backoff.back_off_batch` output; ``truth``:
     :func:`truth_names` of the same rows. Held-out: share reported at their correct genus,
     at their correct family (above genus), correct genus-or-family, named to a (wrong)
     species, reported at a wrong higher taxon, unknown. Known: coverage (share named to

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "BundleTileClassifier",
@@ -234,7 +234,7 @@ class TileClassifier(Protocol):
     taxonomy: Any
 
     def predict_tiles(self, images: Sequence[Image.Image]):
-        """Coherent per-rank predictions (:class:`~taxoclass.decoding.Decoded`) per image."""
+        """Coherent per-rank predictions (:class:`~taxoclass.model.decoding.Decoded`) per image."""
         ...
 
     def describe(self) -> dict[str, Any]:
@@ -255,7 +255,7 @@ class BundleTileClassifier:
 
     @classmethod
     def load(cls, path: Any, *, device: str = "cpu", batch_size: int = 32) -> BundleTileClassifier:
-        from .bundle import ModelBundle
+        from ..bundle import ModelBundle
 
         bundle = ModelBundle.load(path)
         return cls(bundle, bundle.create_backbone(device=device), batch_size=batch_size)
@@ -274,7 +274,7 @@ class BundleTileClassifier:
 
     def predict_embeddings(self, emb: np.ndarray):
         """Coherent per-rank predictions for tile embeddings (from :meth:`embed`)."""
-        from .decoding import decode_leaf_probabilities
+        from ..model.decoding import decode_leaf_probabilities
 
         if not len(emb):
             n = self.taxonomy.n_classes(self.taxonomy.ranks[-1])

@@ -3,7 +3,7 @@
 The cheap path trains heads on cached embeddings (:mod:`taxoclass.training`); this one
 updates the backbone too, which is what a GPU is for. What it does:
 
-* images opened with :func:`taxoclass.images.load_image`; training augmentation from
+* images opened with :func:`taxoclass.io.images.load_image`; training augmentation from
   timm's data config (``create_transform(**data_config, is_training=True)``),
   validation with the backbone's eval transform (the one embeddings are made with);
 * ``unfreeze_blocks``: -1 trains everything, 0 only the heads, N the last N blocks
@@ -23,7 +23,7 @@ updates the backbone too, which is what a GPU is for. What it does:
   the same weights as an uninterrupted one.
 
 At the end it writes a model bundle: ``backbone.pth`` (the fine-tuned backbone as a
-plain timm state dict, which :func:`~taxoclass.backbones.create_backbone` reads with
+plain timm state dict, which :func:`~taxoclass.features.backbones.create_backbone` reads with
 ``torch.load(weights_only=True)``; it does not read safetensors) named as the recipe's
 ``checkpoint``, plus the head through :meth:`ModelBundle.save` (safetensors).
 """
@@ -45,12 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError, ImageError
-from .fileio import atomic_write
+from ..errors import ConfigError, ImageError
+from ..io.files import atomic_write
+from ..io.images import load_image
+from ..taxonomy.tree import Taxonomy
 from .heads import HierarchicalClassifier, MultiRankHead
-from .images import load_image
 from .losses import ClassDependencyLoss, class_balanced_weights
-from .taxonomy import Taxonomy
 
 __all__ = [
     "FINETUNE_DEFAULTS",
@@ -99,7 +99,7 @@ class FinetuneSettings:
     keep_checkpoints: bool = False  # keep <out>/finetune_state after a finished run
     compile: bool = False          # torch.compile the model (CUDA only)
     tile_views: int = 0            # per epoch, each image also seen N times as a fresh
-    #                                tile-like view (taxoclass.augment, the ``augment`` section)
+    #                                tile-like view (taxoclass.features.views, `augment`)
     probe_head: bool = False       # `train --finetune`: start from heads trained on the frozen
     #                                backbone's cached embeddings (LP-FT); finetune() itself
     #                                takes such heads as ``head_init``
@@ -352,7 +352,7 @@ def collate(items):
 
 
 class TileViewTransform:
-    """A fresh tile-like view of the image (:func:`taxoclass.augment.tile_view`), then
+    """A fresh tile-like view of the image (:func:`taxoclass.features.views.tile_view`), then
     ``then`` (the backbone's evaluation transform).
 
     The view's random draws come from torch's generator, so :class:`ImageDataset`'s
@@ -360,14 +360,14 @@ class TileViewTransform:
     """
 
     def __init__(self, settings: Any, then: Callable) -> None:
-        from .augment import ViewSettings
+        from ..features.views import ViewSettings
 
         self.settings = (settings if isinstance(settings, ViewSettings)
                          else ViewSettings.from_mapping(settings))
         self.then = then
 
     def __call__(self, image):
-        from .augment import tile_view
+        from ..features.views import tile_view
 
         seed = int(torch.randint(0, 2**62, (1,)))
         return self.then(tile_view(image, np.random.default_rng(seed), self.settings))
@@ -462,7 +462,7 @@ class FinetuneResult:
 
 # --------------------------------------------------------------------------- training
 def _as_backbone(backbone: Any):
-    from .backbones import Backbone, backbone_from_spec, backbone_spec, create_backbone
+    from ..features.backbones import Backbone, backbone_from_spec, backbone_spec, create_backbone
 
     if isinstance(backbone, Backbone):
         return backbone
@@ -524,8 +524,8 @@ def finetune(train_paths: Sequence[str | Path], y_train: Mapping[str, np.ndarray
     """Fine-tune ``backbone`` and rank heads end to end on images; write a bundle.
 
     ``y_train`` / ``y_val``: class index per rank and image (-1 where the label stops
-    above that rank), as :func:`taxoclass.workflows._targets` makes them. ``backbone``:
-    a :class:`~taxoclass.backbones.Backbone` (its model is copied, not changed), a
+    above that rank), as :func:`taxoclass.pipelines.jobs._targets` makes them. ``backbone``:
+    a :class:`~taxoclass.features.backbones.Backbone` (its model is copied, not changed), a
     model name or a backbone config mapping. ``config``: the ``finetune`` section;
     ``model`` / ``loss``: the sections of the same names (head ``hidden``/``dropout``/
     ``normalize``; loss weights). ``head_init``: a head to start from, e.g. one trained on
@@ -534,7 +534,7 @@ def finetune(train_paths: Sequence[str | Path], y_train: Mapping[str, np.ndarray
     with a dict after each step (``event="step"``) and epoch (``event="epoch"``);
     an exception raised there aborts the run, which then resumes from the last
     checkpoint in ``out_dir/finetune_state``. ``views``: the ``augment`` section (or a
-    :class:`~taxoclass.augment.ViewSettings`) for ``tile_views``: each epoch then shows
+    :class:`~taxoclass.features.views.ViewSettings`) for ``tile_views``: each epoch then shows
     every training image once as usual and ``tile_views`` more times as a freshly drawn
     tile-like view (rotated, rescaled, cut by the border, on a background), followed by
     the evaluation transform: a backbone for plot tiles.
@@ -818,8 +818,8 @@ def _write_bundle(result: FinetuneResult, out: Path, *, bb, taxonomy: Taxonomy,
                   settings: FinetuneSettings, decode_method: str,
                   extra: Mapping[str, Any] | None, views: Mapping[str, Any] | None = None
                   ) -> None:
-    from .bundle import ModelBundle
-    from .fileio import atomic_write_csv
+    from ..bundle import ModelBundle
+    from ..io.files import atomic_write_csv
 
     clf = result.model
     backbone_file = out / BACKBONE_FILE
@@ -850,8 +850,8 @@ def _probe_head(cfg: Mapping[str, Any], rows, y: Mapping[str, np.ndarray], train
     tile-like views when ``augment.views_per_image > 0``) with the config's ``train``
     settings: the linear-probe start of LP-FT, from the same caches `taxoclass train`
     uses. Rows without an embedding (unreadable images) are left out."""
+    from ..pipelines.jobs import config_embeddings, view_embeddings, with_views
     from .training import train_head
-    from .workflows import config_embeddings, view_embeddings, with_views
 
     x, found, _ = config_embeddings(dict(cfg), rows, progress=embed_progress)
     tr = train & found
@@ -869,8 +869,8 @@ def _detector_views(cfg: Mapping[str, Any], rows, settings: FinetuneSettings):
     trained for plots (``augment.views_per_image`` views each, or ``tile_views`` when only
     those are set; the same files the probe heads use), as (frame of view files, index
     into ``rows`` of each view's source); None when the config makes no views."""
-    from .augment import ViewSettings, write_views
-    from .workflows import embedding_cache
+    from ..features.views import ViewSettings, write_views
+    from ..pipelines.jobs import embedding_cache
 
     section = _view_section(cfg)
     n = int(section.get("views_per_image", 0) or 0) or int(settings.tile_views)
@@ -897,7 +897,7 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
     """``taxoclass train --finetune``: fine-tune as configured and write the bundle.
 
     Uses the ``data``, ``backbone``, ``model``, ``loss``, ``decode`` and ``out`` sections
-    like :func:`~taxoclass.workflows.train_from_config` (same split rules) plus the
+    like :func:`~taxoclass.pipelines.jobs.train_from_config` (same split rules) plus the
     ``finetune`` section. Writes ``split.csv``, ``metrics_val.json``, ``failures.csv``
     (unreadable images, if any) and ``provenance.json`` beside the bundle; the
     validation metrics come from the written bundle on embeddings of the fine-tuned
@@ -908,18 +908,18 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
     """
     import pandas as pd
 
-    from .annotations import load_annotations
-    from .backbones import backbone_from_spec, backbone_spec
-    from .config import openset_calibration
-    from .fileio import atomic_write_csv, atomic_write_json
-    from .provenance import write_provenance
-    from .workflows import (
+    from ..config import openset_calibration
+    from ..features.backbones import backbone_from_spec, backbone_spec
+    from ..io.files import atomic_write_csv, atomic_write_json
+    from ..io.provenance import write_provenance
+    from ..pipelines.jobs import (
         _targets,
         fit_openset_scorer,
         known_rows,
         require_training_settings,
         validation_mask,
     )
+    from ..taxonomy.annotations import load_annotations
 
     cfg = dict(cfg)
     data = require_training_settings(cfg)
@@ -955,7 +955,7 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
     if result.failures:
         atomic_write_csv(out / "failures.csv", pd.DataFrame(result.failures,
                                                             columns=["path", "error"]))
-    from .bundle import ModelBundle
+    from ..bundle import ModelBundle
     from .metrics import evaluate_predictions
 
     metrics: dict[str, Any] = {}

@@ -12,13 +12,13 @@ import json
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
 
-from .errors import AnnotationError
-from .taxonomy import DEFAULT_RANKS, Taxonomy, species_name
+from ..errors import AnnotationError
+from ..io.schemas import load_schema as _load_schema
+from .tree import DEFAULT_RANKS, Taxonomy, species_name
 
 SCHEMA_NAME = "herbarium2022_annotations.schema.json"
 SECTIONS = ("images", "annotations", "categories", "genera", "distances", "licenses",
@@ -185,14 +185,9 @@ def annotations_from_dict(data: Mapping, *, source: str = "<dict>") -> Annotatio
     return Annotations(source=source, extra=extra, **frames)
 
 
-@lru_cache(maxsize=4)
 def load_schema(name: str = SCHEMA_NAME) -> dict:
-    """A JSON Schema shipped in ``data_schemas/``."""
-    here = Path(__file__).resolve().parent
-    for folder in (here / "schemas", here.parent / "data_schemas"):
-        if (folder / name).is_file():
-            return json.loads((folder / name).read_text())
-    raise FileNotFoundError(f"Schema {name} not found next to the taxoclass package.")
+    """The annotation JSON Schema (or another shipped schema ``name``)."""
+    return _load_schema(name)
 
 
 # ---------------------------------------------------------------------- checks

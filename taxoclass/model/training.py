@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..taxonomy.tree import Taxonomy
 from .heads import MultiRankHead
 from .losses import ClassDependencyLoss, class_balanced_weights
-from .taxonomy import Taxonomy
 
 Progress = Callable[[int, int], None]
 

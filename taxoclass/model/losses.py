@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["ClassDependencyLoss", "class_balanced_weights", "dependency_penalty"]
 

@@ -12,17 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import openset_calibration
-from .errors import AnnotationError, ConfigError
-from .provenance import write_provenance
-from .taxonomy import DEFAULT_RANKS, Taxonomy
+from ..config import openset_calibration
+from ..errors import AnnotationError, ConfigError
+from ..io.provenance import write_provenance
+from ..taxonomy.tree import DEFAULT_RANKS, Taxonomy
 
 Progress = Callable[[int, int], None]
 
 
 def load_taxonomy(source: str | Path, ranks: Sequence[str] = DEFAULT_RANKS) -> Taxonomy:
     """Taxonomy from an annotations JSON (validated) or a species table (CSV / ``;``)."""
-    from .annotations import load_annotations, read_species_table
+    from ..taxonomy.annotations import load_annotations, read_species_table
 
     source = Path(source)
     if not source.exists():
@@ -47,15 +47,15 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
     """Embed every image listed in ``annotations`` into the cache folder ``out``.
 
     ``image_size`` / ``resize`` / ``pad_fill`` set the preprocessing
-    (:func:`~taxoclass.backbones.preprocess_overrides`; default: the model's own).
+    (:func:`~taxoclass.features.backbones.preprocess_overrides`; default: the model's own).
 
     ``engine="spark"`` runs the same embedding code in PySpark (``master``, default
     ``local[2]``) and writes Parquet. Returns the
-    :class:`~taxoclass.embeddings.EmbedResult`.
+    :class:`~taxoclass.features.embeddings.EmbedResult`.
     """
-    from .annotations import load_annotations
-    from .backbones import backbone_from_spec, backbone_spec
-    from .embeddings import compute_embeddings
+    from ..features.backbones import backbone_from_spec, backbone_spec
+    from ..features.embeddings import compute_embeddings
+    from ..taxonomy.annotations import load_annotations
 
     if engine != "local" and precision != "auto":
         raise ConfigError(f"--precision {precision} is for the local engine; Spark executors "
@@ -72,8 +72,8 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
     if not items:
         raise AnnotationError(f"{annotations}: lists no images; nothing to embed.")
     if engine != "local":
-        from .embeddings import auto_batch_size
-        from .engines import get_engine
+        from ..engines import get_engine
+        from ..features.embeddings import auto_batch_size
 
         batch_size = batch_size or auto_batch_size("cpu")
         return get_engine(engine, master=master).embed(
@@ -108,7 +108,7 @@ def _targets(taxonomy: Taxonomy, rows) -> tuple[dict, list]:
 
 def require_training_settings(cfg: dict) -> dict:
     """The ``data`` section, after checking that a training config names its inputs and output."""
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     data = cfg["data"]
     if not data.get("annotations"):
@@ -133,7 +133,7 @@ def validation_mask(ids: Sequence[str], nodes: Sequence[tuple], data: dict):
     import numpy as np
     import pandas as pd
 
-    from .training import stratified_split
+    from ..model.training import stratified_split
 
     if data.get("split_file"):
         split = pd.read_csv(data["split_file"], dtype={"image_id": str})
@@ -153,9 +153,9 @@ def _embeddings_for(ids: Sequence[str], paths: Sequence[str], *, cache: str | Pa
     """
     import numpy as np
 
-    from .backbones import backbone_from_spec, backbone_spec, resolve_backbone_name
-    from .embeddings import compute_embeddings, load_embeddings
-    from .errors import CacheError
+    from ..errors import CacheError
+    from ..features.backbones import backbone_from_spec, backbone_spec, resolve_backbone_name
+    from ..features.embeddings import compute_embeddings, load_embeddings
 
     cache = Path(cache)
     spec = backbone_spec(backbone_cfg)
@@ -199,7 +199,7 @@ def known_rows(ann, rows, data: dict):
     ranks = data.get("ranks") or DEFAULT_RANKS
     if not held:
         return ann.taxonomy(ranks), rows
-    from .openset import choose_holdout, known_taxonomy, split_known_unknown
+    from ..openset.scorer import choose_holdout, known_taxonomy, split_known_unknown
 
     try:
         held = choose_holdout(rows, species=held)  # checks the names exist
@@ -249,14 +249,14 @@ def config_embeddings(cfg: dict, rows, *, progress: Progress | None = None):
 def view_embeddings(cfg: dict, rows, *, progress: Progress | None = None):
     """Tile-like views of ``rows`` (the training images) and their embeddings.
 
-    As configured in ``augment`` (:class:`~taxoclass.augment.ViewSettings`); views are
+    As configured in ``augment`` (:class:`~taxoclass.features.views.ViewSettings`); views are
     written to ``augment.dir`` (default ``<embeddings.cache>-views``) and embedded with
     the config's backbone into a cache beside them. Both resume. Returns (embeddings
     [m, d] float32, index into ``rows`` of each view's source image [m]).
     """
     import numpy as np
 
-    from .augment import ViewSettings, write_views
+    from ..features.views import ViewSettings, write_views
 
     acfg = dict(cfg.get("augment") or {})
     folder = acfg.pop("dir", None)
@@ -283,12 +283,12 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     import numpy as np
     import pandas as pd
 
-    from .annotations import load_annotations
-    from .backbones import backbone_spec
-    from .bundle import ModelBundle
-    from .fileio import atomic_write_csv, atomic_write_json
-    from .metrics import evaluate_predictions
-    from .training import train_head
+    from ..bundle import ModelBundle
+    from ..features.backbones import backbone_spec
+    from ..io.files import atomic_write_csv, atomic_write_json
+    from ..model.metrics import evaluate_predictions
+    from ..model.training import train_head
+    from ..taxonomy.annotations import load_annotations
 
     data = require_training_settings(cfg)
     out = Path(cfg["out"])
@@ -317,7 +317,7 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     top_k = int(cfg["decode"].get("top_k", 5))
     fold = np.full(len(ids), -1)
     if crossfit:
-        from .openset import truth_names
+        from ..openset.scorer import truth_names
 
         cf = crossfit_openset(x[tr], {r: v[tr] for r, v in y.items()}, tax,
                               truth_names(rows[tr], tax.ranks), cfg,
@@ -379,7 +379,7 @@ def _openset_detector(x_train, genus_train, species_train, ocfg: dict):
     """The configured outlier detector on at most ``openset.max_train`` rows (seeded)."""
     import numpy as np
 
-    from .openset import fit_detector
+    from ..openset.scorer import fit_detector
 
     max_train = int(ocfg.get("max_train", 50000))
     if len(x_train) > max_train:
@@ -392,7 +392,7 @@ def _openset_detector(x_train, genus_train, species_train, ocfg: dict):
 
 def _openset_evidence(decoded, z, correct, ocfg: dict):
     """The configured evidence combiner and thresholds (:func:`openset.fit_evidence`)."""
-    from .openset import fit_evidence
+    from ..openset.scorer import fit_evidence
 
     return fit_evidence(decoded, z, correct, combiner=ocfg.get("combiner", "rank_mean"),
                         confidence=ocfg.get("confidence", "path_prob"),
@@ -412,7 +412,7 @@ def fit_openset_scorer(bundle, x_train, genus_train, x_val, rows_val, ocfg: dict
     ``openset.calibration: crossfit`` calibrates on every image instead
     (:func:`crossfit_openset`).
     """
-    from .openset import OpenSetScorer, correct_by_rank, path_names, truth_names
+    from ..openset.scorer import OpenSetScorer, correct_by_rank, path_names, truth_names
 
     tax = bundle.taxonomy
     det = _openset_detector(bundle.scorer_input(x_train), genus_train, species_train, ocfg)
@@ -441,21 +441,21 @@ def crossfit_openset(x, y: dict, taxonomy: Taxonomy, truth: dict, cfg: dict, *, 
     """``openset.calibration: crossfit``: head and open-set scorer without a validation split.
 
     Rows are split into ``openset.folds`` folds stratified by taxon (seeded). For each
-    fold a head (:func:`~taxoclass.training.train_head` with the config's ``model``,
+    fold a head (:func:`~taxoclass.model.training.train_head` with the config's ``model``,
     ``loss``, ``train`` sections, no validation rows) and the configured detector are
     fitted on the other folds; their predictions and outlier scores of the fold's rows
-    are out-of-fold (:func:`~taxoclass.openset.crossfit_predictions`). The evidence
+    are out-of-fold (:func:`~taxoclass.openset.scorer.crossfit_predictions`). The evidence
     combiner and thresholds are fitted on these predictions of every row; then the final
     head and the final detector are fitted on all rows. ``y``: class index per rank;
-    ``truth``: :func:`~taxoclass.openset.truth_names` of the rows; ``views``: (view
+    ``truth``: :func:`~taxoclass.openset.scorer.truth_names` of the rows; ``views``: (view
     embeddings, index into ``x`` of each view's source), a view trains with its source.
     Costs ``folds + 1`` head trainings.
     """
     import numpy as np
 
-    from .bundle import ModelBundle, scorer_input
-    from .openset import OpenSetScorer, correct_by_rank, crossfit_predictions, path_names
-    from .training import train_head
+    from ..bundle import ModelBundle, scorer_input
+    from ..model.training import train_head
+    from ..openset.scorer import OpenSetScorer, correct_by_rank, crossfit_predictions, path_names
 
     ocfg = dict(cfg.get("openset") or {})
     _, n_folds = openset_calibration(ocfg)
@@ -536,9 +536,9 @@ def predict_images(model: str | Path, images: Sequence[str | Path], *,
 
     import pandas as pd
 
-    from .bundle import ModelBundle
-    from .embeddings import compute_embeddings
-    from .fileio import atomic_write_csv, atomic_write_json
+    from ..bundle import ModelBundle
+    from ..features.embeddings import compute_embeddings
+    from ..io.files import atomic_write_csv, atomic_write_json
 
     bundle = ModelBundle.load(model)
     paths = collect_images(images)
@@ -578,8 +578,8 @@ def flag_unknowns(model: str | Path, images: Sequence[str | Path], *, out: str |
     """
     import pandas as pd
 
-    from .bundle import ModelBundle
-    from .fileio import atomic_write_csv, atomic_write_json
+    from ..bundle import ModelBundle
+    from ..io.files import atomic_write_csv, atomic_write_json
 
     frame = predict_images(model, images, out=out, batch_size=batch_size, overwrite=overwrite,
                            progress=progress, device=device)
@@ -610,11 +610,11 @@ def evaluate_model(model: str | Path, annotations: str | Path, *,
     import numpy as np
     import pandas as pd
 
-    from .annotations import load_annotations
-    from .bundle import ModelBundle
-    from .errors import ConfigError, TaxonomyError
-    from .fileio import atomic_write_csv, atomic_write_json
-    from .metrics import confusion_summary, evaluate_predictions
+    from ..bundle import ModelBundle
+    from ..errors import ConfigError, TaxonomyError
+    from ..io.files import atomic_write_csv, atomic_write_json
+    from ..model.metrics import confusion_summary, evaluate_predictions
+    from ..taxonomy.annotations import load_annotations
 
     bundle = ModelBundle.load(model)
     tax = bundle.taxonomy
@@ -694,9 +694,9 @@ def load_tile_classifier(model: str | Path, *, class_mapping: str | Path | None 
     """A tile classifier from a model bundle folder, or from a PlantCLEF 2024 checkpoint file
     (``model_best.pth.tar`` + ``class_mapping.txt`` + species table: no training needed).
     """
-    from .errors import ConfigError
-    from .plantclef import PlantCLEFClassifier
-    from .tiling import BundleTileClassifier
+    from ..errors import ConfigError
+    from ..plots.plantclef import PlantCLEFClassifier
+    from ..plots.tiling import BundleTileClassifier
 
     model = Path(model)
     if model.is_dir():
@@ -721,8 +721,8 @@ def plot_report_job(model: str | Path, photos: Sequence[str | Path], out: str | 
                     device: str = "auto", **settings):
     """Rank-aware reports for plot photos (files or folders); see ``reports.plot_report``
     (``settings=``: a plot_settings.json from :func:`calibrate_plots_job`)."""
-    from .plot_calibration import PlotSettings
-    from .reports import plot_report
+    from ..plots.calibration import PlotSettings
+    from ..plots.report import plot_report
 
     if settings.get("settings") is not None and not isinstance(settings["settings"], PlotSettings):
         settings["settings"] = PlotSettings.load(settings["settings"])  # before the model loads
@@ -744,7 +744,7 @@ def read_plot_truth(path: str | Path) -> dict[str, list[str]]:
     """
     import pandas as pd
 
-    from .errors import AnnotationError
+    from ..errors import AnnotationError
 
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = {"plot_id", "species"} - set(frame.columns)
@@ -769,12 +769,12 @@ def calibrate_plots_job(model: str | Path, photos: Sequence[str | Path], truth: 
     ``truth``: CSV with ``plot_id`` (photo file stem) and ``species`` (see
     :func:`read_plot_truth`). Writes ``out/plot_settings.json``, ``out/plot_calibration.csv``
     (F1 and thresholds per rule), ``out/failures.csv`` and provenance; returns the
-    :class:`~taxoclass.plot_calibration.CalibrationResult`.
+    :class:`~taxoclass.plots.calibration.CalibrationResult`.
     """
     import pandas as pd
 
-    from .fileio import atomic_write_csv
-    from .plot_calibration import (
+    from ..io.files import atomic_write_csv
+    from ..plots.calibration import (
         DEFAULT_GRIDS,
         SETTINGS_FILE,
         TABLE_FILE,
@@ -822,9 +822,9 @@ def evaluate_plots_job(records: str | Path, truth: str | Path, taxonomy_source: 
     """Plot metrics (PlantCLEF macro F1 per plot, per species, micro; rank-aware credit)."""
     import pandas as pd
 
-    from .fileio import atomic_write_csv, atomic_write_json
-    from .plot_eval import evaluate_plots
-    from .plots import PlotRecord
+    from ..io.files import atomic_write_csv, atomic_write_json
+    from ..plots.evaluation import evaluate_plots
+    from ..plots.rules import PlotRecord
 
     source = Path(taxonomy_source)
     if (source / "taxonomy.json").is_file():
@@ -876,11 +876,12 @@ def evaluate_holdout(model: str | Path, annotations: str | Path, *,
     import pandas as pd
     import yaml
 
-    from .annotations import load_annotations
-    from .bundle import ModelBundle
-    from .errors import ConfigError
-    from .fileio import atomic_write_csv, atomic_write_json
-    from .openset import (
+    from ..bundle import ModelBundle
+    from ..errors import ConfigError
+    from ..io.files import atomic_write_csv, atomic_write_json
+    from ..model.training import stratified_split, train_head
+    from ..openset.detectors import DETECTORS, OutlierDetector, confidence_scores
+    from ..openset.scorer import (
         choose_holdout,
         correct_by_rank,
         detection_table,
@@ -891,8 +892,7 @@ def evaluate_holdout(model: str | Path, annotations: str | Path, *,
         split_known_unknown,
         truth_names,
     )
-    from .outliers import DETECTORS, OutlierDetector, confidence_scores
-    from .training import stratified_split, train_head
+    from ..taxonomy.annotations import load_annotations
 
     bundle = ModelBundle.load(model)
     cfg_file = Path(model) / "config.yaml"

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .annotations import read_species_table
-from .errors import AnnotationError
-from .taxonomy import DEFAULT_RANKS, Node, Taxonomy
+from ..errors import AnnotationError
+from ..taxonomy.annotations import read_species_table
+from ..taxonomy.tree import DEFAULT_RANKS, Node, Taxonomy
 
 __all__ = ["PLANTCLEF_BACKBONE", "PlantCLEFClassifier", "PlantCLEFTaxonomy",
            "plantclef_taxonomy"]
@@ -56,7 +56,7 @@ def plantclef_taxonomy(class_ids: Sequence[str], species_table: str | Path | Any
                        ranks: Sequence[str] = DEFAULT_RANKS) -> PlantCLEFTaxonomy:
     """Taxonomy of the species named by ``class_ids`` and the unit → leaf permutation.
 
-    ``species_table``: a path read with :func:`~taxoclass.annotations.read_species_table`
+    ``species_table``: a path read with :func:`~taxoclass.taxonomy.annotations.read_species_table`
     or a DataFrame with ``species_id``, ``species``, ``genus``, ``family``. Every class
     id must be in the table; otherwise :class:`AnnotationError` says how many are
     missing and gives examples. Species without a family get their genus's family from
@@ -108,7 +108,7 @@ def plantclef_taxonomy(class_ids: Sequence[str], species_table: str | Path | Any
 
 
 def _leaf_name(record: dict, ranks: Sequence[str]) -> str:
-    from .taxonomy import species_name
+    from ..taxonomy.tree import species_name
 
     value = str(record.get(ranks[-1], "") or "").strip()
     if ranks[-1] == "species" and "genus" in ranks:
@@ -139,7 +139,7 @@ class PlantCLEFClassifier:
                    model_kwargs: dict | None = None, device: str = "cpu",
                    batch_size: int = 16) -> PlantCLEFClassifier:
         """Load ``model_best.pth.tar`` + ``class_mapping.txt`` + a species table."""
-        from .backbones import create_backbone
+        from ..features.backbones import create_backbone
 
         bb = create_backbone(backbone, checkpoint=checkpoint, class_mapping=class_mapping,
                              model_kwargs=model_kwargs, device=device)
@@ -172,7 +172,7 @@ class PlantCLEFClassifier:
         return _batched(list(images), self.backbone, self.batch_size, probs)
 
     def predict_tiles(self, images: Sequence[Image.Image]):
-        from .decoding import decode_leaf_probabilities
+        from ..model.decoding import decode_leaf_probabilities
 
         if not len(images):
             units = np.zeros((0, len(self.mapping.unit_to_leaf)), np.float32)

@@ -9,7 +9,7 @@ turns the tiles' probabilities into one score per taxon and rank:
 - ``"noisy_or"``: ``1 - Π(1 - p)`` over tiles (evidence accumulates across tiles).
 - ``"mean"``: the (weighted) mean probability over tiles.
 - ``"learned"``: scores computed elsewhere and passed in (``scores=``), e.g. by
-  :class:`taxoclass.plot_calibration.LearnedPlotRule` fitted on calibration plots.
+  :class:`taxoclass.plots.calibration.LearnedPlotRule` fitted on calibration plots.
 
 Records are chosen bottom-up so each find is named once, at the lowest rank its evidence
 supports: a species where its score passes the species threshold; a genus (``Carex sp.``)
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .errors import ConfigError, TaxonomyError
+from ..errors import ConfigError, TaxonomyError
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -268,7 +268,7 @@ def aggregate_plot(probs: Mapping[str, np.ndarray], taxonomy, *, plot_id: str = 
     a tile whose best lowest-rank probability is below it gives no evidence (weight 0;
     e.g. a background tile the model is unsure about; it is not counted as unknown).
     ``scores``: rank -> one precomputed score per class (rule ``"learned"``, e.g.
-    :meth:`~taxoclass.plot_calibration.LearnedPlotRule.scores`), used instead of the
+    :meth:`~taxoclass.plots.calibration.LearnedPlotRule.scores`), used instead of the
     rule's own; thresholds apply to them, and a taxon's supporting tiles are the
     non-flagged tiles that rank it among their :data:`SUPPORT_TOP` best.
 

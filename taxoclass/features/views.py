@@ -35,8 +35,8 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
 from taxoclass.errors import CacheError, ConfigError, ImageError
-from taxoclass.fileio import atomic_write, atomic_write_csv, atomic_write_json
-from taxoclass.images import load_image
+from taxoclass.io.files import atomic_write, atomic_write_csv, atomic_write_json
+from taxoclass.io.images import load_image
 
 __all__ = [
     "BACKGROUND_KINDS",

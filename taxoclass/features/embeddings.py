@@ -34,10 +34,10 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from taxoclass.backbones import Backbone
 from taxoclass.errors import CacheError, ImageError
-from taxoclass.fileio import atomic_write, atomic_write_csv, atomic_write_json
-from taxoclass.images import load_transformed
+from taxoclass.features.backbones import Backbone
+from taxoclass.io.files import atomic_write, atomic_write_csv, atomic_write_json
+from taxoclass.io.images import load_transformed
 
 __all__ = [
     "CACHE_FORMAT_VERSION",

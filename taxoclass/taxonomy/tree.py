@@ -21,7 +21,7 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 
-from .errors import TaxonomyError
+from ..errors import TaxonomyError
 
 DEFAULT_RANKS: tuple[str, ...] = ("family", "genus", "species")
 KNOWN_RANKS: tuple[str, ...] = (

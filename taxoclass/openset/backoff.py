@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .taxonomy import Node, Taxonomy
+from ..taxonomy.tree import Node, Taxonomy
 
 __all__ = ["UNKNOWN", "BackoffResult", "back_off", "back_off_batch"]
 
@@ -120,7 +120,7 @@ def back_off(*, path: Sequence | Mapping[str, int], scores: Mapping[str, float],
 def back_off_batch(decoded, evidence: Mapping[str, np.ndarray],
                    thresholds: Mapping[str, float], flags: Mapping[str, np.ndarray] | np.ndarray
                    | None, taxonomy: Taxonomy) -> pd.DataFrame:
-    """:func:`back_off` for every row of a :class:`~taxoclass.decoding.Decoded`, vectorised.
+    """:func:`back_off` for every row of a :class:`~taxoclass.model.decoding.Decoded`, vectorised.
 
     ``evidence``: rank -> score per row for the taxon on ``decoded.path``. ``flags``: rank ->
     bool per row, or one bool array for every rank, or ``None``. Returns one row per image:

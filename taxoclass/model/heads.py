@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["HierarchicalClassifier", "MultiRankHead"]
 

@@ -29,10 +29,10 @@ and tile settings. The learned rule's parameters are always kept, chosen or not,
 ``--rule learned`` can pick it later.
 
 Thresholds and tile settings are swept in numpy with the selection of
-:func:`~taxoclass.plots.aggregate_plot` (flagged tiles and tiles under ``min_tile_prob``
+:func:`~taxoclass.plots.rules.aggregate_plot` (flagged tiles and tiles under ``min_tile_prob``
 left out, ``top_k`` per tile, ``min_tiles`` supporting tiles; no tile weights); the F1
 figures in the calibration table come from ``aggregate_plot`` and
-:func:`~taxoclass.plot_eval.evaluate_plots` themselves.
+:func:`~taxoclass.plots.evaluation.evaluate_plots` themselves.
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import __version__
-from .errors import AnnotationError, ConfigError, ImageError, TaxonomyError
-from .fileio import atomic_write_json
-from .images import load_image
-from .plot_eval import _truth_path, evaluate_plots
-from .plots import (
+from .. import __version__
+from ..errors import AnnotationError, ConfigError, ImageError, TaxonomyError
+from ..io.files import atomic_write_json
+from ..io.images import load_image
+from .evaluation import _truth_path, evaluate_plots
+from .rules import (
     LEARNED,
     RULES,
     SUPPORT_TOP,
@@ -107,7 +107,7 @@ RULE_ORDER: tuple[str, ...] = ("argmax_union", "max", "mean", "noisy_or", LEARNE
 CANDIDATE_THRESHOLDS = np.unique(np.round(np.concatenate([
     [0.0], np.linspace(0.01, 0.99, 99), 1.0 - np.logspace(-4, -2.1, 8),
     np.logspace(-3, -2.1, 4)]), 6))
-#: Tile settings of :func:`~taxoclass.plots.aggregate_plot` searched with the hand-set
+#: Tile settings of :func:`~taxoclass.plots.rules.aggregate_plot` searched with the hand-set
 #: rules' species threshold; ``top_k`` and ``min_tile_prob`` only for :data:`TILE_RULES`.
 TILE_SEARCH: dict[str, tuple[Any, ...]] = {"top_k": (None, 1, 3),
                                            "min_tile_prob": (0.0, 0.2, 0.4),
@@ -126,7 +126,7 @@ def grid_label(grid: Any) -> str:
 
 @dataclass(frozen=True)
 class TileSettings:
-    """The tile settings of :func:`~taxoclass.plots.aggregate_plot` a rule runs with.
+    """The tile settings of :func:`~taxoclass.plots.rules.aggregate_plot` a rule runs with.
 
     ``top_k``: each tile keeps its k most probable classes (None: all); ``min_tile_prob``:
     tiles whose best lowest-rank probability is below it give no evidence; ``min_tiles``:
@@ -204,8 +204,8 @@ def predict_plots(classifier: Any, photos: Sequence[str | Path], *,
                   progress: Progress | None = None) -> PlotPredictions:
     """Tile and classify every plot photo (plot id = file stem, as in plot reports).
 
-    ``classifier``: a :class:`~taxoclass.tiling.TileClassifier`; ``flag_unknown``: as for
-    :func:`~taxoclass.reports.plot_report`. A photo that cannot be read is listed in
+    ``classifier``: a :class:`~taxoclass.plots.tiling.TileClassifier`; ``flag_unknown``: as for
+    :func:`~taxoclass.plots.report.plot_report`. A photo that cannot be read is listed in
     ``failures`` (photo, error) and the others carry on; ``progress(done, total)`` is
     called after each photo.
     """
@@ -495,7 +495,7 @@ def _calibration_ids(plots: Mapping[str, PlotTiles], truth: Mapping[str, Sequenc
 
 class _Views:
     """Per plot and (top_k, min_tile_prob), each rank's probabilities of the tiles that
-    :func:`~taxoclass.plots.aggregate_plot` scores: not flagged, best lowest-rank
+    :func:`~taxoclass.plots.rules.aggregate_plot` scores: not flagged, best lowest-rank
     probability at least ``min_tile_prob`` (when > 0), each keeping its ``top_k`` best."""
 
     def __init__(self, plots: Mapping[str, PlotTiles], ranks: Sequence[str]) -> None:
@@ -520,7 +520,7 @@ class _Views:
 
 @dataclass
 class _Evidence:
-    """What :func:`~taxoclass.plots.aggregate_plot` selects a class on, at one rank.
+    """What :func:`~taxoclass.plots.rules.aggregate_plot` selects a class on, at one rank.
 
     ``score``: per class; ``n_first``: tiles supporting it at any threshold (arg-max
     tiles; with precomputed scores, tiles ranking it in their top few); ``rest``: the
@@ -665,7 +665,7 @@ def plot_records(plots: Mapping[str, PlotTiles], taxonomy: Any, *, rule: str,
                  tiles: TileSettings | Mapping[str, Any] | None = None,
                  scores: Mapping[str, Mapping[str, np.ndarray]] | None = None
                  ) -> dict[str, list[PlotRecord]]:
-    """Records of every plot with :func:`~taxoclass.plots.aggregate_plot` (the learned
+    """Records of every plot with :func:`~taxoclass.plots.rules.aggregate_plot` (the learned
     rule's scores passed in when ``rule == "learned"``: ``scores``, plot id -> rank ->
     scores, e.g. :attr:`LearnedPlotRule.oof_scores_`, else those of ``learned``).
     ``tiles``: the tile settings (:class:`TileSettings` or its dict)."""
@@ -803,7 +803,7 @@ class PlotSettings:
 def _validator():
     import jsonschema
 
-    from .annotations import load_schema
+    from ..io.schemas import load_schema
 
     return jsonschema.Draft202012Validator(load_schema(SCHEMA_NAME))
 
@@ -857,7 +857,7 @@ def calibrate_rules(plots: Mapping[str, PlotTiles], truth: Mapping[str, Sequence
 @dataclass
 class CalibrationResult:
     """What :func:`calibrate_plots` did: the settings, unreadable photos, tile predictions
-    (and, from :func:`~taxoclass.workflows.calibrate_plots_job`, the files written)."""
+    (and, from :func:`~taxoclass.pipelines.jobs.calibrate_plots_job`, the files written)."""
 
     settings: PlotSettings
     failures: list[dict[str, str]]
@@ -876,7 +876,7 @@ def calibrate_plots(classifier: Any, photos: Sequence[str | Path],
     """Plot settings from calibration photos whose species lists are known.
 
     ``truth``: plot id (photo file stem) -> species names (e.g.
-    :func:`~taxoclass.workflows.read_plot_truth`); every photo needs one and every
+    :func:`~taxoclass.pipelines.jobs.read_plot_truth`); every photo needs one and every
     name must be in the classifier's taxonomy (:func:`check_plot_truth`). Photos that
     cannot be read are reported in ``failures`` and left out. ``model``/``truth_file``
     are recorded in the provenance; ``C``, ``folds``, ``seed``: see :func:`calibrate_rules`.
@@ -893,8 +893,8 @@ def calibrate_plots(classifier: Any, photos: Sequence[str | Path],
     if not preds.plots:
         raise ImageError(f"None of the {len(preds.failures)} calibration photo(s) could be read "
                          f"(first: {preds.failures[0]['photo']}: {preds.failures[0]['error']}).")
-    from .provenance import command_line
-    from .reports import _backbone_name
+    from ..io.provenance import command_line
+    from .report import _backbone_name
 
     describe = classifier.describe()
     provenance = {
@@ -913,7 +913,7 @@ class ReportSettings:
     """The settings a plot report runs with, after a settings file and explicit options.
 
     ``top_k``/``min_tile_prob``/``min_tiles``: the tile settings for
-    :func:`~taxoclass.plots.aggregate_plot`; ``source``: the settings file (None without
+    :func:`~taxoclass.plots.rules.aggregate_plot`; ``source``: the settings file (None without
     one); ``overridden``: options given explicitly that replaced the file's values.
     """
 

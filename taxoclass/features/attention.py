@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import BackboneError, ConfigError
-from .images import load_image
+from ..errors import BackboneError, ConfigError
+from ..io.images import load_image
 
 __all__ = ["attention_map", "explain"]
 
@@ -98,7 +98,7 @@ def explain(backbone: Any, image_path: str | Path, out_png: str | Path, *,
     matplotlib.use("Agg")
     from matplotlib import colormaps
 
-    from .fileio import atomic_write
+    from ..io.files import atomic_write
 
     image = load_image(image_path)
     amap = attention_map(backbone, image, head=head)

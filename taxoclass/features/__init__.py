@@ -1,0 +1,1 @@
+"""Backbones, preprocessing, the embedding cache, training views and attention maps."""

@@ -1,0 +1,1 @@
+"""Files, images, provenance and schemas: the bottom layer every other part uses."""

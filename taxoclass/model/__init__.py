@@ -1,0 +1,1 @@
+"""Rank heads, losses, path decoding, head training, fine-tuning and metrics."""

@@ -1,0 +1,1 @@
+"""Outlier detectors, evidence, thresholds, back-off and open-set evaluation."""

@@ -1,0 +1,1 @@
+"""Plot photos: tiling, tile classifiers, aggregation rules, calibration, metrics, reports."""

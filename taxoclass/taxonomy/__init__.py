@@ -1,0 +1,1 @@
+"""The taxonomic tree, annotation files, their validation and label encoding."""
