@@ -17,7 +17,7 @@ from .errors import ImageError as ImageError
 from .errors import TaxoclassError as TaxoclassError
 from .errors import TaxonomyError as TaxonomyError
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 _LAZY = {
     "Taxonomy": "taxonomy.tree",

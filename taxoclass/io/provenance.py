@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .. import __version__
+from .._version import __version__
 from .files import atomic_write_json, atomic_write_text
 
 PROVENANCE_FILE = "provenance.json"

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .. import __version__
+from .._version import __version__
 from ..errors import AnnotationError, ConfigError, ImageError, TaxonomyError
 from ..io.files import atomic_write_json
 from ..io.images import load_image

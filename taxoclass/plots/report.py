@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from .. import __version__
+from .._version import __version__
 from ..errors import ConfigError, ImageError
 from ..io.files import atomic_write_csv, atomic_write_json, atomic_write_text
 from ..io.images import load_image
