@@ -18,7 +18,15 @@ from taxoclass.plots.rules import (
     keep_top_k,
     tile_assignments,
 )
-from taxoclass.plots.tiling import crop_tiles, embed_tiles, make_tiles
+from taxoclass.plots.tiling import (
+    PhotoFailure,
+    PlotTiles,
+    classify_photo,
+    classify_photos,
+    crop_tiles,
+    embed_tiles,
+    make_tiles,
+)
 from taxoclass.taxonomy.tree import Taxonomy
 
 torch.set_num_threads(1)
@@ -234,3 +242,51 @@ def test_never_a_taxon_and_its_own_ancestor(rows, rule, th, flags):
     for r in recs:
         assert 0.0 <= r.score <= 1.0 + 1e-9
         assert r.taxon_rank == "unknown" or r.taxon == TAX.label(r.node)
+
+
+class _FixedClassifier:
+    """Every tile gets the same leaf probabilities; records the tile sizes it was shown."""
+
+    taxonomy = TAX
+
+    def __init__(self) -> None:
+        self.seen: list[list[tuple[int, int]]] = []
+
+    def predict_tiles(self, images):
+        self.seen.append([im.size for im in images])
+        leaf = np.full((len(images), N_LEAF), 1.0 / N_LEAF, dtype=np.float32)
+        return decode_leaf_probabilities(leaf, TAX)
+
+    def describe(self) -> dict:
+        return {"kind": "fixed", "backbone": {"name": "none"}}
+
+
+def test_classify_photo_tiles_classifies_and_flags(tmp_path):
+    photo = tmp_path / "CBN-1.png"
+    Image.new("RGB", (40, 30), (90, 120, 60)).save(photo)
+    clf = _FixedClassifier()
+    pt = classify_photo(clf, photo, grids=(1, 2), flag_unknown=lambda d: np.arange(5) == 4)
+    assert pt.plot_id == "CBN-1" and pt.photo == str(photo) and pt.size == (40, 30)
+    assert pt.scales.tolist() == ["1x1"] + ["2x2"] * 4
+    assert clf.seen == [[(40, 30), (20, 15), (20, 15), (20, 15), (20, 15)]]
+    assert pt.unknown.tolist() == [False, False, False, False, True]
+    assert pt.probs["species"].dtype == np.float64 and pt.probs["genus"].shape == (5, 4)
+    assert np.allclose(pt.probs["species"], 1.0 / N_LEAF) and pt.image is None
+    in_memory = classify_photo(clf, Image.open(photo), grids=(2,), keep_image=True)
+    assert in_memory.plot_id == "" and in_memory.image.size == (40, 30)
+    assert not in_memory.unknown.any() and len(in_memory.tiles) == 4
+
+
+def test_classify_photos_records_unreadable_photos_and_reports_progress(tmp_path):
+    good = tmp_path / "a.png"
+    Image.new("RGB", (16, 16)).save(good)
+    bad = tmp_path / "b.jpg"
+    bad.write_bytes(b"not an image")
+    calls = []
+    items = list(classify_photos(_FixedClassifier(), [good, bad, good], grids=(2,),
+                                 progress=lambda d, t: calls.append((d, t))))
+    assert [type(i) for i in items] == [PlotTiles, PhotoFailure, PlotTiles]
+    assert [items[0].plot_id, items[2].plot_id] == ["a", "a__2"]
+    assert items[1].photo == str(bad) and items[1].error
+    assert items[1].to_dict() == {"photo": str(bad), "error": items[1].error}
+    assert calls == [(1, 3), (2, 3), (3, 3)]

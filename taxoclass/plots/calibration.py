@@ -51,7 +51,6 @@ import pandas as pd
 from .._version import __version__
 from ..errors import AnnotationError, ConfigError, ImageError, TaxonomyError
 from ..io.files import atomic_write_json
-from ..io.images import load_image
 from .evaluation import _truth_path, evaluate_plots
 from .rules import (
     LEARNED,
@@ -63,7 +62,15 @@ from .rules import (
     rule_scores,
     top_ranked,
 )
-from .tiling import classify_plot, parse_grid, plot_ids
+from .tiling import (
+    DEFAULT_GRIDS,
+    PhotoFailure,
+    PlotTiles,
+    backbone_name,
+    classify_photos,
+    grid_label,
+    plot_ids,
+)
 
 __all__ = [
     "CANDIDATE_THRESHOLDS",
@@ -98,7 +105,6 @@ TABLE_FILE = "plot_calibration.csv"
 SCHEMA_NAME = "plot_settings.schema.json"
 SETTINGS_FORMAT = "taxoclass-plot-settings"
 FORMAT_VERSION = 1
-DEFAULT_GRIDS: tuple[str, ...] = ("2x2", "4x4")
 #: Per grid scale, the statistics of a taxon's tile probabilities the learned rule sees.
 FEATURES: tuple[str, ...] = ("max", "mean", "noisy_or", "first", "top3")
 #: Simplest first: a tie in calibration species F1 goes to the earlier rule.
@@ -116,12 +122,6 @@ TILE_SEARCH: dict[str, tuple[Any, ...]] = {"top_k": (None, 1, 3),
 TILE_RULES: tuple[str, ...] = ("noisy_or", "mean")
 #: Folds for the learned rule's out-of-fold calibration scores (fewer with fewer plots).
 OOF_FOLDS = 5
-
-
-def grid_label(grid: Any) -> str:
-    """``4 -> "4x4"``, ``"2x3" -> "2x3"`` (the tile scale label)."""
-    rows, cols = parse_grid(grid)
-    return f"{rows}x{cols}"
 
 
 @dataclass(frozen=True)
@@ -180,17 +180,6 @@ def _tile_options(rule: str) -> list[TileSettings]:
 
 # ---------------------------------------------------------------------- tile predictions
 @dataclass
-class PlotTiles:
-    """One plot's tiles: grid label per tile, coherent per-rank probabilities, unknown flags."""
-
-    plot_id: str
-    photo: str
-    scales: np.ndarray
-    probs: dict[str, np.ndarray]
-    unknown: np.ndarray
-
-
-@dataclass
 class PlotPredictions:
     """Tile predictions per plot id, and the photos that could not be read."""
 
@@ -202,29 +191,22 @@ def predict_plots(classifier: Any, photos: Sequence[str | Path], *,
                   grids: Sequence[Any] = DEFAULT_GRIDS, overlap: float = 0.0,
                   flag_unknown: Callable[[Any], np.ndarray] | None = None,
                   progress: Progress | None = None) -> PlotPredictions:
-    """Tile and classify every plot photo (plot id = file stem, as in plot reports).
+    """Tile and classify every plot photo (plot id = file stem, as in plot reports) with
+    :func:`~taxoclass.plots.tiling.classify_photos`.
 
     ``classifier``: a :class:`~taxoclass.plots.tiling.TileClassifier`; ``flag_unknown``: as for
     :func:`~taxoclass.plots.report.plot_report`. A photo that cannot be read is listed in
     ``failures`` (photo, error) and the others carry on; ``progress(done, total)`` is
     called after each photo.
     """
-    paths = [Path(p) for p in photos]
     plots: dict[str, PlotTiles] = {}
     failures: list[dict[str, str]] = []
-    for done, (plot_id, path) in enumerate(zip(plot_ids(paths), paths), start=1):
-        try:
-            image = load_image(path)
-        except ImageError as exc:
-            failures.append({"photo": str(path), "error": str(exc)})
+    for item in classify_photos(classifier, photos, grids=grids, overlap=overlap,
+                                flag_unknown=flag_unknown, progress=progress):
+        if isinstance(item, PhotoFailure):
+            failures.append(item.to_dict())
         else:
-            pred = classify_plot(classifier, image, grids=grids, overlap=overlap,
-                                 plot_id=plot_id, flag_unknown=flag_unknown)
-            plots[plot_id] = PlotTiles(plot_id, str(path), pred.scales,
-                                       {r: np.asarray(a, dtype=np.float64)
-                                        for r, a in pred.probs.items()}, pred.unknown)
-        if progress:
-            progress(done, len(paths))
+            plots[item.plot_id] = item
     return PlotPredictions(plots, failures)
 
 
@@ -894,13 +876,12 @@ def calibrate_plots(classifier: Any, photos: Sequence[str | Path],
         raise ImageError(f"None of the {len(preds.failures)} calibration photo(s) could be read "
                          f"(first: {preds.failures[0]['photo']}: {preds.failures[0]['error']}).")
     from ..io.provenance import command_line
-    from .report import _backbone_name
 
     describe = classifier.describe()
     provenance = {
         "command": command_line(), "model": str(model) if model is not None else None,
         "classifier": str(describe.get("kind", type(classifier).__name__)),
-        "backbone": _backbone_name(classifier), "truth": str(truth_file) if truth_file else None,
+        "backbone": backbone_name(classifier), "truth": str(truth_file) if truth_file else None,
         "n_failures": len(preds.failures), "flag_unknown": flag_unknown is not None}
     settings = calibrate_rules(preds.plots, truth, taxonomy, grids=grid_labels, overlap=overlap,
                                C=C, folds=folds, seed=seed, provenance=provenance)

@@ -20,21 +20,24 @@ import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
 from .._version import __version__
-from ..errors import ConfigError, ImageError
+from ..errors import ConfigError
 from ..io.files import atomic_write_csv, atomic_write_json, atomic_write_text
-from ..io.images import load_image
 from ..io.provenance import write_provenance
+from ..vocab import CHECKLIST_SUFFIX
 from .calibration import PlotSettings, resolve_report_settings
 from .rules import UNKNOWN, PlotRecord, _thresholds, aggregate_plot, apply_checklist
 from .rules import tile_assignments as _tile_assignments
-from .tiling import Tile, classify_plot, parse_grid, plot_ids
+from .tiling import PhotoFailure, PlotTiles, Tile, backbone_name, classify_photos, parse_grid
+
+if TYPE_CHECKING:
+    from .calibration import LearnedPlotRule
 
 __all__ = [
     "OUTPUT_FILES",
@@ -74,6 +77,7 @@ class PlotResult:
     records: list[PlotRecord]
     tile_labels: list[str]
     thumbnail: Image.Image
+    n_unknown: int = 0
 
 
 @dataclass
@@ -259,15 +263,33 @@ def render_html(plots: Sequence[PlotResult], failures: Sequence[Mapping[str, str
 
 
 # ---------------------------------------------------------------------- the job
-_plot_ids = plot_ids
-
-
-def _backbone_name(classifier: Any) -> str:
-    name = getattr(classifier, "backbone_name", None)
-    if name:
-        return str(name)
-    bb = classifier.describe().get("backbone", {})
-    return str(bb.get("name", "unknown")) if isinstance(bb, Mapping) else str(bb)
+def _aggregate(pt: PlotTiles, taxonomy, *, rule: str, thresholds: Mapping[str, float],
+               learned: LearnedPlotRule | None, checklist: Sequence[str] | None,
+               outside_weight: float, weights_by_scale: Mapping[str, float],
+               min_tiles: int, top_k: int | None, min_tile_prob: float,
+               thumbnail_px: int) -> PlotResult:
+    """One classified photo's records, tile labels and thumbnail (the image is let go)."""
+    probs, flags = pt.probs, pt.unknown
+    if checklist:
+        probs, off_list = apply_checklist(probs, taxonomy, checklist,
+                                          outside_weight=outside_weight)
+        flags = flags | off_list
+    weights = np.array([weights_by_scale.get(t.scale, 1.0) for t in pt.tiles])
+    scores = (None if learned is None else
+              learned.scores(probs, pt.scales, unknown=flags | (weights <= 0)))
+    recs = aggregate_plot(probs, taxonomy, plot_id=pt.plot_id, rule=rule, thresholds=thresholds,
+                          unknown=flags, weights=weights, min_tiles=min_tiles, top_k=top_k,
+                          min_tile_prob=min_tile_prob, scores=scores)
+    if checklist:
+        for r in recs:
+            if r.taxon_rank != UNKNOWN:
+                r.reason += CHECKLIST_SUFFIX
+    labels = _tile_assignments(recs, probs, taxonomy, unknown=flags)
+    thumb = pt.image.copy()
+    thumb.thumbnail((thumbnail_px, thumbnail_px))
+    pt.image = None
+    return PlotResult(pt.plot_id, Path(pt.photo), pt.size, pt.tiles, recs, labels, thumb,
+                      int(flags.sum()))
 
 
 def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Path, *,
@@ -329,50 +351,28 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
                           "another output folder.")
     out.mkdir(parents=True, exist_ok=True)
     paths = [Path(p) for p in photos]
-    ids = _plot_ids(paths)
     records: dict[str, list[PlotRecord]] = {}
     failures: list[dict[str, str]] = []
     plots: list[PlotResult] = []
     plot_json = []
-    for done, (plot_id, path) in enumerate(zip(ids, paths), start=1):
-        try:
-            image = load_image(path)
-        except ImageError as exc:
-            failures.append({"photo": str(path), "error": str(exc)})
-            if progress:
-                progress(done, len(paths))
+    for item in classify_photos(classifier, paths, grids=grids, overlap=overlap,
+                                flag_unknown=flag_unknown, keep_image=True, progress=progress):
+        if isinstance(item, PhotoFailure):
+            failures.append(item.to_dict())
             continue
-        pred = classify_plot(classifier, image, grids=grids, overlap=overlap, plot_id=plot_id,
-                             flag_unknown=flag_unknown)
-        tiles, probs, flags = pred.tiles, pred.probs, pred.unknown
-        if checklist:
-            probs, off_list = apply_checklist(probs, taxonomy, checklist,
-                                              outside_weight=outside_weight)
-            flags = flags | off_list
-        weights = np.array([weights_by_scale.get(t.scale, 1.0) for t in tiles])
-        scores = (None if learned is None else
-                  learned.scores(probs, pred.scales, unknown=flags | (weights <= 0)))
-        recs = aggregate_plot(probs, taxonomy, plot_id=plot_id, rule=rule, thresholds=th,
-                              unknown=flags, weights=weights, min_tiles=min_tiles, top_k=top_k,
-                              min_tile_prob=min_tile_prob, scores=scores)
-        if checklist:
-            for r in recs:
-                if r.taxon_rank != UNKNOWN:
-                    r.reason += "+checklist"
-        labels = _tile_assignments(recs, probs, taxonomy, unknown=flags)
-        thumb = image.copy()
-        thumb.thumbnail((thumbnail_px, thumbnail_px))
-        records[plot_id] = recs
-        plots.append(PlotResult(plot_id, path, image.size, tiles, recs, labels, thumb))
-        plot_json.append({"plot_id": plot_id, "photo": str(path), "width": image.size[0],
-                          "height": image.size[1], "n_tiles": len(tiles),
-                          "n_unknown_tiles": int(flags.sum()),
-                          "records": [r.to_dict() for r in recs]})
-        if progress:
-            progress(done, len(paths))
+        plot = _aggregate(item, taxonomy, rule=rule, thresholds=th, learned=learned,
+                          checklist=checklist, outside_weight=outside_weight,
+                          weights_by_scale=weights_by_scale, min_tiles=min_tiles, top_k=top_k,
+                          min_tile_prob=min_tile_prob, thumbnail_px=thumbnail_px)
+        records[plot.plot_id] = plot.records
+        plots.append(plot)
+        plot_json.append({"plot_id": plot.plot_id, "photo": str(plot.photo),
+                          "width": plot.size[0], "height": plot.size[1],
+                          "n_tiles": len(plot.tiles), "n_unknown_tiles": plot.n_unknown,
+                          "records": [r.to_dict() for r in plot.records]})
 
     describe = classifier.describe()
-    backbone = _backbone_name(classifier)
+    backbone = backbone_name(classifier)
     taxon_ids = classifier.taxon_ids() if hasattr(classifier, "taxon_ids") else {}
     for pj in plot_json:
         for rec in pj["records"]:

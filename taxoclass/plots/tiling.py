@@ -9,14 +9,18 @@ overlap so a plant on a tile border is whole in a neighbouring tile.
 taxonomy and ``predict_tiles(images) -> Decoded``. :class:`BundleTileClassifier` wraps a
 trained :class:`~taxoclass.bundle.ModelBundle` and, when the bundle has an open-set
 scorer, flags unknown tiles (:meth:`BundleTileClassifier.flag_unknown`); the PlantCLEF
-checkpoint wrapper lives in :mod:`taxoclass.plantclef`.
+checkpoint wrapper lives in :mod:`taxoclass.plots.plantclef`.
+
+:func:`classify_photo` is the one tile loop (open a photo, tile it, classify the tiles,
+flag unknown ones) that plot reports, plot calibration and the Spark engine share;
+:func:`classify_photos` runs it over many photos, recording unreadable ones.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -24,23 +28,31 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ImageError
+from ..io.images import load_image
 
 __all__ = [
+    "DEFAULT_GRIDS",
     "BundleTileClassifier",
+    "PhotoFailure",
+    "PlotTiles",
     "Tile",
     "TileClassifier",
-    "TilePredictions",
-    "classify_plot",
+    "backbone_name",
+    "classify_photo",
+    "classify_photos",
     "crop_tiles",
     "embed_images",
     "embed_tiles",
+    "grid_label",
     "make_tiles",
     "parse_grid",
     "plot_ids",
 ]
 
 Grid = int | tuple[int, int] | str
+Progress = Callable[[int, int], None]
+UnknownFlagger = Callable[[Any], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -167,38 +179,107 @@ def plot_ids(photos: Sequence[Any]) -> list[str]:
     return out
 
 
-@dataclass
-class TilePredictions:
-    """One plot photo's tiles, their coherent per-rank probabilities and unknown flags.
+#: The grids ``calibrate-plots`` tiles with unless told (a plot report without settings: 3x3).
+DEFAULT_GRIDS: tuple[str, ...] = ("2x2", "4x4")
 
-    ``decoded`` is what the classifier returned (``decoded.probs``: rank -> ``[n_tiles,
-    n_classes]``); ``unknown`` is True for tiles flagged as outliers.
+
+def grid_label(grid: Grid) -> str:
+    """``4 -> "4x4"``, ``"2x3" -> "2x3"`` (the tile scale label)."""
+    rows, cols = parse_grid(grid)
+    return f"{rows}x{cols}"
+
+
+@dataclass
+class PlotTiles:
+    """One plot photo, tiled and classified: what every plot job starts from.
+
+    ``scales``: the grid label of each tile (``"4x4"``); ``probs``: rank -> coherent tile
+    probabilities ``[n_tiles, n_classes]`` (float64); ``unknown``: True for tiles flagged as
+    outliers. From :func:`classify_photo` also the tiles, the photo's ``size`` (width,
+    height), the classifier's ``decoded`` output and, when asked for, the ``image``.
     """
 
-    tiles: list[Tile]
-    decoded: Any
+    plot_id: str
+    photo: str
+    scales: np.ndarray
+    probs: dict[str, np.ndarray]
     unknown: np.ndarray
-
-    @property
-    def probs(self) -> dict[str, np.ndarray]:
-        return self.decoded.probs
-
-    @property
-    def scales(self) -> np.ndarray:
-        """The grid label of each tile (``"4x4"``)."""
-        return np.array([t.scale for t in self.tiles], dtype=str)
+    tiles: list[Tile] = field(default_factory=list, repr=False)
+    size: tuple[int, int] | None = None
+    decoded: Any = field(default=None, repr=False)
+    image: Image.Image | None = field(default=None, repr=False)
 
 
-def classify_plot(classifier: Any, image: Image.Image, *, grids: Sequence[Grid] = (3,),
-                  overlap: float = 0.0, plot_id: str = "",
-                  flag_unknown: Callable[[Any], np.ndarray] | None = None) -> TilePredictions:
-    """Tile one plot photo (:func:`make_tiles`), classify the tiles in batches and flag
-    unknown ones with ``flag_unknown(decoded) -> bool[n_tiles]`` (none when omitted)."""
+@dataclass(frozen=True)
+class PhotoFailure:
+    """A photo that could not be read, and why (the other photos carry on)."""
+
+    photo: str
+    error: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"photo": self.photo, "error": self.error}
+
+
+def classify_photo(classifier: TileClassifier, photo: str | Path | Image.Image, *,
+                   grids: Sequence[Grid] = (3,), overlap: float = 0.0,
+                   plot_id: str | None = None, flag_unknown: UnknownFlagger | None = None,
+                   keep_image: bool = False) -> PlotTiles:
+    """Open one plot photo, tile it (:func:`make_tiles`), classify the tiles in one
+    ``classifier.predict_tiles`` call and flag unknown ones with ``flag_unknown(decoded)
+    -> bool[n_tiles]`` (none flagged when omitted): the one tile loop of every plot job.
+
+    ``photo``: a path (read with :func:`~taxoclass.io.images.load_image`, which raises
+    :class:`~taxoclass.errors.ImageError` for an unreadable file) or an image in memory.
+    ``plot_id``: default the file stem (``""`` for an image). ``keep_image``: keep the
+    opened image in :attr:`PlotTiles.image` (a report draws it).
+    """
+    if isinstance(photo, Image.Image):
+        image, source = photo, ""
+    else:
+        image, source = load_image(photo), str(photo)
+    if plot_id is None:
+        plot_id = Path(source).stem if source else ""
     tiles = make_tiles(image.size, grids=grids, overlap=overlap, plot_id=plot_id)
     decoded = classifier.predict_tiles(crop_tiles(image, tiles))
     flags = (np.zeros(len(tiles), dtype=bool) if flag_unknown is None
              else np.asarray(flag_unknown(decoded), dtype=bool).reshape(len(tiles)))
-    return TilePredictions(tiles, decoded, flags)
+    return PlotTiles(plot_id, source, np.array([t.scale for t in tiles], dtype=str),
+                     {r: np.asarray(a, dtype=np.float64) for r, a in decoded.probs.items()},
+                     flags, tiles=tiles, size=image.size, decoded=decoded,
+                     image=image if keep_image else None)
+
+
+def classify_photos(classifier: TileClassifier, photos: Sequence[str | Path], *,
+                    grids: Sequence[Grid] = (3,), overlap: float = 0.0,
+                    flag_unknown: UnknownFlagger | None = None, keep_image: bool = False,
+                    progress: Progress | None = None) -> Iterator[PlotTiles | PhotoFailure]:
+    """:func:`classify_photo` for every photo (plot id: :func:`plot_ids`), in order.
+
+    Yields a :class:`PlotTiles` per readable photo and a :class:`PhotoFailure` per photo
+    that cannot be read; ``progress(done, total)`` is called once the caller has taken
+    each item (so after whatever it does with it).
+    """
+    paths = [Path(p) for p in photos]
+    for done, (plot_id, path) in enumerate(zip(plot_ids(paths), paths), start=1):
+        try:
+            item: PlotTiles | PhotoFailure = classify_photo(
+                classifier, path, grids=grids, overlap=overlap, plot_id=plot_id,
+                flag_unknown=flag_unknown, keep_image=keep_image)
+        except ImageError as exc:
+            item = PhotoFailure(str(path), str(exc))
+        yield item
+        if progress:
+            progress(done, len(paths))
+
+
+def backbone_name(classifier: Any) -> str:
+    """The backbone a tile classifier embeds with (``backbone_name``, else its description)."""
+    name = getattr(classifier, "backbone_name", None)
+    if name:
+        return str(name)
+    bb = classifier.describe().get("backbone", {})
+    return str(bb.get("name", "unknown")) if isinstance(bb, Mapping) else str(bb)
 
 
 def _batched(images: Sequence[Image.Image], backbone: Any, batch_size: int,
