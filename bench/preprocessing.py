@@ -33,9 +33,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from taxoclass.features.backbones import create_backbone, preprocess_overrides
-from taxoclass.features.embeddings import embed_batches
+from taxoclass.features.batching import embed_batches
 from taxoclass.model.training import stratified_split
-from taxoclass.pipelines.jobs import _targets
+from taxoclass.taxonomy.labels import encode_labels
 from taxoclass.taxonomy.annotations import load_annotations
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variant(s) {unknown}; expected some of {list(VARIANTS)}")
     ann = load_annotations(LEAF / "annotations.json")
     rows = ann.labelled_images(LEAF)
-    _, nodes = _targets(ann.taxonomy(), rows)
+    _, nodes = encode_labels(ann.taxonomy(), rows)
     strata = np.array(["/".join(n) for n in nodes])  # as workflows.validation_mask
     species = (rows["genus"] + " " + rows["species"]).str.strip().to_numpy()
     held = set(yaml.safe_load((ROOT / "configs" / "leaf-openset.yaml").read_text())

@@ -18,13 +18,13 @@ executor, and image paths must be readable there (a shared file system).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +34,10 @@ import numpy as np
 import pandas as pd
 
 from ..errors import CacheError, ConfigError
-from ..features.embeddings import _IDENTITY_KEYS, EmbeddingCache, EmbedResult, _normalise_items
+from ..features.embeddings import IDENTITY_KEYS, EmbeddingCache, EmbedResult, normalise_items
 from ..io.files import atomic_write_csv, atomic_write_json
 from ..io.provenance import write_provenance
-from . import backbone_from_spec
+from . import Predictions, backbone_from_spec, prediction_frame
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import DataFrame, SparkSession
@@ -48,7 +48,7 @@ __all__ = [
     "get_spark",
     "spark_available",
     "spark_embed",
-    "spark_plot_report",
+    "spark_classify_plots",
     "spark_predict",
 ]
 
@@ -58,8 +58,6 @@ EMBEDDINGS_PARQUET = "embeddings.parquet"
 PREDICTIONS_PARQUET = "predictions.parquet"
 TILES_PARQUET = "plot_tiles.parquet"
 MANIFEST = "manifest.json"
-# PySpark 4 warns about pandas 3 on every pandas conversion; mapInPandas works with it.
-_PANDAS_WARNING = "PySpark does not yet fully support pandas"
 
 # Models loaded by this Python process (an executor's worker), keyed by their recipe.
 _MODELS: dict[str, Any] = {}
@@ -81,19 +79,21 @@ def spark_available() -> str | None:
 
 
 def get_spark(master: str = "local[2]", *, app_name: str = "taxoclass",
-              conf: Mapping[str, str] | None = None) -> SparkSession:
+              conf: Mapping[str, str] | None = None,
+              python: str | None = None) -> SparkSession:
     """The active SparkSession, or a new one for ``master`` (``local[N]``, ``spark://…``).
 
-    Executors run this very Python (``PYSPARK_PYTHON`` defaults to ``sys.executable``)
-    unless ``PYSPARK_PYTHON`` is already set. An existing session is reused as is (its
-    master wins; stop it first to change masters).
+    ``python``: the Python executors run for a new session (e.g. ``sys.executable``);
+    ``PYSPARK_PYTHON`` is set to it only while the session starts, then restored.
+    ``None``: whatever ``PYSPARK_PYTHON`` says (Spark's default ``python3`` if unset).
+    An existing session is reused as is (its master wins; stop it first to change
+    masters). Nothing process-wide is changed: PySpark 4 warns about pandas 3 on
+    every conversion (``FutureWarning``, harmless for ``mapInPandas``); the CLI silences
+    it, library callers may filter it themselves.
     """
     reason = spark_available()
     if reason:
         raise ConfigError(f"--engine spark: {reason}")
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    warnings.filterwarnings("ignore", message=_PANDAS_WARNING, category=FutureWarning)
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.master(master).appName(app_name)
@@ -104,11 +104,30 @@ def get_spark(master: str = "local[2]", *, app_name: str = "taxoclass",
         defaults["spark.ui.showConsoleProgress"] = "false"
     for key, value in {**defaults, **dict(conf or {})}.items():
         builder = builder.config(key, value)
-    return builder.getOrCreate()
+    with _python_for_workers(python):
+        return builder.getOrCreate()
+
+
+@contextlib.contextmanager
+def _python_for_workers(python: str | None) -> Iterator[None]:
+    """``PYSPARK_PYTHON=python`` while a SparkContext starts (it reads it once), then the
+    environment as it was."""
+    if python is None:
+        yield
+        return
+    before = os.environ.get("PYSPARK_PYTHON")
+    os.environ["PYSPARK_PYTHON"] = python
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PYSPARK_PYTHON", None)
+        else:
+            os.environ["PYSPARK_PYTHON"] = before
 
 
 def _session(spark: SparkSession | None, master: str) -> SparkSession:
-    return spark if spark is not None else get_spark(master)
+    return spark if spark is not None else get_spark(master, python=sys.executable)
 
 
 def _task_threads(spark: SparkSession) -> int:
@@ -251,7 +270,7 @@ EMBED_SCHEMA = "order long, image_id string, path string, embedding array<float>
 def _embed_partition(spec: dict, batch_size: int, threads: int
                      ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from ..features.embeddings import embed_batches
+        from ..features.batching import embed_batches
 
         _set_threads(threads)
         backbone = _cached({"backbone": spec, "stamp": _file_stamp(spec.get("checkpoint"))},
@@ -294,14 +313,14 @@ def spark_embed(items: Sequence[tuple[object, str | Path]], backbone_spec: Mappi
                          f"{chunk_size}).")
     spec = {k: (str(v) if k in ("checkpoint", "class_mapping") and v else v)
             for k, v in dict(backbone_spec).items()}
-    ids, paths = _normalise_items(items)
+    ids, paths = normalise_items(items)
     root = Path(out)
     parquet = root / EMBEDDINGS_PARQUET
     backbone = backbone_from_spec(spec)  # the driver's copy: provenance, dim, spec errors
     describe = backbone.describe()
     manifest: dict[str, Any] = {
         "format": "taxoclass-spark-embeddings", "format_version": SPARK_FORMAT_VERSION,
-        "engine": "spark", "identity": {k: describe.get(k) for k in _IDENTITY_KEYS},
+        "engine": "spark", "identity": {k: describe.get(k) for k in IDENTITY_KEYS},
         "dim": int(backbone.num_features), "batch_size": batch_size, "backbone": describe,
     }
     del backbone
@@ -356,15 +375,6 @@ def spark_embed(items: Sequence[tuple[object, str | Path]], backbone_spec: Mappi
 
 
 # ---------------------------------------------------------------------------- predict
-def _prediction_frame(bundle, emb: np.ndarray, images: Sequence[str], top_k: int
-                      ) -> pd.DataFrame:
-    """The rows of :func:`taxoclass.pipelines.jobs.predict_images` for embedded images."""
-    backoff, decoded = bundle.predict_with_backoff(emb, top_k=top_k)
-    tops = decoded.to_frame(bundle.taxonomy)
-    return pd.concat([pd.DataFrame({"image": list(images)}), backoff.reset_index(drop=True),
-                      tops[[c for c in tops.columns if "_top" in c]]], axis=1)
-
-
 def _spark_type(dtype: Any) -> str:
     if pd.api.types.is_bool_dtype(dtype):
         return "boolean"
@@ -402,7 +412,7 @@ def _predict_partition(model_dir: str, types: dict[str, str], batch_size: int, t
                                                  Iterator[pd.DataFrame]]:
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from ..bundle import ModelBundle
-        from ..features.embeddings import embed_batches
+        from ..features.batching import embed_batches
 
         _set_threads(threads)
 
@@ -416,7 +426,7 @@ def _predict_partition(model_dir: str, types: dict[str, str], batch_size: int, t
             parts = []
             for ok, feats, bad in embed_batches(paths, backbone, [list(range(len(paths)))]):
                 if feats is not None:
-                    part = _prediction_frame(bundle, feats, [paths[i] for i in ok], top_k)
+                    part = prediction_frame(bundle, feats, [paths[i] for i in ok], top_k)
                     part["order"] = batch["order"].to_numpy()[ok]
                     parts.append(part)
                 if bad:
@@ -428,29 +438,29 @@ def _predict_partition(model_dir: str, types: dict[str, str], batch_size: int, t
     return run
 
 
-def spark_predict(model_dir: str | Path, images: Sequence[str | Path], out: str | Path, *,
+def spark_predict(model_dir: str | Path, paths: Sequence[str | Path], out: str | Path, *,
                   master: str = "local[2]", partitions: int | None = None,
                   batch_size: int = 64, top_k: int = 5, chunk_size: int = 20_000,
                   overwrite: bool = False, spark: SparkSession | None = None,
-                  progress: Progress | None = None) -> pd.DataFrame:
-    """:func:`taxoclass.pipelines.jobs.predict_images` on Spark: same rows, same columns.
+                  progress: Progress | None = None) -> Predictions:
+    """The Spark engine's :meth:`~taxoclass.engines.Engine.predict`: the local engine's rows
+    and columns for image ``paths``.
 
     Executors embed their images and run the bundle's back-off; rows are appended to
-    ``out/predictions.parquet/`` (images already there are skipped), then the driver
-    writes ``predictions.csv``/``predictions.json`` (successes in input order, then
-    failures with their ``error``) and ``provenance.json``.
+    ``out/predictions.parquet/`` (images already there are skipped). Returns the rows
+    (successes in input order, then failures with their ``error``); the predict job
+    writes ``predictions.csv``/``.json`` and provenance.
     """
     from ..bundle import ModelBundle
-    from ..pipelines.jobs import collect_images
 
     started = time.perf_counter()
     bundle = ModelBundle.load(model_dir)  # heads only: cheap, and checks the bundle first
     model_dir = str(Path(model_dir).resolve())
-    image_list = [str(p) for p in collect_images(images)]
+    image_list = [str(p) for p in paths]
     root = Path(out)
     parquet = root / PREDICTIONS_PARQUET
     dim = int(bundle.head.config()["in_features"])
-    sample = _prediction_frame(bundle, np.ones((1, dim), np.float32), ["x"], top_k)
+    sample = prediction_frame(bundle, np.ones((1, dim), np.float32), ["x"], top_k)
     types = {"order": "long", **{c: _spark_type(t) for c, t in sample.dtypes.items()},
              "error": "string"}
     manifest = {"format": "taxoclass-spark-predictions", "format_version": SPARK_FORMAT_VERSION,
@@ -488,15 +498,10 @@ def spark_predict(model_dir: str | Path, images: Sequence[str | Path], out: str 
         frame = pd.concat([frame, pd.DataFrame({"image": bad["image"].to_numpy(),
                                                 "error": bad["error"].to_numpy()})],
                           ignore_index=True)
-    atomic_write_csv(root / "predictions.csv", frame)
-    atomic_write_json(root / "predictions.json",
-                      frame.astype(object).where(frame.notna(), None).to_dict("records"))
-    write_provenance(root, backbone=bundle.backbone, config={
+    return Predictions(frame=frame, backbone=bundle.backbone, record={
         "engine": "spark", "master": session.sparkContext.master, "model": model_dir,
         "top_k": top_k, "batch_size": batch_size, "partitions": partitions,
-        "images": [str(i) for i in images], "n_computed": len(todo),
-        "seconds": round(time.perf_counter() - started, 3)})
-    return frame
+        "n_computed": len(todo), "seconds": round(time.perf_counter() - started, 3)})
 
 
 # ---------------------------------------------------------------------------- plots
@@ -536,7 +541,7 @@ def _plots_partition(classifier_args: dict, grids: list, overlap: float, threads
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from ..errors import ImageError
         from ..io.images import load_image
-        from ..pipelines.jobs import load_tile_classifier
+        from ..plots.loading import load_tile_classifier
         from ..plots.tiling import crop_tiles, make_tiles
 
         _set_threads(threads)
@@ -633,44 +638,34 @@ def _driver_taxonomy(model: Path, class_mapping, species_table) -> tuple[Any, di
     return mapping.taxonomy, dict(mapping.species_ids)
 
 
-def spark_plot_report(model: str | Path, photos: Sequence[str | Path], out: str | Path, *,
-                      master: str = "local[2]", partitions: int | None = None,
-                      class_mapping: str | Path | None = None,
-                      species_table: str | Path | None = None,
-                      backbone: str = "vit_base_patch14_reg4_dinov2",
-                      model_kwargs: dict | None = None, checklist: str | Path | None = None,
-                      batch_size: int = 32, grids: Sequence[Any] | None = None,
-                      overlap: float | None = None, overwrite: bool = False,
-                      spark: SparkSession | None = None,
-                      progress: Progress | None = None, **settings: Any):
-    """:func:`taxoclass.pipelines.jobs.plot_report_job` on Spark: one plot per task by default.
+def spark_classify_plots(classifier: Mapping[str, Any], photos: Sequence[str | Path],
+                         out: str | Path, *, grids: Sequence[Any], overlap: float,
+                         master: str = "local[2]", partitions: int | None = None,
+                         overwrite: bool = False, spark: SparkSession | None = None
+                         ) -> _ReplayClassifier:
+    """The Spark engine's :meth:`~taxoclass.engines.Engine.classify_plots`: one plot per
+    task by default.
 
     Executors tile, embed and decode their plots (``out/plot_tiles.parquet/``; plots
-    already there are skipped on a rerun); the driver aggregates and writes every report
-    file with :func:`taxoclass.plots.report.plot_report`. ``settings``: rule, thresholds,
-    settings (a plot_settings.json; its grids and overlap apply unless given),
-    outside_weight, min_tiles, top_k, min_tile_prob, plantclef_year, thumbnail_px. Returns the
-    :class:`~taxoclass.plots.report.PlotReportResult`.
+    already there are skipped on a rerun); the returned classifier hands their tile
+    predictions to :func:`taxoclass.plots.report.plot_report` on the driver.
+    ``classifier``: :func:`~taxoclass.plots.loading.load_tile_classifier` arguments
+    (``model``, ``class_mapping``, ``species_table``, ``backbone``, ``model_kwargs``,
+    ``batch_size``); ``grids``/``overlap``: the resolved tile settings.
     """
-    from ..pipelines.jobs import collect_images
-    from ..plots.calibration import resolve_report_settings
-    from ..plots.report import plot_report
-
-    model = Path(model)
+    model = Path(classifier["model"])
+    class_mapping, species_table = classifier.get("class_mapping"), classifier.get("species_table")
+    backbone = classifier.get("backbone") or "vit_base_patch14_reg4_dinov2"
     taxonomy, taxon_ids = _driver_taxonomy(model, class_mapping, species_table)
-    resolved = resolve_report_settings(settings.get("settings"), grids=grids, overlap=overlap,
-                                       rule=settings.get("rule"),
-                                       thresholds=settings.get("thresholds"))
-    grid_list, tile_overlap = resolved.grids, resolved.overlap
-    if not 0.0 <= tile_overlap < 1.0:
-        raise ConfigError(f"Tile overlap must be a fraction in [0, 1), got {tile_overlap}.")
-    paths = [str(p) for p in collect_images(photos)]
+    grid_list, tile_overlap = list(grids), float(overlap)
+    paths = [str(p) for p in photos]
     root = Path(out)
     parquet = root / TILES_PARQUET
     args = {"model": str(model.resolve()),
             "class_mapping": str(class_mapping) if class_mapping else None,
             "species_table": str(species_table) if species_table else None,
-            "backbone": backbone, "model_kwargs": model_kwargs, "batch_size": batch_size}
+            "backbone": backbone, "model_kwargs": classifier.get("model_kwargs"),
+            "batch_size": int(classifier.get("batch_size") or 32)}
     manifest = {"format": "taxoclass-spark-plot-tiles", "format_version": SPARK_FORMAT_VERSION,
                 "engine": "spark", "classifier": args, "model": _file_stamp(model),
                 "grids": grid_list, "overlap": tile_overlap}
@@ -700,10 +695,6 @@ def spark_plot_report(model: str | Path, photos: Sequence[str | Path], out: str 
     replay = _ReplayClassifier(taxonomy, ok_plots, describe, taxon_ids,
                                str(bb.get("name", backbone)) if isinstance(bb, dict)
                                else str(bb))
-    names = None
-    if checklist:
-        names = [ln.strip() for ln in Path(checklist).read_text().splitlines() if ln.strip()]
-    has_flags = any(p["flags"] is not None for p in ok_plots)
-    return plot_report(replay, [Path(p) for p in paths], root, grids=grids, overlap=overlap,
-                       checklist=names, flag_unknown=replay.flag_unknown if has_flags else None,
-                       progress=progress, **settings)
+    if not any(p["flags"] is not None for p in ok_plots):
+        replay.flag_unknown = None  # the model has no outlier detector: flag nothing
+    return replay

@@ -19,10 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,20 +29,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader, Dataset
 
-from taxoclass.errors import CacheError, ImageError
+from taxoclass.errors import CacheError
 from taxoclass.features.backbones import Backbone
+from taxoclass.features.batching import auto_batch_size, embed_batches
 from taxoclass.io.files import atomic_write, atomic_write_csv, atomic_write_json
-from taxoclass.io.images import load_transformed
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
     "EmbedResult",
     "EmbeddingCache",
     "compute_embeddings",
-    "embed_batches",
     "load_embeddings",
 ]
 
@@ -56,7 +51,7 @@ IMAGE_IDS_NPY = "image_ids.npy"
 CHUNK_DIR = "chunks"
 FAILURE_COLUMNS = ["image_id", "path", "error"]
 # Backbone provenance keys that must match for a cache to be reused.
-_IDENTITY_KEYS = (
+IDENTITY_KEYS = (
     "name",
     "checkpoint_sha256",
     "weights_fingerprint",
@@ -69,7 +64,7 @@ _IDENTITY_KEYS = (
     "data_overrides",
 )
 # What an identity key means when an older manifest lacks it.
-_IDENTITY_DEFAULTS = {"data_overrides": {}}
+IDENTITY_DEFAULTS = {"data_overrides": {}}
 
 
 @dataclass
@@ -111,136 +106,6 @@ def _chunk_name(index: int) -> str:
     return f"{CHUNK_DIR}/chunk-{index:05d}.npz"
 
 
-# ---------------------------------------------------------------------------- loading
-
-
-class _ImageDataset(Dataset):
-    """Opens and transforms images; a bad image yields ``None`` plus the error text."""
-
-    def __init__(self, paths: Sequence[str], transform: Callable) -> None:
-        self.paths = list(paths)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            return index, load_transformed(self.paths[index], self.transform), None
-        except ImageError as exc:
-            return index, None, str(exc)
-        except Exception as exc:  # a transform that chokes on an odd image
-            return index, None, f"{type(exc).__name__}: {exc} (image {self.paths[index]!r})"
-
-
-def _collate(
-    batch: list[tuple[int, torch.Tensor | None, str | None]],
-) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
-    ok = [(i, x) for i, x, _ in batch if x is not None]
-    failed = [(i, err or "unknown error") for i, x, err in batch if x is None]
-    tensor = torch.stack([x for _, x in ok]) if ok else None
-    return [i for i, _ in ok], tensor, failed
-
-
-def _prefetch(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """Produce ``batches`` on a background thread, ``depth`` ahead of the consumer.
-
-    Without DataLoader worker processes this still overlaps JPEG decoding and resizing
-    (PIL and torch release the GIL) with the forward pass of the previous batch.
-    """
-    slots: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    done = object()
-    stop = threading.Event()
-
-    def put(entry: tuple[Any, BaseException | None]) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in batches:
-                if not put((item, None)):
-                    return
-            put((done, None))
-        except BaseException as exc:  # handed to the consumer, raised there
-            put((done, exc))
-
-    thread = threading.Thread(target=produce, name="taxoclass-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, exc = slots.get()
-            if item is done:
-                if exc is not None:
-                    raise exc
-                return
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                slots.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.1)
-
-
-def embed_batches(
-    paths: Sequence[str | Path],
-    backbone: Backbone,
-    batches: Sequence[Sequence[int]],
-    *,
-    num_workers: int = 0,
-    prefetch: int = 2,
-) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]]:
-    """Embed ``paths`` batch by batch: yields ``(ok_indices, features, failures)``.
-
-    ``batches`` lists indices into ``paths`` (one list per forward pass).
-    ``features`` is float32 ``[len(ok_indices), num_features]`` (``None`` when the whole
-    batch failed); ``failures`` holds ``(index, error)`` for missing or undecodable
-    images. Decoding overlaps the forward pass: in ``num_workers`` DataLoader processes,
-    or with ``num_workers=0`` on one background thread where a core is free for it
-    (on a CPU whose cores all run the forward pass, decoding runs in turn). Memory is
-    bounded by the batches in flight, whatever the number of images. The local engine and the Spark
-    executors both call this, so they compute the same numbers.
-    """
-    if num_workers < 0:
-        raise CacheError(f"num_workers must be >= 0 (found {num_workers}).")
-    device = backbone.device
-    on_cuda = device.type == "cuda"
-    loader_kwargs: dict[str, Any] = {}
-    if num_workers > 0:
-        loader_kwargs["prefetch_factor"] = max(1, prefetch)
-    loader = DataLoader(
-        _ImageDataset([str(p) for p in paths], backbone.transform),
-        batch_sampler=[list(b) for b in batches],
-        num_workers=num_workers,
-        collate_fn=_collate,
-        pin_memory=on_cuda,
-        **loader_kwargs,
-    )
-    source: Iterator[Any] = iter(loader)
-    # A decoding thread only pays where a core is free for it: on a GPU, or when torch's
-    # intra-op threads leave one. With every core in the forward pass it slows both down
-    # (measured on 2 cores: 40 -> 44 images/s fp32, 69 -> 76 bf16 without the thread).
-    spare_core = (os.cpu_count() or 1) > torch.get_num_threads()
-    if num_workers == 0 and prefetch > 0 and (on_cuda or spare_core):
-        source = _prefetch(source, depth=prefetch)
-    with torch.inference_mode():
-        for ok_idx, tensor, bad in source:
-            feats = None
-            if tensor is not None:
-                if on_cuda:
-                    tensor = tensor.to(device, non_blocking=True)
-                out = backbone.embed(tensor).float().cpu().numpy()
-                feats = np.ascontiguousarray(out, dtype=np.float32)
-            yield ok_idx, feats, bad
-
-
 # ---------------------------------------------------------------------------- manifest
 
 
@@ -265,8 +130,8 @@ def _differences(expected: dict, found: dict) -> list[str]:
             f"found {found.get('format_version')}"
         )
     exp_bb, found_bb = expected["backbone"], found.get("backbone", {})
-    for key in _IDENTITY_KEYS:
-        default = _IDENTITY_DEFAULTS.get(key)
+    for key in IDENTITY_KEYS:
+        default = IDENTITY_DEFAULTS.get(key)
         exp_value, found_value = exp_bb.get(key, default), found_bb.get(key, default)
         if exp_value != found_value:
             diffs.append(
@@ -299,7 +164,7 @@ def _chunk_done(root: Path, entry: dict) -> bool:
 # ---------------------------------------------------------------------------- compute
 
 
-def _normalise_items(items: Sequence[tuple[object, str | Path]]) -> tuple[list[str], list[str]]:
+def normalise_items(items: Sequence[tuple[object, str | Path]]) -> tuple[list[str], list[str]]:
     ids = [str(image_id) for image_id, _ in items]
     paths = [str(path) for _, path in items]
     if len(set(ids)) != len(ids):
@@ -317,14 +182,6 @@ def _batches(chunks: list[dict], batch_size: int) -> Iterator[list[int]]:
     for chunk in chunks:
         for start in range(chunk["start"], chunk["stop"], batch_size):
             yield list(range(start, min(start + batch_size, chunk["stop"])))
-
-
-def auto_batch_size(device: torch.device | str = "cpu") -> int:
-    """Default batch size: 64 on a GPU; 8 on a CPU, where small batches stay in cache
-    (EfficientNet-Lite0 on 2 cores: 46 images/s at batch 8 vs 29 at batch 64, decode
-    included; see BENCHMARKS.md).
-    """
-    return 64 if torch.device(device).type == "cuda" else 8
 
 
 def compute_embeddings(
@@ -355,7 +212,7 @@ def compute_embeddings(
             f"batch_size and chunk_size must be >= 1 (found {batch_size}, {chunk_size})."
         )
     root = Path(out_dir)
-    ids, paths = _normalise_items(items)
+    ids, paths = normalise_items(items)
     n = len(ids)
     chunks = [
         {

@@ -73,7 +73,7 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
         raise AnnotationError(f"{annotations}: lists no images; nothing to embed.")
     if engine != "local":
         from ..engines import get_engine
-        from ..features.embeddings import auto_batch_size
+        from ..features.batching import auto_batch_size
 
         batch_size = batch_size or auto_batch_size("cpu")
         return get_engine(engine, master=master).embed(
