@@ -8,6 +8,9 @@ the bare value: outputs stay byte-identical to the plain strings they replace.
   rank passes back-off, the plot record of outlier tiles).
 - :class:`Reason`: why a prediction sits where it does (the fixed words of a reason).
 - :class:`Rule`: plot aggregation rules.
+- :class:`Detector`, :class:`Scope`, :class:`Combiner`, :class:`Confidence`,
+  :class:`Calibration`: the open-set choices (config ``openset`` section, bundle JSON).
+- :class:`DecodeMethod`: how rank probabilities are made coherent (config ``decode``).
 
 Ranks are data (the taxonomy's ranks, configurable), not an enum: reason strings that
 embed a rank are built by :func:`backoff_reason` and :func:`plot_reason` only, and read
@@ -24,8 +27,14 @@ __all__ = [
     "CHECKLIST_SUFFIX",
     "ROLLUP_PREFIX",
     "UNKNOWN",
+    "Calibration",
+    "Combiner",
+    "Confidence",
+    "DecodeMethod",
+    "Detector",
     "Reason",
     "Rule",
+    "Scope",
     "backoff_reason",
     "parse_backoff_reason",
     "plot_reason",
@@ -81,6 +90,54 @@ class Rule(_StrEnum):
     MEAN = "mean"
     #: scores computed elsewhere (a learned plot scorer) and passed in.
     LEARNED = "learned"
+
+
+class Detector(_StrEnum):
+    """Outlier detectors (:class:`~taxoclass.openset.detectors.OutlierDetector`)."""
+
+    KNN = "knn"
+    LOF = "lof"
+    ECOD = "ecod"
+    COPOD = "copod"
+    IFOREST = "iforest"
+    #: class-conditional relative Mahalanobis distance (not pyod).
+    MAHALANOBIS = "mahalanobis"
+
+
+class Scope(_StrEnum):
+    """Where a pyod detector is fitted: on all training rows, or per predicted group."""
+
+    GLOBAL = "global"
+    GROUP = "group"
+
+
+class Combiner(_StrEnum):
+    """How confidence and outlier score become evidence (``EvidenceCombiner``)."""
+
+    LOGISTIC = "logistic"
+    RANK_MEAN = "rank_mean"
+    GATE = "gate"
+
+
+class Confidence(_StrEnum):
+    """What the combiner reads as the head's confidence in the path's taxon."""
+
+    PATH_PROB = "path_prob"
+    PATH_LOGIT = "path_logit"
+
+
+class Calibration(_StrEnum):
+    """What the open-set combiner and thresholds are fitted on."""
+
+    HOLDOUT = "holdout"
+    CROSSFIT = "crossfit"
+
+
+class DecodeMethod(_StrEnum):
+    """How per-rank probabilities are made coherent along the taxonomy."""
+
+    PATH = "path"
+    MARGINAL = "marginal"
 
 
 def backoff_reason(rank: str, why: Reason | str) -> str:

@@ -171,13 +171,6 @@ def test_train_finetune_leaves_holdout_species_out(small_leaf):
     assert len(split) == d["n"] - 5  # the held-out species' 5 images are not used at all
 
 
-def test_finetune_defaults_match_library():
-    from taxoclass.config import DEFAULTS
-    from taxoclass.model.finetune import FINETUNE_DEFAULTS
-
-    assert DEFAULTS["finetune"] == dict(FINETUNE_DEFAULTS)
-
-
 def test_train_finetune_starts_from_probe_heads_with_tile_views(small_leaf):
     """finetune.probe_head (LP-FT): the fine-tuning starts from heads trained on the cached
     embeddings; with a vanishing learning rate the bundle keeps exactly those heads."""
@@ -185,7 +178,8 @@ def test_train_finetune_starts_from_probe_heads_with_tile_views(small_leaf):
 
     from taxoclass.config import load_config
     from taxoclass.model.finetune import _probe_head
-    from taxoclass.pipelines.jobs import _targets, known_rows, validation_mask
+    from taxoclass.pipelines.data import known_rows, validation_mask
+    from taxoclass.taxonomy.labels import encode_labels
     from taxoclass.taxonomy.annotations import load_annotations
 
     torch.set_num_threads(1)
@@ -220,7 +214,7 @@ def test_train_finetune_starts_from_probe_heads_with_tile_views(small_leaf):
     full = load_config(cfg_path)
     ann = load_annotations(d["ann"])
     tax, rows = known_rows(ann, ann.labelled_images(d["root"]), full["data"])
-    y, nodes = _targets(tax, rows)
+    y, nodes = encode_labels(tax, rows)
     is_val = validation_mask([str(i) for i in rows["image_id"]], nodes, full["data"])
     torch.manual_seed(0)
     probe = _probe_head(full, rows, y, ~is_val, tax).state_dict()

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
+from taxoclass.config import AugmentConfig
 from taxoclass.errors import CacheError, ConfigError, ImageError
 from taxoclass.io.files import atomic_write, atomic_write_csv, atomic_write_json
 from taxoclass.io.images import load_image
@@ -64,19 +65,23 @@ _CROP_MIN = 0.3  # background crops: side uniform(_CROP_MIN, 1) of the photo's s
 # ---------------------------------------------------------------------------- settings
 
 
+_AUGMENT = AugmentConfig()
+
+
 @dataclass(frozen=True)
 class ViewSettings:
     """How tile-like views are made (see the module docstring)."""
 
-    views_per_image: int = 4          # 0 disables
-    size: int = 320                   # square output view, pixels
-    scale: tuple[float, float] = (0.45, 1.4)  # object's longest side / view side
-    rotate: bool = True               # uniform 0-360 degrees
-    max_cut: float = 0.35             # share of the object's width/height allowed outside
-    background: str = "clutter"       # "black" | "noise" | "clutter" | a folder of photos
-    object_threshold: int = 80        # grey level above which a source pixel is object
-    mask: str = "threshold"           # "threshold": object pixels only; "none": whole image
-    seed: int = 0
+    # Defaults: the config's ``augment`` section (taxoclass.config.AugmentConfig).
+    views_per_image: int = _AUGMENT.views_per_image  # 0 disables
+    size: int = _AUGMENT.size                   # square output view, pixels
+    scale: tuple[float, float] = _AUGMENT.scale  # object's longest side / view side
+    rotate: bool = _AUGMENT.rotate              # uniform 0-360 degrees
+    max_cut: float = _AUGMENT.max_cut           # share of the object allowed outside per axis
+    background: str = _AUGMENT.background       # "black" | "noise" | "clutter" | a folder
+    object_threshold: int = _AUGMENT.object_threshold  # grey level above which: object
+    mask: str = _AUGMENT.mask                   # "threshold": object pixels; "none": whole image
+    seed: int = _AUGMENT.seed
 
     def __post_init__(self) -> None:
         if isinstance(self.scale, (list, tuple)) and len(self.scale) == 2 and all(

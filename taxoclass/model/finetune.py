@@ -36,7 +36,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import FinetuneSettings
 from ..errors import ConfigError, ImageError
 from ..io.files import atomic_write
 from ..io.images import load_image
@@ -73,75 +74,6 @@ LAST_CHECKPOINT = "last.pt"
 BEST_WEIGHTS = "best.pt"
 BACKBONE_FILE = "backbone.pth"
 CHECKPOINT_VERSION = 1
-
-
-@dataclass
-class FinetuneSettings:
-    """The ``finetune:`` config section (see :data:`FINETUNE_DEFAULTS`)."""
-
-    epochs: int = 10
-    batch_size: int = 32           # images per forward pass (micro-batch)
-    accum_steps: int = 1           # micro-batches per optimizer step
-    lr: float = 1e-4               # heads and final norms; lower groups get lr * decay**depth
-    layer_decay: float = 0.75      # 1.0: one learning rate for all
-    weight_decay: float = 0.05     # not applied to biases, norms, tokens, position embeddings
-    warmup_epochs: float = 1.0     # linear warmup, then cosine decay per optimizer step
-    min_lr_ratio: float = 0.01     # cosine floor as a fraction of each group's peak lr
-    unfreeze_blocks: int = -1      # -1 all, 0 heads only, N last N blocks + final norms + heads
-    grad_clip: float | None = 1.0  # max global gradient norm; None or 0: no clipping
-    patience: int = 3              # epochs without a better validation loss; 0: no early stop
-    augment: bool = True           # False: train with the eval transform
-    num_workers: int = 4
-    seed: int = 0
-    max_steps: int | None = None   # pause (with a checkpoint) after this many optimizer steps
-    checkpoint_steps: int | None = None  # also checkpoint every N optimizer steps
-    resume: bool = True            # continue from <out>/finetune_state/last.pt if present
-    keep_checkpoints: bool = False  # keep <out>/finetune_state after a finished run
-    compile: bool = False          # torch.compile the model (CUDA only)
-    tile_views: int = 0            # per epoch, each image also seen N times as a fresh
-    #                                tile-like view (taxoclass.features.views, `augment`)
-    probe_head: bool = False       # `train --finetune`: start from heads trained on the frozen
-    #                                backbone's cached embeddings (LP-FT); finetune() itself
-    #                                takes such heads as ``head_init``
-
-    @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> FinetuneSettings:
-        cfg = dict(cfg or {})
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - names)
-        if unknown:
-            raise ConfigError(f"finetune: unknown key(s) {unknown}; expected some of "
-                              f"{sorted(names)}.")
-        s = cls(**cfg)
-        s.validate()
-        return s
-
-    def validate(self) -> None:
-        def need(ok: bool, what: str, got: object) -> None:
-            if not ok:
-                raise ConfigError(f"finetune.{what}, got {got!r}.")
-
-        need(int(self.epochs) >= 1, "epochs must be >= 1", self.epochs)
-        need(int(self.batch_size) >= 1, "batch_size must be >= 1", self.batch_size)
-        need(int(self.accum_steps) >= 1, "accum_steps must be >= 1", self.accum_steps)
-        need(float(self.lr) > 0, "lr must be > 0", self.lr)
-        need(0 < float(self.layer_decay) <= 1, "layer_decay must be in (0, 1]", self.layer_decay)
-        need(float(self.weight_decay) >= 0, "weight_decay must be >= 0", self.weight_decay)
-        need(float(self.warmup_epochs) >= 0, "warmup_epochs must be >= 0", self.warmup_epochs)
-        need(0 <= float(self.min_lr_ratio) <= 1, "min_lr_ratio must be in [0, 1]",
-             self.min_lr_ratio)
-        need(int(self.unfreeze_blocks) >= -1, "unfreeze_blocks must be -1 (all), 0 (heads "
-             "only) or a number of blocks", self.unfreeze_blocks)
-        need(self.grad_clip is None or float(self.grad_clip) >= 0, "grad_clip must be >= 0 or "
-             "null", self.grad_clip)
-        need(int(self.patience) >= 0, "patience must be >= 0", self.patience)
-        need(int(self.num_workers) >= 0, "num_workers must be >= 0", self.num_workers)
-        need(self.max_steps is None or int(self.max_steps) >= 1, "max_steps must be >= 1 or "
-             "null", self.max_steps)
-        need(self.checkpoint_steps is None or int(self.checkpoint_steps) >= 1,
-             "checkpoint_steps must be >= 1 or null", self.checkpoint_steps)
-        need(int(self.tile_views) >= 0, "tile_views must be >= 0 (0: no tile-like views)",
-             self.tile_views)
 
 
 FINETUNE_DEFAULTS: dict[str, Any] = asdict(FinetuneSettings())
@@ -850,7 +782,7 @@ def _probe_head(cfg: Mapping[str, Any], rows, y: Mapping[str, np.ndarray], train
     tile-like views when ``augment.views_per_image > 0``) with the config's ``train``
     settings: the linear-probe start of LP-FT, from the same caches `taxoclass train`
     uses. Rows without an embedding (unreadable images) are left out."""
-    from ..pipelines.jobs import config_embeddings, view_embeddings, with_views
+    from ..pipelines.data import config_embeddings, view_embeddings, with_views
     from .training import train_head
 
     x, found, _ = config_embeddings(dict(cfg), rows, progress=embed_progress)
@@ -870,7 +802,7 @@ def _detector_views(cfg: Mapping[str, Any], rows, settings: FinetuneSettings):
     those are set; the same files the probe heads use), as (frame of view files, index
     into ``rows`` of each view's source); None when the config makes no views."""
     from ..features.views import ViewSettings, write_views
-    from ..pipelines.jobs import embedding_cache
+    from ..pipelines.data import embedding_cache
 
     section = _view_section(cfg)
     n = int(section.get("views_per_image", 0) or 0) or int(settings.tile_views)
@@ -912,13 +844,9 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
     from ..features.backbones import backbone_from_spec, backbone_spec
     from ..io.files import atomic_write_csv, atomic_write_json
     from ..io.provenance import write_provenance
-    from ..pipelines.jobs import (
-        _targets,
-        fit_openset_scorer,
-        known_rows,
-        require_training_settings,
-        validation_mask,
-    )
+    from ..pipelines.data import known_rows, require_training_settings, validation_mask
+    from ..pipelines.openset_fit import fit_openset_scorer
+    from ..taxonomy.labels import encode_labels as _targets
     from ..taxonomy.annotations import load_annotations
 
     cfg = dict(cfg)

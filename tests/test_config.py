@@ -1,0 +1,91 @@
+"""Typed config sections: DEFAULTS derived from them, values checked when a config loads,
+and no library function with a default that disagrees with its config section."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from taxoclass.config import (
+    DEFAULTS,
+    AugmentConfig,
+    Config,
+    FinetuneSettings,
+    OpensetConfig,
+    TrainConfig,
+    load_config,
+)
+from taxoclass.errors import ConfigError
+
+
+def test_defaults_are_derived_from_the_sections():
+    cfg = Config()
+    assert DEFAULTS == cfg.to_dict()
+    assert list(DEFAULTS) == ["data", "backbone", "embeddings", "model", "loss", "train",
+                              "decode", "augment", "openset", "finetune", "out"]
+    assert DEFAULTS["openset"]["detector"] == OpensetConfig().detector == "mahalanobis"
+    assert DEFAULTS["train"]["epochs"] == TrainConfig().epochs == 200
+    assert DEFAULTS["augment"]["scale"] == [0.45, 1.4]  # YAML-shaped: a list, not a tuple
+    assert DEFAULTS["finetune"] == dataclasses.asdict(FinetuneSettings())
+    # YAML round trip: what provenance writes reads back as the same config
+    assert yaml.safe_load(yaml.safe_dump(DEFAULTS)) == DEFAULTS
+    assert Config.from_dict(DEFAULTS) == cfg
+
+
+def test_partial_section_takes_the_defaults():
+    o = OpensetConfig.from_dict({"detector": "knn"})
+    assert o.detector == "knn" and o.combiner == "gate" and o.confidence == "path_logit"
+    assert Config.from_dict({"train": {"epochs": 5}}).train == TrainConfig(epochs=5)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.epochs=five", "train.epochs: expected an integer >= 1, found 'five'."),
+    ("train.epochs=0", "train.epochs: expected an integer >= 1, found 0."),
+    ("train.lr=-1", "train.lr: expected a number > 0, found -1."),
+    ("model.hidden=true", "model.hidden: expected an integer >= 1 or null, found True."),
+    ("openset.detector=nope", "openset.detector: expected one of 'knn', 'lof', 'ecod', "
+                              "'copod', 'iforest', 'mahalanobis', found 'nope'."),
+    ("openset.target_precision.species=1.5",
+     "openset.target_precision.species: expected a number > 0 and <= 1, found 1.5."),
+    ("openset.target_precision=0", "openset.target_precision: expected a number > 0 and <= 1, "
+                                   "found 0."),
+    ("augment.scale=[1]", "augment.scale: expected a list of 2 numbers, found [1]."),
+    ("data.ranks=genus", "data.ranks: expected a list of strings, found 'genus'."),
+    ("decode.method=argmax", "decode.method: expected one of 'path', 'marginal', found "
+                             "'argmax'."),
+    ("finetune.unfreeze_blocks=-2", "finetune.unfreeze_blocks: expected an integer >= -1, "
+                                    "found -2."),
+])
+def test_bad_values_are_clear_errors(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == message
+
+
+def test_good_values_pass_and_stay_as_written(tmp_path):
+    # YAML 1.1 reads 1e-4 as a string: accepted as a number, the config keeps it as written
+    cfg = load_config(None, ["finetune.lr=1e-4", "train.patience=null", "train.batch_size=0",
+                             "openset.target_precision=0.9", "model.hidden=64"])
+    assert cfg["finetune"]["lr"] == "1e-4" and cfg["train"]["patience"] is None
+    assert FinetuneSettings.from_mapping(cfg["finetune"]).lr == "1e-4"
+    for name in ("leaf.yaml", "leaf-openset.yaml", "leaf-plots.yaml", "leaf-plots-finetune.yaml"):
+        assert Config.from_dict(load_config(f"configs/{name}")).data.ranks
+
+
+def test_unknown_keys_and_sections_are_errors():
+    with pytest.raises(ConfigError, match=r"openset: unknown key\(s\) \['detectr'\]"):
+        OpensetConfig.from_dict({"detectr": "knn"})
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) \['trian'\]"):
+        Config.from_dict({"trian": {}})
+    with pytest.raises(ConfigError, match="augment: expected a mapping"):
+        AugmentConfig.from_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_augment_section_feeds_view_settings():
+    from taxoclass.features.views import ViewSettings
+
+    a = AugmentConfig()
+    assert ViewSettings.from_mapping(a.view_settings()) == ViewSettings()
+    assert ViewSettings().views_per_image == a.views_per_image == 0
