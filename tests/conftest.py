@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# TAXOCLASS_SHARED_DATA=/nonexistent simulates a checkout without ../shared/data.
+SHARED_DATA = Path(os.environ.get("TAXOCLASS_SHARED_DATA")
+                   or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 # A DINOv2-shaped ViT (patch 14, 4 registers) small enough for CPU tests.
 TINY_DINO_KWARGS = dict(img_size=56, depth=2, embed_dim=64, num_heads=2)
