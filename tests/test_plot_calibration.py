@@ -20,24 +20,24 @@ from taxoclass.cli import main
 from taxoclass.errors import AnnotationError, ConfigError
 from taxoclass.model.decoding import decode_leaf_probabilities
 from taxoclass.plots.calibration import (
-    CANDIDATE_THRESHOLDS,
-    SETTINGS_FILE,
-    TABLE_FILE,
-    LearnedPlotRule,
-    PlotSettings,
-    PlotTiles,
-    TileSettings,
-    _species_f1,
-    _tile_options,
     calibrate_plots,
     calibrate_rules,
     check_plot_truth,
     plot_records,
-    resolve_report_settings,
 )
 from taxoclass.plots.evaluation import evaluate_plots
+from taxoclass.plots.learned import LearnedPlotRule
 from taxoclass.plots.report import plot_report
-from taxoclass.plots.rules import LEARNED, RULES, aggregate_plot
+from taxoclass.plots.rules import aggregate_plot
+from taxoclass.plots.search import CANDIDATE_THRESHOLDS, species_f1, tile_options
+from taxoclass.plots.selection import LEARNED, RULES, TileSettings
+from taxoclass.plots.settings import (
+    SETTINGS_FILE,
+    TABLE_FILE,
+    PlotSettings,
+    resolve_report_settings,
+)
+from taxoclass.plots.tiling import PlotTiles
 from taxoclass.taxonomy.tree import Taxonomy
 
 torch.set_num_threads(1)
@@ -138,7 +138,7 @@ def calibrated_peaked():
     return cal, cal_truth, calibrate_rules(cal, cal_truth, TAX, grids=GRIDS)
 
 
-def species_f1(plots, truth, rule, thresholds, learned=None, tiles=None, scores=None) -> float:
+def records_f1(plots, truth, rule, thresholds, learned=None, tiles=None, scores=None) -> float:
     recs = plot_records(plots, TAX, rule=rule, thresholds=thresholds, learned=learned,
                         tiles=tiles, scores=scores)
     return evaluate_plots(recs, truth, TAX)["species"]["macro_f1_per_plot"]
@@ -148,8 +148,8 @@ def species_f1(plots, truth, rule, thresholds, learned=None, tiles=None, scores=
 def test_learned_rule_beats_max_on_spread_evidence(calibrated):
     _, _, s = calibrated
     test, test_truth = synthetic_plots(30, seed=1)
-    learned = species_f1(test, test_truth, LEARNED, s.thresholds_for(LEARNED), s.learned)
-    best_max = max(species_f1(test, test_truth, "max", {"species": t})
+    learned = records_f1(test, test_truth, LEARNED, s.thresholds_for(LEARNED), s.learned)
+    best_max = max(records_f1(test, test_truth, "max", {"species": t})
                    for t in CANDIDATE_THRESHOLDS[::4])  # max at its best, even on test plots
     assert learned >= 0.9
     assert learned >= best_max + 0.15
@@ -174,9 +174,9 @@ def test_chosen_thresholds_are_the_best_aggregate_plot_can_do(request, data, rul
                                      tiles=tiles, scores=scores), truth, TAX)
     assert row["macro_f1_per_plot"] == {r: pytest.approx(ev[r]["macro_f1_per_plot"])
                                         for r in TAX.ranks}
-    for opt in _tile_options(rule):
+    for opt in tile_options(rule):
         for t in CANDIDATE_THRESHOLDS[::3 if opt == tiles else 12]:
-            assert species_f1(cal, truth, rule, {**th, "species": t}, s.learned, opt,
+            assert records_f1(cal, truth, rule, {**th, "species": t}, s.learned, opt,
                               scores) <= row["macro_f1_per_plot"]["species"] + 1e-9
     for t in CANDIDATE_THRESHOLDS[::6]:
         ev = evaluate_plots(plot_records(cal, TAX, rule=rule, thresholds={**th, "genus": t},
@@ -195,13 +195,13 @@ def test_sweep_matches_aggregate_plot_for_every_tile_setting(request, data, rule
     ids = list(cal)[:12]
     cal, truth = {p: cal[p] for p in ids}, {p: truth[p] for p in ids}
     scores = s.learned.oof_scores_ if rule == LEARNED else None
-    options = _tile_options(rule)
+    options = tile_options(rule)
     assert len(options) == {"noisy_or": 27, "mean": 27, LEARNED: 1}.get(rule, 3)
     assert options[0] == TileSettings()
     for opt in options:
-        curve = _species_f1(cal, truth, TAX, rule, opt, scores=scores)
+        curve = species_f1(cal, truth, TAX, rule, opt, scores=scores)[0]
         for i in range(0, len(CANDIDATE_THRESHOLDS), 9):
-            assert curve[i] == pytest.approx(species_f1(
+            assert curve[i] == pytest.approx(records_f1(
                 cal, truth, rule, {"species": float(CANDIDATE_THRESHOLDS[i])}, s.learned, opt,
                 scores)), (opt, CANDIDATE_THRESHOLDS[i])
 
@@ -264,7 +264,7 @@ def test_mean_with_top_k_1_is_calibrated_and_applied(tmp_path):
     table = s.table().set_index("rule")
     th, tiles = s.thresholds_for("mean"), s.tiles_for("mean")
     assert s.rule == "mean" and tiles.top_k == 1 and table.loc["mean", "top_k"] == 1
-    without = max(species_f1(cal, truth, "mean", {**th, "species": float(t)},
+    without = max(records_f1(cal, truth, "mean", {**th, "species": float(t)},
                              tiles=TileSettings(None, tiles.min_tile_prob, tiles.min_tiles))
                   for t in CANDIDATE_THRESHOLDS)
     assert table.loc["mean", "species_f1"] == 1.0 > without + 0.2

@@ -11,13 +11,8 @@ from PIL import Image
 
 from taxoclass.errors import ConfigError, TaxonomyError
 from taxoclass.model.decoding import decode_leaf_probabilities
-from taxoclass.plots.rules import (
-    RULES,
-    aggregate_plot,
-    apply_checklist,
-    keep_top_k,
-    tile_assignments,
-)
+from taxoclass.plots.rules import aggregate_plot, apply_checklist, tile_assignments
+from taxoclass.plots.selection import RULES, keep_top_k
 from taxoclass.plots.tiling import (
     PhotoFailure,
     PlotTiles,

@@ -13,9 +13,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .rules import UNKNOWN, PlotRecord
+from ..vocab import UNKNOWN
+from .rules import PlotRecord
 
-__all__ = ["evaluate_plots", "f1_score_sets"]
+__all__ = ["evaluate_plots", "f1_score_sets", "truth_path"]
 
 
 def f1_score_sets(pred: set, true: set) -> float:
@@ -26,7 +27,7 @@ def f1_score_sets(pred: set, true: set) -> float:
     return 2.0 * tp / (len(pred) + len(true))
 
 
-def _truth_path(name: str, taxonomy) -> tuple[str, ...]:
+def truth_path(name: str, taxonomy) -> tuple[str, ...]:
     """Path of a true species name; names the model never saw keep their genus guess."""
     lowest = taxonomy.ranks[-1]
     hits = taxonomy.find(name, lowest)
@@ -81,7 +82,7 @@ def evaluate_plots(predicted: Mapping[str, Sequence[PlotRecord]],
     predicted plots missing from ``truth`` are ignored (no truth to score against).
     """
     lowest = taxonomy.ranks[-1]
-    true_paths = {p: [_truth_path(str(n), taxonomy) for n in names] for p, names in truth.items()}
+    true_paths = {p: [truth_path(str(n), taxonomy) for n in names] for p, names in truth.items()}
     out: dict = {}
     rows: dict[str, dict] = {p: {"plot_id": p} for p in truth}
     for rank in taxonomy.ranks:

@@ -30,14 +30,14 @@ from .._version import __version__
 from ..errors import ConfigError
 from ..io.files import atomic_write_csv, atomic_write_json, atomic_write_text
 from ..io.provenance import write_provenance
-from ..vocab import CHECKLIST_SUFFIX
-from .calibration import PlotSettings, resolve_report_settings
-from .rules import UNKNOWN, PlotRecord, _thresholds, aggregate_plot, apply_checklist
+from ..vocab import CHECKLIST_SUFFIX, UNKNOWN
+from .rules import PlotRecord, aggregate_plot, apply_checklist, resolve_thresholds
 from .rules import tile_assignments as _tile_assignments
+from .settings import PlotSettings, resolve_report_settings
 from .tiling import PhotoFailure, PlotTiles, Tile, backbone_name, classify_photos, parse_grid
 
 if TYPE_CHECKING:
-    from .calibration import LearnedPlotRule
+    from .learned import LearnedPlotRule
 
 __all__ = [
     "OUTPUT_FILES",
@@ -309,7 +309,7 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
     (default 3x3, no overlap). ``rule``/``thresholds``/``checklist``/``min_tiles``/
     ``top_k``/``min_tile_prob``: see :func:`~taxoclass.plots.rules.aggregate_plot` (default
     ``max``, every class, no tile gate, one supporting tile; ``top_k=0``: every class).
-    ``settings``: a :class:`~taxoclass.plots.calibration.PlotSettings` or its
+    ``settings``: a :class:`~taxoclass.plots.settings.PlotSettings` or its
     ``plot_settings.json`` (``taxoclass calibrate-plots``): grids, overlap, rule, and the
     rule's calibrated thresholds and tile settings (``top_k``, ``min_tile_prob``,
     ``min_tiles``) come from it, and any of them given explicitly here overrides it; rule
@@ -329,7 +329,7 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
                                        resolved.min_tiles)
     learned = resolved.learned
     taxonomy = classifier.taxonomy
-    th = _thresholds(rule, taxonomy.ranks, resolved.thresholds)
+    th = resolve_thresholds(rule, taxonomy.ranks, resolved.thresholds)
     grid_labels = list(grids)
     weights_by_scale = {}
     for g, w in (scale_weights or {}).items():

@@ -9,7 +9,7 @@ turns the tiles' probabilities into one score per taxon and rank:
 - ``"noisy_or"``: ``1 - Π(1 - p)`` over tiles (evidence accumulates across tiles).
 - ``"mean"``: the (weighted) mean probability over tiles.
 - ``"learned"``: scores computed elsewhere and passed in (``scores=``), e.g. by
-  :class:`taxoclass.plots.calibration.LearnedPlotRule` fitted on calibration plots.
+  :class:`taxoclass.plots.learned.LearnedPlotRule` fitted on calibration plots.
 
 Records are chosen bottom-up so each find is named once, at the lowest rank its evidence
 supports: a species where its score passes the species threshold; a genus (``Carex sp.``)
@@ -26,29 +26,18 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..errors import ConfigError, TaxonomyError
+from ..vocab import UNKNOWN, Reason, plot_reason
+from .selection import LEARNED, RULES, keep_top_k, rank_evidence
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
-    "LEARNED",
-    "RULES",
-    "SUPPORT_TOP",
-    "UNKNOWN",
     "PlotRecord",
     "aggregate_plot",
     "apply_checklist",
     "checklist_mask",
-    "keep_top_k",
-    "rule_scores",
+    "resolve_thresholds",
     "tile_assignments",
-    "top_ranked",
 ]
-
-RULES: tuple[str, ...] = ("argmax_union", "max", "noisy_or", "mean")
-#: The rule whose per-taxon scores come precomputed (``aggregate_plot(scores=...)``).
-LEARNED = "learned"
-UNKNOWN = "unknown"
-#: With precomputed scores, a tile supports a taxon that is among its ``SUPPORT_TOP`` best.
-SUPPORT_TOP = 3
 
 #: Per rule, per rank. Ranks not listed fall back to the lowest listed value above them.
 DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
@@ -153,8 +142,10 @@ def _up_the_tree(leaf: np.ndarray, taxonomy) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------- scoring
-def _thresholds(rule: str, ranks: Sequence[str],
-                thresholds: Mapping[str, float] | None) -> dict[str, float]:
+def resolve_thresholds(rule: str, ranks: Sequence[str],
+                       thresholds: Mapping[str, float] | None) -> dict[str, float]:
+    """Rank -> threshold of ``rule``: ``thresholds`` over the rule's defaults
+    (:data:`DEFAULT_THRESHOLDS`); a rank with neither takes the value of the rank above."""
     base = dict(DEFAULT_THRESHOLDS[rule])
     base.update({str(k): float(v) for k, v in (thresholds or {}).items()})
     unknown = sorted(set(base) - set(ranks) - set(DEFAULT_THRESHOLDS[rule]))
@@ -167,34 +158,6 @@ def _thresholds(rule: str, ranks: Sequence[str],
         out[r] = base.get(r, fallback)
         fallback = out[r]
     return out
-
-
-def keep_top_k(probs: np.ndarray, k: int) -> np.ndarray:
-    """Each row keeps its ``k`` largest values; the others become 0 (ties broken by index)."""
-    if int(k) < 1:
-        raise ConfigError(f"top_k must be at least 1, got {k}.")
-    a = np.asarray(probs, dtype=np.float64)
-    if a.ndim != 2 or int(k) >= a.shape[1]:
-        return a
-    keep = np.argpartition(-a, int(k) - 1, axis=1)[:, :int(k)]
-    out = np.zeros_like(a)
-    np.put_along_axis(out, keep, np.take_along_axis(a, keep, axis=1), axis=1)
-    return out
-
-
-def rule_scores(probs: np.ndarray, rule: str, weights: np.ndarray | None = None) -> np.ndarray:
-    """One score per class from tile probabilities ``[n_tiles, n_classes]`` (no tiles: 0)."""
-    p = np.asarray(probs, dtype=np.float64)
-    w = np.ones(len(p)) if weights is None else np.asarray(weights, dtype=np.float64)
-    if len(p) == 0 or w.sum() <= 0:
-        return np.zeros(p.shape[1] if p.ndim == 2 else 0)
-    if rule == "max" or rule == "argmax_union":
-        return np.where(w[:, None] > 0, p, 0.0).max(axis=0)
-    if rule == "noisy_or":
-        return 1.0 - np.exp((w[:, None] * np.log1p(-np.clip(p, 0.0, 1.0 - 1e-12))).sum(axis=0))
-    if rule == "mean":
-        return (w[:, None] * p).sum(axis=0) / w.sum()
-    raise ConfigError(f"Unknown aggregation rule {rule!r}; expected one of {RULES}.")
 
 
 def _check_inputs(probs: Mapping[str, np.ndarray], taxonomy, unknown, weights):
@@ -216,20 +179,6 @@ def _check_inputs(probs: Mapping[str, np.ndarray], taxonomy, unknown, weights):
     if (w < 0).any():
         raise ValueError("Tile weights must be non-negative.")
     return p, flags, w
-
-
-def top_ranked(probs: np.ndarray, k: int) -> np.ndarray:
-    """Boolean ``[n_tiles, n_classes]``: True where a class is among a tile's ``k`` best
-    and has a probability above 0."""
-    a = np.asarray(probs, dtype=np.float64)
-    out = np.zeros(a.shape, dtype=bool)
-    if a.ndim != 2 or not a.size:
-        return out
-    k = min(int(k), a.shape[1])
-    idx = np.argpartition(-a, k - 1, axis=1)[:, :k] if k < a.shape[1] else \
-        np.broadcast_to(np.arange(a.shape[1]), a.shape)
-    np.put_along_axis(out, idx, True, axis=1)
-    return out & (a > 0)
 
 
 def _check_scores(scores: Mapping[str, np.ndarray], taxonomy) -> dict[str, np.ndarray]:
@@ -268,9 +217,10 @@ def aggregate_plot(probs: Mapping[str, np.ndarray], taxonomy, *, plot_id: str = 
     a tile whose best lowest-rank probability is below it gives no evidence (weight 0;
     e.g. a background tile the model is unsure about; it is not counted as unknown).
     ``scores``: rank -> one precomputed score per class (rule ``"learned"``, e.g.
-    :meth:`~taxoclass.plots.calibration.LearnedPlotRule.scores`), used instead of the
+    :meth:`~taxoclass.plots.learned.LearnedPlotRule.scores`), used instead of the
     rule's own; thresholds apply to them, and a taxon's supporting tiles are the
-    non-flagged tiles that rank it among their :data:`SUPPORT_TOP` best.
+    non-flagged tiles that rank it among their
+    :data:`~taxoclass.plots.selection.SUPPORT_TOP` best.
 
     Records come species first (best score first), then genera, families, unknown.
     """
@@ -287,71 +237,39 @@ def aggregate_plot(probs: Mapping[str, np.ndarray], taxonomy, *, plot_id: str = 
         p, off_list = apply_checklist(p, taxonomy, checklist, outside_weight=outside_weight)
         flags = flags | off_list
     ranks = taxonomy.ranks
-    lowest = ranks[-1]
     if min_tile_prob > 0 and len(w):
-        w = np.where(p[lowest].max(axis=1) >= min_tile_prob, w, 0.0)
+        w = np.where(p[ranks[-1]].max(axis=1) >= min_tile_prob, w, 0.0)
     if top_k is not None:
         p = {r: keep_top_k(a, top_k) for r, a in p.items()}
-    th = _thresholds(rule, ranks, thresholds)
+    th = resolve_thresholds(rule, ranks, thresholds)
     known = (~flags) & (w > 0)
-    reason_suffix = "+checklist" if checklist else ""
-
     records: list[PlotRecord] = []
     covered: set[tuple[str, ...]] = set()  # reported nodes and all their ancestors
-    tops: dict[str, np.ndarray] = {}  # per rank: tiles ranking each class in their top few
-
-    def support(rank: str, idx: int) -> int:
-        a = p[rank][known]
-        if not len(a):
-            return 0
-        if given is not None:
-            if rank not in tops:
-                tops[rank] = top_ranked(a, SUPPORT_TOP).sum(axis=0)
-            return int(tops[rank][idx])
-        hit = a.argmax(axis=1) == idx
-        if rule != "argmax_union" and th[rank] > 0:
-            hit |= a[:, idx] >= th[rank]
-        return int(hit.sum())
-
     for depth, rank in enumerate(reversed(ranks)):
         a = p[rank][known]
         if not len(a):
             break
-        if given is not None:
-            scores_r = given[rank]
-            cand = np.flatnonzero(scores_r >= th[rank])
-        elif rule == "argmax_union" and rank == lowest:
-            best = a.argmax(axis=1)
-            cand = np.unique(best[a[np.arange(len(a)), best] >= th[rank]])
-            scores_r = np.zeros(a.shape[1])
-            for c in cand:
-                scores_r[c] = a[best == c, c].max()
-        else:
-            scores_r = rule_scores(a, "max" if rule == "argmax_union" else rule, w[known])
-            cand = np.flatnonzero(scores_r >= th[rank])
+        ev = rank_evidence(a, rule, lowest=depth == 0, weights=w[known],
+                           given=None if given is None else given[rank])
+        n_sup = ev.support(th[rank])
         found = []
-        for c in cand:
-            node = taxonomy.node(rank, int(c))
-            shown = taxonomy.reported(node)
+        for c in np.flatnonzero(ev.selected([th[rank]], min_tiles)[:, 0]):
+            shown = taxonomy.reported(taxonomy.node(rank, int(c)))
             # ``covered`` holds every reported taxon and its ancestors, so a taxon is
             # reported only when no lower-rank find already sits under it.
-            if shown in covered or not shown:
-                continue
-            n_sup = support(rank, int(c))
-            if n_sup < min_tiles:
-                continue
-            found.append((float(scores_r[c]), shown, n_sup))
-        for score, shown, n_sup in sorted(found, key=lambda t: (-t[0], t[1])):
+            if shown and shown not in covered:
+                found.append((float(ev.score[c]), shown, int(n_sup[c])))
+        for score, shown, n in sorted(found, key=lambda t: (-t[0], t[1])):
             if shown in covered:
                 continue  # two placeholders standing for one taxon
-            roll = "" if depth == 0 else f"+rollup_to_{rank}"
+            reason = plot_reason(rule, None if depth == 0 else rank, checklist=bool(checklist))
             records.append(PlotRecord(plot_id, taxonomy.rank_of(shown), taxonomy.label(shown),
-                                      score, n_sup, f"{rule}{roll}{reason_suffix}", shown))
+                                      score, n, reason, shown))
             covered.update(shown[:k] for k in range(1, len(shown) + 1))
     n_unknown = int(flags.sum())
     if n_unknown:
         records.append(PlotRecord(plot_id, UNKNOWN, UNKNOWN, n_unknown / len(flags), n_unknown,
-                                  "outlier"))
+                                  Reason.OUTLIER.value))
     return records
 
 
