@@ -23,9 +23,9 @@ MAX_LINES = 500
 LONG_REASON = "Long because"
 
 
-def import_graph() -> nx.DiGraph:
-    """Module -> module edges of the whole package (every import statement grimp finds)."""
-    graph = grimp.build_graph("taxoclass", cache_dir=None)
+def import_graph(package: str = "taxoclass") -> nx.DiGraph:
+    """Module -> module edges of a package (every import statement grimp finds)."""
+    graph = grimp.build_graph(package, cache_dir=None)
     g = nx.DiGraph()
     for module in graph.modules:
         g.add_node(module)
@@ -44,11 +44,21 @@ def test_import_circles_are_found_in_a_made_up_graph():
     assert import_circles(g) == [["a", "b", "c"]]
 
 
-def test_function_level_imports_are_in_the_graph():
-    # cli.py imports most of the package inside its command functions only.
-    g = import_graph()
-    lazy = {m for m in g.successors("taxoclass.cli") if m.startswith("taxoclass.pipelines")}
-    assert lazy, "grimp no longer sees the CLI's function-level imports"
+def test_function_level_and_type_checking_imports_are_in_the_graph(tmp_path, monkeypatch):
+    pkg = tmp_path / "madeup_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "low.py").write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from .typed import T\n"
+        "def f():\n    from . import high\n    return high\n"
+    )
+    (pkg / "high.py").write_text("from .low import f\n")
+    (pkg / "typed.py").write_text("T = int\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    g = import_graph("madeup_pkg")
+    assert set(g.successors("madeup_pkg.low")) == {"madeup_pkg.high", "madeup_pkg.typed"}
+    assert import_circles(g) == [["madeup_pkg.high", "madeup_pkg.low"]]
 
 
 def test_no_import_circle():
