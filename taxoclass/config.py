@@ -361,6 +361,17 @@ class OpensetConfig(Section):
     calibration: str = _opt(Calibration.HOLDOUT.value, choices=[c.value for c in Calibration])
     folds: int = _opt(5, ge=2)        # crossfit: number of species-stratified folds (seeded)
 
+    def detector_args(self) -> dict[str, Any]:
+        """Keyword arguments of ``openset.scorer.fit_detector``."""
+        return {"method": self.detector, "scope": self.scope}
+
+    def evidence_args(self) -> dict[str, Any]:
+        """Keyword arguments of ``openset.scorer.fit_evidence``."""
+        return {"combiner": self.combiner, "confidence": self.confidence,
+                "gate_quantile": float(self.gate_quantile),
+                "target_precision": copy.deepcopy(self.target_precision),
+                "min_support": int(self.min_support)}
+
     def check(self, *, where: str | None = None) -> None:
         super().check(where=where)
         where = where or self.section

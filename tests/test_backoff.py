@@ -141,3 +141,24 @@ def test_batch_matches_scalar(tax):
         assert (row.taxon, row.reason) == (r.label, r.reason)
         assert (row.taxon_rank if isinstance(row.taxon_rank, str) else None) == r.taxon_rank
         assert row.score == pytest.approx(r.score)
+
+
+def test_reasons_are_plain_strings_and_follow_the_taxonomy_ranks():
+    """Reasons are written byte-identically (plain ``str``), and a rank name comes from
+    the taxonomy, not from a built-in list: an order/family/genus taxonomy backs off to
+    ``backoff_to_family`` and ``backoff_to_order``."""
+    three = Taxonomy.from_records([
+        {"order": "Fagales", "family": "Fagaceae", "genus": "Quercus"},
+        {"order": "Sapindales", "family": "Sapindaceae", "genus": "Acer"},
+    ], ("order", "family", "genus"))
+    decoded = decode_leaf_probabilities(np.array([[0.9, 0.1]] * 3), three)
+    ev = {"order": np.array([0.9, 0.9, 0.1]), "family": np.array([0.9, 0.1, 0.1]),
+          "genus": np.array([0.9, 0.1, 0.1])}
+    thr = {"order": 0.5, "family": 0.5, "genus": 0.5}
+    frame = back_off_batch(decoded, ev, thr, {"genus": np.array([False, True, False])}, three)
+    assert frame["reason"].tolist() == ["genus", "backoff_to_order:outlier", "unknown"]
+    assert all(type(v) is str for v in frame["reason"])
+    assert all(type(v) is str for v in frame["taxon"])
+    r = back_off(path=("Fagales", "Fagaceae", "Quercus"), taxonomy=three, thresholds=thr,
+                 scores={"order": 0.9, "family": 0.9, "genus": 0.1})
+    assert r.reason == "backoff_to_family:low_confidence" and type(r.reason) is str

@@ -89,3 +89,53 @@ def test_augment_section_feeds_view_settings():
     a = AugmentConfig()
     assert ViewSettings.from_mapping(a.view_settings()) == ViewSettings()
     assert ViewSettings().views_per_image == a.views_per_image == 0
+
+
+def _defaults(func) -> dict:
+    import inspect
+
+    return {k: p.default for k, p in inspect.signature(func).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def test_no_function_default_disagrees_with_its_config_section():
+    """Every library default that a config key also sets is the config section's value, so
+    a Python caller passing a partial section gets the model a CLI user gets."""
+    from taxoclass.features.views import ViewSettings
+    from taxoclass.model import decoding, heads, losses
+    from taxoclass.openset import detectors, evidence, scorer
+
+    cfg = Config()
+    o, d = dataclasses.asdict(cfg.openset), dataclasses.asdict(cfg.decode)
+    loss, model = dataclasses.asdict(cfg.loss), dataclasses.asdict(cfg.model)
+    renamed = {"method": "detector", "kind": "confidence", "n_folds": "folds"}
+    checks = [  # (function, section values, parameter -> config key)
+        (scorer.fit_detector, o, renamed),
+        (scorer.fit_evidence, o, {}),
+        (scorer.fit_scorer, o, renamed),
+        (scorer.confidence_of, o, renamed),
+        (scorer.crossfit_predictions, o, renamed),
+        (scorer.crossfit_predictions, d, {"decode_method": "method"}),
+        (detectors.OutlierDetector.__init__, o, renamed),
+        (evidence.EvidenceCombiner.__init__, o, {"method": "combiner"}),
+        (decoding.decode, d, {}),
+        (losses.ClassDependencyLoss.__init__, loss, {}),
+        (losses.class_balanced_weights, loss, {"beta": "class_balanced_beta"}),
+        (heads.MultiRankHead.__init__, model, {}),
+    ]
+    disagree, n_checked = [], 0
+    for func, section, names in checks:
+        for param, default in _defaults(func).items():
+            key = names.get(param, param)
+            if key not in section:
+                continue
+            n_checked += 1
+            if section[key] != default:
+                disagree.append(f"{func.__qualname__}({param}={default!r}): config says "
+                                f"{section[key]!r}")
+    views = {f.name: f.default for f in dataclasses.fields(ViewSettings)}
+    aug = AugmentConfig().view_settings()
+    disagree += [f"ViewSettings.{k}={v!r}: config says {aug[k]!r}" for k, v in views.items()
+                 if aug.get(k) != (list(v) if isinstance(v, tuple) else v)]
+    assert not disagree, "\n".join(disagree)
+    assert n_checked >= 30  # the mapping above still finds the parameters it checks

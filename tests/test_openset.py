@@ -7,12 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from taxoclass.openset.scorer import (
-    OpenSetScorer,
+from taxoclass.openset.evaluation import (
     choose_holdout,
     correct_by_rank,
     detection_table,
-    fit_scorer,
     fpr_at_tpr,
     known_taxonomy,
     outcome_summary,
@@ -21,6 +19,7 @@ from taxoclass.openset.scorer import (
     split_known_unknown,
     truth_names,
 )
+from taxoclass.openset.scorer import OpenSetScorer, fit_scorer
 
 torch.set_num_threads(1)
 
@@ -86,7 +85,7 @@ def leaf(shared_data, leaf_embedding_cache):
 def test_heldout_species_on_real_leaf_embeddings(leaf):
     from taxoclass.model.decoding import decode
     from taxoclass.model.training import normalize, stratified_split, train_head
-    from taxoclass.pipelines.jobs import _targets
+    from taxoclass.taxonomy.labels import encode_labels
 
     ann, rows, x = leaf
     held = choose_holdout(rows, n_species=12, seed=0)
@@ -96,7 +95,7 @@ def test_heldout_species_on_real_leaf_embeddings(leaf):
     assert not set(held) & set(tax.names("species"))
     kn = ~unk & ~cal
     kr, xk = rows[kn].reset_index(drop=True), x[kn]
-    y, nodes = _targets(tax, kr)
+    y, nodes = encode_labels(tax, kr)
     strata = np.array(["/".join(n) for n in nodes])
     test = stratified_split(strata, 0.3, 0)
     tr_idx = np.flatnonzero(~test)
@@ -115,8 +114,8 @@ def test_heldout_species_on_real_leaf_embeddings(leaf):
     c_val = correct_by_rank(path_names(d_val.path, tax),
                             truth_names(pd.concat([kr[val], rows[cal]])), tax.ranks)
     scorer = fit_scorer(xk[tr], y["genus"][tr], x_val, d_val, c_val, method="knn",
-                        scope="group", target_precision={"family": 0.9, "genus": 0.9,
-                                                         "species": 0.97})
+                        scope="group", combiner="rank_mean", confidence="path_prob",
+                        target_precision={"family": 0.9, "genus": 0.9, "species": 0.97})
     x_test = np.concatenate([xk[test], x[unk]])
     is_unk = np.r_[np.zeros(test.sum(), bool), np.ones(unk.sum(), bool)]
     d_test = dec(x_test)
@@ -134,7 +133,8 @@ def test_heldout_species_on_real_leaf_embeddings(leaf):
     assert auroc >= 0.65
     # class-conditional Mahalanobis on species labels: at least as good an unknown score
     maha = fit_scorer(xk[tr], y["genus"][tr], x_val, d_val, c_val, method="mahalanobis",
-                      labels_train=y["species"][tr],
+                      labels_train=y["species"][tr], scope="group", combiner="rank_mean",
+                      confidence="path_prob",
                       target_precision={"family": 0.9, "genus": 0.9, "species": 0.97})
     assert maha.detector.method == "mahalanobis"
     ev_m, _ = maha.evidence(x_test, d_test)
@@ -148,7 +148,7 @@ def test_heldout_species_on_real_leaf_embeddings(leaf):
     pd.testing.assert_frame_equal(back.predict(x_test, d_test, tax), frame)
 
 
-def test_fit_scorer_mahalanobis_on_species_labels_and_knn_default():
+def test_fit_scorer_mahalanobis_on_species_labels_and_config_default():
     from taxoclass.model.decoding import decode
     from taxoclass.taxonomy.tree import Taxonomy
 
@@ -167,7 +167,16 @@ def test_fit_scorer_mahalanobis_on_species_labels_and_knn_default():
     s1 = fit_scorer(x[:60], genus_of[leaf[:60]], x[60:], d_val, correct,
                     method="mahalanobis", labels_train=leaf[:60], min_support=1)
     s2 = fit_scorer(x[:60], genus_of[leaf[:60]], x[60:], d_val, correct, min_support=1)
-    assert (s1.detector.method, s2.detector.method) == ("mahalanobis", "knn")
+    s3 = fit_scorer(x[:60], genus_of[leaf[:60]], x[60:], d_val, correct, min_support=1,
+                    method="knn", scope="group")
+    # defaults: the config's openset section, as a CLI user gets them
+    assert (s1.detector.method, s2.detector.method) == ("mahalanobis", "mahalanobis")
+    assert (s2.detector.scope, s2.combiner.method, s2.combiner.confidence) == (
+        "global", "gate", "path_logit")
+    assert s2.thresholds.target == {"family": 0.95, "genus": 0.95, "species": 0.97}
+    # group detectors score with the predicted class of the rank above the lowest
+    assert s3.group_rank == "genus" and sorted(s3.detector.groups_) == sorted(
+        set(genus_of[leaf[:60]].tolist()))
     assert s1.outlier(x[60:], d_val)[0].shape == (60,)
 
 
@@ -179,7 +188,7 @@ def test_path_logit_gate_scorer_never_accepts_a_gated_row():
     """decode() keeps the raw logit of the path's class; with the gate combiner a row
     beyond the distance cut is never named to species, even at a lax precision target."""
     from taxoclass.model.decoding import concat_decoded, decode, decode_leaf_probabilities
-    from taxoclass.openset.detectors import GATED
+    from taxoclass.openset.evidence import GATED
     from taxoclass.openset.scorer import confidence_of
     from taxoclass.taxonomy.tree import Taxonomy
 

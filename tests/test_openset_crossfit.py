@@ -103,7 +103,7 @@ def test_crossfit_openset_head_memorises_but_calibration_is_out_of_fold(tmp_path
     the out-of-fold species answers stay at chance, and the bundle keeps the out-of-fold
     thresholds through save/load."""
     from taxoclass.bundle import ModelBundle
-    from taxoclass.openset.scorer import truth_names
+    from taxoclass.openset.evaluation import truth_names
     from taxoclass.pipelines.openset_fit import crossfit_openset
 
     tax = _taxonomy()
@@ -141,7 +141,7 @@ def test_bad_calibration_settings_are_clear_errors(tmp_path):
     res = CliRunner().invoke(main, ["train", "--set", "out=x", "--set", "data.annotations=a.json",
                                     "--set", "openset.calibration=kfold"])
     assert res.exit_code == 2 and expected in res.output
-    from taxoclass.model.finetune import finetune_from_config
+    from taxoclass.pipelines.finetune import finetune_from_config
 
     cfg = load_config(overrides=["out=x", "data.annotations=a.json",
                                  "openset.calibration=crossfit"])

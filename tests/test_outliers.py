@@ -10,13 +10,8 @@ import torch
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import roc_auc_score
 
-from taxoclass.openset.detectors import (
-    DETECTORS,
-    GATED,
-    EvidenceCombiner,
-    OutlierDetector,
-    confidence_scores,
-)
+from taxoclass.openset.detectors import DETECTORS, OutlierDetector
+from taxoclass.openset.evidence import GATED, EvidenceCombiner, confidence_scores
 
 torch.set_num_threads(1)
 
@@ -109,7 +104,8 @@ def test_evidence_combiner_uses_both_signals_and_round_trips(method):
     p = rng.uniform(0.2, 1.0, n)
     z = rng.normal(0, 1, n)
     correct = rng.uniform(size=n) < 1 / (1 + np.exp(-(4 * (p - 0.6) - 1.5 * z)))
-    comb = EvidenceCombiner(method).fit({"species": p}, z, {"species": correct})
+    comb = EvidenceCombiner(method, confidence="path_prob").fit({"species": p}, z,
+                                                                {"species": correct})
     ev = comb.score({"species": p}, z)["species"]
     assert roc_auc_score(correct, ev) > roc_auc_score(correct, p)
     back = EvidenceCombiner.from_dict(json.loads(json.dumps(comb.to_dict())))

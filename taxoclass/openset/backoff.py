@@ -3,13 +3,16 @@
 A pure function in the SpeciesNet roll-up style: keyword-only arguments in, a
 :class:`BackoffResult` out whose ``reason`` says why the answer sits at that rank:
 
-- ``"species"`` (the lowest rank's name): accepted at the lowest rank;
-- ``"backoff_to_genus:outlier"`` / ``"backoff_to_genus:low_confidence"`` and the same
-  for ``family`` (any higher rank): the lowest rank was rejected and this rank is the
-  first one up that passes; the suffix says why the *first* (lowest) rejected rank was
-  rejected: ``outlier`` when the outlier detector flagged the image at that rank, else
-  ``low_confidence``;
-- ``"unknown"``: no rank passes; the label is ``"unknown"``.
+- the lowest rank's name (``"species"``): accepted at the lowest rank;
+- :func:`~taxoclass.vocab.backoff_reason` (``"backoff_to_genus:outlier"`` /
+  ``"backoff_to_genus:low_confidence"`` and the same for any higher rank): the lowest rank
+  was rejected and this rank is the first one up that passes; the suffix says why the
+  *first* (lowest) rejected rank was rejected: ``outlier`` when the outlier detector
+  flagged the image at that rank, else ``low_confidence``;
+- :data:`~taxoclass.vocab.UNKNOWN` (``"unknown"``): no rank passes; the label is
+  ``"unknown"`` too.
+
+Reasons are written as plain strings (the values of :class:`~taxoclass.vocab.Reason`).
 
 The walk starts at the lowest rank and only goes up, so a rank below a rejected rank is
 never returned. The reported taxon is the path's node at the accepted rank together with
@@ -18,7 +21,7 @@ its own ancestors, so the answer is always coherent.
 Placeholders: a placeholder species (``"Philadelphus sp."``, a genus with no named
 species) accepted at species rank is reported as its genus (rank ``"genus"``, label
 ``"Philadelphus sp."``) with reason ``"species"``: the model did the most it can do for
-that taxon, nothing was backed off.
+that taxon, nothing was backed off. Ranks are the taxonomy's (any names, any depth).
 """
 
 from __future__ import annotations
@@ -31,10 +34,9 @@ import numpy as np
 import pandas as pd
 
 from ..taxonomy.tree import Node, Taxonomy
+from ..vocab import UNKNOWN, Reason, backoff_reason
 
-__all__ = ["UNKNOWN", "BackoffResult", "back_off", "back_off_batch"]
-
-UNKNOWN = "unknown"
+__all__ = ["BackoffResult", "back_off", "back_off_batch"]
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,8 @@ def _path_nodes(path, taxonomy: Taxonomy) -> dict[str, Node]:
     return nodes
 
 
-def _reason_for(rank: str, why: str | None, lowest: str) -> str:
-    return lowest if rank == lowest else f"backoff_to_{rank}:{why}"
+def _reason_for(rank: str, why: Reason | None, lowest: str) -> str:
+    return lowest if rank == lowest or why is None else backoff_reason(rank, why)
 
 
 def back_off(*, path: Sequence | Mapping[str, int], scores: Mapping[str, float],
@@ -100,7 +102,7 @@ def back_off(*, path: Sequence | Mapping[str, int], scores: Mapping[str, float],
                          f"for {missing}.")
     nodes = _path_nodes(path, taxonomy)
     lowest = ranks[-1]
-    why: str | None = None
+    why: Reason | None = None
     for rank in reversed(ranks):
         s = float(scores[rank])
         if not math.isnan(s) and s >= float(thresholds[rank]):
@@ -112,9 +114,9 @@ def back_off(*, path: Sequence | Mapping[str, int], scores: Mapping[str, float],
                                  reason=_reason_for(rank, why, lowest))
         if why is None:
             flagged = bool(outlier_flags.get(rank, False)) if outlier_flags else False
-            why = "outlier" if flagged else "low_confidence"
+            why = Reason.OUTLIER if flagged else Reason.LOW_CONFIDENCE
     return BackoffResult(taxon_rank=None, taxon=(), label=UNKNOWN,
-                         score=float(scores[ranks[0]]), reason=UNKNOWN)
+                         score=float(scores[ranks[0]]), reason=Reason.UNKNOWN.value)
 
 
 def back_off_batch(decoded, evidence: Mapping[str, np.ndarray],
@@ -177,10 +179,10 @@ def back_off_batch(decoded, evidence: Mapping[str, np.ndarray],
         if r == lowest:
             reason[rows] = lowest
         else:
-            reason[rows] = np.where(low_flag[rows], f"backoff_to_{r}:outlier",
-                                    f"backoff_to_{r}:low_confidence")
+            reason[rows] = np.where(low_flag[rows], backoff_reason(r, Reason.OUTLIER),
+                                    backoff_reason(r, Reason.LOW_CONFIDENCE))
     none = ~any_ok
-    taxon[none], taxon_rank[none], reason[none] = UNKNOWN, None, UNKNOWN
+    taxon[none], taxon_rank[none], reason[none] = UNKNOWN, None, Reason.UNKNOWN.value
     score[none] = ev[ranks[0]][none]
     cols: dict[str, object] = {"taxon_rank": taxon_rank, "taxon": taxon, "score": score,
                                "reason": reason}

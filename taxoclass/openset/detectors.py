@@ -1,31 +1,18 @@
-"""Is this image like anything the model was trained on? Outlier scores and head confidences.
+"""Is this image like anything the model was trained on? Outlier scores on embeddings.
 
-Three parts, all used by the back-off (:mod:`taxoclass.backoff`):
+:class:`OutlierDetector` wraps a pyod detector (KNN, LOF, ECOD, COPOD, IForest) on
+L2-normalised embeddings, fitted globally or per group (per genus: each point is scored
+against the detector of its *predicted* genus; genera with too few training images fall
+back to the global detector), or the class-conditional relative Mahalanobis distance
+(:class:`_RelativeMahalanobis`, the config default). Scores are z-scores against the
+scoring detector's own training scores, so scores from different genus detectors are
+comparable; higher = more abnormal (pyod's convention). Persistence stores parameters and
+the training embeddings (JSON + arrays) and refits deterministically on load: nothing is
+pickled, so loading a bundle never executes code.
 
-- :class:`OutlierDetector` wraps a pyod detector (KNN, LOF, ECOD, COPOD, IForest) on
-  L2-normalised embeddings, fitted globally or per group (per genus: each point is scored
-  against the detector of its *predicted* genus; genera with too few training images fall
-  back to the global detector). Scores are z-scores against the scoring detector's own
-  training scores, so scores from different genus detectors are comparable; higher =
-  more abnormal (pyod's convention). Persistence stores parameters and the training
-  embeddings (JSON + arrays) and refits deterministically on load: nothing is pickled,
-  so loading a bundle never executes code.
-- :func:`confidence_scores`: per-rank confidence of the heads (max probability, margin,
-  negative entropy, negative energy), all oriented so that higher = more confident.
-- :class:`EvidenceCombiner`: one evidence score per rank from both the coherent
-  probability of the predicted taxon and the outlier score.
-
-Why combine both: on new species the head's own confidence (max probability) is hard to
-beat, because a new oak still looks like an oak and the species head spreads its mass
-over several known oaks; distance-based detectors catch what is far from all training
-data (another family, a bad photo) where a softmax can still be overconfident. The
-default rule (``"rank_mean"``) averages the two rank-normalised scores (empirical CDFs of
-the probability and of the negated outlier z-score against the validation values) at the
-lowest rank; higher ranks use the probability alone. ``"logistic"`` instead fits, per
-rank, a logistic regression on validation predicting "the predicted taxon at this rank is
-right" from ``logit(p)`` and the z-score; it is calibrated but, fitted mostly on
-known-species confusions, it under-weights distance (see :class:`EvidenceCombiner`).
-Either way, thresholds are then fitted on the evidence (:mod:`taxoclass.calibration`).
+The head's confidences and how they are combined with the outlier score into evidence
+per rank: :mod:`taxoclass.openset.evidence`. Defaults: the config's ``openset`` section
+(:class:`taxoclass.config.OpensetConfig`).
 """
 
 from __future__ import annotations
@@ -36,24 +23,20 @@ from typing import Any
 import numpy as np
 from sklearn.exceptions import NotFittedError
 
-__all__ = ["CONFIDENCE_SCORES", "DETECTORS", "EvidenceCombiner", "OutlierDetector",
-           "confidence_scores"]
+from ..config import OpensetConfig
+from ..vocab import Detector, Scope
+
+__all__ = ["DETECTORS", "SCOPES", "OutlierDetector"]
 
 #: pyod detectors exposed by name (lower case); all cheap on a few thousand embeddings.
 #: HBOS is left out: pyod's HBOS compiles with numba on first use (seconds per process)
 #: and ranked last on the leaf benchmark.
 #: ``"mahalanobis"`` is not pyod: a class-conditional relative Mahalanobis distance
 #: (:class:`_RelativeMahalanobis`), the best single unknown-species score on the leaf benchmark.
-DETECTORS: tuple[str, ...] = ("knn", "lof", "ecod", "copod", "iforest", "mahalanobis")
-#: Keys of :func:`confidence_scores` (``neg_energy`` only when logits are given).
-CONFIDENCE_SCORES: tuple[str, ...] = ("max_prob", "margin", "neg_entropy", "neg_energy")
-COMBINERS: tuple[str, ...] = ("logistic", "rank_mean", "gate")
-#: What the combiners read as the head's confidence in the path's taxon, per rank:
-#: the coherent probability, or the raw logit of that class (``Decoded.path_logit``).
-CONFIDENCES: tuple[str, ...] = ("path_prob", "path_logit")
-#: Evidence of a gated row (``method="gate"``): below every threshold.
-GATED = -1.0
+DETECTORS: tuple[str, ...] = tuple(d.value for d in Detector)
+SCOPES: tuple[str, ...] = tuple(s.value for s in Scope)
 STATE_VERSION = 1
+_DEFAULTS = OpensetConfig()
 
 
 class _RelativeMahalanobis:
@@ -127,21 +110,21 @@ def _pyod(method: str, n_samples: int, *, n_neighbors: int, contamination: float
           random_state: int):
     """A fresh pyod detector; neighbour counts are clamped to the sample size."""
     k = max(1, min(n_neighbors, n_samples - 1))
-    if method == "mahalanobis":
+    if method == Detector.MAHALANOBIS:
         return _RelativeMahalanobis(contamination=contamination)
-    if method == "knn":
+    if method == Detector.KNN:
         from pyod.models.knn import KNN
         return KNN(n_neighbors=k, contamination=contamination, method="mean")
-    if method == "lof":
+    if method == Detector.LOF:
         from pyod.models.lof import LOF
         return LOF(n_neighbors=k, contamination=contamination)
-    if method == "ecod":
+    if method == Detector.ECOD:
         from pyod.models.ecod import ECOD
         return ECOD(contamination=contamination)
-    if method == "copod":
+    if method == Detector.COPOD:
         from pyod.models.copod import COPOD
         return COPOD(contamination=contamination)
-    if method == "iforest":
+    if method == Detector.IFOREST:
         from pyod.models.iforest import IForest
         return IForest(contamination=contamination, random_state=random_state)
     raise ValueError(f"Unknown outlier method {method!r}; expected one of {DETECTORS}.")
@@ -176,7 +159,8 @@ class OutlierDetector:
     detector, and comparable across genus detectors. Higher = more abnormal.
     """
 
-    def __init__(self, method: str = "knn", *, scope: str = "global", min_group_size: int = 10,
+    def __init__(self, method: str = _DEFAULTS.detector, *, scope: str = _DEFAULTS.scope,
+                 min_group_size: int = 10,
                  n_neighbors: int = 5, contamination: float = 0.1, normalize: bool = True,
                  random_state: int = 0) -> None:
         self.method = method
@@ -208,7 +192,7 @@ class OutlierDetector:
     def _fit_one(self, x: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:
         det = _pyod(self.method, len(x), n_neighbors=self.n_neighbors,
                     contamination=self.contamination, random_state=self.random_state)
-        if self.method == "mahalanobis":
+        if self.method == Detector.MAHALANOBIS:
             det.fit(x, labels)
         else:
             det.fit(x)
@@ -224,14 +208,14 @@ class OutlierDetector:
         if self.method not in DETECTORS:
             raise ValueError(f"Unknown outlier method {self.method!r}; expected one of "
                              f"{DETECTORS}.")
-        if self.scope not in ("global", "group"):
+        if self.scope not in SCOPES:
             raise ValueError(f"OutlierDetector scope must be 'global' or 'group', got "
                              f"{self.scope!r}.")
         raw = np.asarray(X, dtype=np.float64)
         if raw.ndim != 2 or len(raw) < 2:
             raise ValueError(f"OutlierDetector.fit needs a 2-D array with at least 2 rows, got "
                              f"shape {raw.shape}.")
-        if self.scope == "group" and groups is None:
+        if self.scope == Scope.GROUP and groups is None:
             raise ValueError("OutlierDetector(scope='group').fit needs groups (the genus index "
                              "of each training row).")
         g = None if groups is None else np.asarray(groups, dtype=np.int64)
@@ -243,12 +227,12 @@ class OutlierDetector:
         self.train_X_ = raw
         self.train_groups_ = g
         self.groups_: dict[int, dict[str, Any]] = {}
-        if self.method == "mahalanobis":
+        if self.method == Detector.MAHALANOBIS:
             # One detector; the groups are its classes (species labels work best).
             self.global_ = self._fit_one(x, g)
         else:
             self.global_ = self._fit_one(x)
-        if self.scope == "group" and self.method != "mahalanobis":
+        if self.scope == Scope.GROUP and self.method != Detector.MAHALANOBIS:
             for value in np.unique(g):
                 mask = g == value
                 if mask.sum() >= max(self.min_group_size, 3):
@@ -263,7 +247,7 @@ class OutlierDetector:
 
     def _route(self, n: int, groups) -> np.ndarray:
         """Detector key per row: a group id with its own detector, else -1 (global)."""
-        if self.scope != "group" or self.method == "mahalanobis":
+        if self.scope != Scope.GROUP or self.method == Detector.MAHALANOBIS:
             return np.full(n, -1, dtype=np.int64)
         if groups is None:
             raise ValueError("OutlierDetector(scope='group') scores need groups: the predicted "
@@ -325,189 +309,3 @@ class OutlierDetector:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"OutlierDetector({args})"
-
-
-# ---------------------------------------------------------------------- confidences
-def confidence_scores(probs: Mapping[str, np.ndarray], logits: Mapping[str, Any] | None = None
-                      ) -> dict[str, dict[str, np.ndarray]]:
-    """Per rank, per image confidence of the heads; every score: higher = more confident.
-
-    ``max_prob``: largest (coherent) probability. ``margin``: top-1 minus top-2
-    probability. ``neg_entropy``: minus the Shannon entropy (nats) of the probabilities.
-    ``neg_energy``: ``logsumexp(logits)``, i.e. minus the energy score of Liu et al. 2020;
-    only for ranks whose logits are given.
-    """
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for rank, p in probs.items():
-        p = np.asarray(p, dtype=np.float64)
-        if p.ndim != 2:
-            raise ValueError(f"probs[{rank!r}] must be [batch, n_classes], got shape {p.shape}.")
-        top = np.sort(p, axis=1)[:, ::-1]
-        second = top[:, 1] if p.shape[1] > 1 else np.zeros(len(p))
-        scores = {"max_prob": top[:, 0], "margin": top[:, 0] - second,
-                  "neg_entropy": np.sum(p * np.log(np.clip(p, 1e-12, None)), axis=1)}
-        if logits is not None and rank in logits:
-            z = np.asarray(logits[rank].detach().cpu() if hasattr(logits[rank], "detach")
-                           else logits[rank], dtype=np.float64)
-            m = z.max(axis=1, keepdims=True)
-            scores["neg_energy"] = (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
-        out[rank] = scores
-    return out
-
-
-# ---------------------------------------------------------------------- combination
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
-    return np.log(p) - np.log1p(-p)
-
-
-def _ecdf(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Share of ``reference`` (sorted quantiles) at or below each value, in [0, 1]."""
-    return np.searchsorted(reference, values, side="right") / max(len(reference), 1)
-
-
-class EvidenceCombiner:
-    """Per-rank evidence from the predicted taxon's probability and the outlier score.
-
-    ``method="rank_mean"`` (default): mean of the empirical CDF of ``p`` and of ``-z``
-    against the validation values (in [0, 1]); no weights are learnt from correctness.
-    ``method="logistic"``: per rank, ``sigmoid(a * logit(p) + b * z + c)`` fitted on
-    validation rows to "the predicted taxon at this rank is right" (a calibrated
-    probability of being right). ``z`` is the outlier z-score (higher = more abnormal);
-    pass ``None`` for a probability-only rule. ``outlier_ranks``: ranks whose evidence
-    uses ``z`` (default: the lowest rank only; a new oak is far from the known oaks,
-    which is evidence against the species, not against *Quercus*). ``C``: inverse L2
-    penalty of the regression. JSON-able via :meth:`to_dict`.
-
-    ``method="gate"``: the empirical CDF of ``p`` (as rank_mean), but at the outlier
-    ranks a row whose ``z`` lies above the ``gate_quantile`` of the validation rows that
-    are right at that rank gets :data:`GATED` evidence (never accepted). Two questions,
-    two tests: "is this one of the known taxa at all?" (the distance, with a cut set on
-    known images only, since validation holds no unknown species) and "which one, how
-    sure?" (the confidence, whose threshold is then fitted to a target precision).
-
-    ``p`` may be the path probability or, with ``confidence="path_logit"``, the raw
-    logit of the path's class (the logistic combiner then uses it as is instead of
-    ``logit(p)``); see :data:`CONFIDENCES`.
-
-    Why rank_mean over logistic: on the leaf benchmark (bench/results/openset.md) the
-    regression learns mostly from known-species confusions in validation, which the
-    probability already explains, and gives the distance too little weight for unseen
-    species; the rank average keeps both and detected held-out species better. The gate
-    keeps the two apart and kept most known species named (see the same table).
-    """
-
-    def __init__(self, method: str = "rank_mean", *, C: float = 1.0, use_outlier: bool = True,
-                 outlier_ranks: Sequence[str] | None = None, gate_quantile: float = 0.975,
-                 confidence: str = "path_prob") -> None:
-        self.method = method
-        self.C = C
-        self.use_outlier = use_outlier
-        self.outlier_ranks = outlier_ranks
-        self.gate_quantile = gate_quantile
-        self.confidence = confidence
-
-    def fit(self, probs: Mapping[str, np.ndarray], outlier: np.ndarray | None,
-            correct: Mapping[str, np.ndarray]) -> EvidenceCombiner:
-        """``probs``: rank -> probability of the predicted taxon; ``correct``: rank -> bool."""
-        if self.method not in COMBINERS:
-            raise ValueError(f"Unknown combination method {self.method!r}; expected one of "
-                             f"{COMBINERS}.")
-        if self.confidence not in CONFIDENCES:
-            raise ValueError(f"Unknown confidence {self.confidence!r}; expected one of "
-                             f"{CONFIDENCES}.")
-        if not 0.0 < self.gate_quantile <= 1.0:
-            raise ValueError(f"gate_quantile must be in (0, 1], got {self.gate_quantile}.")
-        use_z = self.use_outlier and outlier is not None
-        self.ranks_ = tuple(probs)
-        self.outlier_ranks_ = (tuple(self.outlier_ranks) if self.outlier_ranks is not None
-                               else self.ranks_[-1:]) if use_z else ()
-        self.params_: dict[str, dict[str, Any]] = {}
-        for rank in self.ranks_:
-            p = np.asarray(probs[rank], dtype=np.float64)
-            rank_z = rank in self.outlier_ranks_
-            if self.method in ("rank_mean", "gate"):
-                # Both rank the confidence against its validation distribution.
-                q = np.linspace(0, 1, 201)
-                entry: dict[str, Any] = {"p_ref": np.quantile(p, q).tolist()}
-                if rank_z:
-                    z = np.asarray(outlier, dtype=np.float64)
-                    if self.method == "rank_mean":
-                        entry["z_ref"] = np.quantile(-z, q).tolist()
-                    else:
-                        ok = np.asarray(correct[rank], dtype=bool)
-                        known = z[ok] if ok.sum() >= 10 else z  # too few right: every row
-                        entry["z_cut"] = float(np.quantile(known, self.gate_quantile))
-                self.params_[rank] = entry
-                continue
-            y = np.asarray(correct[rank], dtype=bool)
-            feats = self._features(p, outlier if rank_z else None)
-            if y.all() or not y.any():
-                # One class only: a constant score equal to the observed accuracy.
-                self.params_[rank] = {"coef": [0.0] * feats.shape[1],
-                                      "intercept": float(_logit(np.array([y.mean()]))[0]),
-                                      "mean": [0.0] * feats.shape[1],
-                                      "scale": [1.0] * feats.shape[1]}
-                continue
-            from sklearn.linear_model import LogisticRegression
-
-            mean, scale = feats.mean(0), feats.std(0)
-            scale = np.where(scale > 1e-12, scale, 1.0)
-            lr = LogisticRegression(C=self.C).fit((feats - mean) / scale, y)
-            self.params_[rank] = {"coef": lr.coef_[0].tolist(),
-                                  "intercept": float(lr.intercept_[0]),
-                                  "mean": mean.tolist(), "scale": scale.tolist()}
-        self.use_outlier_ = use_z
-        return self
-
-    def _features(self, p: np.ndarray, z: np.ndarray | None) -> np.ndarray:
-        cols = [p if self.confidence == "path_logit" else _logit(p)]
-        if z is not None:
-            cols.append(np.asarray(z, dtype=np.float64))
-        return np.stack(cols, axis=1)
-
-    def score(self, probs: Mapping[str, np.ndarray], outlier: np.ndarray | None
-              ) -> dict[str, np.ndarray]:
-        """Evidence per rank (higher = more trustworthy)."""
-        if not hasattr(self, "params_"):
-            raise NotFittedError("This EvidenceCombiner is not fitted yet; call fit() first.")
-        if self.use_outlier_ and outlier is None:
-            raise ValueError("This EvidenceCombiner was fitted with outlier scores; pass them.")
-        out = {}
-        for rank in self.ranks_:
-            p = np.asarray(probs[rank], dtype=np.float64)
-            par = self.params_[rank]
-            if self.method in ("rank_mean", "gate"):
-                e = _ecdf(np.asarray(par["p_ref"]), p)
-                if rank in self.outlier_ranks_:
-                    z = np.asarray(outlier, dtype=np.float64)
-                    if self.method == "rank_mean":
-                        e = np.mean([e, _ecdf(np.asarray(par["z_ref"]), -z)], axis=0)
-                    else:
-                        e = np.where(z <= par["z_cut"], e, GATED)
-                out[rank] = e
-                continue
-            f = (self._features(p, outlier if rank in self.outlier_ranks_ else None)
-                 - np.asarray(par["mean"])) / np.asarray(par["scale"])
-            out[rank] = 1.0 / (1.0 + np.exp(-(f @ np.asarray(par["coef"]) + par["intercept"])))
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        if not hasattr(self, "params_"):
-            raise NotFittedError("This EvidenceCombiner is not fitted yet; call fit() first.")
-        return {"method": self.method, "C": float(self.C), "use_outlier": self.use_outlier_,
-                "outlier_ranks": list(self.outlier_ranks_), "ranks": list(self.ranks_),
-                "gate_quantile": float(self.gate_quantile), "confidence": self.confidence,
-                "params": self.params_}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EvidenceCombiner:
-        obj = cls(data["method"], C=float(data["C"]), use_outlier=bool(data["use_outlier"]),
-                  outlier_ranks=list(data["outlier_ranks"]),
-                  gate_quantile=float(data.get("gate_quantile", 0.975)),
-                  confidence=str(data.get("confidence", "path_prob")))
-        obj.ranks_ = tuple(data["ranks"])
-        obj.outlier_ranks_ = tuple(data["outlier_ranks"])
-        obj.params_ = {r: dict(v) for r, v in data["params"].items()}
-        obj.use_outlier_ = bool(data["use_outlier"])
-        return obj

@@ -1,138 +1,50 @@
-"""Open-set evaluation: hold species out, then ask whether the model notices them.
+"""The open-set scorer: outlier detector + evidence combiner + per-rank thresholds.
 
-Library functions only; the caller trains the head (``taxoclass.model.training.train_head``) on
-the known species. The pieces:
-
-- choosing held-out species (:func:`choose_holdout`: a list, or a seeded share, keeping
-  at least one known species in every genus so the genus stays learnable), splitting
-  rows (:func:`split_known_unknown`) and the taxonomy of the known species only
-  (:func:`known_taxonomy`), so held-out species are not classes;
-- :class:`OpenSetScorer`: outlier detector + evidence combiner + calibrated thresholds,
-  fitted on a validation split (:func:`fit_scorer`), giving back-off answers;
+- :class:`OpenSetScorer`: everything back-off needs, fitted on a validation split
+  (:func:`fit_scorer`, or its two steps :func:`fit_detector` and :func:`fit_evidence`),
+  giving back-off answers (:func:`~taxoclass.openset.backoff.back_off_batch`);
 - cross-fitting (:func:`crossfit_predictions`): out-of-fold predictions and outlier
   scores for every training row, so the combiner and thresholds (:func:`fit_evidence`)
-  rest on all rows instead of a small validation split;
-- metrics: unknown-detection AUROC and FPR at 95% TPR per score
-  (:func:`detection_table`), what happened to held-out and known images
-  (:func:`outcome_summary`) and a risk-coverage table per rank (:func:`risk_coverage`).
+  rest on all rows instead of a small validation split.
 
-Correctness is judged by names along the path: the prediction is right at rank ``r``
-when every rank from the top down to ``r`` names the true taxon (a held-out species is
-never right at species rank; it is right at genus when its genus is predicted).
+Every default is the config's (:class:`taxoclass.config.OpensetConfig`,
+:class:`taxoclass.config.DecodeConfig`), so a Python caller gets the model a CLI user
+gets; :meth:`OpensetConfig.detector_args` / :meth:`OpensetConfig.evidence_args` pass a
+loaded section on. The group detectors' rank is the one above the lowest of the
+taxonomy (:func:`group_rank_of`: genus under species). Metrics and held-out species:
+:mod:`taxoclass.openset.evaluation`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score, roc_curve
 
-from ..taxonomy.tree import DEFAULT_RANKS, Taxonomy, species_name
+from ..config import DecodeConfig, OpensetConfig
+from ..taxonomy.tree import Taxonomy
+from ..vocab import Combiner, Confidence, Detector, Scope
 from .backoff import back_off_batch
-from .detectors import EvidenceCombiner, OutlierDetector
+from .detectors import OutlierDetector
+from .evidence import EvidenceCombiner
 from .thresholds import RankThresholds, fit_thresholds
 
-__all__ = ["CrossfitPredictions", "OpenSetScorer", "choose_holdout", "confidence_of",
-           "correct_by_rank", "crossfit_folds", "crossfit_predictions", "detection_table",
-           "fit_detector", "fit_evidence", "fit_scorer", "fpr_at_tpr", "known_taxonomy",
-           "outcome_summary", "path_names", "risk_coverage", "split_known_unknown",
-           "truth_names"]
+__all__ = ["CrossfitPredictions", "OpenSetScorer", "confidence_of", "crossfit_folds",
+           "crossfit_predictions", "fit_detector", "fit_evidence", "fit_scorer",
+           "group_rank_of"]
+
+_OPENSET = OpensetConfig()
+_DECODE = DecodeConfig()
 
 
-# ---------------------------------------------------------------------- splitting
-def _binomials(rows: pd.DataFrame) -> np.ndarray:
-    return np.array([species_name(str(g or ""), str(s or "")) for g, s in
-                     zip(rows["genus"].fillna(""), rows["species"].fillna(""))], dtype=object)
-
-
-def choose_holdout(rows: pd.DataFrame, *, species: Iterable[str] | None = None,
-                   n_species: int | None = None, holdout_fraction: float | None = None,
-                   seed: int = 0) -> list[str]:
-    """Species (binomial names) to hold out; each genus keeps at least one known species.
-
-    Give exactly one of ``species`` (checked against ``rows``), ``n_species`` or
-    ``holdout_fraction`` (of the species in eligible genera). Only genera with two or more
-    species are eligible; the draw is seeded and independent of row order.
-    """
-    if sum(v is not None for v in (species, n_species, holdout_fraction)) != 1:
-        raise ValueError("choose_holdout: give exactly one of species, n_species or "
-                         "holdout_fraction.")
-    names = _binomials(rows)
-    genus = rows["genus"].fillna("").astype(str).to_numpy()
-    present = {n for n in names if n}
-    if species is not None:
-        wanted = [str(s) for s in species]
-        unknown = [s for s in wanted if s not in present]
-        if unknown:
-            raise ValueError(f"choose_holdout: species {unknown} are not in the rows; expected "
-                             "binomial names such as 'Quercus ilex'.")
-        return sorted(set(wanted))
-    by_genus: dict[str, list[str]] = {}
-    for n, g in sorted({(n, g) for n, g in zip(names, genus) if n}):
-        by_genus.setdefault(g, []).append(n)
-    eligible = sorted(n for g, ns in by_genus.items() if len(ns) >= 2 for n in ns)
-    if holdout_fraction is not None:
-        if not 0.0 < holdout_fraction < 1.0:
-            raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}.")
-        n_species = max(1, round(holdout_fraction * len(eligible)))
-    rng = np.random.default_rng(seed)
-    order = [eligible[i] for i in rng.permutation(len(eligible))]
-    left = {g: len(ns) for g, ns in by_genus.items()}
-    genus_of = {n: g for g, ns in by_genus.items() for n in ns}
-    chosen: list[str] = []
-    for n in order:
-        if len(chosen) >= int(n_species):
-            break
-        if left[genus_of[n]] > 1:
-            chosen.append(n)
-            left[genus_of[n]] -= 1
-    return sorted(chosen)
-
-
-def split_known_unknown(rows: pd.DataFrame, held_out: Iterable[str]) -> np.ndarray:
-    """Boolean mask: True for rows of a held-out species."""
-    return np.isin(_binomials(rows), list(held_out))
-
-
-def known_taxonomy(categories: pd.DataFrame, held_out: Iterable[str],
-                   ranks: Sequence[str] = DEFAULT_RANKS) -> Taxonomy:
-    """Taxonomy of the categories minus the held-out species (they must not be classes)."""
-    keep = ~np.isin(_binomials(categories), list(held_out))
-    return Taxonomy.from_records(categories[keep].to_dict("records"), ranks,
-                                 source="known categories")
-
-
-def truth_names(rows: pd.DataFrame, ranks: Sequence[str] = DEFAULT_RANKS
-                ) -> dict[str, np.ndarray]:
-    """True name per rank per row (species as binomial; ``""`` where unlabelled)."""
-    out = {}
-    for r in ranks:
-        if r == "species" and "genus" in rows:
-            out[r] = _binomials(rows)
-        else:
-            out[r] = rows[r].fillna("").astype(str).to_numpy(dtype=object)
-    return out
-
-
-def path_names(path: Mapping[str, np.ndarray], taxonomy: Taxonomy) -> dict[str, np.ndarray]:
-    """Display name per rank of a decoded path (class indices per rank)."""
-    return {r: np.asarray(taxonomy.names(r), dtype=object)[np.asarray(path[r])]
-            for r in taxonomy.ranks}
-
-
-def correct_by_rank(predicted: Mapping[str, np.ndarray], truth: Mapping[str, np.ndarray],
-                    ranks: Sequence[str]) -> dict[str, np.ndarray]:
-    """Right at rank r = every rank from the top to r names the true taxon."""
-    out, ok = {}, None
-    for r in ranks:
-        hit = np.asarray(predicted[r], dtype=object) == np.asarray(truth[r], dtype=object)
-        ok = hit if ok is None else ok & hit
-        out[r] = ok.copy()
-    return out
+def group_rank_of(ranks: Sequence[str]) -> str:
+    """The rank whose predicted class picks a group detector: the one above the lowest
+    (genus for family/genus/species); the only rank of a one-rank taxonomy."""
+    ranks = list(ranks)
+    return ranks[-2] if len(ranks) > 1 else ranks[-1]
 
 
 # ---------------------------------------------------------------------- scorer
@@ -143,11 +55,11 @@ class OpenSetScorer:
     detector: OutlierDetector
     combiner: EvidenceCombiner
     thresholds: RankThresholds
-    group_rank: str = "genus"
+    group_rank: str  # group detectors score a row with its predicted class at this rank
 
     def outlier(self, x: np.ndarray, decoded) -> tuple[np.ndarray, np.ndarray]:
         """Outlier z-score and pyod flag per row (groups = predicted ``group_rank``)."""
-        groups = decoded.path[self.group_rank] if self.detector.scope == "group" else None
+        groups = decoded.path[self.group_rank] if self.detector.scope == Scope.GROUP else None
         return (self.detector.decision_function(x, groups), self.detector.predict(x, groups))
 
     def evidence(self, x: np.ndarray, decoded) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -171,17 +83,18 @@ class OpenSetScorer:
     @classmethod
     def from_state(cls, params: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
                    ) -> OpenSetScorer:
+        combiner = EvidenceCombiner.from_dict(params["combiner"])
         return cls(detector=OutlierDetector.from_state(params["detector"], arrays),
-                   combiner=EvidenceCombiner.from_dict(params["combiner"]),
+                   combiner=combiner,
                    thresholds=RankThresholds.from_dict(params["thresholds"]),
-                   group_rank=str(params.get("group_rank", "genus")))
+                   group_rank=str(params.get("group_rank") or group_rank_of(combiner.ranks_)))
 
 
-def confidence_of(decoded, kind: str = "path_prob") -> dict[str, np.ndarray]:
+def confidence_of(decoded, kind: str = _OPENSET.confidence) -> dict[str, np.ndarray]:
     """The combiner's confidence input per rank: ``decoded.path_prob`` or ``.path_logit``."""
-    if kind == "path_prob":
+    if kind == Confidence.PATH_PROB:
         return decoded.path_prob
-    if kind != "path_logit":
+    if kind != Confidence.PATH_LOGIT:
         raise ValueError(f"confidence {kind!r}: expected path_prob or path_logit.")
     missing = [r for r in decoded.ranks if r not in decoded.path_logit]
     if missing:
@@ -192,25 +105,25 @@ def confidence_of(decoded, kind: str = "path_prob") -> dict[str, np.ndarray]:
 
 
 def fit_detector(x_train: np.ndarray, groups_train: np.ndarray | None = None, *,
-                 labels_train: np.ndarray | None = None, method: str | None = None,
-                 scope: str = "group", detector_kwargs: Mapping[str, Any] | None = None
+                 labels_train: np.ndarray | None = None, method: str = _OPENSET.detector,
+                 scope: str = _OPENSET.scope, detector_kwargs: Mapping[str, Any] | None = None
                  ) -> OutlierDetector:
     """The outlier detector of :func:`fit_scorer`, fitted on training embeddings.
 
     ``"mahalanobis"`` uses ``labels_train`` (species) as its classes, else
     ``groups_train``; pyod detectors use ``groups_train`` for ``scope="group"``.
-    ``method=None`` means ``"knn"``.
     """
-    det = OutlierDetector(method or "knn", scope=scope, **dict(detector_kwargs or {}))
-    if det.method == "mahalanobis":
+    det = OutlierDetector(method, scope=scope, **dict(detector_kwargs or {}))
+    if det.method == Detector.MAHALANOBIS:
         return det.fit(x_train, labels_train if labels_train is not None else groups_train)
-    return det.fit(x_train, groups_train if scope == "group" else None)
+    return det.fit(x_train, groups_train if scope == Scope.GROUP else None)
 
 
 def fit_evidence(decoded, z: np.ndarray, correct: Mapping[str, np.ndarray], *,
-                 combiner: str = "rank_mean", confidence: str = "path_prob",
-                 gate_quantile: float = 0.975,
-                 target_precision: float | Mapping[str, float] = 0.95, min_support: int = 10
+                 combiner: str = _OPENSET.combiner, confidence: str = _OPENSET.confidence,
+                 gate_quantile: float = _OPENSET.gate_quantile,
+                 target_precision: float | Mapping[str, float] = _OPENSET.target_precision,
+                 min_support: int = _OPENSET.min_support
                  ) -> tuple[EvidenceCombiner, RankThresholds]:
     """Evidence combiner and per-rank thresholds from calibration predictions.
 
@@ -223,37 +136,39 @@ def fit_evidence(decoded, z: np.ndarray, correct: Mapping[str, np.ndarray], *,
     comb = EvidenceCombiner(combiner, confidence=confidence,
                             gate_quantile=gate_quantile).fit(conf, z, correct)
     ev = comb.score(conf, z)
-    floor = {r: 0.0 for r in comb.outlier_ranks_} if combiner == "gate" else None
+    floor = {r: 0.0 for r in comb.outlier_ranks_} if combiner == Combiner.GATE else None
     thr = fit_thresholds(ev, correct, target_precision=target_precision,
                          min_support=min_support, floor=floor)
     return comb, thr
 
 
 def fit_scorer(x_train: np.ndarray, groups_train: np.ndarray | None, x_val: np.ndarray,
-               decoded_val, correct_val: Mapping[str, np.ndarray], *, method: str | None = None,
-               scope: str = "group", combiner: str = "rank_mean",
-               target_precision: float | Mapping[str, float] = 0.95, min_support: int = 10,
+               decoded_val, correct_val: Mapping[str, np.ndarray], *,
+               method: str = _OPENSET.detector, scope: str = _OPENSET.scope,
+               combiner: str = _OPENSET.combiner,
+               target_precision: float | Mapping[str, float] = _OPENSET.target_precision,
+               min_support: int = _OPENSET.min_support,
                detector_kwargs: Mapping[str, Any] | None = None,
-               group_rank: str = "genus", labels_train: np.ndarray | None = None,
-               confidence: str = "path_prob", gate_quantile: float = 0.975
-               ) -> OpenSetScorer:
+               group_rank: str | None = None, labels_train: np.ndarray | None = None,
+               confidence: str = _OPENSET.confidence,
+               gate_quantile: float = _OPENSET.gate_quantile) -> OpenSetScorer:
     """Fit the detector on training embeddings, the combiner and thresholds on validation.
 
-    ``groups_train``: class index at ``group_rank`` per training row (for ``scope="group"``).
+    ``groups_train``: class index at ``group_rank`` (default :func:`group_rank_of` the
+    decoded ranks: genus) per training row (for ``scope="group"``).
     ``labels_train``: species (lowest-rank) index per training row, the classes of the
     ``"mahalanobis"`` detector (without them it uses ``groups_train``: genus classes, much
-    weaker). ``method=None`` means ``"knn"``. On the leaf benchmark
-    (bench/results/openset.md) Mahalanobis on species is the best single unknown-species
-    score (AUROC 0.81 vs 0.77 for per-genus kNN) but, rank-averaged with the path
-    probability, it is no better than kNN, so kNN stays the default.
+    weaker). Defaults: :class:`~taxoclass.config.OpensetConfig` (Mahalanobis gate on the
+    path logit, chosen on bench/openset.py).
     ``decoded_val``: the head's decoded validation predictions; ``correct_val``: rank ->
     whether ``decoded_val.path`` is right there (:func:`correct_by_rank`). Validation rows
     may include species the head never saw (their species rank is simply never right),
     which teaches the combiner and the thresholds what novelty looks like.
     """
+    group_rank = group_rank or group_rank_of(decoded_val.ranks)
     det = fit_detector(x_train, groups_train, labels_train=labels_train, method=method,
                        scope=scope, detector_kwargs=detector_kwargs)
-    groups = decoded_val.path[group_rank] if scope == "group" else None
+    groups = decoded_val.path[group_rank] if scope == Scope.GROUP else None
     z = det.decision_function(x_val, groups)
     comb, thr = fit_evidence(decoded_val, z, correct_val, combiner=combiner,
                              confidence=confidence, gate_quantile=gate_quantile,
@@ -303,16 +218,18 @@ FoldFit = Callable[[np.ndarray], tuple[Callable[[np.ndarray], Mapping[str, Any]]
 
 
 def crossfit_predictions(x: np.ndarray, strata: np.ndarray, fit_fold: FoldFit, taxonomy: Taxonomy,
-                         *, n_folds: int = 5, seed: int = 0, decode_method: str = "path",
-                         top_k: int = 5, x_detector: np.ndarray | None = None,
-                         group_rank: str = "genus") -> CrossfitPredictions:
+                         *, n_folds: int = _OPENSET.folds, seed: int = 0,
+                         decode_method: str = _DECODE.method, top_k: int = _DECODE.top_k,
+                         x_detector: np.ndarray | None = None,
+                         group_rank: str | None = None) -> CrossfitPredictions:
     """K-fold out-of-fold predictions and outlier scores for every row of ``x``.
 
     Folds: :func:`crossfit_folds` of ``strata`` (e.g. the species). For fold ``k``,
     ``fit_fold(mask)`` fits a head and a detector on the rows where ``mask`` is True (all
     rows outside fold ``k``); the head's logits of fold ``k`` are decoded together with
     the other folds' (``decode_method``) and the detector scores fold ``k``
-    (``x_detector`` rows, default ``x``; group detectors use the decoded ``group_rank``).
+    (``x_detector`` rows, default ``x``; group detectors use the decoded ``group_rank``,
+    default :func:`group_rank_of` the taxonomy's ranks).
     Feed the result to :func:`fit_evidence` to calibrate on every row.
     """
     import torch
@@ -324,6 +241,7 @@ def crossfit_predictions(x: np.ndarray, strata: np.ndarray, fit_fold: FoldFit, t
     if len(x_det) != len(x) or len(strata) != len(x):
         raise ValueError(f"crossfit_predictions: x ({len(x)} rows), x_detector "
                          f"({len(x_det)}) and strata ({len(strata)}) must have the same rows.")
+    group_rank = group_rank or group_rank_of(taxonomy.ranks)
     fold = crossfit_folds(strata, n_folds, seed)
     logits: dict[str, np.ndarray] = {}
     detectors = []
@@ -341,83 +259,8 @@ def crossfit_predictions(x: np.ndarray, strata: np.ndarray, fit_fold: FoldFit, t
     z = np.zeros(len(x), dtype=np.float64)
     for k, det in enumerate(detectors):
         held = fold == k
-        groups = decoded.path[group_rank][held] if det.scope == "group" else None
+        groups = decoded.path[group_rank][held] if det.scope == Scope.GROUP else None
         z[held] = det.decision_function(x_det[held], groups)
     return CrossfitPredictions(decoded=decoded, outlier=z, fold=fold, n_folds=int(n_folds))
 
 
-# ---------------------------------------------------------------------- metrics
-def fpr_at_tpr(is_unknown: np.ndarray, score: np.ndarray, tpr: float = 0.95) -> float:
-    """False-positive rate (known called unknown) at the first threshold reaching ``tpr``."""
-    fpr, tp, _ = roc_curve(np.asarray(is_unknown, dtype=bool), np.asarray(score, dtype=float))
-    return float(fpr[np.searchsorted(tp, tpr, side="left")])
-
-
-def detection_table(is_unknown: np.ndarray, scores: Mapping[str, np.ndarray]) -> pd.DataFrame:
-    """AUROC and FPR@95%TPR per method; every score oriented higher = more likely unknown."""
-    y = np.asarray(is_unknown, dtype=bool)
-    if y.all() or not y.any():
-        raise ValueError("detection_table needs both known and unknown rows.")
-    rows = [{"method": name, "auroc": float(roc_auc_score(y, s)),
-             "fpr_at_95tpr": fpr_at_tpr(y, s)} for name, s in scores.items()]
-    return pd.DataFrame(rows)
-
-
-def outcome_summary(frame: pd.DataFrame, truth: Mapping[str, np.ndarray],
-                    is_unknown: np.ndarray, ranks: Sequence[str] = DEFAULT_RANKS
-                    ) -> dict[str, float]:
-    """What back-off did with held-out-species images and with known-species images.
-
-    ``frame``: :func:`~taxoclass.openset.backoff.back_off_batch` output; ``truth``:
-    :func:`truth_names` of the same rows. Held-out: share reported at their correct genus,
-    at their correct family (above genus), correct genus-or-family, named to a (wrong)
-    species, reported at a wrong higher taxon, unknown. Known: coverage (share named to
-    species), and per rank the precision of the answers given at that rank or below.
-    """
-    y = np.asarray(is_unknown, dtype=bool)
-    lowest = ranks[-1]
-    pred = {r: frame[r].to_numpy(dtype=object) for r in ranks}
-    correct = correct_by_rank(pred, truth, ranks)
-    depth = {r: i for i, r in enumerate(ranks)}
-    rep = frame["taxon_rank"].map(lambda r: depth.get(r, -1)).to_numpy()
-    # Right at the reported rank (placeholders report above their path rank: same test).
-    right = np.zeros(len(frame), dtype=bool)
-    for r, i in depth.items():
-        right |= (rep == i) & correct[r]
-    out: dict[str, float] = {"n_unknown": int(y.sum()), "n_known": int((~y).sum())}
-    u = y
-    if u.any():
-        at_lowest = rep == depth[lowest]
-        out["unknown_named_species"] = float(np.mean(at_lowest[u]))
-        for r in ranks[:-1]:
-            out[f"unknown_correct_{r}"] = float(np.mean(((rep == depth[r]) & right)[u]))
-        out["unknown_correct_higher"] = float(np.mean((right & (rep >= 0) & ~at_lowest)[u]))
-        out["unknown_wrong_higher"] = float(np.mean((~right & (rep >= 0) & ~at_lowest)[u]))
-        out["unknown_unknown"] = float(np.mean((rep < 0)[u]))
-    k = ~y
-    if k.any():
-        out["known_coverage_species"] = float(np.mean((rep == depth[lowest])[k]))
-        for r in ranks:
-            given = k & (rep >= depth[r])
-            out[f"known_precision_{r}"] = (float(np.mean(correct[r][given])) if given.any()
-                                           else float("nan"))
-            out[f"known_coverage_{r}"] = float(np.mean(given[k]))
-        out["known_unknown"] = float(np.mean((rep < 0)[k]))
-    return out
-
-
-def risk_coverage(scores: Mapping[str, np.ndarray], correct: Mapping[str, np.ndarray],
-                  coverages: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
-                  ) -> pd.DataFrame:
-    """Per rank: precision when accepting the top ``coverage`` share by score."""
-    rows = []
-    for rank, s in scores.items():
-        s = np.asarray(s, dtype=np.float64)
-        c = np.asarray(correct[rank], dtype=bool)
-        order = np.argsort(-s, kind="stable")
-        for cov in coverages:
-            n = max(1, int(round(cov * len(s))))
-            take = order[:n]
-            rows.append({"rank": rank, "coverage": n / len(s), "threshold": float(s[take[-1]]),
-                         "precision": float(c[take].mean()), "n": n})
-    return pd.DataFrame(rows)

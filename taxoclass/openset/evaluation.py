@@ -1,0 +1,203 @@
+"""Open-set evaluation: hold species out, then ask whether the model notices them.
+
+Library functions only; the caller trains the head (``taxoclass.model.training.train_head``)
+on the known species and fits the scorer (:mod:`taxoclass.openset.scorer`). The pieces:
+
+- choosing held-out species (:func:`choose_holdout`: a list, or a seeded share, keeping
+  at least one known species in every genus so the genus stays learnable), splitting
+  rows (:func:`split_known_unknown`) and the taxonomy of the known species only
+  (:func:`known_taxonomy`), so held-out species are not classes;
+- truth and correctness per rank (:func:`truth_names`, :func:`path_names`,
+  :func:`correct_by_rank`);
+- metrics: unknown-detection AUROC and FPR at 95% TPR per score
+  (:func:`detection_table`), what happened to held-out and known images
+  (:func:`outcome_summary`) and a risk-coverage table per rank (:func:`risk_coverage`).
+
+Correctness is judged by names along the path: the prediction is right at rank ``r``
+when every rank from the top down to ``r`` names the true taxon (a held-out species is
+never right at species rank; it is right at genus when its genus is predicted).
+Species are binomials (annotation columns ``genus`` and ``species``, the data's naming).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from ..taxonomy.tree import DEFAULT_RANKS, Taxonomy, species_name
+
+__all__ = ["choose_holdout", "correct_by_rank", "detection_table", "fpr_at_tpr",
+           "known_taxonomy", "outcome_summary", "path_names", "risk_coverage",
+           "split_known_unknown", "truth_names"]
+
+
+# ---------------------------------------------------------------------- splitting
+def _binomials(rows: pd.DataFrame) -> np.ndarray:
+    return np.array([species_name(str(g or ""), str(s or "")) for g, s in
+                     zip(rows["genus"].fillna(""), rows["species"].fillna(""))], dtype=object)
+
+
+def choose_holdout(rows: pd.DataFrame, *, species: Iterable[str] | None = None,
+                   n_species: int | None = None, holdout_fraction: float | None = None,
+                   seed: int = 0) -> list[str]:
+    """Species (binomial names) to hold out; each genus keeps at least one known species.
+
+    Give exactly one of ``species`` (checked against ``rows``), ``n_species`` or
+    ``holdout_fraction`` (of the species in eligible genera). Only genera with two or more
+    species are eligible; the draw is seeded and independent of row order.
+    """
+    if sum(v is not None for v in (species, n_species, holdout_fraction)) != 1:
+        raise ValueError("choose_holdout: give exactly one of species, n_species or "
+                         "holdout_fraction.")
+    names = _binomials(rows)
+    genus = rows["genus"].fillna("").astype(str).to_numpy()
+    present = {n for n in names if n}
+    if species is not None:
+        wanted = [str(s) for s in species]
+        unknown = [s for s in wanted if s not in present]
+        if unknown:
+            raise ValueError(f"choose_holdout: species {unknown} are not in the rows; expected "
+                             "binomial names such as 'Quercus ilex'.")
+        return sorted(set(wanted))
+    by_genus: dict[str, list[str]] = {}
+    for n, g in sorted({(n, g) for n, g in zip(names, genus) if n}):
+        by_genus.setdefault(g, []).append(n)
+    eligible = sorted(n for g, ns in by_genus.items() if len(ns) >= 2 for n in ns)
+    if holdout_fraction is not None:
+        if not 0.0 < holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}.")
+        n_species = max(1, round(holdout_fraction * len(eligible)))
+    rng = np.random.default_rng(seed)
+    order = [eligible[i] for i in rng.permutation(len(eligible))]
+    left = {g: len(ns) for g, ns in by_genus.items()}
+    genus_of = {n: g for g, ns in by_genus.items() for n in ns}
+    chosen: list[str] = []
+    for n in order:
+        if len(chosen) >= int(n_species):
+            break
+        if left[genus_of[n]] > 1:
+            chosen.append(n)
+            left[genus_of[n]] -= 1
+    return sorted(chosen)
+
+
+def split_known_unknown(rows: pd.DataFrame, held_out: Iterable[str]) -> np.ndarray:
+    """Boolean mask: True for rows of a held-out species."""
+    return np.isin(_binomials(rows), list(held_out))
+
+
+def known_taxonomy(categories: pd.DataFrame, held_out: Iterable[str],
+                   ranks: Sequence[str] = DEFAULT_RANKS) -> Taxonomy:
+    """Taxonomy of the categories minus the held-out species (they must not be classes)."""
+    keep = ~np.isin(_binomials(categories), list(held_out))
+    return Taxonomy.from_records(categories[keep].to_dict("records"), ranks,
+                                 source="known categories")
+
+
+def truth_names(rows: pd.DataFrame, ranks: Sequence[str] = DEFAULT_RANKS
+                ) -> dict[str, np.ndarray]:
+    """True name per rank per row (species as binomial; ``""`` where unlabelled)."""
+    out = {}
+    for r in ranks:
+        if r == "species" and "genus" in rows:
+            out[r] = _binomials(rows)
+        else:
+            out[r] = rows[r].fillna("").astype(str).to_numpy(dtype=object)
+    return out
+
+
+def path_names(path: Mapping[str, np.ndarray], taxonomy: Taxonomy) -> dict[str, np.ndarray]:
+    """Display name per rank of a decoded path (class indices per rank)."""
+    return {r: np.asarray(taxonomy.names(r), dtype=object)[np.asarray(path[r])]
+            for r in taxonomy.ranks}
+
+
+def correct_by_rank(predicted: Mapping[str, np.ndarray], truth: Mapping[str, np.ndarray],
+                    ranks: Sequence[str]) -> dict[str, np.ndarray]:
+    """Right at rank r = every rank from the top to r names the true taxon."""
+    out, ok = {}, None
+    for r in ranks:
+        hit = np.asarray(predicted[r], dtype=object) == np.asarray(truth[r], dtype=object)
+        ok = hit if ok is None else ok & hit
+        out[r] = ok.copy()
+    return out
+
+
+# ---------------------------------------------------------------------- metrics
+def fpr_at_tpr(is_unknown: np.ndarray, score: np.ndarray, tpr: float = 0.95) -> float:
+    """False-positive rate (known called unknown) at the first threshold reaching ``tpr``."""
+    fpr, tp, _ = roc_curve(np.asarray(is_unknown, dtype=bool), np.asarray(score, dtype=float))
+    return float(fpr[np.searchsorted(tp, tpr, side="left")])
+
+
+def detection_table(is_unknown: np.ndarray, scores: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """AUROC and FPR@95%TPR per method; every score oriented higher = more likely unknown."""
+    y = np.asarray(is_unknown, dtype=bool)
+    if y.all() or not y.any():
+        raise ValueError("detection_table needs both known and unknown rows.")
+    rows = [{"method": name, "auroc": float(roc_auc_score(y, s)),
+             "fpr_at_95tpr": fpr_at_tpr(y, s)} for name, s in scores.items()]
+    return pd.DataFrame(rows)
+
+
+def outcome_summary(frame: pd.DataFrame, truth: Mapping[str, np.ndarray],
+                    is_unknown: np.ndarray, ranks: Sequence[str] = DEFAULT_RANKS
+                    ) -> dict[str, float]:
+    """What back-off did with held-out-species images and with known-species images.
+
+    ``frame``: :func:`~taxoclass.openset.backoff.back_off_batch` output; ``truth``:
+    :func:`truth_names` of the same rows. Held-out: share reported at their correct genus,
+    at their correct family (above genus), correct genus-or-family, named to a (wrong)
+    species, reported at a wrong higher taxon, unknown. Known: coverage (share named to
+    species), and per rank the precision of the answers given at that rank or below.
+    """
+    y = np.asarray(is_unknown, dtype=bool)
+    lowest = ranks[-1]
+    pred = {r: frame[r].to_numpy(dtype=object) for r in ranks}
+    correct = correct_by_rank(pred, truth, ranks)
+    depth = {r: i for i, r in enumerate(ranks)}
+    rep = frame["taxon_rank"].map(lambda r: depth.get(r, -1)).to_numpy()
+    # Right at the reported rank (placeholders report above their path rank: same test).
+    right = np.zeros(len(frame), dtype=bool)
+    for r, i in depth.items():
+        right |= (rep == i) & correct[r]
+    out: dict[str, float] = {"n_unknown": int(y.sum()), "n_known": int((~y).sum())}
+    u = y
+    if u.any():
+        at_lowest = rep == depth[lowest]
+        out["unknown_named_species"] = float(np.mean(at_lowest[u]))
+        for r in ranks[:-1]:
+            out[f"unknown_correct_{r}"] = float(np.mean(((rep == depth[r]) & right)[u]))
+        out["unknown_correct_higher"] = float(np.mean((right & (rep >= 0) & ~at_lowest)[u]))
+        out["unknown_wrong_higher"] = float(np.mean((~right & (rep >= 0) & ~at_lowest)[u]))
+        out["unknown_unknown"] = float(np.mean((rep < 0)[u]))
+    k = ~y
+    if k.any():
+        out["known_coverage_species"] = float(np.mean((rep == depth[lowest])[k]))
+        for r in ranks:
+            given = k & (rep >= depth[r])
+            out[f"known_precision_{r}"] = (float(np.mean(correct[r][given])) if given.any()
+                                           else float("nan"))
+            out[f"known_coverage_{r}"] = float(np.mean(given[k]))
+        out["known_unknown"] = float(np.mean((rep < 0)[k]))
+    return out
+
+
+def risk_coverage(scores: Mapping[str, np.ndarray], correct: Mapping[str, np.ndarray],
+                  coverages: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
+                  ) -> pd.DataFrame:
+    """Per rank: precision when accepting the top ``coverage`` share by score."""
+    rows = []
+    for rank, s in scores.items():
+        s = np.asarray(s, dtype=np.float64)
+        c = np.asarray(correct[rank], dtype=bool)
+        order = np.argsort(-s, kind="stable")
+        for cov in coverages:
+            n = max(1, int(round(cov * len(s))))
+            take = order[:n]
+            rows.append({"rank": rank, "coverage": n / len(s), "threshold": float(s[take[-1]]),
+                         "precision": float(c[take].mean()), "n": n})
+    return pd.DataFrame(rows)
