@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from taxoclass.errors import ConfigError
-from taxoclass.model.finetune import (
-    FinetuneModel,
-    FinetuneSettings,
-    embed_images,
-    finetune,
-    layerwise_param_groups,
-    set_trainable,
-)
+from taxoclass.model.finetune import FinetuneModel, FinetuneSettings, finetune
 from taxoclass.model.heads import MultiRankHead
+from taxoclass.model.image_data import LabelledImages, embed_image_files
+from taxoclass.model.optim import (
+    adamw,
+    layer_decay_param_groups,
+    set_trainable,
+    warmup_cosine,
+)
+from taxoclass.pipelines.finetune import finetune_to_bundle, write_finetuned_bundle
 
 SPECIES = [("Acer", "palmatum"), ("Acer", "rubrum"), ("Ulmus", "bergmanniana"),
            ("Zelkova", "serrata")]
@@ -32,8 +33,8 @@ def leaf_data():
     """24 real leaf images of 4 species (2 families, 3 genera) with their targets."""
     from conftest import SHARED_DATA
 
-    from taxoclass.pipelines import jobs as workflows
     from taxoclass.taxonomy.annotations import load_annotations
+    from taxoclass.taxonomy.labels import encode_labels
     from taxoclass.taxonomy.tree import Taxonomy
 
     leaf = SHARED_DATA / "leaf"
@@ -50,7 +51,7 @@ def leaf_data():
 
     sel = pd.concat(parts, ignore_index=True)
     tax = Taxonomy.from_records(sel[["family", "genus", "species"]].to_dict("records"))
-    y, _ = workflows._targets(tax, sel)
+    y, _ = encode_labels(tax, sel)
     is_val = np.tile(np.arange(PER_SPECIES) >= PER_SPECIES - 2, len(SPECIES))
     paths = np.asarray(sel["path"].tolist(), dtype=object)
     return {"tax": tax,
@@ -75,8 +76,9 @@ BASE = dict(batch_size=4, num_workers=0, lr=2e-3, warmup_epochs=0.0, layer_decay
 
 def run(data, backbone, out, **settings):
     cfg = {**BASE, **settings}
-    return finetune(*data["train"], *data["val"], data["tax"], backbone=backbone, out_dir=out,
-                    config=cfg, model={"normalize": True})
+    return finetune_to_bundle(LabelledImages(*data["train"]), LabelledImages(*data["val"]),
+                              data["tax"], backbone=backbone, out_dir=out, settings=cfg,
+                              model={"normalize": True})
 
 
 def model_state(model) -> dict[str, torch.Tensor]:
@@ -114,49 +116,93 @@ def test_bundle_reproduces_finetuned_logits(trained, leaf_data):
     for r in bundle.taxonomy.ranks:
         torch.testing.assert_close(got[r], want[r], atol=1e-5, rtol=1e-5)
     assert bb.weights_source == "checkpoint"
-    emb, ok = embed_images(trained.model, [leaf_data["val"][0][0]], bb.transform)
+    emb, ok = embed_image_files(trained.model, [leaf_data["val"][0][0]], bb.transform)
     assert ok.all()
     np.testing.assert_allclose(emb, bb.embed(x).numpy(), atol=1e-5)
 
 
 def test_llrd_group_learning_rates(tiny_backbone, leaf_data):
+    """timm's layer-decay groups: heads and final norm at lr, each block one factor lower,
+    the stem lowest; no weight decay on 1-d tensors, tokens and the position embedding."""
     head = MultiRankHead.for_taxonomy(leaf_data["tax"], tiny_backbone.num_features)
     import copy
 
     model = FinetuneModel(copy.deepcopy(tiny_backbone.model), head)
-    lr, d = 1e-3, 0.5
-    groups = layerwise_param_groups(model, lr=lr, layer_decay=d, weight_decay=0.05)
+    d = 0.5
+    groups = layer_decay_param_groups(model, layer_decay=d, weight_decay=0.05)
     by_name = {g["name"]: g for g in groups}
-    expected = {"head": lr, "top": lr, "blocks.1": lr * d, "blocks.0": lr * d**2,
-                "stem": lr * d**3}
-    for name, want in expected.items():  # "top" (final norm) has no decayed tensor
-        if name != "top":
-            assert by_name[name]["lr"] == pytest.approx(want)
+    expected = {"head": 1.0, "layer2": d, "layer1": d**2, "stem": d**3}  # 2 blocks
+    for name, scale in expected.items():
+        if name != "stem":  # the stem's patch projection is decayed, its tokens are not
+            assert by_name[name]["lr_scale"] == pytest.approx(scale)
             assert by_name[name]["weight_decay"] == 0.05
-        assert by_name[f"{name}/no_decay"]["lr"] == pytest.approx(want)
+        assert by_name[f"{name}/no_decay"]["lr_scale"] == pytest.approx(scale)
         assert by_name[f"{name}/no_decay"]["weight_decay"] == 0.0
-    assert "top" not in by_name
+    names = {id(p): n for n, p in model.named_parameters()}
+    head_nd = {names[id(p)] for p in by_name["head/no_decay"]["params"]}
+    assert {"backbone.norm.weight", "backbone.norm.bias"} <= head_nd  # final norm at full lr
+    assert {names[id(p)] for p in by_name["layer2"]["params"]} >= {
+        "backbone.blocks.1.attn.qkv.weight", "backbone.blocks.1.mlp.fc2.weight"}
     # every trainable parameter in exactly one group; tokens and pos_embed not decayed
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
     stem_nd = {id(p) for p in by_name["stem/no_decay"]["params"]}
     assert id(model.backbone.pos_embed) in stem_nd and id(model.backbone.cls_token) in stem_nd
     # only the unfrozen part gets groups
-    set_trainable(model, 1)
-    names = {g["name"].split("/")[0] for g in layerwise_param_groups(
-        model, lr=lr, layer_decay=d, weight_decay=0.05)}
-    assert names == {"head", "top", "blocks.1"}
+    assert set_trainable(model, 1) == ["backbone.patch_embed", "backbone.blocks.0"]
+    names = {g["name"].split("/")[0] for g in layer_decay_param_groups(
+        model, layer_decay=d, weight_decay=0.05)}
+    assert names == {"head", "layer2"}
     set_trainable(model, 0)
-    names = {g["name"].split("/")[0] for g in layerwise_param_groups(
-        model, lr=lr, layer_decay=d, weight_decay=0.05)}
+    names = {g["name"].split("/")[0] for g in layer_decay_param_groups(
+        model, layer_decay=d, weight_decay=0.05)}
     assert names == {"head"}
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 4])
+def test_schedule_follows_warmup_cosine_per_group(tiny_backbone, leaf_data, warmup):
+    """Each group's lr at every step is ``lr * lr_scale`` times: ``(k + 1) / W`` while
+    ``k < W - 1``, then ``f + (1 - f) * (1 + cos(pi * t)) / 2``, ``t = (k - w) / (T - w)``,
+    ``w = max(W - 1, 0)``; the floor ``f * lr * lr_scale`` from step ``T`` on."""
+    import copy
+    import math
+
+    head = MultiRankHead.for_taxonomy(leaf_data["tax"], tiny_backbone.num_features)
+    model = FinetuneModel(copy.deepcopy(tiny_backbone.model), head)
+    lr, d, total, f = 2e-3, 0.5, 20, 0.1
+    opt = adamw(layer_decay_param_groups(model, layer_decay=d, weight_decay=0.05), lr=lr)
+    sched = warmup_cosine(opt, warmup=warmup, total=total, lr=lr, min_lr_ratio=f)
+    w = max(warmup - 1, 0)
+
+    def want(k: int, scale: float) -> float:
+        if k < w:
+            return lr * scale * (k + 1) / warmup
+        t = min((k - w) / (total - w), 1.0)
+        return lr * scale * (f + (1 - f) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    seen = {}
+    for k in range(total + 2):
+        for g in opt.param_groups:
+            assert g["lr"] == pytest.approx(want(k, g["lr_scale"]), rel=1e-12), (k, g["name"])
+        seen[k] = {g["name"]: g["lr"] for g in opt.param_groups}
+        sched.step_update(k + 1)
+    scales = {g["name"]: g["lr_scale"] for g in opt.param_groups}
+    assert scales["head"] == 1.0 and scales["stem"] == pytest.approx(d**3)
+    # step 0, end of warm-up (peak), end of the run (floor), for the heads and the stem
+    for name in ("head", "stem"):
+        peak = lr * scales[name]
+        assert seen[0][name] == pytest.approx(peak / warmup if warmup > 1 else peak)
+        assert seen[w][name] == pytest.approx(peak)
+        assert seen[total][name] == pytest.approx(f * peak)
+        assert seen[total - 1][name] > f * peak
 
 
 def test_unfreeze_last_block_only(leaf_data, tiny_backbone, tmp_path):
     before = model_state(tiny_backbone.model)
     res = run(leaf_data, tiny_backbone, tmp_path / "b", epochs=1, unfreeze_blocks=1)
-    assert res.lr_groups.keys() >= {"head", "top/no_decay", "blocks.1"}
-    assert not any(k.startswith(("blocks.0", "stem")) for k in res.lr_groups)
+    assert res.lr_groups.keys() >= {"head", "head/no_decay", "layer2"}
+    assert res.lr_groups["layer2"] == pytest.approx(BASE["lr"] * BASE["layer_decay"])
+    assert not any(k.startswith(("layer1", "stem")) for k in res.lr_groups)
     after = res.model.backbone.state_dict()
     assert model_state(tiny_backbone.model).keys() == before.keys()  # caller's model untouched
     for k, v in before.items():
@@ -189,7 +235,8 @@ class Interrupt(RuntimeError):
 
 
 def test_interrupted_run_resumes_to_same_weights(leaf_data, tiny_backbone, tmp_path):
-    settings = dict(epochs=2, unfreeze_blocks=-1, augment=True, keep_checkpoints=True)
+    settings = dict(epochs=2, unfreeze_blocks=-1, augment=True, keep_checkpoints=True,
+                    warmup_epochs=1.0)  # the pause falls inside the warm-up
     full = run(leaf_data, tiny_backbone, tmp_path / "full", **settings)
     assert full.steps == 8 and full.resumed_from_step is None
 
@@ -201,9 +248,9 @@ def test_interrupted_run_resumes_to_same_weights(leaf_data, tiny_backbone, tmp_p
             raise Interrupt("simulated crash")
 
     with pytest.raises(Interrupt):
-        finetune(*leaf_data["train"], *leaf_data["val"], leaf_data["tax"],
-                 backbone=tiny_backbone, out_dir=out, config={**BASE, **settings},
-                 callback=boom)
+        finetune_to_bundle(LabelledImages(*leaf_data["train"]), LabelledImages(*leaf_data["val"]),
+                           leaf_data["tax"], backbone=tiny_backbone, out_dir=out,
+                           settings={**BASE, **settings}, callback=boom)
     assert (out / "finetune_state" / "last.pt").is_file()
     assert not (out / "bundle.json").exists()
     resumed = run(leaf_data, tiny_backbone, out, **settings)
@@ -212,6 +259,8 @@ def test_interrupted_run_resumes_to_same_weights(leaf_data, tiny_backbone, tmp_p
     out2 = tmp_path / "paused"
     paused = run(leaf_data, tiny_backbone, out2, max_steps=3, **settings)
     assert not paused.completed and paused.steps == 3 and paused.bundle_dir is None
+    with pytest.raises(ValueError, match="paused after 3 steps"):
+        write_finetuned_bundle(paused, out2, leaf_data["tax"])
     again = run(leaf_data, tiny_backbone, out2, max_steps=3, **settings)  # no step taken
     assert not again.completed and again.steps == 3 and again.resumed_from_step == 3
     rest = run(leaf_data, tiny_backbone, out2, **settings)
@@ -246,8 +295,9 @@ def test_unreadable_image_is_reported_and_skipped(leaf_data, tiny_backbone, tmp_
     bad.write_bytes(b"not a jpeg")
     paths, y = leaf_data["train"]
     paths = [str(bad), *paths[1:]]
-    res = finetune(paths, y, [], None, leaf_data["tax"], backbone=tiny_backbone,
-                   out_dir=tmp_path / "o", config={**BASE, "epochs": 1, "unfreeze_blocks": 0})
+    res = finetune_to_bundle(LabelledImages(paths, y), None, leaf_data["tax"],
+                             backbone=tiny_backbone, out_dir=tmp_path / "o",
+                             settings={**BASE, "epochs": 1, "unfreeze_blocks": 0})
     assert res.completed and [p for p, _ in res.failures] == [str(bad)]
     assert "cannot be decoded" in res.failures[0][1]
     assert Path(res.bundle_dir, "bundle.json").is_file()
@@ -257,7 +307,7 @@ def test_tile_views_are_fresh_reproducible_and_recorded(leaf_data, tiny_backbone
     """``tile_views``: each epoch shows every image once plus N tile-like views of it,
     drawn anew per epoch but the same for the same (seed, epoch, image)."""
     from taxoclass.bundle import ModelBundle
-    from taxoclass.model.finetune import ImageDataset, TileViewTransform
+    from taxoclass.model.image_data import ImageDataset, TileViewTransform
 
     views = {"size": 64, "background": "clutter", "scale": [0.5, 1.0]}
     tf = TileViewTransform(views, tiny_backbone.transform)
@@ -270,12 +320,26 @@ def test_tile_views_are_fresh_reproducible_and_recorded(leaf_data, tiny_backbone
     torch.testing.assert_close(ds[2][0], view)  # same seed, epoch, item: same view
     ds.epoch = 1
     assert not torch.allclose(ds[2][0], view)  # next epoch: a new view
-    with pytest.raises(ConfigError, match="tile_views must be >= 0"):
+    with pytest.raises(ConfigError, match="tile_views: expected an integer >= 0"):
         FinetuneSettings.from_mapping({"tile_views": -1})
 
-    res = finetune(paths, y, [], None, leaf_data["tax"], backbone=tiny_backbone,
-                   out_dir=tmp_path / "v", views=views,
-                   config={**BASE, "epochs": 1, "unfreeze_blocks": 0, "tile_views": 2})
+    res = finetune_to_bundle(LabelledImages(paths, y), None, leaf_data["tax"],
+                             backbone=tiny_backbone, out_dir=tmp_path / "v", views=views,
+                             settings={**BASE, "epochs": 1, "unfreeze_blocks": 0,
+                                       "tile_views": 2})
     assert res.steps == 3 * len(paths) // BASE["batch_size"]  # 16 images seen 3 times
     info = ModelBundle.load(tmp_path / "v").extra["finetune"]
     assert info["settings"]["tile_views"] == 2 and info["views"]["size"] == 64
+
+
+def test_model_layer_run_writes_no_bundle(leaf_data, tiny_backbone, tmp_path):
+    """``finetune`` (model layer) trains only; the checkpoints stay until discarded and the
+    job layer writes the bundle from the result."""
+    paths, y = leaf_data["train"]
+    res = finetune(LabelledImages(paths, y), None, leaf_data["tax"], backbone=tiny_backbone,
+                   out_dir=tmp_path / "m", settings={**BASE, "epochs": 1, "unfreeze_blocks": 0})
+    assert res.completed and res.bundle_dir is None and res.steps == len(paths) // 4
+    assert not (tmp_path / "m" / "bundle.json").exists()
+    assert (res.state_dir / "best.pt").is_file() and res.frozen == ["backbone"]
+    write_finetuned_bundle(res, tmp_path / "m", leaf_data["tax"])
+    assert (tmp_path / "m" / "bundle.json").is_file() and not res.state_dir.exists()

@@ -8,7 +8,8 @@ same head on a live timm backbone (timm style: ``forward_features`` then
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -128,8 +129,40 @@ class HierarchicalClassifier(nn.Module):
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         return self.forward_head(self.forward_features(images))
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any] | Callable:
+        """timm's layer grouping (for ``param_groups_layer_decay``): the backbone's coarse
+        groups (stem, ViT blocks or CNN stages) under ``backbone.``, always coarse whatever
+        ``coarse`` says, so that a "block" is what ``unfreeze_blocks`` counts. The rank heads
+        match nothing, which puts them in the top layer, and so do the modules timm attaches
+        to the last block (final norms, suffix ``(99999,)``): they train at the heads' rate.
+        A backbone without a ``group_matcher`` is one layer."""
+        inner = getattr(self.backbone, "group_matcher", None)
+        if inner is None:
+            return {"backbone": r"backbone\."}
+        spec = inner(coarse=True)
+        if callable(spec):
+            def match(name: str) -> Any:
+                if name.startswith("backbone."):
+                    return spec(name[len("backbone."):])
+                return float("inf")
+            return match
+        return {group: _under_backbone(m) for group, m in spec.items()}
+
     def freeze_backbone(self, frozen: bool = True) -> None:
         """Stop (or restart) gradient flow into the backbone, e.g. for head warm-up."""
         for p in self.backbone.parameters():
             p.requires_grad_(not frozen)
 
+
+_MATCH_PREV_GROUP = (99999,)  # timm's suffix for "part of the previous (last) block"
+
+
+def _under_backbone(spec: Any) -> Any:
+    """A timm group-matcher entry (regex, list of (regex, suffix) or None) re-rooted at
+    ``backbone.`` (timm matches with ``re.match``, so a leading ``^`` is redundant)."""
+    if spec is None:
+        return None
+    if isinstance(spec, (list, tuple)):
+        return [(_under_backbone(regex), suffix) for regex, suffix in spec
+                if tuple(suffix or ()) != _MATCH_PREV_GROUP]
+    return r"backbone\.(?:" + re.sub(r"(^|\|)\^", r"\1", spec) + ")"

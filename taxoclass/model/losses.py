@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import LossConfig
 from ..errors import ConfigError
 
-__all__ = ["ClassDependencyLoss", "class_balanced_weights", "dependency_penalty"]
+__all__ = ["ClassDependencyLoss", "class_balanced_weights", "criterion_from_config",
+           "dependency_penalty"]
 
 
 def dependency_penalty(p_child: Tensor, p_parent: Tensor, parent_of_child: Tensor) -> Tensor:
@@ -133,3 +135,22 @@ def class_balanced_weights(counts: np.ndarray, beta: float = 0.999) -> torch.Ten
     w = (1.0 - beta) / effective
     w = w / w.mean()
     return torch.as_tensor(w, dtype=torch.float32)
+
+
+def criterion_from_config(taxonomy, y_train: Mapping[str, np.ndarray | Tensor],
+                          loss: LossConfig | Mapping | None = None) -> ClassDependencyLoss:
+    """The training criterion from the ``loss`` config section, the taxonomy and the
+    training targets (class index per rank, -1 unknown), which the class-balanced weights
+    (``loss.class_balanced``) count. Head training and fine-tuning both build it here."""
+    cfg = loss if isinstance(loss, LossConfig) else LossConfig.from_dict(loss)
+    class_weights = None
+    if cfg.class_balanced:
+        class_weights = {}
+        for r in taxonomy.ranks:
+            y = np.asarray(y_train[r])
+            counts = np.bincount(y[y >= 0], minlength=taxonomy.n_classes(r))
+            class_weights[r] = class_balanced_weights(counts, float(cfg.class_balanced_beta))
+    return ClassDependencyLoss(taxonomy, rank_weights=cfg.rank_weights,
+                               dependency_weight=float(cfg.dependency_weight),
+                               class_weights=class_weights,
+                               label_smoothing=float(cfg.label_smoothing))

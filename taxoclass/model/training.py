@@ -5,6 +5,7 @@ AdamW, class-dependency loss, early stopping on validation loss (best weights ke
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ import torch
 from ..errors import ConfigError
 from ..taxonomy.tree import Taxonomy
 from .heads import MultiRankHead
-from .losses import ClassDependencyLoss, class_balanced_weights
+from .losses import criterion_from_config
+from .optim import adamw
 
 Progress = Callable[[int, int], None]
 
@@ -47,20 +49,39 @@ def normalize(x: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def make_optimizer(head: torch.nn.Module, train: Mapping | None = None) -> torch.optim.Optimizer:
-    """AdamW with the ``train`` section's ``lr`` and ``weight_decay``.
-
-    Uses the fused kernel where torch has one for the parameters' device: on a CPU the
-    default (a Python loop over tensors) takes ~90 ms per step for a 7,806-species head,
-    the fused step ~7 ms (bench/plantclef_scale_training.py).
-    """
+    """AdamW (:func:`taxoclass.model.optim.adamw`, fused where torch can) with the ``train``
+    section's ``lr`` and ``weight_decay``."""
     train = dict(train or {})
-    kwargs = {"lr": float(train.get("lr", 3e-3)),
-              "weight_decay": float(train.get("weight_decay", 1e-4))}
-    params = [p for p in head.parameters() if p.requires_grad]
-    try:
-        return torch.optim.AdamW(params, fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device/dtype
-        return torch.optim.AdamW(params, foreach=True, **kwargs)
+    return adamw((p for p in head.parameters() if p.requires_grad),
+                 lr=float(train.get("lr", 3e-3)),
+                 weight_decay=float(train.get("weight_decay", 1e-4)))
+
+
+@dataclass
+class EarlyStopping:
+    """Best-epoch tracking for a loop that scores every epoch (lower is better).
+
+    ``patience > 0``: an epoch is the new best when its score beats the best by more than
+    ``min_delta``, and the loop stops once ``patience`` epochs pass without one.
+    ``patience == 0``: no early stopping; every epoch is the new best (the last one wins).
+    Head training and fine-tuning both use it.
+    """
+
+    patience: int = 0
+    min_delta: float = 1e-6
+    best_score: float = math.inf
+    best_epoch: int = 0
+
+    def update(self, epoch: int, score: float) -> bool:
+        """Record ``epoch``'s (1-based) score; True when it is the new best."""
+        if self.patience <= 0 or score < self.best_score - self.min_delta:
+            self.best_score, self.best_epoch = float(score), int(epoch)
+            return True
+        return False
+
+    def should_stop(self, epoch: int) -> bool:
+        """True once ``patience`` epochs have passed since the best one."""
+        return self.patience > 0 and epoch - self.best_epoch >= self.patience
 
 
 @dataclass
@@ -97,27 +118,15 @@ def train_head(x_train: np.ndarray, y_train: Mapping[str, np.ndarray],
 
     head = MultiRankHead(xt.shape[1], {r: taxonomy.n_classes(r) for r in ranks},
                          hidden=model.get("hidden"), dropout=float(model.get("dropout", 0.0)))
-    class_weights = None
-    if loss.get("class_balanced"):
-        class_weights = {}
-        for r in ranks:
-            y = yt[r][yt[r] >= 0].numpy()
-            counts = np.bincount(y, minlength=taxonomy.n_classes(r))
-            class_weights[r] = class_balanced_weights(counts, float(loss.get("class_balanced_beta",
-                                                                              0.999)))
-    criterion = ClassDependencyLoss(taxonomy, rank_weights=loss.get("rank_weights"),
-                                    dependency_weight=float(loss.get("dependency_weight", 1.0)),
-                                    class_weights=class_weights,
-                                    label_smoothing=float(loss.get("label_smoothing", 0.0)))
+    criterion = criterion_from_config(taxonomy, yt, loss)
     opt = make_optimizer(head, train)
     epochs = int(train.get("epochs", 200))
     n = len(xt)
     batch_size = int(train.get("batch_size") or 0)
     if batch_size <= 0 or batch_size > n:
         batch_size = n  # full batch
-    patience = int(train.get("patience") or 0)
-    early_stopping = patience > 0
-    best: tuple[float, int, dict | None] = (float("inf"), 0, copy.deepcopy(head.state_dict()))
+    stopper = EarlyStopping(patience=int(train.get("patience") or 0))
+    best_state = copy.deepcopy(head.state_dict()) if stopper.patience else None
     rows = []
     t0 = time.perf_counter()
     seen = 0
@@ -150,17 +159,15 @@ def train_head(x_train: np.ndarray, y_train: Mapping[str, np.ndarray],
         else:
             score = row["train_loss"]
         rows.append(row)
-        if not early_stopping:
-            best = (score, epoch, None)
-        elif score < best[0] - 1e-6:
-            best = (score, epoch, copy.deepcopy(head.state_dict()))
+        if stopper.update(epoch, score) and stopper.patience:
+            best_state = copy.deepcopy(head.state_dict())
         if progress:
             progress(epoch, epochs)
-        if early_stopping and epoch - best[1] >= patience:
+        if stopper.should_stop(epoch):
             break
-    if best[2] is not None:
-        head.load_state_dict(best[2])
+    if best_state is not None:
+        head.load_state_dict(best_state)
     head.eval()
     seconds = time.perf_counter() - t0
-    return TrainResult(head=head, history=pd.DataFrame(rows), best_epoch=best[1],
+    return TrainResult(head=head, history=pd.DataFrame(rows), best_epoch=stopper.best_epoch,
                        seconds=seconds, samples_per_second=seen / max(seconds, 1e-9))
