@@ -174,3 +174,74 @@ def make_tile_classifier():
                                        "model_kwargs": kwargs})
         return BundleTileClassifier(bundle, backbone, batch_size=batch_size)
     return build
+
+
+# ------------------------------------------------- tiny shipped fixtures (no ../shared needed)
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def fixture_model_kwargs() -> dict:
+    """timm kwargs of the shipped tiny checkpoint (tests/fixtures/train.yaml's model_kwargs)."""
+    import yaml
+
+    return dict(yaml.safe_load((FIXTURES / "train.yaml").read_text())["backbone"]["model_kwargs"])
+
+
+@pytest.fixture(scope="session")
+def fixture_set() -> dict:
+    """Paths of the tiny generated fixture set in tests/fixtures (see make_fixtures.py)."""
+    return {"dir": FIXTURES, "train": FIXTURES / "annotations.json",
+            "test": FIXTURES / "test.json", "images": FIXTURES / "images",
+            "unknown": FIXTURES / "images" / "unknown", "plots": FIXTURES / "plots",
+            "truth": FIXTURES / "plots_truth.csv", "ckpt": FIXTURES / "tiny_dinov2.pth",
+            "config": FIXTURES / "train.yaml", "arch": TINY_VIT,
+            "kwargs": fixture_model_kwargs()}
+
+
+def invoke_cli(*args) -> str:
+    """Run ``taxoclass ARGS`` in-process; fail with the output when it does not exit 0."""
+    from click.testing import CliRunner
+
+    from taxoclass.cli import main
+
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    if res.exit_code != 0:
+        pytest.fail(f"taxoclass {args[0]} exited {res.exit_code}:\n{res.output}"
+                    + (f"\n{res.exception!r}" if res.exception else ""))
+    return res.output
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """``cli("predict", "--model", ...)``: run taxoclass in-process, return its output; a
+    non-zero exit fails the test with the output."""
+    return invoke_cli
+
+
+@pytest.fixture(scope="session")
+def fixture_model(fixture_set, tmp_path_factory) -> dict:
+    """`taxoclass embed` then `taxoclass train` on the fixture set, once per session.
+
+    Returns {"dir", "emb" (cache folder), "model" (bundle folder), "embed_output",
+    "train_output"}; tests read the written files, they must not change them.
+    """
+    import json
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tmp = tmp_path_factory.mktemp("fixture-model")
+        f = fixture_set
+        emb, model = tmp / "emb", tmp / "model"
+        embed_out = invoke_cli("embed", "--annotations", f["train"], "--images-root", f["dir"],
+                            "--backbone", f["arch"], "--checkpoint", f["ckpt"],
+                            "--model-kwargs", json.dumps(f["kwargs"]), "--batch-size", 16,
+                            "--out", emb)
+        train_out = invoke_cli("train", "--config", f["config"], "--set", f"out={model}",
+                            "--set", f"embeddings.cache={emb}")
+    finally:
+        torch.set_num_threads(before)
+    return {"dir": tmp, "emb": emb, "model": model, "embed_output": embed_out,
+            "train_output": train_out}
