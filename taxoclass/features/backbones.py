@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ import torch
 from timm.models import get_pretrained_cfg, split_model_name_tag
 
 from taxoclass.errors import BackboneError
+from taxoclass.features.allocator import tune_cpu_allocator
 
 __all__ = [
     "BACKBONE_ALIASES",
@@ -43,7 +42,6 @@ __all__ = [
     "backbone_spec",
     "create_backbone",
     "preprocess_overrides",
-    "tune_cpu_allocator",
     "file_sha256",
     "load_class_mapping",
     "resolve_backbone_name",
@@ -130,7 +128,8 @@ def backbone_spec(section: dict[str, Any]) -> dict[str, Any]:
 
 
 def backbone_from_spec(spec: dict[str, Any], *, device: str = "cpu",
-                       compile: bool = False, precision: str = "auto") -> Backbone:
+                       compile: bool = False, precision: str = "auto",
+                       tune_allocator: bool = False) -> Backbone:
     """Build the backbone a spec describes: ``name`` plus optional :data:`SPEC_KEYS`
     (as for :func:`create_backbone`; ``pretrained`` defaults to True)."""
     unknown = set(spec) - set(SPEC_KEYS)
@@ -142,7 +141,8 @@ def backbone_from_spec(spec: dict[str, Any], *, device: str = "cpu",
                            class_mapping=spec.get("class_mapping"),
                            model_kwargs=spec.get("model_kwargs") or None,
                            data_overrides=spec.get("data_overrides") or None,
-                           device=device, compile=compile, precision=precision)
+                           device=device, compile=compile, precision=precision,
+                           tune_allocator=tune_allocator)
 
 
 @dataclass
@@ -234,39 +234,6 @@ class Backbone:
             "timm_version": timm.__version__,
             "torch_version": torch.__version__,
         }
-
-
-_MALLOC_TUNED: bool | None = None
-
-
-def tune_cpu_allocator() -> bool:
-    """Keep freed activation buffers in glibc's heap instead of returning them to the OS.
-
-    glibc serves buffers over its mmap threshold (dynamic, from 128 KiB) with fresh
-    ``mmap`` calls and trims freed heap memory, so every CNN forward pass page-faults its
-    activations in again: measured on 2 cores, EfficientNet-Lite0 embedding ran at ~47
-    images/s by default and ~80-86 with the thresholds raised (bench/pipeline_throughput.py).
-    Peak memory does not grow (the same buffers are reused). glibc on Linux only; a
-    no-op elsewhere or with ``TAXOCLASS_MALLOC_TUNING=0``. Returns whether it applied.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED is not None:
-        return _MALLOC_TUNED
-    _MALLOC_TUNED = False
-    if os.environ.get("TAXOCLASS_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith(
-            "linux"):
-        return False
-    try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        _MALLOC_TUNED = bool(libc.mallopt(m_mmap_threshold, 256 << 20)
-                             and libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):  # not glibc
-        _MALLOC_TUNED = False
-    return _MALLOC_TUNED
 
 
 def _set_pad_fill(transform: Callable, pad_fill: str | int, data_config: dict) -> None:
@@ -459,6 +426,7 @@ def create_backbone(
     data_overrides: dict | None = None,
     compile: bool = False,
     precision: str = "auto",
+    tune_allocator: bool = False,
 ) -> Backbone:
     """Build a timm backbone with real weights (or random ones, only when asked).
 
@@ -472,10 +440,15 @@ def create_backbone(
     ``precision``: ``"auto"`` (bf16 autocast on CUDA, float32 on a CPU), ``"fp32"`` or
     ``"bf16"`` (also on a CPU: 1.4-1.7x faster where the CPU has AVX-512 BF16, with
     features that differ from float32 by bf16 rounding; the cache records which).
+
+    ``tune_allocator``: also raise glibc's mmap/trim thresholds for this process
+    (:func:`~taxoclass.features.allocator.tune_cpu_allocator`, ~1.7x faster CNN embedding
+    on a CPU); process-wide, so off unless asked (the CLI asks).
     """
     if precision not in PRECISIONS:
         raise BackboneError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}.")
-    tune_cpu_allocator()
+    if tune_allocator:
+        tune_cpu_allocator()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():

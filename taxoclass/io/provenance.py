@@ -1,4 +1,10 @@
-"""Provenance: what produced an output directory (version, config, backbone, command)."""
+"""Provenance: what produced an output directory (version, config, backbone, command).
+
+The command line is passed in (``write_provenance(command=...)``); without it, the one
+recorded for the current call by :func:`recorded_command` (the CLI wraps each invocation
+in it), else this process's ``sys.argv``. Nothing is kept in a module global: a command
+recorded by one CLI call never leaks into a later library call.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,9 @@ import datetime as _dt
 import platform
 import shlex
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -30,30 +38,49 @@ def environment() -> dict[str, str]:
     return info
 
 
-_COMMAND_LINE: list[str] | None = None
+_RECORDED: ContextVar[tuple[str, ...] | None] = ContextVar("taxoclass_command", default=None)
 
 
-def set_command_line(argv: list[str]) -> None:
-    """Record the command line being run (the CLI calls this; tests may too)."""
-    global _COMMAND_LINE
-    _COMMAND_LINE = list(argv)
+@contextmanager
+def recorded_command(argv: Sequence[str]) -> Iterator[None]:
+    """Within the block, provenance written without a ``command`` records ``argv``.
+
+    The CLI runs each invocation inside ``recorded_command(["taxoclass", *args])``; the
+    value is restored on exit (a context variable, not a process-wide global).
+    """
+    token = _RECORDED.set(tuple(str(a) for a in argv))
+    try:
+        yield
+    finally:
+        _RECORDED.reset(token)
 
 
-def command_line() -> str:
-    argv = _COMMAND_LINE or [Path(sys.argv[0]).name, *sys.argv[1:]]
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """``argv`` as one shell-quoted string; default: the :func:`recorded_command`, else
+    ``sys.argv`` (program name without its folder)."""
+    if argv is None:
+        argv = _RECORDED.get() or [Path(sys.argv[0]).name, *sys.argv[1:]]
     return " ".join(shlex.quote(str(a)) for a in argv)
 
 
 def write_provenance(out_dir: str | Path, *, config: Mapping[str, Any] | None = None,
                      backbone: Mapping[str, Any] | None = None,
                      extra: Mapping[str, Any] | None = None,
-                     command: str | None = None) -> Path:
-    """Write ``provenance.json`` (and ``config.yaml`` when a config is given) into ``out_dir``."""
+                     command: str | Sequence[str] | None = None) -> Path:
+    """Write ``provenance.json`` (and ``config.yaml`` when a config is given) into ``out_dir``.
+
+    ``command``: the command line that produced the outputs (a string, or argv to quote);
+    default :func:`command_line`.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not isinstance(command, str):
+        command = command_line(command)  # None: the recorded command, else sys.argv
+    elif not command:
+        command = command_line()
     record = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command or command_line(),
+        "command": command,
         "environment": environment(),
         "backbone": dict(backbone) if backbone else None,
         "config": dict(config) if config else None,
