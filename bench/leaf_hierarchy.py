@@ -44,17 +44,18 @@ FLAT_C_GRID = (1.0, 10.0, 100.0, 1000.0)
 def load_data():
     """Labelled rows, taxonomy, targets, embeddings (computed into the cache if absent)."""
     from taxoclass.config import load_config
-    from taxoclass.pipelines import jobs as workflows
+    from taxoclass.pipelines.data import config_embeddings
     from taxoclass.taxonomy.annotations import load_annotations
+    from taxoclass.taxonomy.labels import encode_labels
 
     ann_path = DATA / "annotations.json"
     ann = load_annotations(ann_path)
     tax = ann.taxonomy()
     rows = ann.labelled_images(DATA)
-    y, nodes = workflows._targets(tax, rows)
+    y, nodes = encode_labels(tax, rows)
     # The features configs/leaf.yaml trains on (backbone, image size, resize), from its
     # cache; computed there when absent.
-    x, keep, _ = workflows.config_embeddings(load_config(CONFIG), rows)
+    x, keep, _ = config_embeddings(load_config(CONFIG), rows)
     x = x[keep]
     y = {r: v[keep] for r, v in y.items()}
     strata = np.array(["/".join(n) for n, k in zip(nodes, keep) if k])

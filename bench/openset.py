@@ -10,7 +10,7 @@ all their images in validation, so calibration sees what novelty looks like (the
 no test; a different training set, so figures are not comparable with the default run).
 ``--calibration crossfit`` (``openset.calibration``) instead trains the head on the
 training and validation images together and fits the combiner and thresholds on their
-out-of-fold predictions (``taxoclass.pipelines.jobs.crossfit_openset``, ``--folds`` heads);
+out-of-fold predictions (``pipelines.openset_fit.crossfit_openset``, ``--folds`` heads);
 the combiner grid of the detection table needs a validation split and is left out.
 
     .venv/bin/python bench/openset.py [--n-holdout 12] [--calib-holdout 8] [--seed 0]
@@ -59,8 +59,10 @@ from taxoclass.openset.scorer import (
     split_known_unknown,
     truth_names,
 )
-from taxoclass.pipelines.jobs import _targets, config_embeddings, crossfit_openset
+from taxoclass.pipelines.data import config_embeddings
+from taxoclass.pipelines.openset_fit import crossfit_openset
 from taxoclass.taxonomy.annotations import load_annotations
+from taxoclass.taxonomy.labels import encode_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "leaf" / "annotations.json"
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     known = ~is_unk & ~is_cal
     kr = rows[known].reset_index(drop=True)
     xk = x_all[known]
-    y, nodes = _targets(tax, kr)
+    y, nodes = encode_labels(tax, kr)
     strata = np.array(["/".join(n) for n in nodes])
     is_test = stratified_split(strata, 0.3, args.seed)
     tr_idx = np.flatnonzero(~is_test)

@@ -151,7 +151,7 @@ def run_rss(sizes: list[int], data: Path, batch_size: int, workers: int) -> list
 def run_head(n: int, dim: int, table: Path, batch_size: int) -> dict:
     from taxoclass.bundle import ModelBundle
     from taxoclass.model.heads import MultiRankHead
-    from taxoclass.pipelines.jobs import load_taxonomy
+    from taxoclass.taxonomy.loading import load_taxonomy
 
     t0 = time.perf_counter()
     tax = load_taxonomy(table)

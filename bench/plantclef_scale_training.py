@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from taxoclass.model.training import train_head
-    from taxoclass.pipelines.jobs import load_taxonomy
+    from taxoclass.taxonomy.loading import load_taxonomy
 
     if not CSV.is_file():
         print(f"skip: {CSV} not found (see shared/data/README.md)")

@@ -35,8 +35,8 @@ from sklearn.metrics import roc_auc_score
 from taxoclass.features.backbones import create_backbone, preprocess_overrides
 from taxoclass.features.batching import embed_batches
 from taxoclass.model.training import stratified_split
-from taxoclass.taxonomy.labels import encode_labels
 from taxoclass.taxonomy.annotations import load_annotations
+from taxoclass.taxonomy.labels import encode_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 LEAF = ROOT.parent / "shared" / "data" / "leaf"

@@ -55,11 +55,12 @@ from taxoclass.features.backbones import backbone_spec
 from taxoclass.model.heads import MultiRankHead
 from taxoclass.model.training import stratified_split, train_head
 from taxoclass.openset.detectors import OutlierDetector
-from taxoclass.pipelines.jobs import _targets, config_embeddings, view_embeddings, with_views
+from taxoclass.pipelines.data import config_embeddings, view_embeddings, with_views
 from taxoclass.plots.evaluation import evaluate_plots
 from taxoclass.plots.rules import aggregate_plot, keep_top_k, rule_scores
 from taxoclass.plots.tiling import BundleTileClassifier, crop_tiles, make_tiles
 from taxoclass.taxonomy.annotations import load_annotations
+from taxoclass.taxonomy.labels import encode_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -677,7 +678,7 @@ def main() -> None:
     ann = load_annotations(cfg["data"]["annotations"])
     taxonomy = ann.taxonomy(cfg["data"]["ranks"])
     rows = ann.labelled_images(cfg["data"]["images_root"])
-    y, nodes = _targets(taxonomy, rows)
+    y, nodes = encode_labels(taxonomy, rows)
     strata = np.array(["/".join(n) for n in nodes])
     is_test = stratified_split(strata, float(cfg["data"]["val_fraction"]),
                                int(cfg["data"]["split_seed"]))  # = taxoclass train's split

@@ -13,8 +13,8 @@ import platform
 import time
 from pathlib import Path
 
-from taxoclass.pipelines.jobs import load_taxonomy
 from taxoclass.taxonomy.annotations import load_annotations, read_json, validate_annotations
+from taxoclass.taxonomy.loading import load_taxonomy
 from taxoclass.taxonomy.tree import Taxonomy
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -5,8 +5,9 @@ function and writes its result. Heavy imports happen inside the commands so that
 
 from __future__ import annotations
 
-import functools
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -22,8 +23,9 @@ class _Group(click.Group):
         from .io import provenance
 
         argv = list(sys.argv[1:] if args is None else args)
-        provenance.set_command_line(["taxoclass", *argv])
-        return super().main(args=args, prog_name=prog_name, **kwargs)
+        _configure_process()
+        with provenance.recorded_command(["taxoclass", *argv]):
+            return super().main(args=args, prog_name=prog_name, **kwargs)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -31,6 +33,26 @@ class _Group(click.Group):
         except TaxoclassError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(2)
+
+
+class _EchoHandler(logging.Handler):
+    """Library log records as ``warning: ...`` lines on the (current) stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
+
+
+def _configure_process() -> None:
+    """What the command line, owning its process, sets up: library warnings on stderr
+    (``warning: ...``), and PySpark 4's pandas-3 FutureWarning silenced (harmless for
+    mapInPandas, printed on every conversion)."""
+    from .engines import PANDAS_WARNING
+
+    logger = logging.getLogger("taxoclass")
+    if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
+        logger.addHandler(_EchoHandler(level=logging.WARNING))
+        logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=PANDAS_WARNING, category=FutureWarning)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
@@ -126,7 +148,7 @@ def taxonomy(source: Path, ranks: str, csv_out: Path | None) -> None:
     SOURCE is a Herbarium 2022-style annotations JSON, or a species table (CSV or
     ';'-separated with species, genus, family columns, like PlantCLEF's).
     """
-    from .pipelines.jobs import load_taxonomy
+    from .taxonomy.loading import load_taxonomy
 
     tax = load_taxonomy(source, ranks=[r.strip() for r in ranks.split(",") if r.strip()])
     for rank, n in tax.summary().items():
@@ -190,7 +212,7 @@ def embed(annotations: Path, images_root: Path | None, backbone: str, checkpoint
     image ids), records missing or corrupt images in failures.csv while the rest
     carries on, and writes provenance.json beside the cache.
     """
-    from .pipelines.jobs import embed_annotations
+    from .pipelines.embed import embed_annotations
 
     with _progress("embedding", "img") as progress:
         result = embed_annotations(annotations, images_root=images_root, backbone=backbone,
@@ -235,11 +257,11 @@ def train(config_path: Path | None, overrides: tuple[str, ...], finetune: bool,
     (and the back-off thresholds) come from out-of-fold predictions.
     """
     from .config import load_config, openset_calibration
-    from .pipelines.jobs import train_from_config
+    from .pipelines.train import train_from_config
 
     cfg = load_config(config_path, overrides)
     if finetune:
-        from .model.finetune import finetune_from_config
+        from .pipelines.finetune import finetune_from_config
 
         if unfreeze_blocks is not None:
             cfg["finetune"]["unfreeze_blocks"] = unfreeze_blocks
@@ -299,22 +321,14 @@ def predict(model: Path, images: tuple[Path, ...], out: Path | None, top_k: int,
             batch_size: int, overwrite: bool, engine: str, master: str | None,
             device: str) -> None:
     """Predict family, genus and species (coherent path + top-k) for IMAGES (files or folders)."""
-    from .pipelines.jobs import predict_images
+    from .pipelines.predict import predict_images
 
+    if engine != "local" and out is None:
+        raise click.UsageError("--engine spark writes Parquet: pass --out DIR.")
     with _progress("predicting", "img") as prog:
-        if engine == "local":
-            frame = predict_images(model, images, out=out, top_k=top_k, batch_size=batch_size,
-                                   overwrite=overwrite, progress=prog, device=device)
-        else:
-            from .engines import get_engine
-
-            if out is None:
-                raise click.UsageError("--engine spark writes Parquet: pass --out DIR.")
-            from .features.embeddings import auto_batch_size
-
-            frame = get_engine(engine, master=master).predict(
-                model, images, out, batch_size=batch_size or auto_batch_size("cpu"),
-                top_k=top_k, overwrite=overwrite, progress=prog)
+        frame = predict_images(model, images, out=out, top_k=top_k, batch_size=batch_size,
+                               overwrite=overwrite, progress=prog, device=device,
+                               engine=engine, master=master)
     _show_predictions(frame)
     if out:
         click.echo(f"wrote {out / 'predictions.csv'} and {out / 'predictions.json'}")
@@ -350,7 +364,7 @@ def flag_unknowns_cmd(model: Path, images: tuple[Path, ...], out: Path, batch_si
     a known species by name, an unknown oak as "Quercus sp." (reason
     backoff_to_genus:outlier or :low_confidence), or "unknown".
     """
-    from .pipelines.jobs import flag_unknowns
+    from .pipelines.predict import flag_unknowns
 
     with _progress("screening", "img") as prog:
         frame, summary = flag_unknowns(model, images, out=out, batch_size=batch_size,
@@ -407,7 +421,7 @@ def evaluate(model: Path, annotations: Path, images_root: Path | None, out: Path
         _evaluate_holdout(model, annotations, images_root, out, holdout_species,
                           holdout_fraction, seed)
         return
-    from .pipelines.jobs import evaluate_model
+    from .pipelines.evaluate import evaluate_model
 
     out_dir = None
     if out is not None:
@@ -428,7 +442,7 @@ def evaluate(model: Path, annotations: Path, images_root: Path | None, out: Path
 
 
 def _evaluate_holdout(model, annotations, images_root, out, species, fraction, seed) -> None:
-    from .pipelines.jobs import evaluate_holdout
+    from .pipelines.evaluate import evaluate_holdout
 
     out_dir = None if out is None else (out.parent if out.suffix == ".json" else out)
     with _progress("embedding", "img") as prog:
@@ -525,22 +539,17 @@ def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, settings_fi
     evidence supports. Writes plot_records.csv/.json, report.html (photos with tile grid
     and taxa), plantclef_submission.csv, occurrences_dwc.csv, failures.csv, provenance.
     """
-    from .pipelines.jobs import plot_report_job
+    from .pipelines.plots import plot_report_job
 
-    job = functools.partial(plot_report_job, device=device)
-    if engine != "local":
-        from .engines import get_engine
-
-        job = get_engine(engine, master=master).plot_report
     with _progress("plots", "plot") as prog:
-        result = job(
+        result = plot_report_job(
             model, plots, out, class_mapping=class_mapping, species_table=species_table,
             backbone=backbone, model_kwargs=_json_option("--model-kwargs", model_kwargs),
             checklist=checklist, batch_size=batch_size, progress=prog,
             grids=list(grids) or None, overlap=overlap, rule=rule,
             thresholds=_thresholds(thresholds), settings=settings_file, top_k=top_k,
             min_tile_prob=min_tile_prob, min_tiles=min_tiles,
-            plantclef_year=int(plantclef_year))
+            plantclef_year=int(plantclef_year), device=device, engine=engine, master=master)
     for plot_id, records in result.records.items():
         finds = ", ".join(f"{r.taxon} ({r.taxon_rank}, {r.score:.2f})" for r in records)
         click.echo(f"{plot_id}: {finds or 'nothing above threshold'}")
@@ -579,7 +588,7 @@ def calibrate_plots_cmd(model: Path, truth: Path, plots: tuple[Path, ...], out: 
     chosen.
     Use the result with `taxoclass plot-report --settings OUT/plot_settings.json`.
     """
-    from .pipelines.jobs import calibrate_plots_job
+    from .pipelines.plots import calibrate_plots_job
 
     with _progress("plots", "plot") as prog:
         result = calibrate_plots_job(
@@ -646,7 +655,7 @@ def evaluate_plots_cmd(records: Path, truth: Path, taxonomy_source: Path,
     """PlantCLEF macro F1 averaged per plot, macro F1 per species, micro F1, and the same
     with rank-aware credit (a correct genus-level record counts at genus rank).
     """
-    from .pipelines.jobs import evaluate_plots_job
+    from .pipelines.plots import evaluate_plots_job
 
     result = evaluate_plots_job(records, truth, taxonomy_source, out=out)
     click.echo(f"{'rank':>10} {'F1/plot':>8} {'F1/taxon':>9} {'micro F1':>9} {'plots':>6}")

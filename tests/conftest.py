@@ -62,7 +62,7 @@ def leaf_embedding_cache(shared_data: Path, request, tmp_path_factory) -> Path:
     """
     from taxoclass.errors import CacheError
     from taxoclass.features.embeddings import load_embeddings
-    from taxoclass.pipelines.jobs import embed_annotations
+    from taxoclass.pipelines.embed import embed_annotations
 
     for candidate in (REPO / "runs" / "leaf-lite0-embeddings",):
         try:

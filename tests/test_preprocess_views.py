@@ -17,7 +17,7 @@ from taxoclass.cli import main
 from taxoclass.errors import BackboneError, CacheError
 from taxoclass.features.backbones import backbone_spec, create_backbone, preprocess_overrides
 from taxoclass.features.embeddings import load_embeddings
-from taxoclass.pipelines.jobs import config_embeddings
+from taxoclass.pipelines.data import config_embeddings
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_grayscale_fast_path_is_bit_identical(lite0_random, leaf_image_paths, tm
 def test_bf16_precision_on_cpu_is_recorded_and_close_to_fp32(leaf_image_paths, tmp_path):
     from taxoclass.errors import ConfigError
     from taxoclass.io.images import load_transformed
-    from taxoclass.pipelines.jobs import embed_annotations
+    from taxoclass.pipelines.embed import embed_annotations
 
     fp32 = create_backbone("efficientnet-lite0", pretrained=False)
     bf16 = create_backbone("efficientnet-lite0", pretrained=False, precision="bf16")

@@ -132,7 +132,7 @@ def openset_model(shared_data, tmp_path_factory, write_leaf_subset) -> Path:
     thresholds on the validation half.
     """
     from taxoclass.config import load_config
-    from taxoclass.pipelines.jobs import train_from_config
+    from taxoclass.pipelines.train import train_from_config
 
     tmp = tmp_path_factory.mktemp("openset")
     kwargs = write_leaf_subset(tmp, "ann.json", ("Acer", "Quercus", "Alnus"), 6)["kwargs"]
@@ -182,7 +182,7 @@ def test_bundle_classifier_flags_unknown_tiles_with_its_detector(openset_model, 
 
 
 def test_plot_report_job_counts_detector_unknowns(openset_model, shared_data, tmp_path):
-    from taxoclass.pipelines.jobs import plot_report_job
+    from taxoclass.pipelines.plots import plot_report_job
 
     quadrat = shared_data / "quadrat" / "CBN-can-A1-20230705.jpg"
     res = plot_report_job(openset_model, [quadrat], tmp_path / "rep", grids=(2,), rule="max")

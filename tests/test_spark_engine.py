@@ -7,6 +7,7 @@ one corrupt file. One SparkSession serves the whole module.
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pandas as pd
@@ -41,7 +42,7 @@ def spark():
     if reason:
         pytest.skip(f"Spark engine unavailable: {reason}")
     session = get_spark("local[2]", app_name="taxoclass-tests",
-                        conf={"spark.sql.shuffle.partitions": "2"})
+                        conf={"spark.sql.shuffle.partitions": "2"}, python=sys.executable)
     yield session
     session.stop()
 
@@ -108,15 +109,15 @@ def test_embed_matches_local_resumes_and_records_corrupt(spark, data):
 
 
 def test_predict_matches_predict_images(spark, data):
-    from taxoclass.engines.spark import spark_predict
-    from taxoclass.pipelines.jobs import predict_images
+    """predict_images runs both engines through get_engine: same rows, same columns."""
+    from taxoclass.pipelines.predict import predict_images
 
     images = [*data["paths"][:12], data["corrupt"]]
     local = predict_images(data["bundle"], images, out=data["tmp"] / "pred_local", batch_size=5)
     out = data["tmp"] / "pred_spark"
-    first = spark_predict(data["bundle"], images[:5], out, spark=spark, batch_size=5)
+    first = predict_images(data["bundle"], images[:5], out=out, batch_size=5, engine="spark")
     assert len(first) == 5
-    res = spark_predict(data["bundle"], images, out, spark=spark, batch_size=5)
+    res = predict_images(data["bundle"], images, out=out, batch_size=5, engine="spark")
     assert list(res.columns) == list(local.columns)
     assert res["image"].tolist() == local["image"].tolist()
     for col in ("taxon_rank", "taxon", "reason", "family", "genus", "species"):
@@ -127,19 +128,21 @@ def test_predict_matches_predict_images(spark, data):
     csv = pd.read_csv(out / "predictions.csv")
     assert len(csv) == 13 and (out / "predictions.parquet").is_dir()
     assert pd.read_parquet(out / "predictions.parquet")["image"].is_unique
+    prov = json.loads((out / "provenance.json").read_text())["config"]
+    assert prov["engine"] == "spark" and prov["n_computed"] == 8  # 5 reused from the first run
+    assert prov["images"] == [str(p) for p in images]
 
 
 def test_plot_report_matches_local(spark, data):
-    from taxoclass.engines.spark import spark_plot_report
-    from taxoclass.pipelines.jobs import plot_report_job
+    from taxoclass.pipelines.plots import plot_report_job
 
     photos = [data["paths"][0], data["corrupt"], data["paths"][1], data["paths"][2]]
     settings = dict(grids=(2, 3), overlap=0.2, rule="max",
                     thresholds={"species": 0.3, "genus": 0.4, "family": 0.5})
     local = plot_report_job(data["bundle"], photos, data["tmp"] / "rep_local", batch_size=8,
                             **settings)
-    res = spark_plot_report(data["bundle"], photos, data["tmp"] / "rep_spark", spark=spark,
-                            batch_size=8, **settings)
+    res = plot_report_job(data["bundle"], photos, data["tmp"] / "rep_spark", batch_size=8,
+                          engine="spark", **settings)
     assert list(res.records) == list(local.records)
     a = pd.read_csv(res.files["csv"])
     b = pd.read_csv(local.files["csv"])
@@ -162,8 +165,7 @@ def test_get_engine_names_and_options(spark):
 
 def test_plot_report_with_settings_file_matches_local(spark, data):
     """A plot_settings.json sets the executors' grids and overlap and the driver's rule."""
-    from taxoclass.engines.spark import spark_plot_report
-    from taxoclass.pipelines.jobs import plot_report_job
+    from taxoclass.pipelines.plots import plot_report_job
     from taxoclass.plots.calibration import calibrate_plots
     from taxoclass.plots.tiling import BundleTileClassifier
 
@@ -175,11 +177,33 @@ def test_plot_report_with_settings_file_matches_local(spark, data):
     path = cal.settings.save(data["tmp"] / "cal")
     local = plot_report_job(data["bundle"], photos, data["tmp"] / "rep_set_local",
                             batch_size=8, settings=path, rule="learned")
-    res = spark_plot_report(data["bundle"], photos, data["tmp"] / "rep_set_spark", spark=spark,
-                            batch_size=8, settings=path, rule="learned")
+    res = plot_report_job(data["bundle"], photos, data["tmp"] / "rep_set_spark", batch_size=8,
+                          settings=path, rule="learned", engine="spark")
     pd.testing.assert_frame_equal(pd.read_csv(res.files["csv"]),
                                   pd.read_csv(local.files["csv"]), atol=1e-5)
     doc = json.loads(res.files["json"].read_text())
     assert doc["settings"]["grids"] == ["2x2", "3x3"] and doc["settings"]["overlap"] == 0.1
     assert doc["settings"]["rule"] == "learned" and doc["settings"]["settings_file"] == str(path)
     assert doc["plots"][0]["n_tiles"] == 4 + 9
+
+
+def test_engines_do_not_import_pipelines_and_spark_leaves_process_state(spark):
+    """Engines sit below the jobs; creating a session neither sets PYSPARK_PYTHON for good
+    nor installs warning filters."""
+    import os
+    import sys
+    import warnings
+
+    from taxoclass.engines import Engine, LocalEngine, SparkEngine
+    from taxoclass.engines.spark import get_spark
+
+    assert isinstance(LocalEngine(), Engine) and isinstance(SparkEngine(), Engine)
+    before_env = os.environ.get("PYSPARK_PYTHON")
+    before_filters = list(warnings.filters)
+    assert get_spark("local[2]", python=sys.executable) is spark
+    assert os.environ.get("PYSPARK_PYTHON") == before_env
+    assert list(warnings.filters) == before_filters
+    for mod in ("taxoclass.engines", "taxoclass.engines.spark", "taxoclass.engines.base"):
+        lines = open(sys.modules[mod].__file__).read().splitlines()
+        imports = [ln for ln in lines if ln.strip().startswith(("from ", "import "))]
+        assert not [ln for ln in imports if "pipelines" in ln], mod

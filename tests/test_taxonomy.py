@@ -115,7 +115,7 @@ def test_naflora_mini_exact_counts(shared_data):
 
 
 def test_plantclef_species_table(shared_data):
-    from taxoclass.pipelines.jobs import load_taxonomy
+    from taxoclass.taxonomy.loading import load_taxonomy
 
     tax = load_taxonomy(shared_data / "plantclef2024"
                         / "plantclef2024_species_DERIVED_genus_family_from_inat.csv")

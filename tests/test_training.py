@@ -24,13 +24,13 @@ def leaf(shared_data, leaf_embedding_cache):
     """Real leaf labels and cached EfficientNet-Lite0 embeddings, split 70/30 by species."""
     shared = shared_data / "leaf"
     from taxoclass.features.embeddings import load_embeddings
-    from taxoclass.pipelines import jobs as workflows
     from taxoclass.taxonomy.annotations import load_annotations
+    from taxoclass.taxonomy.labels import encode_labels
 
     ann = load_annotations(shared / "annotations.json")
     tax = ann.taxonomy()
     rows = ann.labelled_images(shared)
-    y, nodes = workflows._targets(tax, rows)
+    y, nodes = encode_labels(tax, rows)
     cache = load_embeddings(leaf_embedding_cache)
     pos = {k: i for i, k in enumerate(cache.image_ids.tolist())}
     ids = [str(i) for i in rows["image_id"]]

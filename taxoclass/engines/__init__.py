@@ -1,4 +1,4 @@
-"""Execution engines: where embedding, prediction and plot jobs run.
+"""Execution engines: where embedding, prediction and plot tile classification run.
 
 One interface, two engines (see ``DESIGN.md``): ``local`` (PyTorch DataLoader on this
 machine, the default) and ``spark`` (PySpark ``mapInPandas`` over a cluster, or
@@ -7,18 +7,21 @@ numbers; they differ in where outputs live (an ``.npz`` chunk cache or Parquet f
 
     engine = get_engine("spark", master="local[4]")
     engine.embed(items, {"name": "efficientnet-lite0"}, "out/emb")
-    engine.predict("models/leaf", ["photos/"], "out/pred")
-    engine.plot_report("models/leaf", ["plots/"], "out/report", grids=(2, 4))
+    engine.predict("models/leaf", paths, "out/pred").frame
+
+The jobs (:mod:`taxoclass.pipelines`) pick an engine with :func:`get_engine` and write
+the outputs; engines never import the jobs.
 
 PySpark is imported only when the Spark engine is used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -26,45 +29,24 @@ __all__ = [
     "ENGINE_NAMES",
     "Engine",
     "LocalEngine",
+    "PANDAS_WARNING",
+    "Predictions",
     "SparkEngine",
     "backbone_from_spec",
     "get_engine",
+    "prediction_frame",
 ]
 
-ENGINE_NAMES = ("local", "spark")
-Progress = Callable[[int, int], None]
-Items = Sequence[tuple[object, str | Path]]
-
-
-@runtime_checkable
-class Engine(Protocol):
-    """What the CLI needs from an engine: one call per job."""
-
-    name: str
-
-    def embed(self, items: Items, backbone: Mapping[str, Any], out: str | Path, *,
-              batch_size: int = 64, overwrite: bool = False,
-              progress: Progress | None = None) -> Any:
-        """Embed ``(image_id, path)`` items; returns an ``EmbedResult``."""
-        ...
-
-    def predict(self, model: str | Path, images: Sequence[str | Path], out: str | Path, *,
-                batch_size: int = 64, top_k: int = 5, overwrite: bool = False,
-                progress: Progress | None = None) -> Any:
-        """Backed-off predictions per image (the ``predict_images`` DataFrame)."""
-        ...
-
-    def plot_report(self, model: str | Path, photos: Sequence[str | Path], out: str | Path,
-                    *, progress: Progress | None = None, **settings: Any) -> Any:
-        """Plot reports (``PlotReportResult``); settings as for ``plot_report_job``."""
-        ...
-
-
-def backbone_from_spec(spec: Mapping[str, Any]):
-    """Build the backbone a spec describes (``features.backbones.backbone_from_spec``)."""
-    from ..features.backbones import backbone_from_spec as build
-
-    return build(dict(spec))
+from .base import (
+    ENGINE_NAMES,
+    PANDAS_WARNING,
+    Engine,
+    Items,
+    Predictions,
+    Progress,
+    backbone_from_spec,
+    prediction_frame,
+)
 
 
 @dataclass
@@ -73,6 +55,7 @@ class LocalEngine:
 
     num_workers: int = 0
     chunk_size: int = 512
+    device: str = "auto"
     name: str = field(default="local", init=False)
 
     def embed(self, items: Items, backbone: Mapping[str, Any], out: str | Path, *,
@@ -90,20 +73,41 @@ class LocalEngine:
             "num_workers": self.num_workers, "n_images": len(items)})
         return result
 
-    def predict(self, model: str | Path, images: Sequence[str | Path], out: str | Path, *,
-                batch_size: int = 64, top_k: int = 5, overwrite: bool = False,
-                progress: Progress | None = None):
-        from ..pipelines.jobs import predict_images
+    def predict(self, model: str | Path, paths: Sequence[str | Path], out: str | Path | None,
+                *, batch_size: int | None = None, top_k: int = 5, overwrite: bool = False,
+                progress: Progress | None = None) -> Predictions:
+        """Embeddings cached (resumable) in ``out/embeddings``, or a temporary folder."""
+        import tempfile
 
-        return predict_images(model, images, out=out, batch_size=batch_size,
-                              num_workers=self.num_workers, top_k=top_k, overwrite=overwrite,
-                              progress=progress)
+        import pandas as pd
 
-    def plot_report(self, model: str | Path, photos: Sequence[str | Path], out: str | Path,
-                    *, progress: Progress | None = None, **settings: Any):
-        from ..pipelines.jobs import plot_report_job
+        from ..bundle import ModelBundle
+        from ..features.embeddings import compute_embeddings
 
-        return plot_report_job(model, photos, out, progress=progress, **settings)
+        bundle = ModelBundle.load(model)
+        items = [(str(p), str(p)) for p in paths]
+        backbone = bundle.create_backbone(device=self.device)
+        with tempfile.TemporaryDirectory() as tmp:
+            cache_dir = Path(out) / "embeddings" if out else Path(tmp) / "embeddings"
+            res = compute_embeddings(items, backbone, cache_dir, batch_size=batch_size,
+                                     num_workers=self.num_workers, overwrite=overwrite,
+                                     progress=progress)
+        frame = prediction_frame(bundle, res.cache.embeddings, res.cache.image_ids.tolist(),
+                                 top_k)
+        if len(res.failures):
+            fails = pd.DataFrame({"image": res.failures["image_id"].astype(str),
+                                  "error": res.failures["error"]})
+            frame = pd.concat([frame, fails], ignore_index=True)
+        return Predictions(frame=frame, backbone=backbone.describe(),
+                           record={"model": str(Path(model).resolve()), "top_k": top_k})
+
+    def classify_plots(self, classifier: Mapping[str, Any], photos: Sequence[str | Path],
+                       out: str | Path, *, grids: Sequence[Any], overlap: float,
+                       overwrite: bool = False):
+        """The loaded classifier itself: ``plot_report`` tiles and classifies as it goes."""
+        from ..plots.loading import load_tile_classifier
+
+        return load_tile_classifier(**classifier, device=self.device)
 
 
 @dataclass
@@ -112,18 +116,20 @@ class SparkEngine:
 
     ``partitions``: Spark tasks per job (default: twice the default parallelism for
     images, one per plot for plot reports). ``conf``: extra Spark settings for a new
-    session (e.g. ``{"spark.executor.memory": "8g"}``).
+    session (e.g. ``{"spark.executor.memory": "8g"}``). ``python``: the Python the
+    executors run (default: this one; see :func:`~taxoclass.engines.spark.get_spark`).
     """
 
     master: str = "local[2]"
     partitions: int | None = None
     conf: dict[str, str] | None = None
+    python: str | None = field(default_factory=lambda: sys.executable)
     name: str = field(default="spark", init=False)
 
     def session(self):
         from .spark import get_spark
 
-        return get_spark(self.master, conf=self.conf)
+        return get_spark(self.master, conf=self.conf, python=self.python)
 
     def embed(self, items: Items, backbone: Mapping[str, Any], out: str | Path, *,
               batch_size: int = 64, overwrite: bool = False,
@@ -134,21 +140,28 @@ class SparkEngine:
                            batch_size=batch_size, overwrite=overwrite, spark=self.session(),
                            progress=progress)
 
-    def predict(self, model: str | Path, images: Sequence[str | Path], out: str | Path, *,
-                batch_size: int = 64, top_k: int = 5, overwrite: bool = False,
-                progress: Progress | None = None):
+    def predict(self, model: str | Path, paths: Sequence[str | Path], out: str | Path | None,
+                *, batch_size: int | None = None, top_k: int = 5, overwrite: bool = False,
+                progress: Progress | None = None) -> Predictions:
+        """Rows appended to ``out/predictions.parquet`` (images already there are skipped)."""
         from .spark import spark_predict
 
-        return spark_predict(model, images, out, partitions=self.partitions,
-                             batch_size=batch_size, top_k=top_k, overwrite=overwrite,
+        if out is None:
+            raise ConfigError("--engine spark writes Parquet: pass --out DIR.")
+        return spark_predict(model, paths, out, partitions=self.partitions,
+                             batch_size=batch_size or 64, top_k=top_k, overwrite=overwrite,
                              spark=self.session(), progress=progress)
 
-    def plot_report(self, model: str | Path, photos: Sequence[str | Path], out: str | Path,
-                    *, progress: Progress | None = None, **settings: Any):
-        from .spark import spark_plot_report
+    def classify_plots(self, classifier: Mapping[str, Any], photos: Sequence[str | Path],
+                       out: str | Path, *, grids: Sequence[Any], overlap: float,
+                       overwrite: bool = False):
+        """Executors tile and classify (``out/plot_tiles.parquet``, resumable); the result
+        replays their predictions to ``plot_report`` on the driver."""
+        from .spark import spark_classify_plots
 
-        return spark_plot_report(model, photos, out, partitions=self.partitions,
-                                 spark=self.session(), progress=progress, **settings)
+        return spark_classify_plots(classifier, photos, out, grids=grids, overlap=overlap,
+                                    partitions=self.partitions, overwrite=overwrite,
+                                    spark=self.session())
 
 
 def get_engine(name: str = "local", **options: Any) -> Engine:

@@ -37,7 +37,7 @@ from ..errors import CacheError, ConfigError
 from ..features.embeddings import IDENTITY_KEYS, EmbeddingCache, EmbedResult, normalise_items
 from ..io.files import atomic_write_csv, atomic_write_json
 from ..io.provenance import write_provenance
-from . import Predictions, backbone_from_spec, prediction_frame
+from .base import Predictions, backbone_from_spec, prediction_frame
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import DataFrame, SparkSession
@@ -540,9 +540,8 @@ def _plots_partition(classifier_args: dict, grids: list, overlap: float, threads
                      ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from ..errors import ImageError
-        from ..io.images import load_image
         from ..plots.loading import load_tile_classifier
-        from ..plots.tiling import crop_tiles, make_tiles
+        from ..plots.tiling import classify_photo
 
         _set_threads(threads)
         key = {"plots": classifier_args, "stamp": _file_stamp(classifier_args["model"])}
@@ -555,18 +554,17 @@ def _plots_partition(classifier_args: dict, grids: list, overlap: float, threads
                 row: dict[str, Any] = {"order": order, "photo": photo, "width": None,
                                        "height": None, "n_tiles": None, "decoded": None,
                                        "flags": None, "classifier": None, "error": None}
-                try:
-                    image = load_image(photo)
+                try:  # the plots layer's one tile loop
+                    tiles = classify_photo(clf, photo, grids=grids, overlap=overlap,
+                                           flag_unknown=flagger)
                 except ImageError as exc:
                     row["error"] = str(exc)
                     rows.append(row)
                     continue
-                tiles = make_tiles(image.size, grids=grids, overlap=overlap)
-                decoded = clf.predict_tiles(crop_tiles(image, tiles))
-                row.update(width=image.size[0], height=image.size[1], n_tiles=len(tiles),
-                           decoded=_pack_decoded(decoded))
+                row.update(width=tiles.size[0], height=tiles.size[1], n_tiles=len(tiles.tiles),
+                           decoded=_pack_decoded(tiles.decoded))
                 if flagger is not None:
-                    row["flags"] = _pack_flags(np.asarray(flagger(decoded), dtype=bool))
+                    row["flags"] = _pack_flags(tiles.unknown)
                 if not described:
                     row["classifier"] = json.dumps(clf.describe(), default=str)
                     described = True

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from taxoclass.errors import ImageError
+from taxoclass.errors import AnnotationError, ImageError
 
 __all__ = ["load_image", "load_transformed"]
 
@@ -98,4 +98,28 @@ def _open(path: str | Path) -> Image.Image:
             f"Image {str(path)!r} cannot be decoded ({type(exc).__name__}: {exc}). "
             f"Fix: re-download or re-export the file as JPEG/PNG, or remove the record."
         ) from exc
+    return out
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of image paths.
+
+    A missing file with an image suffix is kept (it becomes a recorded failure, not a
+    crash); anything else that does not exist raises :class:`~taxoclass.errors.AnnotationError`.
+    """
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.exists() or p.suffix.lower() in IMAGE_SUFFIXES:
+            out.append(p)
+        else:
+            raise AnnotationError(f"{p}: no such file or folder. Pass image files or folders.")
+    if not out:
+        raise AnnotationError(f"No images found in {[str(i) for i in inputs]} (looked for "
+                              f"{', '.join(IMAGE_SUFFIXES)}).")
     return out

@@ -1,0 +1,322 @@
+"""The evaluate jobs: a bundle's metrics on labelled images, and the open-set evaluation
+(retrain without some species, then measure unknown detection and back-off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..config import openset_calibration
+from ..errors import ConfigError, TaxonomyError
+from ..io.files import atomic_write_csv, atomic_write_json
+from ..io.provenance import write_provenance
+from ..taxonomy.labels import encode_labels
+from .data import cached_embeddings
+from .openset_fit import crossfit_openset, fit_openset_scorer
+
+Progress = Callable[[int, int], None]
+SPLITS = ("auto", "all", "val", "train")
+
+
+@contextlib.contextmanager
+def embedding_folder(cache: str | Path | None, out: str | Path | None) -> Iterator[Path]:
+    """``cache`` if given, else ``out/embeddings``, else a temporary folder removed on exit."""
+    if cache:
+        yield Path(cache)
+    elif out:
+        yield Path(out) / "embeddings"
+    else:
+        with tempfile.TemporaryDirectory(prefix="taxoclass-") as tmp:
+            yield Path(tmp) / "embeddings"
+
+
+def _rows_of_model_taxa(tax, rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Rows whose label is a taxon of the model, and how many were not."""
+    keep, unknown = [], 0
+    for rec in rows.to_dict("records"):
+        try:
+            tax.node_for(rec)
+            keep.append(True)
+        except TaxonomyError:
+            keep.append(False)
+            unknown += 1
+    return rows[np.array(keep, dtype=bool)].reset_index(drop=True), unknown
+
+
+def _split_rows(rows: pd.DataFrame, split: str, split_file: Path,
+                same_file: bool) -> tuple[pd.DataFrame, str]:
+    """The rows of ``split`` (``auto``: validation rows of the training file, else all)."""
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split!r}: expected auto, all, val or train.")
+    if split == "auto":
+        split = "val" if same_file and split_file.is_file() else "all"
+    if split == "all":
+        return rows, split
+    if not split_file.is_file():
+        raise ConfigError(f"--split {split}: {split_file} not found; use --split all.")
+    s = pd.read_csv(split_file, dtype={"image_id": str})
+    chosen = set(s.loc[s["split"] == split, "image_id"])
+    if split == "val" and not chosen:
+        raise ConfigError(f"{split_file} has no validation images: the model trained on "
+                          f"every image (openset.calibration: crossfit), so none is held "
+                          f"out. Its out-of-fold figures are in metrics_val.json; evaluate "
+                          f"on other annotations, or pass --split all (in-sample).")
+    mask = np.array([str(i) in chosen for i in rows["image_id"]])
+    return rows[mask].reset_index(drop=True), split
+
+
+def evaluate_model(model: str | Path, annotations: str | Path, *,
+                   images_root: str | Path | None = None, out: str | Path | None = None,
+                   split: str = "auto", cache: str | Path | None = None,
+                   progress: Progress | None = None) -> dict:
+    """Per-rank and hierarchical metrics of a bundle on labelled images.
+
+    ``split="auto"`` scores only the validation images when ``annotations`` is the file
+    the model was trained on (so training images never inflate the figures); ``"all"``
+    scores every labelled image. Writes metrics.json, confusion.csv and predictions.csv
+    into ``out`` when given.
+    """
+    from ..bundle import ModelBundle
+    from ..model.metrics import confusion_summary, evaluate_predictions
+    from ..taxonomy.annotations import load_annotations
+
+    bundle = ModelBundle.load(model)
+    tax = bundle.taxonomy
+    root = Path(images_root) if images_root else Path(annotations).parent
+    ann = load_annotations(annotations, images_root=None)
+    rows, unknown = _rows_of_model_taxa(tax, ann.labelled_images(root))
+    same_file = Path(annotations).resolve() == Path(bundle.extra.get("annotations", "")).resolve()
+    rows, split = _split_rows(rows, split, Path(model) / "split.csv", same_file)
+    ids = [str(i) for i in rows["image_id"]]
+    if not ids:
+        raise ConfigError(f"{annotations}: no labelled image of the model's taxa to evaluate "
+                          f"(split {split}).")
+    y, _ = encode_labels(tax, rows)
+    with embedding_folder(cache or bundle.extra.get("embedding_cache"), out) as folder:
+        x, found, _ = cached_embeddings(ids, rows["path"].tolist(), cache=folder,
+                                        backbone_cfg=bundle.backbone, progress=progress)
+    x, y = x[found], {r: v[found] for r, v in y.items()}
+    decoded = bundle.predict_embeddings(x)
+    metrics = evaluate_predictions(decoded.path, y, tax, topk_index=decoded.topk_index)
+    metrics["split"] = split
+    metrics["n_images"] = int(found.sum())
+    metrics["n_skipped_unknown_taxon"] = unknown
+    metrics["n_failed_images"] = int((~found).sum())
+    confusion = confusion_summary(decoded.path, y, tax, rank=tax.ranks[-1])
+    if out:
+        out = Path(out)
+        atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_csv(out / "confusion.csv", confusion)
+        ids_found = [i for i, f in zip(ids, found) if f]
+        atomic_write_csv(out / "predictions.csv", decoded.to_frame(tax, ids=ids_found))
+        write_provenance(out, backbone=bundle.backbone, config={
+            "model": str(Path(model).resolve()), "annotations": str(Path(annotations).resolve()),
+            "split": split})
+    metrics["confusion"] = confusion.to_dict("records")
+    return metrics
+
+
+# --------------------------------------------------------------------------- open set
+@dataclass
+class _Holdout:
+    """The known/held-out split of an open-set evaluation and the model retrained on it."""
+
+    rows: pd.DataFrame       # every embedded labelled image
+    x_all: np.ndarray
+    is_unk: np.ndarray       # image of a held-out species
+    known: pd.DataFrame      # rows of known species
+    xk: np.ndarray
+    y: dict[str, np.ndarray]
+    is_test: np.ndarray      # known test images
+    is_tr: np.ndarray
+    is_val: np.ndarray
+    sub: Any                 # the retrained ModelBundle (scorer set)
+    calibration: dict[str, Any]
+
+
+def _retrain(bundle, cfg: dict, tax, kr: pd.DataFrame, xk: np.ndarray, seed: int,
+             test_fraction: float):
+    """Train the recipe on the known images less a seeded test share; returns
+    (labels, is_test, is_tr, is_val, retrained bundle, calibration record)."""
+    from ..bundle import ModelBundle
+    from ..model.training import stratified_split, train_head
+    from ..openset.evaluation import truth_names
+
+    ranks = tuple(tax.ranks)
+    y, nodes = encode_labels(tax, kr)
+    strata = np.array(["/".join(n) for n in nodes])
+    is_test = stratified_split(strata, test_fraction, seed)
+    tr_idx = np.flatnonzero(~is_test)
+    ocfg = dict(cfg.get("openset") or {})
+    is_val = np.zeros(len(kr), dtype=bool)
+    cf = None
+    if openset_calibration(ocfg)[0] == "crossfit":
+        # Head on every non-test known image; thresholds on their out-of-fold predictions.
+        is_tr = ~is_test
+        cf = crossfit_openset(xk[is_tr], {r: a[is_tr] for r, a in y.items()}, tax,
+                              truth_names(kr[is_tr], ranks),
+                              {**cfg, "model": {**(cfg.get("model") or {}),
+                                                "normalize": bundle.normalize},
+                               "decode": {**(cfg.get("decode") or {}),
+                                          "method": bundle.decode_method}},
+                              seed=seed)
+        res, calibration = cf.train, cf.info
+    else:
+        val_fraction = float(cfg.get("data", {}).get("val_fraction", 0.3))
+        is_val[tr_idx[stratified_split(strata[tr_idx], val_fraction, seed + 1)]] = True
+        is_tr = ~is_test & ~is_val
+        res = train_head(xk[is_tr], {r: a[is_tr] for r, a in y.items()}, xk[is_val],
+                         {r: a[is_val] for r, a in y.items()}, tax, model=cfg.get("model"),
+                         loss=cfg.get("loss"), train=cfg.get("train"),
+                         normalize_inputs=bundle.normalize)
+        calibration = {"calibration": "holdout", "n_calibration_rows": int(is_val.sum())}
+    sub = ModelBundle(head=res.head, taxonomy=tax, backbone=bundle.backbone,
+                      normalize=bundle.normalize, decode_method=bundle.decode_method)
+    if cf is not None:
+        sub.scorer = cf.scorer
+    else:
+        sub.scorer = fit_openset_scorer(sub, xk[is_tr], y["genus"][is_tr], xk[is_val],
+                                        kr[is_val].reset_index(drop=True), ocfg,
+                                        species_train=y[ranks[-1]][is_tr])
+    return y, is_test, is_tr, is_val, sub, calibration
+
+
+def _holdout_split(bundle, annotations, images_root, held_args: dict, cfg: dict, seed: int,
+                   test_fraction: float, out, progress) -> tuple[list[str], _Holdout]:
+    """Choose the held-out species, embed every labelled image and retrain without them."""
+    from ..openset.evaluation import choose_holdout, known_taxonomy, split_known_unknown
+    from ..taxonomy.annotations import load_annotations
+
+    root = Path(images_root) if images_root else Path(annotations).parent
+    ann = load_annotations(annotations)
+    rows = ann.labelled_images(root).reset_index(drop=True)
+    try:
+        held = choose_holdout(rows, seed=seed, **held_args)
+    except ValueError as exc:
+        raise ConfigError(f"hold-out choice: {exc}") from exc
+    ids = [str(i) for i in rows["image_id"]]
+    with embedding_folder(bundle.extra.get("embedding_cache"), out) as folder:
+        x_all, found, _ = cached_embeddings(ids, rows["path"].tolist(), cache=folder,
+                                            backbone_cfg=bundle.backbone, progress=progress)
+    rows, x_all = rows[found].reset_index(drop=True), x_all[found]
+    is_unk = split_known_unknown(rows, held)
+    tax = known_taxonomy(ann.categories, held, tuple(bundle.taxonomy.ranks))
+    kr, xk = rows[~is_unk].reset_index(drop=True), x_all[~is_unk]
+    y, is_test, is_tr, is_val, sub, calibration = _retrain(bundle, cfg, tax, kr, xk, seed,
+                                                           test_fraction)
+    return held, _Holdout(rows=rows, x_all=x_all, is_unk=is_unk, known=kr, xk=xk, y=y,
+                          is_test=is_test, is_tr=is_tr, is_val=is_val, sub=sub,
+                          calibration=calibration)
+
+
+def _unknown_scores(h: _Holdout, x_test: np.ndarray, decoded, ocfg: dict
+                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every score for "is this image of an unknown species?" (higher = more likely
+    unknown), and the scorer's evidence per rank."""
+    from ..openset.detectors import DETECTORS, OutlierDetector
+    from ..openset.evidence import confidence_scores
+
+    sub, ranks = h.sub, tuple(h.sub.taxonomy.ranks)
+    logits = sub.logits(x_test)
+    scores: dict[str, np.ndarray] = {}
+    conf = confidence_scores(decoded.probs, {r: v.numpy() for r, v in logits.items()})
+    for name, s in conf[ranks[-1]].items():
+        scores[f"{name} ({ranks[-1]})"] = -s
+    x_tr_in, x_test_in = sub.scorer_input(h.xk[h.is_tr]), sub.scorer_input(x_test)
+    for method in DETECTORS:
+        for scope in ("global", "group"):
+            det = OutlierDetector(method, scope=scope).fit(x_tr_in, h.y["genus"][h.is_tr])
+            scores[f"pyod {method} ({scope})"] = det.decision_function(
+                x_test_in, decoded.path["genus"])
+    evidence, _ = sub.scorer.evidence(x_test_in, decoded)
+    scores[f"combined evidence ({ocfg.get('combiner', 'rank_mean')}, "
+           f"{ocfg.get('detector', 'knn')} {ocfg.get('scope', 'group')})"] = -evidence[ranks[-1]]
+    return scores, evidence
+
+
+def evaluate_holdout(model: str | Path, annotations: str | Path, *,
+                     images_root: str | Path | None = None,
+                     holdout_species: Sequence[str] | None = None,
+                     holdout_fraction: float | None = None, n_holdout: int | None = None,
+                     seed: int = 0, test_fraction: float = 0.3, out: str | Path | None = None,
+                     progress: Progress | None = None) -> dict:
+    """Open-set evaluation: retrain the bundle's recipe without some species, then measure.
+
+    Held-out species (given, or a seeded choice whose genus keeps a known species) are
+    removed from the taxonomy and training. The known species' images are split
+    ``test_fraction`` for test (stratified, seeded); the rest trains the head (its own
+    validation split stops training and calibrates the back-off; with the recipe's
+    ``openset.calibration: crossfit``, all of it trains the head and the back-off is
+    calibrated out of fold, :func:`~taxoclass.pipelines.openset_fit.crossfit_openset`).
+    Test = known test images + every held-out image. Returns (and writes into ``out``)
+    unknown-detection AUROC / FPR@95%TPR per method, what back-off did with held-out and
+    known images, and a risk-coverage table per rank.
+    """
+    import yaml
+
+    from ..bundle import ModelBundle
+    from ..openset.evaluation import (
+        correct_by_rank,
+        detection_table,
+        outcome_summary,
+        path_names,
+        risk_coverage,
+        truth_names,
+    )
+
+    bundle = ModelBundle.load(model)
+    cfg_file = Path(model) / "config.yaml"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{cfg_file} not found: the bundle has no training recipe to retrain "
+                          "without the held-out species.")
+    cfg = yaml.safe_load(cfg_file.read_text())
+    held_args = {"species": holdout_species, "holdout_fraction": holdout_fraction,
+                 "n_species": n_holdout}
+    held, h = _holdout_split(bundle, annotations, images_root, held_args, cfg, seed,
+                             test_fraction, out, progress)
+    ranks, tax, sub = tuple(bundle.taxonomy.ranks), h.sub.taxonomy, h.sub
+    x_test = np.concatenate([h.xk[h.is_test], h.x_all[h.is_unk]])
+    test_rows = pd.concat([h.known[h.is_test], h.rows[h.is_unk]]).reset_index(drop=True)
+    y_unk = np.r_[np.zeros(int(h.is_test.sum()), bool), np.ones(int(h.is_unk.sum()), bool)]
+    frame, decoded = sub.predict_with_backoff(x_test)
+    truth = truth_names(test_rows, ranks)
+    correct = correct_by_rank(path_names(decoded.path, tax), truth, ranks)
+    ocfg = dict(cfg.get("openset") or {})
+    scores, evidence = _unknown_scores(h, x_test, decoded, ocfg)
+    detection = detection_table(y_unk, scores).sort_values("auroc", ascending=False)
+    rc = risk_coverage({r: evidence[r][~y_unk] for r in ranks},
+                       {r: correct[r][~y_unk] for r in ranks})
+    result = {
+        "held_out_species": held, "seed": seed,
+        "n_train": int(h.is_tr.sum()), "n_val": int(h.is_val.sum()),
+        "openset_calibration": h.calibration,
+        "n_test_known": int(h.is_test.sum()), "n_test_held_out": int(h.is_unk.sum()),
+        "known_test_accuracy": {r: float(correct[r][~y_unk].mean()) for r in ranks},
+        "held_out_right_genus_on_path": float(correct["genus"][y_unk].mean())
+        if "genus" in correct and y_unk.any() else None,
+        "thresholds": sub.scorer.thresholds.to_dict(),
+        "outcomes": outcome_summary(frame, truth, y_unk, ranks),
+        "detection": detection.to_dict("records"),
+        "risk_coverage": rc.to_dict("records"),
+    }
+    if out:
+        out = Path(out)
+        atomic_write_json(out / "openset_metrics.json", result)
+        atomic_write_csv(out / "openset_detection.csv", detection)
+        atomic_write_csv(out / "openset_risk_coverage.csv", rc)
+        frame.insert(0, "image_id", test_rows["image_id"].astype(str).to_numpy())
+        frame.insert(1, "held_out", y_unk)
+        atomic_write_csv(out / "openset_predictions.csv", frame)
+        write_provenance(out, backbone=bundle.backbone, config={
+            "model": str(Path(model).resolve()), "annotations": str(Path(annotations).resolve()),
+            "holdout_species": held, "seed": seed, "test_fraction": test_fraction,
+            "retrain": {k: cfg.get(k) for k in ("model", "loss", "train", "openset")}})
+    return result

@@ -1,0 +1,145 @@
+"""Fitting a bundle's open-set scorer: on a validation split, or out of fold (crossfit).
+
+Lives in pipelines because it trains heads and builds :class:`~taxoclass.bundle.ModelBundle`
+objects (the bundle layer sits above openset); the scorer itself is
+:class:`~taxoclass.openset.scorer.OpenSetScorer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import openset_calibration
+from ..taxonomy.tree import Taxonomy
+from .data import with_views
+
+Progress = Callable[[int, int], None]
+
+
+def _openset_detector(x_train, genus_train, species_train, ocfg: dict):
+    """The configured outlier detector on at most ``openset.max_train`` rows (seeded)."""
+    import numpy as np
+
+    from ..openset.scorer import fit_detector
+
+    max_train = int(ocfg.get("max_train", 50000))
+    if len(x_train) > max_train:
+        keep = np.sort(np.random.default_rng(0).choice(len(x_train), max_train, replace=False))
+        x_train, genus_train = x_train[keep], genus_train[keep]
+        species_train = None if species_train is None else species_train[keep]
+    return fit_detector(x_train, genus_train, labels_train=species_train,
+                        method=ocfg.get("detector", "knn"), scope=ocfg.get("scope", "group"))
+
+
+def _openset_evidence(decoded, z, correct, ocfg: dict):
+    """The configured evidence combiner and thresholds (:func:`openset.fit_evidence`)."""
+    from ..openset.scorer import fit_evidence
+
+    return fit_evidence(decoded, z, correct, combiner=ocfg.get("combiner", "rank_mean"),
+                        confidence=ocfg.get("confidence", "path_prob"),
+                        gate_quantile=float(ocfg.get("gate_quantile", 0.975)),
+                        target_precision=ocfg.get("target_precision", 0.95),
+                        min_support=int(ocfg.get("min_support", 10)))
+
+
+def fit_openset_scorer(bundle, x_train, genus_train, x_val, rows_val, ocfg: dict, *,
+                       species_train=None):
+    """Fit the outlier detector on training embeddings, and the evidence combiner and the
+    per-rank thresholds (to ``ocfg["target_precision"]``) on the validation images.
+
+    The validation split also chose the early-stopping epoch, so thresholds are slightly
+    optimistic; with few validation images per rank a target may be unreachable (the
+    rank is then never trusted: threshold +inf, listed in ``thresholds.unreachable``).
+    ``openset.calibration: crossfit`` calibrates on every image instead
+    (:func:`crossfit_openset`).
+    """
+    from ..openset.evaluation import correct_by_rank, path_names, truth_names
+    from ..openset.scorer import OpenSetScorer
+
+    tax = bundle.taxonomy
+    det = _openset_detector(bundle.scorer_input(x_train), genus_train, species_train, ocfg)
+    decoded_val = bundle.predict_embeddings(x_val)
+    correct = correct_by_rank(path_names(decoded_val.path, tax),
+                              truth_names(rows_val, tax.ranks), tax.ranks)
+    groups = decoded_val.path["genus"] if det.scope == "group" else None
+    z = det.decision_function(bundle.scorer_input(x_val), groups)
+    comb, thr = _openset_evidence(decoded_val, z, correct, ocfg)
+    return OpenSetScorer(detector=det, combiner=comb, thresholds=thr, group_rank="genus")
+
+
+@dataclass
+class CrossfitOpenset:
+    """A head trained on every row and an open-set scorer calibrated out of fold."""
+
+    train: Any                 # training.TrainResult of the final head (all rows)
+    scorer: Any                # openset.OpenSetScorer: detector on all rows, thresholds OOF
+    oof: Any                   # openset.CrossfitPredictions the thresholds rest on
+    correct: dict[str, Any]    # rank -> the out-of-fold path is right there
+    info: dict[str, Any]       # what to record: calibration, folds, seed, rows
+
+
+def crossfit_openset(x, y: dict, taxonomy: Taxonomy, truth: dict, cfg: dict, *, seed: int = 0,
+                     views=None, progress: Progress | None = None) -> CrossfitOpenset:
+    """``openset.calibration: crossfit``: head and open-set scorer without a validation split.
+
+    Rows are split into ``openset.folds`` folds stratified by taxon (seeded). For each
+    fold a head (:func:`~taxoclass.model.training.train_head` with the config's ``model``,
+    ``loss``, ``train`` sections, no validation rows) and the configured detector are
+    fitted on the other folds; their predictions and outlier scores of the fold's rows
+    are out-of-fold (:func:`~taxoclass.openset.scorer.crossfit_predictions`). The evidence
+    combiner and thresholds are fitted on these predictions of every row; then the final
+    head and the final detector are fitted on all rows. ``y``: class index per rank;
+    ``truth``: :func:`~taxoclass.openset.scorer.truth_names` of the rows; ``views``: (view
+    embeddings, index into ``x`` of each view's source), a view trains with its source.
+    Costs ``folds + 1`` head trainings.
+    """
+    import numpy as np
+
+    from ..bundle import ModelBundle, scorer_input
+    from ..model.training import train_head
+    from ..openset.evaluation import correct_by_rank, path_names
+    from ..openset.scorer import OpenSetScorer, crossfit_predictions
+
+    ocfg = dict(cfg.get("openset") or {})
+    _, n_folds = openset_calibration(ocfg)
+    model, train = dict(cfg.get("model") or {}), dict(cfg.get("train") or {})
+    decode_cfg = dict(cfg.get("decode") or {})
+    normalize_inputs = bool(model.get("normalize", True))
+    lowest = taxonomy.ranks[-1]
+    epochs = int(train.get("epochs", 200))
+
+    def fit(mask, k):
+        xt, yt = with_views(x, y, mask, views)
+        step = (None if progress is None else
+                lambda e, n: progress(k * epochs + e, (n_folds + 1) * epochs))
+        head = train_head(xt, yt, None, None, taxonomy, model=model, loss=cfg.get("loss"),
+                          train=train, normalize_inputs=normalize_inputs, progress=step)
+        det = _openset_detector(scorer_input(xt, normalize_inputs), yt["genus"], yt[lowest],
+                                ocfg)
+        return head, det
+
+    fold_number = iter(range(n_folds))
+
+    def fit_fold(mask):
+        head, det = fit(mask, next(fold_number))
+        fold_bundle = ModelBundle(head=head.head, taxonomy=taxonomy, backbone={},
+                                  normalize=normalize_inputs)
+        return fold_bundle.logits, det
+
+    strata = np.array(["/".join(map(str, t)) for t in zip(*(y[r] for r in taxonomy.ranks))])
+    oof = crossfit_predictions(x, strata, fit_fold, taxonomy, n_folds=n_folds, seed=seed,
+                               decode_method=decode_cfg.get("method", "path"),
+                               top_k=int(decode_cfg.get("top_k", 5)),
+                               x_detector=scorer_input(x, normalize_inputs))
+    correct = correct_by_rank(path_names(oof.decoded.path, taxonomy), truth, taxonomy.ranks)
+    comb, thr = _openset_evidence(oof.decoded, oof.outlier, correct, ocfg)
+    final, det = fit(np.ones(len(x), dtype=bool), n_folds)
+    info = {"calibration": "crossfit", "folds": n_folds, "seed": int(seed),
+            "n_calibration_rows": int(len(x)), "out_of_fold": True}
+    return CrossfitOpenset(train=final, scorer=OpenSetScorer(
+        detector=det, combiner=comb, thresholds=thr, group_rank="genus"),
+        oof=oof, correct=correct, info=info)
+
+

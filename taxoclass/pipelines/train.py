@@ -1,0 +1,196 @@
+"""The train job: a hierarchical head on cached embeddings, as a config describes it.
+
+Steps: prepare the data (:func:`_prepare`), fit the head and its open-set calibration
+(validation split or crossfit), build the bundle, write it and its records.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..config import openset_calibration
+from ..io.files import atomic_write_csv, atomic_write_json
+from ..io.provenance import write_provenance
+from ..taxonomy.labels import encode_labels
+from ..taxonomy.tree import Taxonomy
+from .data import (
+    config_embeddings,
+    embedding_cache,
+    known_rows,
+    require_training_settings,
+    validation_mask,
+    view_embeddings,
+    with_views,
+)
+from .openset_fit import crossfit_openset, fit_openset_scorer
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class _Data:
+    """What training needs, read from the config: rows, labels, embeddings, split, views."""
+
+    cfg: dict
+    rows: pd.DataFrame
+    tax: Taxonomy
+    y: dict[str, np.ndarray]
+    ids: list[str]
+    cache: str
+    x: np.ndarray
+    found: np.ndarray
+    backbone_desc: dict
+    is_val: np.ndarray
+    crossfit: bool
+    tr: np.ndarray          # rows the head trains on
+    va: np.ndarray          # validation rows (none with crossfit)
+    views: tuple[np.ndarray, np.ndarray]  # view embeddings, index into rows of each source
+
+
+@dataclass
+class _Fit:
+    result: Any             # training.TrainResult of the bundle's head
+    calibration: dict[str, Any]
+    metrics: dict[str, Any] | None = None
+    fold: np.ndarray | None = None
+    scorer: Any = None      # crossfit: the out-of-fold calibrated scorer
+    x_tr: np.ndarray | None = None
+    y_tr: dict[str, np.ndarray] | None = None
+
+
+def _prepare(cfg: dict, embed_progress: Progress | None) -> _Data:
+    from ..taxonomy.annotations import load_annotations
+
+    data = require_training_settings(cfg)
+    root = Path(data.get("images_root") or Path(data["annotations"]).parent)
+    ann = load_annotations(data["annotations"])
+    tax, rows = known_rows(ann, ann.labelled_images(root), data)
+    y, nodes = encode_labels(tax, rows)
+    ids = [str(i) for i in rows["image_id"]]
+    cache = embedding_cache(cfg)
+    x, found, backbone_desc = config_embeddings(cfg, rows, progress=embed_progress)
+    if not found.all():
+        missing = [i for i, f in zip(ids, found) if not f][:5]
+        log.warning("%d labelled image(s) have no embedding (unreadable; see %s/failures.csv), "
+                    "e.g. %s; training without them.", int((~found).sum()), cache, missing)
+    is_val = validation_mask(ids, nodes, data)
+    crossfit = openset_calibration(cfg.get("openset") or {})[0] == "crossfit"
+    # crossfit: every embedded image trains the final head (no validation split).
+    tr, va = (found, np.zeros_like(found)) if crossfit else (found & ~is_val, found & is_val)
+    # Tile-like views of the training images only (never of validation images).
+    tr_idx = np.flatnonzero(tr)
+    xv, src = view_embeddings(cfg, rows.iloc[tr_idx].reset_index(drop=True),
+                              progress=embed_progress)
+    return _Data(cfg=cfg, rows=rows, tax=tax, y=y, ids=ids, cache=cache, x=x, found=found,
+                 backbone_desc=backbone_desc, is_val=is_val, crossfit=crossfit, tr=tr, va=va,
+                 views=(xv, tr_idx[src]) if not crossfit else (xv, src))
+
+
+def _fit_crossfit(d: _Data, progress: Progress | None) -> _Fit:
+    from ..model.metrics import evaluate_predictions
+    from ..openset.evaluation import truth_names
+
+    tr, y, tax = d.tr, d.y, d.tax
+    cf = crossfit_openset(d.x[tr], {r: v[tr] for r, v in y.items()}, tax,
+                          truth_names(d.rows[tr], tax.ranks), d.cfg,
+                          seed=int(d.cfg["data"].get("split_seed", 0)), views=d.views,
+                          progress=progress)
+    fold = np.full(len(d.ids), -1)
+    fold[tr] = cf.oof.fold
+    # The final head trained on every row: its own validation figures would be
+    # in-sample, so the metrics are those of the out-of-fold predictions.
+    metrics = evaluate_predictions(cf.oof.decoded.path, {r: v[tr] for r, v in y.items()},
+                                   tax, topk_index=cf.oof.decoded.topk_index)
+    metrics["predictions"] = (f"out-of-fold: each of the {int(tr.sum())} images predicted "
+                              f"by one of {cf.oof.n_folds} fold heads that did not train on "
+                              f"it (the bundle's head trained on all of them)")
+    return _Fit(result=cf.train, calibration=cf.info, metrics=metrics, fold=fold,
+                scorer=cf.scorer)
+
+
+def _fit_holdout(d: _Data, progress: Progress | None) -> _Fit:
+    from ..model.training import train_head
+
+    cfg, va = d.cfg, d.va
+    x_tr, y_tr = with_views(d.x, d.y, d.tr, d.views)
+    result = train_head(x_tr, y_tr, d.x[va], {r: v[va] for r, v in d.y.items()}, d.tax,
+                        model=cfg["model"], loss=cfg["loss"], train=cfg["train"],
+                        normalize_inputs=bool(cfg["model"].get("normalize", True)),
+                        progress=progress)
+    calibration = {"calibration": "holdout", "n_calibration_rows": int(va.sum())}
+    return _Fit(result=result, calibration=calibration, x_tr=x_tr, y_tr=y_tr)
+
+
+def _bundle(d: _Data, fit: _Fit):
+    """The model bundle, its validation metrics (holdout) and its open-set scorer."""
+    from ..bundle import ModelBundle
+    from ..features.backbones import backbone_spec
+    from ..model.metrics import evaluate_predictions
+
+    cfg, tax, va = d.cfg, d.tax, d.va
+    bundle = ModelBundle(head=fit.result.head, taxonomy=tax,
+                         normalize=bool(cfg["model"].get("normalize", True)),
+                         decode_method=cfg["decode"]["method"],
+                         backbone={**backbone_spec(cfg["backbone"]),
+                                   "description": d.backbone_desc},
+                         extra={"annotations": str(Path(cfg["data"]["annotations"]).resolve()),
+                                "embedding_cache": str(Path(d.cache).resolve()),
+                                "best_epoch": fit.result.best_epoch})
+    metrics = fit.metrics
+    if not d.crossfit:
+        decoded = bundle.predict_embeddings(d.x[va], top_k=int(cfg["decode"].get("top_k", 5)))
+        metrics = evaluate_predictions(decoded.path, {r: v[va] for r, v in d.y.items()}, tax,
+                                       topk_index=decoded.topk_index)
+        metrics["predictions"] = f"validation split ({int(va.sum())} images, not trained on)"
+    ocfg = cfg.get("openset") or {}
+    if ocfg.get("enabled", True):
+        if d.crossfit:
+            bundle.scorer = fit.scorer
+        else:
+            bundle.scorer = fit_openset_scorer(bundle, fit.x_tr, fit.y_tr["genus"], d.x[va],
+                                               d.rows[va].reset_index(drop=True), ocfg,
+                                               species_train=fit.y_tr[tax.ranks[-1]])
+        metrics["openset_thresholds"] = bundle.scorer.thresholds.to_dict()
+        metrics["openset_calibration"] = fit.calibration
+        bundle.extra["openset_calibration"] = fit.calibration
+    return bundle, metrics
+
+
+def _write(out: Path, d: _Data, fit: _Fit, bundle, metrics: dict) -> None:
+    bundle.save(out)
+    result = fit.result
+    atomic_write_csv(out / "history.csv", result.history)
+    split = pd.DataFrame({"image_id": d.ids,
+                          "split": np.where(d.is_val & ~d.crossfit, "val", "train"),
+                          "embedded": d.found})
+    if d.crossfit:
+        split["fold"] = fit.fold  # crossfit fold of each image (-1: not embedded)
+    atomic_write_csv(out / "split.csv", split)
+    atomic_write_json(out / "metrics_val.json", metrics)
+    enabled = (d.cfg.get("openset") or {}).get("enabled", True)
+    write_provenance(out, config=d.cfg, backbone=d.backbone_desc, extra={
+        "training": {"best_epoch": result.best_epoch, "epochs_run": len(result.history),
+                     "seconds": result.seconds, "n_train": int(d.tr.sum()),
+                     "n_train_views": int(len(d.views[0])), "n_val": int(d.va.sum())},
+        "openset_calibration": fit.calibration if enabled else None})
+
+
+def train_from_config(cfg: dict, *, progress: Progress | None = None,
+                      embed_progress: Progress | None = None) -> Path:
+    """Train a hierarchical head as configured (``configs/leaf.yaml``); returns the bundle
+    folder (``cfg["out"]``) holding the bundle, history, split, metrics and provenance.
+    """
+    d = _prepare(cfg, embed_progress)
+    fit = _fit_crossfit(d, progress) if d.crossfit else _fit_holdout(d, progress)
+    bundle, metrics = _bundle(d, fit)
+    out = Path(cfg["out"])
+    _write(out, d, fit, bundle, metrics)
+    return out

@@ -1,0 +1,23 @@
+"""A taxonomy from the files users have: an annotations JSON or a species table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import AnnotationError
+from .tree import DEFAULT_RANKS, Taxonomy
+
+
+def load_taxonomy(source: str | Path, ranks: Sequence[str] = DEFAULT_RANKS) -> Taxonomy:
+    """Taxonomy from an annotations JSON (validated) or a species table (CSV / ``;``)."""
+    from .annotations import load_annotations, read_species_table
+
+    source = Path(source)
+    if not source.exists():
+        raise AnnotationError(f"{source}: not found. Expected an annotations JSON or a species "
+                              "table (CSV).")
+    if source.suffix.lower() == ".json":
+        return load_annotations(source).taxonomy(ranks)
+    table = read_species_table(source)
+    return Taxonomy.from_records(table.to_dict("records"), ranks, source=str(source))
