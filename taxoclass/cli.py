@@ -44,9 +44,13 @@ class _EchoHandler(logging.Handler):
 
 def _configure_process() -> None:
     """What the command line, owning its process, sets up: library warnings on stderr
-    (``warning: ...``), and PySpark 4's pandas-3 FutureWarning silenced (harmless for
-    mapInPandas, printed on every conversion)."""
+    (``warning: ...``), PySpark 4's pandas-3 FutureWarning silenced (harmless for
+    mapInPandas, printed on every conversion) and the CPU allocator tuned for embedding
+    loops (:func:`~taxoclass.features.allocator.tune_cpu_allocator`)."""
     from .engines import PANDAS_WARNING
+    from .features.allocator import tune_cpu_allocator
+
+    tune_cpu_allocator()
 
     logger = logging.getLogger("taxoclass")
     if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
