@@ -47,18 +47,21 @@ import numpy as np
 import pandas as pd
 import torch
 from _results import markdown_table, publish
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
 from taxoclass.bundle import ModelBundle
 from taxoclass.config import load_config
 from taxoclass.features.backbones import backbone_spec
+from taxoclass.features.views import clutter_background
 from taxoclass.model.heads import MultiRankHead
 from taxoclass.model.training import stratified_split, train_head
 from taxoclass.openset.detectors import OutlierDetector
 from taxoclass.pipelines.data import config_embeddings, view_embeddings, with_views
 from taxoclass.plots.evaluation import evaluate_plots
-from taxoclass.plots.rules import aggregate_plot, keep_top_k, rule_scores
-from taxoclass.plots.tiling import BundleTileClassifier, crop_tiles, make_tiles
+from taxoclass.plots.rules import aggregate_plot
+from taxoclass.plots.search import species_f1
+from taxoclass.plots.selection import TileSettings, rule_scores
+from taxoclass.plots.tiling import BundleTileClassifier, PlotTiles, crop_tiles, make_tiles
 from taxoclass.taxonomy.annotations import load_annotations
 from taxoclass.taxonomy.labels import encode_labels
 
@@ -89,25 +92,6 @@ FLAG_RATES = (None, 0.05, 0.1, 0.2, 0.3)  # weight of 2x2 tiles relative to 4x4 
 
 
 # ---------------------------------------------------------------------- composing plots
-def background(size: int, rng: np.random.Generator, clutter: bool = True) -> Image.Image:
-    """Dark soil-like noise with grey stones, twigs and blobs (clutter, unless switched off)."""
-    noise = rng.normal(45, 18, (size // 4, size // 4, 3)).clip(0, 255).astype(np.uint8)
-    img = Image.fromarray(noise).resize((size, size), Image.BILINEAR)
-    if not clutter:
-        return img.filter(ImageFilter.GaussianBlur(1))
-    draw = ImageDraw.Draw(img)
-    for _ in range(rng.integers(15, 40)):
-        x, y = rng.integers(0, size, 2)
-        r = int(rng.integers(5, 40))
-        g = int(rng.integers(60, 140))
-        if rng.random() < 0.5:
-            draw.ellipse((x - r, y - r // 2, x + r, y + r // 2), fill=(g, g - 10, g - 20))
-        else:
-            x2, y2 = x + rng.integers(-120, 120), y + rng.integers(-120, 120)
-            draw.line((x, y, x2, y2), fill=(g, g - 20, g - 40), width=int(rng.integers(2, 6)))
-    return img.filter(ImageFilter.GaussianBlur(1))
-
-
 def paste_leaf(canvas: Image.Image, path: str, rng: np.random.Generator) -> None:
     leaf = Image.open(path).convert("L")
     side = rng.uniform(0.15, 0.45) * canvas.width
@@ -149,7 +133,7 @@ def compose_plots(name: str, pool: dict[int, list[str]], n: int, seed: int, args
     rng = np.random.default_rng(seed)
     leaves = sorted(pool)
     for i, counts in enumerate(plot_recipes(n, rng, args.max_taxa, args.richness)):
-        canvas = background(args.size, rng, args.clutter)
+        canvas = clutter_background(args.size, rng, args.clutter)
         taxa = rng.choice(leaves, size=min(len(counts), len(leaves)), replace=False)
         for taxon, count in zip(taxa, counts):
             for _ in range(count):
@@ -226,7 +210,7 @@ def companion_views(cfg: dict, rows: pd.DataFrame, sources: np.ndarray, pool: np
     view's main image).
     """
     from taxoclass.features.backbones import backbone_from_spec
-    from taxoclass.features.views import ViewSettings, _object, _place, _position, tile_view
+    from taxoclass.features.views import ViewSettings, paste_object, tile_view
     from taxoclass.io.images import load_image
     from taxoclass.plots.tiling import embed_images
 
@@ -257,14 +241,7 @@ def companion_views(cfg: dict, rows: pd.DataFrame, sources: np.ndarray, pool: np
                 n = int(rng.integers(0, max_companions + 1))
                 others = [int(j) for j in rng.choice(pool, size=n, replace=False) if j != i]
                 for j in others:
-                    obj, use_threshold = _object(image(j), settings)
-                    placed = _place(obj, use_threshold, float(rng.uniform(*settings.scale))
-                                    * settings.size, float(rng.uniform(0, 360)), settings)
-                    if placed is None:
-                        continue
-                    pix, mask = placed
-                    view.paste(pix, (_position(pix.width, settings.size, 0.6, rng),
-                                     _position(pix.height, settings.size, 0.6, rng)), mask)
+                    paste_object(view, image(j), rng, settings, max_cut=0.6)
                 views.append(view)
                 objects.append([i] + others + [-1] * (max_companions - len(others)))
         emb = embed_images(views, backbone_from_spec(backbone_spec(cfg["backbone"])))
@@ -285,7 +262,8 @@ def finetuned_config(cfg: dict, rows: pd.DataFrame, y: dict, mask: np.ndarray, t
     test image) with ``finetune.tile_views`` fresh tile-like views per image and epoch;
     return the config pointing at the fine-tuned backbone (own embedding and view caches).
     The run is cached by its settings and images."""
-    from taxoclass.model.finetune import finetune
+    from taxoclass.model.image_data import LabelledImages
+    from taxoclass.pipelines.finetune import finetune_to_bundle
 
     size = args.finetune_size
     base = {**cfg["backbone"], "image_size": size, "resize": "letterbox"}
@@ -326,10 +304,10 @@ def finetuned_config(cfg: dict, rows: pd.DataFrame, y: dict, mask: np.ndarray, t
             bar.total = total
             bar.update(done - bar.n)
 
-        res = finetune(paths, {r: v[mask] for r, v in y.items()}, [], None, taxonomy,
-                       backbone=backbone_spec(base), out_dir=ft, config=settings,
-                       model=cfg["model"], loss=cfg["loss"], views=views, progress=progress,
-                       head_init=head_init)
+        res = finetune_to_bundle(LabelledImages(paths, {r: v[mask] for r, v in y.items()}),
+                                 None, taxonomy, backbone=backbone_spec(base), out_dir=ft,
+                                 settings=settings, model=cfg["model"], loss=cfg["loss"],
+                                 views=views, progress=progress, head_init=head_init)
         bar.close()
         print(f"fine-tuned in {time.perf_counter() - t0:.0f}s ({res.images_per_second:.1f} "
               f"images/s); history:\n{res.history.to_string(index=False)}")
@@ -402,48 +380,15 @@ def tile_weights(scales: np.ndarray, grid_set: tuple[str, ...], coarse: float) -
     return w
 
 
-def species_sweep(plots: dict, truth_idx: dict, placeholder: np.ndarray, rule: str,
-                  grid_set: tuple[str, ...], coarse: float, top_k, gate: float,
-                  min_tiles: tuple[int, ...], lowest: str, flag_rate=None) -> np.ndarray:
-    """Macro F1 per plot at species rank for every (min_tiles, species threshold).
-
-    A vectorised copy of :func:`taxoclass.plots.rules.aggregate_plot`'s species step (the
-    chosen settings are re-scored with ``aggregate_plot`` itself and must agree).
-    """
-    f1 = np.zeros((len(min_tiles), len(SPECIES_T)))
-    mt = np.asarray(min_tiles)[:, None, None]
-    for plot_id, tp in plots.items():
-        p = tp["probs"][lowest]
-        w = tile_weights(tp["scale"], grid_set, coarse)
-        if gate > 0:
-            w = np.where(p.max(axis=1) >= gate, w, 0.0)
-        if top_k is not None:
-            p = keep_top_k(p, top_k)
-        known = (w > 0) & ~tp["flags"][flag_rate]  # flagged tiles: unknown evidence only
-        true = truth_idx[plot_id]
-        if not known.any():
-            f1 += 1.0 if not true.any() else 0.0
-            continue
-        a, wk = p[known], w[known]
-        best = a.argmax(axis=1)
-        is_best = np.zeros((len(a), a.shape[1]), dtype=bool)
-        is_best[np.arange(len(a)), best] = True
-        if rule == "argmax_union":
-            scores = np.where(is_best, a, 0.0).max(axis=0)
-            cand = is_best.any(axis=0)[:, None] & (scores[:, None] >= SPECIES_T[None, :])
-            support = np.broadcast_to(is_best.sum(axis=0)[:, None], cand.shape)
-        else:
-            scores = rule_scores(a, rule, wk)
-            cand = scores[:, None] >= SPECIES_T[None, :]
-            hit = is_best[:, :, None] | ((a[:, :, None] >= SPECIES_T[None, None, :])
-                                         & (SPECIES_T[None, None, :] > 0))
-            support = hit.sum(axis=0)
-        pred = cand[None] & (support[None] >= mt) & ~placeholder[None, :, None]
-        n_pred = pred.sum(axis=1)
-        tp_ = (pred & true[None, :, None]).sum(axis=1)
-        denom = n_pred + true.sum()
-        f1 += np.where(denom == 0, 1.0, 2.0 * tp_ / np.maximum(denom, 1))
-    return f1 / len(plots)
+def plot_tiles(plots: dict, grid_set: tuple[str, ...], flag_rate=None) -> dict[str, PlotTiles]:
+    """The plots as the library's :class:`PlotTiles`: tiles of ``grid_set`` only, flagged
+    unknown at ``flag_rate`` (None: none)."""
+    out = {}
+    for pid, tp in plots.items():
+        m = np.isin(tp["scale"], grid_set)
+        out[pid] = PlotTiles(pid, "", tp["scale"][m], {r: p[m] for r, p in tp["probs"].items()},
+                             tp["flags"][flag_rate][m])
+    return out
 
 
 def truth_vectors(truth: dict, taxonomy) -> tuple[dict, np.ndarray]:
@@ -499,18 +444,11 @@ def product_calibration(cal_plots: dict, cal_truth: dict, test_plots: dict, test
     `plot-report --settings` applies it. Tiles of ``grid_set`` only, none flagged (the
     product flags with the bundle's own calibrated detector, which these bench heads lack).
     Returns (settings, {rule: evaluate_plots result on the test plots})."""
-    from taxoclass.plots.calibration import PlotTiles, calibrate_rules, plot_records
+    from taxoclass.plots.calibration import calibrate_rules, plot_records
 
-    def tiles(plots):
-        out = {}
-        for pid, tp in plots.items():
-            m = np.isin(tp["scale"], grid_set)
-            out[pid] = PlotTiles(pid, "", tp["scale"][m], {r: p[m] for r, p in tp["probs"].items()},
-                                 np.zeros(int(m.sum()), dtype=bool))
-        return out
-
-    settings = calibrate_rules(tiles(cal_plots), cal_truth, taxonomy, grids=list(grid_set))
-    test = tiles(test_plots)
+    settings = calibrate_rules(plot_tiles(cal_plots, grid_set), cal_truth, taxonomy,
+                               grids=list(grid_set))
+    test = plot_tiles(test_plots, grid_set)
     results = {}
     for row in settings.calibration:
         recs = plot_records(test, taxonomy, rule=row["rule"], thresholds=row["thresholds"],
@@ -535,14 +473,15 @@ def run_rule(plots: dict, truth: dict, taxonomy, rule: str, grid_set: tuple[str,
 
 def calibrate(plots: dict, truth: dict, taxonomy, rule: str, grid_set: tuple[str, ...]) -> dict:
     """Settings that maximise calibration macro F1 per plot: species step, then genus step."""
-    lowest = taxonomy.ranks[-1]
-    truth_idx, placeholder = truth_vectors(truth, taxonomy)
     top_ks, gates, min_tiles = SPACE[rule]
     coarse_opts = COARSE_WEIGHTS if len(grid_set) > 1 else (1.0,)
+    flagged = {rate: plot_tiles(plots, grid_set, rate) for rate in FLAG_RATES}
     best = (-1.0, None)
     for top_k, gate, coarse, rate in itertools.product(top_ks, gates, coarse_opts, FLAG_RATES):
-        f1 = species_sweep(plots, truth_idx, placeholder, rule, grid_set, coarse, top_k, gate,
-                           min_tiles, lowest, rate)
+        # species F1 at every (min_tiles, threshold), as aggregate_plot would score it
+        f1 = species_f1(flagged[rate], truth, taxonomy, rule, TileSettings(top_k, gate),
+                        min_tiles=min_tiles, candidates=SPECIES_T,
+                        scale_weights={grid_set[0]: coarse} if len(grid_set) > 1 else None)
         i, j = np.unravel_index(int(np.argmax(f1)), f1.shape)
         if f1[i, j] > best[0] + 1e-9:
             best = (float(f1[i, j]), {"top_k": top_k, "min_tile_prob": gate,

@@ -15,6 +15,7 @@ from taxoclass.errors import CacheError, ConfigError, ImageError
 from taxoclass.features.views import (
     ViewSettings,
     clutter_background,
+    paste_object,
     stable_int,
     tile_view,
     write_views,
@@ -86,6 +87,28 @@ def test_object_is_scaled_by_its_longest_side():
         assert object_pixels(view).sum() <= expected * scale**2 * 1.03
     small = tile_view(src, np.random.default_rng(3), settings(scale=(0.5, 0.5)))
     assert object_pixels(small).sum() == pytest.approx(expected * 0.25, rel=0.05)
+
+
+def test_paste_object_adds_a_scaled_object_to_an_existing_view():
+    s = settings(scale=(0.5, 0.5))
+    view = tile_view(square_image(), np.random.default_rng(0), s)
+    before = object_pixels(view).sum()
+    assert before == pytest.approx(80 * 80 * (50 / 80) ** 2, rel=0.05)
+    rng = np.random.default_rng(4)
+    assert paste_object(view, disc_image(), rng, s, max_cut=0.0)
+    added = object_pixels(view).sum() - before
+    assert 0 < added <= math.pi * 25 * 25 * 1.05  # at most the whole 50 px disc, new pixels
+    # the same draws as tile_view's: same generator state, same placement
+    again = tile_view(square_image(), np.random.default_rng(0), s)
+    paste_object(again, disc_image(), np.random.default_rng(4), s, max_cut=0.0)
+    assert np.array_equal(np.asarray(again), np.asarray(view))
+    sparse = Image.new("RGB", (91, 91))  # white dots 10 px apart: grey when shrunk
+    for x in range(0, 91, 10):
+        for y in range(0, 91, 10):
+            sparse.putpixel((x, y), (255, 255, 255))
+    blank = Image.new("RGB", (100, 100))
+    assert not paste_object(blank, sparse, np.random.default_rng(0), settings(scale=(0.05, 0.05)))
+    assert not np.asarray(blank).any()  # the object vanished: nothing pasted
 
 
 def test_black_background_is_zero_outside_the_object_and_clutter_is_not_uniform():
@@ -312,7 +335,8 @@ def test_zero_views_and_duplicate_ids(tmp_path, sources):
     assert len(none) == 0 and list(none.columns) == ["view_id", "source_id", "path", "k"]
     assert not (tmp_path / "v").exists()
     with pytest.raises(CacheError, match="img/0"):
-        write_views([sources[0], sources[0]], tmp_path / "d", ViewSettings(size=48))
+        write_views([sources[0], sources[0]], tmp_path / "d",
+                    ViewSettings(size=48, views_per_image=1))
 
 
 def test_progress_bar_and_folder_backgrounds(tmp_path, sources, capsys):

@@ -44,6 +44,7 @@ __all__ = [
     "VIEW_COLUMNS",
     "ViewSettings",
     "clutter_background",
+    "paste_object",
     "stable_int",
     "tile_view",
     "write_views",
@@ -324,6 +325,27 @@ def tile_view(image: Image.Image, rng: np.random.Generator, settings: ViewSettin
     y = _position(pix.height, size, settings.max_cut, rng)
     view.paste(pix, (x, y), mask)
     return view
+
+
+def paste_object(view: Image.Image, image: Image.Image, rng: np.random.Generator,
+                 settings: ViewSettings, *, max_cut: float | None = None) -> bool:
+    """Paste the object of ``image`` into ``view`` (in place), as :func:`tile_view` places
+    one: longest side ``uniform(*scale) * size``, rotated ``uniform(0, 360)`` degrees when
+    ``rotate``, at a random position with at most ``max_cut`` (default the settings') of
+    its width and height outside a ``size`` square. Draws from ``rng`` in that order.
+    Returns False (``view`` untouched) when the object vanished at that scale.
+    """
+    obj, use_threshold = _object(image.convert("RGB"), settings)
+    longest = float(rng.uniform(*settings.scale)) * settings.size
+    angle = float(rng.uniform(0.0, 360.0)) if settings.rotate else 0.0
+    placed = _place(obj, use_threshold, longest, angle, settings)
+    if placed is None:
+        return False
+    pix, mask = placed
+    cut = settings.max_cut if max_cut is None else float(max_cut)
+    view.paste(pix, (_position(pix.width, settings.size, cut, rng),
+                     _position(pix.height, settings.size, cut, rng)), mask)
+    return True
 
 
 # ---------------------------------------------------------------------------- many views
