@@ -237,3 +237,24 @@ def test_class_balanced_weights():
     assert torch.allclose(class_balanced_weights(counts, beta=0.0), torch.ones(5))
     with pytest.raises(ValueError):
         class_balanced_weights(np.array([1, -1]))
+
+
+def test_group_matcher_gives_timm_layers_per_stage_with_final_norms_on_top():
+    """HierarchicalClassifier.group_matcher: timm's coarse groups of the backbone (one
+    layer per CNN stage), the final conv/norm and the rank heads in the top layer."""
+    from taxoclass.model.optim import layer_ids, set_trainable
+
+    clf = HierarchicalClassifier.create("tf_efficientnet_lite0", {"genus": 3, "species": 5})
+    ids = layer_ids(clf)
+    assert ids["backbone.conv_stem.weight"] == 0 and ids["backbone.bn1.bias"] == 0
+    assert [ids[f"backbone.blocks.{i}.0.bn1.weight"] for i in range(7)] == list(range(1, 8))
+    assert ids["backbone.blocks.6.0.conv_pwl.weight"] == 7
+    top = {ids[n] for n in ("backbone.conv_head.weight", "backbone.bn2.weight",
+                            "head.heads.genus.weight", "head.heads.species.bias")}
+    assert top == {8} and max(ids.values()) == 8
+    frozen = set_trainable(clf, 2)  # the last two stages, the final conv/norm, the heads
+    assert frozen == ["backbone.conv_stem", "backbone.bn1", *(f"backbone.blocks.{i}"
+                                                              for i in range(5))]
+    trained = {n for n, p in clf.named_parameters() if p.requires_grad}
+    assert "backbone.blocks.5.0.conv_pw.weight" in trained and "backbone.bn2.bias" in trained
+    assert "backbone.blocks.4.0.conv_pw.weight" not in trained

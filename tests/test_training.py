@@ -149,3 +149,39 @@ def test_no_patience_trains_every_epoch_and_keeps_last_weights():
     with torch.inference_mode():
         loss = float(crit(res.head(normalize(x)), {r: torch.as_tensor(v) for r, v in y.items()}))
     assert loss == pytest.approx(res.history["val_loss"].iloc[-1], rel=1e-5)
+
+
+def test_early_stopping_helper_tracks_best_epoch_and_patience():
+    from taxoclass.model.training import EarlyStopping
+
+    stop = EarlyStopping(patience=2)
+    scores = [3.0, 2.0, 2.0 - 1e-7, 2.5, 1.0]  # a gain under min_delta is no gain
+    best = [stop.update(e, s) for e, s in enumerate(scores, start=1)]
+    assert best == [True, True, False, False, True]
+    assert stop.best_epoch == 5 and stop.best_score == 1.0
+    assert not stop.should_stop(6) and stop.should_stop(7)
+    off = EarlyStopping(patience=0)  # no early stopping: the last epoch is the best
+    assert all(off.update(e, s) for e, s in enumerate([1.0, 5.0, 9.0], start=1))
+    assert off.best_epoch == 3 and not off.should_stop(100)
+
+
+def test_criterion_from_config_counts_training_targets_for_class_weights():
+    from taxoclass.model.losses import class_balanced_weights, criterion_from_config
+
+    tax = _tiny_taxonomy()
+    _, y = _tiny_data(tax, 40, seed=0, noise=0.5)
+    y = {r: v.copy() for r, v in y.items()}
+    y[tax.ranks[-1]][:7] = -1  # unknown at the lowest rank: not counted
+    crit = criterion_from_config(tax, y, {"class_balanced": True, "class_balanced_beta": 0.9,
+                                          "dependency_weight": 0.5, "label_smoothing": 0.1})
+    lowest = tax.ranks[-1]
+    kept = y[lowest][y[lowest] >= 0]
+    want = class_balanced_weights(np.bincount(kept, minlength=tax.n_classes(lowest)), 0.9)
+    assert torch.equal(getattr(crit, f"class_weight_{lowest}"), want)
+    assert crit.dependency_weight == 0.5 and crit.label_smoothing == 0.1
+    plain = criterion_from_config(tax, y, None)  # the loss section's defaults
+    assert plain.dependency_weight == 1.0 and not hasattr(plain, f"class_weight_{lowest}")
+    from taxoclass.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dependency_weigth"):
+        criterion_from_config(tax, y, {"dependency_weigth": 1.0})  # a typo is an error
