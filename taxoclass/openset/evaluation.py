@@ -40,20 +40,28 @@ def _binomials(rows: pd.DataFrame) -> np.ndarray:
                      zip(rows["genus"].fillna(""), rows["species"].fillna(""))], dtype=object)
 
 
+def _leaves(rows: pd.DataFrame, ranks: Sequence[str]) -> np.ndarray:
+    """Name of the lowest rank per row (species as binomials)."""
+    return truth_names(rows, ranks[-1:])[ranks[-1]]
+
+
 def choose_holdout(rows: pd.DataFrame, *, species: Iterable[str] | None = None,
                    n_species: int | None = None, holdout_fraction: float | None = None,
-                   seed: int = 0) -> list[str]:
-    """Species (binomial names) to hold out; each genus keeps at least one known species.
+                   seed: int = 0, ranks: Sequence[str] = DEFAULT_RANKS) -> list[str]:
+    """Lowest-rank taxa (species: binomial names) to hold out; each parent taxon (genus)
+    keeps at least one known child.
 
     Give exactly one of ``species`` (checked against ``rows``), ``n_species`` or
     ``holdout_fraction`` (of the species in eligible genera). Only genera with two or more
-    species are eligible; the draw is seeded and independent of row order.
+    species are eligible; the draw is seeded and independent of row order. ``ranks``: the
+    taxonomy's; the last two are "species" and "genus" here.
     """
     if sum(v is not None for v in (species, n_species, holdout_fraction)) != 1:
         raise ValueError("choose_holdout: give exactly one of species, n_species or "
                          "holdout_fraction.")
-    names = _binomials(rows)
-    genus = rows["genus"].fillna("").astype(str).to_numpy()
+    names = _leaves(rows, ranks)
+    genus = (truth_names(rows, ranks[-2:-1])[ranks[-2]] if len(ranks) > 1
+             else np.full(len(rows), "", dtype=object))
     present = {n for n in names if n}
     if species is not None:
         wanted = [str(s) for s in species]
@@ -84,22 +92,24 @@ def choose_holdout(rows: pd.DataFrame, *, species: Iterable[str] | None = None,
     return sorted(chosen)
 
 
-def split_known_unknown(rows: pd.DataFrame, held_out: Iterable[str]) -> np.ndarray:
-    """Boolean mask: True for rows of a held-out species."""
-    return np.isin(_binomials(rows), list(held_out))
+def split_known_unknown(rows: pd.DataFrame, held_out: Iterable[str],
+                        ranks: Sequence[str] = DEFAULT_RANKS) -> np.ndarray:
+    """Boolean mask: True for rows of a held-out (lowest-rank) taxon."""
+    return np.isin(_leaves(rows, ranks), list(held_out))
 
 
 def known_taxonomy(categories: pd.DataFrame, held_out: Iterable[str],
                    ranks: Sequence[str] = DEFAULT_RANKS) -> Taxonomy:
     """Taxonomy of the categories minus the held-out species (they must not be classes)."""
-    keep = ~np.isin(_binomials(categories), list(held_out))
+    keep = ~np.isin(_leaves(categories, ranks), list(held_out))
     return Taxonomy.from_records(categories[keep].to_dict("records"), ranks,
                                  source="known categories")
 
 
 def truth_names(rows: pd.DataFrame, ranks: Sequence[str] = DEFAULT_RANKS
                 ) -> dict[str, np.ndarray]:
-    """True name per rank per row (species as binomial; ``""`` where unlabelled)."""
+    """True name per rank per row (species as binomial: the annotations' ``species`` column
+    holds the epithet; ``""`` where unlabelled)."""
     out = {}
     for r in ranks:
         if r == "species" and "genus" in rows:
