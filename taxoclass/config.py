@@ -453,8 +453,16 @@ class Config(Section):
                               f"some of {sorted([*kinds, 'out'])}.")
         out = m.get("out")
         _check_value("out", out, str | None, {})
-        return cls(out=out, **{k: kind.from_dict(m.get(k))  # type: ignore[attr-defined]
-                               for k, kind in kinds.items()})
+        cfg = cls(out=out, **{k: kind.from_dict(m.get(k))  # type: ignore[attr-defined]
+                              for k, kind in kinds.items()})
+        tp = cfg.openset.target_precision
+        missing = [r for r in cfg.data.ranks
+                   if cfg.openset.enabled and isinstance(tp, Mapping) and r not in tp]
+        if missing:
+            raise ConfigError(f"openset.target_precision: no value for rank(s) {missing} of "
+                              f"data.ranks {cfg.data.ranks}; give one per rank, e.g. "
+                              f"{ {r: 0.95 for r in cfg.data.ranks} }, or one number.")
+        return cfg
 
 
 #: The YAML-shaped defaults a config file is laid over: derived from :class:`Config`.

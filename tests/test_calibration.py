@@ -68,3 +68,16 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="target precision"):
         fit_thresholds({"species": np.ones(3)}, {"species": np.ones(3, bool)},
                        target_precision=1.5)
+
+
+def test_default_targets_are_the_configs_and_name_every_rank():
+    from taxoclass.config import OpensetConfig
+
+    s, c = _validation()
+    th = fit_thresholds({"genus": s, "species": s}, {"genus": c, "species": c})
+    cfg = OpensetConfig()
+    assert th.target == {"genus": 0.95, "species": 0.97} == {
+        r: cfg.target_precision[r] for r in ("genus", "species")}
+    assert th.min_support == cfg.min_support
+    with pytest.raises(ValueError, match=r"no value for rank\(s\) \['order'\]"):
+        fit_thresholds({"order": s}, {"order": c})

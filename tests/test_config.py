@@ -74,6 +74,15 @@ def test_good_values_pass_and_stay_as_written(tmp_path):
         assert Config.from_dict(load_config(f"configs/{name}")).data.ranks
 
 
+def test_target_precision_must_cover_the_configured_ranks():
+    with pytest.raises(ConfigError, match=r"openset.target_precision: no value for rank\(s\) "
+                                          r"\['order'\] of data.ranks"):
+        load_config(None, ["data.ranks=[order, family, genus]"])
+    ok = load_config(None, ["data.ranks=[order, family, genus]", "openset.target_precision=0.9"])
+    assert ok["openset"]["target_precision"] == 0.9
+    assert load_config(None, ["data.ranks=[order, genus]", "openset.enabled=false"])
+
+
 def test_unknown_keys_and_sections_are_errors():
     with pytest.raises(ConfigError, match=r"openset: unknown key\(s\) \['detectr'\]"):
         OpensetConfig.from_dict({"detectr": "knn"})
@@ -103,7 +112,8 @@ def test_no_function_default_disagrees_with_its_config_section():
     a Python caller passing a partial section gets the model a CLI user gets."""
     from taxoclass.features.views import ViewSettings
     from taxoclass.model import decoding, heads, losses
-    from taxoclass.openset import detectors, evidence, scorer
+    from taxoclass.openset import detectors, evidence, scorer, thresholds
+    from taxoclass.taxonomy.tree import DEFAULT_RANKS
 
     cfg = Config()
     o, d = dataclasses.asdict(cfg.openset), dataclasses.asdict(cfg.decode)
@@ -112,6 +122,7 @@ def test_no_function_default_disagrees_with_its_config_section():
     checks = [  # (function, section values, parameter -> config key)
         (scorer.fit_detector, o, renamed),
         (scorer.fit_evidence, o, {}),
+        (thresholds.fit_thresholds, o, {}),
         (scorer.fit_scorer, o, renamed),
         (scorer.confidence_of, o, renamed),
         (scorer.crossfit_predictions, o, renamed),
@@ -137,5 +148,8 @@ def test_no_function_default_disagrees_with_its_config_section():
     aug = AugmentConfig().view_settings()
     disagree += [f"ViewSettings.{k}={v!r}: config says {aug[k]!r}" for k, v in views.items()
                  if aug.get(k) != (list(v) if isinstance(v, tuple) else v)]
+    if list(DEFAULT_RANKS) != cfg.data.ranks:
+        disagree.append(f"taxonomy.tree.DEFAULT_RANKS={DEFAULT_RANKS}: config says "
+                        f"{cfg.data.ranks}")
     assert not disagree, "\n".join(disagree)
-    assert n_checked >= 30  # the mapping above still finds the parameters it checks
+    assert n_checked >= 32  # the mapping above still finds the parameters it checks

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ..config import OpensetConfig
+
 __all__ = ["RankThresholds", "fit_thresholds", "precision_coverage"]
 
 
@@ -90,21 +92,30 @@ def precision_coverage(scores: np.ndarray, correct: np.ndarray
     return s[last], hits[last] / count[last], count[last]
 
 
+_DEFAULTS = OpensetConfig()
+
+
 def fit_thresholds(scores: Mapping[str, np.ndarray], correct: Mapping[str, np.ndarray], *,
-                   target_precision: float | Mapping[str, float] = 0.95,
-                   min_support: int = 10,
+                   target_precision: float | Mapping[str, float] = _DEFAULTS.target_precision,
+                   min_support: int = _DEFAULTS.min_support,
                    floor: Mapping[str, float] | None = None) -> RankThresholds:
     """Smallest threshold per rank whose accepted validation set reaches the target precision.
 
     ``scores``: rank -> evidence per validation image (higher = more trustworthy; NaN rows
     are ignored). ``correct``: rank -> whether the predicted taxon at that rank is right.
-    ``target_precision``: one value for all ranks or one per rank. ``min_support``: the
+    ``target_precision``: one value for all ranks or one per rank (default: the config's,
+    per rank of the default ranks; other ranks need their own). ``min_support``: the
     accepted set must hold at least this many images (a precision of 1/1 proves nothing).
     ``floor``: rank -> lowest threshold allowed (e.g. 0 where gated rows score below 0
     and must never be accepted, whatever the precision).
     """
     if min_support < 1:
         raise ValueError(f"min_support must be >= 1, got {min_support}.")
+    if isinstance(target_precision, Mapping):
+        missing = [r for r in scores if r not in target_precision]
+        if missing:
+            raise ValueError(f"target_precision has no value for rank(s) {missing}; give one "
+                             f"per rank (openset.target_precision) or one number for all.")
     targets = ({r: float(target_precision[r]) for r in scores}
                if isinstance(target_precision, Mapping)
                else {r: float(target_precision) for r in scores})
