@@ -1,6 +1,14 @@
 """taxoclass: name organisms in images at the taxonomic rank the evidence supports.
 
-Heavy modules (torch, timm, pandas) are imported lazily, so ``taxoclass --help`` is fast.
+The public API (``__all__``) is what the ``taxoclass`` command line calls::
+
+    import taxoclass
+
+    bundle = taxoclass.train(taxoclass.load_config("configs/leaf.yaml"))
+    frame = taxoclass.TaxonClassifier.load(bundle).predict(["photo.jpg"])
+
+Everything but the error types and ``__version__`` is imported on first use, so
+``import taxoclass`` (and ``taxoclass --help``) loads neither torch nor pandas.
 """
 
 from __future__ import annotations
@@ -8,6 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ._version import __version__ as __version__
 from .errors import AnnotationError as AnnotationError
 from .errors import BackboneError as BackboneError
 from .errors import BundleError as BundleError
@@ -17,21 +26,46 @@ from .errors import ImageError as ImageError
 from .errors import TaxoclassError as TaxoclassError
 from .errors import TaxonomyError as TaxonomyError
 
-from ._version import __version__ as __version__
-
-_LAZY = {
-    "Taxonomy": "taxonomy.tree",
-    "load_annotations": "taxonomy.annotations",
-    "validate_annotations": "taxonomy.annotations",
-    "read_species_table": "taxonomy.annotations",
-    "read_class_mapping": "taxonomy.annotations",
-    "create_backbone": "features.backbones",
-    "compute_embeddings": "features.embeddings",
-    "load_embeddings": "features.embeddings",
+# public name -> (module, attribute): imported on first access
+_LAZY: dict[str, tuple[str, str]] = {
+    "TaxonClassifier": ("pipelines.classifier", "TaxonClassifier"),
+    "embed": ("pipelines.embed", "embed_annotations"),
+    "train": ("pipelines.train", "train_from_config"),
+    "predict": ("pipelines.predict", "predict_images"),
+    "flag_unknowns": ("pipelines.predict", "flag_unknowns"),
+    "evaluate": ("pipelines.evaluate", "evaluate_model"),
+    "plot_report": ("pipelines.plots", "plot_report_job"),
+    "calibrate_plots": ("pipelines.plots", "calibrate_plots_job"),
+    "Taxonomy": ("taxonomy.tree", "Taxonomy"),
+    "load_taxonomy": ("taxonomy.loading", "load_taxonomy"),
+    "load_annotations": ("taxonomy.annotations", "load_annotations"),
+    "validate_annotations": ("taxonomy.annotations", "validate_annotations"),
+    "create_backbone": ("features.backbones", "create_backbone"),
+    "load_config": ("config", "load_config"),
 }
+
+__all__ = [
+    "AnnotationError",
+    "BackboneError",
+    "BundleError",
+    "CacheError",
+    "ConfigError",
+    "ImageError",
+    "TaxoclassError",
+    "TaxonomyError",
+    "__version__",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
     raise AttributeError(f"module 'taxoclass' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
