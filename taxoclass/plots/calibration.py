@@ -51,6 +51,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import AnnotationError, ConfigError, ImageError
+from ..vocab import UNKNOWN, Rule
 from .evaluation import evaluate_plots
 from .learned import OOF_FOLDS, LearnedPlotRule
 from .rules import PlotRecord, aggregate_plot
@@ -81,7 +82,8 @@ __all__ = [
 Progress = Callable[[int, int], None]
 
 #: Simplest first: a tie in calibration species F1 goes to the earlier rule.
-RULE_ORDER: tuple[str, ...] = ("argmax_union", "max", "mean", "noisy_or", LEARNED)
+RULE_ORDER: tuple[str, ...] = tuple(r.value for r in (Rule.ARGMAX_UNION, Rule.MAX, Rule.MEAN,
+                                                       Rule.NOISY_OR, Rule.LEARNED))
 
 
 # ---------------------------------------------------------------------- tile predictions
@@ -227,7 +229,7 @@ def calibrate_rules(plots: Mapping[str, PlotTiles], truth: Mapping[str, Sequence
                   if row["macro_f1_per_plot"][lowest] >= best - 1e-9)
     prov = {"taxoclass_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "model": None, "backbone": "unknown", **dict(provenance or {}),
+            "model": None, "backbone": UNKNOWN, **dict(provenance or {}),
             "n_calibration_plots": len(ids)}
     return PlotSettings(rule=chosen, grids=[grid_label(g) for g in grids], overlap=float(overlap),
                         calibration=rows, learned=learned, provenance=prov)

@@ -143,14 +143,14 @@ def darwin_core_frame(records: Mapping[str, Sequence[PlotRecord]], taxonomy, *,
         for i, r in enumerate(recs):
             if r.taxon_rank == UNKNOWN or not r.node:
                 continue
-            genus_level = "species" in ranks and r.taxon_rank != ranks[-1]
             path = dict(zip(ranks, r.node))
             rows.append({
                 "occurrenceID": f"{plot_id}:{i + 1}",
                 "eventID": plot_id,
                 "scientificName": r.node[-1],
                 "taxonRank": r.taxon_rank,
-                "identificationQualifier": "sp." if r.taxon_rank == "genus" and genus_level else "",
+                # "sp.": the taxonomy labels this answer above the lowest rank "<name> sp."
+                "identificationQualifier": "sp." if r.taxon.endswith(" sp.") else "",
                 "family": path.get("family", ""),
                 "genus": path.get("genus", ""),
                 "basisOfRecord": "MachineObservation",
@@ -292,6 +292,75 @@ def _aggregate(pt: PlotTiles, taxonomy, *, rule: str, thresholds: Mapping[str, f
                       int(flags.sum()))
 
 
+def _scale_weights(scale_weights: Mapping[str, float] | None,
+                   grids: Sequence[str]) -> dict[str, float]:
+    """Grid label -> tile weight, checked against the grids used."""
+    out = {}
+    for g, w in (scale_weights or {}).items():
+        r, c = parse_grid(g)
+        if float(w) < 0:
+            raise ConfigError(f"scale_weights[{g!r}] = {w}: tile weights must be >= 0.")
+        out[f"{r}x{c}"] = float(w)
+    unused = sorted(set(out) - set(grids))
+    if unused:
+        raise ConfigError(f"scale_weights names grid(s) {unused} that are not among the grids "
+                          f"{list(grids)}.")
+    return out
+
+
+def _output_folder(out_dir: str | Path, overwrite: bool) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"Output folder {str(out)!r} is a file; pass a folder path.")
+    if not overwrite and (out / OUTPUT_FILES["json"]).exists():
+        raise ConfigError(f"{out / OUTPUT_FILES['json']} exists; pass overwrite=True or "
+                          "another output folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _html_settings(used: Mapping[str, Any], backbone: str) -> dict[str, Any]:
+    """The settings line of the HTML page (tile settings only where set)."""
+    return {"rule": used["rule"], "grids": ", ".join(used["grids"]), "overlap": used["overlap"],
+            "backbone": backbone, **{f"threshold {k}": v for k, v in used["thresholds"].items()},
+            **({"top_k": used["top_k"]} if used["top_k"] is not None else {}),
+            **({"min_tile_prob": used["min_tile_prob"]} if used["min_tile_prob"] > 0 else {}),
+            **({"min_tiles": used["min_tiles"]} if used["min_tiles"] != 1 else {}),
+            **({"settings file": used["settings_file"]} if used["settings_file"] else {})}
+
+
+def _write_outputs(out: Path, classifier: Any, plots: Sequence[PlotResult],
+                   failures: list[dict[str, str]], used: Mapping[str, Any], taxonomy, *,
+                   plantclef_year: int) -> dict[str, Path]:
+    """Every report file but the provenance (see the module docstring)."""
+    describe = classifier.describe()
+    backbone = backbone_name(classifier)
+    taxon_ids = classifier.taxon_ids() if hasattr(classifier, "taxon_ids") else {}
+    records = {p.plot_id: p.records for p in plots}
+    plot_json = [{"plot_id": p.plot_id, "photo": str(p.photo), "width": p.size[0],
+                  "height": p.size[1], "n_tiles": len(p.tiles), "n_unknown_tiles": p.n_unknown,
+                  "records": [{**r.to_dict(), "taxon_id": taxon_ids.get(tuple(r.node))}
+                              for r in p.records]} for p in plots]
+    files = {k: out / v for k, v in OUTPUT_FILES.items()}
+    atomic_write_csv(files["csv"], records_frame(records))
+    atomic_write_json(files["json"], {
+        "taxoclass_version": __version__,
+        "classifier": {"kind": str(describe.get("kind", type(classifier).__name__)),
+                       "backbone": backbone},
+        "settings": dict(used), "plots": plot_json, "failures": failures})
+    sub = plantclef_submission_frame(records, taxonomy, taxon_ids=taxon_ids, year=plantclef_year)
+    atomic_write_text(files["plantclef"], sub.to_csv(index=False,
+                                                     sep=";" if plantclef_year == 2024 else ","))
+    atomic_write_csv(files["dwc"], darwin_core_frame(
+        records, taxonomy, photos={p.plot_id: str(p.photo) for p in plots},
+        identified_by=f"taxoclass {__version__} ({backbone})"))
+    atomic_write_csv(files["failures"], pd.DataFrame(failures, columns=["photo", "error"]))
+    atomic_write_text(files["html"], render_html(
+        plots, failures, taxonomy=taxonomy, title=f"taxoclass plot report ({len(plots)} plots)",
+        settings=_html_settings(used, backbone)))
+    return files
+
+
 def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Path, *,
                 grids: Sequence[Any] | None = None, overlap: float | None = None,
                 rule: str | None = None, thresholds: Mapping[str, float] | None = None,
@@ -324,90 +393,41 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
     resolved = resolve_report_settings(settings, grids=grids, overlap=overlap, rule=rule,
                                        thresholds=thresholds, top_k=top_k,
                                        min_tile_prob=min_tile_prob, min_tiles=min_tiles)
-    rule, grids, overlap = resolved.rule, resolved.grids, resolved.overlap
-    top_k, min_tile_prob, min_tiles = (resolved.top_k, resolved.min_tile_prob,
-                                       resolved.min_tiles)
-    learned = resolved.learned
     taxonomy = classifier.taxonomy
-    th = resolve_thresholds(rule, taxonomy.ranks, resolved.thresholds)
-    grid_labels = list(grids)
-    weights_by_scale = {}
-    for g, w in (scale_weights or {}).items():
-        r, c = parse_grid(g)
-        if float(w) < 0:
-            raise ConfigError(f"scale_weights[{g!r}] = {w}: tile weights must be >= 0.")
-        weights_by_scale[f"{r}x{c}"] = float(w)
-    unused = sorted(set(weights_by_scale) - set(grid_labels))
-    if unused:
-        raise ConfigError(f"scale_weights names grid(s) {unused} that are not among the grids "
-                          f"{grid_labels}.")
-    if not 0.0 <= float(overlap) < 1.0:
-        raise ConfigError(f"Tile overlap must be a fraction in [0, 1), got {overlap}.")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"Output folder {str(out)!r} is a file; pass a folder path.")
-    if not overwrite and (out / OUTPUT_FILES["json"]).exists():
-        raise ConfigError(f"{out / OUTPUT_FILES['json']} exists; pass overwrite=True or "
-                          "another output folder.")
-    out.mkdir(parents=True, exist_ok=True)
+    th = resolve_thresholds(resolved.rule, taxonomy.ranks, resolved.thresholds)
+    weights_by_scale = _scale_weights(scale_weights, resolved.grids)
+    if not 0.0 <= float(resolved.overlap) < 1.0:
+        raise ConfigError(f"Tile overlap must be a fraction in [0, 1), got {resolved.overlap}.")
+    out = _output_folder(out_dir, overwrite)
     paths = [Path(p) for p in photos]
-    records: dict[str, list[PlotRecord]] = {}
-    failures: list[dict[str, str]] = []
     plots: list[PlotResult] = []
-    plot_json = []
-    for item in classify_photos(classifier, paths, grids=grids, overlap=overlap,
-                                flag_unknown=flag_unknown, keep_image=True, progress=progress):
+    failures: list[dict[str, str]] = []
+    for item in classify_photos(classifier, paths, grids=resolved.grids,
+                                overlap=resolved.overlap, flag_unknown=flag_unknown,
+                                keep_image=True, progress=progress):
         if isinstance(item, PhotoFailure):
             failures.append(item.to_dict())
             continue
-        plot = _aggregate(item, taxonomy, rule=rule, thresholds=th, learned=learned,
-                          checklist=checklist, outside_weight=outside_weight,
-                          weights_by_scale=weights_by_scale, min_tiles=min_tiles, top_k=top_k,
-                          min_tile_prob=min_tile_prob, thumbnail_px=thumbnail_px)
-        records[plot.plot_id] = plot.records
-        plots.append(plot)
-        plot_json.append({"plot_id": plot.plot_id, "photo": str(plot.photo),
-                          "width": plot.size[0], "height": plot.size[1],
-                          "n_tiles": len(plot.tiles), "n_unknown_tiles": plot.n_unknown,
-                          "records": [r.to_dict() for r in plot.records]})
-
-    describe = classifier.describe()
-    backbone = backbone_name(classifier)
-    taxon_ids = classifier.taxon_ids() if hasattr(classifier, "taxon_ids") else {}
-    for pj in plot_json:
-        for rec in pj["records"]:
-            rec["taxon_id"] = taxon_ids.get(tuple(rec["node"]))
-    used = {"rule": rule, "thresholds": th, "grids": grid_labels, "overlap": float(overlap),
-            "checklist": list(checklist) if checklist else None, "min_tiles": min_tiles,
-            "top_k": top_k, "min_tile_prob": float(min_tile_prob),
+        plots.append(_aggregate(item, taxonomy, rule=resolved.rule, thresholds=th,
+                                learned=resolved.learned, checklist=checklist,
+                                outside_weight=outside_weight, weights_by_scale=weights_by_scale,
+                                min_tiles=resolved.min_tiles, top_k=resolved.top_k,
+                                min_tile_prob=resolved.min_tile_prob,
+                                thumbnail_px=thumbnail_px))
+    used = {"rule": resolved.rule, "thresholds": th, "grids": list(resolved.grids),
+            "overlap": float(resolved.overlap),
+            "checklist": list(checklist) if checklist else None,
+            "min_tiles": resolved.min_tiles, "top_k": resolved.top_k,
+            "min_tile_prob": float(resolved.min_tile_prob),
             "scale_weights": weights_by_scale or None, "settings_file": resolved.source,
             "overridden": resolved.overridden}
-    files = {k: out / v for k, v in OUTPUT_FILES.items()}
-    atomic_write_csv(files["csv"], records_frame(records))
-    atomic_write_json(files["json"], {
-        "taxoclass_version": __version__,
-        "classifier": {"kind": str(describe.get("kind", type(classifier).__name__)),
-                       "backbone": backbone},
-        "settings": used, "plots": plot_json, "failures": failures})
-    sub = plantclef_submission_frame(records, taxonomy, taxon_ids=taxon_ids, year=plantclef_year)
-    atomic_write_text(files["plantclef"], sub.to_csv(index=False,
-                                                     sep=";" if plantclef_year == 2024 else ","))
-    atomic_write_csv(files["dwc"], darwin_core_frame(
-        records, taxonomy, photos={p.plot_id: str(p.photo) for p in plots},
-        identified_by=f"taxoclass {__version__} ({backbone})"))
-    atomic_write_csv(files["failures"], pd.DataFrame(failures, columns=["photo", "error"]))
-    atomic_write_text(files["html"], render_html(
-        plots, failures, taxonomy=taxonomy, title=f"taxoclass plot report ({len(plots)} plots)",
-        settings={"rule": rule, "grids": ", ".join(grid_labels), "overlap": overlap,
-                  "backbone": backbone, **{f"threshold {k}": v for k, v in th.items()},
-                  **({"top_k": top_k} if top_k is not None else {}),
-                  **({"min_tile_prob": min_tile_prob} if min_tile_prob > 0 else {}),
-                  **({"min_tiles": min_tiles} if min_tiles != 1 else {}),
-                  **({"settings file": resolved.source} if resolved.source else {})}))
+    files = _write_outputs(out, classifier, plots, failures, used, taxonomy,
+                           plantclef_year=plantclef_year)
     files["provenance"] = write_provenance(
-        out, backbone=describe,
+        out, backbone=classifier.describe(),
         config={**used, "photos": [str(p) for p in paths], "plantclef_year": plantclef_year,
                 "outside_weight": outside_weight},
-        extra={"outputs": {k: v.name for k, v in files.items()}, "n_plots": len(records),
+        extra={"outputs": {k: v.name for k, v in files.items()}, "n_plots": len(plots),
                "n_failures": len(failures)})
+    records = {p.plot_id: p.records for p in plots}
     return PlotReportResult(out, records, failures, files, plots)

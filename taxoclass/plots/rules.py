@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..errors import ConfigError, TaxonomyError
-from ..vocab import UNKNOWN, Reason, plot_reason
+from ..vocab import UNKNOWN, Reason, Rule, plot_reason
 from .selection import LEARNED, RULES, keep_top_k, rank_evidence
 
 __all__ = [
@@ -41,10 +41,10 @@ __all__ = [
 
 #: Per rule, per rank. Ranks not listed fall back to the lowest listed value above them.
 DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
-    "argmax_union": {"species": 0.0, "genus": 0.5, "family": 0.5},
-    "max": {"species": 0.5, "genus": 0.6, "family": 0.7},
-    "noisy_or": {"species": 0.9, "genus": 0.95, "family": 0.98},
-    "mean": {"species": 0.1, "genus": 0.15, "family": 0.2},
+    Rule.ARGMAX_UNION.value: {"species": 0.0, "genus": 0.5, "family": 0.5},
+    Rule.MAX.value: {"species": 0.5, "genus": 0.6, "family": 0.7},
+    Rule.NOISY_OR.value: {"species": 0.9, "genus": 0.95, "family": 0.98},
+    Rule.MEAN.value: {"species": 0.1, "genus": 0.15, "family": 0.2},
     LEARNED: {"species": 0.5, "genus": 0.5, "family": 0.5},
 }
 

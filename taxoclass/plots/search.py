@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, TaxonomyError
+from ..vocab import Rule
 from .evaluation import truth_path
 from .selection import LEARNED, Evidence, TileSettings, keep_top_k, rank_evidence
 from .tiling import PlotTiles
@@ -44,7 +45,7 @@ TILE_SEARCH: dict[str, tuple[Any, ...]] = {"top_k": (None, 1, 3),
                                            "min_tile_prob": (0.0, 0.2, 0.4),
                                            "min_tiles": (1, 2, 3)}
 #: The rules whose scores add tiles up, so that ``top_k`` and the tile gate change them.
-TILE_RULES: tuple[str, ...] = ("noisy_or", "mean")
+TILE_RULES: tuple[str, ...] = (Rule.NOISY_OR.value, Rule.MEAN.value)
 
 Scores = Mapping[str, Mapping[str, np.ndarray]]
 

@@ -30,6 +30,7 @@ from PIL import Image
 
 from ..errors import ConfigError, ImageError
 from ..io.images import load_image
+from ..vocab import UNKNOWN, Reason
 
 __all__ = [
     "DEFAULT_GRIDS",
@@ -279,7 +280,7 @@ def backbone_name(classifier: Any) -> str:
     if name:
         return str(name)
     bb = classifier.describe().get("backbone", {})
-    return str(bb.get("name", "unknown")) if isinstance(bb, Mapping) else str(bb)
+    return str(bb.get("name", UNKNOWN)) if isinstance(bb, Mapping) else str(bb)
 
 
 def _batched(images: Sequence[Image.Image], backbone: Any, batch_size: int,
@@ -386,7 +387,8 @@ class BundleTileClassifier:
             return np.zeros(n, dtype=bool)
         frame = scorer.predict(self.bundle.scorer_input(emb), decoded, self.taxonomy)
         outlier = frame["outlier"].to_numpy(dtype=bool)
-        no_rank = frame["taxon_rank"].isna().to_numpy() | (frame["reason"] == "unknown").to_numpy()
+        no_rank = (frame["taxon_rank"].isna().to_numpy()
+                   | (frame["reason"] == Reason.UNKNOWN.value).to_numpy())
         return outlier | no_rank
 
     def flag_unknown(self, decoded) -> np.ndarray:
