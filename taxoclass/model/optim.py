@@ -109,23 +109,29 @@ def adamw(params: Iterable[Any], **kwargs: Any) -> torch.optim.AdamW:
 
 
 def warmup_cosine(opt: torch.optim.Optimizer, *, warmup: int, total: int, lr: float,
-                  min_lr_ratio: float):
-    """timm's cosine schedule per optimizer step (call ``step_update(step)`` after each).
+                  min_lr_ratio: float) -> Any:
+    """timm's cosine schedule per optimizer step (call ``step_update(k)`` before step ``k``).
 
     Step ``k`` (0-based) of a group with peak ``lr * s`` runs at ``lr * s * (k + 1) / W``
-    while ``k < W - 1`` (linear warm-up over ``W = warmup`` steps), then at
-    ``lr * s * (f + (1 - f) * (1 + cos(pi * t)) / 2)`` with
-    ``t = (k - w) / (total - w)``, ``w = max(W - 1, 0)``, ``f = min_lr_ratio``: the last
-    warm-up step is the cosine's peak.
+    while ``k < W`` (linear warm-up over ``W = warmup`` steps, the last one at the peak),
+    then at ``lr * s * (f + (1 - f) * (1 + cos(pi * t)) / 2)`` with
+    ``t = min((k - W) / max(total - W, 1), 1)`` and ``f = min_lr_ratio``.
     """
     from timm.scheduler import CosineLRScheduler
 
+    class WarmupCosine(CosineLRScheduler):
+        """timm counts warm-up step ``k`` at ``k / W`` of the peak, reaching it at step
+        ``W``; here step ``k < W`` trains at ``(k + 1) / W``, so no step runs at lr 0."""
+
+        def _get_lr(self, t: int) -> list[float]:
+            return super()._get_lr(t + 1 if t < self.warmup_t else t)
+
     total = max(int(total), 1)
-    w = max(min(int(warmup), total) - 1, 0)
-    init = float(lr) / (w + 1) if w else 0.0
-    return CosineLRScheduler(opt, t_initial=total - w, lr_min=float(lr) * float(min_lr_ratio),
-                             warmup_t=w, warmup_lr_init=init, warmup_prefix=True,
-                             t_in_epochs=False)
+    w = min(max(int(warmup), 0), total)
+    sched = WarmupCosine(opt, t_initial=max(total - w, 1), lr_min=float(lr) * float(min_lr_ratio),
+                         warmup_t=w, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    sched.step_update(0)
+    return sched
 
 
 def check_layer_decay(model: HierarchicalClassifier, layer_decay: float,
