@@ -12,6 +12,9 @@ not silently fall back to a default), and every value is type- and range-checked
 config loads (``ConfigError: train.epochs: expected an integer >= 1, found 'five'``).
 Relative paths in a config file are resolved against the file's folder, so a config works
 from any working directory.
+
+Long because every config section lives here (one home for the defaults, each field with
+its comment); the generic type and range checks are the first ~120 lines.
 """
 
 from __future__ import annotations
