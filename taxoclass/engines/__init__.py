@@ -144,7 +144,7 @@ class SparkEngine:
                 *, batch_size: int | None = None, top_k: int = 5, overwrite: bool = False,
                 progress: Progress | None = None) -> Predictions:
         """Rows appended to ``out/predictions.parquet`` (images already there are skipped)."""
-        from .spark import spark_predict
+        from .spark_predict import spark_predict
 
         if out is None:
             raise ConfigError("--engine spark writes Parquet: pass --out DIR.")
@@ -157,7 +157,7 @@ class SparkEngine:
                        overwrite: bool = False):
         """Executors tile and classify (``out/plot_tiles.parquet``, resumable); the result
         replays their predictions to ``plot_report`` on the driver."""
-        from .spark import spark_classify_plots
+        from .spark_plots import spark_classify_plots
 
         return spark_classify_plots(classifier, photos, out, grids=grids, overlap=overlap,
                                     partitions=self.partitions, overwrite=overwrite,
