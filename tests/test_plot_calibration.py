@@ -606,3 +606,27 @@ def test_plot_report_rule_learned_needs_settings(bundle_dir, plot_photos, tmp_pa
                                     "--out", str(tmp_path / "rep"), "--rule", "learned",
                                     "--device", "cpu"])
     assert res.exit_code == 2 and "needs its fitted parameters" in res.output, res.output
+
+
+@pytest.mark.parametrize("rule", ["max", "noisy_or", "mean", "argmax_union"])
+@pytest.mark.parametrize("coarse", [0.0, 0.5, 2.0])
+def test_species_f1_weights_tiles_by_scale_as_aggregate_plot_does(calibrated_peaked, rule,
+                                                                   coarse):
+    """The sweep's scale_weights (the benchmark's weight of coarse tiles) give the F1 that
+    aggregate_plot(weights=...) gives, at every min_tiles and threshold."""
+    cal, truth, _ = calibrated_peaked
+    ids = list(cal)[:10]
+    cal, truth = {p: cal[p] for p in ids}, {p: truth[p] for p in ids}
+    tile = TileSettings(top_k=3 if rule in ("noisy_or", "mean") else None)
+    curves = species_f1(cal, truth, TAX, rule, tile, min_tiles=(1, 2),
+                        scale_weights={"2x2": coarse})
+    assert curves.shape == (2, len(CANDIDATE_THRESHOLDS))
+    for row, m in enumerate((1, 2)):
+        for i in range(0, len(CANDIDATE_THRESHOLDS), 11):
+            t = float(CANDIDATE_THRESHOLDS[i])
+            recs = {p: aggregate_plot(tp.probs, TAX, plot_id=p, rule=rule,
+                                      thresholds={"species": t}, unknown=tp.unknown,
+                                      weights=np.where(tp.scales == "2x2", coarse, 1.0),
+                                      top_k=tile.top_k, min_tiles=m) for p, tp in cal.items()}
+            expected = evaluate_plots(recs, truth, TAX)["species"]["macro_f1_per_plot"]
+            assert curves[row, i] == pytest.approx(expected), (m, t)
