@@ -33,6 +33,7 @@ __all__ = [
     "Predictions",
     "SparkEngine",
     "backbone_from_spec",
+    "engine_for_job",
     "get_engine",
     "prediction_frame",
 ]
@@ -56,20 +57,23 @@ class LocalEngine:
     num_workers: int = 0
     chunk_size: int = 512
     device: str = "auto"
+    precision: str = "auto"
     name: str = field(default="local", init=False)
 
     def embed(self, items: Items, backbone: Mapping[str, Any], out: str | Path, *,
-              batch_size: int = 64, overwrite: bool = False,
+              batch_size: int | None = None, overwrite: bool = False,
               progress: Progress | None = None):
+        """``batch_size``: default by device (``features.batching.auto_batch_size``)."""
         from ..features.embeddings import compute_embeddings
         from ..io.provenance import write_provenance
 
-        model = backbone_from_spec(backbone)
+        model = backbone_from_spec(backbone, device=self.device, precision=self.precision)
         result = compute_embeddings(items, model, out, batch_size=batch_size,
                                     num_workers=self.num_workers, chunk_size=self.chunk_size,
                                     overwrite=overwrite, progress=progress)
         write_provenance(out, backbone=model.describe(), config={
-            "engine": "local", "backbone_spec": dict(backbone), "batch_size": batch_size,
+            "engine": "local", "backbone_spec": dict(backbone),
+            "batch_size": result.cache.manifest.get("plan", {}).get("batch_size", batch_size),
             "num_workers": self.num_workers, "n_images": len(items)})
         return result
 
@@ -188,3 +192,13 @@ def get_engine(name: str = "local", **options: Any) -> Engine:
         if reason:
             raise ConfigError(f"--engine spark: {reason}")
     return cls(**extra)
+
+
+def engine_for_job(name: str = "local", *, master: str | None = None,
+                   **local_options: Any) -> Engine:
+    """The engine a job's parameters name: ``master`` goes to Spark, ``local_options``
+    (``num_workers``, ``device``, ``precision``) to the local engine; every job with a Spark
+    path picks its engine with this."""
+    if str(name).strip().lower() == "local":
+        return get_engine(name, master=master, **local_options)
+    return get_engine(name, master=master)

@@ -51,11 +51,12 @@ class Engine(Protocol):
         ...
 
 
-def backbone_from_spec(spec: Mapping[str, Any]):
-    """Build the backbone a spec describes (``features.backbones.backbone_from_spec``)."""
+def backbone_from_spec(spec: Mapping[str, Any], **options: Any):
+    """Build the backbone a spec describes (``features.backbones.backbone_from_spec``;
+    ``options``: ``device``, ``precision``)."""
     from ..features.backbones import backbone_from_spec as build
 
-    return build(dict(spec))
+    return build(dict(spec), **options)
 
 
 def prediction_frame(bundle: Any, embeddings: Any, images: Sequence[str], top_k: int):

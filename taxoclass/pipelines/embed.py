@@ -30,8 +30,9 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
     ``local[2]``) and writes Parquet. Returns the
     :class:`~taxoclass.features.embeddings.EmbedResult`.
     """
-    from ..features.backbones import backbone_from_spec, backbone_spec
-    from ..features.embeddings import compute_embeddings
+    from ..engines import engine_for_job
+    from ..features.backbones import backbone_spec
+    from ..features.batching import auto_batch_size
     from ..taxonomy.annotations import load_annotations
 
     if engine != "local" and precision != "auto":
@@ -48,22 +49,19 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
     items = ann.image_items(root)
     if not items:
         raise AnnotationError(f"{annotations}: lists no images; nothing to embed.")
+    runner = engine_for_job(engine, master=master, num_workers=num_workers, device=device,
+                            precision=precision)
     if engine != "local":
-        from ..engines import get_engine
-        from ..features.batching import auto_batch_size
-
-        batch_size = batch_size or auto_batch_size("cpu")
-        return get_engine(engine, master=master).embed(
-            items, spec, out, batch_size=batch_size, overwrite=overwrite, progress=progress)
-    model = backbone_from_spec(spec, device=device, precision=precision)
-    result = compute_embeddings(items, model, out, batch_size=batch_size,
-                                num_workers=num_workers, overwrite=overwrite, progress=progress)
-    write_provenance(out, backbone=model.describe(), config={
-        "annotations": str(Path(annotations).resolve()), "images_root": str(root.resolve()),
-        "backbone": backbone, "checkpoint": str(checkpoint) if checkpoint else None,
-        "backbone_spec": spec,
-        "batch_size": result.cache.manifest.get("plan", {}).get("batch_size", batch_size),
-        "num_workers": num_workers})
+        batch_size = batch_size or auto_batch_size("cpu")  # executors embed on CPUs
+    result = runner.embed(items, spec, out, batch_size=batch_size, overwrite=overwrite,
+                          progress=progress)
+    if engine == "local":  # the Spark engine records its run (master, partitions) itself
+        write_provenance(out, backbone=result.cache.manifest["backbone"], config={
+            "annotations": str(Path(annotations).resolve()), "images_root": str(root.resolve()),
+            "backbone": backbone, "checkpoint": str(checkpoint) if checkpoint else None,
+            "backbone_spec": spec,
+            "batch_size": result.cache.manifest.get("plan", {}).get("batch_size", batch_size),
+            "num_workers": num_workers})
     return result
 
 

@@ -38,9 +38,9 @@ def plot_report_job(model: str | Path, photos: Sequence[str | Path], out: str | 
     ``overwrite`` discards it) and aggregates on the driver; ``device`` is for the local
     engine only.
     """
-    from ..engines import get_engine
-    from ..plots.settings import PlotSettings, resolve_report_settings
+    from ..engines import engine_for_job
     from ..plots.report import plot_report
+    from ..plots.settings import PlotSettings, resolve_report_settings
 
     if settings.get("settings") is not None and not isinstance(settings["settings"], PlotSettings):
         settings["settings"] = PlotSettings.load(settings["settings"])  # before the model loads
@@ -50,8 +50,7 @@ def plot_report_job(model: str | Path, photos: Sequence[str | Path], out: str | 
                                        thresholds=settings.get("thresholds"))
     if not 0.0 <= resolved.overlap < 1.0:
         raise ConfigError(f"Tile overlap must be a fraction in [0, 1), got {resolved.overlap}.")
-    runner = (get_engine(engine, device=device) if engine == "local"
-              else get_engine(engine, master=master))
+    runner = engine_for_job(engine, master=master, device=device)
     paths = collect_images(photos)
     classifier = runner.classify_plots(
         {"model": model, "class_mapping": class_mapping, "species_table": species_table,

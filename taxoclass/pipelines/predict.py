@@ -37,17 +37,14 @@ def predict_images(model: str | Path, images: Sequence[str | Path], *,
     and keeps its resumable rows in ``out/predictions.parquet``; it needs ``out`` and
     ignores ``device`` and ``num_workers`` (executors predict on CPUs).
     """
-    from ..engines import get_engine
+    from ..engines import engine_for_job
+    from ..features.batching import auto_batch_size
 
+    runner = engine_for_job(engine, master=master, num_workers=num_workers, device=device)
     if engine != "local":
         if out is None:
             raise ConfigError("--engine spark writes Parquet: pass --out DIR.")
-        from ..features.batching import auto_batch_size
-
-        batch_size = batch_size or auto_batch_size("cpu")
-        runner = get_engine(engine, master=master)
-    else:
-        runner = get_engine(engine, num_workers=num_workers, device=device)
+        batch_size = batch_size or auto_batch_size("cpu")  # executors predict on CPUs
     paths = collect_images(images)
     result = runner.predict(model, paths, out, batch_size=batch_size, top_k=top_k,
                             overwrite=overwrite, progress=progress)
