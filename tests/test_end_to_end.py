@@ -9,6 +9,7 @@ assertions are quality floors that random guessing (1/6 at species) fails.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -92,6 +93,33 @@ def test_embed_writes_a_resumable_cache(fixture_set, fixture_model, cli):
                 "--backbone", f["arch"], "--checkpoint", f["ckpt"],
                 "--model-kwargs", json.dumps(f["kwargs"]), "--batch-size", 16, "--out", emb)
     assert "0 computed, 60 reused" in again  # nothing is embedded twice
+
+
+def test_embed_records_a_corrupt_image_and_carries_on(fixture_set, cli, tmp_path):
+    data = json.loads(fixture_set["test"].read_text())
+    data["images"] = data["images"][:3] + [{"image_id": 999, "file_name": "broken.jpg"}]
+    data["annotations"] = data["annotations"][:3] + [dict(data["annotations"][0], image_id=999)]
+    (tmp_path / "images" / "test").mkdir(parents=True)
+    for im in data["images"][:3]:
+        shutil.copy(fixture_set["dir"] / im["file_name"], tmp_path / im["file_name"])
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 8)
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    f = fixture_set
+    out = cli("embed", "--annotations", tmp_path / "ann.json", "--backbone", f["arch"],
+              "--checkpoint", f["ckpt"], "--model-kwargs", json.dumps(f["kwargs"]),
+              "--out", tmp_path / "emb")
+    assert "3 embeddings of dim 64" in out
+    failures = pd.read_csv(tmp_path / "emb" / "failures.csv")
+    assert failures["image_id"].astype(str).tolist() == ["999"]
+    assert "cannot be decoded" in failures["error"].item()
+
+
+def test_taxonomy_counts_and_csv(fixture_set, cli, tmp_path):
+    out = cli("taxonomy", fixture_set["train"], "--csv", tmp_path / "tree.csv")
+    assert [line.split() for line in out.splitlines()[:3]] == [
+        ["family:", "2"], ["genus:", "3"], ["species:", "6"]]
+    tree = pd.read_csv(tmp_path / "tree.csv")
+    assert tree["rank"].value_counts().to_dict() == {"species": 6, "genus": 3, "family": 2}
 
 
 def test_train_writes_a_bundle_that_learned_the_fixture_species(fixture_model):
