@@ -177,10 +177,10 @@ def test_train_finetune_starts_from_probe_heads_with_tile_views(small_leaf):
     from safetensors.torch import load_file
 
     from taxoclass.config import load_config
-    from taxoclass.model.finetune import _probe_head
     from taxoclass.pipelines.data import known_rows, validation_mask
-    from taxoclass.taxonomy.labels import encode_labels
+    from taxoclass.pipelines.finetune import _probe_head
     from taxoclass.taxonomy.annotations import load_annotations
+    from taxoclass.taxonomy.labels import encode_labels
 
     torch.set_num_threads(1)
     d = small_leaf
@@ -222,3 +222,28 @@ def test_train_finetune_starts_from_probe_heads_with_tile_views(small_leaf):
     assert set(saved) == set(probe)
     for k, v in probe.items():
         torch.testing.assert_close(saved[k], v, atol=1e-6, rtol=1e-6)
+
+
+
+def test_embedding_folder_reuses_only_a_complete_cache_and_removes_its_temp_dir(
+        tmp_path, fixture_model):
+    """evaluate's embeddings: an explicit cache, the bundle's training cache only when it
+    holds every image, else out/embeddings, else a temporary folder that is removed."""
+    from taxoclass.features.embeddings import load_embeddings
+    from taxoclass.pipelines.evaluate import embedding_folder
+
+    with embedding_folder(None, None) as folder:
+        folder.mkdir()
+        (folder / "x.npy").write_bytes(b"0")
+        temp = folder.parent
+    assert temp.name.startswith("taxoclass-") and not temp.exists()
+    with embedding_folder(tmp_path / "c", tmp_path) as folder:
+        assert folder == tmp_path / "c"
+    with embedding_folder(None, tmp_path, reuse=tmp_path / "absent", ids=["a"]) as folder:
+        assert folder == tmp_path / "embeddings"
+    emb = fixture_model["emb"]
+    ids = load_embeddings(emb).image_ids.tolist()
+    with embedding_folder(None, tmp_path, reuse=emb, ids=ids[:3]) as folder:
+        assert folder == emb
+    with embedding_folder(None, None, reuse=emb, ids=[*ids, "not-in-the-cache"]) as folder:
+        assert folder != emb and folder.name == "embeddings"

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..config import openset_calibration
+from ..config import OpensetConfig, openset_calibration
 from ..errors import ConfigError, TaxonomyError
 from ..io.files import atomic_write_csv, atomic_write_json
 from ..io.provenance import write_provenance
@@ -27,15 +27,35 @@ SPLITS = ("auto", "all", "val", "train")
 
 
 @contextlib.contextmanager
-def embedding_folder(cache: str | Path | None, out: str | Path | None) -> Iterator[Path]:
-    """``cache`` if given, else ``out/embeddings``, else a temporary folder removed on exit."""
+def embedding_folder(cache: str | Path | None, out: str | Path | None, *,
+                     reuse: str | Path | None = None,
+                     ids: Sequence[str] = ()) -> Iterator[Path]:
+    """``cache`` if given; else ``reuse`` (the bundle's training cache) when it holds every
+    one of ``ids``; else ``out/embeddings``; else a temporary folder removed on exit.
+
+    The training cache is only read, never extended: its plan lists the training images,
+    so embedding other images there would be refused.
+    """
     if cache:
         yield Path(cache)
+    elif reuse and _holds(reuse, ids):
+        yield Path(reuse)
     elif out:
         yield Path(out) / "embeddings"
     else:
         with tempfile.TemporaryDirectory(prefix="taxoclass-") as tmp:
             yield Path(tmp) / "embeddings"
+
+
+def _holds(cache: str | Path, ids: Sequence[str]) -> bool:
+    from ..errors import CacheError
+    from ..features.embeddings import load_embeddings
+
+    try:
+        have = set(load_embeddings(cache).image_ids.tolist())
+    except CacheError:
+        return False
+    return set(ids) <= have
 
 
 def _rows_of_model_taxa(tax, rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -100,7 +120,8 @@ def evaluate_model(model: str | Path, annotations: str | Path, *,
         raise ConfigError(f"{annotations}: no labelled image of the model's taxa to evaluate "
                           f"(split {split}).")
     y, _ = encode_labels(tax, rows)
-    with embedding_folder(cache or bundle.extra.get("embedding_cache"), out) as folder:
+    with embedding_folder(cache, out, reuse=bundle.extra.get("embedding_cache"),
+                          ids=ids) as folder:
         x, found, _ = cached_embeddings(ids, rows["path"].tolist(), cache=folder,
                                         backbone_cfg=bundle.backbone, progress=progress)
     x, y = x[found], {r: v[found] for r, v in y.items()}
@@ -203,7 +224,8 @@ def _holdout_split(bundle, annotations, images_root, held_args: dict, cfg: dict,
     except ValueError as exc:
         raise ConfigError(f"hold-out choice: {exc}") from exc
     ids = [str(i) for i in rows["image_id"]]
-    with embedding_folder(bundle.extra.get("embedding_cache"), out) as folder:
+    with embedding_folder(None, out, reuse=bundle.extra.get("embedding_cache"),
+                          ids=ids) as folder:
         x_all, found, _ = cached_embeddings(ids, rows["path"].tolist(), cache=folder,
                                             backbone_cfg=bundle.backbone, progress=progress)
     rows, x_all = rows[found].reset_index(drop=True), x_all[found]
@@ -237,8 +259,8 @@ def _unknown_scores(h: _Holdout, x_test: np.ndarray, decoded, ocfg: dict
             scores[f"pyod {method} ({scope})"] = det.decision_function(
                 x_test_in, decoded.path["genus"])
     evidence, _ = sub.scorer.evidence(x_test_in, decoded)
-    scores[f"combined evidence ({ocfg.get('combiner', 'rank_mean')}, "
-           f"{ocfg.get('detector', 'knn')} {ocfg.get('scope', 'group')})"] = -evidence[ranks[-1]]
+    oc = OpensetConfig.from_dict(ocfg)
+    scores[f"combined evidence ({oc.combiner}, {oc.detector} {oc.scope})"] = -evidence[ranks[-1]]
     return scores, evidence
 
 

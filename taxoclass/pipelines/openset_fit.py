@@ -7,41 +7,39 @@ objects (the bundle layer sits above openset); the scorer itself is
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import openset_calibration
+import numpy as np
+
+from ..config import OpensetConfig, openset_calibration
 from ..taxonomy.tree import Taxonomy
 from .data import with_views
 
 Progress = Callable[[int, int], None]
 
 
-def _openset_detector(x_train, genus_train, species_train, ocfg: dict):
+def _openset_detector(x_train: np.ndarray, genus_train: np.ndarray,
+                      species_train: np.ndarray | None, ocfg: Mapping[str, Any] | None):
     """The configured outlier detector on at most ``openset.max_train`` rows (seeded)."""
-    import numpy as np
-
     from ..openset.scorer import fit_detector
 
-    max_train = int(ocfg.get("max_train", 50000))
+    oc = OpensetConfig.from_dict(ocfg)
+    max_train = int(oc.max_train)
     if len(x_train) > max_train:
         keep = np.sort(np.random.default_rng(0).choice(len(x_train), max_train, replace=False))
         x_train, genus_train = x_train[keep], genus_train[keep]
         species_train = None if species_train is None else species_train[keep]
-    return fit_detector(x_train, genus_train, labels_train=species_train,
-                        method=ocfg.get("detector", "knn"), scope=ocfg.get("scope", "group"))
+    return fit_detector(x_train, genus_train, labels_train=species_train, **oc.detector_args())
 
 
-def _openset_evidence(decoded, z, correct, ocfg: dict):
+def _openset_evidence(decoded: Any, z: np.ndarray, correct: Mapping[str, np.ndarray],
+                      ocfg: Mapping[str, Any] | None):
     """The configured evidence combiner and thresholds (:func:`openset.fit_evidence`)."""
     from ..openset.scorer import fit_evidence
 
-    return fit_evidence(decoded, z, correct, combiner=ocfg.get("combiner", "rank_mean"),
-                        confidence=ocfg.get("confidence", "path_prob"),
-                        gate_quantile=float(ocfg.get("gate_quantile", 0.975)),
-                        target_precision=ocfg.get("target_precision", 0.95),
-                        min_support=int(ocfg.get("min_support", 10)))
+    return fit_evidence(decoded, z, correct, **OpensetConfig.from_dict(ocfg).evidence_args())
 
 
 def fit_openset_scorer(bundle, x_train, genus_train, x_val, rows_val, ocfg: dict, *,
@@ -95,8 +93,6 @@ def crossfit_openset(x, y: dict, taxonomy: Taxonomy, truth: dict, cfg: dict, *, 
     embeddings, index into ``x`` of each view's source), a view trains with its source.
     Costs ``folds + 1`` head trainings.
     """
-    import numpy as np
-
     from ..bundle import ModelBundle, scorer_input
     from ..model.training import train_head
     from ..openset.evaluation import correct_by_rank, path_names
