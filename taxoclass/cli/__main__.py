@@ -1,0 +1,5 @@
+"""``python -m taxoclass.cli``: the ``taxoclass`` command line."""
+
+from . import main
+
+main()
