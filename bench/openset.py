@@ -38,20 +38,11 @@ from _results import markdown_table, publish
 from taxoclass.config import CALIBRATIONS, DEFAULTS, load_config
 from taxoclass.model.decoding import decode
 from taxoclass.model.training import normalize, stratified_split, train_head
-from taxoclass.openset.detectors import (
-    COMBINERS,
-    CONFIDENCES,
-    DETECTORS,
-    EvidenceCombiner,
-    OutlierDetector,
-    confidence_scores,
-)
-from taxoclass.openset.scorer import (
+from taxoclass.openset.detectors import DETECTORS, OutlierDetector
+from taxoclass.openset.evaluation import (
     choose_holdout,
-    confidence_of,
     correct_by_rank,
     detection_table,
-    fit_scorer,
     known_taxonomy,
     outcome_summary,
     path_names,
@@ -59,6 +50,13 @@ from taxoclass.openset.scorer import (
     split_known_unknown,
     truth_names,
 )
+from taxoclass.openset.evidence import (
+    COMBINERS,
+    CONFIDENCES,
+    EvidenceCombiner,
+    confidence_scores,
+)
+from taxoclass.openset.scorer import confidence_of, fit_scorer
 from taxoclass.pipelines.data import config_embeddings
 from taxoclass.pipelines.openset_fit import crossfit_openset
 from taxoclass.taxonomy.annotations import load_annotations
@@ -229,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                     c.fit(confidence_of(d_val, conf), z_val, c_val)
                     evid[(method, scope, comb, conf)] = -c.score(confidence_of(d_test, conf),
                                                                  z_test)["species"]
-    c = EvidenceCombiner("logistic", use_outlier=False).fit(d_val.path_prob, None, c_val)
+    c = EvidenceCombiner("logistic", use_outlier=False, confidence="path_prob").fit(
+        d_val.path_prob, None, c_val)
     scores["logistic(path prob) species evidence"] = -c.score(d_test.path_prob, None)["species"]
     scores["path logit (species)"] = -d_test.path_logit["species"]
     for (method, scope, comb, conf), s in evid.items():
