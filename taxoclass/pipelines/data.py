@@ -9,10 +9,18 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import openset_calibration
 from ..errors import ConfigError
 from ..taxonomy.tree import DEFAULT_RANKS
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import pandas as pd
+
+    from ..taxonomy.annotations import Annotations
+    from ..taxonomy.tree import Taxonomy
 
 Progress = Callable[[int, int], None]
 
@@ -35,7 +43,7 @@ def require_training_settings(cfg: dict) -> dict:
     return data
 
 
-def validation_mask(ids: Sequence[str], nodes: Sequence[tuple], data: dict):
+def validation_mask(ids: Sequence[str], nodes: Sequence[tuple], data: dict) -> np.ndarray:
     """Validation rows: from ``data.split_file`` (image_id, split) when given, else a
     seeded split (``val_fraction``, ``split_seed``) stratified by each image's taxon.
     """
@@ -54,8 +62,8 @@ def validation_mask(ids: Sequence[str], nodes: Sequence[tuple], data: dict):
 
 
 def cached_embeddings(ids: Sequence[str], paths: Sequence[str], *, cache: str | Path,
-                    backbone_cfg: dict, batch_size: int | None = None, num_workers: int = 0,
-                    progress: Progress | None = None):
+                      backbone_cfg: dict, batch_size: int | None = None, num_workers: int = 0,
+                      progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Embeddings for ``ids`` (in that order) from ``cache``, computing what is missing.
 
     Returns (embeddings [n, d] float32, found mask [n], backbone description).
@@ -98,7 +106,7 @@ def cached_embeddings(ids: Sequence[str], paths: Sequence[str], *, cache: str | 
     return emb, found, loaded.manifest.get("backbone", {})
 
 
-def known_rows(ann, rows, data: dict):
+def known_rows(ann: Annotations, rows: pd.DataFrame, data: dict) -> tuple[Taxonomy, pd.DataFrame]:
     """(taxonomy, rows) a model trains on: without ``data.holdout_species``, if any.
 
     Held-out species leave the taxonomy too (their genus stays when it keeps a known
@@ -124,7 +132,9 @@ def embedding_cache(cfg: dict) -> str:
     return cfg["embeddings"].get("cache") or str(out.parent / f"{out.name}-embeddings")
 
 
-def with_views(x, y: dict, mask, views=None):
+def with_views(x: np.ndarray, y: dict[str, np.ndarray], mask: np.ndarray,
+               views: tuple[np.ndarray, np.ndarray] | None = None
+               ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Training rows ``x[mask]`` / ``y[rank][mask]`` plus the tile-like views of those rows.
 
     ``views``: (view embeddings [m, d], index into ``x`` of each view's source image), as
@@ -141,7 +151,8 @@ def with_views(x, y: dict, mask, views=None):
             {r: np.concatenate([v[mask], v[src[keep]]]) for r, v in y.items()})
 
 
-def config_embeddings(cfg: dict, rows, *, progress: Progress | None = None):
+def config_embeddings(cfg: dict, rows: pd.DataFrame, *, progress: Progress | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Embeddings of ``rows`` (``image_id``, ``path``) from the config's cache.
 
     The cache is ``embeddings.cache`` (default ``<out>-embeddings``) with the config's
@@ -155,7 +166,8 @@ def config_embeddings(cfg: dict, rows, *, progress: Progress | None = None):
                            num_workers=int(emb_cfg.get("num_workers", 0)), progress=progress)
 
 
-def view_embeddings(cfg: dict, rows, *, progress: Progress | None = None):
+def view_embeddings(cfg: dict, rows: pd.DataFrame, *, progress: Progress | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Tile-like views of ``rows`` (the training images) and their embeddings.
 
     As configured in ``augment`` (:class:`~taxoclass.features.views.ViewSettings`); views are

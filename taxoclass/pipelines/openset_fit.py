@@ -9,13 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..config import OpensetConfig, openset_calibration
 from ..taxonomy.tree import Taxonomy
 from .data import with_views
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from ..bundle import ModelBundle
+    from ..openset.scorer import OpenSetScorer
 
 Progress = Callable[[int, int], None]
 
@@ -42,8 +48,10 @@ def _openset_evidence(decoded: Any, z: np.ndarray, correct: Mapping[str, np.ndar
     return fit_evidence(decoded, z, correct, **OpensetConfig.from_dict(ocfg).evidence_args())
 
 
-def fit_openset_scorer(bundle, x_train, genus_train, x_val, rows_val, ocfg: dict, *,
-                       species_train=None):
+def fit_openset_scorer(bundle: ModelBundle, x_train: np.ndarray, genus_train: np.ndarray,
+                       x_val: np.ndarray, rows_val: pd.DataFrame,
+                       ocfg: Mapping[str, Any] | None, *,
+                       species_train: np.ndarray | None = None) -> OpenSetScorer:
     """Fit the outlier detector on training embeddings, and the evidence combiner and the
     per-rank thresholds (to ``ocfg["target_precision"]``) on the validation images.
 
@@ -78,8 +86,10 @@ class CrossfitOpenset:
     info: dict[str, Any]       # what to record: calibration, folds, seed, rows
 
 
-def crossfit_openset(x, y: dict, taxonomy: Taxonomy, truth: dict, cfg: dict, *, seed: int = 0,
-                     views=None, progress: Progress | None = None) -> CrossfitOpenset:
+def crossfit_openset(x: np.ndarray, y: dict[str, np.ndarray], taxonomy: Taxonomy,
+                     truth: dict[str, Any], cfg: Mapping[str, Any], *, seed: int = 0,
+                     views: tuple[np.ndarray, np.ndarray] | None = None,
+                     progress: Progress | None = None) -> CrossfitOpenset:
     """``openset.calibration: crossfit``: head and open-set scorer without a validation split.
 
     Rows are split into ``openset.folds`` folds stratified by taxon (seeded). For each
