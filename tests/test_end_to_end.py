@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -156,24 +157,18 @@ def test_evaluate_scores_the_validation_split(fixture_set, fixture_model, cli, t
         p.name for p in out.parent.iterdir()}
 
 
-class StaleCacheRefusal(AssertionError):
-    """The known evaluate bug below (any other failure fails the test)."""
-
-
-@pytest.mark.xfail(strict=True, raises=StaleCacheRefusal,
-                   reason="bug: evaluate on another annotation file reuses the bundle's "
-                   "training embedding cache folder and compute_embeddings refuses its plan "
-                   "('made with other settings'); evaluate has no flag for another cache")
-def test_evaluate_on_a_separate_test_file(fixture_set, fixture_model, tmp_path):
+def test_evaluate_on_a_separate_test_file(fixture_set, fixture_model, cli, tmp_path):
+    """Another annotation file's images are embedded beside the metrics, not in the
+    training cache (whose plan they do not match)."""
     out = tmp_path / "metrics.json"
-    res = CliRunner().invoke(main, ["evaluate", "--model", str(fixture_model["model"]),
-                                    "--annotations", str(fixture_set["test"]),
-                                    "--out", str(out)])
-    if res.exit_code != 0 and "made with other settings" in res.output:
-        raise StaleCacheRefusal(res.output)
-    assert res.exit_code == 0, res.output
+    cli("evaluate", "--model", fixture_model["model"], "--annotations", fixture_set["test"],
+        "--out", out)
     metrics = json.loads(out.read_text())
-    assert metrics["n_images"] == 24 and metrics["ranks"]["species"]["accuracy"] >= 0.7
+    assert metrics["n_images"] == 24 and metrics["coherence_rate"] == 1.0
+    assert metrics["ranks"]["species"]["accuracy"] >= 0.7  # chance: 1/6
+    assert metrics["ranks"]["genus"]["accuracy"] >= 0.85  # chance: 1/3
+    # the training cache still holds the 60 training images, untouched
+    assert len(np.load(fixture_model["emb"] / "image_ids.npy", allow_pickle=False)) == 60
 
 
 def test_predict_names_test_images_on_coherent_paths(fixture_model, predicted):
