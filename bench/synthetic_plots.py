@@ -41,7 +41,9 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -551,7 +553,23 @@ def quadrat_timing(thresholds: dict, out: Path, repeats: int, model: Path) -> li
     return rows
 
 
-def main() -> None:
+@dataclass
+class Leaves:
+    """The leaf data, its split and the features the heads train on."""
+
+    cfg: dict
+    rows: pd.DataFrame
+    taxonomy: Any
+    y: dict
+    x: np.ndarray
+    is_test: np.ndarray
+    train: np.ndarray
+    cal_pool: np.ndarray
+    views: tuple[np.ndarray, np.ndarray] | None = None
+    cal_views: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n-test", type=int, default=40)
     ap.add_argument("--n-cal", type=int, default=60)
@@ -601,15 +619,12 @@ def main() -> None:
     ap.add_argument("--companions", type=int, default=0,
                     help="with --views: up to this many other leaves pasted into each view, "
                          "the view training once per leaf it holds (bench-only experiment)")
-    args = ap.parse_args()
-    global ALL_GRIDS
-    if args.dense:
-        ALL_GRIDS = (2, 3, 4, 6)
-        GRID_SETS.update({"6x6": ("6x6",), "4x4+6x6": ("4x4", "6x6")})
-    t_start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    return ap.parse_args()
 
+
+def leaf_data(args: argparse.Namespace, out: Path) -> Leaves:
+    """configs/leaf.yaml's leaves, taxoclass train's split, a calibration pool of ~30% of
+    each taxon's training images, the (fine-tuned) features and the tile-like views."""
     cfg = load_config(CONFIG)
     if args.view_background:
         cfg["augment"]["background"] = args.view_background
@@ -632,134 +647,130 @@ def main() -> None:
     if args.finetune_epochs:
         cfg = finetuned_config(cfg, rows, y, train & ~cal_pool, taxonomy, args, out)
         x, found, _ = config_embeddings(cfg, rows)
-    views = cal_views = None
+    leaves = Leaves(cfg, rows, taxonomy, y, x, is_test, train, cal_pool)
     if args.views:
-        cfg["augment"]["views_per_image"] = args.views
-        t0 = time.perf_counter()
-        train_idx = np.flatnonzero(train)
-        if args.companions:  # companions never come from the calibration pool
-            xv, src_rows, main = companion_views(cfg, rows, train_idx,
-                                                 np.flatnonzero(train & ~cal_pool), args.views,
-                                                 args.companions, out)
-            views = (xv, src_rows)
-            # the calibration head must not see a calibration-pool leaf in any view
-            cal_views = (xv[~cal_pool[main]], src_rows[~cal_pool[main]])
-        else:
-            xv, src = view_embeddings(cfg, rows.iloc[train_idx].reset_index(drop=True))
-            views = cal_views = (xv, train_idx[src])
-        print(f"{len(xv)} tile-like view rows ({args.views} views per image, one row per "
-              f"leaf) of {len(train_idx)} training images embedded in "
-              f"{time.perf_counter() - t0:.0f}s")
+        add_views(leaves, args, out)
+    return leaves
+
+
+def add_views(leaves: Leaves, args: argparse.Namespace, out: Path) -> None:
+    """Tile-like views of the training images for the heads (companions: bench-only)."""
+    cfg, train, cal_pool = leaves.cfg, leaves.train, leaves.cal_pool
+    cfg["augment"]["views_per_image"] = args.views
+    t0 = time.perf_counter()
+    train_idx = np.flatnonzero(train)
+    if args.companions:  # companions never come from the calibration pool
+        xv, src_rows, first = companion_views(cfg, leaves.rows, train_idx,
+                                              np.flatnonzero(train & ~cal_pool), args.views,
+                                              args.companions, out)
+        leaves.views = (xv, src_rows)
+        # the calibration head must not see a calibration-pool leaf in any view
+        leaves.cal_views = (xv[~cal_pool[first]], src_rows[~cal_pool[first]])
+    else:
+        xv, src = view_embeddings(cfg, leaves.rows.iloc[train_idx].reset_index(drop=True))
+        leaves.views = leaves.cal_views = (xv, train_idx[src])
+    print(f"{len(xv)} tile-like view rows ({args.views} views per image, one row per "
+          f"leaf) of {len(train_idx)} training images embedded in "
+          f"{time.perf_counter() - t0:.0f}s")
+
+
+def train_heads(leaves: Leaves) -> tuple[ModelBundle, ModelBundle, float]:
+    """The test head (every training image) and the calibration head (training images
+    outside the calibration pool), and the test head's single-leaf species accuracy."""
+    lv = leaves
     t0 = time.perf_counter()
     torch.manual_seed(0)
     heads = ROOT / "outputs" / "synthetic_plots_heads"
-    bundle = train_bundle(x, y, train, taxonomy, cfg, heads, views)
-    cal_bundle = train_bundle(x, y, train & ~cal_pool, taxonomy, cfg, heads, cal_views)
-    lowest = taxonomy.ranks[-1]
-    acc = float((bundle.predict_embeddings(x[is_test]).path[lowest] == y[lowest][is_test]).mean())
+    bundle = train_bundle(lv.x, lv.y, lv.train, lv.taxonomy, lv.cfg, heads, lv.views)
+    cal_bundle = train_bundle(lv.x, lv.y, lv.train & ~lv.cal_pool, lv.taxonomy, lv.cfg, heads,
+                              lv.cal_views)
+    lowest = lv.taxonomy.ranks[-1]
+    acc = float((bundle.predict_embeddings(lv.x[lv.is_test]).path[lowest]
+                 == lv.y[lowest][lv.is_test]).mean())
     print(f"heads trained in {time.perf_counter() - t0:.0f}s; test single-leaf species accuracy "
-          f"{acc:.3f} ({is_test.sum()} images); train {train.sum()}, calibration head "
-          f"{(train & ~cal_pool).sum()}, calibration pool {cal_pool.sum()}")
+          f"{acc:.3f} ({lv.is_test.sum()} images); train {lv.train.sum()}, calibration head "
+          f"{(lv.train & ~lv.cal_pool).sum()}, calibration pool {lv.cal_pool.sum()}")
+    return bundle, cal_bundle, acc
 
-    tiler = BundleTileClassifier(bundle, None, batch_size=64)
-    leaf_idx = y[lowest]
 
-    def pool_of(mask):
-        return {int(k): rows["path"][mask & (leaf_idx == k)].tolist()
-                for k in np.unique(leaf_idx[mask])}
-
-    if args.export:
-        export_plots("test", pool_of(is_test), args.n_test, args.seed, args, taxonomy,
-                     Path(args.export))
-        export_plots("cal", pool_of(cal_pool), args.n_cal, args.seed + 1000, args, taxonomy,
-                     Path(args.export))
-    test_data = compose_and_embed("test", pool_of(is_test), args.n_test, args.seed, args,
-                                  taxonomy, tiler, out)
-    cal_data = compose_and_embed("cal", pool_of(cal_pool), args.n_cal, args.seed + 1000, args,
-                                 taxonomy, tiler, out)
-    test_plots = plot_probs(test_data, bundle)
-    cal_plots = plot_probs(cal_data, cal_bundle)
+def tile_hit_rate(plots: dict, truth: dict, taxonomy, scale: str = "4x4") -> float:
+    """Share of tiles whose arg-max species is one of the plot's true taxa."""
+    lowest = taxonomy.ranks[-1]
     labels = [taxonomy.label(n) for n in taxonomy.nodes(lowest)]
+    hits = [labels[k] in truth[pid] for pid, tp in plots.items()
+            for k in tp["probs"][lowest][tp["scale"] == scale].argmax(axis=1)]
+    return float(np.mean(hits))
 
-    def tile_hit_rate(plots, truth, scale="4x4"):
-        """Share of tiles whose arg-max species is one of the plot's true taxa."""
-        hits = [labels[k] in truth[pid] for pid, tp in plots.items()
-                for k in tp["probs"][lowest][tp["scale"] == scale].argmax(axis=1)]
-        return float(np.mean(hits))
 
-    hit_test = tile_hit_rate(test_plots, test_data["truth"])
-    hit_cal = tile_hit_rate(cal_plots, cal_data["truth"])
-    chance = np.mean([len(v) for v in test_data["truth"].values()]) / len(labels)
+def table_row(grid_name: str, label: str, preds: dict | None, ev: dict, base_ev: dict,
+              settings: str, cal_sp=None, cal_ge=None, oracle=None) -> dict:
+    """One row of the results table; Δ and its paired SE against the grid's baseline."""
+    b_sp, b_ge = base_ev["species"]["macro_f1_per_plot"], base_ev["genus"]["macro_f1_per_plot"]
+    diff = 100 * (ev["per_plot"]["species_f1"] - base_ev["per_plot"]["species_f1"]).to_numpy()
+    return {
+        "grid": grid_name, "rule": label,
+        "species F1/plot": ev["species"]["macro_f1_per_plot"],
+        "Δ species (pts)": 100 * (ev["species"]["macro_f1_per_plot"] - b_sp),
+        "± SE (paired)": float(diff.std(ddof=1) / np.sqrt(len(diff))),
+        "genus F1/plot": ev["genus"]["macro_f1_per_plot"],
+        "Δ genus (pts)": 100 * (ev["genus"]["macro_f1_per_plot"] - b_ge),
+        "cal species F1": cal_sp, "cal genus F1": cal_ge,
+        "records/plot": (None if preds is None
+                         else sum(map(len, preds.values())) / len(preds)),
+        "oracle: true K": None if oracle is None else oracle[0],
+        "oracle: best cut-off per plot": None if oracle is None else oracle[1],
+        "settings (chosen on calibration)": settings}
 
-    table_rows, chosen = [], {}
 
-    def oracles(rule, grid_set):
-        return tuple(oracle_f1(test_plots, test_data["truth"], taxonomy, rule, grid_set, how)
+def grid_rows(grid_name: str, grid_set: tuple[str, ...], test: tuple[dict, dict],
+              cal: tuple[dict, dict], taxonomy, chosen: dict) -> list[dict]:
+    """The table rows of one grid set: the baseline, each rule calibrated by this bench
+    (its settings go into ``chosen``), and what `calibrate-plots` picks."""
+    (test_plots, test_truth), (cal_plots, cal_truth) = test, cal
+    lowest = taxonomy.ranks[-1]
+
+    def oracles(rule):
+        return tuple(oracle_f1(test_plots, test_truth, taxonomy, rule, grid_set, how)
                      for how in ("true_k", "best_cutoff"))
 
-    t0 = time.perf_counter()
-    for grid_name, grid_set in GRID_SETS.items():
-        base = {"thresholds": {"species": 0.0, "genus": 0.5, "family": 0.5}}
-        base_preds, base_ev = run_rule(test_plots, test_data["truth"], taxonomy, "argmax_union",
-                                       grid_set, base)
-        b_sp, b_ge = (base_ev["species"]["macro_f1_per_plot"],
-                      base_ev["genus"]["macro_f1_per_plot"])
+    base = {"thresholds": {"species": 0.0, "genus": 0.5, "family": 0.5}}
+    base_preds, base_ev = run_rule(test_plots, test_truth, taxonomy, "argmax_union", grid_set,
+                                   base)
+    rows = [table_row(grid_name, "argmax_union (baseline)", base_preds, base_ev, base_ev,
+                      "species ≥ 0 (every tile's arg-max)", oracle=oracles("argmax_union"))]
+    for rule in ("argmax_union", "max", "noisy_or", "mean"):
+        s = calibrate(cal_plots, cal_truth, taxonomy, rule, grid_set)
+        chosen[(grid_name, rule)] = s
+        preds, ev = run_rule(test_plots, test_truth, taxonomy, rule, grid_set, s)
+        label = "argmax_union + calibrated threshold" if rule == "argmax_union" else rule
+        rows.append(table_row(grid_name, label, preds, ev, base_ev,
+                              describe_settings(s, len(grid_set) > 1, grid_set[0]),
+                              s["cal_species_f1"], s["cal_genus_f1"],
+                              None if rule == "argmax_union" else oracles(rule)))
+    settings, product = product_calibration(cal_plots, cal_truth, test_plots, test_truth,
+                                            taxonomy, grid_set)
+    for row in settings.calibration:
+        rule = row["rule"]
+        if rule != "learned" and rule != settings.rule:
+            continue
+        tile = {k: v for k, v in (row.get("tiles") or {}).items() if v not in (None, 0, 0.0, 1)}
+        rows.append(table_row(
+            grid_name, f"calibrate-plots: {rule}" + (" (its choice)" if rule == settings.rule
+                                                      else ""),
+            None, product[rule], base_ev, f"thresholds {row['thresholds']}"
+            + (f", tiles {tile}" if tile else "") + f"; calibration {row['evaluation']}",
+            row["macro_f1_per_plot"][lowest], row["macro_f1_per_plot"].get("genus")))
+    return rows
 
-        def add(label, preds, ev, settings, cal_sp=None, cal_ge=None, oracle=None,
-                grid_name=grid_name,
-                b_sp=b_sp, b_ge=b_ge, b_pp=base_ev["per_plot"]):
-            diff = 100 * (ev["per_plot"]["species_f1"] - b_pp["species_f1"]).to_numpy()
-            table_rows.append({
-                "grid": grid_name, "rule": label,
-                "species F1/plot": ev["species"]["macro_f1_per_plot"],
-                "Δ species (pts)": 100 * (ev["species"]["macro_f1_per_plot"] - b_sp),
-                "± SE (paired)": float(diff.std(ddof=1) / np.sqrt(len(diff))),
-                "genus F1/plot": ev["genus"]["macro_f1_per_plot"],
-                "Δ genus (pts)": 100 * (ev["genus"]["macro_f1_per_plot"] - b_ge),
-                "cal species F1": cal_sp, "cal genus F1": cal_ge,
-                "records/plot": (None if preds is None
-                                 else sum(map(len, preds.values())) / len(preds)),
-                "oracle: true K": None if oracle is None else oracle[0],
-                "oracle: best cut-off per plot": None if oracle is None else oracle[1],
-                "settings (chosen on calibration)": settings})
 
-        add("argmax_union (baseline)", base_preds, base_ev, "species ≥ 0 (every tile's arg-max)",
-            oracle=oracles("argmax_union", grid_set))
-        for rule in ("argmax_union", "max", "noisy_or", "mean"):
-            s = calibrate(cal_plots, cal_data["truth"], taxonomy, rule, grid_set)
-            chosen[(grid_name, rule)] = s
-            preds, ev = run_rule(test_plots, test_data["truth"], taxonomy, rule, grid_set, s)
-            label = "argmax_union + calibrated threshold" if rule == "argmax_union" else rule
-            add(label, preds, ev, describe_settings(s, len(grid_set) > 1, grid_set[0]),
-                s["cal_species_f1"], s["cal_genus_f1"],
-                None if rule == "argmax_union" else oracles(rule, grid_set))
-        settings, product = product_calibration(cal_plots, cal_data["truth"], test_plots,
-                                                test_data["truth"], taxonomy, grid_set)
-        for row in settings.calibration:
-            rule = row["rule"]
-            if rule != "learned" and rule != settings.rule:
-                continue
-            ev = product[rule]
-            tile = {k: v for k, v in (row.get("tiles") or {}).items()
-                    if v not in (None, 0, 0.0, 1)}
-            add(f"calibrate-plots: {rule}" + (" (its choice)" if rule == settings.rule else ""),
-                None, ev, f"thresholds {row['thresholds']}" + (f", tiles {tile}" if tile else "")
-                + f"; calibration {row['evaluation']}",
-                row["macro_f1_per_plot"][lowest], row["macro_f1_per_plot"].get("genus"))
-    print(f"calibration + test scoring: {time.perf_counter() - t0:.0f}s")
-    table = pd.DataFrame(table_rows)
-    table.to_csv(out / "results.csv", index=False)
-    (out / "chosen_settings.json").write_text(json.dumps(
-        {f"{g}/{r}": s for (g, r), s in chosen.items()}, indent=1))
-    n_true = np.mean([len(v) for v in test_data["truth"].values()])
-
-    quadrat = None
-    if args.quadrat:
-        model = ROOT / "runs" / ("leaf-plots-model" if args.views else "leaf-model")
-        quadrat = pd.DataFrame(quadrat_timing(chosen[("4x4", "max")]["thresholds"], out,
-                                              args.quadrat_repeats, model))
-    total = time.perf_counter() - t_start
-    md = [
+def header_lines(args: argparse.Namespace, leaves: Leaves, tiler: BundleTileClassifier,
+                 acc: float, quality: dict, total: float) -> list[str]:
+    """The results page down to its method section."""
+    cfg, train, cal_pool, is_test, views = (leaves.cfg, leaves.train, leaves.cal_pool,
+                                            leaves.is_test, leaves.views)
+    n_true, hit_test, hit_cal, chance = (quality["n_true"], quality["hit_test"],
+                                         quality["hit_cal"], quality["chance"])
+    return [
         "# Synthetic plots: calibrated aggregation rules vs arg-max-per-tile union",
         "",
         f"- date: {_dt.date.today().isoformat()}; machine: {platform.machine()}, "
@@ -797,6 +808,12 @@ def main() -> None:
         f"{hit_test:.1%} of test tiles ({hit_cal:.1%} of calibration tiles; a random species "
         f"would be {chance:.1%})",
         "",
+    ]
+
+
+def method_lines() -> list[str]:
+    """How the settings were chosen (the results page's method section)."""
+    return [
         "## How settings were chosen",
         "",
         "On the calibration plots only, per rule and grid: first the species threshold "
@@ -825,20 +842,78 @@ def main() -> None:
         "plots as `plot-report --settings` does; the learned rule is shown even when not "
         "chosen.",
         "",
-        "## Test macro F1 per plot",
-        "",
-        markdown_table(table),
-        "",
     ]
+
+
+def quadrat_lines(quadrat: pd.DataFrame, args: argparse.Namespace, model: Path) -> list[str]:
+    """The real quadrat timing section."""
+    return ["## Real quadrat timing", "",
+            f"`plot_report` (rule max, the 4x4-calibrated thresholds, no overlap, unknown "
+            f"tiles flagged by the bundle's detector, all output files written) with "
+            f"`{model.relative_to(ROOT)}` on "
+            f"`shared/data/quadrat/CBN-can-A1-20230705.jpg`, {args.quadrat_repeats} runs "
+            "after loading; 2 shared CPU cores, so timings are noisy. The leaf "
+            "model knows 99 leaf-silhouette taxa, none of which is a PlantCLEF quadrat "
+            "plant: the records only show the pipeline runs.", "", markdown_table(quadrat), ""]
+
+
+def main() -> None:
+    args = parse_args()
+    global ALL_GRIDS
+    if args.dense:
+        ALL_GRIDS = (2, 3, 4, 6)
+        GRID_SETS.update({"6x6": ("6x6",), "4x4+6x6": ("4x4", "6x6")})
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    leaves = leaf_data(args, out)
+    taxonomy = leaves.taxonomy
+    bundle, cal_bundle, acc = train_heads(leaves)
+    tiler = BundleTileClassifier(bundle, None, batch_size=64)
+    leaf_idx = leaves.y[taxonomy.ranks[-1]]
+
+    def pool_of(mask):
+        return {int(k): leaves.rows["path"][mask & (leaf_idx == k)].tolist()
+                for k in np.unique(leaf_idx[mask])}
+
+    if args.export:
+        export_plots("test", pool_of(leaves.is_test), args.n_test, args.seed, args, taxonomy,
+                     Path(args.export))
+        export_plots("cal", pool_of(leaves.cal_pool), args.n_cal, args.seed + 1000, args,
+                     taxonomy, Path(args.export))
+    test_data = compose_and_embed("test", pool_of(leaves.is_test), args.n_test, args.seed, args,
+                                  taxonomy, tiler, out)
+    cal_data = compose_and_embed("cal", pool_of(leaves.cal_pool), args.n_cal, args.seed + 1000,
+                                 args, taxonomy, tiler, out)
+    test_plots = plot_probs(test_data, bundle)
+    cal_plots = plot_probs(cal_data, cal_bundle)
+    n_classes = taxonomy.n_classes(taxonomy.ranks[-1])
+    quality = {"hit_test": tile_hit_rate(test_plots, test_data["truth"], taxonomy),
+               "hit_cal": tile_hit_rate(cal_plots, cal_data["truth"], taxonomy),
+               "chance": np.mean([len(v) for v in test_data["truth"].values()]) / n_classes,
+               "n_true": np.mean([len(v) for v in test_data["truth"].values()])}
+
+    t0 = time.perf_counter()
+    table_rows, chosen = [], {}
+    for grid_name, grid_set in GRID_SETS.items():
+        table_rows += grid_rows(grid_name, grid_set, (test_plots, test_data["truth"]),
+                                (cal_plots, cal_data["truth"]), taxonomy, chosen)
+    print(f"calibration + test scoring: {time.perf_counter() - t0:.0f}s")
+    table = pd.DataFrame(table_rows)
+    table.to_csv(out / "results.csv", index=False)
+    (out / "chosen_settings.json").write_text(json.dumps(
+        {f"{g}/{r}": s for (g, r), s in chosen.items()}, indent=1))
+
+    quadrat = model = None
+    if args.quadrat:
+        model = ROOT / "runs" / ("leaf-plots-model" if args.views else "leaf-model")
+        quadrat = pd.DataFrame(quadrat_timing(chosen[("4x4", "max")]["thresholds"], out,
+                                              args.quadrat_repeats, model))
+    total = time.perf_counter() - t_start
+    md = [*header_lines(args, leaves, tiler, acc, quality, total), *method_lines(),
+          "## Test macro F1 per plot", "", markdown_table(table), ""]
     if quadrat is not None:
-        md += ["## Real quadrat timing", "",
-               f"`plot_report` (rule max, the 4x4-calibrated thresholds, no overlap, unknown "
-               f"tiles flagged by the bundle's detector, all output files written) with "
-               f"`{model.relative_to(ROOT)}` on "
-               f"`shared/data/quadrat/CBN-can-A1-20230705.jpg`, {args.quadrat_repeats} runs "
-               "after loading; 2 shared CPU cores, so timings are noisy. The leaf "
-               "model knows 99 leaf-silhouette taxa, none of which is a PlantCLEF quadrat "
-               "plant: the records only show the pipeline runs.", "", markdown_table(quadrat), ""]
+        md += quadrat_lines(quadrat, args, model)
     text = "\n".join(md)
     publish(text, out / "results.md", args.results)
 
