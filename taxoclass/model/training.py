@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..config import ModelConfig, TrainConfig
 from ..errors import ConfigError
 from ..taxonomy.tree import Taxonomy
 from .heads import MultiRankHead
@@ -51,10 +52,9 @@ def normalize(x: np.ndarray | torch.Tensor) -> torch.Tensor:
 def make_optimizer(head: torch.nn.Module, train: Mapping | None = None) -> torch.optim.Optimizer:
     """AdamW (:func:`taxoclass.model.optim.adamw`, fused where torch can) with the ``train``
     section's ``lr`` and ``weight_decay``."""
-    train = dict(train or {})
+    settings = TrainConfig.from_dict(train)
     return adamw((p for p in head.parameters() if p.requires_grad),
-                 lr=float(train.get("lr", 3e-3)),
-                 weight_decay=float(train.get("weight_decay", 1e-4)))
+                 lr=float(settings.lr), weight_decay=float(settings.weight_decay))
 
 
 @dataclass
@@ -100,12 +100,14 @@ def train_head(x_train: np.ndarray, y_train: Mapping[str, np.ndarray],
                progress: Progress | None = None) -> TrainResult:
     """Fit a :class:`MultiRankHead` on embeddings; targets: class index per rank, -1 unknown.
 
-    ``model``, ``loss`` and ``train`` are the config sections of the same names.
+    ``model``, ``loss`` and ``train`` are the config sections of the same names (partial
+    mappings take the defaults of :class:`~taxoclass.config.TrainConfig` and friends, so a
+    Python caller gets the model a CLI user gets).
     """
-    model = dict(model or {})
+    model_cfg = ModelConfig.from_dict(model)
+    train_cfg = TrainConfig.from_dict(train)
     loss = dict(loss or {})
-    train = dict(train or {})
-    seed = int(train.get("seed", 0))
+    seed = int(train_cfg.seed)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     ranks = taxonomy.ranks
@@ -117,15 +119,15 @@ def train_head(x_train: np.ndarray, y_train: Mapping[str, np.ndarray],
         yv = {r: torch.as_tensor(np.asarray(y_val[r]), dtype=torch.long) for r in ranks}
 
     head = MultiRankHead(xt.shape[1], {r: taxonomy.n_classes(r) for r in ranks},
-                         hidden=model.get("hidden"), dropout=float(model.get("dropout", 0.0)))
+                         hidden=model_cfg.hidden, dropout=float(model_cfg.dropout))
     criterion = criterion_from_config(taxonomy, yt, loss)
-    opt = make_optimizer(head, train)
-    epochs = int(train.get("epochs", 200))
+    opt = make_optimizer(head, train_cfg.to_dict())
+    epochs = int(train_cfg.epochs)
     n = len(xt)
-    batch_size = int(train.get("batch_size") or 0)
+    batch_size = int(train_cfg.batch_size or 0)
     if batch_size <= 0 or batch_size > n:
         batch_size = n  # full batch
-    stopper = EarlyStopping(patience=int(train.get("patience") or 0))
+    stopper = EarlyStopping(patience=int(train_cfg.patience or 0))
     best_state = copy.deepcopy(head.state_dict()) if stopper.patience else None
     rows = []
     t0 = time.perf_counter()
