@@ -15,9 +15,9 @@ from taxoclass.features.backbones import (
     BACKBONE_ALIASES,
     DEFAULT_BACKBONE,
     create_backbone,
-    file_sha256,
     load_class_mapping,
 )
+from taxoclass.features.weights import file_sha256
 
 DINO = "vit_base_patch14_reg4_dinov2"
 PLANTCLEF_HEAD = 7806

