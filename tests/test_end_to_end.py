@@ -273,3 +273,30 @@ def test_train_config_is_recorded_with_the_bundle(fixture_set, fixture_model):
     cfg = yaml.safe_load((fixture_model["model"] / "config.yaml").read_text())
     assert cfg["backbone"]["model_kwargs"] == fixture_set["kwargs"]
     assert cfg["train"]["epochs"] == 60 and cfg["out"] == str(fixture_model["model"])
+
+
+def test_fixture_generator_rebuilds_the_shipped_files(fixture_set, tmp_path):
+    """tests/fixtures/make_fixtures.py (seeded) writes what is committed: text files byte for
+    byte, images pixel for pixel (up to JPEG decoder rounding), the same checkpoint."""
+    import importlib.util
+
+    import torch
+    from PIL import Image
+
+    here = fixture_set["dir"]
+    spec = importlib.util.spec_from_file_location("make_fixtures", here / "make_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(tmp_path)
+    shipped = sorted(p.relative_to(here) for p in here.rglob("*") if p.is_file()
+                     and p.suffix not in (".py", ".pyc"))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()) == shipped
+    for rel in shipped:
+        if rel.suffix in (".json", ".csv", ".yaml"):
+            assert (tmp_path / rel).read_bytes() == (here / rel).read_bytes(), rel
+        elif rel.suffix == ".jpg":
+            a = np.asarray(Image.open(here / rel), dtype=float)
+            b = np.asarray(Image.open(tmp_path / rel), dtype=float)
+            assert a.shape == b.shape and np.abs(a - b).mean() < 1.0, rel
+    old, new = (torch.load(d / "tiny_dinov2.pth", weights_only=True) for d in (here, tmp_path))
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
