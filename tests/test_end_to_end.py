@@ -171,6 +171,22 @@ def test_evaluate_on_a_separate_test_file(fixture_set, fixture_model, cli, tmp_p
     assert len(np.load(fixture_model["emb"] / "image_ids.npy", allow_pickle=False)) == 60
 
 
+def test_openset_evaluation_places_a_held_out_species_in_its_genus(fixture_set, fixture_model,
+                                                                   cli, tmp_path):
+    """evaluate --holdout-species: the recipe retrains without Acer platanoides; its images
+    are told apart from known species and land on the Acer path, never on a species."""
+    cli("evaluate", "--model", fixture_model["model"], "--annotations", fixture_set["train"],
+        "--holdout-species", "Acer platanoides", "--out", tmp_path / "metrics.json")
+    metrics = json.loads((tmp_path / "openset_metrics.json").read_text())
+    assert metrics["held_out_species"] == ["Acer platanoides"]
+    assert metrics["n_test_held_out"] == 10  # every image of the held-out species
+    assert metrics["held_out_right_genus_on_path"] >= 0.8
+    assert metrics["outcomes"]["unknown_named_species"] == 0.0
+    assert metrics["known_test_accuracy"]["species"] >= 0.6
+    detection = pd.read_csv(tmp_path / "openset_detection.csv").set_index("method")["auroc"]
+    assert detection["pyod mahalanobis (global)"] >= 0.8  # chance: 0.5
+
+
 def test_predict_names_test_images_on_coherent_paths(fixture_model, predicted):
     frame, out = predicted
     assert len(frame) == 24 and (out / "predictions.json").is_file()
