@@ -247,3 +247,46 @@ def test_embedding_folder_reuses_only_a_complete_cache_and_removes_its_temp_dir(
         assert folder == emb
     with embedding_folder(None, None, reuse=emb, ids=[*ids, "not-in-the-cache"]) as folder:
         assert folder != emb and folder.name == "embeddings"
+
+
+def test_train_logs_unreadable_images_instead_of_printing(fixture_set, tmp_path, caplog,
+                                                         capsys):
+    """A labelled image that cannot be embedded is left out with a logged warning (the
+    library never prints); the CLI shows library warnings as ``warning: ...``."""
+    import logging
+    import shutil
+
+    import torch
+
+    from taxoclass.config import load_config
+    from taxoclass.pipelines.train import train_from_config
+
+    torch.set_num_threads(1)
+    ann = json.loads(fixture_set["train"].read_text())
+    ann["images"].append({"image_id": 999, "file_name": "images/train/broken.jpg",
+                          "license": 0})
+    ann["annotations"].append(dict(ann["annotations"][0], image_id=999))
+    root = tmp_path / "data"
+    shutil.copytree(fixture_set["images"], root / "images")
+    (root / "images" / "train" / "broken.jpg").write_bytes(b"not a jpeg")
+    (root / "annotations.json").write_text(json.dumps(ann))
+    cfg = load_config(fixture_set["config"], [f"data.annotations={root / 'annotations.json'}",
+                                              f"data.images_root={root}",
+                                              f"out={tmp_path / 'model'}",
+                                              "train.epochs=2"])
+    with caplog.at_level(logging.WARNING, logger="taxoclass"):
+        out = train_from_config(cfg)
+    assert capsys.readouterr().out == ""
+    [record] = [r for r in caplog.records if "have no embedding" in r.getMessage()]
+    assert record.name == "taxoclass.pipelines.train"
+    assert "1 labelled image(s) have no embedding" in record.getMessage()
+    split = pd.read_csv(out / "split.csv", dtype={"image_id": str})
+    assert split.loc[split["image_id"] == "999", "embedded"].tolist() == [False]
+    res = CliRunner().invoke(main, ["train", "--config", str(fixture_set["config"]),
+                                    "--set", f"data.annotations={root / 'annotations.json'}",
+                                    "--set", f"data.images_root={root}",
+                                    "--set", f"out={tmp_path / 'model2'}",
+                                    "--set", f"embeddings.cache={tmp_path / 'model-embeddings'}",
+                                    "--set", "train.epochs=2"])
+    assert res.exit_code == 0, res.output
+    assert "warning: 1 labelled image(s) have no embedding" in res.output
