@@ -79,6 +79,8 @@ def test_classifier_predicts_what_the_cli_predicts(fixture_model, fixture_set, c
     assert np.allclose(ok["score"].astype(float), expected["score"], atol=1e-5)
     assert [c for c in expected.columns if c != "error"] == [
         c for c in got.columns if c != "error"]
+    folder = clf.predict([images[0].parent])  # a folder stands for its images
+    assert folder["image"].tolist() == [str(p) for p in sorted(images[0].parent.rglob("*.jpg"))]
 
 
 def _readme_example() -> str:

@@ -92,9 +92,11 @@ class TaxonClassifier:
         """One row per image, in input order: ``image`` (the path, or ``<image N>`` for an
         in-memory image), ``taxon_rank``, ``taxon``, ``score``, ``reason`` (why that rank),
         ``outlier``, the coherent path with its probabilities and the top-k per rank; an
-        unreadable file gets an ``error`` instead."""
+        unreadable file gets an ``error`` instead. A folder stands for its images (sorted,
+        recursively, as ``taxoclass predict`` reads it)."""
         from PIL import Image
 
+        images = expand_folders(images)
         names = [f"<image {k}>" if isinstance(im, Image.Image) else str(im)
                  for k, im in enumerate(images)]
         emb, order, failures = self.embed(images)
@@ -106,6 +108,17 @@ class TaxonClassifier:
                                   "_k": [k for k, _ in failures]})
             frame = pd.concat([frame, fails], ignore_index=True)
         return frame.sort_values("_k", kind="stable").drop(columns="_k").reset_index(drop=True)
+
+
+def expand_folders(images: Sequence[str | Path | Image.Image]) -> list:
+    """``images`` with each folder replaced by the images in it (sorted, recursively)."""
+    from ..io.images import collect_images
+
+    out: list = []
+    for im in images:
+        is_folder = isinstance(im, (str, Path)) and Path(im).is_dir()
+        out.extend(collect_images([im]) if is_folder else [im])
+    return out
 
 
 def _stack(tensors: list) -> Any:
