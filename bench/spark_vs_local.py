@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         local_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        spark = get_spark(args.master, app_name="taxoclass-bench")
+        spark = get_spark(args.master, app_name="taxoclass-bench", python=sys.executable)
         session_s = time.perf_counter() - t0
         cold = spark_embed(items, SPEC, tmp / "spark1", spark=spark, batch_size=args.batch_size,
                            partitions=args.partitions)
