@@ -17,7 +17,6 @@ PySpark is imported only when the Spark engine is used.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,13 +120,14 @@ class SparkEngine:
     ``partitions``: Spark tasks per job (default: twice the default parallelism for
     images, one per plot for plot reports). ``conf``: extra Spark settings for a new
     session (e.g. ``{"spark.executor.memory": "8g"}``). ``python``: the Python the
-    executors run (default: this one; see :func:`~taxoclass.engines.spark.get_spark`).
+    executors run (default: ``PYSPARK_PYTHON``, else this one; see
+    :func:`~taxoclass.engines.spark.get_spark`).
     """
 
     master: str = "local[2]"
     partitions: int | None = None
     conf: dict[str, str] | None = None
-    python: str | None = field(default_factory=lambda: sys.executable)
+    python: str | None = None
     name: str = field(default="spark", init=False)
 
     def session(self):

@@ -83,9 +83,9 @@ def get_spark(master: str = "local[2]", *, app_name: str = "taxoclass",
               python: str | None = None) -> SparkSession:
     """The active SparkSession, or a new one for ``master`` (``local[N]``, ``spark://…``).
 
-    ``python``: the Python executors run for a new session (e.g. ``sys.executable``);
-    ``PYSPARK_PYTHON`` is set to it only while the session starts, then restored.
-    ``None``: whatever ``PYSPARK_PYTHON`` says (Spark's default ``python3`` if unset).
+    ``python``: the Python executors run for a new session (default: ``PYSPARK_PYTHON``
+    if set, else this very Python); ``PYSPARK_PYTHON`` is set to it only while the
+    session starts, then restored.
     An existing session is reused as is (its master wins; stop it first to change
     masters). Nothing process-wide is changed: PySpark 4 warns about pandas 3 on
     every conversion (``FutureWarning``, harmless for ``mapInPandas``); the CLI silences
@@ -112,10 +112,8 @@ def get_spark(master: str = "local[2]", *, app_name: str = "taxoclass",
 def _python_for_workers(python: str | None) -> Iterator[None]:
     """``PYSPARK_PYTHON=python`` while a SparkContext starts (it reads it once), then the
     environment as it was."""
-    if python is None:
-        yield
-        return
     before = os.environ.get("PYSPARK_PYTHON")
+    python = python or before or sys.executable
     os.environ["PYSPARK_PYTHON"] = python
     try:
         yield
@@ -127,7 +125,7 @@ def _python_for_workers(python: str | None) -> Iterator[None]:
 
 
 def _session(spark: SparkSession | None, master: str) -> SparkSession:
-    return spark if spark is not None else get_spark(master, python=sys.executable)
+    return spark if spark is not None else get_spark(master)
 
 
 def _task_threads(spark: SparkSession) -> int:
