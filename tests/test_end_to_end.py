@@ -262,12 +262,13 @@ def test_calibrate_plots_chooses_a_rule_and_plot_report_uses_it(fixture_set, cal
     assert table["chosen"].sum() == 1
     chosen = table.loc[table["chosen"], "rule"].item()
     assert "chosen rule: " + chosen in calibrated["output"]
-    assert json.dumps(settings).count(chosen) >= 1
+    assert settings["rule"] == chosen and settings["grids"] == ["2x2", "4x4"]
     assert table.loc[table["chosen"], "species_f1"].item() == table["species_f1"].max()
     assert table["species_f1"].max() >= 0.6
     records = pd.read_csv(calibrated["report"] / "plot_records.csv")
-    prov = json.loads((calibrated["report"] / "provenance.json").read_text())
-    assert "plot_settings.json" in json.dumps(prov)
+    report_cfg = yaml.safe_load((calibrated["report"] / "config.yaml").read_text())
+    assert report_cfg["rule"] == chosen  # plot-report --settings applied the chosen rule
+    assert report_cfg["settings_file"].endswith("plot_settings.json")
     listed, absent = _records_vs_truth(records, pd.read_csv(fixture_set["truth"]))
     assert listed >= 0.6 and listed > absent
 
