@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning of a tiny DINOv2-shaped ViT on real leaf images (CPU)."""
+"""Fine-tuning of a tiny DINOv2-shaped ViT on the shipped fixture images (CPU, no ../shared)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from taxoclass.model.optim import (
 )
 from taxoclass.pipelines.finetune import finetune_to_bundle, write_finetuned_bundle
 
-SPECIES = [("Acer", "palmatum"), ("Acer", "rubrum"), ("Ulmus", "bergmanniana"),
-           ("Zelkova", "serrata")]
+SPECIES = [("Acer", "campestre"), ("Acer", "platanoides"), ("Aesculus", "pavia"),
+           ("Quercus", "robur")]
 PER_SPECIES = 6  # 4 train + 2 validation each: 24 images
 
 
@@ -29,17 +29,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def leaf_data():
-    """24 real leaf images of 4 species (2 families, 3 genera) with their targets."""
-    from conftest import SHARED_DATA
+def image_data():
+    """24 shipped fixture images of 4 species (2 families, 3 genera) with their targets."""
+    from conftest import FIXTURES
 
     from taxoclass.taxonomy.annotations import load_annotations
     from taxoclass.taxonomy.labels import encode_labels
     from taxoclass.taxonomy.tree import Taxonomy
 
-    leaf = SHARED_DATA / "leaf"
+    leaf = FIXTURES
     if not (leaf / "annotations.json").is_file():
-        pytest.skip(f"real leaf data {leaf} is absent (see shared/data/README.md)")
+        pytest.skip(f"fixture set {leaf} is absent (rebuild: tests/fixtures/make_fixtures.py)")
     rows = load_annotations(leaf / "annotations.json").labelled_images(leaf)
     parts = []
     for genus, species in SPECIES:
@@ -86,10 +86,10 @@ def model_state(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def trained(leaf_data, tiny_backbone, tmp_path_factory):
+def trained(image_data, tiny_backbone, tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("ft") / "bundle"
-    return run(leaf_data, tiny_backbone, out, epochs=4, unfreeze_blocks=-1, augment=False)
+    return run(image_data, tiny_backbone, out, epochs=4, unfreeze_blocks=-1, augment=False)
 
 
 def test_loss_decreases_and_bundle_written(trained):
@@ -102,29 +102,29 @@ def test_loss_decreases_and_bundle_written(trained):
     assert not (trained.bundle_dir / "finetune_state").exists()  # cleaned after success
 
 
-def test_bundle_reproduces_finetuned_logits(trained, leaf_data):
+def test_bundle_reproduces_finetuned_logits(trained, image_data):
     from taxoclass.bundle import ModelBundle
     from taxoclass.io.images import load_image
 
     bundle = ModelBundle.load(trained.bundle_dir)
     assert bundle.backbone["checkpoint"] == trained.backbone_checkpoint.name  # bundle-relative
     bb = bundle.create_backbone()
-    x = bb.transform(load_image(leaf_data["val"][0][0])).unsqueeze(0)
+    x = bb.transform(load_image(image_data["val"][0][0])).unsqueeze(0)
     with torch.inference_mode():
         want = trained.model(x)
     got = bundle.logits(bb.embed(x))
     for r in bundle.taxonomy.ranks:
         torch.testing.assert_close(got[r], want[r], atol=1e-5, rtol=1e-5)
     assert bb.weights_source == "checkpoint"
-    emb, ok = embed_image_files(trained.model, [leaf_data["val"][0][0]], bb.transform)
+    emb, ok = embed_image_files(trained.model, [image_data["val"][0][0]], bb.transform)
     assert ok.all()
     np.testing.assert_allclose(emb, bb.embed(x).numpy(), atol=1e-5)
 
 
-def test_llrd_group_learning_rates(tiny_backbone, leaf_data):
+def test_llrd_group_learning_rates(tiny_backbone, image_data):
     """timm's layer-decay groups: heads and final norm at lr, each block one factor lower,
     the stem lowest; no weight decay on 1-d tensors, tokens and the position embedding."""
-    head = MultiRankHead.for_taxonomy(leaf_data["tax"], tiny_backbone.num_features)
+    head = MultiRankHead.for_taxonomy(image_data["tax"], tiny_backbone.num_features)
     import copy
 
     model = FinetuneModel(copy.deepcopy(tiny_backbone.model), head)
@@ -160,7 +160,7 @@ def test_llrd_group_learning_rates(tiny_backbone, leaf_data):
 
 
 @pytest.mark.parametrize("warmup", [0, 1, 4, 20])
-def test_schedule_follows_warmup_cosine_per_group(tiny_backbone, leaf_data, warmup):
+def test_schedule_follows_warmup_cosine_per_group(tiny_backbone, image_data, warmup):
     """Each group's lr in step ``k`` is ``lr * lr_scale`` times ``(k + 1) / W`` while
     ``k < W``, then ``f + (1 - f) * (1 + cos(pi * t)) / 2``, ``t = (k - W) / (T - W)``;
     the floor ``f * lr * lr_scale`` from step ``T`` on (the schedule taxoclass had before
@@ -168,7 +168,7 @@ def test_schedule_follows_warmup_cosine_per_group(tiny_backbone, leaf_data, warm
     import copy
     import math
 
-    head = MultiRankHead.for_taxonomy(leaf_data["tax"], tiny_backbone.num_features)
+    head = MultiRankHead.for_taxonomy(image_data["tax"], tiny_backbone.num_features)
     model = FinetuneModel(copy.deepcopy(tiny_backbone.model), head)
     lr, d, total, f = 2e-3, 0.5, 20, 0.1
     opt = adamw(layer_decay_param_groups(model, layer_decay=d, weight_decay=0.05), lr=lr)
@@ -198,9 +198,9 @@ def test_schedule_follows_warmup_cosine_per_group(tiny_backbone, leaf_data, warm
             assert seen[total - 1][name] > f * peak
 
 
-def test_unfreeze_last_block_only(leaf_data, tiny_backbone, tmp_path):
+def test_unfreeze_last_block_only(image_data, tiny_backbone, tmp_path):
     before = model_state(tiny_backbone.model)
-    res = run(leaf_data, tiny_backbone, tmp_path / "b", epochs=1, unfreeze_blocks=1)
+    res = run(image_data, tiny_backbone, tmp_path / "b", epochs=1, unfreeze_blocks=1)
     assert res.lr_groups.keys() >= {"head", "head/no_decay", "layer2"}
     assert res.lr_groups["layer2"] == pytest.approx(BASE["lr"] * BASE["layer_decay"])
     assert not any(k.startswith(("layer1", "stem")) for k in res.lr_groups)
@@ -218,10 +218,10 @@ def test_unfreeze_last_block_only(leaf_data, tiny_backbone, tmp_path):
     assert not torch.equal(after["norm.weight"], before["norm.weight"])
 
 
-def test_grad_accumulation_matches_larger_batch(leaf_data, tiny_backbone, tmp_path):
-    a = run(leaf_data, tiny_backbone, tmp_path / "a", epochs=1, batch_size=4, accum_steps=2,
+def test_grad_accumulation_matches_larger_batch(image_data, tiny_backbone, tmp_path):
+    a = run(image_data, tiny_backbone, tmp_path / "a", epochs=1, batch_size=4, accum_steps=2,
             grad_clip=None)
-    b = run(leaf_data, tiny_backbone, tmp_path / "b", epochs=1, batch_size=8, accum_steps=1,
+    b = run(image_data, tiny_backbone, tmp_path / "b", epochs=1, batch_size=8, accum_steps=1,
             grad_clip=None)
     assert a.steps == b.steps == 2
     sa, sb = a.model.state_dict(), b.model.state_dict()
@@ -235,10 +235,10 @@ class Interrupt(RuntimeError):
     pass
 
 
-def test_interrupted_run_resumes_to_same_weights(leaf_data, tiny_backbone, tmp_path):
+def test_interrupted_run_resumes_to_same_weights(image_data, tiny_backbone, tmp_path):
     settings = dict(epochs=2, unfreeze_blocks=-1, augment=True, keep_checkpoints=True,
                     warmup_epochs=1.0)  # the pause falls inside the warm-up
-    full = run(leaf_data, tiny_backbone, tmp_path / "full", **settings)
+    full = run(image_data, tiny_backbone, tmp_path / "full", **settings)
     assert full.steps == 8 and full.resumed_from_step is None
 
     # 1) a crash in the middle of epoch 2: resumes from the end-of-epoch-1 checkpoint
@@ -249,22 +249,22 @@ def test_interrupted_run_resumes_to_same_weights(leaf_data, tiny_backbone, tmp_p
             raise Interrupt("simulated crash")
 
     with pytest.raises(Interrupt):
-        finetune_to_bundle(LabelledImages(*leaf_data["train"]), LabelledImages(*leaf_data["val"]),
-                           leaf_data["tax"], backbone=tiny_backbone, out_dir=out,
+        finetune_to_bundle(LabelledImages(*image_data["train"]), LabelledImages(*image_data["val"]),
+                           image_data["tax"], backbone=tiny_backbone, out_dir=out,
                            settings={**BASE, **settings}, callback=boom)
     assert (out / "finetune_state" / "last.pt").is_file()
     assert not (out / "bundle.json").exists()
-    resumed = run(leaf_data, tiny_backbone, out, **settings)
+    resumed = run(image_data, tiny_backbone, out, **settings)
     assert resumed.resumed_from_step == 4
     # 2) a pause after 3 steps (mid epoch 1), then the rest
     out2 = tmp_path / "paused"
-    paused = run(leaf_data, tiny_backbone, out2, max_steps=3, **settings)
+    paused = run(image_data, tiny_backbone, out2, max_steps=3, **settings)
     assert not paused.completed and paused.steps == 3 and paused.bundle_dir is None
     with pytest.raises(ValueError, match="paused after 3 steps"):
-        write_finetuned_bundle(paused, out2, leaf_data["tax"])
-    again = run(leaf_data, tiny_backbone, out2, max_steps=3, **settings)  # no step taken
+        write_finetuned_bundle(paused, out2, image_data["tax"])
+    again = run(image_data, tiny_backbone, out2, max_steps=3, **settings)  # no step taken
     assert not again.completed and again.steps == 3 and again.resumed_from_step == 3
-    rest = run(leaf_data, tiny_backbone, out2, **settings)
+    rest = run(image_data, tiny_backbone, out2, **settings)
     assert rest.resumed_from_step == 3 and rest.completed
 
     want = full.model.state_dict()
@@ -275,11 +275,11 @@ def test_interrupted_run_resumes_to_same_weights(leaf_data, tiny_backbone, tmp_p
         np.testing.assert_allclose(res.history["val_loss"], full.history["val_loss"], atol=1e-6)
 
 
-def test_resume_refuses_another_run(leaf_data, tiny_backbone, tmp_path):
+def test_resume_refuses_another_run(image_data, tiny_backbone, tmp_path):
     out = tmp_path / "x"
-    run(leaf_data, tiny_backbone, out, epochs=2, max_steps=1)
+    run(image_data, tiny_backbone, out, epochs=2, max_steps=1)
     with pytest.raises(ConfigError, match="checkpoint of another run"):
-        run(leaf_data, tiny_backbone, out, epochs=2, lr=1e-2)
+        run(image_data, tiny_backbone, out, epochs=2, lr=1e-2)
 
 
 def test_settings_are_checked():
@@ -291,12 +291,12 @@ def test_settings_are_checked():
         FinetuneSettings.from_mapping({"unfreeze_blocks": -2})
 
 
-def test_unreadable_image_is_reported_and_skipped(leaf_data, tiny_backbone, tmp_path):
+def test_unreadable_image_is_reported_and_skipped(image_data, tiny_backbone, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
-    paths, y = leaf_data["train"]
+    paths, y = image_data["train"]
     paths = [str(bad), *paths[1:]]
-    res = finetune_to_bundle(LabelledImages(paths, y), None, leaf_data["tax"],
+    res = finetune_to_bundle(LabelledImages(paths, y), None, image_data["tax"],
                              backbone=tiny_backbone, out_dir=tmp_path / "o",
                              settings={**BASE, "epochs": 1, "unfreeze_blocks": 0})
     assert res.completed and [p for p, _ in res.failures] == [str(bad)]
@@ -304,7 +304,7 @@ def test_unreadable_image_is_reported_and_skipped(leaf_data, tiny_backbone, tmp_
     assert Path(res.bundle_dir, "bundle.json").is_file()
 
 
-def test_tile_views_are_fresh_reproducible_and_recorded(leaf_data, tiny_backbone, tmp_path):
+def test_tile_views_are_fresh_reproducible_and_recorded(image_data, tiny_backbone, tmp_path):
     """``tile_views``: each epoch shows every image once plus N tile-like views of it,
     drawn anew per epoch but the same for the same (seed, epoch, image)."""
     from taxoclass.bundle import ModelBundle
@@ -312,7 +312,7 @@ def test_tile_views_are_fresh_reproducible_and_recorded(leaf_data, tiny_backbone
 
     views = {"size": 64, "background": "clutter", "scale": [0.5, 1.0]}
     tf = TileViewTransform(views, tiny_backbone.transform)
-    paths, y = leaf_data["train"]
+    paths, y = image_data["train"]
     ds = ImageDataset(paths[:2] * 2, {r: np.tile(v[:2], 2) for r, v in y.items()},
                       tiny_backbone.transform, seed=3, view_transform=tf, n_plain=2)
     plain, view = ds[0][0], ds[2][0]
@@ -324,7 +324,7 @@ def test_tile_views_are_fresh_reproducible_and_recorded(leaf_data, tiny_backbone
     with pytest.raises(ConfigError, match="tile_views: expected an integer >= 0"):
         FinetuneSettings.from_mapping({"tile_views": -1})
 
-    res = finetune_to_bundle(LabelledImages(paths, y), None, leaf_data["tax"],
+    res = finetune_to_bundle(LabelledImages(paths, y), None, image_data["tax"],
                              backbone=tiny_backbone, out_dir=tmp_path / "v", views=views,
                              settings={**BASE, "epochs": 1, "unfreeze_blocks": 0,
                                        "tile_views": 2})
@@ -333,14 +333,14 @@ def test_tile_views_are_fresh_reproducible_and_recorded(leaf_data, tiny_backbone
     assert info["settings"]["tile_views"] == 2 and info["views"]["size"] == 64
 
 
-def test_model_layer_run_writes_no_bundle(leaf_data, tiny_backbone, tmp_path):
+def test_model_layer_run_writes_no_bundle(image_data, tiny_backbone, tmp_path):
     """``finetune`` (model layer) trains only; the checkpoints stay until discarded and the
     job layer writes the bundle from the result."""
-    paths, y = leaf_data["train"]
-    res = finetune(LabelledImages(paths, y), None, leaf_data["tax"], backbone=tiny_backbone,
+    paths, y = image_data["train"]
+    res = finetune(LabelledImages(paths, y), None, image_data["tax"], backbone=tiny_backbone,
                    out_dir=tmp_path / "m", settings={**BASE, "epochs": 1, "unfreeze_blocks": 0})
     assert res.completed and res.bundle_dir is None and res.steps == len(paths) // 4
     assert not (tmp_path / "m" / "bundle.json").exists()
     assert (res.state_dir / "best.pt").is_file() and res.frozen == ["backbone"]
-    write_finetuned_bundle(res, tmp_path / "m", leaf_data["tax"])
+    write_finetuned_bundle(res, tmp_path / "m", image_data["tax"])
     assert (tmp_path / "m" / "bundle.json").is_file() and not res.state_dir.exists()
