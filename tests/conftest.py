@@ -35,12 +35,23 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def leaf_image_paths(shared_data: Path) -> list[Path]:
-    """A handful of real leaf JPEGs, sorted by name."""
+def real_leaf_image_paths(shared_data: Path) -> list[Path]:
+    """A handful of real leaf JPEGs (greyscale scans), sorted by name."""
     paths = sorted((shared_data / "leaf" / "images").glob("*.jpg"))
     if len(paths) < 8:
         pytest.skip(f"fewer than 8 leaf images under {shared_data / 'leaf' / 'images'}")
     return paths[:8]
+
+
+@pytest.fixture(scope="session")
+def leaf_image_paths() -> list[Path]:
+    """Eight image files: real leaf JPEGs where ../shared/data exists, else the shipped
+    fixture images (so tests that only need *some* photos run on any checkout)."""
+    real = sorted((SHARED_DATA / "leaf" / "images").glob("*.jpg"))
+    if len(real) >= 8:
+        return real[:8]
+    return sorted((Path(__file__).resolve().parent / "fixtures" / "images" / "train")
+                  .glob("*.jpg"))[:8]
 
 
 @pytest.fixture

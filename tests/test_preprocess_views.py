@@ -146,7 +146,7 @@ def test_cache_of_other_preprocessing_is_refused(small_leaf, tmp_path):
                                        {"image_size": 80, "resize": "letterbox",
                                         "pad_fill": "black"},
                                        {"image_size": 64, "resize": "squash"}])
-def test_grayscale_fast_path_is_bit_identical(lite0_random, leaf_image_paths, tmp_path,
+def test_grayscale_fast_path_is_bit_identical(lite0_random, real_leaf_image_paths, tmp_path,
                                               overrides):
     from taxoclass.io.images import _gray_plan, load_image, load_transformed
 
@@ -154,7 +154,7 @@ def test_grayscale_fast_path_is_bit_identical(lite0_random, leaf_image_paths, tm
     assert _gray_plan(bb.transform) is not None  # the fast path is really taken
     grey = tmp_path / "grey.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 130), np.uint8)).save(grey)
-    for path in [*leaf_image_paths[:5], grey]:
+    for path in [*real_leaf_image_paths[:5], grey]:
         with Image.open(path) as im:
             assert im.mode == "L"
         fast = load_transformed(path, bb.transform)
@@ -172,7 +172,7 @@ def test_grayscale_fast_path_is_bit_identical(lite0_random, leaf_image_paths, tm
                            bb.transform(load_image(grey)))
 
 
-def test_bf16_precision_on_cpu_is_recorded_and_close_to_fp32(leaf_image_paths, tmp_path):
+def test_bf16_precision_on_cpu_is_recorded_and_close_to_fp32(real_leaf_image_paths, tmp_path):
     from taxoclass.errors import ConfigError
     from taxoclass.io.images import load_transformed
     from taxoclass.pipelines.embed import embed_annotations
@@ -182,7 +182,7 @@ def test_bf16_precision_on_cpu_is_recorded_and_close_to_fp32(leaf_image_paths, t
     bf16.model.load_state_dict(fp32.model.state_dict())
     assert (fp32.autocast, bf16.autocast) == (None, "bfloat16")
     assert bf16.describe()["autocast"] == "bfloat16"  # part of the cache identity
-    x = torch.stack([load_transformed(p, fp32.transform) for p in leaf_image_paths[:4]])
+    x = torch.stack([load_transformed(p, fp32.transform) for p in real_leaf_image_paths[:4]])
     a, b = fp32.embed(x), bf16.embed(x)
     assert b.dtype == torch.float32 and a.shape == b.shape
     cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
