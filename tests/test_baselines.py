@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA as DATA
 from sklearn.exceptions import NotFittedError
 
 from taxoclass.model.baselines import ClassPrototype, FlatLinearProbe, NearestNeighbour
@@ -14,7 +13,6 @@ from taxoclass.model.decoding import Decoded, is_coherent
 from taxoclass.model.metrics import evaluate_predictions
 from taxoclass.taxonomy.tree import Taxonomy
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LEAF = DATA / "leaf" / "annotations.json"
 
 

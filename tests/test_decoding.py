@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import SHARED_DATA as DATA
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +20,6 @@ from taxoclass.model.decoding import (
 )
 from taxoclass.taxonomy.tree import Taxonomy
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PLANTCLEF_CSV = DATA / "plantclef2024" / "plantclef2024_species_DERIVED_genus_family_from_inat.csv"
 LEAF = DATA / "leaf" / "annotations.json"
 

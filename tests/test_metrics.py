@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA as DATA
 from sklearn.metrics import f1_score
 
 from taxoclass.model.decoding import decode
 from taxoclass.model.metrics import confusion_summary, evaluate_predictions, flatten_metrics
 from taxoclass.taxonomy.tree import Taxonomy
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LEAF = DATA / "leaf" / "annotations.json"
 
 RECORDS = [
