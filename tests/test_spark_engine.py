@@ -1,6 +1,6 @@
-"""The Spark engine (local[2]) gives what the local engine gives, on real leaf images.
+"""The Spark engine (local[2]) gives what the local engine gives, on the shipped images.
 
-A tiny DINOv2-shaped ViT whose checkpoint the test saves itself, 20 real leaf JPEGs and
+A tiny DINOv2-shaped ViT whose checkpoint the test saves itself, 20 fixture JPEGs and
 one corrupt file. One SparkSession serves the whole module.
 """
 
@@ -48,12 +48,14 @@ def spark():
 
 
 @pytest.fixture(scope="module")
-def data(shared_data, tmp_path_factory, tiny_dino_kwargs_module):
-    """20 real leaf images + a corrupt one, a tiny checkpoint and a bundle using it."""
+def data(tmp_path_factory, tiny_dino_kwargs_module):
+    """20 shipped fixture images + a corrupt one, a tiny checkpoint and a bundle using it."""
+    from conftest import FIXTURES
+
     tmp = tmp_path_factory.mktemp("spark")
-    paths = sorted((shared_data / "leaf" / "images").glob("*.jpg"))[:20]
+    paths = sorted((FIXTURES / "images" / "train").glob("*.jpg"))[:20]
     if len(paths) < 20:
-        pytest.skip("fewer than 20 leaf images in the shared data")
+        pytest.skip("fewer than 20 fixture images (rebuild: tests/fixtures/make_fixtures.py)")
     corrupt = tmp / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 8)
     kwargs = tiny_dino_kwargs_module
