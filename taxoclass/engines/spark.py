@@ -183,8 +183,14 @@ def _rebatch(frames: Iterator[pd.DataFrame], size: int) -> Iterator[pd.DataFrame
 
 
 def _set_threads(threads: int) -> None:
+    """Executor set-up, run at the start of every partition: torch threads, and the CPU
+    allocator tuning the local CLI applies (the executor's Python worker is a process Spark
+    started for this job, never the caller's own)."""
     import torch
 
+    from ..features.allocator import tune_cpu_allocator
+
+    tune_cpu_allocator()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
