@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ..vocab import Calibration
 from .app import (
     device_option,
     engine_options,
@@ -179,7 +180,7 @@ def train(config_path: Path | None, overrides: tuple[str, ...], finetune: bool,
         return
     with progress_bar("embedding", "img") as emb, progress_bar("training", "epoch") as prog:
         out = train_from_config(cfg, progress=prog, embed_progress=emb)
-    kind = ("out-of-fold" if openset_calibration(cfg.get("openset"))[0] == "crossfit"
+    kind = ("out-of-fold" if openset_calibration(cfg.get("openset"))[0] == Calibration.CROSSFIT
             else "validation")
     print_metrics(out / "metrics_val.json", f"{kind} metrics ({out})")
     click.echo(f"model bundle written to {out}")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from ..config import openset_calibration
 from ..errors import ConfigError
 from ..taxonomy.tree import DEFAULT_RANKS
+from ..vocab import Calibration
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -36,7 +37,7 @@ def require_training_settings(cfg: dict) -> dict:
                           "--set out=DIR).")
     ocfg = cfg.get("openset") or {}
     mode, _ = openset_calibration(ocfg)
-    if mode == "crossfit" and not ocfg.get("enabled", True):
+    if mode == Calibration.CROSSFIT and not ocfg.get("enabled", True):
         raise ConfigError("openset.calibration: crossfit calibrates the open-set scorer, but "
                           "openset.enabled is false. Fix: set openset.calibration: holdout, or "
                           "openset.enabled: true.")

@@ -19,6 +19,7 @@ from ..errors import ConfigError, TaxonomyError
 from ..io.files import atomic_write_csv, atomic_write_json
 from ..io.provenance import write_provenance
 from ..taxonomy.labels import encode_labels
+from ..vocab import Calibration
 from .data import cached_embeddings
 from .openset_fit import crossfit_openset, fit_openset_scorer
 
@@ -179,7 +180,7 @@ def _retrain(bundle, cfg: dict, tax, kr: pd.DataFrame, xk: np.ndarray, seed: int
     ocfg = dict(cfg.get("openset") or {})
     is_val = np.zeros(len(kr), dtype=bool)
     cf = None
-    if openset_calibration(ocfg)[0] == "crossfit":
+    if openset_calibration(ocfg)[0] == Calibration.CROSSFIT:
         # Head on every non-test known image; thresholds on their out-of-fold predictions.
         is_tr = ~is_test
         cf = crossfit_openset(xk[is_tr], {r: a[is_tr] for r, a in y.items()}, tax,

@@ -30,6 +30,7 @@ from ..model.finetune import FinetuneResult, finetune
 from ..model.heads import MultiRankHead
 from ..model.image_data import LabelledImages, embed_image_files
 from ..taxonomy.tree import Taxonomy
+from ..vocab import Calibration
 from .data import (
     config_embeddings,
     embedding_cache,
@@ -171,7 +172,7 @@ def _prepare(cfg: Mapping[str, Any], device: str | None) -> _Job:
 
     cfg = dict(cfg)
     data = require_training_settings(cfg)
-    if openset_calibration(cfg.get("openset"))[0] == "crossfit":
+    if openset_calibration(cfg.get("openset"))[0] == Calibration.CROSSFIT:
         raise ConfigError("openset.calibration: crossfit is not supported with `train "
                           "--finetune` (it would fine-tune the backbone once per fold). Fix: "
                           "--set openset.calibration=holdout.")

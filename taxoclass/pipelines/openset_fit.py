@@ -15,6 +15,7 @@ import numpy as np
 
 from ..config import OpensetConfig, openset_calibration
 from ..taxonomy.tree import Taxonomy
+from ..vocab import Calibration
 from .data import with_views
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -142,7 +143,7 @@ def crossfit_openset(x: np.ndarray, y: dict[str, np.ndarray], taxonomy: Taxonomy
     correct = correct_by_rank(path_names(oof.decoded.path, taxonomy), truth, taxonomy.ranks)
     comb, thr = _openset_evidence(oof.decoded, oof.outlier, correct, ocfg)
     final, det = fit(np.ones(len(x), dtype=bool), n_folds)
-    info = {"calibration": "crossfit", "folds": n_folds, "seed": int(seed),
+    info = {"calibration": Calibration.CROSSFIT.value, "folds": n_folds, "seed": int(seed),
             "n_calibration_rows": int(len(x)), "out_of_fold": True}
     return CrossfitOpenset(train=final, scorer=OpenSetScorer(
         detector=det, combiner=comb, thresholds=thr, group_rank="genus"),

@@ -20,6 +20,7 @@ from ..io.files import atomic_write_csv, atomic_write_json
 from ..io.provenance import write_provenance
 from ..taxonomy.labels import encode_labels
 from ..taxonomy.tree import Taxonomy
+from ..vocab import Calibration
 from .data import (
     config_embeddings,
     embedding_cache,
@@ -82,7 +83,7 @@ def _prepare(cfg: dict, embed_progress: Progress | None) -> _Data:
         log.warning("%d labelled image(s) have no embedding (unreadable; see %s/failures.csv), "
                     "e.g. %s; training without them.", int((~found).sum()), cache, missing)
     is_val = validation_mask(ids, nodes, data)
-    crossfit = openset_calibration(cfg.get("openset") or {})[0] == "crossfit"
+    crossfit = openset_calibration(cfg.get("openset") or {})[0] == Calibration.CROSSFIT
     # crossfit: every embedded image trains the final head (no validation split).
     tr, va = (found, np.zeros_like(found)) if crossfit else (found & ~is_val, found & is_val)
     # Tile-like views of the training images only (never of validation images).
