@@ -214,16 +214,40 @@ def validate_annotations(source: str | Path | Mapping, *, images_root: str | Pat
     genus ids in ``distances``, and (with ``images_root``) image files missing on disk.
     """
     if isinstance(source, Mapping):
-        data = source
-        name = source_name or "<dict>"
+        data, name = source, source_name or "<dict>"
     else:
-        data = read_json(source)
-        name = str(source)
+        data, name = read_json(source), str(source)
     report = ValidationReport(source=name)
     add = report.problems.append
+    for problem in _schema_problems(data):
+        add(problem)
+    if report.errors:  # structure is wrong: semantic checks would only repeat the noise
+        report.counts = {k: len(data.get(k) or []) for k in ("images", "annotations",
+                                                               "categories")}
+        return report
+    images = data.get("images") or []
+    anns = data.get("annotations") or []
+    cats = data.get("categories") or []
+    genera = data.get("genera") or []
+    for section, key, items in (("images", "image_id", images),
+                                ("categories", "category_id", cats),
+                                ("genera", "genus_id", genera)):
+        report.problems.extend(_duplicate_problems(section, key, items))
+    genus_by_id = {g["genus_id"]: g["genus"] for g in genera}
+    report.problems.extend(_annotation_problems(anns, images, cats, genus_by_id))
+    report.problems.extend(_category_problems(cats))
+    report.problems.extend(_distance_problems(data.get("distances") or [], genus_by_id))
+    if images_root is not None:
+        report.problems.extend(_file_problems(images, Path(images_root)))
+    report.counts = _counts(data, name, images, anns, cats, ok=not report.errors)
+    return report
 
+
+def _schema_problems(data: Mapping) -> list[Problem]:
+    """JSON Schema violations, each with its JSON path, record and a fix."""
     import jsonschema
 
+    problems = []
     validator = jsonschema.Draft202012Validator(load_schema())
     for err in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.path))):
         parts = list(err.absolute_path)
@@ -241,38 +265,35 @@ def validate_annotations(source: str | Path | Mapping, *, images_root: str | Pat
         else:
             expected = f"{err.validator} {err.validator_value!r}"
             fix = err.message
-        add(Problem(_json_path(parts), record, expected, found, fix))
-    if report.errors:  # structure is wrong: semantic checks would only repeat the noise
-        report.counts = {k: len(data.get(k) or []) for k in ("images", "annotations",
-                                                               "categories")}
-        return report
+        problems.append(Problem(_json_path(parts), record, expected, found, fix))
+    return problems
 
-    images = data.get("images") or []
-    anns = data.get("annotations") or []
-    cats = data.get("categories") or []
-    genera = data.get("genera") or []
 
-    def duplicates(section: str, key: str, items: list) -> set:
-        counts = Counter(it[key] for it in items)
-        dup = {k for k, c in counts.items() if c > 1}
-        seen: set = set()
-        for i, it in enumerate(items):
-            if it[key] in dup:
-                if it[key] in seen:
-                    add(Problem(f"$.{section}[{i}].{key}", _rec(it, key),
-                                f"a unique {key}", f"{it[key]!r} used {counts[it[key]]} times",
-                                f"give each {section[:-1]} its own {key} or remove the copy"))
-                seen.add(it[key])
-        return dup
+def _duplicate_problems(section: str, key: str, items: list) -> list[Problem]:
+    """One problem per repeated ``key`` in ``section`` (the first use is not reported)."""
+    counts = Counter(it[key] for it in items)
+    dup = {k for k, c in counts.items() if c > 1}
+    seen: set = set()
+    problems = []
+    for i, it in enumerate(items):
+        if it[key] in dup:
+            if it[key] in seen:
+                problems.append(Problem(
+                    f"$.{section}[{i}].{key}", _rec(it, key), f"a unique {key}",
+                    f"{it[key]!r} used {counts[it[key]]} times",
+                    f"give each {section[:-1]} its own {key} or remove the copy"))
+            seen.add(it[key])
+    return problems
 
-    duplicates("images", "image_id", images)
-    duplicates("categories", "category_id", cats)
-    duplicates("genera", "genus_id", genera)
 
+def _annotation_problems(anns: list, images: list, cats: list,
+                         genus_by_id: Mapping) -> list[Problem]:
+    """Annotations: one per image, pointing at listed images, categories and genera."""
     image_ids = {im["image_id"] for im in images}
     cat_by_id = {c["category_id"]: c for c in cats}
-    genus_by_id = {g["genus_id"]: g["genus"] for g in genera}
     labelled: Counter = Counter()
+    problems = []
+    add = problems.append
     for i, a in enumerate(anns):
         rec = _rec(a, "image_id", "category_id")
         labelled[a["image_id"]] += 1
@@ -290,29 +311,45 @@ def validate_annotations(source: str | Path | Mapping, *, images_root: str | Pat
                         "a category_id listed in 'categories'", repr(a["category_id"]),
                         "add the category or correct the annotation's category_id"))
             continue
-        gid = a.get("genus_id")
-        if gid is not None and genus_by_id:
-            gname = genus_by_id.get(gid)
-            if gname is None:
-                add(Problem(f"$.annotations[{i}].genus_id", rec, "a genus_id listed in 'genera'",
-                            repr(gid), "add the genus to 'genera' or correct genus_id"))
-            elif gname != cat.get("genus"):
-                add(Problem(f"$.annotations[{i}].genus_id", rec,
-                            f"genus_id of {cat.get('genus')!r} (the category's genus)",
-                            f"genus_id {gid} = {gname!r}",
-                            "correct the annotation's genus_id or the category's genus"))
+        problems.extend(_genus_id_problems(i, a, rec, cat, genus_by_id))
+    return problems
 
-    # Taxon consistency across categories.
+
+def _genus_id_problems(i: int, a: Mapping, rec: str, cat: Mapping,
+                       genus_by_id: Mapping) -> list[Problem]:
+    gid = a.get("genus_id")
+    if gid is None or not genus_by_id:
+        return []
+    gname = genus_by_id.get(gid)
+    if gname is None:
+        return [Problem(f"$.annotations[{i}].genus_id", rec, "a genus_id listed in 'genera'",
+                        repr(gid), "add the genus to 'genera' or correct genus_id")]
+    if gname != cat.get("genus"):
+        return [Problem(f"$.annotations[{i}].genus_id", rec,
+                        f"genus_id of {cat.get('genus')!r} (the category's genus)",
+                        f"genus_id {gid} = {gname!r}",
+                        "correct the annotation's genus_id or the category's genus")]
+    return []
+
+
+def _category_ranks(cats: list) -> list[str]:
+    return ["order", "family", "genus"] if any("order" in c for c in cats) else ["family",
+                                                                                 "genus"]
+
+
+def _category_problems(cats: list) -> list[Problem]:
+    """Taxon consistency across categories: filled ranks, one parent per taxon, no twins."""
+    problems = []
     parents: dict[tuple[str, str], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
-    ranks = ["order", "family", "genus"] if any("order" in c for c in cats) else ["family",
-                                                                                   "genus"]
+    ranks = _category_ranks(cats)
     for i, c in enumerate(cats):
         rec = _rec(c, "category_id", "scientificName")
         for r in ("family", "genus"):
             if not str(c.get(r, "")).strip():
-                add(Problem(f"$.categories[{i}].{r}", rec, f"a non-empty {r}", "''",
-                            f"fill in the {r} (only 'species' may be empty: a {r}-level label "
-                            "needs every rank above it)"))
+                problems.append(Problem(
+                    f"$.categories[{i}].{r}", rec, f"a non-empty {r}", "''",
+                    f"fill in the {r} (only 'species' may be empty: a {r}-level label "
+                    "needs every rank above it)"))
         for upper, lower in zip(ranks, ranks[1:]):
             lo, up = str(c.get(lower, "")).strip(), str(c.get(upper, "")).strip()
             if lo and up:
@@ -324,46 +361,54 @@ def validate_annotations(source: str | Path | Mapping, *, images_root: str | Pat
         if len(ups) > 1:
             detail = "; ".join(f"{u!r} in categories at {idx[:5]}" for u, idx in ups.items())
             first = min(i for idx in ups.values() for i in idx)
-            add(Problem(f"$.categories[{first}].{rank}", f"{rank}={name_!r}",
-                        f"{rank} {name_!r} under one parent", f"{len(ups)} parents: {detail}",
-                        f"make every category that names {rank} {name_!r} use the same parent"))
+            problems.append(Problem(
+                f"$.categories[{first}].{rank}", f"{rank}={name_!r}",
+                f"{rank} {name_!r} under one parent", f"{len(ups)} parents: {detail}",
+                f"make every category that names {rank} {name_!r} use the same parent"))
     dup_names = Counter((str(c.get("genus", "")), str(c.get("species", ""))) for c in cats)
     for (g, s), n in dup_names.items():
         if n > 1 and s:
-            add(Problem("$.categories", f"{g} {s}", "one category per taxon",
-                        f"{n} categories for {g} {s}",
-                        "merge the categories (or tell them apart, e.g. by authors)",
-                        severity="warning"))
+            problems.append(Problem(
+                "$.categories", f"{g} {s}", "one category per taxon",
+                f"{n} categories for {g} {s}",
+                "merge the categories (or tell them apart, e.g. by authors)",
+                severity="warning"))
+    return problems
 
-    for i, d in enumerate(data.get("distances") or []):
-        for k in ("genus_id_x", "genus_id_y"):
-            if genus_by_id and d[k] not in genus_by_id:
-                add(Problem(f"$.distances[{i}].{k}", _rec(d, k), "a genus_id listed in 'genera'",
-                            repr(d[k]), "add the genus to 'genera' or drop the distance"))
 
-    if images_root is not None:
-        root = Path(images_root)
-        if not root.is_dir():
-            add(Problem("--images-root", str(root), "an existing directory",
+def _distance_problems(distances: list, genus_by_id: Mapping) -> list[Problem]:
+    return [Problem(f"$.distances[{i}].{k}", _rec(d, k), "a genus_id listed in 'genera'",
+                    repr(d[k]), "add the genus to 'genera' or drop the distance")
+            for i, d in enumerate(distances) for k in ("genus_id_x", "genus_id_y")
+            if genus_by_id and d[k] not in genus_by_id]
+
+
+def _file_problems(images: list, root: Path) -> list[Problem]:
+    """Image files missing under ``root`` (or ``root`` itself missing)."""
+    if not root.is_dir():
+        return [Problem("--images-root", str(root), "an existing directory",
                         "no such directory", "pass the folder that holds the images' file_name "
-                        "paths"))
-        else:
-            for i, im in enumerate(images):
-                if not (root / im["file_name"]).is_file():
-                    add(Problem(f"$.images[{i}].file_name", _rec(im, "image_id"),
-                                f"a file under {root}", f"{im['file_name']!r} missing",
-                                "restore the image or remove it and its annotation"))
+                        "paths")]
+    return [Problem(f"$.images[{i}].file_name", _rec(im, "image_id"),
+                    f"a file under {root}", f"{im['file_name']!r} missing",
+                    "restore the image or remove it and its annotation")
+            for i, im in enumerate(images) if not (root / im["file_name"]).is_file()]
 
-    report.counts = {"images": len(images), "annotations": len(anns), "categories": len(cats)}
-    if cats and not report.errors:
+
+def _counts(data: Mapping, name: str, images: list, anns: list, cats: list, *,
+            ok: bool) -> dict[str, int]:
+    """What the report's summary line counts (taxa per rank only for a valid file)."""
+    counts = {"images": len(images), "annotations": len(anns), "categories": len(cats)}
+    if cats and ok:
+        ranks = _category_ranks(cats)
         tax = annotations_from_dict(data, source=name).taxonomy(
             ("order", *DEFAULT_RANKS) if ranks[0] == "order" else DEFAULT_RANKS)
-        report.counts.update({f"{r} taxa": n for r, n in tax.summary().items()
-                              if r != "placeholders"})
+        counts.update({f"{r} taxa": n for r, n in tax.summary().items()
+                       if r != "placeholders"})
         n_genus_only = sum(1 for c in cats if not str(c.get("species", "")).strip())
         if n_genus_only:
-            report.counts["genus-level categories"] = n_genus_only
-    return report
+            counts["genus-level categories"] = n_genus_only
+    return counts
 
 
 # ---------------------------------------------------------------------- tables
