@@ -92,28 +92,48 @@ def evaluate_predictions(decoded_path: Mapping[str, np.ndarray],
         topk_index = {r: np.argsort(-prob[r], axis=1, kind="stable")[:, :5] for r in ranks}
     topk = _arrays(topk_index, ranks, "topk_index") if topk_index is not None else None
     k = max(v.shape[1] for v in topk.values()) if topk is not None else 0
+    per_rank = {r: _rank_metrics(true[r], pred[r], topk[r] if topk is not None else None,
+                                 prob[r] if prob is not None else None, k=k) for r in ranks}
+    hierarchical, severity = _hierarchical_metrics(true, pred, taxonomy, ranks)
+    gd, gd_n = _genus_distance(true, pred, taxonomy, ranks)
+    coherent = is_coherent(pred, taxonomy)
+    return {
+        "n": int(n_total),
+        "ranks": per_rank,
+        "hierarchical": hierarchical,
+        "mistake_severity": severity,
+        "genus_distance": gd,
+        "genus_distance_n": gd_n,
+        "coherence_rate": float(coherent.mean()) if n_total else None,
+    }
 
-    per_rank: dict[str, dict] = {}
-    for r in ranks:
-        m = true[r] >= 0
-        t, p = true[r][m].astype(np.int64), pred[r][m].astype(np.int64)
-        res: dict[str, object] = {"n": int(m.sum())}
-        if m.any():
-            res["accuracy"] = float(np.mean(p == t))
-            res["macro_f1"] = float(f1_score(t, p, labels=np.unique(t), average="macro",
-                                             zero_division=0))
-            if topk is not None:
-                res[f"top{k}_accuracy"] = float(np.mean((topk[r][m] == t[:, None]).any(axis=1)))
-            if prob is not None:
-                pt = prob[r][m][np.arange(len(t)), t]
-                res["nll"] = float(-np.mean(np.log(np.clip(pt, 1e-12, None))))
-        else:
-            res["accuracy"] = res["macro_f1"] = None
-            if topk is not None:
-                res[f"top{k}_accuracy"] = None
-        per_rank[r] = res
 
-    # Hierarchical P/R/F and mistake severity, on the deepest labelled rank.
+def _rank_metrics(true: np.ndarray, pred: np.ndarray, topk: np.ndarray | None,
+                  prob: np.ndarray | None, *, k: int) -> dict[str, object]:
+    """Accuracy, macro-F1 over the true classes, top-k accuracy (named by the widest
+    rank's ``k``) and NLL at one rank."""
+    m = true >= 0
+    t, p = true[m].astype(np.int64), pred[m].astype(np.int64)
+    res: dict[str, object] = {"n": int(m.sum())}
+    if not m.any():
+        res["accuracy"] = res["macro_f1"] = None
+        if topk is not None:
+            res[f"top{k}_accuracy"] = None
+        return res
+    res["accuracy"] = float(np.mean(p == t))
+    res["macro_f1"] = float(f1_score(t, p, labels=np.unique(t), average="macro",
+                                     zero_division=0))
+    if topk is not None:
+        res[f"top{k}_accuracy"] = float(np.mean((topk[m] == t[:, None]).any(axis=1)))
+    if prob is not None:
+        pt = prob[m][np.arange(len(t)), t]
+        res["nll"] = float(-np.mean(np.log(np.clip(pt, 1e-12, None))))
+    return res
+
+
+def _hierarchical_metrics(true: Mapping[str, np.ndarray], pred: Mapping[str, np.ndarray],
+                          taxonomy, ranks: tuple[str, ...]) -> tuple[dict, dict]:
+    """Hierarchical P/R/F and mistake severity, on the deepest labelled rank."""
     t_depth = _deepest(true, ranks)
     p_depth = np.minimum(_deepest(pred, ranks), t_depth)
     inter = n_pred = n_true = 0
@@ -144,30 +164,22 @@ def evaluate_predictions(decoded_path: Mapping[str, np.ndarray],
         "n_mistakes": len(dists),
         "rate": len(dists) / len(labelled) if len(labelled) else None,
     }
+    return hierarchical, severity
 
-    # Phylogenetic genus distance over wrong-genus predictions.
-    gd, gd_n = None, 0
-    if "genus" in ranks and taxonomy.genus_distances:
-        m = (true["genus"] >= 0) & (pred["genus"] >= 0) & (pred["genus"] != true["genus"])
-        vals = []
-        for ti, pi in zip(true["genus"][m], pred["genus"][m]):
-            d = taxonomy.genus_distance(taxonomy.node("genus", int(ti))[-1],
-                                        taxonomy.node("genus", int(pi))[-1])
-            if d is not None:
-                vals.append(d)
-        gd_n = len(vals)
-        gd = float(np.mean(vals)) if vals else None
 
-    coherent = is_coherent(pred, taxonomy)
-    return {
-        "n": int(n_total),
-        "ranks": per_rank,
-        "hierarchical": hierarchical,
-        "mistake_severity": severity,
-        "genus_distance": gd,
-        "genus_distance_n": gd_n,
-        "coherence_rate": float(coherent.mean()) if n_total else None,
-    }
+def _genus_distance(true: Mapping[str, np.ndarray], pred: Mapping[str, np.ndarray],
+                    taxonomy, ranks: tuple[str, ...]) -> tuple[float | None, int]:
+    """Mean phylogenetic genus distance over wrong-genus predictions (and how many)."""
+    if "genus" not in ranks or not taxonomy.genus_distances:
+        return None, 0
+    m = (true["genus"] >= 0) & (pred["genus"] >= 0) & (pred["genus"] != true["genus"])
+    vals = []
+    for ti, pi in zip(true["genus"][m], pred["genus"][m]):
+        d = taxonomy.genus_distance(taxonomy.node("genus", int(ti))[-1],
+                                    taxonomy.node("genus", int(pi))[-1])
+        if d is not None:
+            vals.append(d)
+    return (float(np.mean(vals)) if vals else None), len(vals)
 
 
 def flatten_metrics(result: Mapping, prefix: str = "") -> dict[str, object]:
