@@ -213,122 +213,27 @@ def compute_embeddings(
         )
     root = Path(out_dir)
     ids, paths = normalise_items(items)
-    n = len(ids)
-    chunks = [
-        {
-            "index": k,
-            "file": _chunk_name(k),
-            "start": start,
-            "stop": min(start + chunk_size, n),
-            "image_ids": ids[start : start + chunk_size],
-            "done": False,
-            "n_embedded": 0,
-            "n_failed": 0,
-        }
-        for k, start in enumerate(range(0, n, chunk_size))
-    ]
-    manifest: dict[str, Any] = {
-        "format_version": CACHE_FORMAT_VERSION,
-        "backbone": backbone.describe(),
-        "dim": int(backbone.num_features),
-        "plan": {
-            "n_images": n,
-            "chunk_size": chunk_size,
-            "batch_size": batch_size,
-            "n_chunks": len(chunks),
-            "image_ids_sha256": _sha256_lines(ids),
-            "paths_sha256": _sha256_lines(paths),
-        },
-        "chunks": chunks,
-        "complete": False,
-        "counts": {"n_images": n, "n_embedded": 0, "n_failed": 0, "chunks_done": 0},
-        "extra": extra_manifest or {},
-    }
-
-    existing = _read_manifest(root)
-    if existing is not None and overwrite:
-        for name in (MANIFEST, FAILURES, EMBEDDINGS_NPY, IMAGE_IDS_NPY):
-            (root / name).unlink(missing_ok=True)
-        shutil.rmtree(root / CHUNK_DIR, ignore_errors=True)
-        existing = None
-    elif existing is None and (root / CHUNK_DIR).is_dir() and any((root / CHUNK_DIR).iterdir()):
-        raise CacheError(
-            f"Directory {str(root)!r} holds chunk files but no {MANIFEST}; it is not a "
-            f"usable embedding cache. Fix: --out NEW_DIR or --overwrite."
-        )
-    if existing is not None:
-        diffs = _differences(manifest, existing)
-        if diffs:
-            raise CacheError(
-                f"Embedding cache {str(root)!r} was made with other settings: "
-                f"{'; '.join(diffs)}. Fix: --out NEW_DIR for a new cache, or --overwrite "
-                f"to replace this one."
-            )
-        for entry, old in zip(chunks, existing["chunks"]):
-            if _chunk_done(root, old):
-                entry.update(done=True, n_embedded=old["n_embedded"], n_failed=old["n_failed"])
-
+    manifest = _plan(ids, paths, backbone, chunk_size=chunk_size, batch_size=batch_size,
+                     extra=extra_manifest)
+    chunks = manifest["chunks"]
+    _reconcile(root, manifest, overwrite=overwrite)
     (root / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
-    failures: list[dict[str, str]] = []
-    path_of = dict(zip(ids, paths))
-    for entry in chunks:
-        if entry["done"]:
-            with np.load(root / entry["file"], allow_pickle=False) as z:
-                for fid, err in zip(z["failed_ids"].tolist(), z["failed_errors"].tolist()):
-                    failures.append({"image_id": fid, "path": path_of[fid], "error": err})
+    failures = _reused_failures(root, chunks, dict(zip(ids, paths)))
     n_reused = sum(e["stop"] - e["start"] for e in chunks if e["done"])
     pending = [e for e in chunks if not e["done"]]
     if max_chunks is not None:
         pending = pending[: max(0, max_chunks)]
-
-    def save_manifest() -> None:
-        done = [e for e in chunks if e["done"]]
-        manifest["complete"] = len(done) == len(chunks)
-        manifest["counts"] = {
-            "n_images": n,
-            "n_embedded": sum(e["n_embedded"] for e in done),
-            "n_failed": sum(e["n_failed"] for e in done),
-            "chunks_done": len(done),
-        }
-        atomic_write_json(root / MANIFEST, manifest)
-
-    save_manifest()
+    _save_manifest(root, manifest)
     if progress is not None:
-        progress(n_reused, n)
-
+        progress(n_reused, len(ids))
     n_computed = 0
     if pending:
-        chunk_iter = iter(pending)
-        current = next(chunk_iter)
-        rows: list[np.ndarray] = []
-        row_ids: list[str] = []
-        failed: list[tuple[str, str]] = []
-        done_images = n_reused
-        for ok_idx, feats, bad in embed_batches(
-            paths, backbone, list(_batches(pending, batch_size)), num_workers=num_workers
-        ):
-            if feats is not None:
-                rows.append(feats)
-                row_ids.extend(ids[i] for i in ok_idx)
-            for i, err in bad:
-                failed.append((ids[i], err))
-                failures.append({"image_id": ids[i], "path": paths[i], "error": err})
-            batch_stop = max(ok_idx + [i for i, _ in bad]) + 1
-            done_images += len(ok_idx) + len(bad)
-            n_computed += len(ok_idx) + len(bad)
-            if batch_stop == current["stop"]:
-                # Only the current chunk's rows are held; they go to disk here.
-                _finish_chunk(root, current, rows, row_ids, failed, manifest["dim"])
-                _write_failures(root / FAILURES, _failures_frame(failures, ids))
-                save_manifest()
-                rows, row_ids, failed = [], [], []
-                current = next(chunk_iter, None)
-            if progress is not None:
-                progress(done_images, n)
-
+        n_computed = _embed_pending(root, manifest, pending, ids, paths, backbone, failures,
+                                    batch_size=batch_size, num_workers=num_workers,
+                                    n_reused=n_reused, progress=progress)
     failures_df = _failures_frame(failures, ids)
     _write_failures(root / FAILURES, failures_df)
-    save_manifest()
+    _save_manifest(root, manifest)
     if manifest["complete"]:
         _consolidate(root, manifest)
         cache = load_embeddings(root)
@@ -346,6 +251,132 @@ def compute_embeddings(
         n_reused=n_reused,
         seconds=time.perf_counter() - started,
     )
+
+
+def _plan(ids: list[str], paths: list[str], backbone: Backbone, *, chunk_size: int,
+          batch_size: int, extra: dict | None) -> dict[str, Any]:
+    """The manifest of a new cache: backbone identity, the id plan split into chunks."""
+    n = len(ids)
+    chunks = [
+        {
+            "index": k,
+            "file": _chunk_name(k),
+            "start": start,
+            "stop": min(start + chunk_size, n),
+            "image_ids": ids[start : start + chunk_size],
+            "done": False,
+            "n_embedded": 0,
+            "n_failed": 0,
+        }
+        for k, start in enumerate(range(0, n, chunk_size))
+    ]
+    return {
+        "format_version": CACHE_FORMAT_VERSION,
+        "backbone": backbone.describe(),
+        "dim": int(backbone.num_features),
+        "plan": {
+            "n_images": n,
+            "chunk_size": chunk_size,
+            "batch_size": batch_size,
+            "n_chunks": len(chunks),
+            "image_ids_sha256": _sha256_lines(ids),
+            "paths_sha256": _sha256_lines(paths),
+        },
+        "chunks": chunks,
+        "complete": False,
+        "counts": {"n_images": n, "n_embedded": 0, "n_failed": 0, "chunks_done": 0},
+        "extra": extra or {},
+    }
+
+
+def _reconcile(root: Path, manifest: dict[str, Any], *, overwrite: bool) -> None:
+    """Clear the folder (``overwrite``), refuse a foreign cache, or mark its done chunks."""
+    existing = _read_manifest(root)
+    if existing is not None and overwrite:
+        for name in (MANIFEST, FAILURES, EMBEDDINGS_NPY, IMAGE_IDS_NPY):
+            (root / name).unlink(missing_ok=True)
+        shutil.rmtree(root / CHUNK_DIR, ignore_errors=True)
+        existing = None
+    elif existing is None and (root / CHUNK_DIR).is_dir() and any((root / CHUNK_DIR).iterdir()):
+        raise CacheError(
+            f"Directory {str(root)!r} holds chunk files but no {MANIFEST}; it is not a "
+            f"usable embedding cache. Fix: --out NEW_DIR or --overwrite."
+        )
+    if existing is None:
+        return
+    diffs = _differences(manifest, existing)
+    if diffs:
+        raise CacheError(
+            f"Embedding cache {str(root)!r} was made with other settings: "
+            f"{'; '.join(diffs)}. Fix: --out NEW_DIR for a new cache, or --overwrite "
+            f"to replace this one."
+        )
+    for entry, old in zip(manifest["chunks"], existing["chunks"]):
+        if _chunk_done(root, old):
+            entry.update(done=True, n_embedded=old["n_embedded"], n_failed=old["n_failed"])
+
+
+def _reused_failures(root: Path, chunks: list[dict], path_of: dict[str, str]
+                     ) -> list[dict[str, str]]:
+    """The failures recorded in the chunks already done."""
+    failures: list[dict[str, str]] = []
+    for entry in chunks:
+        if entry["done"]:
+            with np.load(root / entry["file"], allow_pickle=False) as z:
+                for fid, err in zip(z["failed_ids"].tolist(), z["failed_errors"].tolist()):
+                    failures.append({"image_id": fid, "path": path_of[fid], "error": err})
+    return failures
+
+
+def _save_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """Counts from the chunks done so far; ``complete`` once every chunk is."""
+    chunks = manifest["chunks"]
+    done = [e for e in chunks if e["done"]]
+    manifest["complete"] = len(done) == len(chunks)
+    manifest["counts"] = {
+        "n_images": manifest["plan"]["n_images"],
+        "n_embedded": sum(e["n_embedded"] for e in done),
+        "n_failed": sum(e["n_failed"] for e in done),
+        "chunks_done": len(done),
+    }
+    atomic_write_json(root / MANIFEST, manifest)
+
+
+def _embed_pending(root: Path, manifest: dict[str, Any], pending: list[dict], ids: list[str],
+                   paths: list[str], backbone: Backbone, failures: list[dict[str, str]], *,
+                   batch_size: int, num_workers: int, n_reused: int,
+                   progress: Callable[[int, int], None] | None) -> int:
+    """Embed the pending chunks, writing each to disk as it completes; returns the number
+    of images attempted (``failures`` grows in place)."""
+    n = len(ids)
+    chunk_iter = iter(pending)
+    current = next(chunk_iter)
+    rows: list[np.ndarray] = []
+    row_ids: list[str] = []
+    failed: list[tuple[str, str]] = []
+    done_images, n_computed = n_reused, 0
+    for ok_idx, feats, bad in embed_batches(
+        paths, backbone, list(_batches(pending, batch_size)), num_workers=num_workers
+    ):
+        if feats is not None:
+            rows.append(feats)
+            row_ids.extend(ids[i] for i in ok_idx)
+        for i, err in bad:
+            failed.append((ids[i], err))
+            failures.append({"image_id": ids[i], "path": paths[i], "error": err})
+        batch_stop = max(ok_idx + [i for i, _ in bad]) + 1
+        done_images += len(ok_idx) + len(bad)
+        n_computed += len(ok_idx) + len(bad)
+        if batch_stop == current["stop"]:
+            # Only the current chunk's rows are held; they go to disk here.
+            _finish_chunk(root, current, rows, row_ids, failed, manifest["dim"])
+            _write_failures(root / FAILURES, _failures_frame(failures, ids))
+            _save_manifest(root, manifest)
+            rows, row_ids, failed = [], [], []
+            current = next(chunk_iter, None)
+        if progress is not None:
+            progress(done_images, n)
+    return n_computed
 
 
 def _failures_frame(failures: list[dict[str, str]], ids: list[str]) -> pd.DataFrame:
