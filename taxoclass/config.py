@@ -48,6 +48,7 @@ __all__ = [
     "OpensetConfig",
     "Section",
     "TrainConfig",
+    "complete_config",
     "deep_merge",
     "load_config",
     "openset_calibration",
@@ -472,6 +473,12 @@ class Config(Section):
 DEFAULTS: dict[str, Any] = Config().to_dict()
 
 CALIBRATIONS: tuple[str, ...] = tuple(c.value for c in Calibration)
+
+
+def complete_config(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A (partial) config as the whole YAML-shaped dict, checked: missing keys take the
+    section defaults, so every job reads one set of defaults (no ``.get(key, default)``)."""
+    return Config.from_dict(cfg).to_dict()
 
 
 def openset_calibration(ocfg: Mapping[str, Any] | None) -> tuple[str, int]:

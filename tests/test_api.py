@@ -99,3 +99,31 @@ def test_readme_python_api_example_runs(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "runs" / "api-demo" / "bundle.json").is_file()
     assert re.search(r"(species|genus|family)\s+\S+", res.stdout), res.stdout
+
+
+def test_partial_python_config_trains_the_cli_model(fixture_set, fixture_model, tmp_path,
+                                                     one_thread):
+    """One source of defaults: a Python caller who gives only the keys that differ from
+    the defaults gets the model `taxoclass train --config` wrote (same metrics, same
+    thresholds), because every job completes its config from the typed sections."""
+    import json
+
+    import yaml
+
+    import taxoclass
+
+    f = fixture_set
+    raw = yaml.safe_load(f["config"].read_text())
+    partial = {  # no model / loss / decode / openset / augment / finetune sections at all
+        "data": {"annotations": str(f["train"]), "images_root": str(f["dir"]),
+                 "val_fraction": raw["data"]["val_fraction"]},
+        "backbone": {**raw["backbone"], "checkpoint": str(f["ckpt"])},
+        "embeddings": {"cache": str(fixture_model["emb"]), "batch_size": 16},
+        "train": raw["train"],
+        "out": str(tmp_path / "model"),
+    }
+    out = taxoclass.train(partial)
+    mine = json.loads((out / "metrics_val.json").read_text())
+    cli = json.loads((fixture_model["model"] / "metrics_val.json").read_text())
+    assert mine["ranks"] == cli["ranks"]
+    assert mine["openset_thresholds"] == cli["openset_thresholds"]

@@ -37,7 +37,7 @@ def require_training_settings(cfg: dict) -> dict:
                           "--set out=DIR).")
     ocfg = cfg.get("openset") or {}
     mode, _ = openset_calibration(ocfg)
-    if mode == Calibration.CROSSFIT and not ocfg.get("enabled", True):
+    if mode == Calibration.CROSSFIT and not ocfg["enabled"]:
         raise ConfigError("openset.calibration: crossfit calibrates the open-set scorer, but "
                           "openset.enabled is false. Fix: set openset.calibration: holdout, or "
                           "openset.enabled: true.")
@@ -58,8 +58,8 @@ def validation_mask(ids: Sequence[str], nodes: Sequence[tuple], data: dict) -> n
         chosen = pd.Series(list(ids)).map(dict(zip(split["image_id"], split["split"])))
         return (chosen == "val").to_numpy()
     strata = np.array(["/".join(n) for n in nodes])
-    return stratified_split(strata, float(data.get("val_fraction", 0.3)),
-                            int(data.get("split_seed", 0)))
+    return stratified_split(strata, float(data["val_fraction"]),
+                            int(data["split_seed"]))
 
 
 def cached_embeddings(ids: Sequence[str], paths: Sequence[str], *, cache: str | Path,
@@ -164,7 +164,7 @@ def config_embeddings(cfg: dict, rows: pd.DataFrame, *, progress: Progress | Non
     return cached_embeddings([str(i) for i in rows["image_id"]], rows["path"].tolist(),
                            cache=embedding_cache(cfg), backbone_cfg=cfg["backbone"],
                            batch_size=emb_cfg.get("batch_size"),
-                           num_workers=int(emb_cfg.get("num_workers", 0)), progress=progress)
+                           num_workers=int(emb_cfg["num_workers"]), progress=progress)
 
 
 def view_embeddings(cfg: dict, rows: pd.DataFrame, *, progress: Progress | None = None
@@ -193,7 +193,7 @@ def view_embeddings(cfg: dict, rows: pd.DataFrame, *, progress: Progress | None 
         frame["view_id"].tolist(), frame["path"].tolist(),
         cache=Path(folder) / f"embeddings-{settings.views_per_image}",
         backbone_cfg=cfg["backbone"], batch_size=cfg["embeddings"].get("batch_size"),
-        num_workers=int(cfg["embeddings"].get("num_workers", 0)), progress=progress)
+        num_workers=int(cfg["embeddings"]["num_workers"]), progress=progress)
     pos = {k: i for i, k in enumerate(ids)}
     source = frame["source_id"].map(pos).to_numpy()
     return x[found], source[found].astype(int)

@@ -171,6 +171,7 @@ def _retrain(bundle, cfg: dict, tax, kr: pd.DataFrame, xk: np.ndarray, seed: int
     from ..bundle import ModelBundle
     from ..model.training import stratified_split, train_head
     from ..openset.evaluation import truth_names
+    from ..openset.scorer import group_rank_of
 
     ranks = tuple(tax.ranks)
     y, nodes = encode_labels(tax, kr)
@@ -205,7 +206,8 @@ def _retrain(bundle, cfg: dict, tax, kr: pd.DataFrame, xk: np.ndarray, seed: int
     if cf is not None:
         sub.scorer = cf.scorer
     else:
-        sub.scorer = fit_openset_scorer(sub, xk[is_tr], y["genus"][is_tr], xk[is_val],
+        sub.scorer = fit_openset_scorer(sub, xk[is_tr], y[group_rank_of(ranks)][is_tr],
+                                        xk[is_val],
                                         kr[is_val].reset_index(drop=True), ocfg,
                                         species_train=y[ranks[-1]][is_tr])
     return y, is_test, is_tr, is_val, sub, calibration
@@ -246,8 +248,10 @@ def _unknown_scores(h: _Holdout, x_test: np.ndarray, decoded, ocfg: dict
     unknown), and the scorer's evidence per rank."""
     from ..openset.detectors import DETECTORS, OutlierDetector
     from ..openset.evidence import confidence_scores
+    from ..openset.scorer import group_rank_of
 
     sub, ranks = h.sub, tuple(h.sub.taxonomy.ranks)
+    group = group_rank_of(ranks)
     logits = sub.logits(x_test)
     scores: dict[str, np.ndarray] = {}
     conf = confidence_scores(decoded.probs, {r: v.numpy() for r, v in logits.items()})
@@ -256,9 +260,9 @@ def _unknown_scores(h: _Holdout, x_test: np.ndarray, decoded, ocfg: dict
     x_tr_in, x_test_in = sub.scorer_input(h.xk[h.is_tr]), sub.scorer_input(x_test)
     for method in DETECTORS:
         for scope in ("global", "group"):
-            det = OutlierDetector(method, scope=scope).fit(x_tr_in, h.y["genus"][h.is_tr])
+            det = OutlierDetector(method, scope=scope).fit(x_tr_in, h.y[group][h.is_tr])
             scores[f"pyod {method} ({scope})"] = det.decision_function(
-                x_test_in, decoded.path["genus"])
+                x_test_in, decoded.path[group])
     evidence, _ = sub.scorer.evidence(x_test_in, decoded)
     oc = OpensetConfig.from_dict(ocfg)
     scores[f"combined evidence ({oc.combiner}, {oc.detector} {oc.scope})"] = -evidence[ranks[-1]]

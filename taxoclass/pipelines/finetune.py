@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from ..bundle import ModelBundle
-from ..config import FinetuneSettings, openset_calibration
+from ..config import FinetuneSettings, complete_config, openset_calibration
 from ..errors import ConfigError
 from ..io.files import atomic_write_csv, atomic_write_json
 from ..model.checkpoint import atomic_torch_save, state_to_cpu
@@ -116,7 +116,7 @@ def _probe_head(cfg: Mapping[str, Any], rows: pd.DataFrame, y: Mapping[str, np.n
     x_tr, y_tr = with_views(x, dict(y), tr, (xv, tr_idx[src]))
     return train_head(x_tr, y_tr, None, None, taxonomy, model=cfg["model"], loss=cfg["loss"],
                       train=cfg["train"],
-                      normalize_inputs=bool(cfg["model"].get("normalize", True))).head
+                      normalize_inputs=bool(cfg["model"]["normalize"])).head
 
 
 def _view_section(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -233,11 +233,11 @@ def _validation_metrics(job: _Job, result: FinetuneResult, out: Path) -> dict[st
     bundle = ModelBundle.load(out)
     x_val, ok = _embed(job, result, list(job.paths[is_val]))
     decoded = bundle.predict_embeddings(x_val[ok], top_k=int(
-        job.cfg.get("decode", {}).get("top_k", 5)))
+        job.cfg["decode"]["top_k"]))
     metrics = evaluate_predictions(decoded.path, {r: v[is_val][ok] for r, v in job.y.items()},
                                    job.taxonomy, topk_index=decoded.topk_index)
     ocfg = job.cfg.get("openset") or {}
-    if ocfg.get("enabled", True):
+    if ocfg["enabled"]:
         _fit_scorer(job, result, bundle, x_val, ok, ocfg)
         bundle.save(out)
         metrics["openset_thresholds"] = bundle.scorer.thresholds.to_dict()
@@ -262,7 +262,7 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
     from ..features.backbones import backbone_from_spec, backbone_spec
     from ..io.provenance import write_provenance
 
-    job = _prepare(cfg, device)
+    job = _prepare(complete_config(cfg), device)
     cfg, s, is_val, out = job.cfg, job.settings, job.is_val, Path(job.cfg["out"])
     bb = backbone_from_spec(backbone_spec(cfg["backbone"]))
     head_init = (_probe_head(cfg, job.rows, job.y, ~is_val, job.taxonomy, embed_progress)
@@ -270,7 +270,7 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
     result = finetune_to_bundle(
         job.part(~is_val), job.part(is_val), job.taxonomy, backbone=bb, out_dir=out,
         settings=s, model=cfg.get("model"), loss=cfg.get("loss"), device=job.device,
-        decode_method=cfg.get("decode", {}).get("method", "path"),
+        decode_method=cfg["decode"]["method"],
         extra={"annotations": str(Path(job.data["annotations"]).resolve())},
         progress=progress, views=_view_section(cfg), head_init=head_init)
     if not result.completed:

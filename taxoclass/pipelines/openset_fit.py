@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import OpensetConfig, openset_calibration
+from ..config import OpensetConfig, complete_config, openset_calibration
 from ..taxonomy.tree import Taxonomy
 from ..vocab import Calibration
 from .data import with_views
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 Progress = Callable[[int, int], None]
 
 
-def _openset_detector(x_train: np.ndarray, genus_train: np.ndarray,
+def _openset_detector(x_train: np.ndarray, group_train: np.ndarray,
                       species_train: np.ndarray | None, ocfg: Mapping[str, Any] | None):
     """The configured outlier detector on at most ``openset.max_train`` rows (seeded)."""
     from ..openset.scorer import fit_detector
@@ -36,9 +36,9 @@ def _openset_detector(x_train: np.ndarray, genus_train: np.ndarray,
     max_train = int(oc.max_train)
     if len(x_train) > max_train:
         keep = np.sort(np.random.default_rng(0).choice(len(x_train), max_train, replace=False))
-        x_train, genus_train = x_train[keep], genus_train[keep]
+        x_train, group_train = x_train[keep], group_train[keep]
         species_train = None if species_train is None else species_train[keep]
-    return fit_detector(x_train, genus_train, labels_train=species_train, **oc.detector_args())
+    return fit_detector(x_train, group_train, labels_train=species_train, **oc.detector_args())
 
 
 def _openset_evidence(decoded: Any, z: np.ndarray, correct: Mapping[str, np.ndarray],
@@ -49,7 +49,7 @@ def _openset_evidence(decoded: Any, z: np.ndarray, correct: Mapping[str, np.ndar
     return fit_evidence(decoded, z, correct, **OpensetConfig.from_dict(ocfg).evidence_args())
 
 
-def fit_openset_scorer(bundle: ModelBundle, x_train: np.ndarray, genus_train: np.ndarray,
+def fit_openset_scorer(bundle: ModelBundle, x_train: np.ndarray, group_train: np.ndarray,
                        x_val: np.ndarray, rows_val: pd.DataFrame,
                        ocfg: Mapping[str, Any] | None, *,
                        species_train: np.ndarray | None = None) -> OpenSetScorer:
@@ -63,17 +63,18 @@ def fit_openset_scorer(bundle: ModelBundle, x_train: np.ndarray, genus_train: np
     (:func:`crossfit_openset`).
     """
     from ..openset.evaluation import correct_by_rank, path_names, truth_names
-    from ..openset.scorer import OpenSetScorer
+    from ..openset.scorer import OpenSetScorer, group_rank_of
 
     tax = bundle.taxonomy
-    det = _openset_detector(bundle.scorer_input(x_train), genus_train, species_train, ocfg)
+    det = _openset_detector(bundle.scorer_input(x_train), group_train, species_train, ocfg)
     decoded_val = bundle.predict_embeddings(x_val)
     correct = correct_by_rank(path_names(decoded_val.path, tax),
                               truth_names(rows_val, tax.ranks), tax.ranks)
-    groups = decoded_val.path["genus"] if det.scope == "group" else None
+    group = group_rank_of(tax.ranks)
+    groups = decoded_val.path[group] if det.scope == "group" else None
     z = det.decision_function(bundle.scorer_input(x_val), groups)
     comb, thr = _openset_evidence(decoded_val, z, correct, ocfg)
-    return OpenSetScorer(detector=det, combiner=comb, thresholds=thr, group_rank="genus")
+    return OpenSetScorer(detector=det, combiner=comb, thresholds=thr, group_rank=group)
 
 
 @dataclass
@@ -107,15 +108,14 @@ def crossfit_openset(x: np.ndarray, y: dict[str, np.ndarray], taxonomy: Taxonomy
     from ..bundle import ModelBundle, scorer_input
     from ..model.training import train_head
     from ..openset.evaluation import correct_by_rank, path_names
-    from ..openset.scorer import OpenSetScorer, crossfit_predictions
+    from ..openset.scorer import OpenSetScorer, crossfit_predictions, group_rank_of
 
-    ocfg = dict(cfg.get("openset") or {})
+    cfg = complete_config(cfg)
+    ocfg, model, train, decode_cfg = cfg["openset"], cfg["model"], cfg["train"], cfg["decode"]
     _, n_folds = openset_calibration(ocfg)
-    model, train = dict(cfg.get("model") or {}), dict(cfg.get("train") or {})
-    decode_cfg = dict(cfg.get("decode") or {})
-    normalize_inputs = bool(model.get("normalize", True))
-    lowest = taxonomy.ranks[-1]
-    epochs = int(train.get("epochs", 200))
+    normalize_inputs = bool(model["normalize"])
+    lowest, group = taxonomy.ranks[-1], group_rank_of(taxonomy.ranks)
+    epochs = int(train["epochs"])
 
     def fit(mask, k):
         xt, yt = with_views(x, y, mask, views)
@@ -123,7 +123,7 @@ def crossfit_openset(x: np.ndarray, y: dict[str, np.ndarray], taxonomy: Taxonomy
                 lambda e, n: progress(k * epochs + e, (n_folds + 1) * epochs))
         head = train_head(xt, yt, None, None, taxonomy, model=model, loss=cfg.get("loss"),
                           train=train, normalize_inputs=normalize_inputs, progress=step)
-        det = _openset_detector(scorer_input(xt, normalize_inputs), yt["genus"], yt[lowest],
+        det = _openset_detector(scorer_input(xt, normalize_inputs), yt[group], yt[lowest],
                                 ocfg)
         return head, det
 
@@ -137,8 +137,8 @@ def crossfit_openset(x: np.ndarray, y: dict[str, np.ndarray], taxonomy: Taxonomy
 
     strata = np.array(["/".join(map(str, t)) for t in zip(*(y[r] for r in taxonomy.ranks))])
     oof = crossfit_predictions(x, strata, fit_fold, taxonomy, n_folds=n_folds, seed=seed,
-                               decode_method=decode_cfg.get("method", "path"),
-                               top_k=int(decode_cfg.get("top_k", 5)),
+                               decode_method=decode_cfg["method"],
+                               top_k=int(decode_cfg["top_k"]),
                                x_detector=scorer_input(x, normalize_inputs))
     correct = correct_by_rank(path_names(oof.decoded.path, taxonomy), truth, taxonomy.ranks)
     comb, thr = _openset_evidence(oof.decoded, oof.outlier, correct, ocfg)
@@ -146,7 +146,7 @@ def crossfit_openset(x: np.ndarray, y: dict[str, np.ndarray], taxonomy: Taxonomy
     info = {"calibration": Calibration.CROSSFIT.value, "folds": n_folds, "seed": int(seed),
             "n_calibration_rows": int(len(x)), "out_of_fold": True}
     return CrossfitOpenset(train=final, scorer=OpenSetScorer(
-        detector=det, combiner=comb, thresholds=thr, group_rank="genus"),
+        detector=det, combiner=comb, thresholds=thr, group_rank=group),
         oof=oof, correct=correct, info=info)
 
 

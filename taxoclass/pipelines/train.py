@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..config import openset_calibration
+from ..config import complete_config, openset_calibration
 from ..io.files import atomic_write_csv, atomic_write_json
 from ..io.provenance import write_provenance
 from ..taxonomy.labels import encode_labels
@@ -83,7 +83,7 @@ def _prepare(cfg: dict, embed_progress: Progress | None) -> _Data:
         log.warning("%d labelled image(s) have no embedding (unreadable; see %s/failures.csv), "
                     "e.g. %s; training without them.", int((~found).sum()), cache, missing)
     is_val = validation_mask(ids, nodes, data)
-    crossfit = openset_calibration(cfg.get("openset") or {})[0] == Calibration.CROSSFIT
+    crossfit = openset_calibration(cfg["openset"])[0] == Calibration.CROSSFIT
     # crossfit: every embedded image trains the final head (no validation split).
     tr, va = (found, np.zeros_like(found)) if crossfit else (found & ~is_val, found & is_val)
     # Tile-like views of the training images only (never of validation images).
@@ -102,7 +102,7 @@ def _fit_crossfit(d: _Data, progress: Progress | None) -> _Fit:
     tr, y, tax = d.tr, d.y, d.tax
     cf = crossfit_openset(d.x[tr], {r: v[tr] for r, v in y.items()}, tax,
                           truth_names(d.rows[tr], tax.ranks), d.cfg,
-                          seed=int(d.cfg["data"].get("split_seed", 0)), views=d.views,
+                          seed=int(d.cfg["data"]["split_seed"]), views=d.views,
                           progress=progress)
     fold = np.full(len(d.ids), -1)
     fold[tr] = cf.oof.fold
@@ -124,7 +124,7 @@ def _fit_holdout(d: _Data, progress: Progress | None) -> _Fit:
     x_tr, y_tr = with_views(d.x, d.y, d.tr, d.views)
     result = train_head(x_tr, y_tr, d.x[va], {r: v[va] for r, v in d.y.items()}, d.tax,
                         model=cfg["model"], loss=cfg["loss"], train=cfg["train"],
-                        normalize_inputs=bool(cfg["model"].get("normalize", True)),
+                        normalize_inputs=bool(cfg["model"]["normalize"]),
                         progress=progress)
     calibration = {"calibration": "holdout", "n_calibration_rows": int(va.sum())}
     return _Fit(result=result, calibration=calibration, x_tr=x_tr, y_tr=y_tr)
@@ -135,10 +135,11 @@ def _bundle(d: _Data, fit: _Fit):
     from ..bundle import ModelBundle
     from ..features.backbones import backbone_spec
     from ..model.metrics import evaluate_predictions
+    from ..openset.scorer import group_rank_of
 
     cfg, tax, va = d.cfg, d.tax, d.va
     bundle = ModelBundle(head=fit.result.head, taxonomy=tax,
-                         normalize=bool(cfg["model"].get("normalize", True)),
+                         normalize=bool(cfg["model"]["normalize"]),
                          decode_method=cfg["decode"]["method"],
                          backbone={**backbone_spec(cfg["backbone"]),
                                    "description": d.backbone_desc},
@@ -147,16 +148,17 @@ def _bundle(d: _Data, fit: _Fit):
                                 "best_epoch": fit.result.best_epoch})
     metrics = fit.metrics
     if not d.crossfit:
-        decoded = bundle.predict_embeddings(d.x[va], top_k=int(cfg["decode"].get("top_k", 5)))
+        decoded = bundle.predict_embeddings(d.x[va], top_k=int(cfg["decode"]["top_k"]))
         metrics = evaluate_predictions(decoded.path, {r: v[va] for r, v in d.y.items()}, tax,
                                        topk_index=decoded.topk_index)
         metrics["predictions"] = f"validation split ({int(va.sum())} images, not trained on)"
-    ocfg = cfg.get("openset") or {}
-    if ocfg.get("enabled", True):
+    ocfg = cfg["openset"]
+    if ocfg["enabled"]:
         if d.crossfit:
             bundle.scorer = fit.scorer
         else:
-            bundle.scorer = fit_openset_scorer(bundle, fit.x_tr, fit.y_tr["genus"], d.x[va],
+            group_train = fit.y_tr[group_rank_of(tax.ranks)]
+            bundle.scorer = fit_openset_scorer(bundle, fit.x_tr, group_train, d.x[va],
                                                d.rows[va].reset_index(drop=True), ocfg,
                                                species_train=fit.y_tr[tax.ranks[-1]])
         metrics["openset_thresholds"] = bundle.scorer.thresholds.to_dict()
@@ -176,7 +178,7 @@ def _write(out: Path, d: _Data, fit: _Fit, bundle, metrics: dict) -> None:
         split["fold"] = fit.fold  # crossfit fold of each image (-1: not embedded)
     atomic_write_csv(out / "split.csv", split)
     atomic_write_json(out / "metrics_val.json", metrics)
-    enabled = (d.cfg.get("openset") or {}).get("enabled", True)
+    enabled = d.cfg["openset"]["enabled"]
     write_provenance(out, config=d.cfg, backbone=d.backbone_desc, extra={
         "training": {"best_epoch": result.best_epoch, "epochs_run": len(result.history),
                      "seconds": result.seconds, "n_train": int(d.tr.sum()),
@@ -189,6 +191,7 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     """Train a hierarchical head as configured (``configs/leaf.yaml``); returns the bundle
     folder (``cfg["out"]``) holding the bundle, history, split, metrics and provenance.
     """
+    cfg = complete_config(cfg)
     d = _prepare(cfg, embed_progress)
     fit = _fit_crossfit(d, progress) if d.crossfit else _fit_holdout(d, progress)
     bundle, metrics = _bundle(d, fit)
