@@ -1,7 +1,8 @@
 """Structure rules of docs/architecture.md that import-linter's contracts do not cover.
 
 - no import circle anywhere in the package, counting imports written inside functions and
-  under TYPE_CHECKING (grimp's graph, the one `lint-imports` checks);
+  under TYPE_CHECKING (grimp's graph, the one `lint-imports` checks), and no module
+  imports the root package (the public API);
 - the benchmark scripts use only public names of taxoclass;
 - a module over 500 lines says why in its docstring ("Long because ...");
 - `.ci/run` runs exactly the README's two commands.
@@ -66,6 +67,12 @@ def test_no_import_circle():
     assert circles == [], "import circles (function-level imports included): " + "; ".join(
         " <-> ".join(c) for c in circles
     )
+
+
+def test_no_module_imports_the_root_package():
+    # The root package is the public API and imports the layers (lazily); a module that
+    # imported it back would depend on every layer.
+    assert sorted(import_graph().predecessors("taxoclass")) == []
 
 
 def private_uses(source: str) -> list[str]:
