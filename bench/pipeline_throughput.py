@@ -128,7 +128,7 @@ def rss_child(n: int, data: Path, batch_size: int, workers: int) -> None:
     """Subprocess body: embed ``n`` images (paths repeated, ids distinct), print peak RSS."""
     base = leaf_items(data)
     items = [(f"{k}-{i}", p) for k in range(n) for i, p in [base[k % len(base)]]]
-    backbone = create_backbone("efficientnet-lite0")
+    backbone = create_backbone("efficientnet-lite0", tune_allocator=True)  # as the CLI
     before = _peak_rss_mib()
     with tempfile.TemporaryDirectory(prefix="taxoclass-rss-") as tmp:
         res = compute_embeddings(items, backbone, Path(tmp) / "cache", batch_size=batch_size,
@@ -213,13 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.rss_sizes.split(",") if s.strip()]
     # Subprocesses first, while this process is small.
     rss = run_rss(sizes, args.data, args.batch_size, args.rss_workers) if sizes else []
-    backbone = create_backbone("efficientnet-lite0")
+    backbone = create_backbone("efficientnet-lite0", tune_allocator=True)  # as the CLI
     with torch.inference_mode():  # warm-up: every variant below runs on a warm model
         backbone.embed(torch.stack([backbone.transform(load_image(p)) for _, p in items[:8]]))
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     b16 = None
     if args.bf16:
-        b16 = create_backbone("efficientnet-lite0", precision="bf16")
+        b16 = create_backbone("efficientnet-lite0", precision="bf16", tune_allocator=True)
         b16.embed(torch.stack([b16.transform(load_image(p)) for _, p in items[:8]]))
     naive_items = items[: args.naive_limit]
 
