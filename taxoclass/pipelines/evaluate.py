@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..config import OpensetConfig, openset_calibration
+from ..config import OpensetConfig, complete_config, openset_calibration
 from ..errors import ConfigError, TaxonomyError
 from ..io.files import atomic_write_csv, atomic_write_json
 from ..io.provenance import write_provenance
@@ -193,7 +193,7 @@ def _retrain(bundle, cfg: dict, tax, kr: pd.DataFrame, xk: np.ndarray, seed: int
                               seed=seed)
         res, calibration = cf.train, cf.info
     else:
-        val_fraction = float(cfg.get("data", {}).get("val_fraction", 0.3))
+        val_fraction = float(cfg["data"]["val_fraction"])
         is_val[tr_idx[stratified_split(strata[tr_idx], val_fraction, seed + 1)]] = True
         is_tr = ~is_test & ~is_val
         res = train_head(xk[is_tr], {r: a[is_tr] for r, a in y.items()}, xk[is_val],
@@ -304,7 +304,11 @@ def evaluate_holdout(model: str | Path, annotations: str | Path, *,
     if not cfg_file.is_file():
         raise ConfigError(f"{cfg_file} not found: the bundle has no training recipe to retrain "
                           "without the held-out species.")
-    cfg = yaml.safe_load(cfg_file.read_text())
+    try:
+        cfg = complete_config(yaml.safe_load(cfg_file.read_text()))
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg_file}: the bundle's training recipe does not load ({exc}). "
+                          "Fix: retrain the bundle with this version of taxoclass.") from None
     held_args = {"species": holdout_species, "holdout_fraction": holdout_fraction,
                  "n_species": n_holdout}
     held, h = _holdout_split(bundle, annotations, images_root, held_args, cfg, seed,

@@ -134,10 +134,10 @@ def _detector_views(cfg: Mapping[str, Any], rows: pd.DataFrame, settings: Finetu
     from ..features.views import ViewSettings, write_views
 
     section = _view_section(cfg)
-    n = int(section.get("views_per_image", 0) or 0) or int(settings.tile_views)
+    n = int(section["views_per_image"] or 0) or int(settings.tile_views)
     if n == 0 or not len(rows):
         return None
-    folder = (dict(cfg.get("augment") or {}).get("dir")
+    folder = (cfg["augment"]["dir"]
               or f"{embedding_cache(dict(cfg))}-views")
     ids = [str(i) for i in rows["image_id"]]
     frame = write_views(list(zip(ids, rows["path"].tolist())), folder,
