@@ -66,6 +66,7 @@ class TaxonClassifier:
         from PIL import Image
 
         from ..features.batching import auto_batch_size, embed_batches
+        from ..plots.tiling import embed_images
 
         bb = self.backbone
         size = self.batch_size or auto_batch_size(bb.device)
@@ -77,10 +78,9 @@ class TaxonClassifier:
             feats.update({paths[i][0]: row for i, row in zip(ok, x if x is not None else [])})
             failures.extend((paths[i][0], err) for i, err in bad)
         pil = [(k, im) for k, im in enumerate(images) if isinstance(im, Image.Image)]
-        for start in range(0, len(pil), size):
-            chunk = pil[start:start + size]
-            x = bb.embed(_stack([bb.transform(im.convert("RGB")) for _, im in chunk]))
-            feats.update(zip((k for k, _ in chunk), x.float().cpu().numpy()))
+        if pil:
+            x = embed_images([im for _, im in pil], bb, batch_size=size)
+            feats.update(zip((k for k, _ in pil), x))
         order = sorted(feats)
         dim = int(bb.num_features)
         emb = (np.stack([feats[k] for k in order]).astype(np.float32) if order
@@ -120,8 +120,3 @@ def expand_folders(images: Sequence[str | Path | Image.Image]) -> list:
         out.extend(collect_images([im]) if is_folder else [im])
     return out
 
-
-def _stack(tensors: list) -> Any:
-    import torch
-
-    return torch.stack(tensors)
