@@ -80,6 +80,7 @@ class LocalEngine:
                 *, batch_size: int | None = None, top_k: int = 5, overwrite: bool = False,
                 progress: Progress | None = None) -> Predictions:
         """Embeddings cached (resumable) in ``out/embeddings``, or a temporary folder."""
+        import contextlib
         import tempfile
 
         import pandas as pd
@@ -90,8 +91,8 @@ class LocalEngine:
         bundle = ModelBundle.load(model)
         items = [(str(p), str(p)) for p in paths]
         backbone = bundle.create_backbone(device=self.device)
-        with tempfile.TemporaryDirectory() as tmp:
-            cache_dir = Path(out) / "embeddings" if out else Path(tmp) / "embeddings"
+        with (contextlib.nullcontext(out) if out else tempfile.TemporaryDirectory()) as root:
+            cache_dir = Path(root) / "embeddings"
             res = compute_embeddings(items, backbone, cache_dir, batch_size=batch_size,
                                      num_workers=self.num_workers, overwrite=overwrite,
                                      progress=progress)
