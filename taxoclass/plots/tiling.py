@@ -29,17 +29,20 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError, ImageError
-from ..io.images import load_image
+from ..io.images import load_image, to_rgb
 from ..vocab import UNKNOWN, Reason
 
 __all__ = [
     "DEFAULT_GRIDS",
+    "MAX_TILES",
+    "MIN_TILE_PX",
     "BundleTileClassifier",
     "PhotoFailure",
     "PlotTiles",
     "Tile",
     "TileClassifier",
     "backbone_name",
+    "check_grids",
     "classify_photo",
     "classify_photos",
     "crop_tiles",
@@ -82,6 +85,14 @@ class Tile:
         return self.box[3] - self.box[1]
 
 
+#: Bounds of every tiling: at most this many tiles per photo (all grids together: a
+#: 50x50 grid; a --grid 1000 would be a million crops and hours of work for one photo) ...
+MAX_TILES = 2500
+#: ... and tiles at least this many px on each side (a smaller crop holds no plant; the
+#: photo is then reported as a failure naming a coarser grid).
+MIN_TILE_PX = 8
+
+
 def parse_grid(grid: Grid) -> tuple[int, int]:
     """``3 -> (3, 3)``, ``(2, 4) -> (2, 4)``, ``"2x4" -> (2, 4)`` (rows × cols)."""
     try:
@@ -98,7 +109,23 @@ def parse_grid(grid: Grid) -> tuple[int, int]:
                           f"3x3), a pair (rows, cols) or a string like '2x4'.") from exc
     if rows < 1 or cols < 1:
         raise ConfigError(f"Tile grid {grid!r} must have at least one row and one column.")
+    if rows * cols > MAX_TILES:
+        raise ConfigError(f"Tile grid {grid!r} has {rows * cols:,} tiles; a photo is cut into "
+                          f"at most {MAX_TILES:,} tiles (e.g. --grid 50). Fix: use a coarser "
+                          "grid.")
     return rows, cols
+
+
+def check_grids(grids: Sequence[Grid]) -> list[str]:
+    """The grid labels of ``grids``, refused at once when together they cut a photo into
+    more than :data:`MAX_TILES` tiles (before any model loads or photo is read)."""
+    shapes = list(dict.fromkeys(parse_grid(g) for g in grids))
+    total = sum(r * c for r, c in shapes)
+    if total > MAX_TILES:
+        labels = ", ".join(f"{r}x{c}" for r, c in shapes)
+        raise ConfigError(f"Tile grids {labels} cut each photo into {total:,} tiles; at most "
+                          f"{MAX_TILES:,} are allowed. Fix: use fewer or coarser grids.")
+    return [f"{r}x{c}" for r, c in shapes]
 
 
 def _starts(length: int, n: int, overlap: float) -> list[tuple[int, int]]:
@@ -131,6 +158,9 @@ def make_tiles(image_size: tuple[int, int], *, grids: Sequence[Grid] = (3,),
     ``(w, h)``) replaces ``grids``: as many tiles of about that size as cover the image.
     ``overlap`` is the fraction of a tile shared with its neighbour (0 ≤ overlap < 1).
     Tiles of a grid have equal size (±1 px) and the last row/column ends at the border.
+    A grid that is not understood raises :class:`~taxoclass.errors.ConfigError`; a tiling of
+    this image with more than :data:`MAX_TILES` tiles or tiles under :data:`MIN_TILE_PX` px
+    raises :class:`~taxoclass.errors.ImageError` (a batch job records that photo).
     """
     width, height = int(image_size[0]), int(image_size[1])
     if width < 1 or height < 1:
@@ -149,17 +179,34 @@ def make_tiles(image_size: tuple[int, int], *, grids: Sequence[Grid] = (3,),
             raise ConfigError("make_tiles needs at least one grid (e.g. grids=(3,)) or a "
                               "tile_size.")
         shapes = [parse_grid(g) for g in grids]
+    _check_fits(list(dict.fromkeys(shapes)), width, height, overlap)
     tiles: list[Tile] = []
     for rows, cols in dict.fromkeys(shapes):
-        if rows > height or cols > width:
-            raise ConfigError(f"A {rows}x{cols} grid does not fit an image of {width}x{height} "
-                              "px; use a coarser grid.")
         ys, xs = _starts(height, rows, overlap), _starts(width, cols, overlap)
         scale = f"{rows}x{cols}"
         for r, (y0, y1) in enumerate(ys):
             for c, (x0, x1) in enumerate(xs):
                 tiles.append(Tile(plot_id, scale, r, c, (x0, y0, x1, y1)))
     return tiles
+
+
+def _check_fits(shapes: Sequence[tuple[int, int]], width: int, height: int,
+                overlap: float) -> None:
+    """Refuse a tiling with too many tiles or tiles too small for this image: an
+    :class:`~taxoclass.errors.ImageError`, so a batch job records the photo and carries on."""
+    total = sum(r * c for r, c in shapes)
+    if total > MAX_TILES:
+        raise ImageError(f"Tiling an image of {width}x{height} px gives {total:,} tiles; at most "
+                         f"{MAX_TILES:,} are allowed. Fix: use a coarser grid or a larger "
+                         "tile size.")
+    for rows, cols in shapes:
+        tw = width / (1.0 + (cols - 1) * (1.0 - overlap))
+        th = height / (1.0 + (rows - 1) * (1.0 - overlap))
+        if min(tw, th) < MIN_TILE_PX:
+            raise ImageError(f"A {rows}x{cols} grid does not fit an image of {width}x{height} "
+                             f"px: its tiles would be {tw:.0f}x{th:.0f} px, under the "
+                             f"{MIN_TILE_PX} px minimum. Fix: use a coarser grid (--grid "
+                             f"{max(1, min(rows, cols) // 2)}) or a larger photo.")
 
 
 def crop_tiles(image: Image.Image, tiles: Sequence[Tile]) -> list[Image.Image]:
@@ -236,7 +283,7 @@ def classify_photo(classifier: TileClassifier, photo: str | Path | Image.Image, 
     opened image in :attr:`PlotTiles.image` (a report draws it).
     """
     if isinstance(photo, Image.Image):
-        image, source = photo, ""
+        image, source = to_rgb(photo), ""
     else:
         image, source = load_image(photo), str(photo)
     if plot_id is None:
@@ -289,7 +336,8 @@ def _batched(images: Sequence[Image.Image], backbone: Any, batch_size: int,
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
     out = []
     for i in range(0, len(images), batch_size):
-        x = torch.stack([backbone.transform(im.convert("RGB")) for im in images[i:i + batch_size]])
+        x = torch.stack([backbone.transform(to_rgb(im).convert("RGB"))
+                         for im in images[i:i + batch_size]])
         out.append(fn(x).float().cpu().numpy())
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
