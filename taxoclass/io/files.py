@@ -285,17 +285,24 @@ def _commit(stage: Path, out: Path, keep: tuple[str, ...]) -> None:
     fsync_tree(stage)
     stage_prefix, old_prefix = _names(out)
     old = out.parent / (old_prefix + stage.name[len(stage_prefix):])
-    try:
-        if out.exists():
-            os.rename(out, old)
-            for name in _keep_entries(old, keep):
-                if not (stage / name).exists():
-                    os.rename(old / name, stage / name)
-            _fsync_path(stage)
-        os.rename(stage, out)
-    except BaseException:
-        _undo_swap(stage, old, out, keep)
-        raise
+    for attempt in range(5):
+        try:
+            if out.exists():
+                os.rename(out, old)
+                for name in _keep_entries(old, keep):
+                    if not (stage / name).exists():
+                        os.rename(old / name, stage / name)
+                _fsync_path(stage)
+            os.rename(stage, out)
+            break
+        except OSError as exc:
+            _undo_swap(stage, old, out, keep)
+            # another run's folder appeared at ``out`` meanwhile: swap again, over it
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 4:
+                raise
+        except BaseException:
+            _undo_swap(stage, old, out, keep)
+            raise
     _fsync_path(out.parent)
     _rmtree(old)
 

@@ -24,9 +24,15 @@ import torch
 from ..bundle import ModelBundle
 from ..config import FinetuneSettings, complete_config, openset_calibration
 from ..errors import ConfigError
-from ..io.files import atomic_write_csv, atomic_write_json
+from ..io.files import (
+    atomic_write_csv,
+    atomic_write_json,
+    check_output_folder,
+    output_folder,
+    recover_output_folder,
+)
 from ..model.checkpoint import atomic_torch_save, state_to_cpu
-from ..model.finetune import FinetuneResult, finetune
+from ..model.finetune import STATE_DIR, FinetuneResult, finetune
 from ..model.heads import MultiRankHead
 from ..model.image_data import LabelledImages, embed_image_files
 from ..taxonomy.tree import Taxonomy
@@ -54,17 +60,25 @@ def write_finetuned_bundle(result: FinetuneResult, out: str | Path, taxonomy: Ta
                            decode_method: str = "path",
                            extra: Mapping[str, Any] | None = None) -> Path:
     """Write a completed fine-tuning ``result`` as a model bundle in ``out`` (plus
-    ``history.csv``), set ``result.bundle_dir`` / ``backbone_checkpoint``, and drop the
-    run's checkpoints unless ``keep_checkpoints``."""
+    ``history.csv``) as one unit (a staged folder swapped in; the run's checkpoints in
+    ``out/finetune_state`` are carried over), set ``result.bundle_dir`` /
+    ``backbone_checkpoint``, and drop the run's checkpoints unless ``keep_checkpoints``."""
+    out = Path(out)
+    with output_folder(out, keep=(STATE_DIR,)) as stage:
+        _write_bundle_files(result, stage, taxonomy, decode_method=decode_method, extra=extra)
+    return _finish(result, out)
+
+
+def _write_bundle_files(result: FinetuneResult, folder: Path, taxonomy: Taxonomy, *,
+                        decode_method: str, extra: Mapping[str, Any] | None) -> None:
+    """The bundle (``backbone.pth`` + head parts) and ``history.csv`` into ``folder``."""
     if not result.completed:
         raise ValueError(f"write_finetuned_bundle: the run was paused after {result.steps} "
                          f"steps (max_steps); resume it before writing a bundle.")
-    out = Path(out)
     bb, clf = result.backbone, result.model
-    backbone_file = out / BACKBONE_FILE
-    atomic_torch_save(state_to_cpu(clf.backbone.state_dict()), backbone_file)
+    atomic_torch_save(state_to_cpu(clf.backbone.state_dict()), folder / BACKBONE_FILE)
     head = copy.deepcopy(clf.head).cpu().eval()
-    recipe = {"name": bb.name, "checkpoint": backbone_file.name, "pretrained": False,
+    recipe = {"name": bb.name, "checkpoint": BACKBONE_FILE, "pretrained": False,
               "class_mapping": None, "model_kwargs": dict(bb.model_kwargs or {}),
               "data_overrides": dict(bb.data_overrides or {}), "finetuned": True,
               "base_checkpoint": bb.checkpoint,
@@ -77,10 +91,14 @@ def write_finetuned_bundle(result: FinetuneResult, out: str | Path, taxonomy: Ta
                          normalize=clf.normalize, decode_method=decode_method,
                          extra={**dict(extra or {}), "finetune": info,
                                 "best_epoch": result.best_epoch})
-    bundle.save(out)
-    atomic_write_csv(out / "history.csv", result.history)
+    bundle.write(folder)
+    atomic_write_csv(folder / "history.csv", result.history)
+
+
+def _finish(result: FinetuneResult, out: Path) -> Path:
+    """After the bundle folder is in place: record it and drop the run's checkpoints."""
     result.bundle_dir = out
-    result.backbone_checkpoint = backbone_file
+    result.backbone_checkpoint = out / BACKBONE_FILE
     result.discard_state()
     return out
 
@@ -239,7 +257,7 @@ def _validation_metrics(job: _Job, result: FinetuneResult, out: Path) -> dict[st
     ocfg = job.cfg.get("openset") or {}
     if ocfg["enabled"]:
         _fit_scorer(job, result, bundle, x_val, ok, ocfg)
-        bundle.save(out)
+        bundle.write(out)
         metrics["openset_thresholds"] = bundle.scorer.thresholds.to_dict()
     return metrics
 
@@ -260,32 +278,45 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
     backbone. A run paused by ``finetune.max_steps`` returns before any of that.
     """
     from ..features.backbones import backbone_from_spec, backbone_spec
-    from ..io.provenance import write_provenance
 
-    job = _prepare(complete_config(cfg), device)
-    cfg, s, is_val, out = job.cfg, job.settings, job.is_val, Path(job.cfg["out"])
+    cfg = complete_config(cfg)
+    out = Path(cfg["out"])
+    check_output_folder(out)  # before any work: an unusable --out fails at once
+    recover_output_folder(out, keep=(STATE_DIR,))
+    job = _prepare(cfg, device)
+    cfg, s, is_val = job.cfg, job.settings, job.is_val
     bb = backbone_from_spec(backbone_spec(cfg["backbone"]))
     head_init = (_probe_head(cfg, job.rows, job.y, ~is_val, job.taxonomy, embed_progress)
                  if s.probe_head else None)
-    result = finetune_to_bundle(
+    result = finetune(
         job.part(~is_val), job.part(is_val), job.taxonomy, backbone=bb, out_dir=out,
         settings=s, model=cfg.get("model"), loss=cfg.get("loss"), device=job.device,
-        decode_method=cfg["decode"]["method"],
-        extra={"annotations": str(Path(job.data["annotations"]).resolve())},
         progress=progress, views=_view_section(cfg), head_init=head_init)
     if not result.completed:
-        return out
-    atomic_write_csv(out / "split.csv", pd.DataFrame(
+        return out  # paused (max_steps): only the checkpoints in out/finetune_state
+    with output_folder(out, keep=(STATE_DIR,)) as stage:
+        _write_bundle_files(result, stage, job.taxonomy, decode_method=cfg["decode"]["method"],
+                            extra={"annotations": str(Path(job.data["annotations"]).resolve())})
+        _write_records(job, result, stage, bb)
+    _finish(result, out)
+    return out
+
+
+def _write_records(job: _Job, result: FinetuneResult, stage: Path, bb) -> None:
+    """split, failures, validation metrics (and the open-set scorer), provenance."""
+    from ..io.provenance import write_provenance
+
+    cfg, is_val = job.cfg, job.is_val
+    atomic_write_csv(stage / "split.csv", pd.DataFrame(
         {"image_id": job.ids, "split": np.where(is_val, "val", "train")}))
     if result.failures:
-        atomic_write_csv(out / "failures.csv", pd.DataFrame(result.failures,
-                                                            columns=["path", "error"]))
-    metrics = _validation_metrics(job, result, out)
+        atomic_write_csv(stage / "failures.csv", pd.DataFrame(result.failures,
+                                                              columns=["path", "error"]))
+    metrics = _validation_metrics(job, result, stage)
     metrics["best_epoch"] = result.best_epoch
-    atomic_write_json(out / "metrics_val.json", metrics)
-    write_provenance(out, config=cfg, backbone=bb.describe(), extra={
+    atomic_write_json(stage / "metrics_val.json", metrics)
+    write_provenance(stage, config=cfg, backbone=bb.describe(), extra={
         "finetune": {"best_epoch": result.best_epoch, "steps": result.steps,
                      "stopped_early": result.stopped_early, "seconds": result.seconds,
                      "images_per_second": result.images_per_second,
                      "n_train": int((~is_val).sum()), "n_val": int(is_val.sum())}})
-    return out

@@ -1,7 +1,8 @@
 """The train job: a hierarchical head on cached embeddings, as a config describes it.
 
 Steps: prepare the data (:func:`_prepare`), fit the head and its open-set calibration
-(validation split or crossfit), build the bundle, write it and its records.
+(validation split or crossfit), build the bundle, write it and its records as one folder
+(staged, then swapped in: a killed run leaves the previous bundle whole).
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ import numpy as np
 import pandas as pd
 
 from ..config import complete_config, openset_calibration
-from ..io.files import atomic_write_csv, atomic_write_json
+from ..io.files import (
+    atomic_write_csv,
+    atomic_write_json,
+    check_output_folder,
+    output_folder,
+    recover_output_folder,
+)
 from ..io.provenance import write_provenance
 from ..taxonomy.labels import encode_labels
 from ..taxonomy.tree import Taxonomy
@@ -168,7 +175,23 @@ def _bundle(d: _Data, fit: _Fit):
 
 
 def _write(out: Path, d: _Data, fit: _Fit, bundle, metrics: dict) -> None:
-    bundle.save(out)
+    """Bundle, history, split, metrics and provenance, swapped in as one folder."""
+    with output_folder(out, keep=_inside(d.cache, out)) as stage:
+        _write_files(stage, d, fit, bundle, metrics)
+
+
+def _inside(cache: str | Path, out: Path) -> tuple[str, ...]:
+    """The entry of ``out`` holding the embedding cache, when it lies inside ``out`` (it
+    is carried over into the new folder, never replaced)."""
+    try:
+        rel = Path(cache).resolve().relative_to(out.resolve())
+    except ValueError:
+        return ()
+    return rel.parts[:1]
+
+
+def _write_files(out: Path, d: _Data, fit: _Fit, bundle, metrics: dict) -> None:
+    bundle.write(out)
     result = fit.result
     atomic_write_csv(out / "history.csv", result.history)
     split = pd.DataFrame({"image_id": d.ids,
@@ -192,9 +215,11 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     folder (``cfg["out"]``) holding the bundle, history, split, metrics and provenance.
     """
     cfg = complete_config(cfg)
+    out = Path(cfg["out"])
+    check_output_folder(out)  # before any work: an unusable --out fails at once
+    recover_output_folder(out)  # a bundle a killed run left half-swapped is put back
     d = _prepare(cfg, embed_progress)
     fit = _fit_crossfit(d, progress) if d.crossfit else _fit_holdout(d, progress)
     bundle, metrics = _bundle(d, fit)
-    out = Path(cfg["out"])
     _write(out, d, fit, bundle, metrics)
     return out
