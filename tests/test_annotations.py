@@ -47,14 +47,18 @@ def test_every_semantic_problem_is_listed(leaf_dict, shared_data):
     d["images"][2]["image_id"] = d["images"][0]["image_id"]  # duplicate id
     d["annotations"][3]["category_id"] = 999  # missing category
     d["annotations"][5]["genus_id"] = 7  # genus_id disagrees with category
-    d["categories"][1]["family"] = "Rosaceae"  # Acer under two families
+    d["categories"][1]["family"] = "Rosaceae"  # Acer under two families: homonyms, a warning
     d["images"][4]["file_name"] = "images/nope.jpg"  # missing on disk
-    msgs = _messages(d, images_root=shared_data / "leaf")
+    report = validate_annotations(d, images_root=shared_data / "leaf")
+    msgs = [str(p) for p in report.errors]
     joined = "\n".join(msgs)
     assert "$.images[2].image_id" in joined and "unique image_id" in joined
     assert "$.annotations[3].category_id" in joined and "found 999" in joined
     assert "$.annotations[5].genus_id" in joined and "Cercis" in joined
-    assert "genus 'Acer' under one parent" in joined and "'Rosaceae'" in joined
+    assert "under one parent" not in joined  # the homonym is no error...
+    warned = "\n".join(str(p) for p in report.warnings)
+    assert "genus 'Acer' under one parent" in warned and "'Rosaceae'" in warned  # ...but named
+    assert "homonyms" in warned
     assert "'images/nope.jpg' missing" in joined
     # the annotation of the renamed image now points at a missing image
     assert "$.annotations[2].image_id" in joined
@@ -79,7 +83,7 @@ def test_broken_json_names_file_and_line(tmp_path):
 
 def test_load_refuses_inconsistent_file(tmp_path, leaf_dict):
     d = copy.deepcopy(leaf_dict)
-    d["categories"][1]["family"] = "Rosaceae"
+    d["annotations"][1]["category_id"] = 999
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(d))
     with pytest.raises(AnnotationError, match="taxoclass validate"):

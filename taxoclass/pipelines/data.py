@@ -6,13 +6,14 @@ One implementation that head training (:mod:`taxoclass.pipelines.train`), fine-t
 
 from __future__ import annotations
 
-import json
+import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import openset_calibration
-from ..errors import ConfigError
+from ..errors import AnnotationError, ConfigError
 from ..taxonomy.tree import DEFAULT_RANKS
 from ..vocab import Calibration
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..taxonomy.annotations import Annotations
     from ..taxonomy.tree import Taxonomy
 
+log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 
@@ -65,46 +67,36 @@ def validation_mask(ids: Sequence[str], nodes: Sequence[tuple], data: dict) -> n
 def cached_embeddings(ids: Sequence[str], paths: Sequence[str], *, cache: str | Path,
                       backbone_cfg: dict, batch_size: int | None = None, num_workers: int = 0,
                       progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Embeddings for ``ids`` (in that order) from ``cache``, computing what is missing.
+    """Embeddings of the files ``paths`` (rows labelled ``ids``) from the store in ``cache``.
 
-    Returns (embeddings [n, d] float32, found mask [n], backbone description).
+    Vectors are found by each file's content and the backbone, never by id, so a path
+    that now holds other bytes is embedded again; what is missing is computed (a failed
+    image is tried again on every call). Returns (embeddings [n, d] float32, found mask
+    [n], backbone description); :class:`~taxoclass.errors.ImageError` when not one image
+    could be embedded.
     """
+    import os
+
     import numpy as np
 
-    from ..errors import CacheError
-    from ..features.backbones import backbone_from_spec, backbone_spec, resolve_backbone_name
-    from ..features.embeddings import compute_embeddings, load_embeddings
+    from ..errors import ImageError
+    from ..features.backbones import backbone_spec
+    from ..features.embeddings import embed_with_spec
 
-    cache = Path(cache)
-    spec = backbone_spec(backbone_cfg)
-    wanted = {"name": resolve_backbone_name(spec["name"]),
-              "data_overrides": json.loads(json.dumps(spec.get("data_overrides") or {}))}
-    try:
-        loaded = load_embeddings(cache)
-    except CacheError:
-        loaded = None  # absent or unfinished: compute_embeddings resumes or starts it
-    if loaded is not None:
-        have_bb = loaded.manifest.get("backbone", {})
-        have = {"name": have_bb.get("name"),
-                "data_overrides": have_bb.get("data_overrides") or {}}
-        if have != wanted:
-            raise CacheError(f"Embedding cache {cache} holds features of {have} but the config "
-                             f"asks for {wanted}. Fix: point embeddings.cache at a new folder, "
-                             f"or set the backbone section (name, image_size, resize, pad_fill) "
-                             f"to match.")
-        if not set(ids) <= set(loaded.image_ids.tolist()):
-            loaded = None  # recompute: compute_embeddings reuses nothing of another plan
-    if loaded is None:
-        bb = backbone_from_spec(spec)
-        result = compute_embeddings(list(zip(ids, paths)), bb, cache, batch_size=batch_size,
-                                    num_workers=num_workers, progress=progress)
-        loaded = result.cache
-    pos = {k: i for i, k in enumerate(loaded.image_ids.tolist())}
-    found = np.array([k in pos for k in ids])
-    emb = np.zeros((len(ids), loaded.embeddings.shape[1]), dtype=np.float32)
-    idx = [pos[k] for k in ids if k in pos]
-    emb[found] = loaded.embeddings[idx]
-    return emb, found, loaded.manifest.get("backbone", {})
+    res = embed_with_spec([str(p) for p in paths], cache, backbone_spec(backbone_cfg),
+                          batch_size=batch_size, num_workers=num_workers, progress=progress)
+    failed = [(paths[i], res.errors.get(i, "not embedded")) for i in np.flatnonzero(~res.found)]
+    if failed and not res.found.any():
+        missing = sum(not Path(p).is_file() for p in paths)
+        root = os.path.commonpath([str(Path(p).parent) for p in paths])
+        found = (f"{len(ids) - missing} of {len(ids)} images found under {root}"
+                 if missing else f"none of the {len(ids)} images could be embedded")
+        raise ImageError(f"{found} (first: {failed[0][0]}: {failed[0][1]}). Fix: point the "
+                         f"images root (data.images_root, --images-root) at the folder the "
+                         f"annotations' file_name paths are relative to.")
+    if failed:
+        log.warning("%d image(s) could not be embedded, e.g. %s: %s", len(failed), *failed[0])
+    return res.embeddings, res.found, res.description
 
 
 def known_rows(ann: Annotations, rows: pd.DataFrame, data: dict) -> tuple[Taxonomy, pd.DataFrame]:
@@ -112,11 +104,15 @@ def known_rows(ann: Annotations, rows: pd.DataFrame, data: dict) -> tuple[Taxono
 
     Held-out species leave the taxonomy too (their genus stays when it keeps a known
     species), so the model has no output for them: they are truly unknown to it.
+    The rows are checked (:func:`check_training_rows`): none, or one taxon only, is an
+    error; taxa with one image or none are warnings.
     """
     held = list(data.get("holdout_species") or [])
     ranks = data.get("ranks") or DEFAULT_RANKS
     if not held:
-        return ann.taxonomy(ranks), rows
+        tax = ann.taxonomy(ranks)
+        check_training_rows(tax, rows, source=ann.source)
+        return tax, rows
     from ..openset.evaluation import choose_holdout, known_taxonomy, split_known_unknown
 
     try:
@@ -124,7 +120,65 @@ def known_rows(ann: Annotations, rows: pd.DataFrame, data: dict) -> tuple[Taxono
     except ValueError as exc:
         raise ConfigError(f"data.holdout_species: {exc}") from exc
     tax = known_taxonomy(ann.categories, held, ranks)
-    return tax, rows[~split_known_unknown(rows, held)].reset_index(drop=True)
+    rows = rows[~split_known_unknown(rows, held)].reset_index(drop=True)
+    check_training_rows(tax, rows, source=f"{ann.source} without data.holdout_species")
+    return tax, rows
+
+
+def check_training_rows(tax: Taxonomy, rows: pd.DataFrame, *, source: str) -> None:
+    """Refuse training data that cannot make a model, warn about data that makes a
+    misleading one.
+
+    Errors (:class:`AnnotationError`): no labelled image; every image one taxon of the
+    lowest rank (a one-class model scores accuracy 1.000 by construction). Warnings: taxa
+    with a single image (it trains, so no validation image checks them) and taxa of the
+    categories without any image (kept as output classes the model never learned; the
+    model's classes stay those of the annotation file).
+    """
+    lowest = tax.ranks[-1]
+    if len(rows) == 0:
+        raise AnnotationError(
+            f"{source}: 0 annotations: nothing to train on. Expected labelled images (an "
+            "'annotations' list of image_id, category_id). Fix: add the labels, or point "
+            "data.annotations at the labelled file (`taxoclass validate FILE` lists them).")
+    nodes = _row_nodes(tax, rows)
+    per_taxon = Counter(nodes)
+    if len(per_taxon) < 2:
+        only = tax.label(next(iter(per_taxon)))
+        raise AnnotationError(
+            f"{source}: all {len(rows)} labelled images are one {lowest} ({only!r}); a "
+            f"classifier needs at least two {lowest} taxa to tell apart (a one-class model "
+            f"scores accuracy 1.000 whatever it sees). Fix: add images of at least one more "
+            f"{lowest}.")
+    depth = len(tax.ranks)  # partial labels (a genus with named species) count nowhere below
+    single = sorted(tax.label(n) for n, k in per_taxon.items() if k == 1 and len(n) == depth)
+    if single:
+        log.warning("%s: %d %s taxa have one labelled image, which trains, so no validation "
+                    "image checks them (and the split cannot stratify them): %s. Fix: add "
+                    "images (2 or more per taxon).", source, len(single), lowest,
+                    _some(single))
+    unused = sorted(tax.label(n) for n in tax.nodes(lowest) if n not in per_taxon)
+    if unused:
+        log.warning("%s: %d %s taxa of the categories have no labelled image; the model keeps "
+                    "them as output classes it never learned (they get low scores): %s. Fix: "
+                    "add images of them, or remove those categories.", source, len(unused),
+                    lowest, _some(unused))
+
+
+def _row_nodes(tax: Taxonomy, rows: pd.DataFrame) -> list[tuple]:
+    """The taxonomy node of each row's label (one look-up per distinct label)."""
+    cols = [r for r in tax.ranks if r in rows.columns]
+    node_of: dict[tuple, tuple] = {}
+    out = []
+    for key in rows[cols].itertuples(index=False, name=None):
+        if key not in node_of:
+            node_of[key] = tax.node_for(dict(zip(cols, key)))
+        out.append(node_of[key])
+    return out
+
+
+def _some(names: list[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def embedding_cache(cfg: dict) -> str:

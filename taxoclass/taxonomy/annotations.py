@@ -4,13 +4,24 @@
 the record, what was expected, what was found and how to fix it; `load_annotations`
 raises :class:`AnnotationError` with that list when there are errors. Extra fields (e.g.
 ``order`` on categories) are kept.
+
+Refused because they would train on the wrong pairs: a ``file_name`` that leaves the images
+root (``../``) or is absolute (unless allowed: ``allow_outside_root=True``, the CLI's
+``--allow-outside-root`` or the config key ``data.allow_outside_root``, or the
+:func:`outside_root_allowed` context), one file listed under two image ids with different
+labels, and image ids that collide as text (``201`` and ``"201"``). A genus name under two
+families is accepted (a warning): it becomes two taxa, as :class:`Taxonomy` builds it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +30,8 @@ import pandas as pd
 from ..errors import AnnotationError
 from ..io.schemas import load_schema as _load_schema
 from .tree import DEFAULT_RANKS, Taxonomy, species_name
+
+log = logging.getLogger(__name__)
 
 SCHEMA_NAME = "herbarium2022_annotations.schema.json"
 SECTIONS = ("images", "annotations", "categories", "genera", "distances", "licenses",
@@ -148,23 +161,62 @@ def read_json(path: str | Path) -> dict:
     except UnicodeDecodeError as exc:
         raise AnnotationError(f"{path}: not UTF-8 text ({exc.reason}). Expected a JSON file "
                               "saved as UTF-8.") from exc
+    except RecursionError as exc:
+        raise AnnotationError(
+            f"{path}: JSON nested deeper than can be read (arrays or objects inside each "
+            "other thousands of levels deep). Expected an object with flat 'images', "
+            "'annotations' and 'categories' lists; fix or regenerate the file.") from exc
     if not isinstance(data, dict):
         raise AnnotationError(f"{path}: expected a JSON object with 'images' and 'categories', "
                               f"found a {type(data).__name__}.")
     return data
 
 
+_ALLOW_OUTSIDE_ROOT: ContextVar[bool] = ContextVar("allow_outside_root", default=False)
+
+
+@contextlib.contextmanager
+def outside_root_allowed(allow: bool = True) -> Iterator[None]:
+    """Within this block, annotation files may name images outside the images root
+    (``../`` or absolute ``file_name``s): what ``--allow-outside-root`` and the config key
+    ``data.allow_outside_root`` switch on for the jobs that load annotations."""
+    token = _ALLOW_OUTSIDE_ROOT.set(bool(allow) or _ALLOW_OUTSIDE_ROOT.get())
+    try:
+        yield
+    finally:
+        _ALLOW_OUTSIDE_ROOT.reset(token)
+
+
 def load_annotations(path: str | Path, *, images_root: str | Path | None = None,
-                     check: bool = True) -> Annotations:
-    """Load an annotation file; with ``check`` raise :class:`AnnotationError` on any error."""
+                     check: bool = True, allow_outside_root: bool | None = None) -> Annotations:
+    """Load an annotation file, validated (:func:`validate_annotations`).
+
+    With ``check`` any error raises :class:`AnnotationError`. Without it (``embed``, which
+    also reads unlabelled files) only errors in the image list raise (the records every
+    command reads: ids, file names, paths outside the root); label problems are logged as
+    one warning, since training and evaluation refuse them later.
+    """
     data = read_json(path)
-    if check:
-        report = validate_annotations(data, source_name=str(path), images_root=images_root)
-        if not report.ok:
-            raise AnnotationError(f"{path} has {len(report.errors)} problem(s):\n"
-                                  + "\n".join(str(p) for p in report.errors)
-                                  + f"\nRun `taxoclass validate {path}` for the full report.")
+    report = validate_annotations(data, source_name=str(path), images_root=images_root,
+                                  allow_outside_root=allow_outside_root)
+    errors = report.errors if check else [p for p in report.errors if _is_image_problem(p)]
+    if errors:
+        raise AnnotationError(f"{path} has {len(errors)} problem(s):\n"
+                              + "\n".join(str(p) for p in errors[:20])
+                              + (f"\n... and {len(errors) - 20} more" if len(errors) > 20
+                                 else "")
+                              + f"\nRun `taxoclass validate {path}` for the full report.")
+    if not check and report.errors:
+        log.warning("%s: %d problem(s) in its labels (e.g. %s); training and evaluation will "
+                    "refuse the file. Run `taxoclass validate %s` for the list.", path,
+                    len(report.errors), report.errors[0], path)
     return annotations_from_dict(data, source=str(path))
+
+
+def _is_image_problem(problem: Problem) -> bool:
+    """True for a problem in the image list (or the file's top level), which every command
+    reads; the rest are label problems (annotations, categories, genera, ...)."""
+    return problem.path == "$" or problem.path.startswith(("$.images", "--images-root"))
 
 
 def annotations_from_dict(data: Mapping, *, source: str = "<dict>") -> Annotations:
@@ -205,42 +257,83 @@ def _json_path(parts: Sequence) -> str:
 
 
 def validate_annotations(source: str | Path | Mapping, *, images_root: str | Path | None = None,
-                         source_name: str | None = None) -> ValidationReport:
+                         source_name: str | None = None,
+                         allow_outside_root: bool | None = None) -> ValidationReport:
     """Check an annotation file (path or parsed dict) against the schema and for consistency.
 
-    Finds: schema violations, duplicate ids, annotations pointing at missing images or
-    categories, ``genus_id`` disagreeing with the category's genus, a genus under two
-    families (or a family under two orders), categories without family/genus, unknown
-    genus ids in ``distances``, and (with ``images_root``) image files missing on disk.
+    Finds: schema violations, duplicate ids (also ids equal as text, ``201`` and ``"201"``),
+    ``file_name``s outside the images root (errors unless ``allow_outside_root``; ``None``:
+    as :func:`outside_root_allowed` says), one file under two image ids (an error when their
+    labels differ), annotations pointing at missing images or categories, ``genus_id``
+    disagreeing with the category's genus, categories without family/genus, unknown genus
+    ids in ``distances``, and (with ``images_root``) image files missing on disk. Warns
+    about 0 images or 0 annotations and about homonyms (a genus name under two families
+    becomes two taxa).
     """
     if isinstance(source, Mapping):
         data, name = source, source_name or "<dict>"
     else:
         data, name = read_json(source), str(source)
+    if allow_outside_root is None:
+        allow_outside_root = _ALLOW_OUTSIDE_ROOT.get()
     report = ValidationReport(source=name)
-    add = report.problems.append
-    for problem in _schema_problems(data):
-        add(problem)
-    if report.errors:  # structure is wrong: semantic checks would only repeat the noise
+    try:
+        schema = _schema_problems(data)
+    except RecursionError as exc:
+        raise AnnotationError(f"{name}: JSON nested deeper than can be checked; expected flat "
+                              "'images', 'annotations' and 'categories' lists.") from exc
+    report.problems.extend(schema)
+    images = data.get("images") or []
+    if not any(_is_image_problem(p) for p in schema):  # the image list itself is readable
+        report.problems.extend(_image_problems(images, images_root, allow_outside_root))
+    if schema:  # structure is wrong: semantic checks would only repeat the noise
         report.counts = {k: len(data.get(k) or []) for k in ("images", "annotations",
                                                                "categories")}
         return report
+    report.problems.extend(_label_problems(data))
+    anns, cats = data.get("annotations") or [], data.get("categories") or []
+    report.counts = _counts(data, name, images, anns, cats, ok=not report.errors)
+    return report
+
+
+def _image_problems(images: list, images_root: str | Path | None,
+                    allow_outside_root: bool) -> list[Problem]:
+    """The image list: unique ids (also as text), paths inside the root, files on disk."""
+    problems = _duplicate_problems("images", "image_id", images)
+    problems += _text_collision_problems("images", "image_id", images)
+    problems += _outside_root_problems(images, allow_outside_root)
+    if images_root is not None:
+        problems += _file_problems(images, Path(images_root))
+    if not images:
+        problems.append(Problem("$.images", "", "at least one image", "0 images",
+                                "list the images (image_id, file_name); nothing can be "
+                                "embedded or trained on", severity="warning"))
+    return problems
+
+
+def _label_problems(data: Mapping) -> list[Problem]:
+    """Annotations, categories, genera and distances (the file's structure is valid)."""
     images = data.get("images") or []
     anns = data.get("annotations") or []
     cats = data.get("categories") or []
     genera = data.get("genera") or []
-    for section, key, items in (("images", "image_id", images),
-                                ("categories", "category_id", cats),
+    problems = []
+    for section, key, items in (("categories", "category_id", cats),
                                 ("genera", "genus_id", genera)):
-        report.problems.extend(_duplicate_problems(section, key, items))
+        problems += _duplicate_problems(section, key, items)
+    problems += _text_collision_problems("categories", "category_id", cats)
     genus_by_id = {g["genus_id"]: g["genus"] for g in genera}
-    report.problems.extend(_annotation_problems(anns, images, cats, genus_by_id))
-    report.problems.extend(_category_problems(cats))
-    report.problems.extend(_distance_problems(data.get("distances") or [], genus_by_id))
-    if images_root is not None:
-        report.problems.extend(_file_problems(images, Path(images_root)))
-    report.counts = _counts(data, name, images, anns, cats, ok=not report.errors)
-    return report
+    problems += _annotation_problems(anns, images, cats, genus_by_id)
+    problems += _same_file_problems(images, anns)
+    problems += _category_problems(cats)
+    problems += _distance_problems(data.get("distances") or [], genus_by_id)
+    if images and not anns:
+        problems.append(Problem(
+            "$.annotations", "", "annotations (image_id, category_id) to train on",
+            "0 annotations: nothing to train on",
+            "add the labels; an unlabelled image list is fine for embed and predict, but "
+            "train and evaluate need labelled images", severity="warning"))
+    return problems
 
 
 def _schema_problems(data: Mapping) -> list[Problem]:
@@ -283,6 +376,82 @@ def _duplicate_problems(section: str, key: str, items: list) -> list[Problem]:
                     f"{it[key]!r} used {counts[it[key]]} times",
                     f"give each {section[:-1]} its own {key} or remove the copy"))
             seen.add(it[key])
+    return problems
+
+
+def _text_collision_problems(section: str, key: str, items: list) -> list[Problem]:
+    """Ids that differ in JSON but are equal as text (``201`` and ``"201"``): every cache,
+    split file and output names images by the text of their id."""
+    forms: dict[str, dict] = defaultdict(dict)
+    for i, it in enumerate(items):
+        forms[str(it[key])].setdefault(repr(it[key]), i)
+    problems = []
+    for text, seen in forms.items():
+        if len(seen) > 1:
+            first, *rest = sorted(seen.values())
+            problems.extend(Problem(
+                f"$.{section}[{i}].{key}", _rec(items[i], key),
+                f"a {key} that differs from every other as text",
+                f"{items[i][key]!r}, which reads as {text!r} like {items[first][key]!r} at "
+                f"$.{section}[{first}]",
+                f"write every {key} as a number, or every one as a string, and keep them "
+                "unique") for i in rest)
+    return problems
+
+
+def outside_root_reason(file_name: str) -> str | None:
+    """Why ``file_name`` is not a path inside the images root, or ``None`` if it is."""
+    if os.path.isabs(file_name) or file_name.startswith(("/", "\\", "~")) or (
+            file_name[:1].isalpha() and file_name[1:3] in (":/", ":\\")):
+        return "an absolute path"
+    norm = os.path.normpath(file_name.replace("\\", "/"))
+    if norm == ".":
+        return "the images root itself"
+    if norm == ".." or norm.startswith("../"):
+        return "a path that leaves the images root ('..')"
+    return None
+
+
+def _outside_root_problems(images: list, allow: bool) -> list[Problem]:
+    """``file_name``s that are absolute or climb out of the images root."""
+    problems = []
+    for i, im in enumerate(images):
+        why = outside_root_reason(str(im["file_name"]))
+        if why is None or (allow and why != "the images root itself"):
+            continue
+        problems.append(Problem(
+            f"$.images[{i}].file_name", _rec(im, "image_id"),
+            "a file path relative to the images root, inside it",
+            f"{im['file_name']!r}, {why}",
+            "move the image under the images root and write its path relative to it (to "
+            "read images outside the root on purpose: --allow-outside-root, or "
+            "data.allow_outside_root: true in a training config)"))
+    return problems
+
+
+def _same_file_problems(images: list, anns: list) -> list[Problem]:
+    """One file listed under several image ids: an error when their labels differ (the same
+    pixels would train as two taxa), a warning when they agree (it counts twice)."""
+    by_file: dict[str, list[int]] = defaultdict(list)
+    for i, im in enumerate(images):
+        by_file[os.path.normpath(str(im["file_name"]).replace("\\", "/"))].append(i)
+    labels: dict[object, set] = defaultdict(set)
+    for a in anns:
+        labels[a["image_id"]].add(a["category_id"])
+    problems = []
+    for fname, idx in by_file.items():
+        if len(idx) < 2:
+            continue
+        ids = [images[i]["image_id"] for i in idx]
+        cats = sorted({repr(c) for i in ids for c in labels.get(i, ())})
+        differ = len(cats) > 1
+        problems.append(Problem(
+            f"$.images[{idx[1]}].file_name", f"image_id={ids[1]!r}",
+            "each file listed once", f"{fname!r} listed under image ids {ids[:5]}"
+            + (f" with different categories {cats[:5]}" if differ else ""),
+            "list the file once with its one label" if differ
+            else "drop the copies (the image counts once per listing)",
+            severity="error" if differ else "warning"))
     return problems
 
 
@@ -363,14 +532,18 @@ def _category_problems(cats: list) -> list[Problem]:
             first = min(i for idx in ups.values() for i in idx)
             problems.append(Problem(
                 f"$.categories[{first}].{rank}", f"{rank}={name_!r}",
-                f"{rank} {name_!r} under one parent", f"{len(ups)} parents: {detail}",
-                f"make every category that names {rank} {name_!r} use the same parent"))
-    dup_names = Counter((str(c.get("genus", "")), str(c.get("species", ""))) for c in cats)
-    for (g, s), n in dup_names.items():
-        if n > 1 and s:
+                f"{rank} {name_!r} under one parent",
+                f"{len(ups)} parents: {detail}; they become {len(ups)} taxa named {name_!r} "
+                "(homonyms), each under its own parent",
+                f"nothing, if they are homonyms; if they are one {rank}, make every category "
+                f"that names {rank} {name_!r} use the same parent", severity="warning"))
+    dup_names = Counter((str(c.get("family", "")).strip(), str(c.get("genus", "")).strip(),
+                         str(c.get("species", "")).strip()) for c in cats)
+    for (f, g, sp), n in dup_names.items():
+        if n > 1 and sp:
             problems.append(Problem(
-                "$.categories", f"{g} {s}", "one category per taxon",
-                f"{n} categories for {g} {s}",
+                "$.categories", f"{g} {sp}", "one category per taxon",
+                f"{n} categories for {g} {sp} ({f})",
                 "merge the categories (or tell them apart, e.g. by authors)",
                 severity="warning"))
     return problems
