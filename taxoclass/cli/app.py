@@ -5,7 +5,9 @@ allocator). Heavy imports happen inside the commands so that ``taxoclass --help`
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -33,6 +35,45 @@ class _Group(click.Group):
         except TaxoclassError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(2)
+        except OSError as exc:
+            message = user_path_error(exc)
+            if message is None:
+                raise  # not about a file the user named: a bug, keep its traceback
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(2)
+
+
+#: errno values of file system errors a user causes with a path they give.
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
+                errno.EEXIST, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG,
+                errno.ELOOP, errno.ENOTEMPTY, errno.EXDEV}
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+def user_path_error(exc: OSError) -> str | None:
+    """The one-line message for a file system error on a user's path (permission denied,
+    not a directory, a directory where a file was expected, missing, disk full, ...), or
+    ``None`` when the error is not one (no file name, or a file inside the installation:
+    a bug or a broken install, which keeps its traceback)."""
+    if exc.errno not in _USER_ERRNOS or not exc.filename:
+        return None
+    names = [os.fsdecode(f) for f in (exc.filename, exc.filename2) if f]
+    installed = (_PACKAGE_DIR, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve())
+    for name in names:
+        path = Path(name).absolute()
+        if any(path == root or root in path.parents for root in installed):
+            return None
+    what = " -> ".join(names)
+    text = exc.strerror or os.strerror(exc.errno)
+    fixes = {errno.EACCES: "give yourself permission or choose another path",
+             errno.EPERM: "give yourself permission or choose another path",
+             errno.EROFS: "choose a writable location",
+             errno.ENOSPC: "free disk space or choose another location",
+             errno.EDQUOT: "free disk space or choose another location",
+             errno.ENOTDIR: "a part of the path is a file; choose a folder path",
+             errno.EISDIR: "the path is a folder; give a file path",
+             errno.ENOENT: "check the path"}
+    return f"{what}: {text} [{type(exc).__name__}]. Fix: {fixes.get(exc.errno, 'check the path')}."
 
 
 class _EchoHandler(logging.Handler):
@@ -74,6 +115,15 @@ def main() -> None:
       taxoclass evaluate --model runs/leaf --annotations annotations.json --images-root DIR
       taxoclass predict --model runs/leaf IMAGE...
     """
+
+
+def allow_outside_root_option(command):
+    """``--allow-outside-root``: let annotation file_names be absolute or climb out ('../')."""
+    return click.option(
+        "--allow-outside-root", is_flag=True,
+        help="Accept file_name paths outside --images-root (absolute, or climbing out with "
+             "'../'); refused by default, as a path that leaves the root is usually a "
+             "mistake or a hostile file. Training configs: data.allow_outside_root.")(command)
 
 
 def device_option(command):

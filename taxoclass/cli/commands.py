@@ -11,6 +11,7 @@ import click
 
 from ..vocab import Calibration
 from .app import (
+    allow_outside_root_option,
     device_option,
     engine_options,
     json_option,
@@ -31,7 +32,9 @@ from .app import (
 @click.option("--report", type=click.Path(path_type=Path), default=None,
               help="Also write every problem to this CSV (severity, path, record, expected, "
                    "found, fix).")
-def validate(annotations: Path, images_root: Path | None, report: Path | None) -> None:
+@allow_outside_root_option
+def validate(annotations: Path, images_root: Path | None, report: Path | None,
+             allow_outside_root: bool) -> None:
     """Check an annotation file: schema, ids, genus/family consistency, image files.
 
     Lists every problem with its JSON path, the record, what was expected and found,
@@ -41,7 +44,8 @@ def validate(annotations: Path, images_root: Path | None, report: Path | None) -
     from ..io.files import atomic_write_csv
     from ..taxonomy.annotations import validate_annotations
 
-    result = validate_annotations(annotations, images_root=images_root)
+    result = validate_annotations(annotations, images_root=images_root,
+                                  allow_outside_root=allow_outside_root)
     click.echo(result.format())
     if report is not None:
         atomic_write_csv(report, result.to_frame())
@@ -87,9 +91,9 @@ def taxonomy(source: Path, ranks: str, csv_out: Path | None) -> None:
               help="Local weights: a timm state dict or a PlantCLEF model_best.pth.tar.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Cache folder; an interrupted run resumes here.")
-@click.option("--batch-size", type=int, default=None,
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass [default: 8 on a CPU, 64 on a GPU].")
-@click.option("--num-workers", default=0, show_default=True,
+@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="DataLoader workers decoding images in parallel.")
 @click.option("--model-kwargs", default=None, metavar="JSON",
               help='Extra timm.create_model arguments, e.g. \'{"img_size": 224}\'; needed to '
@@ -107,12 +111,14 @@ def taxonomy(source: Path, ranks: str, csv_out: Path | None) -> None:
               help="auto: bf16 autocast on a GPU, float32 on a CPU. bf16 on a CPU is 1.4-1.7x "
                    "faster where it has AVX-512 BF16 (features then carry bf16 rounding).")
 @click.option("--overwrite", is_flag=True, help="Discard an existing cache in --out.")
+@allow_outside_root_option
 @engine_options
 @device_option
 def embed(annotations: Path, images_root: Path | None, backbone: str, checkpoint: Path | None,
           out: Path, batch_size: int, num_workers: int, model_kwargs: str | None,
           image_size: int | None, resize: str | None, pad_fill: str | None, precision: str,
-          overwrite: bool, engine: str, master: str | None, device: str) -> None:
+          overwrite: bool, allow_outside_root: bool, engine: str, master: str | None,
+          device: str) -> None:
     """Compute one embedding per image into a resumable on-disk cache.
 
     Writes chunks atomically with a manifest (backbone, checkpoint hash, transform,
@@ -120,8 +126,9 @@ def embed(annotations: Path, images_root: Path | None, backbone: str, checkpoint
     carries on, and writes provenance.json beside the cache.
     """
     from ..pipelines.embed import embed_annotations
+    from ..taxonomy.annotations import outside_root_allowed
 
-    with progress_bar("embedding", "img") as progress:
+    with outside_root_allowed(allow_outside_root), progress_bar("embedding", "img") as progress:
         result = embed_annotations(annotations, images_root=images_root, backbone=backbone,
                                    checkpoint=checkpoint, out=out, batch_size=batch_size,
                                    num_workers=num_workers, overwrite=overwrite,
@@ -149,7 +156,7 @@ def embed(annotations: Path, images_root: Path | None, backbone: str, checkpoint
 @click.option("--finetune", is_flag=True,
               help="Train the backbone and heads together on the images (end-to-end, "
                    "resumable; bf16 on CUDA) instead of heads on cached embeddings.")
-@click.option("--unfreeze-blocks", type=int, default=None,
+@click.option("--unfreeze-blocks", type=click.IntRange(min=-1), default=None,
               help="With --finetune: train only the last N blocks (0 = heads only, -1 = all).")
 @click.option("--device", default=None, help="With --finetune: cpu or cuda [default: cuda if "
               "available].")
@@ -164,10 +171,18 @@ def train(config_path: Path | None, overrides: tuple[str, ...], finetune: bool,
     ``openset.calibration: crossfit`` the head trains on every image and the metrics
     (and the back-off thresholds) come from out-of-fold predictions.
     """
-    from ..config import load_config, openset_calibration
-    from ..pipelines.train import train_from_config
+    from ..config import load_config
+    from ..taxonomy.annotations import outside_root_allowed
 
     cfg = load_config(config_path, overrides)
+    with outside_root_allowed(bool(cfg["data"].get("allow_outside_root"))):
+        _train(cfg, finetune, unfreeze_blocks, device)
+
+
+def _train(cfg: dict, finetune: bool, unfreeze_blocks: int | None, device: str | None) -> None:
+    from ..config import openset_calibration
+    from ..pipelines.train import train_from_config
+
     if finetune:
         from ..pipelines.finetune import finetune_from_config
 
@@ -194,8 +209,9 @@ def train(config_path: Path | None, overrides: tuple[str, ...], finetune: bool,
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for predictions.csv / predictions.json, provenance and the "
                    "(resumable) embedding cache.")
-@click.option("--top-k", default=5, show_default=True)
-@click.option("--batch-size", type=int, default=None,
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Species candidates listed per image.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass [default: 8 on a CPU, 64 on a GPU].")
 @click.option("--overwrite", is_flag=True,
               help="Discard an embedding cache in --out left by a run on other images.")
@@ -226,7 +242,7 @@ def predict(model: Path, images: tuple[Path, ...], out: Path | None, top_k: int,
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Folder for flags.csv, flags_summary.json, predictions and provenance. "
                    "(flags.csv: one row per image, flagged rows first.)")
-@click.option("--batch-size", type=int, default=None,
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass [default: 8 on a CPU, 64 on a GPU].")
 @click.option("--overwrite", is_flag=True,
               help="Discard an embedding cache in --out left by a run on other images.")
@@ -266,13 +282,16 @@ def flag_unknowns_cmd(model: Path, images: tuple[Path, ...], out: Path, batch_si
 @click.option("--holdout-species", multiple=True, metavar="BINOMIAL",
               help="Open-set evaluation: retrain the bundle's recipe without this species "
                    "(repeatable), then score unknown detection and back-off.")
-@click.option("--holdout-fraction", type=float, default=None,
+@click.option("--holdout-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=None,
               help="Open-set evaluation with a seeded share of the species held out (only "
                    "species whose genus keeps a known species).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the hold-out choice/split.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the hold-out choice/split.")
+@allow_outside_root_option
 def evaluate(model: Path, annotations: Path, images_root: Path | None, out: Path | None,
              split: str, holdout_species: tuple[str, ...], holdout_fraction: float | None,
-             seed: int) -> None:
+             seed: int, allow_outside_root: bool) -> None:
     """Per-rank accuracy / macro-F1 / top-5, hierarchical P/R/F1, mistake severity,
     coherence rate and the most confused taxon pairs.
 
@@ -280,10 +299,18 @@ def evaluate(model: Path, annotations: Path, images_root: Path | None, out: Path
     FPR@95%TPR per detection method, what back-off reports for held-out and known
     species, risk-coverage per rank).
     """
-    if holdout_species or holdout_fraction is not None:
-        _evaluate_holdout(model, annotations, images_root, out, holdout_species,
-                          holdout_fraction, seed)
-        return
+    from ..taxonomy.annotations import outside_root_allowed
+
+    with outside_root_allowed(allow_outside_root):
+        if holdout_species or holdout_fraction is not None:
+            _evaluate_holdout(model, annotations, images_root, out, holdout_species,
+                              holdout_fraction, seed)
+        else:
+            _evaluate(model, annotations, images_root, out, split)
+
+
+def _evaluate(model: Path, annotations: Path, images_root: Path | None, out: Path | None,
+              split: str) -> None:
     from ..pipelines.evaluate import evaluate_model
 
     out_dir = None
@@ -336,7 +363,7 @@ def _evaluate_holdout(model, annotations, images_root, out, species, fraction, s
 @click.option("--model-kwargs", default=None, metavar="JSON")
 @click.argument("image", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Overlay PNG.")
-@click.option("--head", type=int, default=None,
+@click.option("--head", type=click.IntRange(min=0), default=None,
               help="One attention head (default: the mean over heads).")
 def explain(model: Path | None, backbone: str | None, checkpoint: Path | None,
             model_kwargs: str | None, image: Path, out: Path, head: int | None) -> None:

