@@ -1,4 +1,5 @@
-"""Embedding cache: resume bit for bit, failures recorded, mismatches refused."""
+"""Embedding cache: resume bit for bit, failures recorded and retried, vectors found by
+content (never by id), other backbones side by side."""
 
 from __future__ import annotations
 
@@ -47,11 +48,9 @@ def test_interrupted_then_resumed_equals_uninterrupted_bit_for_bit(tmp_path, tin
     assert part.n_computed == 3
     manifest = _read_manifest(part_dir)
     assert manifest["complete"] is False
-    assert [c["done"] for c in manifest["chunks"]] == [True, False, False]
-    assert manifest["chunks"][0]["image_ids"] == [str(i) for i, _ in items[:3]]
-    assert (part_dir / "chunks" / "chunk-00000.npz").is_file()
-    assert not (part_dir / "chunks" / "chunk-00001.npz").exists()
-    with pytest.raises(CacheError, match=r"incomplete \(1 of 3 chunks done\).*resume"):
+    assert manifest["counts"]["n_computed"] == 3
+    assert len(list((part_dir / "store").glob("*/vectors/*.npz"))) == 1  # one chunk stored
+    with pytest.raises(CacheError, match=r"incomplete \(\d+ of 7 images done\).*resume"):
         load_embeddings(part_dir)
 
     seen: list[tuple[int, int]] = []
@@ -103,33 +102,56 @@ def test_corrupt_and_missing_images_are_recorded_and_skipped(tmp_path, tiny_back
     assert res.failures["image_id"].tolist() == failures["image_id"].tolist()
     manifest = _read_manifest(out)
     assert manifest["complete"] is True
-    assert manifest["counts"] == {"n_images": 6, "n_embedded": 3, "n_failed": 3, "chunks_done": 2}
+    assert manifest["counts"]["n_embedded"] == 3 and manifest["counts"]["n_failed"] == 3
 
-    # failures survive a resume (they live in the chunk files too)
+    # failures are not cached: tried again on the next run, listed until they succeed
     again = compute_embeddings(mixed, tiny_backbone, out, batch_size=2, chunk_size=4)
-    assert again.n_reused == 6 and again.failures["image_id"].tolist()[0] == "bad-corrupt"
+    assert again.n_reused == 3 and again.n_computed == 3
+    assert again.failures["image_id"].tolist() == ["bad-corrupt", "bad-missing", "bad-truncated"]
+    shutil.copy(items[3][1], missing)  # the missing file appears: it is embedded now
+    fixed = compute_embeddings(mixed, tiny_backbone, out, batch_size=2, chunk_size=4)
+    assert fixed.cache.image_ids.tolist() == [str(items[0][0]), str(items[1][0]),
+                                              "bad-missing", str(items[2][0])]  # request order
+    assert pd.read_csv(out / "failures.csv", dtype=str)["image_id"].tolist() == [
+        "bad-corrupt", "bad-truncated"]
 
 
-def test_reusing_out_dir_with_another_backbone_raises(tmp_path, tiny_backbone, items):
+def test_other_backbones_and_image_sets_live_side_by_side(tmp_path, tiny_backbone, items):
     out = tmp_path / "cache"
-    compute_embeddings(items[:3], tiny_backbone, out, chunk_size=2)
+    first = compute_embeddings(items[:3], tiny_backbone, out, chunk_size=2)
     other = create_backbone(
         "vit_small_patch14_reg4_dinov2",
         pretrained=False,
         model_kwargs=dict(img_size=56, depth=1, embed_dim=32, num_heads=2),
     )
-    with pytest.raises(CacheError) as err:
-        compute_embeddings(items[:3], other, out, chunk_size=2)
-    msg = str(err.value)
-    assert str(out) in msg and "backbone name: expected" in msg
-    assert "--out NEW_DIR" in msg and "--overwrite" in msg
-
-    with pytest.raises(CacheError, match="plan image_ids_sha256"):
-        compute_embeddings(items[1:4], tiny_backbone, out, chunk_size=2)
-
-    res = compute_embeddings(items[:3], other, out, chunk_size=2, overwrite=True)
+    res = compute_embeddings(items[:3], other, out, chunk_size=2)
     assert res.n_computed == 3 and res.cache.embeddings.shape == (3, 32)
     assert load_embeddings(out).manifest["backbone"]["name"] == "vit_small_patch14_reg4_dinov2"
+    assert len([p for p in (out / "store").iterdir() if p.is_dir()]) == 2
+
+    # another image set (other ids too): the shared images are reused by content
+    renamed = [(f"x{i}", p) for i, p in items[1:4]]
+    res = compute_embeddings(renamed, tiny_backbone, out, chunk_size=2)
+    assert res.n_reused == 2 and res.n_computed == 1
+    assert np.array_equal(res.cache.embeddings[:2], first.cache.embeddings[1:3])
+
+    res = compute_embeddings(items[:3], tiny_backbone, out, chunk_size=2, overwrite=True)
+    assert res.n_computed == 3 and res.n_reused == 0
+    assert len([p for p in (out / "store").iterdir() if p.is_dir()]) == 1
+
+
+def test_vectors_follow_the_file_content_not_the_id(tmp_path, tiny_backbone, items):
+    a, b = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    shutil.copy(items[0][1], a)
+    shutil.copy(items[1][1], b)
+    out = tmp_path / "cache"
+    before = compute_embeddings([("a", a), ("b", b)], tiny_backbone, out).cache.embeddings
+    a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
+    a.write_bytes(b_bytes)  # swap the two files' contents in place
+    b.write_bytes(a_bytes)
+    after = compute_embeddings([("a", a), ("b", b)], tiny_backbone, out)
+    assert after.n_reused == 2 and after.n_computed == 0  # same bytes: stored vectors
+    assert np.array_equal(after.cache.embeddings, before[::-1])
 
 
 def test_load_embeddings_missing_dir_names_command(tmp_path):

@@ -62,24 +62,30 @@ class LocalEngine:
     def embed(self, items: Items, backbone: Mapping[str, Any], out: str | Path, *,
               batch_size: int | None = None, overwrite: bool = False,
               progress: Progress | None = None):
-        """``batch_size``: default by device (``features.batching.auto_batch_size``)."""
-        from ..features.embeddings import compute_embeddings
+        """``batch_size``: default by device (``features.batching.auto_batch_size``).
+        Vectors already in ``out``'s store for the same file contents are reused."""
+        from ..features.embeddings import check_cache_folder, compute_embeddings
+        from ..features.store import can_write
         from ..io.provenance import write_provenance
 
+        check_cache_folder(out)  # before the model loads
         model = backbone_from_spec(backbone, device=self.device, precision=self.precision)
         result = compute_embeddings(items, model, out, batch_size=batch_size,
                                     num_workers=self.num_workers, chunk_size=self.chunk_size,
                                     overwrite=overwrite, progress=progress)
-        write_provenance(out, backbone=model.describe(), config={
-            "engine": "local", "backbone_spec": dict(backbone),
-            "batch_size": result.cache.manifest.get("plan", {}).get("batch_size", batch_size),
-            "num_workers": self.num_workers, "n_images": len(items)})
+        if can_write(Path(out)):  # a complete read-only cache is reused as it is
+            write_provenance(out, backbone=model.describe(), config={
+                "engine": "local", "backbone_spec": dict(backbone),
+                "batch_size": result.cache.manifest.get("plan", {}).get("batch_size",
+                                                                       batch_size),
+                "num_workers": self.num_workers, "n_images": len(items)})
         return result
 
     def predict(self, model: str | Path, paths: Sequence[str | Path], out: str | Path | None,
                 *, batch_size: int | None = None, top_k: int = 5, overwrite: bool = False,
                 progress: Progress | None = None) -> Predictions:
-        """Embeddings cached (resumable) in ``out/embeddings``, or a temporary folder."""
+        """Embeddings stored (resumable, found by file content) in ``out/embeddings``, or
+        in a temporary folder; a file replaced in place is embedded again."""
         import contextlib
         import tempfile
 

@@ -1,29 +1,33 @@
-"""Resumable, chunked embedding cache on disk.
+"""Embeddings of image files: a content-addressed store plus the files of one request.
 
-Layout of a cache directory::
+Layout of a cache folder (``embed --out``, ``embeddings.cache``, ``predict --out/embeddings``)::
 
-    manifest.json            format, backbone provenance, the id plan split into chunks,
-                             which chunks are done, complete true/false, counts
-    chunks/chunk-00000.npz   image_ids, embeddings [k, d] float32, failed_ids, failed_errors
-    failures.csv             image_id, path, error (missing or undecodable images)
-    embeddings.npy           consolidated float32 [n, d]   (only once complete)
-    image_ids.npy            consolidated ids (unicode)     (only once complete)
+    store/                   every vector ever computed here, keyed by the sha256 of the
+                             image's bytes and the backbone identity (features/store.py)
+    manifest.json            this request: backbone, the (id, path) plan, counts, complete,
+                             size and sha256 of each file below (written last)
+    embeddings.npy           float32 [n, d], the request's embedded images in request order
+    image_ids.npy            their ids (unicode)
+    failures.csv             image_id, path, error of the images that failed this run
 
-Every file is written to a temp file in the same directory and moved into place with
-``os.replace``, so an interruption never leaves a half-written file behind. Chunk and
-batch boundaries are fixed by the plan, so a resumed run gives bit-identical results.
+Image ids only label a request; vectors are found by content. A changed file is embedded
+again, a failed image is tried again on every run (it stays in failures.csv until it
+succeeds), and other backbones or preprocessing settings live beside the first in
+``store/``. Vectors reach the store in chunks, each written atomically, so a killed run
+resumes with the chunks it finished; the chunk and batch boundaries are fixed by the
+request, so a resumed run gives bit-identical vectors. One run at a time holds the
+store's lock; a second waits. A complete folder that cannot be written is still read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,43 +37,43 @@ import pandas as pd
 from taxoclass.errors import CacheError
 from taxoclass.features.backbones import Backbone
 from taxoclass.features.batching import auto_batch_size, embed_batches
+from taxoclass.features.store import (
+    IDENTITY_KEYS,
+    STORE_DIR,
+    EmbeddingStore,
+    can_write,
+    identity_hash,
+    sha256_file,
+)
 from taxoclass.io.files import atomic_write, atomic_write_csv, atomic_write_json
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
+    "IDENTITY_KEYS",
     "EmbedResult",
     "EmbeddingCache",
+    "StoreResult",
+    "check_cache_folder",
     "compute_embeddings",
+    "embed_with_spec",
     "load_embeddings",
 ]
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 FAILURES = "failures.csv"
 EMBEDDINGS_NPY = "embeddings.npy"
 IMAGE_IDS_NPY = "image_ids.npy"
-CHUNK_DIR = "chunks"
+REQUEST_FILES = (EMBEDDINGS_NPY, IMAGE_IDS_NPY, FAILURES)
 FAILURE_COLUMNS = ["image_id", "path", "error"]
-# Backbone provenance keys that must match for a cache to be reused.
-IDENTITY_KEYS = (
-    "name",
-    "checkpoint_sha256",
-    "weights_fingerprint",
-    "model_kwargs",
-    "num_features",
-    "memory_format",
-    "data_config",
-    "transform",
-    "autocast",
-    "data_overrides",
-)
-# What an identity key means when an older manifest lacks it.
-IDENTITY_DEFAULTS = {"data_overrides": {}}
+Progress = Callable[[int, int], None]
 
 
 @dataclass
 class EmbeddingCache:
-    """A complete embedding cache loaded from disk."""
+    """The embeddings of one request (``embeddings.npy`` / ``image_ids.npy``)."""
 
     root: Path
     image_ids: np.ndarray
@@ -95,18 +99,22 @@ class EmbedResult:
     seconds: float
 
 
-# ---------------------------------------------------------------------------- files
+@dataclass
+class StoreResult:
+    """Vectors of a list of files, in that order, from (and into) a store."""
+
+    embeddings: np.ndarray          # [n, d] float32; zero rows where not ``found``
+    found: np.ndarray               # [n] bool
+    keys: list[str | None]          # sha256 of each file's bytes (None: unreadable)
+    errors: dict[int, str]          # index -> why that image failed in this run
+    n_computed: int
+    n_reused: int
+    complete: bool                  # False when ``max_chunks`` stopped the run early
+    description: dict = field(default_factory=dict)
+    identity: str = ""
 
 
-def _write_failures(path: Path, failures: pd.DataFrame) -> None:
-    atomic_write_csv(path, failures)
-
-
-def _chunk_name(index: int) -> str:
-    return f"{CHUNK_DIR}/chunk-{index:05d}.npz"
-
-
-# ---------------------------------------------------------------------------- manifest
+# ---------------------------------------------------------------------------- helpers
 
 
 def _sha256_lines(values: Sequence[str]) -> str:
@@ -117,54 +125,8 @@ def _sha256_lines(values: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def _short(value: Any, limit: int = 160) -> str:
-    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _differences(expected: dict, found: dict) -> list[str]:
-    diffs = []
-    if found.get("format_version") != expected["format_version"]:
-        diffs.append(
-            f"format_version: expected {expected['format_version']}, "
-            f"found {found.get('format_version')}"
-        )
-    exp_bb, found_bb = expected["backbone"], found.get("backbone", {})
-    for key in IDENTITY_KEYS:
-        default = IDENTITY_DEFAULTS.get(key)
-        exp_value, found_value = exp_bb.get(key, default), found_bb.get(key, default)
-        if exp_value != found_value:
-            diffs.append(
-                f"backbone {key}: expected {_short(exp_value)}, found {_short(found_value)}"
-            )
-    plan, found_plan = expected["plan"], found.get("plan", {})
-    for key in ("n_images", "chunk_size", "batch_size", "image_ids_sha256"):
-        if plan[key] != found_plan.get(key):
-            diffs.append(f"plan {key}: expected {plan[key]}, found {found_plan.get(key)}")
-    return diffs
-
-
-def _read_manifest(root: Path) -> dict | None:
-    path = root / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CacheError(
-            f"Embedding cache {str(root)!r}: {MANIFEST} is unreadable ({exc}). Fix: rerun "
-            f"with --overwrite to rebuild it, or --out NEW_DIR."
-        ) from exc
-
-
-def _chunk_done(root: Path, entry: dict) -> bool:
-    return bool(entry.get("done")) and (root / entry["file"]).is_file()
-
-
-# ---------------------------------------------------------------------------- compute
-
-
 def normalise_items(items: Sequence[tuple[object, str | Path]]) -> tuple[list[str], list[str]]:
+    """(ids as str, paths as str); ids must be unique (they label the request's rows)."""
     ids = [str(image_id) for image_id, _ in items]
     paths = [str(path) for _, path in items]
     if len(set(ids)) != len(ids):
@@ -177,11 +139,169 @@ def normalise_items(items: Sequence[tuple[object, str | Path]]) -> tuple[list[st
     return ids, paths
 
 
-def _batches(chunks: list[dict], batch_size: int) -> Iterator[list[int]]:
-    """Batches that never cross a chunk boundary (fixed by the plan, not by resumes)."""
-    for chunk in chunks:
-        for start in range(chunk["start"], chunk["stop"], batch_size):
-            yield list(range(start, min(start + batch_size, chunk["stop"])))
+def check_cache_folder(root: str | Path) -> None:
+    """A clear error when ``root`` is a file or cannot be written, unless it holds a
+    complete cache (that one is read-only reusable). Call it before loading a model."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise CacheError(f"--out {str(root)!r} is an existing file, not a folder. Fix: pass "
+                         f"a folder path (it is created if missing).")
+    if not can_write(root) and not (root / MANIFEST).is_file():
+        raise CacheError(f"--out {str(root)!r} cannot be written (permission denied or a "
+                         f"read-only file system). Fix: pass a writable folder.")
+
+
+# ---------------------------------------------------------------------------- the store
+
+
+def _chunks_to_embed(keys: list[str | None], have: dict, chunk_size: int) -> list[list[int]]:
+    """Per chunk of the request (fixed boundaries), the rows whose vector must be
+    computed: unreadable files (tried again) and the first row of each new content."""
+    seen = set(have)
+    chunks = []
+    for start in range(0, len(keys), chunk_size):
+        todo = []
+        for i in range(start, min(start + chunk_size, len(keys))):
+            key = keys[i]
+            if key is None or key not in seen:
+                todo.append(i)
+                if key is not None:
+                    seen.add(key)
+        if todo:
+            chunks.append(todo)
+    return chunks
+
+
+def _embed_chunks(store: EmbeddingStore, ident: str, dim: int, paths: Sequence[str],
+                  keys: list[str | None], pending: list[list[int]], backbone: Backbone, *,
+                  batch_size: int, num_workers: int, done: int,
+                  progress: Progress | None) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """Embed the ``pending`` rows; each chunk goes to the store when it is finished."""
+    computed: dict[int, np.ndarray] = {}
+    errors: dict[int, str] = {}
+    batches = [todo[s : s + batch_size] for todo in pending
+               for s in range(0, len(todo), batch_size)]
+    chunk_of = {i: c for c, todo in enumerate(pending) for i in todo}
+    left = [len(todo) for todo in pending]
+    for ok_idx, feats, bad in embed_batches(paths, backbone, batches, num_workers=num_workers):
+        if feats is not None and feats.shape[1] != dim:
+            raise CacheError(f"Backbone returned {feats.shape[1]}-dim features but its "
+                             f"num_features says {dim}. Fix: check the backbone's forward_head.")
+        for row, i in enumerate(ok_idx):
+            computed[i] = feats[row]
+        errors.update(bad)
+        chunk = chunk_of[(ok_idx or [i for i, _ in bad])[0]]
+        left[chunk] -= len(ok_idx) + len(bad)
+        if left[chunk] == 0:
+            rows = [i for i in pending[chunk] if i in computed and keys[i] is not None]
+            store.put(ident, [keys[i] for i in rows],
+                      np.stack([computed[i] for i in rows]) if rows else np.zeros((0, dim)))
+        done += len(ok_idx) + len(bad)
+        if progress is not None:
+            progress(done, len(paths))
+    return computed, errors
+
+
+def embed_into_store(store: EmbeddingStore, paths: Sequence[str], *, ident: str, dim: int,
+                     get_backbone: Callable[[], Backbone], batch_size: int | None = None,
+                     num_workers: int = 0, chunk_size: int = 512,
+                     progress: Progress | None = None,
+                     max_chunks: int | None = None) -> StoreResult:
+    """Vectors of ``paths`` (in that order): stored ones reused by content, the rest
+    computed in chunks and stored. ``get_backbone`` is called only when something must
+    be computed; ``max_chunks`` stops after that many chunks (``complete`` false)."""
+    keys = store.content_keys(paths)
+    have = store.lookup(ident, keys, dim)
+    n_reused = sum(k in have for k in keys if k is not None)
+    todo = _chunks_to_embed(keys, have, chunk_size)
+    pending = todo if max_chunks is None else todo[: max(0, max_chunks)]
+    if progress is not None:
+        progress(n_reused, len(paths))
+    computed: dict[int, np.ndarray] = {}
+    errors: dict[int, str] = {}
+    if pending:
+        store.require_writable(f"{sum(map(len, pending))} image(s) must be embedded")
+        backbone = get_backbone()
+        computed, errors = _embed_chunks(
+            store, ident, dim, paths, keys, pending, backbone,
+            batch_size=batch_size or auto_batch_size(backbone.device),
+            num_workers=num_workers, done=n_reused, progress=progress)
+    by_key = {keys[i]: v for i, v in computed.items() if keys[i] is not None}
+    emb = np.zeros((len(paths), dim), dtype=np.float32)
+    found = np.zeros(len(paths), dtype=bool)
+    for i, key in enumerate(keys):
+        vec = computed.get(i)
+        if vec is None and key is not None:
+            vec = have.get(key, by_key.get(key))
+        if vec is not None:
+            emb[i], found[i] = vec, True
+    if progress is not None and len(pending) == len(todo):
+        progress(len(paths), len(paths))
+    return StoreResult(embeddings=emb, found=found, keys=keys, errors=errors,
+                       n_computed=sum(map(len, pending)), n_reused=n_reused,
+                       complete=len(pending) == len(todo), identity=ident)
+
+
+class _IdentityChanged(Exception):
+    """The backbone a spec builds now is not the one the store remembered for it."""
+
+
+def _spec_key(store: EmbeddingStore, spec: dict, device: str, precision: str) -> str:
+    from taxoclass.features.backbones import resolve_backbone_name
+
+    ckpt = spec.get("checkpoint")
+    record = {**spec, "name": resolve_backbone_name(spec["name"]), "device": device,
+              "precision": precision,
+              "checkpoint_sha256": store.content_keys([ckpt])[0] if ckpt else None}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def embed_with_spec(paths: Sequence[str], folder: str | Path, spec: dict[str, Any], *,
+                    device: str = "cpu", precision: str = "auto",
+                    batch_size: int | None = None, num_workers: int = 0,
+                    progress: Progress | None = None) -> StoreResult:
+    """Vectors of ``paths`` from the store in ``folder`` for a backbone spec; the model is
+    loaded only when some image must be embedded. Writes no request files."""
+    from taxoclass.features.backbones import backbone_from_spec
+
+    store = EmbeddingStore(Path(folder) / STORE_DIR)
+    loaded: list[Backbone] = []
+
+    def get_backbone() -> Backbone:
+        if not loaded:
+            loaded.append(backbone_from_spec(spec, device=device, precision=precision))
+        return loaded[0]
+
+    with store.session() as st:
+        key = _spec_key(st, spec, device, precision)
+        ident = st.spec_identity(key)
+        if ident is not None:
+            desc = st.description(ident)
+
+            def checked() -> Backbone:
+                if identity_hash(get_backbone().describe()) != ident:
+                    raise _IdentityChanged
+                return loaded[0]
+
+            try:
+                res = embed_into_store(st, paths, ident=ident, dim=int(desc["num_features"]),
+                                       get_backbone=checked, batch_size=batch_size,
+                                       num_workers=num_workers, progress=progress)
+                res.description = desc
+                return res
+            except _IdentityChanged:
+                log.warning("backbone %s now builds another model than when %s was made; "
+                            "its images are embedded again", spec.get("name"), folder)
+        desc = get_backbone().describe()
+        ident = st.remember(desc, key)
+        res = embed_into_store(st, paths, ident=ident, dim=int(desc["num_features"]),
+                               get_backbone=get_backbone, batch_size=batch_size,
+                               num_workers=num_workers, progress=progress)
+        res.description = desc
+        return res
+
+
+# ---------------------------------------------------------------------------- requests
 
 
 def compute_embeddings(
@@ -192,273 +312,164 @@ def compute_embeddings(
     batch_size: int | None = None,
     num_workers: int = 0,
     chunk_size: int = 512,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     overwrite: bool = False,
     max_chunks: int | None = None,
     extra_manifest: dict | None = None,
 ) -> EmbedResult:
-    """Embed ``(image_id, path)`` items into a resumable chunked cache at ``out_dir``.
+    """Embed ``(image_id, path)`` items into the cache folder ``out_dir``.
 
-    Missing or undecodable images are recorded in ``failures.csv`` and skipped. An
-    existing cache for the same backbone, transform and items is resumed; one for
-    anything else raises :class:`CacheError`. ``max_chunks`` stops after that many new
-    chunks (the cache then stays ``complete: false``).
+    Vectors of files already embedded there with this backbone (same bytes) are reused,
+    the rest computed. Missing or undecodable images are recorded in ``failures.csv`` and
+    tried again on the next run. ``overwrite`` deletes the folder's stored vectors first.
+    ``max_chunks`` stops after that many new chunks (the request stays incomplete).
     """
     started = time.perf_counter()
-    if batch_size is None:
-        batch_size = auto_batch_size(backbone.device)
+    batch_size = auto_batch_size(backbone.device) if batch_size is None else batch_size
     if batch_size < 1 or chunk_size < 1:
         raise CacheError(
             f"batch_size and chunk_size must be >= 1 (found {batch_size}, {chunk_size})."
         )
     root = Path(out_dir)
+    check_cache_folder(root)
     ids, paths = normalise_items(items)
-    manifest = _plan(ids, paths, backbone, chunk_size=chunk_size, batch_size=batch_size,
-                     extra=extra_manifest)
-    chunks = manifest["chunks"]
-    _reconcile(root, manifest, overwrite=overwrite)
-    (root / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
-    failures = _reused_failures(root, chunks, dict(zip(ids, paths)))
-    n_reused = sum(e["stop"] - e["start"] for e in chunks if e["done"])
-    pending = [e for e in chunks if not e["done"]]
-    if max_chunks is not None:
-        pending = pending[: max(0, max_chunks)]
-    _save_manifest(root, manifest)
-    if progress is not None:
-        progress(n_reused, len(ids))
-    n_computed = 0
-    if pending:
-        n_computed = _embed_pending(root, manifest, pending, ids, paths, backbone, failures,
-                                    batch_size=batch_size, num_workers=num_workers,
-                                    n_reused=n_reused, progress=progress)
-    failures_df = _failures_frame(failures, ids)
-    _write_failures(root / FAILURES, failures_df)
-    _save_manifest(root, manifest)
-    if manifest["complete"]:
-        _consolidate(root, manifest)
-        cache = load_embeddings(root)
-    else:
-        cache = EmbeddingCache(
-            root=root,
-            image_ids=np.array([], dtype=str),
-            embeddings=np.zeros((0, manifest["dim"]), dtype=np.float32),
-            manifest=manifest,
-        )
-    return EmbedResult(
-        cache=cache,
-        failures=failures_df,
-        n_computed=n_computed,
-        n_reused=n_reused,
-        seconds=time.perf_counter() - started,
-    )
+    store = EmbeddingStore(root / STORE_DIR)
+    with store.session(overwrite=overwrite) as st:
+        if overwrite:
+            for name in (MANIFEST, *REQUEST_FILES):
+                (root / name).unlink(missing_ok=True)
+            shutil.rmtree(root / "chunks", ignore_errors=True)  # format 1's vectors
+        desc = backbone.describe()
+        ident = st.remember(desc)
+        res = embed_into_store(st, paths, ident=ident, dim=int(backbone.num_features),
+                               get_backbone=lambda: backbone, batch_size=batch_size,
+                               num_workers=num_workers, chunk_size=chunk_size,
+                               progress=progress, max_chunks=max_chunks)
+        failures = pd.DataFrame(
+            [{"image_id": ids[i], "path": paths[i], "error": res.errors.get(i, "not embedded")}
+             for i in np.flatnonzero(~res.found)], columns=FAILURE_COLUMNS)
+        manifest = _manifest(ids, paths, res, desc, batch_size=batch_size,
+                             chunk_size=chunk_size, extra=extra_manifest)
+        cache = _publish(root, st, manifest, ids, res, failures)
+    return EmbedResult(cache=cache, failures=failures if res.complete else failures[:0],
+                       n_computed=res.n_computed, n_reused=res.n_reused,
+                       seconds=time.perf_counter() - started)
 
 
-def _plan(ids: list[str], paths: list[str], backbone: Backbone, *, chunk_size: int,
-          batch_size: int, extra: dict | None) -> dict[str, Any]:
-    """The manifest of a new cache: backbone identity, the id plan split into chunks."""
-    n = len(ids)
-    chunks = [
-        {
-            "index": k,
-            "file": _chunk_name(k),
-            "start": start,
-            "stop": min(start + chunk_size, n),
-            "image_ids": ids[start : start + chunk_size],
-            "done": False,
-            "n_embedded": 0,
-            "n_failed": 0,
-        }
-        for k, start in enumerate(range(0, n, chunk_size))
-    ]
+def _manifest(ids: list[str], paths: list[str], res: StoreResult, desc: dict, *,
+              batch_size: int, chunk_size: int, extra: dict | None) -> dict[str, Any]:
+    n_found = int(res.found.sum())
+    row_keys = [k if f else "-" for k, f in zip(res.keys, res.found)]
+    errors = [res.errors.get(i, "") for i in range(len(ids))]
     return {
         "format_version": CACHE_FORMAT_VERSION,
-        "backbone": backbone.describe(),
-        "dim": int(backbone.num_features),
-        "plan": {
-            "n_images": n,
-            "chunk_size": chunk_size,
-            "batch_size": batch_size,
-            "n_chunks": len(chunks),
-            "image_ids_sha256": _sha256_lines(ids),
-            "paths_sha256": _sha256_lines(paths),
-        },
-        "chunks": chunks,
-        "complete": False,
-        "counts": {"n_images": n, "n_embedded": 0, "n_failed": 0, "chunks_done": 0},
+        "backbone": desc,
+        "identity": res.identity,
+        "dim": int(res.embeddings.shape[1]),
+        "plan": {"n_images": len(ids), "chunk_size": chunk_size, "batch_size": batch_size,
+                 "n_chunks": -(-len(ids) // chunk_size),
+                 "image_ids_sha256": _sha256_lines(ids), "paths_sha256": _sha256_lines(paths)},
+        "complete": res.complete,
+        "counts": {"n_images": len(ids), "n_embedded": n_found,
+                   "n_failed": len(ids) - n_found, "n_computed": res.n_computed,
+                   "n_reused": res.n_reused},
+        "result_sha256": _sha256_lines([res.identity, *ids, *map(str, row_keys), *errors]),
         "extra": extra or {},
     }
 
 
-def _reconcile(root: Path, manifest: dict[str, Any], *, overwrite: bool) -> None:
-    """Clear the folder (``overwrite``), refuse a foreign cache, or mark its done chunks."""
-    existing = _read_manifest(root)
-    if existing is not None and overwrite:
-        for name in (MANIFEST, FAILURES, EMBEDDINGS_NPY, IMAGE_IDS_NPY):
-            (root / name).unlink(missing_ok=True)
-        shutil.rmtree(root / CHUNK_DIR, ignore_errors=True)
-        existing = None
-    elif existing is None and (root / CHUNK_DIR).is_dir() and any((root / CHUNK_DIR).iterdir()):
-        raise CacheError(
-            f"Directory {str(root)!r} holds chunk files but no {MANIFEST}; it is not a "
-            f"usable embedding cache. Fix: --out NEW_DIR or --overwrite."
-        )
-    if existing is None:
-        return
-    diffs = _differences(manifest, existing)
-    if diffs:
-        raise CacheError(
-            f"Embedding cache {str(root)!r} was made with other settings: "
-            f"{'; '.join(diffs)}. Fix: --out NEW_DIR for a new cache, or --overwrite "
-            f"to replace this one."
-        )
-    for entry, old in zip(manifest["chunks"], existing["chunks"]):
-        if _chunk_done(root, old):
-            entry.update(done=True, n_embedded=old["n_embedded"], n_failed=old["n_failed"])
-
-
-def _reused_failures(root: Path, chunks: list[dict], path_of: dict[str, str]
-                     ) -> list[dict[str, str]]:
-    """The failures recorded in the chunks already done."""
-    failures: list[dict[str, str]] = []
-    for entry in chunks:
-        if entry["done"]:
-            with np.load(root / entry["file"], allow_pickle=False) as z:
-                for fid, err in zip(z["failed_ids"].tolist(), z["failed_errors"].tolist()):
-                    failures.append({"image_id": fid, "path": path_of[fid], "error": err})
-    return failures
-
-
-def _save_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    """Counts from the chunks done so far; ``complete`` once every chunk is."""
-    chunks = manifest["chunks"]
-    done = [e for e in chunks if e["done"]]
-    manifest["complete"] = len(done) == len(chunks)
-    manifest["counts"] = {
-        "n_images": manifest["plan"]["n_images"],
-        "n_embedded": sum(e["n_embedded"] for e in done),
-        "n_failed": sum(e["n_failed"] for e in done),
-        "chunks_done": len(done),
-    }
-    atomic_write_json(root / MANIFEST, manifest)
-
-
-def _embed_pending(root: Path, manifest: dict[str, Any], pending: list[dict], ids: list[str],
-                   paths: list[str], backbone: Backbone, failures: list[dict[str, str]], *,
-                   batch_size: int, num_workers: int, n_reused: int,
-                   progress: Callable[[int, int], None] | None) -> int:
-    """Embed the pending chunks, writing each to disk as it completes; returns the number
-    of images attempted (``failures`` grows in place)."""
-    n = len(ids)
-    chunk_iter = iter(pending)
-    current = next(chunk_iter)
-    rows: list[np.ndarray] = []
-    row_ids: list[str] = []
-    failed: list[tuple[str, str]] = []
-    done_images, n_computed = n_reused, 0
-    for ok_idx, feats, bad in embed_batches(
-        paths, backbone, list(_batches(pending, batch_size)), num_workers=num_workers
-    ):
-        if feats is not None:
-            rows.append(feats)
-            row_ids.extend(ids[i] for i in ok_idx)
-        for i, err in bad:
-            failed.append((ids[i], err))
-            failures.append({"image_id": ids[i], "path": paths[i], "error": err})
-        batch_stop = max(ok_idx + [i for i, _ in bad]) + 1
-        done_images += len(ok_idx) + len(bad)
-        n_computed += len(ok_idx) + len(bad)
-        if batch_stop == current["stop"]:
-            # Only the current chunk's rows are held; they go to disk here.
-            _finish_chunk(root, current, rows, row_ids, failed, manifest["dim"])
-            _write_failures(root / FAILURES, _failures_frame(failures, ids))
-            _save_manifest(root, manifest)
-            rows, row_ids, failed = [], [], []
-            current = next(chunk_iter, None)
-        if progress is not None:
-            progress(done_images, n)
-    return n_computed
-
-
-def _failures_frame(failures: list[dict[str, str]], ids: list[str]) -> pd.DataFrame:
-    order = {image_id: k for k, image_id in enumerate(ids)}
-    rows = sorted(failures, key=lambda r: order[r["image_id"]])
-    return pd.DataFrame(rows, columns=FAILURE_COLUMNS)
-
-
-def _finish_chunk(
-    root: Path,
-    entry: dict,
-    rows: list[np.ndarray],
-    row_ids: list[str],
-    failed: list[tuple[str, str]],
-    dim: int,
-) -> None:
-    emb = np.concatenate(rows) if rows else np.zeros((0, dim), dtype=np.float32)
-    if emb.shape[1] != dim:
-        raise CacheError(
-            f"Backbone returned {emb.shape[1]}-dim features but its num_features says {dim}; "
-            f"cache {str(root)!r} cannot hold them. Fix: check the backbone's forward_head."
-        )
-    arrays = {
-        "image_ids": np.array(row_ids, dtype=str),
-        "embeddings": emb.astype(np.float32, copy=False),
-        "failed_ids": np.array([i for i, _ in failed], dtype=str),
-        "failed_errors": np.array([e for _, e in failed], dtype=str),
-    }
-    atomic_write(root / entry["file"], lambda fh: np.savez(fh, **arrays), mode="wb")
-    entry.update(done=True, n_embedded=len(row_ids), n_failed=len(failed))
-
-
-def _consolidate(root: Path, manifest: dict) -> None:
-    """Write ``embeddings.npy`` / ``image_ids.npy`` chunk by chunk (no full copy in RAM)."""
-    n_rows, dim = manifest["counts"]["n_embedded"], manifest["dim"]
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{EMBEDDINGS_NPY}.", suffix=".tmp")
-    os.close(fd)
+def _read_manifest(root: Path) -> dict | None:
+    """The request manifest, or None when absent or unreadable (it is rewritten)."""
+    path = root / MANIFEST
+    if not path.is_file():
+        return None
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_rows, dim))
-        all_ids: list[str] = []
-        offset = 0
-        for entry in manifest["chunks"]:
-            with np.load(root / entry["file"], allow_pickle=False) as z:
-                emb = z["embeddings"]
-                out[offset : offset + emb.shape[0]] = emb
-                offset += emb.shape[0]
-                all_ids.extend(z["image_ids"].tolist())
-        out.flush()
-        del out
-        os.replace(tmp, root / EMBEDDINGS_NPY)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    id_array = np.array(all_ids, dtype=str)
-    atomic_write(root / IMAGE_IDS_NPY, lambda fh: np.save(fh, id_array, allow_pickle=False),
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable (%s); it is written again", path, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _damage(root: Path, manifest: dict) -> str | None:
+    """What is wrong with the request files a manifest lists (None: intact)."""
+    for name, rec in (manifest.get("files") or {}).items():
+        path = root / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != rec.get("size") or sha256_file(path) != rec.get("sha256"):
+            return f"{name} is damaged (its size or sha256 differs from {MANIFEST})"
+    return None if manifest.get("files") else "its manifest lists no files"
+
+
+def _publish(root: Path, store: EmbeddingStore, manifest: dict, ids: list[str],
+             res: StoreResult, failures: pd.DataFrame) -> EmbeddingCache:
+    """Write the request's files as a unit (manifest last); nothing when they are the
+    same as on disk already."""
+    emb = np.ascontiguousarray(res.embeddings[res.found])
+    image_ids = np.array([i for i, f in zip(ids, res.found) if f], dtype=str)
+    old = _read_manifest(root)
+    if not res.complete:
+        if store.writable:
+            atomic_write_json(root / MANIFEST, manifest)
+        return EmbeddingCache(root=root, image_ids=np.array([], dtype=str),
+                              embeddings=np.zeros((0, manifest["dim"]), dtype=np.float32),
+                              manifest=manifest)
+    if (old is not None and old.get("complete")
+            and old.get("result_sha256") == manifest["result_sha256"]
+            and _damage(root, old) is None):
+        return EmbeddingCache(root=root, image_ids=image_ids, embeddings=emb, manifest=old)
+    store.require_writable("this request's embeddings.npy must be written")
+    if old is not None:  # readers see an incomplete request until the new files are in
+        atomic_write_json(root / MANIFEST, {**old, "complete": False})
+    atomic_write(root / EMBEDDINGS_NPY, lambda fh: np.save(fh, emb, allow_pickle=False),
                  mode="wb")
+    atomic_write(root / IMAGE_IDS_NPY, lambda fh: np.save(fh, image_ids, allow_pickle=False),
+                 mode="wb")
+    atomic_write_csv(root / FAILURES, failures)
+    manifest["files"] = {name: _file_record(root / name) for name in REQUEST_FILES}
+    atomic_write_json(root / MANIFEST, manifest)
+    return EmbeddingCache(root=root, image_ids=image_ids, embeddings=emb, manifest=manifest)
 
 
 def load_embeddings(cache_dir: str | Path) -> EmbeddingCache:
-    """Load a complete cache; :class:`CacheError` if it is missing or unfinished."""
+    """The embeddings of the last complete request in ``cache_dir``; :class:`CacheError`
+    when it is missing, unfinished or damaged (each with the command that repairs it)."""
     root = Path(cache_dir)
-    manifest = _read_manifest(root)
-    if manifest is None:
+    rerun = f"rerun the same `taxoclass embed ... --out {root}` command"
+    path = root / MANIFEST
+    if not path.is_file():
         raise CacheError(
             f"No embedding cache at {str(root)!r} ({MANIFEST} not found). Fix: compute it "
             f"with `taxoclass embed ... --out {root}`."
         )
+    manifest = _read_manifest(root)
+    if manifest is None:
+        raise CacheError(f"Embedding cache {str(root)!r}: {MANIFEST} is unreadable. Fix: "
+                         f"{rerun} (it rewrites it from the stored vectors).")
+    counts = manifest.get("counts", {})
     if not manifest.get("complete"):
-        counts = manifest.get("counts", {})
         raise CacheError(
-            f"Embedding cache {str(root)!r} is incomplete ({counts.get('chunks_done', '?')} of "
-            f"{manifest.get('plan', {}).get('n_chunks', '?')} chunks done). Fix: rerun the same "
-            f"`taxoclass embed ... --out {root}` command to resume it."
+            f"Embedding cache {str(root)!r} is incomplete ({counts.get('n_embedded', '?')} of "
+            f"{counts.get('n_images', '?')} images done). Fix: {rerun} to resume it."
         )
-    emb_path, ids_path = root / EMBEDDINGS_NPY, root / IMAGE_IDS_NPY
-    if not (emb_path.is_file() and ids_path.is_file()):
-        _consolidate(root, manifest)
-    embeddings = np.load(emb_path, allow_pickle=False)
-    image_ids = np.load(ids_path, allow_pickle=False)
-    if embeddings.shape[0] != image_ids.shape[0]:
+    damage = _damage(root, manifest) if manifest.get("format_version", 1) >= 2 else None
+    if damage:
+        raise CacheError(f"Embedding cache {str(root)!r}: {damage}. Fix: {rerun} (it writes "
+                         f"it again from the stored vectors).")
+    try:
+        embeddings = np.load(root / EMBEDDINGS_NPY, allow_pickle=False)
+        image_ids = np.load(root / IMAGE_IDS_NPY, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise CacheError(f"Embedding cache {str(root)!r}: {EMBEDDINGS_NPY} / {IMAGE_IDS_NPY} "
+                         f"cannot be read ({exc}). Fix: {rerun}.") from None
+    if embeddings.ndim != 2 or embeddings.shape[0] != image_ids.shape[0]:
         raise CacheError(
             f"Embedding cache {str(root)!r} is inconsistent: {embeddings.shape[0]} embeddings "
-            f"but {image_ids.shape[0]} ids. Fix: rerun with --overwrite."
+            f"but {image_ids.shape[0]} ids. Fix: {rerun}."
         )
     return EmbeddingCache(root=root, image_ids=image_ids, embeddings=embeddings, manifest=manifest)

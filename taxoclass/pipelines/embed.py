@@ -23,6 +23,11 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
                       precision: str = "auto"):
     """Embed every image listed in ``annotations`` into the cache folder ``out``.
 
+    Vectors already in ``out``'s store for the same file contents and backbone are
+    reused (image ids are only labels); other backbones or settings are stored beside
+    them; images that failed before are tried again. ``out`` holds this request's
+    ``embeddings.npy`` / ``image_ids.npy`` / ``failures.csv`` afterwards.
+
     ``image_size`` / ``resize`` / ``pad_fill`` set the preprocessing
     (:func:`~taxoclass.features.backbones.preprocess_overrides`; default: the model's own).
 
@@ -33,6 +38,8 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
     from ..engines import engine_for_job
     from ..features.backbones import backbone_spec
     from ..features.batching import auto_batch_size
+    from ..features.embeddings import check_cache_folder
+    from ..features.store import can_write
     from ..taxonomy.annotations import load_annotations
 
     if engine != "local" and precision != "auto":
@@ -49,13 +56,16 @@ def embed_annotations(annotations: str | Path, *, out: str | Path,
     items = ann.image_items(root)
     if not items:
         raise AnnotationError(f"{annotations}: lists no images; nothing to embed.")
+    check_cache_folder(out)  # before any model loads
     runner = engine_for_job(engine, master=master, num_workers=num_workers, device=device,
                             precision=precision)
     if engine != "local":
         batch_size = batch_size or auto_batch_size("cpu")  # executors embed on CPUs
     result = runner.embed(items, spec, out, batch_size=batch_size, overwrite=overwrite,
                           progress=progress)
-    if engine == "local":  # the Spark engine records its run (master, partitions) itself
+    # the Spark engine records its run (master, partitions) itself; a complete read-only
+    # cache is reused as it is
+    if engine == "local" and can_write(Path(out)):
         write_provenance(out, backbone=result.cache.manifest["backbone"], config={
             "annotations": str(Path(annotations).resolve()), "images_root": str(root.resolve()),
             "backbone": backbone, "checkpoint": str(checkpoint) if checkpoint else None,

@@ -1,0 +1,315 @@
+"""Content-addressed embedding store: one vector per (image bytes, backbone identity).
+
+Layout of a store folder (``<cache folder>/store``)::
+
+    .lock                         fcntl lock: one writer at a time (others wait)
+    paths.json                    resolved path -> [size, mtime_ns, ctime_ns, sha256, hashed_at_ns]
+    specs.json                    backbone spec key -> identity hash (finds vectors without
+                                  loading the model)
+    <identity>/identity.json      the backbone description (name, weights, preprocessing)
+    <identity>/vectors/*.npz      keys (sha256 of the image bytes), embeddings [k, d] float32
+
+A vector is found by the sha256 of the image's bytes, never by an image id or a path, so
+two paths with the same bytes share a vector and a file replaced in place is embedded
+again. ``paths.json`` only saves rehashing: its entry is trusted while size, mtime and
+ctime are unchanged and the file was already older than the hash (else it is rehashed).
+Each backbone identity (weights and preprocessing) has its own sub-folder, so several
+live side by side. Vector files are written atomically under content-derived names;
+a damaged one is reported, removed and its vectors computed again. Failed images are
+never stored: they are tried again on every run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from taxoclass.errors import CacheError
+from taxoclass.io.files import atomic_write, atomic_write_json
+
+try:  # POSIX; elsewhere runs on one store are not serialised
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+__all__ = ["IDENTITY_KEYS", "STORE_DIR", "EmbeddingStore", "identity_hash", "sha256_file"]
+
+STORE_DIR = "store"
+LOCK = ".lock"
+PATHS_INDEX = "paths.json"
+SPECS = "specs.json"
+IDENTITY_FILE = "identity.json"
+VECTOR_DIR = "vectors"
+STORE_FORMAT = 1
+# Backbone description keys that decide whether two vectors are comparable.
+IDENTITY_KEYS = (
+    "name",
+    "checkpoint_sha256",
+    "weights_fingerprint",
+    "model_kwargs",
+    "num_features",
+    "memory_format",
+    "data_config",
+    "transform",
+    "autocast",
+    "data_overrides",
+)
+# What an identity key means when an older description lacks it.
+IDENTITY_DEFAULTS = {"data_overrides": {}}
+# A file changed less than this before it was hashed may change again within one mtime
+# tick unseen, so its index entry is not trusted (as git does for "racy" files).
+RACY_NS = 2_000_000_000
+_DAMAGE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
+
+
+def identity_hash(description: dict[str, Any]) -> str:
+    """A short hash of the identity keys of a backbone description."""
+    ident = {k: description.get(k, IDENTITY_DEFAULTS.get(k)) for k in IDENTITY_KEYS}
+    text = json.dumps({"format": STORE_FORMAT, **ident}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def can_write(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (its nearest existing ancestor)."""
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return False
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".taxoclass-probe-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(tmp)
+    return True
+
+
+class EmbeddingStore:
+    """The vectors under ``root``; use it inside :meth:`session` (the lock)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.writable = False
+        self._index: dict[str, list] | None = None
+        self._index_dirty = False
+        self._catalog: dict[str, dict[str, tuple[Path, int]]] = {}
+        self._arrays: dict[Path, np.ndarray] = {}
+
+    # ------------------------------------------------------------------ lock
+    @contextlib.contextmanager
+    def session(self, *, overwrite: bool = False) -> Iterator[EmbeddingStore]:
+        """Hold the store's lock (waiting for another run that holds it) for a batch of
+        work; ``overwrite`` deletes every stored vector first. A folder that cannot be
+        written is used read-only (:attr:`writable` false)."""
+        self.writable = can_write(self.root)
+        if self.writable:
+            self.root.mkdir(parents=True, exist_ok=True)
+        fd = self._open_lock()
+        try:
+            if fd is not None:
+                self._acquire(fd)
+            if overwrite:
+                self._clear()
+            yield self
+            self.flush_index()
+        finally:
+            if fd is not None:
+                os.close(fd)  # releases the lock
+
+    def _open_lock(self) -> int | None:
+        if fcntl is None or not self.root.is_dir():
+            return None
+        for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+            try:
+                return os.open(self.root / LOCK, flags, 0o644)
+            except OSError:
+                continue
+        return None
+
+    def _acquire(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another taxoclass run is using the embedding store %s; waiting for "
+                        "it to finish", self.root)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a file system without locks: run unserialised
+
+    def require_writable(self, what: str) -> None:
+        if not self.writable:
+            raise CacheError(f"Embedding store {str(self.root)!r} is read-only and {what}. "
+                             f"Fix: make the folder writable, or pass another --out folder.")
+
+    def _clear(self) -> None:
+        self.require_writable("--overwrite would delete it")
+        for entry in self.root.iterdir():
+            if entry.name == LOCK:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        self._index, self._catalog, self._arrays = None, {}, {}
+
+    # ------------------------------------------------------------------ content keys
+    def _load_json(self, name: str) -> dict:
+        path = self.root / name
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.warning("%s is unreadable (%s); rebuilding it", path, exc)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def content_keys(self, paths: Sequence[str | Path]) -> list[str | None]:
+        """The sha256 of each file's bytes (``None`` for a missing or unreadable file)."""
+        if self._index is None:
+            self._index = self._load_json(PATHS_INDEX)
+        return [self._key(Path(p)) for p in paths]
+
+    def _key(self, path: Path) -> str | None:
+        try:
+            resolved = str(path.resolve())
+            st = os.stat(resolved)
+        except (OSError, RuntimeError):
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        entry = self._index.get(resolved)
+        if (isinstance(entry, list) and len(entry) == 5 and entry[:3] == stamp
+                and max(stamp[1], stamp[2]) < entry[4] - RACY_NS):
+            return str(entry[3])
+        now = time.time_ns()
+        try:
+            sha = sha256_file(resolved)
+        except OSError:
+            return None
+        self._index[resolved] = [*stamp, sha, now]
+        self._index_dirty = True
+        return sha
+
+    def flush_index(self) -> None:
+        """Save the path index when it changed (and the folder can be written)."""
+        if self._index_dirty and self.writable:
+            atomic_write_json(self.root / PATHS_INDEX, self._index)
+            self._index_dirty = False
+
+    # ------------------------------------------------------------------ identities
+    def spec_identity(self, spec_key: str) -> str | None:
+        """The identity a backbone spec built before (``None``: not known yet)."""
+        ident = self._load_json(SPECS).get(spec_key)
+        return ident if ident and (self.root / ident / IDENTITY_FILE).is_file() else None
+
+    def remember(self, description: dict[str, Any], spec_key: str | None = None) -> str:
+        """Register a backbone (its identity folder, and ``spec_key`` -> identity)."""
+        ident = identity_hash(description)
+        if not self.writable:
+            return ident
+        if not (self.root / ident / IDENTITY_FILE).is_file():
+            atomic_write_json(self.root / ident / IDENTITY_FILE, description)
+        if spec_key is not None:
+            specs = self._load_json(SPECS)
+            if specs.get(spec_key) != ident:
+                atomic_write_json(self.root / SPECS, {**specs, spec_key: ident})
+        return ident
+
+    def description(self, ident: str) -> dict[str, Any]:
+        return self._load_json(f"{ident}/{IDENTITY_FILE}")
+
+    # ------------------------------------------------------------------ vectors
+    def _vector_files(self, ident: str) -> dict[str, tuple[Path, int]]:
+        """key -> (file, row) of every intact vector file of ``ident``."""
+        if ident in self._catalog:
+            return self._catalog[ident]
+        where: dict[str, tuple[Path, int]] = {}
+        for path in sorted((self.root / ident / VECTOR_DIR).glob("*.npz")):
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    keys = z["keys"].tolist()
+            except _DAMAGE as exc:
+                self._damaged(path, exc)
+                continue
+            for row, key in enumerate(keys):
+                where.setdefault(key, (path, row))
+        self._catalog[ident] = where
+        return where
+
+    def _damaged(self, path: Path, exc: BaseException) -> None:
+        log.warning("embedding store file %s is damaged (%s: %s); its vectors are computed "
+                    "again", path, type(exc).__name__, exc)
+        if self.writable:
+            path.unlink(missing_ok=True)
+
+    def _embeddings_of(self, path: Path, dim: int) -> np.ndarray | None:
+        if path not in self._arrays:
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    emb, n_keys = z["embeddings"], len(z["keys"])
+                if emb.ndim != 2 or emb.shape != (n_keys, dim) or emb.dtype != np.float32:
+                    raise ValueError(f"embeddings of shape {emb.shape} {emb.dtype}, expected "
+                                     f"({n_keys}, {dim}) float32")
+            except _DAMAGE as exc:
+                self._damaged(path, exc)
+                return None
+            self._arrays[path] = emb
+        return self._arrays[path]
+
+    def lookup(self, ident: str, keys: Sequence[str | None], dim: int
+               ) -> dict[str, np.ndarray]:
+        """The stored vectors of ``keys`` (those found)."""
+        where = self._vector_files(ident)
+        found: dict[str, np.ndarray] = {}
+        for key in keys:
+            if key is None or key in found or key not in where:
+                continue
+            path, row = where[key]
+            emb = self._embeddings_of(path, dim)
+            if emb is None:  # damaged: forget every key of that file
+                self._catalog[ident] = {k: v for k, v in where.items() if v[0] != path}
+                where = self._catalog[ident]
+                continue
+            found[key] = emb[row]
+        return found
+
+    def put(self, ident: str, keys: list[str], embeddings: np.ndarray) -> None:
+        """Store vectors (one file, named by its keys, written atomically)."""
+        if not keys:
+            return
+        self.require_writable(f"{len(keys)} new vector(s) must be stored")
+        name = hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()[:24]
+        path = self.root / ident / VECTOR_DIR / f"v-{name}.npz"
+        arrays = {"keys": np.array(keys, dtype=str),
+                  "embeddings": np.ascontiguousarray(embeddings, dtype=np.float32)}
+        atomic_write(path, lambda fh: np.savez(fh, **arrays), mode="wb")
+        where = self._catalog.setdefault(ident, {})
+        for row, key in enumerate(keys):
+            where.setdefault(key, (path, row))
+        self._arrays[path] = arrays["embeddings"]
