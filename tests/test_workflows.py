@@ -225,11 +225,13 @@ def test_train_finetune_starts_from_probe_heads_with_tile_views(small_leaf):
 
 
 
-def test_embedding_folder_reuses_only_a_complete_cache_and_removes_its_temp_dir(
+def test_embedding_folder_prefers_a_writable_training_store_and_removes_its_temp_dir(
         tmp_path, fixture_model):
-    """evaluate's embeddings: an explicit cache, the bundle's training cache only when it
-    holds every image, else out/embeddings, else a temporary folder that is removed."""
-    from taxoclass.features.embeddings import load_embeddings
+    """evaluate's embeddings: an explicit cache, the bundle's training store when it can be
+    written (vectors are found by content, so any image set may use it), else
+    out/embeddings, else a temporary folder that is removed."""
+    import shutil
+
     from taxoclass.pipelines.evaluate import embedding_folder
 
     with embedding_folder(None, None) as folder:
@@ -241,11 +243,11 @@ def test_embedding_folder_reuses_only_a_complete_cache_and_removes_its_temp_dir(
         assert folder == tmp_path / "c"
     with embedding_folder(None, tmp_path, reuse=tmp_path / "absent", ids=["a"]) as folder:
         assert folder == tmp_path / "embeddings"
-    emb = fixture_model["emb"]
-    ids = load_embeddings(emb).image_ids.tolist()
-    with embedding_folder(None, tmp_path, reuse=emb, ids=ids[:3]) as folder:
+    emb = shutil.copytree(fixture_model["emb"], tmp_path / "emb")
+    with embedding_folder(None, tmp_path, reuse=emb, ids=["not-in-the-cache"]) as folder:
         assert folder == emb
-    with embedding_folder(None, None, reuse=emb, ids=[*ids, "not-in-the-cache"]) as folder:
+    (tmp_path / "file").write_text("")
+    with embedding_folder(None, None, reuse=tmp_path / "file") as folder:
         assert folder != emb and folder.name == "embeddings"
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,40 +24,37 @@ from ..vocab import Calibration
 from .data import cached_embeddings
 from .openset_fit import crossfit_openset, fit_openset_scorer
 
+log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 SPLITS = ("auto", "all", "val", "train")
+
+
+EVALUATION_FILES = ("metrics.json", "confusion.csv", "predictions.csv", "provenance.json",
+                    "config.yaml")
 
 
 @contextlib.contextmanager
 def embedding_folder(cache: str | Path | None, out: str | Path | None, *,
                      reuse: str | Path | None = None,
                      ids: Sequence[str] = ()) -> Iterator[Path]:
-    """``cache`` if given; else ``reuse`` (the bundle's training cache) when it holds every
-    one of ``ids``; else ``out/embeddings``; else a temporary folder removed on exit.
+    """Where evaluate's embeddings are stored: ``cache`` if given; else ``reuse`` (the
+    bundle's training cache) when it exists and can be written; else ``out/embeddings``;
+    else a temporary folder removed on exit.
 
-    The training cache is only read, never extended: its plan lists the training images,
-    so embedding other images there would be refused.
+    Vectors are found by each file's content (never by image id), so any of these gives
+    the vectors of the files evaluated; ``ids`` is no longer needed (kept for callers).
     """
+    from ..features.store import can_write
+
     if cache:
         yield Path(cache)
-    elif reuse and _holds(reuse, ids):
+    elif reuse and Path(reuse).is_dir() and can_write(Path(reuse)):
         yield Path(reuse)
     elif out:
         yield Path(out) / "embeddings"
     else:
         with tempfile.TemporaryDirectory(prefix="taxoclass-") as tmp:
             yield Path(tmp) / "embeddings"
-
-
-def _holds(cache: str | Path, ids: Sequence[str]) -> bool:
-    from ..errors import CacheError
-    from ..features.embeddings import load_embeddings
-
-    try:
-        have = set(load_embeddings(cache).image_ids.tolist())
-    except CacheError:
-        return False
-    return set(ids) <= have
 
 
 def _rows_of_model_taxa(tax, rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -72,26 +70,109 @@ def _rows_of_model_taxa(tax, rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     return rows[np.array(keep, dtype=bool)].reset_index(drop=True), unknown
 
 
-def _split_rows(rows: pd.DataFrame, split: str, split_file: Path,
-                same_file: bool) -> tuple[pd.DataFrame, str]:
-    """The rows of ``split`` (``auto``: validation rows of the training file, else all)."""
+def _require_images(rows: pd.DataFrame, root: Path, annotations: str | Path) -> None:
+    """A clear error when not one labelled image exists under the images root."""
+    n_found = sum(Path(p).is_file() for p in rows["path"])
+    if len(rows) and not n_found:
+        raise ConfigError(f"{annotations}: 0 of {len(rows)} images found under {root}. Fix: "
+                          f"--images-root FOLDER, the folder the file_name paths are "
+                          f"relative to.")
+    if n_found < len(rows):
+        log.warning("%d of %d labelled images are missing under %s; they are not scored",
+                    len(rows) - n_found, len(rows), root)
+
+
+def _hasher(model: str | Path, bundle):
+    """A store whose path index saves rehashing the training images (only read here)."""
+    from ..features.store import STORE_DIR, EmbeddingStore
+
+    cache = bundle.extra.get("embedding_cache")
+    return EmbeddingStore(Path(cache) / STORE_DIR if cache else Path(model) / STORE_DIR)
+
+
+def _training_splits(model: str | Path, bundle, hasher) -> dict[str, str] | None:
+    """Content key -> split ("train"/"val") of the images the bundle was trained on, or
+    None when its training annotations or split.csv cannot be read."""
+    import yaml
+
+    from ..errors import TaxoclassError
+    from ..taxonomy.annotations import load_annotations
+
+    split_file = Path(model) / "split.csv"
+    annotations = bundle.extra.get("annotations")
+    if not (split_file.is_file() and annotations):
+        return None
+    try:
+        cfg = yaml.safe_load((Path(model) / "config.yaml").read_text(encoding="utf-8")) or {}
+        root = (cfg.get("data") or {}).get("images_root") or Path(annotations).parent
+        rows = load_annotations(annotations, check=False).labelled_images(root)
+        split = pd.read_csv(split_file, dtype={"image_id": str})
+    except (TaxoclassError, OSError, ValueError, yaml.YAMLError) as exc:
+        log.warning("cannot tell which images trained %s (%s); with --split auto every "
+                    "image is scored", model, exc)
+        return None
+    split_of = dict(zip(split["image_id"], split["split"]))
+    keys = hasher.content_keys(rows["path"].tolist())
+    return {k: split_of[str(i)] for k, i in zip(keys, rows["image_id"])
+            if k is not None and str(i) in split_of}
+
+
+def _split_rows(rows: pd.DataFrame, keys: list[str | None], split: str,
+                trained: dict[str, str] | None, split_file: Path
+                ) -> tuple[pd.DataFrame, str, int]:
+    """The rows of ``split`` and how many training images were left out. ``auto``: every
+    image except those the model trained on (found by content, whatever the annotation
+    file or ids); ``val`` / ``train``: the images of that split of the training data."""
     if split not in SPLITS:
         raise ConfigError(f"--split {split!r}: expected auto, all, val or train.")
-    if split == "auto":
-        split = "val" if same_file and split_file.is_file() else "all"
     if split == "all":
-        return rows, split
-    if not split_file.is_file():
-        raise ConfigError(f"--split {split}: {split_file} not found; use --split all.")
-    s = pd.read_csv(split_file, dtype={"image_id": str})
-    chosen = set(s.loc[s["split"] == split, "image_id"])
-    if split == "val" and not chosen:
+        return rows, split, 0
+    if trained is None:
+        if split == "auto":
+            return rows, "all", 0
+        raise ConfigError(f"--split {split}: the model's training images are unknown "
+                          f"({split_file} or its training annotations cannot be read); use "
+                          f"--split all.")
+    of = [trained.get(k) if k is not None else None for k in keys]
+    if split == "auto":
+        mask = np.array([s != "train" for s in of], dtype=bool)
+        kept = [s for s, m in zip(of, mask) if m]
+        label = "val" if kept and all(s == "val" for s in kept) else "all" if mask.all() \
+            else "auto"
+    else:
+        mask, label = np.array([s == split for s in of], dtype=bool), split
+    if split in ("auto", "val") and not mask.any() and "val" not in trained.values():
         raise ConfigError(f"{split_file} has no validation images: the model trained on "
                           f"every image (openset.calibration: crossfit), so none is held "
                           f"out. Its out-of-fold figures are in metrics_val.json; evaluate "
                           f"on other annotations, or pass --split all (in-sample).")
-    mask = np.array([str(i) in chosen for i in rows["image_id"]])
-    return rows[mask].reset_index(drop=True), split
+    n_left = int(sum(s == "train" for s, m in zip(of, mask) if not m))
+    return rows[mask].reset_index(drop=True), label, n_left
+
+
+def _write_evaluation(out: Path, model, annotations, bundle, split: str, metrics: dict,
+                      confusion: pd.DataFrame, predictions: pd.DataFrame) -> None:
+    """metrics.json, confusion.csv, predictions.csv and provenance as a unit: a kill leaves
+    the old set or the new one. The embedding store and open-set results in ``out`` are
+    carried over. A folder shared with other outputs (``--out runs/eval.json``) is not
+    swapped as a whole: there each file is replaced on its own."""
+    from ..io.files import output_folder
+
+    def write(folder: Path) -> None:
+        atomic_write_json(folder / "metrics.json", metrics)
+        atomic_write_csv(folder / "confusion.csv", confusion)
+        atomic_write_csv(folder / "predictions.csv", predictions)
+        write_provenance(folder, backbone=bundle.backbone, config={
+            "model": str(Path(model).resolve()), "annotations": str(Path(annotations).resolve()),
+            "split": split})
+
+    others = sorted(e.name for e in out.iterdir() if e.name not in EVALUATION_FILES
+                    and not e.name.startswith(".")) if out.is_dir() else []
+    if any(not (n == "embeddings" or n.startswith("openset_")) for n in others):
+        write(out)
+        return
+    with output_folder(out, keep=others) as stage:
+        write(stage)
 
 
 def evaluate_model(model: str | Path, annotations: str | Path, *,
@@ -100,48 +181,55 @@ def evaluate_model(model: str | Path, annotations: str | Path, *,
                    progress: Progress | None = None) -> dict:
     """Per-rank and hierarchical metrics of a bundle on labelled images.
 
-    ``split="auto"`` scores only the validation images when ``annotations`` is the file
-    the model was trained on (so training images never inflate the figures); ``"all"``
-    scores every labelled image. Writes metrics.json, confusion.csv and predictions.csv
-    into ``out`` when given.
+    The images given are always embedded (stored vectors of the same file contents are
+    reused), so the figures are about those files. ``split="auto"`` scores every image
+    except those the model trained on, recognised by content (a copy of the training
+    annotations gives its validation split), so training images never inflate the
+    figures; ``"all"`` scores every labelled image; ``"val"`` / ``"train"`` that split of
+    the training images. Writes metrics.json, confusion.csv and predictions.csv into
+    ``out`` as a unit when given.
     """
     from ..bundle import ModelBundle
+    from ..io.files import check_output_folder
     from ..model.metrics import confusion_summary, evaluate_predictions
     from ..taxonomy.annotations import load_annotations
 
+    if out:
+        check_output_folder(out)
     bundle = ModelBundle.load(model)
     tax = bundle.taxonomy
     root = Path(images_root) if images_root else Path(annotations).parent
     ann = load_annotations(annotations, images_root=None)
-    rows, unknown = _rows_of_model_taxa(tax, ann.labelled_images(root))
-    same_file = Path(annotations).resolve() == Path(bundle.extra.get("annotations", "")).resolve()
-    rows, split = _split_rows(rows, split, Path(model) / "split.csv", same_file)
+    labelled = ann.labelled_images(root)
+    rows, unknown = _rows_of_model_taxa(tax, labelled)
+    _require_images(rows if len(rows) else labelled, root, annotations)
+    hasher = _hasher(model, bundle)
+    trained = _training_splits(model, bundle, hasher) if split != "all" else None
+    keys = hasher.content_keys(rows["path"].tolist())
+    rows, split, n_left = _split_rows(rows, keys, split, trained, Path(model) / "split.csv")
     ids = [str(i) for i in rows["image_id"]]
     if not ids:
         raise ConfigError(f"{annotations}: no labelled image of the model's taxa to evaluate "
-                          f"(split {split}).")
+                          f"(split {split}; {unknown} image(s) of taxa the model never saw, "
+                          f"{n_left} training image(s) left out).")
     y, _ = encode_labels(tax, rows)
-    with embedding_folder(cache, out, reuse=bundle.extra.get("embedding_cache"),
-                          ids=ids) as folder:
+    with embedding_folder(cache, out, reuse=bundle.extra.get("embedding_cache")) as folder:
         x, found, _ = cached_embeddings(ids, rows["path"].tolist(), cache=folder,
                                         backbone_cfg=bundle.backbone, progress=progress)
     x, y = x[found], {r: v[found] for r, v in y.items()}
     decoded = bundle.predict_embeddings(x)
     metrics = evaluate_predictions(decoded.path, y, tax, topk_index=decoded.topk_index)
-    metrics["split"] = split
-    metrics["n_images"] = int(found.sum())
-    metrics["n_skipped_unknown_taxon"] = unknown
-    metrics["n_failed_images"] = int((~found).sum())
+    metrics.update(split=split, n_images=int(found.sum()), n_skipped_unknown_taxon=unknown,
+                   n_training_images_left_out=n_left, n_failed_images=int((~found).sum()))
+    if unknown or n_left or (~found).any():
+        log.warning("scored %d of %d labelled images: %d training image(s) left out (--split "
+                    "all scores them), %d of taxa the model never saw, %d not embedded",
+                    int(found.sum()), len(labelled), n_left, unknown, int((~found).sum()))
     confusion = confusion_summary(decoded.path, y, tax, rank=tax.ranks[-1])
     if out:
-        out = Path(out)
-        atomic_write_json(out / "metrics.json", metrics)
-        atomic_write_csv(out / "confusion.csv", confusion)
         ids_found = [i for i, f in zip(ids, found) if f]
-        atomic_write_csv(out / "predictions.csv", decoded.to_frame(tax, ids=ids_found))
-        write_provenance(out, backbone=bundle.backbone, config={
-            "model": str(Path(model).resolve()), "annotations": str(Path(annotations).resolve()),
-            "split": split})
+        _write_evaluation(Path(out), model, annotations, bundle, split, metrics, confusion,
+                          decoded.to_frame(tax, ids=ids_found))
     metrics["confusion"] = confusion.to_dict("records")
     return metrics
 
