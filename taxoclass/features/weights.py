@@ -111,19 +111,23 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     return state, layout
 
 
-#: Sentences of torch.load's weights-only error that are advice, not the reason (one of
-#: them suggests weights_only=False, which would run any code in the file).
+#: Sentences of torch.load's weights-only error that are advice, not the reason (they
+#: suggest weights_only=False or allow-listing globals, which would run code from the file).
 _TORCH_ADVICE = re.compile(
-    r"(Weights only load failed\.|In PyTorch 2\.6, we changed[^.]*\.|Re-running `torch\.load`"
-    r"[^.]*\.|Do it only if[^.]*\.|Please file an issue[^:]*:|Check the documentation[^\n]*"
-    r"|WeightsUnpickler error:)")
+    r"(Weights only load failed\.|This file can still be loaded[^.]*\.|\(\d\)|"
+    r"In PyTorch 2\.6, we changed[^.]*\.|Re-running `torch\.load`[^.]*\.|Do it only if[^.]*\."
+    r"|Alternatively, to load with[^.]*\.|Please file an issue[^:]*:)")
 
 
 def load_failure_reason(exc: BaseException) -> str:
     """Why ``torch.load(weights_only=True)`` failed, in a few words, without PyTorch's advice
-    to retry with ``weights_only=False`` (unsafe: it runs code from the file)."""
-    text = " ".join(_TORCH_ADVICE.sub(" ", str(exc)).split())
-    blocked = re.search(r"unsupported GLOBAL (\S+)", text)
+    to retry with ``weights_only=False`` or to allow-list globals (unsafe: they run code
+    from the file)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    text = text.split("WeightsUnpickler error:", 1)[-1]
+    text = re.split(r"Please use `torch\.serialization|Check the documentation", text)[0]
+    text = " ".join(_TORCH_ADVICE.sub(" ", text).split())
+    blocked = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", text, re.IGNORECASE)
     if blocked:
         return (f"a file that holds a Python object ({blocked.group(1)}) besides tensors, which "
                 f"could run code when loaded, so it is refused")
