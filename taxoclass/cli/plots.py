@@ -20,6 +20,13 @@ from .app import (
 )
 
 
+def _echo_failures(n_failed: int, n_photos: int, out: Path) -> None:
+    """The one line that says how many photos could not be read, and where they are listed."""
+    if n_failed:
+        click.echo(f"{n_failed} of {n_photos} photos failed, see {out / 'failures.csv'}",
+                   err=True)
+
+
 @main.command("plot-report")
 @click.option("--model", type=click.Path(path_type=Path), required=True,
               help="A model bundle folder, or a PlantCLEF 2024 checkpoint file "
@@ -92,9 +99,7 @@ def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, settings_fi
     for plot_id, records in result.records.items():
         finds = ", ".join(f"{r.taxon} ({r.taxon_rank}, {r.score:.2f})" for r in records)
         click.echo(f"{plot_id}: {finds or 'nothing above threshold'}")
-    if result.failures:
-        click.echo(f"{len(result.failures)} photo(s) failed; see {out / 'failures.csv'}",
-                   err=True)
+    _echo_failures(len(result.failures), result.n_plots + len(result.failures), out)
     click.echo(f"report: {out / 'report.html'}")
 
 
@@ -146,9 +151,8 @@ def calibrate_plots_cmd(model: Path, truth: Path, plots: tuple[Path, ...], out: 
     click.echo(f"chosen rule: {settings.rule} ({th}; top_k={tiles.top_k or 'all'}, "
                f"min_tile_prob={tiles.min_tile_prob:g}, min_tiles={tiles.min_tiles}); "
                f"grids {', '.join(settings.grids)}, overlap {settings.overlap:g}")
-    if result.failures:
-        click.echo(f"{len(result.failures)} photo(s) failed; see {out / 'failures.csv'}",
-                   err=True)
+    n_plots = settings.provenance["n_calibration_plots"]
+    _echo_failures(len(result.failures), n_plots + len(result.failures), out)
     click.echo(f"wrote {result.files['settings']}")
 
 

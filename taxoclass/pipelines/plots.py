@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AnnotationError, ConfigError
+from ..io.files import check_output_folder, output_folder
 from ..io.images import collect_images
 from ..io.provenance import write_provenance
 from ..plots.loading import load_tile_classifier
+from ..plots.tiling import DEFAULT_GRIDS, check_grids
 from ..taxonomy.loading import load_taxonomy
 from ..taxonomy.tree import Taxonomy
 
@@ -50,6 +52,8 @@ def plot_report_job(model: str | Path, photos: Sequence[str | Path], out: str | 
                                        thresholds=settings.get("thresholds"))
     if not 0.0 <= resolved.overlap < 1.0:
         raise ConfigError(f"Tile overlap must be a fraction in [0, 1), got {resolved.overlap}.")
+    check_grids(resolved.grids)  # before the model loads: at most MAX_TILES tiles a photo
+    check_output_folder(out)
     runner = engine_for_job(engine, master=master, device=device)
     paths = collect_images(photos)
     classifier = runner.classify_plots(
@@ -102,11 +106,9 @@ def calibrate_plots_job(model: str | Path, photos: Sequence[str | Path], truth: 
     from ..io.files import atomic_write_csv
     from ..plots.calibration import calibrate_plots, check_plot_truth
     from ..plots.settings import SETTINGS_FILE, TABLE_FILE
-    from ..plots.tiling import DEFAULT_GRIDS
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"Output folder {str(out)!r} is a file; pass a folder path.")
+    out = check_output_folder(out)
+    grids = check_grids(grids or DEFAULT_GRIDS)
     paths = collect_images(photos)
     if not Path(truth).is_file():
         raise AnnotationError(f"{truth}: no such truth file. Expected a CSV with columns "
@@ -117,25 +119,25 @@ def calibrate_plots_job(model: str | Path, photos: Sequence[str | Path], truth: 
                                       species_table=species_table, backbone=backbone,
                                       model_kwargs=model_kwargs, batch_size=batch_size,
                                       device=device)
-    result = calibrate_plots(classifier, paths, truth_table, grids=grids or DEFAULT_GRIDS,
+    result = calibrate_plots(classifier, paths, truth_table, grids=grids,
                              overlap=overlap, flag_unknown=getattr(classifier, "flag_unknown",
                                                                    None),
                              progress=progress, model=model, truth_file=truth)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"settings": result.settings.save(out / SETTINGS_FILE),
-             "table": atomic_write_csv(out / TABLE_FILE, result.settings.table()),
-             "failures": atomic_write_csv(out / "failures.csv",
-                                          pd.DataFrame(result.failures,
-                                                       columns=["photo", "error"]))}
-    files["provenance"] = write_provenance(
-        out, backbone=classifier.describe(),
-        config={"model": str(model), "truth": str(truth), "photos": [str(p) for p in paths],
-                "grids": result.settings.grids, "overlap": result.settings.overlap},
-        extra={"outputs": {k: v.name for k, v in files.items()},
-               "n_plots": result.settings.provenance["n_calibration_plots"],
-               "n_failures": len(result.failures), "rule": result.settings.rule,
-               "tiles": result.settings.tiles.to_dict()})
-    result.files = files
+    with output_folder(out) as stage:
+        files = {"settings": result.settings.save(stage / SETTINGS_FILE),
+                 "table": atomic_write_csv(stage / TABLE_FILE, result.settings.table()),
+                 "failures": atomic_write_csv(stage / "failures.csv",
+                                              pd.DataFrame(result.failures,
+                                                           columns=["photo", "error"]))}
+        files["provenance"] = write_provenance(
+            stage, backbone=classifier.describe(),
+            config={"model": str(model), "truth": str(truth), "photos": [str(p) for p in paths],
+                    "grids": result.settings.grids, "overlap": result.settings.overlap},
+            extra={"outputs": {k: v.name for k, v in files.items()},
+                   "n_plots": result.settings.provenance["n_calibration_plots"],
+                   "n_failures": len(result.failures), "rule": result.settings.rule,
+                   "tiles": result.settings.tiles.to_dict()})
+    result.files = {k: out / v.name for k, v in files.items()}
     return result
 
 

@@ -2,22 +2,80 @@
 
 Both engines run through :func:`~taxoclass.engines.get_engine`: the engine embeds the
 images and runs the bundle's back-off (:meth:`~taxoclass.engines.Engine.predict`); this
-module collects the inputs and writes the outputs.
+module collects the inputs and writes the outputs. Every image is on its own: one that
+cannot be read is a row with an ``error`` (and a row of ``failures.csv``) and the others
+carry on. The files of one run are written as a unit
+(:func:`~taxoclass.io.files.output_folder`): a killed run leaves the previous outputs whole,
+and the engine's resumable state (``embeddings/``, Spark's Parquet rows) is kept.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from ..errors import ConfigError
-from ..io.files import atomic_write_csv, atomic_write_json
+from ..errors import ConfigError, ImageError
+from ..io.files import atomic_write_csv, atomic_write_json, check_output_folder, output_folder
 from ..io.images import collect_images
 from ..io.provenance import write_provenance
 
+log = logging.getLogger(__name__)
+
 Progress = Callable[[int, int], None]
+
+#: What a rerun into the same ``out`` resumes from (the local embedding cache, Spark's rows).
+RESUME_STATE = ("embeddings", "predictions.parquet", "manifest.json")
+FAILURE_COLUMNS = ["image", "error"]
+
+
+def _predict(model: str | Path, images: Sequence[str | Path], out: str | Path | None, *,
+             batch_size: int | None, num_workers: int, top_k: int, overwrite: bool,
+             progress: Progress | None, device: str, engine: str, master: str | None) -> Any:
+    """The engine's :class:`~taxoclass.engines.base.Predictions` for the images."""
+    from ..engines import engine_for_job
+    from ..features.batching import auto_batch_size
+
+    if out is not None:
+        check_output_folder(out)  # before the model loads: an unusable --out fails at once
+    runner = engine_for_job(engine, master=master, num_workers=num_workers, device=device)
+    if engine != "local":
+        if out is None:
+            raise ConfigError("--engine spark writes Parquet: pass --out DIR.")
+        batch_size = batch_size or auto_batch_size("cpu")  # executors predict on CPUs
+    paths = collect_images(images)
+    return runner.predict(model, paths, out, batch_size=batch_size, top_k=top_k,
+                          overwrite=overwrite, progress=progress)
+
+
+def failures_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``frame`` whose image could not be read: ``image``, ``error``."""
+    if "error" not in frame:
+        return pd.DataFrame(columns=FAILURE_COLUMNS)
+    bad = frame["error"].notna() & (frame["error"].astype(str) != "")
+    return frame.loc[bad, FAILURE_COLUMNS].reset_index(drop=True)
+
+
+def _write_predictions(stage: Path, frame: pd.DataFrame, result: Any,
+                       images: Sequence[str | Path]) -> None:
+    atomic_write_csv(stage / "predictions.csv", frame)
+    atomic_write_json(stage / "predictions.json",
+                      frame.astype(object).where(frame.notna(), None).to_dict("records"))
+    atomic_write_csv(stage / "failures.csv", failures_frame(frame))
+    write_provenance(stage, backbone=result.backbone,
+                     config={**result.record, "images": [str(i) for i in images]})
+
+
+def _warn_failures(frame: pd.DataFrame, out: str | Path | None) -> int:
+    """Log how many images failed (where they are listed); returns that number."""
+    n_failed = len(failures_frame(frame))
+    if n_failed:
+        where = Path(out) / "failures.csv" if out else "the error column"
+        log.warning("%d of %d images failed, see %s", n_failed, len(frame), where)
+    return n_failed
 
 
 def predict_images(model: str | Path, images: Sequence[str | Path], *,
@@ -32,29 +90,19 @@ def predict_images(model: str | Path, images: Sequence[str | Path], *,
     genus rank), ``score``, ``reason``, ``outlier``, the full coherent path with
     probabilities and top-k per rank; failed images carry an ``error``. With
     ``out``, embeddings are cached (resumable) in ``out/embeddings`` and
-    ``predictions.csv`` / ``predictions.json`` plus provenance are written there.
-    ``engine="spark"`` (``master``, default ``local[2]``) runs the same code in PySpark
-    and keeps its resumable rows in ``out/predictions.parquet``; it needs ``out`` and
-    ignores ``device`` and ``num_workers`` (executors predict on CPUs).
+    ``predictions.csv`` / ``predictions.json``, ``failures.csv`` plus provenance are written
+    there as a unit. ``engine="spark"`` (``master``, default ``local[2]``) runs the same
+    code in PySpark and keeps its resumable rows in ``out/predictions.parquet``; it needs
+    ``out`` and ignores ``device`` and ``num_workers`` (executors predict on CPUs).
     """
-    from ..engines import engine_for_job
-    from ..features.batching import auto_batch_size
-
-    runner = engine_for_job(engine, master=master, num_workers=num_workers, device=device)
-    if engine != "local":
-        if out is None:
-            raise ConfigError("--engine spark writes Parquet: pass --out DIR.")
-        batch_size = batch_size or auto_batch_size("cpu")  # executors predict on CPUs
-    paths = collect_images(images)
-    result = runner.predict(model, paths, out, batch_size=batch_size, top_k=top_k,
-                            overwrite=overwrite, progress=progress)
+    result = _predict(model, images, out, batch_size=batch_size, num_workers=num_workers,
+                      top_k=top_k, overwrite=overwrite, progress=progress, device=device,
+                      engine=engine, master=master)
     frame = result.frame
     if out:
-        atomic_write_csv(Path(out) / "predictions.csv", frame)
-        atomic_write_json(Path(out) / "predictions.json",
-                          frame.astype(object).where(frame.notna(), None).to_dict("records"))
-        write_provenance(out, backbone=result.backbone,
-                         config={**result.record, "images": [str(i) for i in images]})
+        with output_folder(out, keep=RESUME_STATE) as stage:
+            _write_predictions(Path(stage), frame, result, images)
+    _warn_failures(frame, out)
     return frame
 
 
@@ -64,13 +112,19 @@ def flag_unknowns(model: str | Path, images: Sequence[str | Path], *, out: str |
                   device: str = "auto") -> tuple[pd.DataFrame, dict]:
     """Field-survey screening: one row per image, flagged rows (not named to species) first.
 
-    Writes ``flags.csv`` into ``out`` (plus predictions and provenance) and returns
-    ``(frame, summary)`` where summary counts images resolved at each rank.
+    Writes ``flags.csv``, ``flags_summary.json``, the predictions, ``failures.csv`` and
+    provenance into ``out`` (as a unit) and returns ``(frame, summary)`` where summary
+    counts images resolved at each rank. When no image at all could be read, nothing was
+    screened: the files are still written (every row says why), then an
+    :class:`~taxoclass.errors.ImageError` says so (the CLI exits 2), rather than a
+    screening that looks finished.
     """
     from ..bundle import ModelBundle
 
-    frame = predict_images(model, images, out=out, batch_size=batch_size, overwrite=overwrite,
-                           progress=progress, device=device)
+    result = _predict(model, images, out, batch_size=batch_size, num_workers=0, top_k=5,
+                      overwrite=overwrite, progress=progress, device=device, engine="local",
+                      master=None)
+    frame = result.frame.copy()
     lowest = ModelBundle.load(model).taxonomy.ranks[-1]
     reason = frame["reason"] if "reason" in frame else pd.Series([None] * len(frame))
     frame.insert(1, "flagged", (reason != lowest).to_numpy())
@@ -79,6 +133,15 @@ def flag_unknowns(model: str | Path, images: Sequence[str | Path], *, out: str |
     resolved = frame["taxon_rank"].fillna("failed").value_counts().to_dict()
     summary = {"n_images": len(frame), "n_flagged": int(frame["flagged"].sum()),
                "resolved_at": {k: int(v) for k, v in resolved.items()}}
-    atomic_write_csv(Path(out) / "flags.csv", frame)
-    atomic_write_json(Path(out) / "flags_summary.json", summary)
+    with output_folder(out, keep=RESUME_STATE) as stage:
+        _write_predictions(Path(stage), result.frame, result, images)
+        atomic_write_csv(Path(stage) / "flags.csv", frame)
+        atomic_write_json(Path(stage) / "flags_summary.json", summary)
+    n_failed = _warn_failures(frame, out)
+    if len(frame) and n_failed == len(frame):
+        first = failures_frame(frame).iloc[0]
+        raise ImageError(
+            f"None of the {len(frame)} image(s) could be read, so nothing was screened "
+            f"(first: {first['image']}: {first['error']}). Every image is listed in "
+            f"{Path(out) / 'failures.csv'}. Fix: pass readable JPEG/PNG photos.")
     return frame, summary

@@ -28,7 +28,13 @@ from PIL import Image, ImageDraw
 
 from .._version import __version__
 from ..errors import ConfigError
-from ..io.files import atomic_write_csv, atomic_write_json, atomic_write_text
+from ..io.files import (
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_folder,
+    output_folder,
+)
 from ..io.provenance import write_provenance
 from ..vocab import CHECKLIST_SUFFIX, UNKNOWN
 from .rules import PlotRecord, aggregate_plot, apply_checklist, resolve_thresholds
@@ -60,6 +66,8 @@ OUTPUT_FILES = {
     "dwc": "occurrences_dwc.csv",
     "failures": "failures.csv",
 }
+#: Entries of a previous report folder a rerun keeps: the Spark engine's resumable tile rows.
+RESUME_STATE = ("plot_tiles.parquet", "manifest.json")
 RECORD_COLUMNS = ["plot_id", "taxon_rank", "taxon", "score", "n_tiles", "reason"]
 DWC_COLUMNS = ["occurrenceID", "eventID", "scientificName", "taxonRank",
                "identificationQualifier", "family", "genus", "basisOfRecord", "identifiedBy",
@@ -308,14 +316,12 @@ def _scale_weights(scale_weights: Mapping[str, float] | None,
     return out
 
 
-def _output_folder(out_dir: str | Path, overwrite: bool) -> Path:
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"Output folder {str(out)!r} is a file; pass a folder path.")
+def _check_output_folder(out_dir: str | Path, overwrite: bool) -> Path:
+    """``out_dir`` usable as the report folder (checked before any photo is read)."""
+    out = check_output_folder(out_dir)
     if not overwrite and (out / OUTPUT_FILES["json"]).exists():
         raise ConfigError(f"{out / OUTPUT_FILES['json']} exists; pass overwrite=True or "
                           "another output folder.")
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -398,8 +404,42 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
     weights_by_scale = _scale_weights(scale_weights, resolved.grids)
     if not 0.0 <= float(resolved.overlap) < 1.0:
         raise ConfigError(f"Tile overlap must be a fraction in [0, 1), got {resolved.overlap}.")
-    out = _output_folder(out_dir, overwrite)
+    out = _check_output_folder(out_dir, overwrite)
     paths = [Path(p) for p in photos]
+    plots, failures = _classify_and_aggregate(
+        classifier, paths, resolved, th, checklist=checklist, outside_weight=outside_weight,
+        flag_unknown=flag_unknown, weights_by_scale=weights_by_scale,
+        thumbnail_px=thumbnail_px, progress=progress)
+    used = {"rule": resolved.rule, "thresholds": th, "grids": list(resolved.grids),
+            "overlap": float(resolved.overlap),
+            "checklist": list(checklist) if checklist else None,
+            "min_tiles": resolved.min_tiles, "top_k": resolved.top_k,
+            "min_tile_prob": float(resolved.min_tile_prob),
+            "scale_weights": weights_by_scale or None, "settings_file": resolved.source,
+            "overridden": resolved.overridden}
+    with output_folder(out, keep=RESUME_STATE) as stage:
+        files = _write_outputs(stage, classifier, plots, failures, used, taxonomy,
+                               plantclef_year=plantclef_year)
+        files["provenance"] = write_provenance(
+            stage, backbone=classifier.describe(),
+            config={**used, "photos": [str(p) for p in paths], "plantclef_year": plantclef_year,
+                    "outside_weight": outside_weight},
+            extra={"outputs": {k: v.name for k, v in files.items()}, "n_plots": len(plots),
+                   "n_failures": len(failures)})
+    files = {k: out / v.name for k, v in files.items()}
+    records = {p.plot_id: p.records for p in plots}
+    return PlotReportResult(out, records, failures, files, plots)
+
+
+def _classify_and_aggregate(classifier: Any, paths: Sequence[Path], resolved: Any,
+                            th: Mapping[str, float], *, checklist: Sequence[str] | None,
+                            outside_weight: float, flag_unknown: UnknownFlagger | None,
+                            weights_by_scale: Mapping[str, float], thumbnail_px: int,
+                            progress: Progress | None
+                            ) -> tuple[list[PlotResult], list[dict[str, str]]]:
+    """Every readable photo's :class:`PlotResult`; a photo that cannot be read or tiled is
+    a failure row (photo, error) and the others carry on."""
+    taxonomy = classifier.taxonomy
     plots: list[PlotResult] = []
     failures: list[dict[str, str]] = []
     for item in classify_photos(classifier, paths, grids=resolved.grids,
@@ -414,20 +454,4 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
                                 min_tiles=resolved.min_tiles, top_k=resolved.top_k,
                                 min_tile_prob=resolved.min_tile_prob,
                                 thumbnail_px=thumbnail_px))
-    used = {"rule": resolved.rule, "thresholds": th, "grids": list(resolved.grids),
-            "overlap": float(resolved.overlap),
-            "checklist": list(checklist) if checklist else None,
-            "min_tiles": resolved.min_tiles, "top_k": resolved.top_k,
-            "min_tile_prob": float(resolved.min_tile_prob),
-            "scale_weights": weights_by_scale or None, "settings_file": resolved.source,
-            "overridden": resolved.overridden}
-    files = _write_outputs(out, classifier, plots, failures, used, taxonomy,
-                           plantclef_year=plantclef_year)
-    files["provenance"] = write_provenance(
-        out, backbone=classifier.describe(),
-        config={**used, "photos": [str(p) for p in paths], "plantclef_year": plantclef_year,
-                "outside_weight": outside_weight},
-        extra={"outputs": {k: v.name for k, v in files.items()}, "n_plots": len(plots),
-               "n_failures": len(failures)})
-    records = {p.plot_id: p.records for p in plots}
-    return PlotReportResult(out, records, failures, files, plots)
+    return plots, failures
