@@ -90,6 +90,25 @@ def test_tile_size_mode_and_crops():
         make_tiles(img.size, grids=("axb",))
 
 
+def test_tilings_are_bounded():
+    """At most MAX_TILES tiles per photo (refused before any photo is read), tiles of at
+    least MIN_TILE_PX px (else that photo is an ImageError, a failure row of a batch)."""
+    from taxoclass.errors import ImageError
+    from taxoclass.plots.tiling import MAX_TILES, MIN_TILE_PX, check_grids, parse_grid
+
+    assert parse_grid(50) == (50, 50) and MAX_TILES == 2500
+    with pytest.raises(ConfigError, match="1,000,000 tiles"):
+        parse_grid(1000)
+    with pytest.raises(ConfigError, match="3,160 tiles"):
+        check_grids(["40", "39x40"])
+    assert check_grids([2, "2x2", "4"]) == ["2x2", "4x4"]
+    with pytest.raises(ImageError, match="tiles"):
+        make_tiles((3000, 3000), tile_size=10)
+    with pytest.raises(ImageError, match="4x4 grid does not fit.*coarser grid"):
+        make_tiles((4 * MIN_TILE_PX - 1, 400), grids=(4,))
+    assert len(make_tiles((4 * MIN_TILE_PX, 4 * MIN_TILE_PX), grids=(4,))) == 16
+
+
 def test_embed_tiles_in_batches(leaf_image_paths, tiny_dino_kwargs):
     from taxoclass.features.backbones import create_backbone
     from taxoclass.io.images import load_image

@@ -40,7 +40,9 @@ def _echo_failures(n_failed: int, n_photos: int, out: Path) -> None:
                    "--min-tile-prob and --min-tiles given on the command line override it.")
 @click.option("--grid", "grids", multiple=True,
               help="Tile grid, e.g. 4 or 2x3; repeat for several scales at once "
-                   "[default: 3, or the --settings file's grids].")
+                   "(at most 2500 tiles per photo in all; a photo whose tiles would be under "
+                   "8 px is listed in failures.csv) [default: 3, or the --settings file's "
+                   "grids].")
 @click.option("--overlap", type=float, default=None,
               help="Fraction of a tile shared with its neighbour [default: 0, or the "
                    "--settings file's].")
@@ -115,7 +117,7 @@ def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, settings_fi
               help="Folder for plot_settings.json, plot_calibration.csv, failures.csv.")
 @click.option("--grid", "grids", multiple=True,
               help="Tile grid, e.g. 4 or 2x3; repeat for several scales at once "
-                   "[default: 2 and 4].")
+                   "(at most 2500 tiles per photo in all) [default: 2 and 4].")
 @click.option("--overlap", default=0.0, show_default=True,
               help="Fraction of a tile shared with its neighbour.")
 @checkpoint_model_options

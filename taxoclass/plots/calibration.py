@@ -273,7 +273,8 @@ def calibrate_plots(classifier: Any, photos: Sequence[str | Path],
                           flag_unknown=flag_unknown, progress=progress)
     if not preds.plots:
         raise ImageError(f"None of the {len(preds.failures)} calibration photo(s) could be read "
-                         f"(first: {preds.failures[0]['photo']}: {preds.failures[0]['error']}).")
+                         f"(first: {preds.failures[0]['photo']}: {preds.failures[0]['error']}). "
+                         "Fix: pass readable plot photos (JPEG/PNG) or a coarser --grid.")
     from ..io.provenance import command_line
 
     describe = classifier.describe()

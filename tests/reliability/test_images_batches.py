@@ -370,3 +370,107 @@ def test_flag_unknowns_with_no_readable_image_says_nothing_was_screened(fixture_
     good = sorted((Path(fixture_set["images"]) / "test").glob("*.jpg"))[0]
     assert_ok(run("flag-unknowns", "--model", fixture_model["model"], good, "--out", out))
     assert len(pd.read_csv(out / "flags.csv")) == 1
+
+
+# ------------------------------------------------------------------ plot-report, rows 102-106
+
+
+@pytest.mark.catalogue(102, 106)
+def test_plot_report_bad_options_and_paths_are_clear_errors(fixture_model, fixture_set,
+                                                            tmp_path):
+    model, plots = fixture_model["model"], fixture_set["plots"]
+    (tmp_path / "empty").mkdir()
+    cases = [((plots, "--grid", 0), ("grid", "at least one row")),
+             ((tmp_path / "empty",), ("No images found",)),
+             ((tmp_path / "nope",), ("nope", "no such file or folder")),
+             ((plots, "--overlap", 1.5), ("overlap", "1.5"))]
+    for args, fragments in cases:
+        assert_clear_error(run("plot-report", "--model", model, *args, "--out", tmp_path / "r"),
+                           *fragments)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.catalogue(103)
+def test_plot_report_huge_grid_is_refused_at_once(fixture_model, fixture_set, tmp_path):
+    import time
+
+    from taxoclass.plots.tiling import MAX_TILES
+
+    start = time.monotonic()
+    for grids in (("1000",), ("40", "39x40")):
+        args = [a for g in grids for a in ("--grid", g)]
+        assert_clear_error(run("plot-report", "--model", tmp_path / "no-model",
+                               fixture_set["plots"], *args, "--out", tmp_path / "r"),
+                           "tiles", f"{MAX_TILES:,}", "coarse")  # before the model loads
+    assert time.monotonic() - start < 10
+    assert not (tmp_path / "r").exists()
+    res = assert_ok(run("plot-report", "--model", fixture_model["model"], fixture_set["plots"],
+                        "--grid", 2, "--out", tmp_path / "r"))  # the fix: a coarser grid
+    assert "report:" in res
+
+
+def _plot_folder(folder: Path, fixture_set, *extra: tuple[str, Path | Image.Image]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in sorted(Path(fixture_set["plots"]).glob("*.jpg")):
+        shutil.copyfile(p, folder / p.name)
+    for name, src in extra:
+        if isinstance(src, Image.Image):
+            src.save(folder / name)
+        else:
+            shutil.copyfile(src, folder / name)
+    return folder
+
+
+@pytest.mark.catalogue(104)
+def test_plot_report_tiny_photos_are_failure_rows_the_rest_reported(fixture_model, fixture_set,
+                                                                    tmp_path):
+    folder = _plot_folder(tmp_path / "plots", fixture_set, ("one.png", photo((1, 1))),
+                          ("small.png", photo((24, 24), seed=2)))
+    out = tmp_path / "r"
+    res = assert_ok(run("plot-report", "--model", fixture_model["model"], folder, "--grid", 4,
+                        "--out", out))
+    assert "2 of 5 photos failed" in res and "failures.csv" in res, res
+    failures = dict(pd.read_csv(out / "failures.csv").itertuples(index=False))
+    assert set(map(lambda p: Path(p).name, failures)) == {"one.png", "small.png"}
+    errors = {Path(p).name: e for p, e in failures.items()}
+    assert "1x1 px" in errors["one.png"]
+    assert "4x4 grid" in errors["small.png"] and "coarser grid" in errors["small.png"]
+    report = json.loads((out / "plot_records.json").read_text())
+    assert sorted(p["plot_id"] for p in report["plots"]) == ["plot_1", "plot_2", "plot_3"]
+    html = (out / "report.html").read_text()
+    assert "one.png" in html and "plot_3" in html
+
+
+@pytest.mark.catalogue(32, 105)
+def test_plot_report_bomb_last_keeps_the_finished_plots(fixture_model, fixture_set, tmp_path):
+    bomb = make_bad_images(tmp_path / "bad")["bomb"]
+    folder = _plot_folder(tmp_path / "plots", fixture_set, ("plot_4.jpg", photo((96, 96), 5)),
+                          ("zz_bomb.png", bomb))
+    out = tmp_path / "r"
+    res = assert_ok(run("plot-report", "--model", fixture_model["model"], folder, "--grid", 3,
+                        "--out", out))
+    assert "1 of 5 photos failed" in res, res
+    failures = pd.read_csv(out / "failures.csv")
+    assert failures["photo"].map(lambda p: Path(p).name).tolist() == ["zz_bomb.png"]
+    assert "decompression bomb" in failures["error"][0]
+    report = json.loads((out / "plot_records.json").read_text())
+    assert len(report["plots"]) == 4 and report["failures"][0]["photo"].endswith("zz_bomb.png")
+    for name in ("plot_records.csv", "plantclef_submission.csv", "occurrences_dwc.csv",
+                 "provenance.json", "report.html"):
+        assert (out / name).is_file(), name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".r.")]
+
+
+def test_calibrate_plots_tiny_photo_is_a_failure_row(fixture_model, fixture_set, tmp_path):
+    folder = _plot_folder(tmp_path / "plots", fixture_set, ("plot_4.png", photo((1, 1))))
+    truth = pd.read_csv(fixture_set["truth"])
+    truth = pd.concat([truth, pd.DataFrame({"plot_id": ["plot_4"],
+                                            "species": ["Acer campestre"]})])
+    truth.to_csv(tmp_path / "truth.csv", index=False)
+    out = tmp_path / "cal"
+    res = assert_ok(run("calibrate-plots", "--model", fixture_model["model"], folder,
+                        "--truth", tmp_path / "truth.csv", "--out", out, "--grid", 2))
+    assert "1 of 4 photos failed" in res, res
+    failures = pd.read_csv(out / "failures.csv")
+    assert failures["photo"].map(lambda p: Path(p).name).tolist() == ["plot_4.png"]
+    assert (out / "plot_settings.json").is_file()
