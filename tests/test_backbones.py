@@ -202,3 +202,52 @@ def test_device_choice_and_autocast_recorded(tiny_dino_kwargs):
         with pytest.raises(BackboneError, match="--device cpu"):
             create_backbone("vit_base_patch14_reg4_dinov2", pretrained=False, device="cuda",
                             model_kwargs=tiny_dino_kwargs)
+
+
+def test_refused_weights_file_is_not_reported_as_an_unreachable_hub(tmp_path, tiny_dino_kwargs):
+    evil = tmp_path / "overlay.pth"
+    evil.write_bytes(pickle.dumps({"state_dict": _RunsCode()}, protocol=2))
+    kwargs = {**tiny_dino_kwargs, "pretrained_cfg_overlay": {"file": str(evil)}}
+    with pytest.raises(BackboneError) as err:
+        create_backbone(DINO, model_kwargs=kwargs)
+    msg = str(err.value)
+    assert "refused" in msg and "overlay.pth" in msg and "could run code" in msg
+    assert "could not be reached" not in msg and "weights_only=False" not in msg
+
+
+def test_cached_hub_weights_load_without_network(tmp_path, tiny_dino_kwargs, monkeypatch):
+    import socket
+
+    import huggingface_hub
+    from safetensors.torch import save_file
+
+    import taxoclass.features.weights as weights
+
+    reference = _tiny_model(tiny_dino_kwargs, 0, seed=3)
+    cached = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(cached))
+
+    def no_network(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    def never(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", never)
+    monkeypatch.setattr(weights, "_hf_cached_file", lambda *a: str(cached))
+    bb = create_backbone(DINO, model_kwargs=tiny_dino_kwargs)  # pretrained=True
+    x = _x()
+    with torch.no_grad():
+        assert torch.allclose(bb.embed(x), reference.forward_head(
+            reference.forward_features(x), pre_logits=True), atol=1e-5)
+
+
+def test_offline_switch_fails_at_once_naming_it(monkeypatch):
+    import taxoclass.features.weights as weights
+
+    monkeypatch.setenv("TAXOCLASS_OFFLINE", "1")
+    monkeypatch.setattr(weights, "_hf_cached_file", lambda *a: None)
+    with pytest.raises(BackboneError, match="TAXOCLASS_OFFLINE is set") as err:
+        create_backbone("dinov2")
+    assert "--backbone efficientnet-lite0" in str(err.value)

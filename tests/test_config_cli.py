@@ -72,3 +72,43 @@ def test_help_is_fast_and_imports_no_torch():
     code = ("import sys, taxoclass.cli; "
             "assert 'torch' not in sys.modules and 'pandas' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_file_system_errors_on_user_paths_are_one_clear_line(tmp_path):
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": []}))
+    runner = CliRunner()
+    res = runner.invoke(main, ["validate", str(ann), "--report", str(tmp_path)])
+    assert res.exit_code == 2 and "Is a directory" in res.output, res.output
+    assert "Traceback" not in res.output and str(tmp_path) in res.output
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    res = runner.invoke(main, ["validate", str(ann), "--report", str(blocker / "sub" / "r.csv")])
+    assert res.exit_code == 2 and f"{blocker} is a file, not a folder" in res.output
+
+
+def test_os_errors_that_are_not_about_a_user_path_keep_their_traceback():
+    from pathlib import Path
+
+    from taxoclass.cli.app import user_path_error
+
+    inside = Path(__file__).resolve().parents[1] / "taxoclass" / "schemas" / "gone.json"
+    assert user_path_error(FileNotFoundError(2, "No such file or directory", str(inside))) is None
+    assert user_path_error(OSError(5, "Input/output error")) is None  # no file named
+    assert user_path_error(PermissionError(13, "Permission denied", "/data/x.csv")) == (
+        "/data/x.csv: Permission denied [PermissionError]. Fix: give yourself permission or "
+        "choose another path.")
+
+
+@pytest.mark.parametrize("args", [
+    ["predict", "--model", "m", "x.jpg", "--top-k", "0"],
+    ["embed", "--annotations", "a.json", "--out", "o", "--batch-size", "0"],
+    ["embed", "--annotations", "a.json", "--out", "o", "--num-workers", "-1"],
+    ["train", "--unfreeze-blocks", "-2"],
+    ["evaluate", "--model", "m", "--annotations", "a.json", "--holdout-fraction", "1"],
+    ["evaluate", "--model", "m", "--annotations", "a.json", "--seed", "-1"],
+    ["explain", "--model", "m", "x.jpg", "--out", "o.png", "--head", "-1"],
+])
+def test_numeric_options_are_range_checked_before_any_work(args):
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and "Invalid value for" in res.output, res.output

@@ -57,23 +57,26 @@ def user_path_error(exc: OSError) -> str | None:
     a bug or a broken install, which keeps its traceback)."""
     if exc.errno not in _USER_ERRNOS or not exc.filename:
         return None
-    names = [os.fsdecode(f) for f in (exc.filename, exc.filename2) if f]
+    # a rename's target is the user's path (its source is a temporary sibling)
+    name = os.fsdecode(exc.filename2 or exc.filename)
+    path = Path(name).absolute()
     installed = (_PACKAGE_DIR, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve())
-    for name in names:
-        path = Path(name).absolute()
-        if any(path == root or root in path.parents for root in installed):
-            return None
-    what = " -> ".join(names)
+    if any(path == root or root in path.parents for root in installed):
+        return None
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None and exc.errno in (errno.EEXIST, errno.ENOTDIR, errno.ENOENT):
+        return (f"{name}: {blocker} is a file, not a folder [{type(exc).__name__}]. Fix: "
+                f"choose a path whose folders are folders, or move {blocker} away.")
     text = exc.strerror or os.strerror(exc.errno)
     fixes = {errno.EACCES: "give yourself permission or choose another path",
              errno.EPERM: "give yourself permission or choose another path",
              errno.EROFS: "choose a writable location",
              errno.ENOSPC: "free disk space or choose another location",
              errno.EDQUOT: "free disk space or choose another location",
-             errno.ENOTDIR: "a part of the path is a file; choose a folder path",
-             errno.EISDIR: "the path is a folder; give a file path",
+             errno.EISDIR: "the path is a folder; give a file path (or another name)",
              errno.ENOENT: "check the path"}
-    return f"{what}: {text} [{type(exc).__name__}]. Fix: {fixes.get(exc.errno, 'check the path')}."
+    return (f"{name}: {text} [{type(exc).__name__}]. Fix: "
+            f"{fixes.get(exc.errno, 'check the path')}.")
 
 
 class _EchoHandler(logging.Handler):
