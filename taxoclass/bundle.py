@@ -2,7 +2,8 @@
 
 Layout::
 
-    bundle.json          format version, head config, rank order, backbone recipe, decode
+    bundle.json          format version, head config, rank order, backbone recipe, decode,
+                         and the sha256 of each part below that predicting reads ("parts")
     heads.safetensors    head weights (safetensors: loading cannot execute code)
     taxonomy.json        the tree (Taxonomy.to_dict)
     labels.json          class names per rank, in head order
@@ -12,6 +13,12 @@ Layout::
     provenance.json      version, command line, environment, backbone
     openset.json         (optional) outlier detector, evidence combiner, per-rank thresholds
     openset.npz          (optional) the detector's training embeddings (refit on load)
+    backbone.pth         (fine-tuned bundles) the backbone's state dict, checked when built
+
+A bundle is written as one folder (staged, then swapped in: :func:`taxoclass.io.files.
+output_folder`), so a killed writer leaves the previous bundle or the new one. Loading
+refuses parts whose sha256 differs from bundle.json's (mixed or damaged bundles) with a
+BundleError; a bundle written before the hashes (no "parts") loads with a warning.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .errors import BundleError, ConfigError, TaxonomyError
-from .io.files import atomic_write, atomic_write_json, output_folder
+from .io.files import atomic_write, atomic_write_json, output_folder, recover_output_folder
 from .model.heads import MultiRankHead
 from .taxonomy.tree import Taxonomy
 
@@ -208,13 +215,17 @@ def sha256_of(path: Path) -> str:
 
 def _read_meta(path: Path) -> dict[str, Any]:
     meta_file = path / BUNDLE_FILE
+    orphans = sorted(path.parent.glob(f".{path.name}.old-*")) if path.name else []
+    if not path.exists() and orphans:  # a run was killed between the renames of its swap
+        try:
+            recover_output_folder(path)
+        except OSError as exc:
+            log.warning("%s could not be restored from %s: %s", path, orphans[0], exc)
     if not meta_file.is_file():
         hint = ""
-        orphans = sorted(path.parent.glob(f".{path.name}.old-*")) if path.name else []
         if not path.exists() and orphans:
             hint = (f" A run was killed while replacing it; the previous bundle is in "
-                    f"{orphans[0]}: rerun the command that writes it, or rename that folder "
-                    f"back to {path}.")
+                    f"{orphans[0]}: rename that folder back to {path}.")
         raise BundleError(f"{path}: not a taxoclass model bundle (no {BUNDLE_FILE}). Pass the "
                           "folder written by `taxoclass train` (its --out / config 'out')."
                           + hint)
@@ -308,8 +319,10 @@ def _load_head(path: Path, meta: Mapping[str, Any], taxonomy: Taxonomy) -> Multi
     try:
         head.load_state_dict(state)
     except RuntimeError as exc:
-        raise BundleError(f"{file}: weights do not fit the head described "
-                          f"in {BUNDLE_FILE}: {exc}") from None
+        lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+        detail = "; ".join(lines[:1]) + ("; ..." if len(lines) > 1 else "")
+        raise BundleError(f"{file}: weights do not fit the head described in {BUNDLE_FILE} "
+                          f"({detail}). {_FIX}") from None
     head.eval()
     return head
 
@@ -330,8 +343,12 @@ def _load_scorer(path: Path):
         with np.load(path / OPENSET_ARRAYS, allow_pickle=False) as arrays:
             data = {k: arrays[k] for k in arrays.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, AttributeError) as exc:
-        raise BundleError(f"{path / OPENSET_ARRAYS}: not a plain NumPy archive ({exc}); "
-                          f"pickled or object arrays are never loaded. {_FIX}") from None
+        text = str(exc)
+        if "pickle" in text.lower() or "object arrays" in text.lower():
+            text = "it holds pickled Python objects, which could run code"
+        raise BundleError(f"{path / OPENSET_ARRAYS}: not a plain NumPy archive ({text}); "
+                          f"only plain arrays are loaded, so nothing in it ran. {_FIX}"
+                          ) from None
     try:
         return OpenSetScorer.from_state(params, data)
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:

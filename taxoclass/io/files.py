@@ -10,20 +10,22 @@ For ``out = P/N`` and a fresh token ``T``:
 1. the job writes every file into the stage ``P/.N.stage-T`` (a hidden sibling, so
    renames stay on one file system); the stage is locked (``flock``) while its run lives;
 2. commit: every file and folder of the stage is fsynced;
-3. rename ``P/N -> P/.N.old-T`` (when ``out`` exists);
-4. rename each ``keep`` entry ``P/.N.old-T/E -> P/.N.stage-T/E`` (unless the job wrote
-   its own ``E``), fsync the stage;
-5. rename ``P/.N.stage-T -> P/N``, fsync ``P``;
-6. remove ``P/.N.old-T``.
+3. each ``keep`` entry is renamed ``P/N/E -> P/.N.stage-T/E`` (unless the job wrote its own
+   ``E``), the stage is fsynced;
+4. the stage and ``P/N`` are exchanged in one atomic step (Linux ``renameat2`` with
+   ``RENAME_EXCHANGE``): ``P/N`` is the new folder, the stage holds the old one. Where the
+   system cannot exchange: rename ``P/N -> P/.N.old-T``, then ``P/.N.stage-T -> P/N``;
+5. ``P`` is fsynced and the old folder removed.
 
-A kill at any point leaves ``out`` either the complete old folder (before 3), absent with
-the complete old folder in ``.N.old-T`` and its moved keep entries in the stage (3-4), or
-the complete new folder (after 5). The next :func:`output_folder` or
-:func:`recover_output_folder` call on ``out`` repairs this: with ``out`` absent it moves
-the keep entries back and renames ``.N.old-T`` back to ``out`` (the interrupted swap is
-undone); with ``out`` present it removes ``.N.old-T``; stages of dead runs are removed,
-as are ``.*.tmp`` orphans of :func:`atomic_write` at the top of ``out``. Stages and old
-folders of a run that still holds its lock are left alone.
+A kill at any point leaves the complete new folder at ``out`` (after 4) or the old one,
+whose keep entries may sit in the stage (3) and which, in the two-rename fallback, may sit
+at ``.N.old-T`` with ``out`` absent (between the two renames of 4). The next
+:func:`output_folder` or :func:`recover_output_folder` call on ``out`` (train calls it at
+its start, a bundle load when ``out`` is missing) repairs this: with ``out`` absent it
+renames ``.N.old-T`` back to ``out``, with ``out`` present it removes ``.N.old-T``; keep
+entries in a dead run's stage go back into ``out``, then the stage is removed, as are
+``.*.tmp`` orphans of :func:`atomic_write` at the top of ``out``. Stages and old folders of
+a run that still holds its lock are left alone.
 
 What is carried over: only the ``keep`` entries (names or glob patterns) of the previous
 folder, e.g. a persistent embedding store or Spark's resumable ``*.parquet`` folders, which
@@ -35,8 +37,10 @@ folder belongs to the previous output and is replaced: a file the new run did no
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fnmatch
+import functools
 import json
 import logging
 import os
@@ -226,20 +230,22 @@ def recover_output_folder(out: str | Path, keep: Iterable[str] = ()) -> None:
     stage_prefix, old_prefix = _names(out)
     siblings = sorted(parent.iterdir())
     stages = {p.name[len(stage_prefix):]: p for p in siblings if p.name.startswith(stage_prefix)}
-    olds = [p for p in siblings if p.name.startswith(old_prefix)]
-    for old in olds:
+    dead = {t: p for t, p in stages.items() if not _is_live(p)}
+    for old in (p for p in siblings if p.name.startswith(old_prefix)):
         token = old.name[len(old_prefix):]
-        stage = stages.get(token)
-        if stage is not None and _is_live(stage):
+        if token in stages and token not in dead:
             continue  # a running swap
-        if not out.exists():
-            _undo_swap(stages.get(token, old / "-"), old, out, keep)
-            log.warning("restored %s: the previous run was killed while replacing it", out)
-        else:
+        if out.exists():
             _rmtree(old)
-    for stage in stages.values():
-        if stage.exists() and not _is_live(stage):
-            _rmtree(stage)
+        else:
+            os.rename(old, out)
+            log.warning("restored %s: a run was killed while replacing it", out)
+    for stage in dead.values():
+        if out.is_dir():  # keep entries moved out of ``out`` go back
+            for name in _keep_entries(stage, keep):
+                if not (out / name).exists():
+                    os.rename(stage / name, out / name)
+        _rmtree(stage)
     if out.is_dir():
         for tmp in out.glob(".*.tmp"):
             if tmp.is_file():
@@ -272,7 +278,9 @@ def output_folder(out: str | Path, keep: Iterable[str] = ()) -> Iterator[Path]:
         yield stage
         _commit(stage, out, keep)
     except BaseException:
-        if not (out.parent / (old_prefix + stage.name[len(stage_prefix):])).exists():
+        held = [n for n in _keep_entries(stage, keep) if not (out / n).exists()]
+        if not held and not (out.parent / (old_prefix + stage.name[len(stage_prefix):])
+                             ).exists():
             _rmtree(stage)  # else a failed undo: the next call's recovery needs the stage
         raise
     finally:
@@ -288,11 +296,14 @@ def _commit(stage: Path, out: Path, keep: tuple[str, ...]) -> None:
     for attempt in range(5):
         try:
             if out.exists():
-                os.rename(out, old)
-                for name in _keep_entries(old, keep):
+                for name in _keep_entries(out, keep):
                     if not (stage / name).exists():
-                        os.rename(old / name, stage / name)
+                        os.rename(out / name, stage / name)
                 _fsync_path(stage)
+                if _exchange(stage, out):  # one atomic step: the stage now holds the old
+                    old = stage
+                    break
+                os.rename(out, old)
             os.rename(stage, out)
             break
         except OSError as exc:
@@ -308,12 +319,36 @@ def _commit(stage: Path, out: Path, keep: tuple[str, ...]) -> None:
 
 
 def _undo_swap(stage: Path, old: Path, out: Path, keep: Iterable[str]) -> None:
-    """Put the previous folder ``old`` back at ``out`` with the keep entries moved to the
-    stage (nothing to do when the swap had not started or had finished)."""
-    if not old.exists() or out.exists():
-        return
-    if stage.is_dir():
+    """Put the previous folder back at ``out`` with the keep entries moved to the stage."""
+    if old.exists() and not out.exists():
+        os.rename(old, out)
+    if out.is_dir() and stage.is_dir():
         for name in _keep_entries(stage, keep):
-            if not (old / name).exists():
-                os.rename(stage / name, old / name)
-    os.rename(old, out)
+            if not (out / name).exists():
+                os.rename(stage / name, out / name)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or the file system cannot, and the caller falls back to two renames."""
+    fn = getattr(_libc(), "renameat2", None)
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover
+        return None

@@ -4,12 +4,14 @@ file modes, and model bundles whose parts must belong together."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from taxoclass.errors import ConfigError
@@ -21,7 +23,7 @@ from taxoclass.io.files import (
     recover_output_folder,
 )
 
-from .conftest import REPO
+from .conftest import REPO, assert_clear_error, assert_ok, run, run_killed
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -42,7 +44,7 @@ def _make_old(out: Path) -> dict[str, str]:
 _WRITER = textwrap.dedent(r"""
     import os, sys
     from pathlib import Path
-    out, nth = Path(sys.argv[1]), int(sys.argv[2])
+    out, nth, exchange = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
     seen = [0]
     def _wrap(real):
         def fn(src, dst, *a, **k):
@@ -55,16 +57,20 @@ _WRITER = textwrap.dedent(r"""
     os.rename = _wrap(os.rename)
     import shutil
     shutil.rmtree = lambda *a, **k: os._exit(137)  # a kill after the swap, before cleaning
+    import taxoclass.io.files as files
     from taxoclass.io.files import atomic_write_text, output_folder
+    if not exchange:  # the two-rename fallback of systems without RENAME_EXCHANGE
+        files._exchange = lambda a, b: False
     with output_folder(out, keep=("embeddings", "*.parquet")) as stage:
         atomic_write_text(stage / "a.txt", "new a")
         atomic_write_text(stage / "b.txt", "new b")
 """)
 
 
-def _write_killed(out: Path, nth: int) -> int:
+def _write_killed(out: Path, nth: int, exchange: bool = True) -> int:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-c", _WRITER, str(out), str(nth)], env=env,
+    return subprocess.run([sys.executable, "-c", _WRITER, str(out), str(nth),
+                           str(int(exchange))], env=env,
                           capture_output=True, text=True, timeout=60).returncode
 
 
@@ -124,7 +130,8 @@ def test_atomic_write_mode_follows_umask(tmp_path):
     assert res.stdout.strip() == oct(0o640)
 
 
-def test_kill_at_every_rename_leaves_old_or_new_then_recovers(tmp_path):
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+def test_kill_at_every_rename_leaves_old_or_new_then_recovers(tmp_path, exchange):
     """A kill at each rename (atomic writes in the stage and the folder swap) leaves the old
     or the new complete folder once the next call has recovered; the keep entry survives."""
     new = {"a.txt": "new a", "b.txt": "new b", "embeddings/vectors.txt": "persistent"}
@@ -132,7 +139,7 @@ def test_kill_at_every_rename_leaves_old_or_new_then_recovers(tmp_path):
     for nth in range(1, 20):
         out = tmp_path / f"k{nth}" / "run"
         old = _make_old(out)
-        code = _write_killed(out, nth)
+        code = _write_killed(out, nth, exchange)
         assert code == 137
         recover_output_folder(out, keep=("embeddings",))
         state = _tree(out)
@@ -143,14 +150,14 @@ def test_kill_at_every_rename_leaves_old_or_new_then_recovers(tmp_path):
             break
     else:
         pytest.fail("the writer never finished")
-    # 2 atomic writes, out->old, embeddings->stage, stage->out; then the kill in rmtree(old)
-    assert outcomes == ["old"] * 5 + ["new"], outcomes
+    # 2 atomic writes, embeddings->stage, [out->old, stage->out]; then the kill in rmtree(old)
+    assert outcomes == ["old"] * (3 if exchange else 5) + ["new"], outcomes
 
 
 def test_killed_first_write_is_recovered_by_next_output_folder(tmp_path):
     out = tmp_path / "run"
     old = _make_old(out)
-    assert _write_killed(out, 4) == 137  # after out -> .run.old-T, embeddings moved
+    assert _write_killed(out, 5, exchange=False) == 137  # out -> .run.old-T, stage not in
     assert not out.exists()
     with output_folder(out, keep=("embeddings",)) as stage:
         assert _tree(out) == old  # restored before the job runs
@@ -188,3 +195,351 @@ def test_check_output_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda p, m: Path(p) != tmp_path)
     with pytest.raises(ConfigError, match="not writable"):
         check_output_folder(tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------- train outputs
+TEST_IMAGE = Path(__file__).resolve().parents[1] / "fixtures" / "images" / "test" / "1001.jpg"
+
+
+def _train_args(fixture_set, fixture_model, out, *extra) -> list:
+    return ["train", "--config", fixture_set["config"], "--set", f"out={out}",
+            "--set", f"embeddings.cache={fixture_model['emb']}", *extra]
+
+
+def _bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _orphans(out: Path) -> list[str]:
+    return sorted(p.name for p in [*out.parent.iterdir(), *out.iterdir()]
+                  if p.name.startswith(f".{out.name}.") or p.name.endswith(".tmp"))
+
+
+@pytest.mark.catalogue(68, 69, 75)
+def test_bad_epochs_and_out_file_fail_before_training(fixture_set, fixture_model, tmp_path):
+    for epochs in ("0", "-3"):
+        res = run(*_train_args(fixture_set, fixture_model, tmp_path / "m",
+                               "--set", f"train.epochs={epochs}"))
+        assert_clear_error(res, "train.epochs", ">= 1", epochs)
+    assert not (tmp_path / "m").exists()
+    outfile = tmp_path / "outfile"
+    outfile.write_text("my notes")
+    res = run(*_train_args(fixture_set, fixture_model, outfile, "--set", "train.epochs=2"))
+    assert_clear_error(res, str(outfile), "existing file", "choose another output path")
+    assert outfile.read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outfile"]
+    # the fixes: epochs >= 1, another output path
+    assert_ok(run(*_train_args(fixture_set, fixture_model, tmp_path / "m",
+                               "--set", "train.epochs=1")))
+    assert (tmp_path / "m" / "bundle.json").is_file()
+
+
+_KILL_IN_EPOCHS = textwrap.dedent(r"""
+    import os, sys
+    import taxoclass.model.training as training
+    real = training.train_head
+    def train_head(*a, progress=None, **k):
+        def hook(epoch, total):
+            if epoch >= 2:
+                os._exit(137)  # SIGKILL-like: no cleanup runs
+        return real(*a, progress=hook, **k)
+    training.train_head = train_head
+    from taxoclass.cli import main
+    main(sys.argv[1:], prog_name="taxoclass")
+""")
+
+
+@pytest.mark.catalogue(73)
+def test_kill_during_epochs_keeps_old_bundle_and_rerun_is_identical(fixture_set, fixture_model,
+                                                                   tmp_path):
+    out = tmp_path / "model"
+    shutil.copytree(fixture_model["model"], out)
+    before = _bytes(out)
+    args = _train_args(fixture_set, fixture_model, out, "--set", "train.epochs=4")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-c", _KILL_IN_EPOCHS, *map(str, args)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 137, res.stderr[-2000:]
+    assert _bytes(out) == before  # byte-identical old bundle
+    assert _orphans(out) == []
+    assert_ok(run(*args))
+    ref = tmp_path / "ref"
+    assert_ok(run(*_train_args(fixture_set, fixture_model, ref, "--set", "train.epochs=4")))
+    new, want = _bytes(out), _bytes(ref)
+    for name in ("heads.safetensors", "openset.npz", "metrics_val.json", "taxonomy.json"):
+        assert new[name] == want[name], name
+    assert _orphans(out) == []
+
+
+def _other_bundle(model: Path, dest: Path) -> Path:
+    """A bundle with the same shapes but other species names and other head weights."""
+    import torch
+
+    from taxoclass.bundle import ModelBundle
+    from taxoclass.taxonomy.tree import Taxonomy
+
+    b = ModelBundle.load(model)
+    d = b.taxonomy.to_dict()
+    d["nodes"] = [n[:-1] + [n[-1] + " var. other"] if len(n) == 3 else n for n in d["nodes"]]
+    b.taxonomy = Taxonomy.from_dict(d)
+    with torch.no_grad():
+        for p in b.head.parameters():
+            p.mul_(-1.0)
+    return b.save(dest)
+
+
+def _fork_killed(fn, nth: int, exchange: bool) -> int:
+    """Run ``fn()`` in a forked child killed (``os._exit(137)``) at its ``nth`` rename."""
+    import taxoclass.io.files as files
+
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            seen = [0]
+
+            def wrap(real):
+                def fn_(*a, **k):
+                    seen[0] += 1
+                    if seen[0] == nth:
+                        os._exit(137)
+                    return real(*a, **k)
+                return fn_
+            os.replace, os.rename = wrap(os.replace), wrap(os.rename)
+            if not exchange:
+                files._exchange = lambda a, b: False
+            fn()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _which(model: Path, a, b) -> str:
+    """'a' or 'b': the bundle at ``model`` is wholly one of them (heads and taxonomy)."""
+    import torch
+
+    from taxoclass.bundle import ModelBundle
+
+    got = ModelBundle.load(model)
+    for name, ref in (("a", a), ("b", b)):
+        if got.taxonomy.to_dict() == ref.taxonomy.to_dict():
+            for k, v in got.head.state_dict().items():
+                assert torch.equal(v, ref.head.state_dict()[k]), f"{name} taxonomy, other heads"
+            frame, _ = got.predict_with_backoff(np.zeros((2, got.head.in_features), "float32"))
+            assert set(frame["species"]) <= set(ref.taxonomy.names("species"))
+            return name
+    raise AssertionError("the bundle is neither the old nor the new one")
+
+
+@pytest.mark.catalogue(74)
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+def test_kill_at_every_rename_of_a_bundle_save_never_mixes(fixture_model, tmp_path, exchange):
+    from taxoclass.bundle import ModelBundle
+
+    a_dir = tmp_path / "a"
+    shutil.copytree(fixture_model["model"], a_dir)
+    b_dir = _other_bundle(a_dir, tmp_path / "b")
+    a, b = ModelBundle.load(a_dir), ModelBundle.load(b_dir)
+    seen = []
+    for nth in range(1, 30):
+        out = tmp_path / f"k{nth}" / "model"
+        shutil.copytree(a_dir, out)
+        code = _fork_killed(lambda: b.save(out), nth, exchange)  # noqa: B023
+        if code == 0:
+            break
+        assert code == 137
+        seen.append(_which(out, a, b))  # a missing folder is restored by the load
+        recover_output_folder(out)
+        assert _orphans(out) == [], nth
+    assert code == 0 and _which(out, a, b) == "b"
+    assert seen and set(seen) == {"a"}, seen  # every kill before the swap: the old bundle
+    # a bundle mixed by hand (new heads, old taxonomy) is refused
+    mixed = tmp_path / "mixed"
+    shutil.copytree(a_dir, mixed)
+    shutil.copyfile(b_dir / "heads.safetensors", mixed / "heads.safetensors")
+    assert_clear_error(run("predict", "--model", mixed, TEST_IMAGE), "heads.safetensors",
+                       "does not belong", "retrain")
+
+
+@pytest.mark.catalogue(74)
+def test_train_killed_while_saving_leaves_old_bundle_and_rerun_cleans(fixture_set,
+                                                                     fixture_model, tmp_path):
+    out = tmp_path / "model"
+    shutil.copytree(fixture_model["model"], out)
+    before = _bytes(out)
+    args = _train_args(fixture_set, fixture_model, out, "--set", "train.epochs=2")
+    res = run_killed(args, match="bundle.json", nth=1)
+    assert res.returncode == 137, res.stderr[-2000:]
+    assert _bytes(out) == before
+    assert_ok(run("predict", "--model", out, TEST_IMAGE))
+    assert_ok(run(*args))
+    assert _orphans(out) == []
+    assert _bytes(out)["heads.safetensors"] != before["heads.safetensors"]
+
+
+# ---------------------------------------------------------------------------- damaged bundles
+class _Evil:
+    """Unpickling it creates ``marker``: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _json_edit(file: Path, edit) -> None:
+    import json
+
+    data = json.loads(file.read_text())
+    edit(data)
+    file.write_text(json.dumps(data))
+
+
+def _evil_heads(m: Path, marker: Path) -> None:
+    import torch
+
+    torch.save({"species.weight": _Evil(marker)}, m / "heads.safetensors")
+
+
+def _npz_object(m: Path, marker: Path) -> None:
+    with np.load(m / "openset.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["train_X"] = np.array([_Evil(marker)], dtype=object)
+    np.savez(m / "openset.npz", **arrays)
+
+
+def _npz_pickle(m: Path, marker: Path) -> None:
+    import pickle
+
+    (m / "openset.npz").write_bytes(pickle.dumps(_Evil(marker)))
+
+
+def _other_taxonomy(m: Path, marker: Path, *, extra_species: bool) -> None:
+    def edit(d):
+        if extra_species:
+            d["nodes"].append(["Sapindaceae", "Acer", "Acer pseudoplatanus"])
+        else:
+            d["nodes"] = [n[:-1] + [n[-1] + " x"] if len(n) == 3 else n for n in d["nodes"]]
+    _json_edit(m / "taxonomy.json", edit)
+    _json_edit(m / "labels.json", lambda d: d["species"].append("Acer pseudoplatanus")
+               if extra_species else d.update(species=[s + " x" for s in d["species"]]))
+
+
+def _other_heads(m: Path, marker: Path) -> None:
+    from safetensors.torch import save_file
+
+    from taxoclass.model.heads import MultiRankHead
+
+    head = MultiRankHead(32, {"family": 2, "genus": 3, "species": 6})
+    save_file(dict(head.state_dict()), str(m / "heads.safetensors"))
+
+
+def _truncate(m: Path, marker: Path) -> None:
+    data = (m / "heads.safetensors").read_bytes()
+    (m / "heads.safetensors").write_bytes(data[: len(data) // 2])
+
+
+DAMAGES = {  # row: (damage, fragments of the message, also without part hashes)
+    77: (_evil_heads, ["heads.safetensors"], True),
+    78: (_npz_object, ["openset.npz"], True),
+    79: (_npz_pickle, ["openset.npz"], True),
+    83: (lambda m, _: (m / "bundle.json").write_text("{not json"), ["bundle.json", "json"],
+         False),
+    84: (lambda m, _: _json_edit(m / "openset.json", lambda d: d["detector"]["params"].update(
+        evil=1)), ["openset.json"], True),
+    85: (lambda m, _: _json_edit(m / "openset.json", lambda d: d["detector"].update(
+        version=99)), ["openset.json"], True),
+    86: (lambda m, x: _other_taxonomy(m, x, extra_species=True), ["taxonomy.json"], True),
+    87: (lambda m, x: _other_taxonomy(m, x, extra_species=False), ["taxonomy.json"], False),
+    88: (_truncate, ["heads.safetensors"], True),
+    89: (_other_heads, ["heads.safetensors"], True),
+    90: (lambda m, _: (m / "openset.npz").unlink(), ["openset.npz", "incomplete"], True),
+}
+_CASES = [pytest.param(row, hashes, id=f"{row}-{'hashes' if hashes else 'legacy'}",
+                       marks=pytest.mark.catalogue(row))
+          for row, (_, _, legacy) in DAMAGES.items() for hashes in (True, False)
+          if hashes or legacy]
+
+
+@pytest.mark.parametrize(("row", "hashes"), _CASES)
+def test_damaged_bundle_is_a_clear_error(fixture_model, tmp_path, row, hashes):
+    """Each damaged part is refused with a BundleError naming the file and the fix (with the
+    part hashes of bundle.json, and for bundles written before them); no code runs."""
+    damage, fragments, _ = DAMAGES[row]
+    m, marker = tmp_path / "model", tmp_path / "pwned"
+    shutil.copytree(fixture_model["model"], m)
+    if not hashes:  # a bundle written before part hashes
+        _json_edit(m / "bundle.json", lambda d: d.pop("parts"))
+    damage(m, marker)
+    res = run("predict", "--model", m, TEST_IMAGE)
+    assert_clear_error(res, *fragments, "retrain", "restore")
+    if hashes and row not in (83, 90):
+        assert "does not belong to this bundle" in res.output, res.output
+    assert not marker.exists()
+    # the fix the message names: restore the whole folder (or retrain)
+    shutil.rmtree(m)
+    shutil.copytree(fixture_model["model"], m)
+    assert_ok(run("predict", "--model", m, TEST_IMAGE))
+
+
+@pytest.mark.catalogue(90)
+def test_taxonomy_not_a_tree_is_a_clear_error(fixture_model, tmp_path):
+    m = tmp_path / "model"
+    shutil.copytree(fixture_model["model"], m)
+    (m / "taxonomy.json").write_text("[]")
+    assert_clear_error(run("predict", "--model", m, TEST_IMAGE), "taxonomy.json", "retrain")
+    _json_edit(m / "bundle.json", lambda d: d.pop("parts"))
+    assert_clear_error(run("predict", "--model", m, TEST_IMAGE), "taxonomy.json", "malformed")
+
+
+@pytest.mark.catalogue(82)
+def test_unknown_bundle_format_is_refused(fixture_model, tmp_path):
+    m = tmp_path / "model"
+    shutil.copytree(fixture_model["model"], m)
+    _json_edit(m / "bundle.json", lambda d: d.update(format_version=2))
+    assert_clear_error(run("predict", "--model", m, TEST_IMAGE), "bundle.json",
+                       "bundle format 2", "reads format 1")
+
+
+@pytest.mark.catalogue(80, 81)
+@pytest.mark.parametrize("where", ["checkpoint", "overlay"])
+def test_backbone_pickle_named_by_bundle_json_never_runs(fixture_model, tmp_path, where):
+    import torch
+
+    m, marker, evil = tmp_path / "model", tmp_path / "pwned", tmp_path / "evil.pth"
+    shutil.copytree(fixture_model["model"], m)
+    torch.save({"pos_embed": _Evil(marker)}, evil)
+    if where == "checkpoint":
+        _json_edit(m / "bundle.json", lambda d: d["backbone"].update(checkpoint=str(evil)))
+    else:
+        _json_edit(m / "bundle.json", lambda d: d["backbone"].update(
+            checkpoint=None, model_kwargs={**d["backbone"]["model_kwargs"],
+                                           "pretrained_cfg_overlay": {"file": str(evil)}}))
+    res = run("predict", "--model", m, TEST_IMAGE)
+    assert_clear_error(res, "evil.pth", "refused", "no code")
+    assert "could not be reached" not in res.output  # row 81: the hub was never the problem
+    assert not marker.exists()
+
+
+def test_old_bundle_without_hashes_loads_with_a_warning(fixture_model, tmp_path, caplog):
+    from taxoclass.bundle import ModelBundle
+
+    m = tmp_path / "model"
+    shutil.copytree(fixture_model["model"], m)
+    _json_edit(m / "bundle.json", lambda d: d.pop("parts"))
+    assert ModelBundle.load(m).taxonomy.sizes["species"] == 6
+    assert "without part hashes" in caplog.text
+
+
+def test_update_extra_keeps_part_hashes(fixture_model, tmp_path):
+    from taxoclass.bundle import ModelBundle
+
+    m = tmp_path / "model"
+    shutil.copytree(fixture_model["model"], m)
+    b = ModelBundle.load(m)
+    b.update_extra(m, {"thresholds": [0.5]})
+    assert ModelBundle.load(m).extra["thresholds"] == [0.5]
+    assert ModelBundle.load(m).parts == b.parts
