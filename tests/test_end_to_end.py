@@ -77,7 +77,7 @@ def test_validate_fixture_files_and_a_broken_copy(fixture_set, tmp_path):
                                "--report", str(report)])
     assert res.exit_code == 1 and "FAILED" in res.output
     problems = pd.read_csv(report)
-    assert (problems["severity"] == "error").sum() >= 2
+    assert (problems["severity"] == "error").sum() >= 1  # Acer in two families: a warning
     assert problems["found"].str.contains("missing.jpg").any()
     assert problems.apply(lambda r: "Acer" in f"{r['record']} {r['found']}", axis=1).any()
 
