@@ -60,3 +60,26 @@ def test_cli_records_its_command_only_while_it_runs(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["--version"])
     assert res.exit_code == 0
     assert provenance.command_line() == "pytest"
+
+
+def test_output_files_follow_the_umask_without_setting_it(tmp_path, monkeypatch):
+    """Files and staged folders get the umask's mode; the umask is read, never set (setting
+    it to read it back would race with other threads)."""
+    import os
+    import stat
+
+    from taxoclass.io.files import atomic_write_text, output_folder, process_umask
+
+    mask = os.umask(0o027)
+    try:
+        def no_umask(_mask):
+            raise AssertionError("os.umask called")
+        monkeypatch.setattr(os, "umask", no_umask)
+        assert process_umask() == 0o027
+        with output_folder(tmp_path / "out") as stage:
+            atomic_write_text(stage / "a.txt", "x")
+    finally:
+        monkeypatch.undo()
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "out" / "a.txt").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
