@@ -17,7 +17,7 @@ def load_taxonomy(source: str | Path, ranks: Sequence[str] = DEFAULT_RANKS) -> T
     if not source.exists():
         raise AnnotationError(f"{source}: not found. Expected an annotations JSON or a species "
                               "table (CSV).")
-    if source.suffix.lower() == ".json":
-        return load_annotations(source).taxonomy(ranks)
+    if source.suffix.lower() == ".json":  # image paths play no part in a taxonomy
+        return load_annotations(source, allow_outside_root=True).taxonomy(ranks)
     table = read_species_table(source)
     return Taxonomy.from_records(table.to_dict("records"), ranks, source=str(source))
