@@ -335,6 +335,10 @@ def compute_embeddings(
     ids, paths = normalise_items(items)
     store = EmbeddingStore(root / STORE_DIR)
     with store.session(overwrite=overwrite) as st:
+        if st.writable:  # temporary files of a killed run's request (it held the lock)
+            for name in (MANIFEST, *REQUEST_FILES):
+                for tmp in root.glob(f".{name}.*.tmp"):
+                    tmp.unlink(missing_ok=True)
         if overwrite:
             for name in (MANIFEST, *REQUEST_FILES):
                 (root / name).unlink(missing_ok=True)

@@ -134,6 +134,8 @@ class EmbeddingStore:
                 self._acquire(fd)
             if overwrite:
                 self._clear()
+            elif self.writable:
+                self._remove_orphans()
             yield self
             self.flush_index()
         finally:
@@ -164,6 +166,12 @@ class EmbeddingStore:
         if not self.writable:
             raise CacheError(f"Embedding store {str(self.root)!r} is read-only and {what}. "
                              f"Fix: make the folder writable, or pass another --out folder.")
+
+    def _remove_orphans(self) -> None:
+        """Temporary files of killed runs (no writer is active: this run holds the lock)."""
+        for pattern in (".*.tmp", "*/.*.tmp", f"*/{VECTOR_DIR}/.*.tmp"):
+            for tmp in self.root.glob(pattern):
+                tmp.unlink(missing_ok=True)
 
     def _clear(self) -> None:
         self.require_writable("--overwrite would delete it")
