@@ -543,3 +543,21 @@ def test_update_extra_keeps_part_hashes(fixture_model, tmp_path):
     b.update_extra(m, {"thresholds": [0.5]})
     assert ModelBundle.load(m).extra["thresholds"] == [0.5]
     assert ModelBundle.load(m).parts == b.parts
+
+
+def test_bundle_backbone_checkpoint_is_bound_by_its_hash(fixture_model, fixture_set, tmp_path):
+    """A fine-tuned bundle's own backbone.pth is a part: changed, it is refused when built."""
+    from taxoclass.bundle import ModelBundle
+
+    b = ModelBundle.load(fixture_model["model"])
+    b.backbone = {**b.backbone, "checkpoint": "backbone.pth"}
+    m = tmp_path / "ft"
+    with output_folder(m) as stage:
+        shutil.copyfile(fixture_set["ckpt"], stage / "backbone.pth")
+        b.write(stage)
+    assert "backbone.pth" in ModelBundle.load(m).parts
+    assert_ok(run("predict", "--model", m, TEST_IMAGE))
+    with open(m / "backbone.pth", "ab") as fh:
+        fh.write(b"\0")
+    assert_clear_error(run("predict", "--model", m, TEST_IMAGE), "backbone.pth",
+                       "does not belong", "retrain")
