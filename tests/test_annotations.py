@@ -86,8 +86,49 @@ def test_load_refuses_inconsistent_file(tmp_path, leaf_dict):
     d["annotations"][1]["category_id"] = 999
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(d))
-    with pytest.raises(AnnotationError, match="taxoclass validate"):
-        load_annotations(path)
+    with pytest.raises(AnnotationError, match=r"ann\.json: ERROR \$\.annotations\[1\]") as err:
+        load_annotations(path)  # one problem: one line
+    assert "\n" not in str(err.value) and "Fix:" in str(err.value)
+    d["annotations"][2]["category_id"] = 998
+    path.write_text(json.dumps(d))
+    with pytest.raises(AnnotationError, match="has 2 problems") as err:
+        load_annotations(path)  # several: the list, and where the full report is
+    assert "taxoclass validate" in str(err.value)
+
+
+def test_embed_load_refuses_image_problems_and_warns_about_labels(tmp_path, leaf_dict, caplog):
+    d = copy.deepcopy(leaf_dict)
+    d["annotations"][1]["category_id"] = 999
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(d))
+    with caplog.at_level("WARNING", logger="taxoclass"):
+        ann = load_annotations(path, check=False)  # label problems: a warning
+    assert len(ann.images) == 990 and "training and evaluation will refuse" in caplog.text
+    d["images"][0]["file_name"] = "../outside.jpg"
+    path.write_text(json.dumps(d))
+    with pytest.raises(AnnotationError, match="leaves the images root"):
+        load_annotations(path, check=False)
+    assert len(load_annotations(path, check=False, allow_outside_root=True).images) == 990
+
+
+def test_outside_root_and_text_collisions(leaf_dict):
+    from taxoclass.taxonomy.annotations import outside_root_allowed, outside_root_reason
+
+    assert outside_root_reason("images/1.jpg") is None
+    assert outside_root_reason("images/../images/1.jpg") is None
+    assert outside_root_reason("images/../../x.jpg") == "a path that leaves the images root ('..')"
+    for absolute in ("/etc/passwd", "~/x.jpg", "C:\\x.jpg", "\\\\server\\x.jpg"):
+        assert outside_root_reason(absolute) == "an absolute path", absolute
+    d = copy.deepcopy(leaf_dict)
+    d["images"][0]["file_name"] = "/etc/hostname"
+    assert not validate_annotations(d).ok
+    with outside_root_allowed():
+        assert validate_annotations(d).ok
+    assert not validate_annotations(d).ok  # the context ends with the block
+    d = copy.deepcopy(leaf_dict)
+    d["images"][5]["image_id"] = str(d["images"][0]["image_id"])
+    msgs = _messages(d)
+    assert any("$.images[5].image_id" in m and "reads as '1'" in m for m in msgs)
 
 
 def test_missing_images_root_is_reported(leaf_dict, tmp_path):

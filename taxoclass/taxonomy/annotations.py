@@ -200,8 +200,10 @@ def load_annotations(path: str | Path, *, images_root: str | Path | None = None,
     report = validate_annotations(data, source_name=str(path), images_root=images_root,
                                   allow_outside_root=allow_outside_root)
     errors = report.errors if check else [p for p in report.errors if _is_image_problem(p)]
+    if len(errors) == 1:
+        raise AnnotationError(f"{path}: {errors[0]}")
     if errors:
-        raise AnnotationError(f"{path} has {len(errors)} problem(s):\n"
+        raise AnnotationError(f"{path} has {len(errors)} problems:\n"
                               + "\n".join(str(p) for p in errors[:20])
                               + (f"\n... and {len(errors) - 20} more" if len(errors) > 20
                                  else "")
