@@ -223,7 +223,7 @@ class DataConfig(Section):
     annotations: str | None = None    # Herbarium 2022-style annotations JSON
     images_root: str | None = None    # folder the images' file_name paths are relative to
     ranks: list[str] = _opt(factory=lambda: ["family", "genus", "species"])
-    val_fraction: float = _opt(0.3, ge=0, lt=1)  # seeded split stratified by the lowest rank
+    val_fraction: float = _opt(0.3, gt=0, lt=1)  # seeded split stratified by the lowest rank
     split_seed: int = 0
     split_file: str | None = None     # optional CSV image_id,split (train/val) given by the user
     holdout_species: list[str] = _opt(factory=list)  # binomials left out (open-set tests)
@@ -279,6 +279,12 @@ class LossConfig(Section):
     class_balanced: bool = False
     class_balanced_beta: float = _opt(0.999, ge=0, lt=1)
     label_smoothing: float = _opt(0.0, ge=0, lt=1)
+
+    def check(self, *, where: str | None = None) -> None:
+        super().check(where=where)
+        where = where or self.section
+        for rank, w in (self.rank_weights or {}).items():
+            _check_value(f"{where}.rank_weights.{rank}", w, float, {"ge": 0})
 
 
 @dataclass

@@ -57,6 +57,12 @@ def test_partial_section_takes_the_defaults():
                              "'argmax'."),
     ("finetune.unfreeze_blocks=-2", "finetune.unfreeze_blocks: expected an integer >= -1, "
                                     "found -2."),
+    ("data.val_fraction=0", "data.val_fraction: expected a number > 0 and < 1, found 0."),
+    ("loss.rank_weights={species: -1}", "loss.rank_weights.species: expected a number >= 0, "
+                                        "found -1."),
+    ("train=5", "train: expected a mapping of keys to values, found int (5)."),
+    ("data.allow_outside_root=maybe", "data.allow_outside_root: expected true or false, found "
+                                      "'maybe'."),
 ])
 def test_bad_values_are_clear_errors(override, message):
     with pytest.raises(ConfigError) as err:
