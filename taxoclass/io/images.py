@@ -11,6 +11,7 @@ missing, unreadable, larger than PIL's decompression-bomb limit or smaller than
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -123,7 +124,9 @@ def _open(path: str | Path) -> Image.Image:
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:  # over twice PIL's limit: refused by open()
-        raise ImageError(_too_large(path, str(exc))) from exc
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        found = f"{int(pixels.group(1)):,} pixels" if pixels else str(exc).rstrip(".")
+        raise ImageError(_too_large(path, found)) from exc
     except UnidentifiedImageError as exc:
         raise ImageError(
             f"Image {str(path)!r} cannot be decoded (cannot identify image file: empty, not "
