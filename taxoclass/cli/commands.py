@@ -86,7 +86,8 @@ def taxonomy(source: Path, ranks: str, csv_out: Path | None) -> None:
               help="Folder the file_name paths are relative to [default: the JSON's folder].")
 @click.option("--backbone", default="vit_base_patch14_reg4_dinov2.lvd142m", show_default=True,
               help="Any timm model name, or an alias: 'dinov2', 'efficientnet-lite0' (real "
-                   "ImageNet weights that install offline).")
+                   "ImageNet weights that install offline). Hub weights are downloaded once "
+                   "(TAXOCLASS_OFFLINE=1: never; only the local cache is used).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Local weights: a timm state dict or a PlantCLEF model_best.pth.tar.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
