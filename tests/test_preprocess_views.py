@@ -14,7 +14,7 @@ from PIL import Image
 
 from taxoclass.bundle import ModelBundle
 from taxoclass.cli import main
-from taxoclass.errors import BackboneError, CacheError
+from taxoclass.errors import BackboneError
 from taxoclass.features.backbones import backbone_spec, create_backbone, preprocess_overrides
 from taxoclass.features.embeddings import load_embeddings
 from taxoclass.pipelines.data import config_embeddings
@@ -128,18 +128,24 @@ def test_train_with_views_and_letterbox(small_leaf, tmp_path):
     assert np.abs(again - cache.embeddings[:1]).max() < 1e-4
 
 
-def test_cache_of_other_preprocessing_is_refused(small_leaf, tmp_path):
+def test_other_preprocessing_is_stored_beside_the_first(small_leaf, tmp_path):
+    """Issue 14: one cache folder holds the vectors of several preprocessing settings side
+    by side (it used to refuse the second); each setting gets its own vectors."""
     d = small_leaf
     from taxoclass.config import DEFAULTS, deep_merge
     from taxoclass.taxonomy.annotations import load_annotations
 
     rows = load_annotations(d["ann"]).labelled_images(d["root"]).head(4)
     crop = deep_merge(DEFAULTS, _config(d, tmp_path, image_size=56, resize="crop"))
-    x, found, _ = config_embeddings(crop, rows)
+    x, found, desc = config_embeddings(crop, rows)
     assert found.all() and x.shape == (4, 64)
     box = deep_merge(DEFAULTS, _config(d, tmp_path, image_size=56, resize="letterbox"))
-    with pytest.raises(CacheError, match="crop_mode.*center.*border|border.*center"):
-        config_embeddings(box, rows)
+    xb, found_b, desc_b = config_embeddings(box, rows)
+    assert found_b.all() and not np.allclose(x, xb)
+    assert desc["data_config"]["crop_mode"] == "center"
+    assert desc_b["data_config"]["crop_mode"] == "border"
+    again, _, _ = config_embeddings(crop, rows)
+    assert np.array_equal(again, x)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"image_size": 96, "resize": "letterbox"},

@@ -257,14 +257,30 @@ def _spec_key(store: EmbeddingStore, spec: dict, device: str, precision: str) ->
 
 
 def embed_with_spec(paths: Sequence[str], folder: str | Path, spec: dict[str, Any], *,
-                    device: str = "cpu", precision: str = "auto",
-                    batch_size: int | None = None, num_workers: int = 0,
-                    progress: Progress | None = None) -> StoreResult:
+                    ids: Sequence[str] | None = None, device: str = "cpu",
+                    precision: str = "auto", batch_size: int | None = None,
+                    num_workers: int = 0, progress: Progress | None = None) -> StoreResult:
     """Vectors of ``paths`` from the store in ``folder`` for a backbone spec; the model is
-    loaded only when some image must be embedded. Writes no request files."""
+    loaded only when some image must be embedded.
+
+    With ``ids`` (the rows' labels), the request files (``embeddings.npy`` ...) are written
+    too when ``folder`` holds none yet or holds this same request; another request's
+    files (say, of ``taxoclass embed``) are left as they are.
+    """
+    store = EmbeddingStore(Path(folder) / STORE_DIR)
+    with store.session() as st:
+        res = _spec_vectors(st, paths, spec, device=device, precision=precision,
+                            batch_size=batch_size, num_workers=num_workers, progress=progress)
+        if ids is not None and st.writable and res.complete:
+            _publish_own_request(Path(folder), st, [str(i) for i in ids],
+                                 [str(p) for p in paths], res, batch_size=batch_size)
+        return res
+
+
+def _spec_vectors(st: EmbeddingStore, paths: Sequence[str], spec: dict[str, Any], *,
+                  device: str, precision: str, **kwargs: Any) -> StoreResult:
     from taxoclass.features.backbones import backbone_from_spec
 
-    store = EmbeddingStore(Path(folder) / STORE_DIR)
     loaded: list[Backbone] = []
 
     def get_backbone() -> Backbone:
@@ -272,33 +288,45 @@ def embed_with_spec(paths: Sequence[str], folder: str | Path, spec: dict[str, An
             loaded.append(backbone_from_spec(spec, device=device, precision=precision))
         return loaded[0]
 
-    with store.session() as st:
-        key = _spec_key(st, spec, device, precision)
-        ident = st.spec_identity(key)
-        if ident is not None:
-            desc = st.description(ident)
+    key = _spec_key(st, spec, device, precision)
+    ident = st.spec_identity(key)
+    if ident is not None:
+        desc = st.description(ident)
 
-            def checked() -> Backbone:
-                if identity_hash(get_backbone().describe()) != ident:
-                    raise _IdentityChanged
-                return loaded[0]
+        def checked() -> Backbone:
+            if identity_hash(get_backbone().describe()) != ident:
+                raise _IdentityChanged
+            return loaded[0]
 
-            try:
-                res = embed_into_store(st, paths, ident=ident, dim=int(desc["num_features"]),
-                                       get_backbone=checked, batch_size=batch_size,
-                                       num_workers=num_workers, progress=progress)
-                res.description = desc
-                return res
-            except _IdentityChanged:
-                log.warning("backbone %s now builds another model than when %s was made; "
-                            "its images are embedded again", spec.get("name"), folder)
-        desc = get_backbone().describe()
-        ident = st.remember(desc, key)
-        res = embed_into_store(st, paths, ident=ident, dim=int(desc["num_features"]),
-                               get_backbone=get_backbone, batch_size=batch_size,
-                               num_workers=num_workers, progress=progress)
-        res.description = desc
-        return res
+        try:
+            res = embed_into_store(st, paths, ident=ident, dim=int(desc["num_features"]),
+                                   get_backbone=checked, **kwargs)
+            res.description = desc
+            return res
+        except _IdentityChanged:
+            log.warning("backbone %s now builds another model than when its vectors in %s "
+                        "were made; its images are embedded again", spec.get("name"), st.root)
+    desc = get_backbone().describe()
+    ident = st.remember(desc, key)
+    res = embed_into_store(st, paths, ident=ident, dim=int(desc["num_features"]),
+                           get_backbone=get_backbone, **kwargs)
+    res.description = desc
+    return res
+
+
+def _publish_own_request(root: Path, st: EmbeddingStore, ids: list[str], paths: list[str],
+                         res: StoreResult, *, batch_size: int | None) -> None:
+    old = _read_manifest(root)
+    plan = (old or {}).get("plan") or {}
+    if old is not None and (plan.get("image_ids_sha256"), plan.get("paths_sha256")) != (
+            _sha256_lines(ids), _sha256_lines(paths)):
+        return
+    failures = pd.DataFrame(
+        [{"image_id": ids[i], "path": paths[i], "error": res.errors.get(i, "not embedded")}
+         for i in np.flatnonzero(~res.found)], columns=FAILURE_COLUMNS)
+    manifest = _manifest(ids, paths, res, res.description, batch_size=batch_size,
+                         chunk_size=512, extra=None)
+    _publish(root, st, manifest, ids, res, failures)
 
 
 # ---------------------------------------------------------------------------- requests
@@ -361,7 +389,7 @@ def compute_embeddings(
 
 
 def _manifest(ids: list[str], paths: list[str], res: StoreResult, desc: dict, *,
-              batch_size: int, chunk_size: int, extra: dict | None) -> dict[str, Any]:
+              batch_size: int | None, chunk_size: int, extra: dict | None) -> dict[str, Any]:
     n_found = int(res.found.sum())
     row_keys = [k if f else "-" for k, f in zip(res.keys, res.found)]
     errors = [res.errors.get(i, "") for i in range(len(ids))]

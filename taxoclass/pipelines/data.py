@@ -83,7 +83,7 @@ def cached_embeddings(ids: Sequence[str], paths: Sequence[str], *, cache: str | 
     from ..features.backbones import backbone_spec
     from ..features.embeddings import embed_with_spec
 
-    res = embed_with_spec([str(p) for p in paths], cache, backbone_spec(backbone_cfg),
+    res = embed_with_spec([str(p) for p in paths], cache, backbone_spec(backbone_cfg), ids=ids,
                           batch_size=batch_size, num_workers=num_workers, progress=progress)
     failed = [(paths[i], res.errors.get(i, "not embedded")) for i in np.flatnonzero(~res.found)]
     if failed and not res.found.any():
