@@ -318,7 +318,9 @@ def test_out_that_is_a_file_is_refused_before_the_model_loads(fixture_model, fix
     outfile.write_text("keep me")
     for args in (["predict", "--model", tmp_path / "no-model", good],
                  ["flag-unknowns", "--model", tmp_path / "no-model", good],
-                 ["plot-report", "--model", tmp_path / "no-model", fixture_set["plots"]]):
+                 ["plot-report", "--model", tmp_path / "no-model", fixture_set["plots"]],
+                 ["calibrate-plots", "--model", tmp_path / "no-model", "--truth",
+                  fixture_set["truth"], fixture_set["plots"]]):
         # a model path that does not exist: the --out check must come first
         assert_clear_error(run(*args, "--out", outfile), "outfile", "not a folder")
     assert outfile.read_text() == "keep me"
