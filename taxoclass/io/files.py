@@ -204,13 +204,16 @@ def _is_live(path: Path) -> bool:
 
 
 def _rmtree(path: Path) -> None:
-    def onerror(func, p, exc_info):
-        if not isinstance(exc_info[1], FileNotFoundError):
-            raise exc_info[1]
+    """Remove a file or folder; entries another process removes meanwhile are no error."""
     if path.is_symlink() or path.is_file():
         path.unlink(missing_ok=True)
-    elif path.exists():
-        shutil.rmtree(path, onerror=onerror)
+        return
+    for _ in range(3):
+        try:
+            shutil.rmtree(path)
+            return
+        except FileNotFoundError:
+            continue
 
 
 def _keep_entries(folder: Path, keep: Iterable[str]) -> list[str]:
@@ -237,14 +240,21 @@ def recover_output_folder(out: str | Path, keep: Iterable[str] = ()) -> None:
             continue  # a running swap
         if out.exists():
             _rmtree(old)
-        else:
+            continue
+        try:
             os.rename(old, out)
             log.warning("restored %s: a run was killed while replacing it", out)
+        except OSError as exc:  # e.g. another run's folder appeared meanwhile
+            log.warning("could not restore %s from %s: %s", out, old, exc)
     for stage in dead.values():
-        if out.is_dir():  # keep entries moved out of ``out`` go back
-            for name in _keep_entries(stage, keep):
-                if not (out / name).exists():
-                    os.rename(stage / name, out / name)
+        try:
+            if out.is_dir():  # keep entries moved out of ``out`` go back
+                for name in _keep_entries(stage, keep):
+                    if not (out / name).exists():
+                        os.rename(stage / name, out / name)
+        except OSError as exc:
+            log.warning("left %s in place: %s", stage, exc)
+            continue
         _rmtree(stage)
     if out.is_dir():
         for tmp in out.glob(".*.tmp"):
@@ -271,16 +281,17 @@ def output_folder(out: str | Path, keep: Iterable[str] = ()) -> Iterator[Path]:
     recover_output_folder(out, keep)
     stage_prefix, old_prefix = _names(out)
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=stage_prefix))
-    lock = None
+    lock, committing = None, False
     try:
         os.chmod(stage, file_mode(folder=True))
         lock = _lock(stage)
         yield stage
+        committing = True
         _commit(stage, out, keep)
     except BaseException:
         held = [n for n in _keep_entries(stage, keep) if not (out / n).exists()]
-        if not held and not (out.parent / (old_prefix + stage.name[len(stage_prefix):])
-                             ).exists():
+        old = out.parent / (old_prefix + stage.name[len(stage_prefix):])
+        if not committing or not (held or old.exists()):
             _rmtree(stage)  # else a failed undo: the next call's recovery needs the stage
         raise
     finally:
@@ -289,7 +300,7 @@ def output_folder(out: str | Path, keep: Iterable[str] = ()) -> Iterator[Path]:
 
 
 def _commit(stage: Path, out: Path, keep: tuple[str, ...]) -> None:
-    """Steps 2-6 of the module doc; a failed swap puts the previous folder back."""
+    """Steps 2-5 of the module doc; a failed swap puts the previous folder back."""
     fsync_tree(stage)
     stage_prefix, old_prefix = _names(out)
     old = out.parent / (old_prefix + stage.name[len(stage_prefix):])
@@ -320,8 +331,11 @@ def _commit(stage: Path, out: Path, keep: tuple[str, ...]) -> None:
 
 def _undo_swap(stage: Path, old: Path, out: Path, keep: Iterable[str]) -> None:
     """Put the previous folder back at ``out`` with the keep entries moved to the stage."""
-    if old.exists() and not out.exists():
-        os.rename(old, out)
+    if old.exists():
+        if out.exists():  # another run's complete folder took its place: ours is obsolete
+            _rmtree(old)
+        else:
+            os.rename(old, out)
     if out.is_dir() and stage.is_dir():
         for name in _keep_entries(stage, keep):
             if not (out / name).exists():

@@ -175,6 +175,46 @@ def test_live_stage_is_not_taken_for_an_orphan(tmp_path):
     assert _tree(out) == {"a.txt": "x"}
 
 
+def test_two_writers_of_one_folder_leave_the_last_whole(tmp_path, monkeypatch):
+    """Two runs writing one ``out`` at once: each commit is whole, the last one wins, no
+    leftovers; also where the folder appears between the check and the rename."""
+    import taxoclass.io.files as files
+
+    out = tmp_path / "run"
+    with output_folder(out) as first:
+        atomic_write_text(first / "a.txt", "first")
+        with output_folder(out) as second:
+            atomic_write_text(second / "b.txt", "second")
+        assert _tree(out) == {"b.txt": "second"}
+    assert _tree(out) == {"a.txt": "first"}
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    shutil.rmtree(out)
+    real_rename, raced = os.rename, []
+
+    def racing_rename(src, dst):  # another run's folder lands at ``out`` just before ours
+        if Path(dst) == out and not out.exists() and len(raced) < 2:
+            raced.append(dst)
+            out.mkdir()
+            (out / "c.txt").write_text("other run")
+        return real_rename(src, dst)
+    monkeypatch.setattr(os, "rename", racing_rename)
+    with output_folder(out) as stage:
+        atomic_write_text(stage / "a.txt", "mine")
+    assert _tree(out) == {"a.txt": "mine"} and len(raced) == 2
+    assert _leftovers(tmp_path, "run") == []
+
+
+def test_failed_job_leaves_no_stage_even_with_its_own_keep_entry(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError), output_folder(out, keep=("embeddings",)) as stage:
+        (stage / "embeddings").mkdir()
+        raise RuntimeError("job failed")
+    assert _tree(out) == {"a.txt": "old"}
+    assert _leftovers(tmp_path, "run") == []
+
+
 def test_tmp_orphans_in_out_are_removed(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
