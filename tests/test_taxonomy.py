@@ -121,3 +121,23 @@ def test_plantclef_species_table(shared_data):
                         / "plantclef2024_species_DERIVED_genus_family_from_inat.csv")
     assert tax.n_classes("species") == 7806
     assert "Lactuca virosa L." in tax.names("species")
+
+
+def test_ranks_must_come_top_down():
+    with pytest.raises(TaxonomyError, match="not in top-down order.*family,genus,species"):
+        Taxonomy.from_records([{"family": "F", "genus": "G", "species": "s"}],
+                              ("species", "genus", "family"))
+    # rank names of the caller's own are not ordered
+    tax = Taxonomy.from_records([{"clade": "C", "genus": "G", "species": "s"}],
+                                ("clade", "genus", "species"))
+    assert tax.sizes == {"clade": 1, "genus": 1, "species": 1}
+
+
+def test_species_table_without_a_rank_column_is_refused(tmp_path):
+    from taxoclass.errors import AnnotationError
+    from taxoclass.taxonomy.loading import load_taxonomy
+
+    table = tmp_path / "t.csv"
+    table.write_text("species,genus\nAcer rubrum,Acer\n")
+    with pytest.raises(AnnotationError, match="no 'order' column"):
+        load_taxonomy(table, ("order", "family", "genus", "species"))

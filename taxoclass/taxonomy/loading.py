@@ -20,4 +20,10 @@ def load_taxonomy(source: str | Path, ranks: Sequence[str] = DEFAULT_RANKS) -> T
     if source.suffix.lower() == ".json":  # image paths play no part in a taxonomy
         return load_annotations(source, allow_outside_root=True).taxonomy(ranks)
     table = read_species_table(source)
+    missing = [r for r in ranks if r not in table.columns]
+    if missing:
+        raise AnnotationError(f"{source}: no {', '.join(repr(r) for r in missing)} column; "
+                              f"expected one column per rank {tuple(ranks)}, found columns "
+                              f"{list(table.columns)}. Add the column(s) or choose ranks the "
+                              "table has (--ranks).")
     return Taxonomy.from_records(table.to_dict("records"), ranks, source=str(source))

@@ -110,6 +110,7 @@ class Taxonomy:
         a class for it. Reports show a placeholder at its real rank (genus).
         """
         ranks = tuple(ranks)
+        _check_rank_order(ranks, source)
         rows = [[_clean(rec.get(r)) for r in ranks] for rec in records]
         if "species" in ranks and "genus" in ranks:
             si, gi = ranks.index("species"), ranks.index("genus")
@@ -358,6 +359,17 @@ class Taxonomy:
         if rank not in self.ranks:
             raise TaxonomyError(f"Unknown rank {rank!r}; this taxonomy has ranks {self.ranks}.")
         return rank
+
+
+def _check_rank_order(ranks: Sequence[str], source: str) -> None:
+    """Known ranks must come top-down (``family, genus, species``), or the tree is upside
+    down; other rank names are the caller's own and are not ordered."""
+    known = [r for r in ranks if r in KNOWN_RANKS]
+    ordered = sorted(known, key=KNOWN_RANKS.index)
+    if known != ordered:
+        raise TaxonomyError(
+            f"{source}: ranks {', '.join(ranks)} are not in top-down order. Expected them "
+            f"from the top rank to the lowest, e.g. {','.join(ordered)} (--ranks / data.ranks).")
 
 
 def _add_placeholders(graph: nx.DiGraph, ranks: Sequence[str]) -> None:

@@ -94,6 +94,9 @@ class ValidationReport:
 def read_json(path: str | Path) -> dict:
     """Read a JSON file; a missing file or broken JSON raises :class:`AnnotationError`."""
     path = Path(path)
+    if path.is_dir():
+        raise AnnotationError(f"{path}: a folder, not a file. Expected a Herbarium 2022-style "
+                              "annotations JSON; pass the file inside it.")
     if not path.is_file():
         raise AnnotationError(f"{path}: file not found. Expected a Herbarium 2022-style "
                               "annotations JSON; check the path.")
