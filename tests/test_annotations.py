@@ -152,3 +152,10 @@ def test_species_table_and_class_mapping(shared_data):
     ids = read_class_mapping(pc / "class_mapping.txt")
     assert len(ids) == 7806 and ids[0] == "1355868"
     assert set(ids) <= set(names["species_id"])
+
+
+def test_control_characters_in_file_names_are_refused(leaf_dict):
+    d = copy.deepcopy(leaf_dict)
+    d["images"][3]["file_name"] = "images/4.jpg\x00.png"  # the OS cannot even open it
+    msgs = _messages(d)
+    assert len(msgs) == 1 and "$.images[3].file_name" in msgs[0] and "\\x00" in msgs[0]

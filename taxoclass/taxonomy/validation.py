@@ -207,6 +207,7 @@ def _image_problems(images: list, images_root: str | Path | None,
     problems = _duplicate_problems("images", "image_id", images)
     problems += _text_collision_problems("images", "image_id", images)
     problems += _outside_root_problems(images, allow_outside_root)
+    problems += _control_character_problems(images)
     if images_root is not None:
         problems += _file_problems(images, Path(images_root))
     if not images:
@@ -331,6 +332,22 @@ def _outside_root_problems(images: list, allow: bool) -> list[Problem]:
             "move the image under the images root and write its path relative to it (to "
             "read images outside the root on purpose: --allow-outside-root, or "
             "data.allow_outside_root: true in a training config)"))
+    return problems
+
+
+def _control_character_problems(images: list) -> list[Problem]:
+    """``file_name``s with a NUL or another control character: no file system path has them
+    (a NUL cannot even be passed to the operating system)."""
+    problems = []
+    for i, im in enumerate(images):
+        bad = sorted({f"\\x{ord(c):02x}" for c in str(im["file_name"]) if ord(c) < 32
+                      or ord(c) == 127})
+        if bad:
+            problems.append(Problem(
+                f"$.images[{i}].file_name", _rec(im, "image_id"),
+                "a file path without control characters", f"{im['file_name']!r} (holds "
+                f"{', '.join(bad)})", "write the file's real name (a tab, newline or NUL in a "
+                "name is usually a copy-paste or export error)"))
     return problems
 
 
