@@ -159,3 +159,21 @@ def test_no_function_default_disagrees_with_its_config_section():
                         f"{cfg.data.ranks}")
     assert not disagree, "\n".join(disagree)
     assert n_checked >= 32  # the mapping above still finds the parameters it checks
+
+
+def test_split_file_is_checked(tmp_path, caplog):
+    from taxoclass.pipelines.data import read_split_file, validation_mask
+
+    path = tmp_path / "split.csv"
+    with pytest.raises(ConfigError, match="not found"):
+        read_split_file(path)
+    for text, message in (("id,part\n1,val\n", "expected columns image_id and split"),
+                          ("image_id,split\n1,val\n2,test\n", "found \\['test'\\]"),
+                          ("image_id,split\n1,val\n1,train\n", "listed twice")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            read_split_file(path)
+    path.write_text("image_id,split,fold\n1,val,0\n2,train,1\n")
+    with caplog.at_level("WARNING", logger="taxoclass"):
+        mask = validation_mask(["1", "2", "3"], [], {"split_file": str(path)})
+    assert mask.tolist() == [True, False, False] and "1 of 3 labelled images" in caplog.text

@@ -56,12 +56,44 @@ def validation_mask(ids: Sequence[str], nodes: Sequence[tuple], data: dict) -> n
     from ..model.training import stratified_split
 
     if data.get("split_file"):
-        split = pd.read_csv(data["split_file"], dtype={"image_id": str})
-        chosen = pd.Series(list(ids)).map(dict(zip(split["image_id"], split["split"])))
+        chosen = pd.Series(list(ids)).map(read_split_file(data["split_file"]))
+        missing = chosen.isna()
+        if missing.any():
+            log.warning("data.split_file %s: %d of %d labelled images are not listed (e.g. %s); "
+                        "they train.", data["split_file"], int(missing.sum()), len(ids),
+                        ", ".join(pd.Series(list(ids))[missing].head(3)))
         return (chosen == "val").to_numpy()
     strata = np.array(["/".join(n) for n in nodes])
     return stratified_split(strata, float(data["val_fraction"]),
                             int(data["split_seed"]))
+
+
+def read_split_file(path: str | Path) -> dict[str, str]:
+    """``image_id -> "train" | "val"`` from a split CSV (columns image_id, split), checked."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"data.split_file {path}: not found. Expected a CSV with columns "
+                          "image_id,split (train or val), e.g. a bundle's split.csv.")
+    try:
+        split = pd.read_csv(path, dtype={"image_id": str, "split": str},
+                            keep_default_na=False)
+    except (ValueError, UnicodeDecodeError) as exc:  # pandas' parser errors are ValueErrors
+        raise ConfigError(f"data.split_file {path}: not a readable CSV ({exc}).") from exc
+    if not {"image_id", "split"} <= set(split.columns):
+        raise ConfigError(f"data.split_file {path}: expected columns image_id and split, found "
+                          f"{list(split.columns)}.")
+    bad = sorted(set(split["split"]) - {"train", "val"})
+    if bad:
+        raise ConfigError(f"data.split_file {path}: expected split values 'train' or 'val', "
+                          f"found {bad[:5]}. Fix: mark each image train or val (drop the "
+                          "others, e.g. test images, from the file and the annotations).")
+    dup = split["image_id"][split["image_id"].duplicated()]
+    if len(dup):
+        raise ConfigError(f"data.split_file {path}: image ids listed twice, e.g. "
+                          f"{dup.head(3).tolist()}; list each image once.")
+    return dict(zip(split["image_id"], split["split"]))
 
 
 def cached_embeddings(ids: Sequence[str], paths: Sequence[str], *, cache: str | Path,
