@@ -17,6 +17,10 @@ Each backbone identity (weights and preprocessing) has its own sub-folder, so se
 live side by side. Vector files are written atomically under content-derived names;
 a damaged one is reported, removed and its vectors computed again. Failed images are
 never stored: they are tried again on every run.
+
+:func:`embed_into_store` gives the vectors of a list of files in that order, computing
+the missing ones chunk by chunk (chunk and batch boundaries fixed by the list, so a
+resumed run gives bit-identical vectors).
 """
 
 from __future__ import annotations
@@ -31,13 +35,16 @@ import stat
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from taxoclass.errors import CacheError
+from taxoclass.features.backbones import Backbone
+from taxoclass.features.batching import auto_batch_size, embed_batches
 from taxoclass.io.files import atomic_write, atomic_write_json
 
 try:  # POSIX; elsewhere runs on one store are not serialised
@@ -47,7 +54,10 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IDENTITY_KEYS", "STORE_DIR", "EmbeddingStore", "identity_hash", "sha256_file"]
+__all__ = ["IDENTITY_KEYS", "STORE_DIR", "EmbeddingStore", "StoreResult", "embed_into_store",
+           "identity_hash", "sha256_file"]
+
+Progress = Callable[[int, int], None]
 
 STORE_DIR = "store"
 LOCK = ".lock"
@@ -321,3 +331,109 @@ class EmbeddingStore:
         for row, key in enumerate(keys):
             where.setdefault(key, (path, row))
         self._arrays[path] = arrays["embeddings"]
+
+
+@dataclass
+class StoreResult:
+    """Vectors of a list of files, in that order, from (and into) a store."""
+
+    embeddings: np.ndarray          # [n, d] float32; zero rows where not ``found``
+    found: np.ndarray               # [n] bool
+    keys: list[str | None]          # sha256 of each file's bytes (None: unreadable)
+    errors: dict[int, str]          # index -> why that image failed in this run
+    n_computed: int
+    n_reused: int
+    complete: bool                  # False when ``max_chunks`` stopped the run early
+    description: dict = field(default_factory=dict)
+    identity: str = ""
+
+
+# ---------------------------------------------------------------------------- embedding
+
+
+def _chunks_to_embed(keys: list[str | None], have: dict, chunk_size: int) -> list[list[int]]:
+    """Per chunk of the request (fixed boundaries), the rows whose vector must be
+    computed: unreadable files (tried again) and the first row of each new content."""
+    seen = set(have)
+    chunks = []
+    for start in range(0, len(keys), chunk_size):
+        todo = []
+        for i in range(start, min(start + chunk_size, len(keys))):
+            key = keys[i]
+            if key is None or key not in seen:
+                todo.append(i)
+                if key is not None:
+                    seen.add(key)
+        if todo:
+            chunks.append(todo)
+    return chunks
+
+
+def _embed_chunks(store: EmbeddingStore, ident: str, dim: int, paths: Sequence[str],
+                  keys: list[str | None], pending: list[list[int]], backbone: Backbone, *,
+                  batch_size: int, num_workers: int, done: int,
+                  progress: Progress | None) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """Embed the ``pending`` rows; each chunk goes to the store when it is finished."""
+    computed: dict[int, np.ndarray] = {}
+    errors: dict[int, str] = {}
+    batches = [todo[s : s + batch_size] for todo in pending
+               for s in range(0, len(todo), batch_size)]
+    chunk_of = {i: c for c, todo in enumerate(pending) for i in todo}
+    left = [len(todo) for todo in pending]
+    for ok_idx, feats, bad in embed_batches(paths, backbone, batches, num_workers=num_workers):
+        if feats is not None and feats.shape[1] != dim:
+            raise CacheError(f"Backbone returned {feats.shape[1]}-dim features but its "
+                             f"num_features says {dim}. Fix: check the backbone's forward_head.")
+        for row, i in enumerate(ok_idx):
+            computed[i] = feats[row]
+        errors.update(bad)
+        chunk = chunk_of[(ok_idx or [i for i, _ in bad])[0]]
+        left[chunk] -= len(ok_idx) + len(bad)
+        if left[chunk] == 0:
+            rows = [i for i in pending[chunk] if i in computed and keys[i] is not None]
+            store.put(ident, [keys[i] for i in rows],
+                      np.stack([computed[i] for i in rows]) if rows else np.zeros((0, dim)))
+        done += len(ok_idx) + len(bad)
+        if progress is not None:
+            progress(done, len(paths))
+    return computed, errors
+
+
+def embed_into_store(store: EmbeddingStore, paths: Sequence[str], *, ident: str, dim: int,
+                     get_backbone: Callable[[], Backbone], batch_size: int | None = None,
+                     num_workers: int = 0, chunk_size: int = 512,
+                     progress: Progress | None = None,
+                     max_chunks: int | None = None) -> StoreResult:
+    """Vectors of ``paths`` (in that order): stored ones reused by content, the rest
+    computed in chunks and stored. ``get_backbone`` is called only when something must
+    be computed; ``max_chunks`` stops after that many chunks (``complete`` false)."""
+    keys = store.content_keys(paths)
+    have = store.lookup(ident, keys, dim)
+    n_reused = sum(k in have for k in keys if k is not None)
+    todo = _chunks_to_embed(keys, have, chunk_size)
+    pending = todo if max_chunks is None else todo[: max(0, max_chunks)]
+    if progress is not None:
+        progress(n_reused, len(paths))
+    computed: dict[int, np.ndarray] = {}
+    errors: dict[int, str] = {}
+    if pending:
+        store.require_writable(f"{sum(map(len, pending))} image(s) must be embedded")
+        backbone = get_backbone()
+        computed, errors = _embed_chunks(
+            store, ident, dim, paths, keys, pending, backbone,
+            batch_size=batch_size or auto_batch_size(backbone.device),
+            num_workers=num_workers, done=n_reused, progress=progress)
+    by_key = {keys[i]: v for i, v in computed.items() if keys[i] is not None}
+    emb = np.zeros((len(paths), dim), dtype=np.float32)
+    found = np.zeros(len(paths), dtype=bool)
+    for i, key in enumerate(keys):
+        vec = computed.get(i)
+        if vec is None and key is not None:
+            vec = have.get(key, by_key.get(key))
+        if vec is not None:
+            emb[i], found[i] = vec, True
+    if progress is not None and len(pending) == len(todo):
+        progress(len(paths), len(paths))
+    return StoreResult(embeddings=emb, found=found, keys=keys, errors=errors,
+                       n_computed=sum(map(len, pending)), n_reused=n_reused,
+                       complete=len(pending) == len(todo), identity=ident)

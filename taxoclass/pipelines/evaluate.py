@@ -31,6 +31,8 @@ SPLITS = ("auto", "all", "val", "train")
 
 EVALUATION_FILES = ("metrics.json", "confusion.csv", "predictions.csv", "provenance.json",
                     "config.yaml")
+OPENSET_FILES = ("openset_metrics.json", "openset_detection.csv", "openset_risk_coverage.csv",
+                 "openset_predictions.csv", "provenance.json", "config.yaml")
 
 
 @contextlib.contextmanager
@@ -150,14 +152,26 @@ def _split_rows(rows: pd.DataFrame, keys: list[str | None], split: str,
     return rows[mask].reset_index(drop=True), label, n_left
 
 
-def _write_evaluation(out: Path, model, annotations, bundle, split: str, metrics: dict,
-                      confusion: pd.DataFrame, predictions: pd.DataFrame) -> None:
-    """metrics.json, confusion.csv, predictions.csv and provenance as a unit: a kill leaves
-    the old set or the new one. The embedding store and open-set results in ``out`` are
-    carried over. A folder shared with other outputs (``--out runs/eval.json``) is not
-    swapped as a whole: there each file is replaced on its own."""
+def _write_unit(out: Path, own: Sequence[str], write: Callable[[Path], None]) -> None:
+    """Call ``write(folder)`` so that its files replace those of ``out`` as a unit: a kill
+    leaves the old set or the new one. The other results of evaluate in ``out`` and its
+    embedding store are carried over. A folder shared with other outputs (``--out
+    runs/eval.json``) is not swapped as a whole: there each file is replaced on its own."""
     from ..io.files import output_folder
 
+    others = sorted(e.name for e in out.iterdir() if e.name not in own
+                    and not e.name.startswith(".")) if out.is_dir() else []
+    known = {*EVALUATION_FILES, *OPENSET_FILES, "embeddings"}
+    if any(name not in known for name in others):
+        write(out)
+        return
+    with output_folder(out, keep=others) as stage:
+        write(stage)
+
+
+def _write_evaluation(out: Path, model, annotations, bundle, split: str, metrics: dict,
+                      confusion: pd.DataFrame, predictions: pd.DataFrame) -> None:
+    """metrics.json, confusion.csv, predictions.csv and provenance, as a unit."""
     def write(folder: Path) -> None:
         atomic_write_json(folder / "metrics.json", metrics)
         atomic_write_csv(folder / "confusion.csv", confusion)
@@ -166,13 +180,7 @@ def _write_evaluation(out: Path, model, annotations, bundle, split: str, metrics
             "model": str(Path(model).resolve()), "annotations": str(Path(annotations).resolve()),
             "split": split})
 
-    others = sorted(e.name for e in out.iterdir() if e.name not in EVALUATION_FILES
-                    and not e.name.startswith(".")) if out.is_dir() else []
-    if any(not (n == "embeddings" or n.startswith("openset_")) for n in others):
-        write(out)
-        return
-    with output_folder(out, keep=others) as stage:
-        write(stage)
+    _write_unit(out, EVALUATION_FILES, write)
 
 
 def evaluate_model(model: str | Path, annotations: str | Path, *,
@@ -378,6 +386,7 @@ def evaluate_holdout(model: str | Path, annotations: str | Path, *,
     import yaml
 
     from ..bundle import ModelBundle
+    from ..io.files import check_output_folder
     from ..openset.evaluation import (
         correct_by_rank,
         detection_table,
@@ -387,6 +396,8 @@ def evaluate_holdout(model: str | Path, annotations: str | Path, *,
         truth_names,
     )
 
+    if out:
+        check_output_folder(out)  # before the retraining
     bundle = ModelBundle.load(model)
     cfg_file = Path(model) / "config.yaml"
     if not cfg_file.is_file():
@@ -427,15 +438,19 @@ def evaluate_holdout(model: str | Path, annotations: str | Path, *,
         "risk_coverage": rc.to_dict("records"),
     }
     if out:
-        out = Path(out)
-        atomic_write_json(out / "openset_metrics.json", result)
-        atomic_write_csv(out / "openset_detection.csv", detection)
-        atomic_write_csv(out / "openset_risk_coverage.csv", rc)
         frame.insert(0, "image_id", test_rows["image_id"].astype(str).to_numpy())
         frame.insert(1, "held_out", y_unk)
-        atomic_write_csv(out / "openset_predictions.csv", frame)
-        write_provenance(out, backbone=bundle.backbone, config={
-            "model": str(Path(model).resolve()), "annotations": str(Path(annotations).resolve()),
-            "holdout_species": held, "seed": seed, "test_fraction": test_fraction,
-            "retrain": {k: cfg.get(k) for k in ("model", "loss", "train", "openset")}})
+
+        def write(folder: Path) -> None:
+            atomic_write_json(folder / "openset_metrics.json", result)
+            atomic_write_csv(folder / "openset_detection.csv", detection)
+            atomic_write_csv(folder / "openset_risk_coverage.csv", rc)
+            atomic_write_csv(folder / "openset_predictions.csv", frame)
+            write_provenance(folder, backbone=bundle.backbone, config={
+                "model": str(Path(model).resolve()),
+                "annotations": str(Path(annotations).resolve()),
+                "holdout_species": held, "seed": seed, "test_fraction": test_fraction,
+                "retrain": {k: cfg.get(k) for k in ("model", "loss", "train", "openset")}})
+
+        _write_unit(Path(out), OPENSET_FILES, write)
     return result
