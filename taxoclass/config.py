@@ -534,23 +534,23 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
 
 
 def _load_layers(path: str | Path | None, overrides: Sequence[str],
-                 defaults: Mapping[str, Any]) -> dict[str, Any]:
+                 defaults: Mapping[str, Any], _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     cfg = copy.deepcopy(dict(defaults))
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found. See configs/ for examples.")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top, found "
-                              f"{type(data).__name__}.")
-        data = dict(data)
+        data = _read_yaml(path)
         parent = data.pop("extends", None)
+        if parent is not None and not isinstance(parent, str):
+            raise ConfigError(f"{path}: extends: expected the path of another config file, "
+                              f"found {parent!r}.")
         if parent:  # another config file this one starts from (relative to this file)
-            cfg = _load_layers(path.resolve().parent / parent, (), defaults)
+            chain = (*_chain, path.resolve())
+            target = (path.resolve().parent / parent).resolve()
+            if target in chain:
+                raise ConfigError(f"{path}: extends {parent!r} goes round in a circle ("
+                                  + " -> ".join(str(p) for p in (*chain, target))
+                                  + "). Fix: remove one of the extends.")
+            cfg = _load_layers(target, (), defaults, chain)
         cfg = deep_merge(cfg, _resolve_paths(data, path.resolve().parent), where=str(path))
     for item in overrides:
         keys, value = parse_override(item)
@@ -564,6 +564,25 @@ def _load_layers(path: str | Path | None, overrides: Sequence[str],
                               f"{sorted(node)}.")
         node[keys[-1]] = value
     return _resolve_paths(cfg, Path.cwd())
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's top-level mapping (:class:`ConfigError` for anything else)."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a config file. See configs/ for examples.")
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found. See configs/ for examples.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason}); save the config as "
+                          "UTF-8.") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top, found "
+                          f"{type(data).__name__}.")
+    return dict(data)
 
 
 PATH_KEYS = {("data", "annotations"), ("data", "images_root"), ("data", "split_file"),

@@ -112,3 +112,22 @@ def test_os_errors_that_are_not_about_a_user_path_keep_their_traceback():
 def test_numeric_options_are_range_checked_before_any_work(args):
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2 and "Invalid value for" in res.output, res.output
+
+
+def test_config_files_that_cannot_load_are_clear_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="goes round in a circle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "n.yaml").write_text("extends: 5\n")
+    with pytest.raises(ConfigError, match="extends: expected the path"):
+        load_config(tmp_path / "n.yaml")
+    (tmp_path / "latin.yaml").write_bytes("out: d\xe9j\xe0\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(tmp_path / "latin.yaml")
+    with pytest.raises(ConfigError, match="a folder, not a config file"):
+        load_config(tmp_path)
+    (tmp_path / "base.yaml").write_text("train:\n  lr: 0.1\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\ntrain:\n  epochs: 3\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg["train"]["lr"] == 0.1 and cfg["train"]["epochs"] == 3

@@ -40,8 +40,9 @@ __all__ = ["Weights", "file_sha256", "from_checkpoint", "from_hub", "from_lite0_
 
 EFFICIENTNET_LITE0 = "tf_efficientnet_lite0"
 FIX_OPTIONS = (
-    "--checkpoint PATH (a local timm state dict or a PlantCLEF model_best.pth.tar) "
-    "or --backbone efficientnet-lite0 (real ImageNet weights that install offline)"
+    "--checkpoint PATH (a local timm state dict or a PlantCLEF model_best.pth.tar; config: "
+    "backbone.checkpoint) or --backbone efficientnet-lite0 (real ImageNet weights that "
+    "install offline; config: backbone.name)"
 )
 
 
