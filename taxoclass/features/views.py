@@ -32,12 +32,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from taxoclass.config import AugmentConfig
 from taxoclass.errors import CacheError, ConfigError, ImageError
 from taxoclass.io.files import atomic_write, atomic_write_csv, atomic_write_json
-from taxoclass.io.images import load_image
+from taxoclass.io.images import load_image, to_rgb
 
 __all__ = [
     "BACKGROUND_KINDS",
@@ -213,8 +213,8 @@ def _background_photo(path: str, size: int) -> Image.Image:
         with Image.open(path) as img:
             img.draft("RGB", (need, need))  # JPEG: decode at a reduced scale when possible
             img.load()
-            rgb = img.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as exc:
+            rgb = to_rgb(ImageOps.exif_transpose(img)).convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageError(
             f"Background photo {path!r} cannot be decoded ({type(exc).__name__}: {exc}). "
             f"Fix: re-export it as JPEG/PNG or remove it from the background folder.") from exc
