@@ -354,7 +354,10 @@ def _publish(root: Path, store: EmbeddingStore, manifest: dict, ids: list[str],
             and old.get("result_sha256") == manifest["result_sha256"]
             and _damage(root, old) is None):
         return EmbeddingCache(root=root, image_ids=image_ids, embeddings=emb, manifest=old)
-    store.require_writable("this request's embeddings.npy must be written")
+    if not store.writable:
+        raise CacheError(f"Embedding cache {str(root)!r} is read-only, and this request's "
+                         f"embeddings differ from the ones it holds. Fix: make the folder "
+                         f"writable, or pass another --out folder.")
     if old is not None:  # readers see an incomplete request until the new files are in
         atomic_write_json(root / MANIFEST, {**old, "complete": False})
     atomic_write(root / EMBEDDINGS_NPY, lambda fh: np.save(fh, emb, allow_pickle=False),

@@ -389,7 +389,7 @@ def _embed_chunks(store: EmbeddingStore, ident: str, dim: int, paths: Sequence[s
         errors.update(bad)
         chunk = chunk_of[(ok_idx or [i for i, _ in bad])[0]]
         left[chunk] -= len(ok_idx) + len(bad)
-        if left[chunk] == 0:
+        if left[chunk] == 0 and store.writable:  # read-only: the vectors are only returned
             rows = [i for i in pending[chunk] if i in computed and keys[i] is not None]
             store.put(ident, [keys[i] for i in rows],
                       np.stack([computed[i] for i in rows]) if rows else np.zeros((0, dim)))
@@ -417,7 +417,9 @@ def embed_into_store(store: EmbeddingStore, paths: Sequence[str], *, ident: str,
     computed: dict[int, np.ndarray] = {}
     errors: dict[int, str] = {}
     if pending:
-        store.require_writable(f"{sum(map(len, pending))} image(s) must be embedded")
+        if not store.writable:
+            log.warning("embedding store %s is read-only: %d image(s) are embedded without "
+                        "being stored", store.root, sum(map(len, pending)))
         backbone = get_backbone()
         computed, errors = _embed_chunks(
             store, ident, dim, paths, keys, pending, backbone,
