@@ -240,7 +240,7 @@ class BackboneConfig(Section):
     checkpoint: str | None = None
     class_mapping: str | None = None
     model_kwargs: dict[str, Any] = _opt(factory=dict)
-    image_size: int | None = _opt(None, ge=1)  # input side in pixels; None: the model's
+    image_size: int | None = _opt(None, ge=16, le=4096)  # input side, pixels; None: the model's
     resize: str | None = _opt(None, choices=("crop", "letterbox", "squash"))  # None: crop
     pad_fill: str | int | None = None  # letterbox border: mean | black | white | 0-255
     data_overrides: dict[str, Any] = _opt(factory=dict)  # raw timm data-config keys

@@ -251,3 +251,9 @@ def test_offline_switch_fails_at_once_naming_it(monkeypatch):
     with pytest.raises(BackboneError, match="TAXOCLASS_OFFLINE is set") as err:
         create_backbone("dinov2")
     assert "--backbone efficientnet-lite0" in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs", [{"img_size": -5}, {"embed_dim": 65}, {"img_size": "abc"}])
+def test_model_kwargs_that_cannot_build_are_clear_errors(kwargs):
+    with pytest.raises(BackboneError, match="cannot be built with model kwargs"):
+        create_backbone(DINO, pretrained=False, model_kwargs=kwargs)

@@ -58,6 +58,8 @@ def test_partial_section_takes_the_defaults():
     ("finetune.unfreeze_blocks=-2", "finetune.unfreeze_blocks: expected an integer >= -1, "
                                     "found -2."),
     ("data.val_fraction=0", "data.val_fraction: expected a number > 0 and < 1, found 0."),
+    ("backbone.image_size=100000", "backbone.image_size: expected an integer >= 16 and <= 4096 "
+                                   "or null, found 100000."),
     ("loss.rank_weights={species: -1}", "loss.rank_weights.species: expected a number >= 0, "
                                         "found -1."),
     ("train=5", "train: expected a mapping of keys to values, found int (5)."),

@@ -99,7 +99,7 @@ def taxonomy(source: Path, ranks: str, csv_out: Path | None) -> None:
 @click.option("--model-kwargs", default=None, metavar="JSON",
               help='Extra timm.create_model arguments, e.g. \'{"img_size": 224}\'; needed to '
                    "rebuild a checkpoint of a non-default shape.")
-@click.option("--image-size", type=click.IntRange(min=16), default=None,
+@click.option("--image-size", type=click.IntRange(16, 4096), default=None,
               help="Input side in pixels [default: the model's own, e.g. 224].")
 @click.option("--resize", type=click.Choice(["crop", "letterbox", "squash"]), default=None,
               help="crop: timm's centre crop (the ends of long images are lost); letterbox: "

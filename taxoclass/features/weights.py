@@ -178,7 +178,9 @@ def _load_strict(
 def _create(arch_or_name: str, kwargs: dict, **extra: Any) -> torch.nn.Module:
     try:
         return timm.create_model(arch_or_name, **{**kwargs, **extra})
-    except TypeError as exc:
+    except (TypeError, ValueError, AssertionError, KeyError, RuntimeError) as exc:
+        if not kwargs:  # timm's own defaults failed: a bug or a broken install
+            raise
         raise BackboneError(
             f"Backbone {arch_or_name!r} cannot be built with model kwargs {kwargs}: {exc}. "
             f"Fix: remove or correct the model kwargs."
@@ -352,6 +354,11 @@ def _hub_failure(name: str, kwargs: dict, exc: BaseException) -> str:
                 f"{load_failure_reason(refused)}. Only tensors are loaded (weights_only=True), "
                 f"so no code in it ran. Fix: use a .safetensors file or a state dict saved with "
                 f"torch.save(model.state_dict()), or {FIX_OPTIONS}.")
+    own = {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}
+    if own and isinstance(exc, (TypeError, ValueError, AssertionError, KeyError, RuntimeError)):
+        return (f"Backbone {name!r} with pretrained weights cannot be built with model kwargs "
+                f"{own} ({type(exc).__name__}: {str(exc)[:300]}). Fix: remove or correct the "
+                f"model kwargs (pretrained weights fix the architecture's shapes).")
     if overlay and isinstance(exc, (OSError, AssertionError, RuntimeError)):
         found = ("no such file" if isinstance(exc, FileNotFoundError)
                  else f"{type(exc).__name__}: {exc}")
