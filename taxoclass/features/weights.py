@@ -268,7 +268,11 @@ def _offline_source(name: str, kwargs: dict) -> dict:
     """``kwargs`` for timm, after checking that the hub can be reached when the weights must
     come from it: cached weights load from the cache when it cannot; otherwise a
     :class:`BackboneError` at once (timm would retry for about a minute)."""
-    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if not isinstance(overlay, dict):
+        raise BackboneError(f"model kwargs pretrained_cfg_overlay: expected a mapping (e.g. "
+                            f'{{"file": "weights.safetensors"}}), found {overlay!r}.')
+    overlay = dict(overlay)
     if overlay.get("file") or overlay.get("state_dict") is not None:
         return kwargs  # local weights: no network involved
     cfg = get_pretrained_cfg(name)
