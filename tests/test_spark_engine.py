@@ -102,9 +102,12 @@ def test_embed_matches_local_resumes_and_records_corrupt(spark, data):
     assert res.failures["error"][0] == local.failures["error"][0]
     assert (out / "failures.csv").is_file() and (out / "provenance.json").is_file()
 
-    # a finished run is reused whole; another backbone is refused
+    # a finished run is reused, except the failure, which is tried again (issue 14);
+    # another backbone is refused
     again = spark_embed(items, data["spec"], out, spark=spark)
-    assert again.n_computed == 0 and again.n_reused == len(items)
+    assert again.n_computed == 1 and again.n_reused == len(items) - 1
+    assert again.failures["image_id"].tolist() == ["bad"]
+    assert again.cache.embeddings.tobytes() == res.cache.embeddings.tobytes()
     other = dict(data["spec"], checkpoint=None, pretrained=False)
     with pytest.raises(CacheError, match="other settings"):
         spark_embed(items, other, out, spark=spark)

@@ -268,7 +268,20 @@ class SparkEmbedResult(EmbedResult):
     parquet: Path | None = None
 
 
-EMBED_SCHEMA = "order long, image_id string, path string, embedding array<float>, error string"
+EMBED_SCHEMA = ("order long, image_id string, path string, stamp string, embedding array<float>, "
+                "error string")
+# 2: rows carry the file's stamp (size:mtime_ns); a run reuses a row only for the same
+# (id, path, stamp) without an error, so changed files and failures are embedded again.
+SPARK_EMBED_FORMAT_VERSION = 2
+
+
+def _stamp(path: str) -> str:
+    """``size:mtime_ns`` of a file as the driver sees it ("" when it cannot be read)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _embed_partition(spec: dict, batch_size: int, threads: int
@@ -289,7 +302,8 @@ def _embed_partition(spec: dict, batch_size: int, threads: int
                 for i, err in bad:
                     error[i] = err
             yield pd.DataFrame({"order": batch["order"].to_numpy(), "image_id": batch["image_id"],
-                                "path": batch["path"], "embedding": embedding, "error": error})
+                                "path": batch["path"], "stamp": batch["stamp"],
+                                "embedding": embedding, "error": error})
 
     return run
 
@@ -300,7 +314,7 @@ def _embed_manifest(spec: dict, batch_size: int) -> dict[str, Any]:
     backbone = backbone_from_spec(spec)
     describe = backbone.describe()
     return {
-        "format": "taxoclass-spark-embeddings", "format_version": SPARK_FORMAT_VERSION,
+        "format": "taxoclass-spark-embeddings", "format_version": SPARK_EMBED_FORMAT_VERSION,
         "engine": "spark", "identity": {k: describe.get(k) for k in IDENTITY_KEYS},
         "dim": int(backbone.num_features), "batch_size": batch_size, "backbone": describe,
     }
@@ -317,9 +331,10 @@ def spark_embed(items: Sequence[tuple[object, str | Path]], backbone_spec: Mappi
     ``error`` (null on success), ``order`` (position in ``items`` when first run).
     ``backbone_spec``: ``name``, ``checkpoint``, ``model_kwargs``, ``pretrained`` (and
     optionally ``class_mapping``, ``data_overrides``), as for
-    :func:`~taxoclass.features.backbones.create_backbone`. Items already in the output are
-    skipped; failures are recorded once, as by the local engine, and listed in
-    ``out/failures.csv``. ``collect`` loads the embeddings of ``items`` (in item order,
+    :func:`~taxoclass.features.backbones.create_backbone`. Items already in the output with
+    the same id, path and file stamp (size, mtime) are skipped; a changed file and a
+    failed image are embedded again (failures listed in ``out/failures.csv`` until they
+    succeed). ``collect`` loads the embeddings of ``items`` (in item order,
     failures left out) into ``result.cache``; pass ``False`` for data larger than the
     driver's memory and read the Parquet folder instead.
     """
@@ -340,8 +355,13 @@ def spark_embed(items: Sequence[tuple[object, str | Path]], backbone_spec: Mappi
     root.mkdir(parents=True, exist_ok=True)
 
     session = _session(spark, master)
-    done = _done_keys(parquet, "image_id")
-    todo = [(k, i, p) for k, (i, p) in enumerate(zip(ids, paths)) if i not in done]
+    stamps = [_stamp(p) for p in paths]
+    before = _read_parquet(parquet, ["image_id", "path", "stamp", "error"])
+    done = set() if before is None else set(
+        before.loc[before["error"].isna(), ["image_id", "path", "stamp"]].itertuples(
+            index=False, name=None))
+    todo = [(k, i, p, st) for k, (i, p, st) in enumerate(zip(ids, paths, stamps))
+            if (i, p, st) not in done]
     n_reused = len(ids) - len(todo)
     manifest.update(master=session.sparkContext.master, complete=not todo,
                     counts={"n_images": len(ids), "n_done_before": n_reused})
@@ -349,16 +369,20 @@ def spark_embed(items: Sequence[tuple[object, str | Path]], backbone_spec: Mappi
     if progress is not None:
         progress(n_reused, len(ids))
     run = _embed_partition(spec, batch_size, _task_threads(session))
-    _append_rounds(session, todo, "order long, image_id string, path string", run,
+    _append_rounds(session, todo, "order long, image_id string, path string, stamp string", run,
                    EMBED_SCHEMA, parquet, chunk_size=chunk_size, partitions=partitions,
                    done=n_reused, total=len(ids), progress=progress)
 
-    table = _read_parquet(parquet, ["image_id", "path", "error"] + (["embedding"] if collect
-                                                                      else []))
-    table = table.drop_duplicates("image_id") if table is not None else pd.DataFrame(
-        columns=["image_id", "path", "error", "embedding"])
-    wanted = pd.DataFrame({"image_id": ids, "_k": np.arange(len(ids))})
-    mine = wanted.merge(table, on="image_id", how="inner").sort_values("_k")
+    key = ["image_id", "path", "stamp"]
+    table = _read_parquet(parquet, [*key, "error"] + (["embedding"] if collect else []))
+    if table is None:
+        table = pd.DataFrame(columns=[*key, "error", "embedding"])
+    # one row per (id, path, stamp): a success before any failure of an earlier run
+    table = (table.assign(_failed=table["error"].notna()).sort_values("_failed", kind="stable")
+             .drop_duplicates(key).drop(columns="_failed"))
+    wanted = pd.DataFrame({"image_id": ids, "path": paths, "stamp": stamps,
+                           "_k": np.arange(len(ids))})
+    mine = wanted.merge(table, on=key, how="inner").sort_values("_k")
     bad = mine["error"].notna()
     failures = mine.loc[bad, ["image_id", "path", "error"]].reset_index(drop=True)
     atomic_write_csv(root / "failures.csv", failures)
