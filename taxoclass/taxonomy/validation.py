@@ -1,18 +1,12 @@
 """Check a Herbarium 2022 / NAFlora-1M COCO-style annotation file: every problem at once.
 
-:func:`validate_annotations` lists *every* problem (schema and semantic) with its JSON path,
-the record, what was expected, what was found and how to fix it (:class:`Problem`);
-:func:`~taxoclass.taxonomy.annotations.load_annotations` raises
-:class:`~taxoclass.errors.AnnotationError` with that list when there are errors.
-
-Refused because they would train on the wrong pairs: a ``file_name`` that leaves the images
-root (``../``) or is absolute (unless allowed: ``allow_outside_root=True``, the CLI's
-``--allow-outside-root`` or the config key ``data.allow_outside_root``, or the
-:func:`outside_root_allowed` context), one file listed under two image ids with different
-labels, and image ids that collide as text (``201`` and ``"201"``). A genus name under two
-families is accepted (a warning): it becomes two taxa, as
-:class:`~taxoclass.taxonomy.tree.Taxonomy` builds it. 0 images or 0 annotations are warnings
-(an unlabelled image list is valid; training refuses it).
+:func:`validate_annotations` lists every problem (schema and semantic) with its JSON path,
+record, what was expected and found, and a fix (:class:`Problem`). Refused because they
+would train on wrong pairs: ``file_name``s outside the images root (``../``, absolute;
+allowed by ``allow_outside_root`` / ``--allow-outside-root`` / ``data.allow_outside_root`` /
+:func:`outside_root_allowed`), one file under two image ids with different labels, ids equal
+as text (``201``, ``"201"``). Warnings: a genus under two families (two taxa, as
+:class:`~taxoclass.taxonomy.tree.Taxonomy` builds it), 0 images, 0 annotations.
 """
 
 from __future__ import annotations
@@ -336,19 +330,14 @@ def _outside_root_problems(images: list, allow: bool) -> list[Problem]:
 
 
 def _control_character_problems(images: list) -> list[Problem]:
-    """``file_name``s with a NUL or another control character: no file system path has them
-    (a NUL cannot even be passed to the operating system)."""
-    problems = []
-    for i, im in enumerate(images):
-        bad = sorted({f"\\x{ord(c):02x}" for c in str(im["file_name"]) if ord(c) < 32
-                      or ord(c) == 127})
-        if bad:
-            problems.append(Problem(
-                f"$.images[{i}].file_name", _rec(im, "image_id"),
-                "a file path without control characters", f"{im['file_name']!r} (holds "
-                f"{', '.join(bad)})", "write the file's real name (a tab, newline or NUL in a "
-                "name is usually a copy-paste or export error)"))
-    return problems
+    """``file_name``s with a NUL or another control character (no real path has them)."""
+    bad = {i: sorted({f"\\x{ord(c):02x}" for c in str(im["file_name"]) if ord(c) < 32
+                      or ord(c) == 127}) for i, im in enumerate(images)}
+    return [Problem(f"$.images[{i}].file_name", _rec(images[i], "image_id"),
+                    "a file path without control characters",
+                    f"{images[i]['file_name']!r} (holds {', '.join(chars)})",
+                    "write the file's real name (a tab, newline or NUL in a name is usually a "
+                    "copy-paste or export error)") for i, chars in bad.items() if chars]
 
 
 def _same_file_problems(images: list, anns: list) -> list[Problem]:
