@@ -70,7 +70,7 @@ def _embed(ann: Path, root: Path, out: Path, backbone: list[str], *extra: str):
 @pytest.fixture
 def train_args(fixture_set, fixture_model, tmp_path) -> list[str]:
     """``train`` on the fixture config, a copy of the session's embedding cache, 3 epochs."""
-    emb = tmp_path / "emb"
+    emb = tmp_path / "train-cache"
     shutil.copytree(fixture_model["emb"], emb)
     return ["train", "--config", fixture_set["config"], "--set", f"embeddings.cache={emb}",
             "--set", "train.epochs=3", "--set", f"data.images_root={fixture_set['dir']}"]
@@ -263,7 +263,8 @@ def test_path_traversal_is_refused_everywhere(base, fixture_set, tiny_backbone, 
 
 
 @pytest.mark.catalogue(13)
-def test_absolute_paths_are_refused_unless_allowed(base, fixture_set, tiny_backbone, tmp_path):
+def test_absolute_paths_are_refused_unless_allowed(base, fixture_set, tiny_backbone, tmp_path,
+                                                   train_args):
     outside = tmp_path / "elsewhere" / "leaf.jpg"
     outside.parent.mkdir()
     shutil.copy(fixture_set["dir"] / "images" / "train" / "1.jpg", outside)
@@ -273,7 +274,7 @@ def test_absolute_paths_are_refused_unless_allowed(base, fixture_set, tiny_backb
     ann = _write(tmp_path, "absolute.json", d)
     assert_report(run("validate", ann), 1, "$.images[0].file_name", "'/etc/hostname'",
                   "$.images[1].file_name", "an absolute path", "FAILED")
-    emb = tmp_path / "emb"
+    emb = tmp_path / "cache"
     assert_clear_error(_embed(ann, fixture_set["dir"], emb, tiny_backbone), "absolute.json",
                        "an absolute path", "--allow-outside-root")
     assert not emb.exists()
@@ -283,6 +284,16 @@ def test_absolute_paths_are_refused_unless_allowed(base, fixture_set, tiny_backb
     out = assert_ok(_embed(ann2, fixture_set["dir"], emb, tiny_backbone,
                            "--allow-outside-root"))
     assert "7 embeddings" in out
+    # train: refused, then allowed by the config key the message names
+    full = copy.deepcopy(base)
+    full["images"][0]["file_name"] = str(outside)
+    ann3 = _write(tmp_path, "absolute_train.json", full)
+    assert_clear_error(_train(train_args, ann3, tmp_path / "model"), "an absolute path",
+                       "data.allow_outside_root")
+    assert_ok(_train(train_args, ann3, tmp_path / "model", "--set",
+                     "data.allow_outside_root=true"))
+    assert "1,train" in (tmp_path / "model" / "split.csv").read_text().replace('"', "") or \
+        "1,val" in (tmp_path / "model" / "split.csv").read_text().replace('"', "")
 
 
 # ------------------------------------------------------------------ empty sets, 15, 16
