@@ -11,12 +11,10 @@ as text (``201``, ``"201"``). Warnings: a genus under two families (two taxa, as
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +22,16 @@ import pandas as pd
 
 from ..errors import AnnotationError
 from ..io.schemas import load_schema as _load_schema
+from .paths import (
+    control_characters,
+    outside_root_allowed,
+    outside_root_is_allowed,
+    outside_root_reason,
+)
 from .tree import DEFAULT_RANKS, Taxonomy, species_name
+
+__all__ = ["SCHEMA_NAME", "Problem", "ValidationReport", "is_image_problem", "load_schema",
+           "outside_root_allowed", "outside_root_reason", "read_json", "validate_annotations"]
 
 SCHEMA_NAME = "herbarium2022_annotations.schema.json"
 
@@ -115,21 +122,6 @@ def read_json(path: str | Path) -> dict:
     return data
 
 
-_ALLOW_OUTSIDE_ROOT: ContextVar[bool] = ContextVar("allow_outside_root", default=False)
-
-
-@contextlib.contextmanager
-def outside_root_allowed(allow: bool = True) -> Iterator[None]:
-    """Within this block, annotation files may name images outside the images root
-    (``../`` or absolute ``file_name``s): what ``--allow-outside-root`` and the config key
-    ``data.allow_outside_root`` switch on for the jobs that load annotations."""
-    token = _ALLOW_OUTSIDE_ROOT.set(bool(allow) or _ALLOW_OUTSIDE_ROOT.get())
-    try:
-        yield
-    finally:
-        _ALLOW_OUTSIDE_ROOT.reset(token)
-
-
 def is_image_problem(problem: Problem) -> bool:
     """True for a problem in the image list (or the file's top level), which every command
     reads; the rest are label problems (annotations, categories, genera, ...)."""
@@ -174,7 +166,7 @@ def validate_annotations(source: str | Path | Mapping, *, images_root: str | Pat
     else:
         data, name = read_json(source), str(source)
     if allow_outside_root is None:
-        allow_outside_root = _ALLOW_OUTSIDE_ROOT.get()
+        allow_outside_root = outside_root_is_allowed()
     report = ValidationReport(source=name)
     try:
         schema = _schema_problems(data)
@@ -299,19 +291,6 @@ def _text_collision_problems(section: str, key: str, items: list) -> list[Proble
     return problems
 
 
-def outside_root_reason(file_name: str) -> str | None:
-    """Why ``file_name`` is not a path inside the images root, or ``None`` if it is."""
-    if os.path.isabs(file_name) or file_name.startswith(("/", "\\", "~")) or (
-            file_name[:1].isalpha() and file_name[1:3] in (":/", ":\\")):
-        return "an absolute path"
-    norm = os.path.normpath(file_name.replace("\\", "/"))
-    if norm == ".":
-        return "the images root itself"
-    if norm == ".." or norm.startswith("../"):
-        return "a path that leaves the images root ('..')"
-    return None
-
-
 def _outside_root_problems(images: list, allow: bool) -> list[Problem]:
     """``file_name``s that are absolute or climb out of the images root."""
     problems = []
@@ -331,8 +310,7 @@ def _outside_root_problems(images: list, allow: bool) -> list[Problem]:
 
 def _control_character_problems(images: list) -> list[Problem]:
     """``file_name``s with a NUL or another control character (no real path has them)."""
-    bad = {i: sorted({f"\\x{ord(c):02x}" for c in str(im["file_name"]) if ord(c) < 32
-                      or ord(c) == 127}) for i, im in enumerate(images)}
+    bad = {i: control_characters(str(im["file_name"])) for i, im in enumerate(images)}
     return [Problem(f"$.images[{i}].file_name", _rec(images[i], "image_id"),
                     "a file path without control characters",
                     f"{images[i]['file_name']!r} (holds {', '.join(chars)})",
@@ -374,6 +352,11 @@ def _annotation_problems(anns: list, images: list, cats: list,
     labelled: Counter = Counter()
     problems = []
     add = problems.append
+    if anns and not cats:  # one problem, not one per annotation
+        add(Problem("$.categories", "", "a 'categories' list (the annotations name "
+                    "category_ids)", "no categories",
+                    "add the categories (category_id, family, genus, species), or drop the "
+                    "annotations for an unlabelled image list"))
     for i, a in enumerate(anns):
         rec = _rec(a, "image_id", "category_id")
         labelled[a["image_id"]] += 1
@@ -387,9 +370,10 @@ def _annotation_problems(anns: list, images: list, cats: list,
                         "add the image to 'images' or remove the annotation"))
         cat = cat_by_id.get(a["category_id"])
         if cat is None:
-            add(Problem(f"$.annotations[{i}].category_id", rec,
-                        "a category_id listed in 'categories'", repr(a["category_id"]),
-                        "add the category or correct the annotation's category_id"))
+            if cats:
+                add(Problem(f"$.annotations[{i}].category_id", rec,
+                            "a category_id listed in 'categories'", repr(a["category_id"]),
+                            "add the category or correct the annotation's category_id"))
             continue
         problems.extend(_genus_id_problems(i, a, rec, cat, genus_by_id))
     return problems
