@@ -43,7 +43,7 @@ def _echo_failures(n_failed: int, n_photos: int, out: Path) -> None:
                    "(at most 2500 tiles per photo in all; a photo whose tiles would be under "
                    "8 px is listed in failures.csv) [default: 3, or the --settings file's "
                    "grids].")
-@click.option("--overlap", type=float, default=None,
+@click.option("--overlap", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Fraction of a tile shared with its neighbour [default: 0, or the "
                    "--settings file's].")
 @click.option("--rule", type=click.Choice(["max", "noisy_or", "mean", "argmax_union",
@@ -72,7 +72,7 @@ def _echo_failures(n_failed: int, n_photos: int, out: Path) -> None:
 @checkpoint_model_options
 @click.option("--plantclef-year", type=click.Choice(["2024", "2025"]), default="2024",
               show_default=True, help="Submission file format.")
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @engine_options
 @device_option
 def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, settings_file: Path | None,
@@ -118,10 +118,11 @@ def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, settings_fi
 @click.option("--grid", "grids", multiple=True,
               help="Tile grid, e.g. 4 or 2x3; repeat for several scales at once "
                    "(at most 2500 tiles per photo in all) [default: 2 and 4].")
-@click.option("--overlap", default=0.0, show_default=True,
+@click.option("--overlap", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              show_default=True,
               help="Fraction of a tile shared with its neighbour.")
 @checkpoint_model_options
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @device_option
 def calibrate_plots_cmd(model: Path, truth: Path, plots: tuple[Path, ...], out: Path,
                         grids: tuple[str, ...], overlap: float, class_mapping: Path | None,

@@ -79,7 +79,7 @@ def _prepare(cfg: dict, embed_progress: Progress | None) -> _Data:
 
     data = require_training_settings(cfg)
     root = Path(data.get("images_root") or Path(data["annotations"]).parent)
-    ann = load_annotations(data["annotations"])
+    ann = load_annotations(data["annotations"], allow_outside_root=data.get("allow_outside_root"))
     tax, rows = known_rows(ann, ann.labelled_images(root), data)
     y, nodes = encode_labels(tax, rows)
     ids = [str(i) for i in rows["image_id"]]
