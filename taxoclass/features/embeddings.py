@@ -17,6 +17,8 @@ succeeds), and other backbones or preprocessing settings live beside the first i
 resumes with the chunks it finished; the chunk and batch boundaries are fixed by the
 request, so a resumed run gives bit-identical vectors. One run at a time holds the
 store's lock; a second waits. A complete folder that cannot be written is still read.
+``train`` reads the store by the files its annotations name; it writes its rows' request
+files only into a folder that holds no other request (see :func:`embed_with_spec`).
 """
 
 from __future__ import annotations

@@ -234,6 +234,18 @@ class EmbeddingStore:
         self._index_dirty = True
         return sha
 
+    def unchanged(self, path: str | Path) -> bool:
+        """Whether ``path`` still has the size and times it had when it was hashed (a file
+        replaced while it was embedded must not store its vector under the old hash)."""
+        try:
+            resolved = str(Path(path).resolve())
+            st = os.stat(resolved)
+        except (OSError, RuntimeError):
+            return False
+        entry = (self._index or {}).get(resolved)
+        return isinstance(entry, list) and entry[:3] == [st.st_size, st.st_mtime_ns,
+                                                        st.st_ctime_ns]
+
     def flush_index(self) -> None:
         """Save the path index when it changed (and the folder can be written)."""
         if self._index_dirty and self.writable:
@@ -390,7 +402,8 @@ def _embed_chunks(store: EmbeddingStore, ident: str, dim: int, paths: Sequence[s
         chunk = chunk_of[(ok_idx or [i for i, _ in bad])[0]]
         left[chunk] -= len(ok_idx) + len(bad)
         if left[chunk] == 0 and store.writable:  # read-only: the vectors are only returned
-            rows = [i for i in pending[chunk] if i in computed and keys[i] is not None]
+            rows = [i for i in pending[chunk] if i in computed and keys[i] is not None
+                    and store.unchanged(paths[i])]
             store.put(ident, [keys[i] for i in rows],
                       np.stack([computed[i] for i in rows]) if rows else np.zeros((0, dim)))
         done += len(ok_idx) + len(bad)
