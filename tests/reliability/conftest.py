@@ -75,9 +75,10 @@ def assert_clear_error(res: Run, *fragments: str, code: int = 2) -> str:
 
 
 _KILL_SCRIPT = r"""
-import os, sys
+import atexit, os, sys
 match, nth = sys.argv[1], int(sys.argv[2])
 seen = [0]
+atexit.register(lambda: sys.stderr.write(f"\nrenames-seen: {seen[0]}\n"))
 def _wrap(real):
     def fn(src, dst, *a, **k):
         if match in os.fspath(dst) or (match.startswith("src:") and match[4:] in os.fspath(src)):
@@ -97,11 +98,19 @@ def run_killed(args, *, match: str = "", nth: int = 1, cwd: Path | None = None,
                timeout: float = 300) -> subprocess.CompletedProcess:
     """Run taxoclass ARGS in a child process killed at the ``nth`` rename to a path containing
     ``match`` (``"src:TEXT"`` matches the source path instead). Exit code 137 means the kill
-    happened; any other code means the run finished before reaching that rename."""
+    happened; any other code means the run finished before reaching that rename (its stderr
+    ends with ``renames-seen: N``, the number of matching renames, see :func:`renames_seen`)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-c", _KILL_SCRIPT, match, str(nth),
                            *[str(a) for a in args]], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def renames_seen(res: subprocess.CompletedProcess) -> int:
+    """How many renames matched in a run of :func:`run_killed` that was not killed."""
+    tail = res.stderr.rsplit("renames-seen:", 1)
+    assert len(tail) == 2, res.stderr[-2000:]
+    return int(tail[1].split()[0])
 
 
 @pytest.fixture
