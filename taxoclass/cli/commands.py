@@ -111,7 +111,9 @@ def taxonomy(source: Path, ranks: str, csv_out: Path | None) -> None:
               show_default=True,
               help="auto: bf16 autocast on a GPU, float32 on a CPU. bf16 on a CPU is 1.4-1.7x "
                    "faster where it has AVX-512 BF16 (features then carry bf16 rounding).")
-@click.option("--overwrite", is_flag=True, help="Discard an existing cache in --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Delete the vectors stored in --out and start over (never needed for new "
+                   "images or settings: they are stored beside the old ones).")
 @allow_outside_root_option
 @engine_options
 @device_option
@@ -215,7 +217,7 @@ def _train(cfg: dict, finetune: bool, unfreeze_blocks: int | None, device: str |
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass [default: 8 on a CPU, 64 on a GPU].")
 @click.option("--overwrite", is_flag=True,
-              help="Discard an embedding cache in --out left by a run on other images.")
+              help="Delete the vectors stored in --out/embeddings and start over.")
 @engine_options
 @device_option
 def predict(model: Path, images: tuple[Path, ...], out: Path | None, top_k: int,
@@ -246,7 +248,7 @@ def predict(model: Path, images: tuple[Path, ...], out: Path | None, top_k: int,
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass [default: 8 on a CPU, 64 on a GPU].")
 @click.option("--overwrite", is_flag=True,
-              help="Discard an embedding cache in --out left by a run on other images.")
+              help="Delete the vectors stored in --out/embeddings and start over.")
 @device_option
 def flag_unknowns_cmd(model: Path, images: tuple[Path, ...], out: Path, batch_size: int,
                       overwrite: bool, device: str) -> None:
@@ -279,7 +281,9 @@ def flag_unknowns_cmd(model: Path, images: tuple[Path, ...], out: Path, batch_si
                    "predictions.csv and provenance.json.")
 @click.option("--split", type=click.Choice(["auto", "all", "val", "train"]), default="auto",
               show_default=True,
-              help="auto: only the validation images when ANNOTATIONS is the training file.")
+              help="auto: every image except those the model trained on (recognised by file "
+                   "content, whatever the annotation file or ids); val / train: that split "
+                   "of the training data; all: every labelled image.")
 @click.option("--holdout-species", multiple=True, metavar="BINOMIAL",
               help="Open-set evaluation: retrain the bundle's recipe without this species "
                    "(repeatable), then score unknown detection and back-off.")
