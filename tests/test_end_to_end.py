@@ -158,8 +158,8 @@ def test_evaluate_scores_the_validation_split(fixture_set, fixture_model, cli, t
 
 
 def test_evaluate_on_a_separate_test_file(fixture_set, fixture_model, cli, tmp_path):
-    """Another annotation file's images are embedded beside the metrics, not in the
-    training cache (whose plan they do not match)."""
+    """Another annotation file's images are embedded into the model's (writable) training
+    store beside the training vectors; the training request's files are left as they were."""
     out = tmp_path / "metrics.json"
     cli("evaluate", "--model", fixture_model["model"], "--annotations", fixture_set["test"],
         "--out", out)
@@ -167,7 +167,7 @@ def test_evaluate_on_a_separate_test_file(fixture_set, fixture_model, cli, tmp_p
     assert metrics["n_images"] == 24 and metrics["coherence_rate"] == 1.0
     assert metrics["ranks"]["species"]["accuracy"] >= 0.7  # chance: 1/6
     assert metrics["ranks"]["genus"]["accuracy"] >= 0.85  # chance: 1/3
-    # the training cache still holds the 60 training images, untouched
+    # the training request's embeddings.npy / image_ids.npy still list the 60 training images
     assert len(np.load(fixture_model["emb"] / "image_ids.npy", allow_pickle=False)) == 60
 
 
