@@ -1,7 +1,8 @@
 """The reliability catalogue table (issue 14): each case, its outcome before, and now.
 
-Runs the reliability suite (``tests/reliability``) once with a JUnit XML report, reads
-which test claims which catalogue row (``@pytest.mark.catalogue``), and writes one line
+Runs the reliability suite (``tests/reliability``) once with a small pytest plugin that
+records each collected test's catalogue rows (its ``@pytest.mark.catalogue`` markers, also
+those given through ``pytest.param``) and outcome, and writes one line
 per case: area, case, the outcome measured on the main before issue 14 (CE clear error,
 OK handled, TB traceback, SW silent wrong or doubtful, HANG; ``-`` for cases added with
 the issue), the outcome now and the tests that prove it. "Now" is ``CE`` when the row's
@@ -10,6 +11,9 @@ when any of its tests failed; a row without a test is ``untested``. Counts by ou
 go on top.
 
     .venv/bin/python bench/reliability_table.py [--out docs/reliability.md]
+
+With ``--out`` an existing file holding the lines ``<!-- table:start -->`` and
+``<!-- table:end -->``, only the text between them is replaced.
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ import argparse
 import ast
 import collections
 import datetime
+import json
 import os
 import platform
 import subprocess
 import sys
 import tempfile
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,33 +35,44 @@ SUITE = REPO / "tests" / "reliability"
 sys.path.insert(0, str(REPO / "tests"))
 
 from reliability.cases import CATALOGUE, EXTRA  # noqa: E402
-from reliability.test_catalogue import claimed_rows  # noqa: E402
+
+_PLUGIN = """
+import json, os
+RESULTS = {}
+def pytest_collection_modifyitems(items):
+    for item in items:
+        rows = [r for m in item.iter_markers("catalogue") for r in m.args]
+        name = getattr(item, "originalname", None) or item.name.split("[")[0]
+        RESULTS[item.nodeid] = {"file": item.path.name, "test": name, "rows": rows,
+                                "outcome": "not run", "seconds": 0.0}
+def pytest_runtest_logreport(report):
+    entry = RESULTS.get(report.nodeid)
+    if entry is None:
+        return
+    entry["seconds"] += report.duration
+    if report.failed:
+        entry["outcome"] = "failed"
+    elif report.when == "call" and report.passed and entry["outcome"] != "failed":
+        entry["outcome"] = "passed"
+    elif report.skipped and entry["outcome"] == "not run":
+        entry["outcome"] = "skipped"
+def pytest_sessionfinish(session):
+    with open(os.environ["RELTABLE_OUT"], "w") as fh:
+        json.dump(RESULTS, fh)
+"""
 
 
-def run_suite() -> tuple[dict[str, str], float]:
-    """Test name ("file.py::name") -> "passed" | "failed" | "skipped"; and wall seconds."""
+def run_suite() -> dict[str, dict]:
+    """Each collected test (node id) -> its file, test function, catalogue rows (from its
+    markers, also those given through ``pytest.param``), outcome and seconds."""
     with tempfile.TemporaryDirectory() as tmp:
-        xml = Path(tmp) / "junit.xml"
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        (Path(tmp) / "reltable_plugin.py").write_text(_PLUGIN, encoding="utf-8")
+        out = Path(tmp) / "results.json"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RELTABLE_OUT": str(out),
+               "PYTHONPATH": os.pathsep.join([tmp, os.environ.get("PYTHONPATH", "")])}
         subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        f"--junitxml={xml}", str(SUITE)], cwd=REPO, env=env, check=False)
-        root = ET.parse(xml).getroot()
-    status: dict[str, str] = {}
-    seconds = 0.0
-    for case in root.iter("testcase"):
-        file = case.get("classname", "").split(".")[-1] + ".py"
-        name = case.get("name", "").split("[")[0]
-        state = "passed"
-        if case.find("failure") is not None or case.find("error") is not None:
-            state = "failed"
-        elif case.find("skipped") is not None:
-            state = "skipped"
-        key = f"{file}::{name}"  # parametrised cases: failed beats passed beats skipped
-        rank = {"failed": 2, "passed": 1, "skipped": 0}
-        if rank[state] >= rank.get(status.get(key, "skipped"), 0):
-            status[key] = state
-        seconds += float(case.get("time", 0))
-    return status, seconds
+                        "-p", "reltable_plugin", str(SUITE)], cwd=REPO, env=env, check=False)
+        return json.loads(out.read_text())
 
 
 def clear_error_tests() -> set[str]:
@@ -72,26 +87,27 @@ def clear_error_tests() -> set[str]:
     return out
 
 
-def table(status: dict[str, str]) -> tuple[list[str], collections.Counter]:
-    claims: dict[int, list[str]] = collections.defaultdict(list)
-    for path in sorted(SUITE.glob("test_*.py")):
-        for row, owners in claimed_rows(path.read_text(encoding="utf-8")).items():
-            claims[row] += [f"{path.name}::{o.split('.')[-1]}" for o in owners]
+def table(results: dict[str, dict]) -> tuple[list[str], collections.Counter]:
+    """One markdown line per case, and the count of cases per "now" outcome."""
+    claims: dict[int, list[dict]] = collections.defaultdict(list)
+    for entry in results.values():
+        for row in entry["rows"]:
+            claims[row].append(entry)
     ce = clear_error_tests()
     lines = ["| # | area | case | before | now | tests |", "|---|---|---|---|---|---|"]
     counts: collections.Counter = collections.Counter()
     for row, (area, case, before) in {**CATALOGUE, **EXTRA}.items():
-        tests = sorted(set(claims.get(row, [])))
-        states = [status.get(t, "not run") for t in tests]
-        if not tests:
+        entries = claims.get(row, [])
+        names = sorted({f"{e['file']}::{e['test']}" for e in entries})
+        if not entries:
             now = "untested"
-        elif any(s != "passed" for s in states):
+        elif any(e["outcome"] != "passed" for e in entries):
             now = "FAIL"
         else:
-            now = "CE" if any(t in ce for t in tests) else "OK"
+            now = "CE" if any(n in ce for n in names) else "OK"
         counts[now] += 1
-        names = ", ".join(f"`{t.split('::')[1]}`" for t in tests)
-        lines.append(f"| {row} | {area} | {case.replace('|', '/')} | {before} | {now} | {names} |")
+        shown = ", ".join(f"`{n.split('::')[1]}`" for n in names)
+        lines.append(f"| {row} | {area} | {case.replace('|', '/')} | {before} | {now} | {shown} |")
     return lines, counts
 
 
@@ -99,8 +115,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write the markdown here too")
     args = parser.parse_args()
-    status, seconds = run_suite()
-    lines, counts = table(status)
+    results = run_suite()
+    lines, counts = table(results)
+    outcomes = collections.Counter(e["outcome"] for e in results.values())
+    seconds = sum(e["seconds"] for e in results.values())
     before = collections.Counter(o for _, _, o in CATALOGUE.values())
     head = [
         f"Reliability catalogue, measured {datetime.date.today()} on {platform.node()} "
@@ -112,16 +130,25 @@ def main() -> None:
         "- before (catalogue rows, main before issue 14): "
         + ", ".join(f"{k} {v}" for k, v in sorted(before.items())),
         "- now (all cases): " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
-        f"- reliability suite: {sum(1 for s in status.values() if s == 'passed')} tests "
-        f"passed, {sum(1 for s in status.values() if s == 'failed')} failed, "
-        f"{sum(1 for s in status.values() if s == 'skipped')} skipped; {seconds:.0f} s of "
-        "test time",
+        f"- reliability suite: {len(results)} tests: {outcomes['passed']} passed, "
+        f"{outcomes['failed']} failed, {outcomes['skipped']} skipped; {seconds:.0f} s of "
+        "test time (set-up included)",
         "",
     ]
     text = "\n".join(head + lines) + "\n"
     print(text)
     if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
+        write_between_markers(Path(args.out), text)
+
+
+def write_between_markers(path: Path, text: str) -> None:
+    """Replace the text between the table markers of ``path`` (or write the whole file)."""
+    start, end = "<!-- table:start -->", "<!-- table:end -->"
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if start in old and end in old:
+        head, rest = old.split(start, 1)
+        text = f"{head}{start}\n{text}{end}{rest.split(end, 1)[1]}"
+    path.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -162,6 +162,8 @@ def test_kill_after_first_chunk_resumes_the_rest_byte_identical(fixture_set, api
 
 _SIGINT_SCRIPT = textwrap.dedent(r"""
     import os, signal, sys
+    # a job started in the background inherits SIGINT ignored; a terminal's Ctrl-C is not
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     real = os.replace
     def replace(src, dst, *a, **k):
         if "/vectors/" in os.fspath(dst):
