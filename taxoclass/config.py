@@ -365,8 +365,8 @@ class OpensetConfig(Section):
     confidence: str = _opt(Confidence.PATH_LOGIT.value,
                            choices=[c.value for c in Confidence])
     gate_quantile: float = _opt(0.975, gt=0, le=1)  # distance cut: quantile of right answers
-    target_precision: float | dict[str, float] = _opt(
-        factory=lambda: {"family": 0.95, "genus": 0.95, "species": 0.97})
+    target_precision: float | dict[str, float] = _opt(  # "default": any rank not named
+        factory=lambda: {"family": 0.95, "genus": 0.95, "species": 0.97, "default": 0.95})
     min_support: int = _opt(10, ge=1)  # fewest validation answers a threshold may rest on
     max_train: int = _opt(50000, ge=2)  # detector reference set size (seeded subsample above)
     calibration: str = _opt(Calibration.HOLDOUT.value, choices=[c.value for c in Calibration])
@@ -467,12 +467,13 @@ class Config(Section):
         cfg = cls(out=out, **{k: kind.from_dict(m.get(k))  # type: ignore[attr-defined]
                               for k, kind in kinds.items()})
         tp = cfg.openset.target_precision
-        missing = [r for r in cfg.data.ranks
-                   if cfg.openset.enabled and isinstance(tp, Mapping) and r not in tp]
+        missing = [r for r in cfg.data.ranks if cfg.openset.enabled and isinstance(tp, Mapping)
+                   and r not in tp and "default" not in tp]
         if missing:
             raise ConfigError(f"openset.target_precision: no value for rank(s) {missing} of "
                               f"data.ranks {cfg.data.ranks}; give one per rank, e.g. "
-                              f"{ {r: 0.95 for r in cfg.data.ranks} }, or one number.")
+                              f"{ {r: 0.95 for r in cfg.data.ranks} }, a 'default' for the ranks "
+                              f"not named, or one number.")
         return cfg
 
 

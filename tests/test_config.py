@@ -83,9 +83,13 @@ def test_good_values_pass_and_stay_as_written(tmp_path):
 
 
 def test_target_precision_must_cover_the_configured_ranks():
+    # Issue 15: the default names a 'default' target for ranks it does not name (order).
+    dflt = load_config(None, ["data.ranks=[order, family, genus]"])
+    assert dflt["openset"]["target_precision"]["default"] == 0.95
     with pytest.raises(ConfigError, match=r"openset.target_precision: no value for rank\(s\) "
                                           r"\['order'\] of data.ranks"):
-        load_config(None, ["data.ranks=[order, family, genus]"])
+        load_config(None, ["data.ranks=[order, family, genus]",
+                           "openset.target_precision={family: 0.9, genus: 0.9}"])
     ok = load_config(None, ["data.ranks=[order, family, genus]", "openset.target_precision=0.9"])
     assert ok["openset"]["target_precision"] == 0.9
     assert load_config(None, ["data.ranks=[order, genus]", "openset.enabled=false"])
