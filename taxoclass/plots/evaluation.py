@@ -28,18 +28,29 @@ def f1_score_sets(pred: set, true: set) -> float:
 
 
 def truth_path(name: str, taxonomy) -> tuple[str, ...]:
-    """Path of a true species name; names the model never saw keep their genus guess."""
-    lowest = taxonomy.ranks[-1]
-    hits = taxonomy.find(name, lowest)
+    """Path of a true taxon name (any rank list).
+
+    A lowest-rank name is its leaf; a name at a higher rank (``"Scaridae"``, ``"Carex"``
+    or ``"Carex sp."``: a plot whose find is known to family or genus only) is that
+    taxon's path, so it is scored at its own rank and above. A name the model never saw
+    keeps its genus guess (the first word) where the ranks have a genus, and is a path
+    of its own (``"?<name>"``) elsewhere, so it never matches a predicted taxon by chance.
+    """
+    ranks = taxonomy.ranks
+    hits = taxonomy.find(name, ranks[-1])
     if hits:
         return taxonomy.reported(hits[0]) if taxonomy.is_placeholder(hits[0]) else hits[0]
+    short = name.removesuffix(" sp.").strip()
+    for rank in reversed(ranks[:-1]):
+        hits = taxonomy.find(short, rank)
+        if hits:
+            return hits[0]
     genus = name.split()[0] if name.split() else name
-    # Unknown species: find its genus in the taxonomy if we can, else a path of its own.
-    if "genus" in taxonomy.ranks:
+    if "genus" in ranks:
         g = taxonomy.find(genus, "genus")
         if g:
-            return (*g[0], name)
-    return (f"?{name}",) * (len(taxonomy.ranks) - 2) + (genus, name)
+            return (*g[0], *((f"?{name}",) * (len(ranks) - len(g[0]) - 1)), name)
+    return tuple(genus if r == "genus" else f"?{name}" for r in ranks[:-1]) + (name,)
 
 
 def _at_rank(path: tuple[str, ...], rank: str, taxonomy) -> tuple[str, ...] | None:
@@ -75,8 +86,9 @@ def evaluate_plots(predicted: Mapping[str, Sequence[PlotRecord]],
     """Scores of plot predictions against true species lists.
 
     Returns ``{"species": {...}, "genus": {...}, "family": {...}, "per_plot": DataFrame}``
-    (one key per taxonomy rank). At the lowest rank only species records count (the
-    PlantCLEF metric: a genus-level record is no species answer). At a higher rank
+    (one key per taxonomy rank, whatever the rank list). At the lowest rank only
+    lowest-rank records count (the PlantCLEF metric: a genus-level record is no species
+    answer). At a higher rank
     every record at or below that rank is mapped up to it, and the true species too.
     ``"unknown"`` records never count. Plots missing from ``predicted`` predicted nothing;
     predicted plots missing from ``truth`` are ignored (no truth to score against).

@@ -6,8 +6,10 @@
     plot_records.json        the same per plot, with settings (data_schemas/plot_report.schema.json)
     report.html              self-contained: photos with the tile grid coloured by taxon
     plantclef_submission.csv PlantCLEF run file (2024: ``plot_id;species_ids``, 2025:
-                             ``quadrat_id,species_ids``) with ids like ``[1361281, 1395807]``
-    occurrences_dwc.csv      Darwin Core occurrences (one per taxon record)
+                             ``quadrat_id,species_ids``) with ids like ``[1361281, 1395807]``;
+                             only for a model whose ranks end at species
+    occurrences_dwc.csv      Darwin Core occurrences (one per taxon record; taxonRank is the
+                             answer's rank, higher-taxon columns those of the rank list)
     failures.csv             photos that could not be read (photo, error)
     provenance.json          version, command, classifier, settings
 """
@@ -49,6 +51,7 @@ __all__ = [
     "OUTPUT_FILES",
     "PlotReportResult",
     "darwin_core_frame",
+    "dwc_columns",
     "plantclef_submission_frame",
     "plot_report",
     "records_frame",
@@ -69,9 +72,15 @@ OUTPUT_FILES = {
 #: Entries of a previous report folder a rerun keeps: the Spark engine's resumable tile rows.
 RESUME_STATE = ("plot_tiles.parquet", "manifest.json")
 RECORD_COLUMNS = ["plot_id", "taxon_rank", "taxon", "score", "n_tiles", "reason"]
+#: Darwin Core occurrence columns; the higher-taxon terms of :data:`DWC_HIGHER_TAXA` that
+#: the model's rank list has go after ``identificationQualifier`` (in Darwin Core order).
 DWC_COLUMNS = ["occurrenceID", "eventID", "scientificName", "taxonRank",
-               "identificationQualifier", "family", "genus", "basisOfRecord", "identifiedBy",
+               "identificationQualifier", "basisOfRecord", "identifiedBy",
                "identificationRemarks", "associatedMedia"]
+#: Darwin Core terms for taxa above species, top down. A rank of the model named like one
+#: of them gets that column, filled from each record's path.
+DWC_HIGHER_TAXA = ("kingdom", "phylum", "class", "order", "superfamily", "family",
+                   "subfamily", "tribe", "subtribe", "genus", "subgenus")
 
 
 @dataclass
@@ -116,6 +125,11 @@ def _format_ids(ids: Sequence[str]) -> str:
     return "[" + ", ".join(ids) + "]"
 
 
+def has_species_rank(taxonomy) -> bool:
+    """Whether the rank list ends at species (what a PlantCLEF submission lists)."""
+    return str(taxonomy.ranks[-1]).lower() == "species"
+
+
 def plantclef_submission_frame(records: Mapping[str, Sequence[PlotRecord]], taxonomy, *,
                                taxon_ids: Mapping[tuple[str, ...], str] | None = None,
                                year: int = 2024) -> pd.DataFrame:
@@ -127,6 +141,10 @@ def plantclef_submission_frame(records: Mapping[str, Sequence[PlotRecord]], taxo
     """
     if year not in (2024, 2025):
         raise ConfigError(f"PlantCLEF submission year must be 2024 or 2025, got {year}.")
+    if not has_species_rank(taxonomy):
+        raise ConfigError(f"A PlantCLEF submission lists species ids, but the model's ranks "
+                          f"{tuple(taxonomy.ranks)} end at {taxonomy.ranks[-1]!r}, not "
+                          "species. Fix: use plot_records.csv or occurrences_dwc.csv.")
     lowest = taxonomy.ranks[-1]
     ids = dict(taxon_ids or {})
     rows = []
@@ -142,32 +160,47 @@ def plantclef_submission_frame(records: Mapping[str, Sequence[PlotRecord]], taxo
                                        "species_ids"])
 
 
+def dwc_columns(ranks: Sequence[str]) -> list[str]:
+    """The Darwin Core columns for a rank list: the higher-taxon terms it has, in place."""
+    have = {str(r).lower() for r in ranks}
+    higher = [t for t in DWC_HIGHER_TAXA if t in have]
+    at = DWC_COLUMNS.index("identificationQualifier") + 1
+    return [*DWC_COLUMNS[:at], *higher, *DWC_COLUMNS[at:]]
+
+
 def darwin_core_frame(records: Mapping[str, Sequence[PlotRecord]], taxonomy, *,
                       photos: Mapping[str, str], identified_by: str) -> pd.DataFrame:
-    """Darwin Core occurrences: one per taxon record (unknown tiles are not occurrences)."""
+    """Darwin Core occurrences: one per taxon record (unknown tiles are not occurrences).
+
+    ``scientificName`` is the taxon at the rank of the answer and ``taxonRank`` that rank
+    (any rank of the model, lower case: ``order``, ``family``, ``species``); the
+    higher-taxon terms the rank list has (``kingdom``, ``order``, ``family``, ``genus``,
+    …, :data:`DWC_HIGHER_TAXA`) come from the record's path, empty below the answer.
+    """
     rows = []
     ranks = taxonomy.ranks
+    columns = dwc_columns(ranks)
     for plot_id, recs in records.items():
         for i, r in enumerate(recs):
             if r.taxon_rank == UNKNOWN or not r.node:
                 continue
-            path = dict(zip(ranks, r.node))
-            rows.append({
+            path = {str(k).lower(): v for k, v in zip(ranks, r.node)}
+            row = {
                 "occurrenceID": f"{plot_id}:{i + 1}",
                 "eventID": plot_id,
                 "scientificName": r.node[-1],
-                "taxonRank": r.taxon_rank,
+                "taxonRank": str(r.taxon_rank).lower(),
                 # "sp.": the taxonomy labels this answer above the lowest rank "<name> sp."
                 "identificationQualifier": "sp." if r.taxon.endswith(" sp.") else "",
-                "family": path.get("family", ""),
-                "genus": path.get("genus", ""),
                 "basisOfRecord": "MachineObservation",
                 "identifiedBy": identified_by,
                 "identificationRemarks": f"score={r.score:.4f}; n_tiles={r.n_tiles}; "
                                          f"reason={r.reason}",
                 "associatedMedia": photos.get(plot_id, ""),
-            })
-    return pd.DataFrame(rows, columns=DWC_COLUMNS)
+            }
+            row.update({t: path.get(t, "") for t in DWC_HIGHER_TAXA if t in columns})
+            rows.append(row)
+    return pd.DataFrame(rows, columns=columns)
 
 
 # ---------------------------------------------------------------------- HTML
@@ -347,16 +380,19 @@ def _write_outputs(out: Path, classifier: Any, plots: Sequence[PlotResult],
                   "height": p.size[1], "n_tiles": len(p.tiles), "n_unknown_tiles": p.n_unknown,
                   "records": [{**r.to_dict(), "taxon_id": taxon_ids.get(tuple(r.node))}
                               for r in p.records]} for p in plots]
-    files = {k: out / v for k, v in OUTPUT_FILES.items()}
+    files = {k: out / v for k, v in OUTPUT_FILES.items()
+             if k != "plantclef" or has_species_rank(taxonomy)}
     atomic_write_csv(files["csv"], records_frame(records))
     atomic_write_json(files["json"], {
         "taxoclass_version": __version__,
         "classifier": {"kind": str(describe.get("kind", type(classifier).__name__)),
                        "backbone": backbone},
         "settings": dict(used), "plots": plot_json, "failures": failures})
-    sub = plantclef_submission_frame(records, taxonomy, taxon_ids=taxon_ids, year=plantclef_year)
-    atomic_write_text(files["plantclef"], sub.to_csv(index=False,
-                                                     sep=";" if plantclef_year == 2024 else ","))
+    if "plantclef" in files:  # species ids: only a model whose ranks end at species
+        sub = plantclef_submission_frame(records, taxonomy, taxon_ids=taxon_ids,
+                                         year=plantclef_year)
+        atomic_write_text(files["plantclef"],
+                          sub.to_csv(index=False, sep=";" if plantclef_year == 2024 else ","))
     atomic_write_csv(files["dwc"], darwin_core_frame(
         records, taxonomy, photos={p.plot_id: str(p.photo) for p in plots},
         identified_by=f"taxoclass {__version__} ({backbone})"))

@@ -39,13 +39,16 @@ __all__ = [
     "tile_assignments",
 ]
 
-#: Per rule, per rank. Ranks not listed fall back to the lowest listed value above them.
-DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
-    Rule.ARGMAX_UNION.value: {"species": 0.0, "genus": 0.5, "family": 0.5},
-    Rule.MAX.value: {"species": 0.5, "genus": 0.6, "family": 0.7},
-    Rule.NOISY_OR.value: {"species": 0.9, "genus": 0.95, "family": 0.98},
-    Rule.MEAN.value: {"species": 0.1, "genus": 0.15, "family": 0.2},
-    LEARNED: {"species": 0.5, "genus": 0.5, "family": 0.5},
+#: Per rule, by position from the bottom of the rank list: the lowest rank (``species`` in
+#: family/genus/species), the rank above it, and every higher rank. Any rank list takes
+#: them by position (order/family/species: species 0.0, family 0.5, order 0.5 for
+#: ``argmax_union``), so the defaults never name a rank the taxonomy lacks.
+DEFAULT_THRESHOLDS: dict[str, tuple[float, float, float]] = {
+    Rule.ARGMAX_UNION.value: (0.0, 0.5, 0.5),
+    Rule.MAX.value: (0.5, 0.6, 0.7),
+    Rule.NOISY_OR.value: (0.9, 0.95, 0.98),
+    Rule.MEAN.value: (0.1, 0.15, 0.2),
+    LEARNED: (0.5, 0.5, 0.5),
 }
 
 
@@ -145,19 +148,18 @@ def _up_the_tree(leaf: np.ndarray, taxonomy) -> dict[str, np.ndarray]:
 def resolve_thresholds(rule: str, ranks: Sequence[str],
                        thresholds: Mapping[str, float] | None) -> dict[str, float]:
     """Rank -> threshold of ``rule``: ``thresholds`` over the rule's defaults
-    (:data:`DEFAULT_THRESHOLDS`); a rank with neither takes the value of the rank above."""
-    base = dict(DEFAULT_THRESHOLDS[rule])
-    base.update({str(k): float(v) for k, v in (thresholds or {}).items()})
-    unknown = sorted(set(base) - set(ranks) - set(DEFAULT_THRESHOLDS[rule]))
+    (:data:`DEFAULT_THRESHOLDS`, taken by position from the lowest rank up, so any rank
+    list has one per rank)."""
+    given = {str(k): float(v) for k, v in (thresholds or {}).items()}
+    unknown = sorted(set(given) - set(ranks))
     if unknown:
         raise ConfigError(f"Thresholds name rank(s) {unknown} that the taxonomy {tuple(ranks)} "
-                          "lacks.")
+                          f"lacks. Fix: name one of {', '.join(ranks)}.")
+    defaults = DEFAULT_THRESHOLDS[rule]
     out: dict[str, float] = {}
-    fallback = 0.5
-    for r in ranks:
-        out[r] = base.get(r, fallback)
-        fallback = out[r]
-    return out
+    for depth, r in enumerate(reversed(tuple(ranks))):
+        out[r] = given.get(r, defaults[min(depth, len(defaults) - 1)])
+    return {r: out[r] for r in ranks}
 
 
 def _check_inputs(probs: Mapping[str, np.ndarray], taxonomy, unknown, weights):
