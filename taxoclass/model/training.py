@@ -15,32 +15,13 @@ import pandas as pd
 import torch
 
 from ..config import ModelConfig, TrainConfig
-from ..errors import ConfigError
 from ..taxonomy.tree import Taxonomy
 from .heads import MultiRankHead
 from .losses import criterion_from_config
 from .optim import adamw
+from .splits import stratified_split  # noqa: F401  (its home is model.splits)
 
 Progress = Callable[[int, int], None]
-
-
-def stratified_split(strata: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of validation rows, stratified by ``strata`` (e.g. the species).
-
-    Every stratum with at least two rows puts ``round(val_fraction * n)`` rows (at least
-    one, at most n-1) in validation; singletons stay in training.
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be between 0 and 1, found {val_fraction}.")
-    rng = np.random.default_rng(seed)
-    is_val = np.zeros(len(strata), dtype=bool)
-    for value in sorted(set(strata.tolist())):
-        idx = np.flatnonzero(strata == value)
-        if len(idx) < 2:
-            continue
-        k = int(min(max(round(val_fraction * len(idx)), 1), len(idx) - 1))
-        is_val[rng.choice(idx, size=k, replace=False)] = True
-    return is_val
 
 
 def normalize(x: np.ndarray | torch.Tensor) -> torch.Tensor:

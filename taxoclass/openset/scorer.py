@@ -123,22 +123,25 @@ def fit_evidence(decoded, z: np.ndarray, correct: Mapping[str, np.ndarray], *,
                  combiner: str = _OPENSET.combiner, confidence: str = _OPENSET.confidence,
                  gate_quantile: float = _OPENSET.gate_quantile,
                  target_precision: float | Mapping[str, float] = _OPENSET.target_precision,
-                 min_support: int = _OPENSET.min_support
+                 min_support: int = _OPENSET.min_support,
+                 labelled: Mapping[str, np.ndarray] | None = None
                  ) -> tuple[EvidenceCombiner, RankThresholds]:
     """Evidence combiner and per-rank thresholds from calibration predictions.
 
     ``decoded``: the head's predictions on calibration rows that it did not train on
     (a validation split, or out-of-fold predictions from :func:`crossfit_predictions`);
     ``z``: their outlier scores from a detector that did not see them either;
-    ``correct``: rank -> whether ``decoded.path`` is right there.
+    ``correct``: rank -> whether ``decoded.path`` is right there; ``labelled``: rank ->
+    whether the row has a label there (:func:`~taxoclass.openset.evaluation.labelled_by_rank`;
+    a rank is calibrated only on its labelled rows).
     """
     conf = confidence_of(decoded, confidence)
     comb = EvidenceCombiner(combiner, confidence=confidence,
-                            gate_quantile=gate_quantile).fit(conf, z, correct)
+                            gate_quantile=gate_quantile).fit(conf, z, correct, labelled)
     ev = comb.score(conf, z)
     floor = {r: 0.0 for r in comb.outlier_ranks_} if combiner == Combiner.GATE else None
     thr = fit_thresholds(ev, correct, target_precision=target_precision,
-                         min_support=min_support, floor=floor)
+                         min_support=min_support, floor=floor, labelled=labelled)
     return comb, thr
 
 
@@ -151,7 +154,8 @@ def fit_scorer(x_train: np.ndarray, groups_train: np.ndarray | None, x_val: np.n
                detector_kwargs: Mapping[str, Any] | None = None,
                group_rank: str | None = None, labels_train: np.ndarray | None = None,
                confidence: str = _OPENSET.confidence,
-               gate_quantile: float = _OPENSET.gate_quantile) -> OpenSetScorer:
+               gate_quantile: float = _OPENSET.gate_quantile,
+               labelled_val: Mapping[str, np.ndarray] | None = None) -> OpenSetScorer:
     """Fit the detector on training embeddings, the combiner and thresholds on validation.
 
     ``groups_train``: class index at ``group_rank`` (default :func:`group_rank_of` the
@@ -172,32 +176,19 @@ def fit_scorer(x_train: np.ndarray, groups_train: np.ndarray | None, x_val: np.n
     z = det.decision_function(x_val, groups)
     comb, thr = fit_evidence(decoded_val, z, correct_val, combiner=combiner,
                              confidence=confidence, gate_quantile=gate_quantile,
-                             target_precision=target_precision, min_support=min_support)
+                             target_precision=target_precision, min_support=min_support,
+                             labelled=labelled_val)
     return OpenSetScorer(detector=det, combiner=comb, thresholds=thr, group_rank=group_rank)
 
 
 # ---------------------------------------------------------------------- cross-fitting
-def crossfit_folds(strata: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
-    """Fold index (0 .. ``n_folds``-1) per row, stratified by ``strata`` and seeded.
+def crossfit_folds(strata: np.ndarray, n_folds: int, seed: int = 0,
+                   groups: Any = None) -> np.ndarray:
+    """Fold index (0 .. ``n_folds``-1) per row, stratified by ``strata`` and seeded; with
+    ``groups`` no group is in two folds (:func:`taxoclass.model.splits.crossfit_folds`)."""
+    from ..model.splits import crossfit_folds as folds
 
-    Each stratum's rows, in a seeded random order, are dealt round the folds from a
-    random starting fold, so every fold gets ``n // n_folds`` or one more of each stratum
-    (a species with fewer rows than folds is missing from some folds).
-    """
-    n_folds = int(n_folds)
-    strata = np.asarray(strata)
-    if n_folds < 2:
-        raise ValueError(f"crossfit_folds: n_folds must be at least 2, got {n_folds}.")
-    if len(strata) < n_folds:
-        raise ValueError(f"crossfit_folds: {len(strata)} rows cannot fill {n_folds} folds; "
-                         f"use fewer folds.")
-    rng = np.random.default_rng(seed)
-    fold = np.full(len(strata), -1, dtype=np.int64)
-    for value in np.unique(strata):
-        rows = np.flatnonzero(strata == value)
-        rng.shuffle(rows)
-        fold[rows] = (np.arange(len(rows)) + rng.integers(n_folds)) % n_folds
-    return fold
+    return folds(strata, n_folds, seed, groups=groups)
 
 
 @dataclass
@@ -221,7 +212,8 @@ def crossfit_predictions(x: np.ndarray, strata: np.ndarray, fit_fold: FoldFit, t
                          *, n_folds: int = _OPENSET.folds, seed: int = 0,
                          decode_method: str = _DECODE.method, top_k: int = _DECODE.top_k,
                          x_detector: np.ndarray | None = None,
-                         group_rank: str | None = None) -> CrossfitPredictions:
+                         group_rank: str | None = None,
+                         groups: Any = None) -> CrossfitPredictions:
     """K-fold out-of-fold predictions and outlier scores for every row of ``x``.
 
     Folds: :func:`crossfit_folds` of ``strata`` (e.g. the species). For fold ``k``,
@@ -229,7 +221,8 @@ def crossfit_predictions(x: np.ndarray, strata: np.ndarray, fit_fold: FoldFit, t
     rows outside fold ``k``); the head's logits of fold ``k`` are decoded together with
     the other folds' (``decode_method``) and the detector scores fold ``k``
     (``x_detector`` rows, default ``x``; group detectors use the decoded ``group_rank``,
-    default :func:`group_rank_of` the taxonomy's ranks).
+    default :func:`group_rank_of` the taxonomy's ranks). ``groups``: a group per row
+    (``data.group_by``); no group is in two folds.
     Feed the result to :func:`fit_evidence` to calibrate on every row.
     """
     import torch
@@ -242,7 +235,7 @@ def crossfit_predictions(x: np.ndarray, strata: np.ndarray, fit_fold: FoldFit, t
         raise ValueError(f"crossfit_predictions: x ({len(x)} rows), x_detector "
                          f"({len(x_det)}) and strata ({len(strata)}) must have the same rows.")
     group_rank = group_rank or group_rank_of(taxonomy.ranks)
-    fold = crossfit_folds(strata, n_folds, seed)
+    fold = crossfit_folds(strata, n_folds, seed, groups=groups)
     logits: dict[str, np.ndarray] = {}
     detectors = []
     for k in range(int(n_folds)):
