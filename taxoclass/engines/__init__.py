@@ -17,7 +17,8 @@ PySpark is imported only when the Spark engine is used.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "Predictions",
     "SparkEngine",
     "backbone_from_spec",
+    "embedding_folder",
     "engine_for_job",
     "get_engine",
     "prediction_frame",
@@ -47,6 +49,33 @@ from .base import (
     backbone_from_spec,
     prediction_frame,
 )
+
+
+@contextlib.contextmanager
+def embedding_folder(cache: str | Path | None, out: str | Path | None, *,
+                     reuse: str | Path | None = None,
+                     ids: Sequence[str] = ()) -> Iterator[Path]:
+    """Where a command's embeddings are stored (evaluate, predict, flag-unknowns): ``cache``
+    if given; else ``reuse`` (the bundle's training cache) when it exists and can be
+    written; else ``out/embeddings``; else a temporary folder removed on exit. So every
+    command on one model shares one store that grows by the images it lacks.
+
+    Vectors are found by each file's content (never by image id), so any of these gives
+    the vectors of the files evaluated; ``ids`` is no longer needed (kept for callers).
+    """
+    from ..features.store import can_write
+
+    if cache:
+        yield Path(cache)
+    elif reuse and Path(reuse).is_dir() and can_write(Path(reuse)):
+        yield Path(reuse)
+    elif out:
+        yield Path(out) / "embeddings"
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="taxoclass-") as tmp:
+            yield Path(tmp) / "embeddings"
 
 
 @dataclass

@@ -4,10 +4,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import OpensetConfig, complete_config, openset_calibration
+from ..engines import embedding_folder
 from ..errors import ConfigError, TaxonomyError
 from ..io.files import atomic_write_csv, atomic_write_json
 from ..io.provenance import write_provenance
@@ -33,30 +32,6 @@ EVALUATION_FILES = ("metrics.json", "confusion.csv", "predictions.csv", "provena
                     "config.yaml")
 OPENSET_FILES = ("openset_metrics.json", "openset_detection.csv", "openset_risk_coverage.csv",
                  "openset_predictions.csv", "provenance.json", "config.yaml")
-
-
-@contextlib.contextmanager
-def embedding_folder(cache: str | Path | None, out: str | Path | None, *,
-                     reuse: str | Path | None = None,
-                     ids: Sequence[str] = ()) -> Iterator[Path]:
-    """Where evaluate's embeddings are stored: ``cache`` if given; else ``reuse`` (the
-    bundle's training cache) when it exists and can be written; else ``out/embeddings``;
-    else a temporary folder removed on exit.
-
-    Vectors are found by each file's content (never by image id), so any of these gives
-    the vectors of the files evaluated; ``ids`` is no longer needed (kept for callers).
-    """
-    from ..features.store import can_write
-
-    if cache:
-        yield Path(cache)
-    elif reuse and Path(reuse).is_dir() and can_write(Path(reuse)):
-        yield Path(reuse)
-    elif out:
-        yield Path(out) / "embeddings"
-    else:
-        with tempfile.TemporaryDirectory(prefix="taxoclass-") as tmp:
-            yield Path(tmp) / "embeddings"
 
 
 def _rows_of_model_taxa(tax, rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
