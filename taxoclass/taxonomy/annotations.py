@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import AnnotationError
+from ..errors import AnnotationError, ConfigError
 from .tree import DEFAULT_RANKS, Taxonomy
 from .validation import (
     SCHEMA_NAME,
@@ -76,15 +76,43 @@ class Annotations:
                 .itertuples(index=False) if a in name and b in name}
         return tax
 
-    def labelled_images(self, images_root: str | Path | None = None) -> pd.DataFrame:
-        """One row per annotated image: image_id, file_name, path, category_id and ranks."""
+    def labelled_images(self, images_root: str | Path | None = None,
+                        group_by: str | None = None) -> pd.DataFrame:
+        """One row per annotated image: image_id, file_name, path, category_id and ranks;
+        with ``group_by`` (``data.group_by``) also ``group`` (:meth:`group_values`)."""
         cats = self.categories.drop(columns=[c for c in ("license",) if c in self.categories])
         df = (self.annotations[["image_id", "category_id"]]
               .merge(self.images[["image_id", "file_name"]], on="image_id", how="left")
               .merge(cats, on="category_id", how="left"))
         root = Path(images_root) if images_root else Path(self.source).parent
         df["path"] = [str(root / f) for f in df["file_name"]]
+        if group_by:
+            df["group"] = self.group_values(group_by).to_numpy()
         return df
+
+    def group_values(self, field: str) -> pd.Series:
+        """The ``field`` value of each annotation's image (``data.group_by``: e.g. track,
+        site, specimen): the image's own field first, else the annotation's; missing (None)
+        where neither has one. :class:`ConfigError` when no image or annotation has it."""
+        def filled(frame: pd.DataFrame) -> bool:
+            return field in frame.columns and bool(frame[field].notna().any())
+
+        if not (filled(self.images) or filled(self.annotations)):
+            def fields(frame: pd.DataFrame) -> list[str]:
+                return sorted(str(c) for c in frame.columns if frame[c].notna().any())
+
+            raise ConfigError(f"data.group_by {field!r}: no image or annotation of "
+                              f"{self.source} has a {field!r} field. Fields found: images "
+                              f"{fields(self.images)}, annotations {fields(self.annotations)}. "
+                              f"Fix: name one of them, or drop data.group_by.")
+        n = len(self.annotations)
+        values = (self.annotations[field].astype(object).reset_index(drop=True)
+                  if field in self.annotations.columns else pd.Series([None] * n, dtype=object))
+        if field in self.images.columns:
+            by_image = dict(zip(self.images["image_id"], self.images[field].astype(object)))
+            own = self.annotations["image_id"].map(by_image).reset_index(drop=True)
+            values = own.where(own.notna(), values)
+        return values.where(values.notna(), None)
 
     def image_items(self, images_root: str | Path | None = None) -> list[tuple[str, str]]:
         """(image_id, path) of every image in the file, labelled or not."""
