@@ -79,5 +79,8 @@ def test_default_targets_are_the_configs_and_name_every_rank():
     assert th.target == {"genus": 0.95, "species": 0.97} == {
         r: cfg.target_precision[r] for r in ("genus", "species")}
     assert th.min_support == cfg.min_support
+    # Issue 15: a rank the default does not name (order) gets its 'default' target.
+    th = fit_thresholds({"order": s, "family": s}, {"order": c, "family": c})
+    assert th.target == {"order": cfg.target_precision["default"], "family": 0.95}
     with pytest.raises(ValueError, match=r"no value for rank\(s\) \['order'\]"):
-        fit_thresholds({"order": s}, {"order": c})
+        fit_thresholds({"order": s}, {"order": c}, target_precision={"family": 0.9})

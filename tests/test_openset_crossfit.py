@@ -173,7 +173,9 @@ def test_train_crossfit_bundle_records_calibration(small_leaf, tmp_path):
     assert metrics["predictions"].startswith(f"out-of-fold: each of the {d['n']} images")
     assert metrics["openset_calibration"]["calibration"] == "crossfit"
     assert metrics["openset_calibration"]["n_calibration_rows"] == d["n"]
-    assert metrics["openset_thresholds"]["n_validation"]["species"] == d["n"]
+    # Issue 15: the 5 Philadelphus sp. (genus-only) images calibrate genus, not species.
+    assert metrics["openset_thresholds"]["n_validation"]["genus"] == d["n"]
+    assert metrics["openset_thresholds"]["n_validation"]["species"] == d["n"] - 5
     split = pd.read_csv(model / "split.csv")
     assert (split["split"] == "train").all() and sorted(set(split["fold"])) == [0, 1, 2, 3, 4]
     prov = json.loads((model / "provenance.json").read_text())

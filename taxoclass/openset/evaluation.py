@@ -30,7 +30,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from ..taxonomy.tree import DEFAULT_RANKS, Taxonomy, species_name
 
 __all__ = ["choose_holdout", "correct_by_rank", "detection_table", "fpr_at_tpr",
-           "known_taxonomy", "outcome_summary", "path_names", "risk_coverage",
+           "known_taxonomy", "labelled_by_rank", "outcome_summary", "path_names", "risk_coverage",
            "split_known_unknown", "truth_names"]
 
 
@@ -42,7 +42,7 @@ def _binomials(rows: pd.DataFrame) -> np.ndarray:
 
 def _leaves(rows: pd.DataFrame, ranks: Sequence[str]) -> np.ndarray:
     """Name of the lowest rank per row (species as binomials)."""
-    return truth_names(rows, ranks[-1:])[ranks[-1]]
+    return truth_names(rows, ranks)[ranks[-1]]
 
 
 def choose_holdout(rows: pd.DataFrame, *, species: Iterable[str] | None = None,
@@ -112,10 +112,12 @@ def truth_names(rows: pd.DataFrame, ranks: Sequence[str] = DEFAULT_RANKS
     holds the epithet; ``""`` where unlabelled)."""
     out = {}
     for r in ranks:
-        if r == "species" and "genus" in rows:
+        if r == "species" and "genus" in ranks and "genus" in rows:
             out[r] = _binomials(rows)
+        elif r not in rows:  # no column for this rank: no row is labelled there
+            out[r] = np.full(len(rows), "", dtype=object)
         else:
-            out[r] = rows[r].fillna("").astype(str).to_numpy(dtype=object)
+            out[r] = rows[r].fillna("").astype(str).str.strip().to_numpy(dtype=object)
     return out
 
 
@@ -125,9 +127,19 @@ def path_names(path: Mapping[str, np.ndarray], taxonomy: Taxonomy) -> dict[str, 
             for r in taxonomy.ranks}
 
 
+def labelled_by_rank(truth: Mapping[str, np.ndarray], ranks: Sequence[str]
+                     ) -> dict[str, np.ndarray]:
+    """Per rank, whether each row has a true name there (:func:`truth_names` gives ``""``
+    below the rank a label stops at: a family-only image is labelled at family only)."""
+    return {r: np.asarray(truth[r], dtype=object) != "" for r in ranks}
+
+
 def correct_by_rank(predicted: Mapping[str, np.ndarray], truth: Mapping[str, np.ndarray],
                     ranks: Sequence[str]) -> dict[str, np.ndarray]:
-    """Right at rank r = every rank from the top to r names the true taxon."""
+    """Right at rank r = every rank from the top to r names the true taxon.
+
+    A row without a label at r is never right there; pair with :func:`labelled_by_rank`
+    so that it is not counted as wrong either."""
     out, ok = {}, None
     for r in ranks:
         hit = np.asarray(predicted[r], dtype=object) == np.asarray(truth[r], dtype=object)
@@ -168,6 +180,7 @@ def outcome_summary(frame: pd.DataFrame, truth: Mapping[str, np.ndarray],
     lowest = ranks[-1]
     pred = {r: frame[r].to_numpy(dtype=object) for r in ranks}
     correct = correct_by_rank(pred, truth, ranks)
+    labelled = labelled_by_rank(truth, ranks)
     depth = {r: i for i, r in enumerate(ranks)}
     rep = frame["taxon_rank"].map(lambda r: depth.get(r, -1)).to_numpy()
     # Right at the reported rank (placeholders report above their path rank: same test).
@@ -188,7 +201,7 @@ def outcome_summary(frame: pd.DataFrame, truth: Mapping[str, np.ndarray],
     if k.any():
         out["known_coverage_species"] = float(np.mean((rep == depth[lowest])[k]))
         for r in ranks:
-            given = k & (rep >= depth[r])
+            given = k & (rep >= depth[r]) & labelled[r]  # scored where labelled only
             out[f"known_precision_{r}"] = (float(np.mean(correct[r][given])) if given.any()
                                            else float("nan"))
             out[f"known_coverage_{r}"] = float(np.mean(given[k]))

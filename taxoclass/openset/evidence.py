@@ -133,8 +133,11 @@ class EvidenceCombiner:
         self.confidence = confidence
 
     def fit(self, probs: Mapping[str, np.ndarray], outlier: np.ndarray | None,
-            correct: Mapping[str, np.ndarray]) -> EvidenceCombiner:
-        """``probs``: rank -> probability of the predicted taxon; ``correct``: rank -> bool."""
+            correct: Mapping[str, np.ndarray],
+            labelled: Mapping[str, np.ndarray] | None = None) -> EvidenceCombiner:
+        """``probs``: rank -> probability of the predicted taxon; ``correct``: rank -> bool;
+        ``labelled``: rank -> the image has a label there (the logistic combiner learns
+        only from those; an unlabelled row is never right, so the gate ignores it too)."""
         if self.method not in COMBINERS:
             raise ValueError(f"Unknown combination method {self.method!r}; expected one of "
                              f"{COMBINERS}.")
@@ -167,10 +170,14 @@ class EvidenceCombiner:
                 continue
             y = np.asarray(correct[rank], dtype=bool)
             feats = self._features(p, outlier if rank_z else None)
+            if labelled is not None and rank in labelled:
+                lab = np.asarray(labelled[rank], dtype=bool)
+                y, feats = y[lab], feats[lab]
             if y.all() or not y.any():
                 # One class only: a constant score equal to the observed accuracy.
+                acc = y.mean() if len(y) else 0.5
                 self.params_[rank] = {"coef": [0.0] * feats.shape[1],
-                                      "intercept": float(_logit(np.array([y.mean()]))[0]),
+                                      "intercept": float(_logit(np.array([acc]))[0]),
                                       "mean": [0.0] * feats.shape[1],
                                       "scale": [1.0] * feats.shape[1]}
                 continue

@@ -123,22 +123,25 @@ def fit_evidence(decoded, z: np.ndarray, correct: Mapping[str, np.ndarray], *,
                  combiner: str = _OPENSET.combiner, confidence: str = _OPENSET.confidence,
                  gate_quantile: float = _OPENSET.gate_quantile,
                  target_precision: float | Mapping[str, float] = _OPENSET.target_precision,
-                 min_support: int = _OPENSET.min_support
+                 min_support: int = _OPENSET.min_support,
+                 labelled: Mapping[str, np.ndarray] | None = None
                  ) -> tuple[EvidenceCombiner, RankThresholds]:
     """Evidence combiner and per-rank thresholds from calibration predictions.
 
     ``decoded``: the head's predictions on calibration rows that it did not train on
     (a validation split, or out-of-fold predictions from :func:`crossfit_predictions`);
     ``z``: their outlier scores from a detector that did not see them either;
-    ``correct``: rank -> whether ``decoded.path`` is right there.
+    ``correct``: rank -> whether ``decoded.path`` is right there; ``labelled``: rank ->
+    whether the row has a label there (:func:`~taxoclass.openset.evaluation.labelled_by_rank`;
+    a rank is calibrated only on its labelled rows).
     """
     conf = confidence_of(decoded, confidence)
     comb = EvidenceCombiner(combiner, confidence=confidence,
-                            gate_quantile=gate_quantile).fit(conf, z, correct)
+                            gate_quantile=gate_quantile).fit(conf, z, correct, labelled)
     ev = comb.score(conf, z)
     floor = {r: 0.0 for r in comb.outlier_ranks_} if combiner == Combiner.GATE else None
     thr = fit_thresholds(ev, correct, target_precision=target_precision,
-                         min_support=min_support, floor=floor)
+                         min_support=min_support, floor=floor, labelled=labelled)
     return comb, thr
 
 
@@ -151,7 +154,8 @@ def fit_scorer(x_train: np.ndarray, groups_train: np.ndarray | None, x_val: np.n
                detector_kwargs: Mapping[str, Any] | None = None,
                group_rank: str | None = None, labels_train: np.ndarray | None = None,
                confidence: str = _OPENSET.confidence,
-               gate_quantile: float = _OPENSET.gate_quantile) -> OpenSetScorer:
+               gate_quantile: float = _OPENSET.gate_quantile,
+               labelled_val: Mapping[str, np.ndarray] | None = None) -> OpenSetScorer:
     """Fit the detector on training embeddings, the combiner and thresholds on validation.
 
     ``groups_train``: class index at ``group_rank`` (default :func:`group_rank_of` the
@@ -172,7 +176,8 @@ def fit_scorer(x_train: np.ndarray, groups_train: np.ndarray | None, x_val: np.n
     z = det.decision_function(x_val, groups)
     comb, thr = fit_evidence(decoded_val, z, correct_val, combiner=combiner,
                              confidence=confidence, gate_quantile=gate_quantile,
-                             target_precision=target_precision, min_support=min_support)
+                             target_precision=target_precision, min_support=min_support,
+                             labelled=labelled_val)
     return OpenSetScorer(detector=det, combiner=comb, thresholds=thr, group_rank=group_rank)
 
 

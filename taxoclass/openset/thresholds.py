@@ -20,7 +20,7 @@ import numpy as np
 
 from ..config import OpensetConfig
 
-__all__ = ["RankThresholds", "fit_thresholds", "precision_coverage"]
+__all__ = ["RankThresholds", "fit_thresholds", "precision_coverage", "rank_targets"]
 
 
 @dataclass
@@ -95,30 +95,40 @@ def precision_coverage(scores: np.ndarray, correct: np.ndarray
 _DEFAULTS = OpensetConfig()
 
 
+def rank_targets(target_precision: float | Mapping[str, float], ranks) -> dict[str, float]:
+    """Target precision per rank: one number for all, or a mapping whose ``"default"``
+    entry (the config's default has one) serves the ranks it does not name."""
+    if not isinstance(target_precision, Mapping):
+        return {r: float(target_precision) for r in ranks}
+    missing = [r for r in ranks if r not in target_precision and "default" not in target_precision]
+    if missing:
+        raise ValueError(f"target_precision has no value for rank(s) {missing}; give one "
+                         f"per rank (openset.target_precision), a 'default' for the ranks "
+                         f"not named, or one number for all.")
+    return {r: float(target_precision.get(r, target_precision.get("default"))) for r in ranks}
+
+
 def fit_thresholds(scores: Mapping[str, np.ndarray], correct: Mapping[str, np.ndarray], *,
                    target_precision: float | Mapping[str, float] = _DEFAULTS.target_precision,
                    min_support: int = _DEFAULTS.min_support,
-                   floor: Mapping[str, float] | None = None) -> RankThresholds:
+                   floor: Mapping[str, float] | None = None,
+                   labelled: Mapping[str, np.ndarray] | None = None) -> RankThresholds:
     """Smallest threshold per rank whose accepted validation set reaches the target precision.
 
     ``scores``: rank -> evidence per validation image (higher = more trustworthy; NaN rows
     are ignored). ``correct``: rank -> whether the predicted taxon at that rank is right.
-    ``target_precision``: one value for all ranks or one per rank (default: the config's,
-    per rank of the default ranks; other ranks need their own). ``min_support``: the
-    accepted set must hold at least this many images (a precision of 1/1 proves nothing).
-    ``floor``: rank -> lowest threshold allowed (e.g. 0 where gated rows score below 0
-    and must never be accepted, whatever the precision).
+    ``target_precision``: one value for all ranks or one per rank (default: the config's;
+    its ``"default"`` entry serves ranks it does not name, e.g. ``order``).
+    ``min_support``: the accepted set must hold at least this many images (a precision of
+    1/1 proves nothing). ``floor``: rank -> lowest threshold allowed (e.g. 0 where gated
+    rows score below 0 and must never be accepted, whatever the precision).
+    ``labelled``: rank -> whether the image has a label at that rank; a rank is calibrated
+    only on its labelled images (a family-only image is neither a right nor a wrong
+    species). ``n_validation`` counts them.
     """
     if min_support < 1:
         raise ValueError(f"min_support must be >= 1, got {min_support}.")
-    if isinstance(target_precision, Mapping):
-        missing = [r for r in scores if r not in target_precision]
-        if missing:
-            raise ValueError(f"target_precision has no value for rank(s) {missing}; give one "
-                             f"per rank (openset.target_precision) or one number for all.")
-    targets = ({r: float(target_precision[r]) for r in scores}
-               if isinstance(target_precision, Mapping)
-               else {r: float(target_precision) for r in scores})
+    targets = rank_targets(target_precision, list(scores))
     for r, t in targets.items():
         if not 0.0 < t <= 1.0:
             raise ValueError(f"target precision for rank {r!r} must be in (0, 1], got {t}.")
@@ -132,6 +142,8 @@ def fit_thresholds(scores: Mapping[str, np.ndarray], correct: Mapping[str, np.nd
         if s.shape != c.shape:
             raise ValueError(f"Rank {rank!r}: {s.shape[0]} scores but {c.shape[0]} correctness "
                              "values; expected one per validation image.")
+        if labelled is not None and rank in labelled:
+            s = np.where(np.asarray(labelled[rank], dtype=bool), s, np.nan)
         n = int(np.isfinite(s).sum())
         nval[rank] = n
         t, p, k = precision_coverage(s, c)

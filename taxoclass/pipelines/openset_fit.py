@@ -29,10 +29,19 @@ Progress = Callable[[int, int], None]
 
 def _openset_detector(x_train: np.ndarray, group_train: np.ndarray,
                       species_train: np.ndarray | None, ocfg: Mapping[str, Any] | None):
-    """The configured outlier detector on at most ``openset.max_train`` rows (seeded)."""
+    """The configured outlier detector on at most ``openset.max_train`` rows (seeded).
+
+    Its reference set is the rows labelled at the lowest rank (``species_train >= 0``; a
+    family-only image is no known species' example), unless fewer than two are.
+    """
     from ..openset.scorer import fit_detector
 
     oc = OpensetConfig.from_dict(ocfg)
+    if species_train is not None:
+        known = np.asarray(species_train) >= 0
+        if 2 <= known.sum() < len(known):
+            x_train, group_train = x_train[known], np.asarray(group_train)[known]
+            species_train = np.asarray(species_train)[known]
     max_train = int(oc.max_train)
     if len(x_train) > max_train:
         keep = np.sort(np.random.default_rng(0).choice(len(x_train), max_train, replace=False))
@@ -42,11 +51,14 @@ def _openset_detector(x_train: np.ndarray, group_train: np.ndarray,
 
 
 def _openset_evidence(decoded: Any, z: np.ndarray, correct: Mapping[str, np.ndarray],
-                      ocfg: Mapping[str, Any] | None):
-    """The configured evidence combiner and thresholds (:func:`openset.fit_evidence`)."""
+                      ocfg: Mapping[str, Any] | None,
+                      labelled: Mapping[str, np.ndarray] | None = None):
+    """The configured evidence combiner and thresholds (:func:`openset.fit_evidence`),
+    each rank calibrated on the rows labelled there (``labelled``)."""
     from ..openset.scorer import fit_evidence
 
-    return fit_evidence(decoded, z, correct, **OpensetConfig.from_dict(ocfg).evidence_args())
+    return fit_evidence(decoded, z, correct, labelled=labelled,
+                        **OpensetConfig.from_dict(ocfg).evidence_args())
 
 
 def fit_openset_scorer(bundle: ModelBundle, x_train: np.ndarray, group_train: np.ndarray,
@@ -62,18 +74,19 @@ def fit_openset_scorer(bundle: ModelBundle, x_train: np.ndarray, group_train: np
     ``openset.calibration: crossfit`` calibrates on every image instead
     (:func:`crossfit_openset`).
     """
-    from ..openset.evaluation import correct_by_rank, path_names, truth_names
+    from ..openset.evaluation import correct_by_rank, labelled_by_rank, path_names, truth_names
     from ..openset.scorer import OpenSetScorer, group_rank_of
 
     tax = bundle.taxonomy
     det = _openset_detector(bundle.scorer_input(x_train), group_train, species_train, ocfg)
     decoded_val = bundle.predict_embeddings(x_val)
-    correct = correct_by_rank(path_names(decoded_val.path, tax),
-                              truth_names(rows_val, tax.ranks), tax.ranks)
+    truth = truth_names(rows_val, tax.ranks)
+    correct = correct_by_rank(path_names(decoded_val.path, tax), truth, tax.ranks)
     group = group_rank_of(tax.ranks)
     groups = decoded_val.path[group] if det.scope == "group" else None
     z = det.decision_function(bundle.scorer_input(x_val), groups)
-    comb, thr = _openset_evidence(decoded_val, z, correct, ocfg)
+    comb, thr = _openset_evidence(decoded_val, z, correct, ocfg,
+                                  labelled_by_rank(truth, tax.ranks))
     return OpenSetScorer(detector=det, combiner=comb, thresholds=thr, group_rank=group)
 
 
@@ -91,7 +104,8 @@ class CrossfitOpenset:
 def crossfit_openset(x: np.ndarray, y: dict[str, np.ndarray], taxonomy: Taxonomy,
                      truth: dict[str, Any], cfg: Mapping[str, Any], *, seed: int = 0,
                      views: tuple[np.ndarray, np.ndarray] | None = None,
-                     progress: Progress | None = None) -> CrossfitOpenset:
+                     progress: Progress | None = None,
+                     groups: np.ndarray | None = None) -> CrossfitOpenset:
     """``openset.calibration: crossfit``: head and open-set scorer without a validation split.
 
     Rows are split into ``openset.folds`` folds stratified by taxon (seeded). For each
@@ -103,11 +117,12 @@ def crossfit_openset(x: np.ndarray, y: dict[str, np.ndarray], taxonomy: Taxonomy
     head and the final detector are fitted on all rows. ``y``: class index per rank;
     ``truth``: :func:`~taxoclass.openset.scorer.truth_names` of the rows; ``views``: (view
     embeddings, index into ``x`` of each view's source), a view trains with its source.
+    ``groups``: a group per row (``data.group_by``); no group is in two folds.
     Costs ``folds + 1`` head trainings.
     """
     from ..bundle import ModelBundle, scorer_input
     from ..model.training import train_head
-    from ..openset.evaluation import correct_by_rank, path_names
+    from ..openset.evaluation import correct_by_rank, labelled_by_rank, path_names
     from ..openset.scorer import OpenSetScorer, crossfit_predictions, group_rank_of
 
     cfg = complete_config(cfg)
@@ -139,12 +154,15 @@ def crossfit_openset(x: np.ndarray, y: dict[str, np.ndarray], taxonomy: Taxonomy
     oof = crossfit_predictions(x, strata, fit_fold, taxonomy, n_folds=n_folds, seed=seed,
                                decode_method=decode_cfg["method"],
                                top_k=int(decode_cfg["top_k"]),
-                               x_detector=scorer_input(x, normalize_inputs))
+                               x_detector=scorer_input(x, normalize_inputs), groups=groups)
     correct = correct_by_rank(path_names(oof.decoded.path, taxonomy), truth, taxonomy.ranks)
-    comb, thr = _openset_evidence(oof.decoded, oof.outlier, correct, ocfg)
+    comb, thr = _openset_evidence(oof.decoded, oof.outlier, correct, ocfg,
+                                  labelled_by_rank(truth, taxonomy.ranks))
     final, det = fit(np.ones(len(x), dtype=bool), n_folds)
     info = {"calibration": Calibration.CROSSFIT.value, "folds": n_folds, "seed": int(seed),
             "n_calibration_rows": int(len(x)), "out_of_fold": True}
+    if groups is not None:
+        info["grouped_folds"] = True  # no group (data.group_by) in two folds
     return CrossfitOpenset(train=final, scorer=OpenSetScorer(
         detector=det, combiner=comb, thresholds=thr, group_rank=group),
         oof=oof, correct=correct, info=info)
