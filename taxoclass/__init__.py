@@ -34,6 +34,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "predict": ("pipelines.predict", "predict_images"),
     "flag_unknowns": ("pipelines.predict", "flag_unknowns"),
     "evaluate": ("pipelines.evaluate", "evaluate_model"),
+    "import_annotations": ("pipelines.importing", "import_annotations"),
     "plot_report": ("pipelines.plots", "plot_report_job"),
     "calibrate_plots": ("pipelines.plots", "calibrate_plots_job"),
     "Taxonomy": ("taxonomy.tree", "Taxonomy"),
