@@ -189,6 +189,22 @@ def test_darwin_core_export_labels_stop_at_taxon_rank(tmp_path):
     _validates(out, tmp_path)
 
 
+def test_darwin_core_with_a_rank_list_that_skips_genus(tmp_path):
+    export = tmp_path / "dwca"
+    (export / "media").mkdir(parents=True)
+    for im in TRAIN_IMAGES[:3]:
+        shutil.copy(im, export / "media" / im.name)
+    _dwc(export, ["media/1.jpg", "media/2.jpg", "media/3.jpg"])
+    import_annotations(export / "occurrence.txt", tmp_path / "a.json",
+                       ranks=["order", "family", "species"])
+    data = json.loads((tmp_path / "a.json").read_text())
+    cats = sorted((c["order"], c["family"], c["genus"], c["species"], c["taxonRank"])
+                  for c in data["categories"])
+    # without a genus rank the species keeps its binomial
+    assert cats == [("Fagales", "Fagaceae", "", "", "family"),
+                    ("Sapindales", "Sapindaceae", "", "Acer campestre", "species")]
+
+
 def test_darwin_core_with_urls_is_a_clear_error(tmp_path):
     _dwc(tmp_path / "dwca", [f"https://inaturalist-open-data.s3.amazonaws.com/{i}.jpg"
                              for i in range(3)])
@@ -253,6 +269,23 @@ def test_import_help_explains_each_format():
     for word in ("folders", "family/genus/species", "table", "dwc", "occurrence.txt",
                  "taxonRank", "coco", "bbox", "crop", "--taxonomy", "--images-root"):
         assert word in text, word
+
+
+def test_real_leaf_labels_round_trip_through_a_csv(shared_data, tmp_path):
+    """The 990 leaf images' labels, written as a CSV of absolute paths, import back to the
+    same family/genus/species of every image (the genus-only taxon included)."""
+    leaf = shared_data / "leaf"
+    original = json.loads((leaf / "annotations.json").read_text())
+    truth = _labels(original)
+    rows = ["file_name,family,genus,species"] + [
+        f"{leaf / name},{fam},{gen},{sp}" for name, (fam, gen, sp) in truth.items()]
+    (tmp_path / "leaf.csv").write_text("\n".join(rows) + "\n")
+    result = import_annotations(tmp_path / "leaf.csv", tmp_path / "leaf.json",
+                                images_root=leaf)
+    assert result.report.ok and not result.left_out
+    imported = json.loads((tmp_path / "leaf.json").read_text())
+    assert _labels(imported) == truth and len(truth) == 990
+    assert len(imported["categories"]) == len(original["categories"])
 
 
 # ---------------------------------------------------------------------- end to end

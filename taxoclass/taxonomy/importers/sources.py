@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ...errors import AnnotationError
+from ..tree import species_name
 from .records import (
     GROUP_FIELDS,
     RANK_ORDER,
@@ -225,8 +226,8 @@ def _dwc_ranks(occ: list[dict]) -> list[str]:
 def _dwc_label(row: dict, ranks: list[str]) -> dict[str, str]:
     values = dict(row)
     epithet = row.get("specificEpithet", "").strip()
-    if epithet:
-        values["species"] = epithet
+    if epithet:  # the binomial: without a genus rank the species keeps its genus name
+        values["species"] = species_name(row.get("genus", ""), epithet)
     elif not row.get("species", "").strip() and row.get("scientificName", "").strip():
         words = row["scientificName"].split()
         values["species"] = " ".join(words[:2]) if len(words) > 1 else ""
