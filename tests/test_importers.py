@@ -254,6 +254,10 @@ def test_coco_boxes_become_crops_and_a_bad_box_is_a_reported_failure(tmp_path):
     assert "annotation 12" in failures and "outside the image (48x48 px)" in failures
     assert "annotation 13" in failures and "cannot be decoded" in failures
     _validates(out, tmp_path)
+    # a second import does not replace the crops without --overwrite
+    code, text = _run("import", tmp_path / "boxes.json", "--taxonomy", table, "--out",
+                      tmp_path / "crops2.json", "--crops", tmp_path / "crops_crops")
+    assert code == 2 and "crops folder" in text and "--overwrite" in text
 
 
 def test_coco_categories_without_ranks_name_the_fix(tmp_path):

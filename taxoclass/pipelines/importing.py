@@ -25,6 +25,7 @@ from ..taxonomy.importers import (
     read_folder_tree,
     read_image_table,
     read_taxonomy_table,
+    relative_file_name,
 )
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def import_annotations(source: str | Path, out: str | Path, *,
     else:
         boxes, rank_list, failures = read_coco_boxes(source, taxonomy=lookup, ranks=ranks,
                                                      images_root=images_root)
-        crop_dir = Path(crops) if crops else out.parent / f"{out.stem}_crops"
+        crop_dir = _crop_folder(crops, out, root, overwrite)
         records, failures = _cut_crops(boxes, crop_dir, failures)
     records, left_out = _existing(records)
     data = build_annotations(records, rank_list, root)
@@ -102,6 +103,18 @@ def import_annotations(source: str | Path, out: str | Path, *,
     report = validate_annotations(out, images_root=root, allow_outside_root=False)
     return ImportResult(out=out, images_root=root, source_format=fmt, report=report,
                         left_out=left_out, failures=failures, crops=crop_dir)
+
+
+def _crop_folder(crops: str | Path | None, out: Path, root: Path, overwrite: bool) -> Path:
+    """The crops folder: under the images root, and not an existing one without overwrite."""
+    crop_dir = Path(crops) if crops else out.parent / f"{out.stem}_crops"
+    if relative_file_name(crop_dir / "crop.jpg", root) is None:
+        raise ConfigError(f"crops folder {crop_dir} lies outside the images root {root}. Fix: "
+                          "--crops with a folder under --images-root.")
+    if crop_dir.exists() and not overwrite:
+        raise ConfigError(f"crops folder {crop_dir} exists. Fix: choose another --crops or "
+                          "--out, or --overwrite to replace it.")
+    return crop_dir
 
 
 def _existing(records: list[ImageRecord]) -> tuple[list[ImageRecord], list[str]]:
