@@ -217,13 +217,18 @@ def _train(cfg: dict, finetune: bool, unfreeze_blocks: int | None, device: str |
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass [default: 8 on a CPU, 64 on a GPU].")
 @click.option("--overwrite", is_flag=True,
-              help="Delete the vectors stored in --out/embeddings and start over.")
+              help="Delete the vectors stored in --out/embeddings and start over (a --cache "
+                   "or the model's training store is never deleted).")
+@click.option("--cache", type=click.Path(path_type=Path), default=None,
+              help="Embedding store to read and grow (only images it lacks are embedded) "
+                   "[default: the model's training store when writable, else "
+                   "--out/embeddings, else a temporary folder].")
 @engine_options
 @device_option
 def predict(model: Path, images: tuple[Path, ...], out: Path | None, top_k: int,
-            batch_size: int, overwrite: bool, engine: str, master: str | None,
-            device: str) -> None:
-    """Predict family, genus and species (coherent path + top-k) for IMAGES (files or folders)."""
+            batch_size: int, overwrite: bool, cache: Path | None, engine: str,
+            master: str | None, device: str) -> None:
+    """Predict every rank of the model (coherent path + top-k) for IMAGES (files or folders)."""
     from ..pipelines.predict import predict_images
 
     if engine != "local" and out is None:
@@ -231,10 +236,18 @@ def predict(model: Path, images: tuple[Path, ...], out: Path | None, top_k: int,
     with progress_bar("predicting", "img") as prog:
         frame = predict_images(model, images, out=out, top_k=top_k, batch_size=batch_size,
                                overwrite=overwrite, progress=prog, device=device,
-                               engine=engine, master=master)
+                               engine=engine, master=master, cache=cache)
     show_predictions(frame)
+    _echo_embeddings(frame.attrs.get("embeddings"))
     if out:
         click.echo(f"wrote {out / 'predictions.csv'} and {out / 'predictions.json'}")
+
+
+def _echo_embeddings(emb: dict | None) -> None:
+    """``embeddings: N computed, M reused (FOLDER)`` after predict and flag-unknowns."""
+    if emb:
+        click.echo(f"embeddings: {emb['n_computed']} computed, {emb['n_reused']} reused "
+                   f"({emb['folder'] or 'a temporary folder'})")
 
 
 @main.command("flag-unknowns")
@@ -248,10 +261,15 @@ def predict(model: Path, images: tuple[Path, ...], out: Path | None, top_k: int,
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass [default: 8 on a CPU, 64 on a GPU].")
 @click.option("--overwrite", is_flag=True,
-              help="Delete the vectors stored in --out/embeddings and start over.")
+              help="Delete the vectors stored in --out/embeddings and start over (a --cache "
+                   "or the model's training store is never deleted).")
+@click.option("--cache", type=click.Path(path_type=Path), default=None,
+              help="Embedding store to read and grow (only images it lacks are embedded) "
+                   "[default: the model's training store when writable, else "
+                   "--out/embeddings, else a temporary folder].")
 @device_option
 def flag_unknowns_cmd(model: Path, images: tuple[Path, ...], out: Path, batch_size: int,
-                      overwrite: bool, device: str) -> None:
+                      overwrite: bool, cache: Path | None, device: str) -> None:
     """Screen field-survey IMAGES (files or folders) for species the model does not know.
 
     Each image is named at the lowest rank whose evidence passes its calibrated threshold:
@@ -262,8 +280,10 @@ def flag_unknowns_cmd(model: Path, images: tuple[Path, ...], out: Path, batch_si
 
     with progress_bar("screening", "img") as prog:
         frame, summary = flag_unknowns(model, images, out=out, batch_size=batch_size,
-                                       overwrite=overwrite, progress=prog, device=device)
+                                       overwrite=overwrite, progress=prog, device=device,
+                                       cache=cache)
     show_predictions(frame)
+    _echo_embeddings(summary.get("embeddings"))
     click.echo(f"{summary['n_flagged']} of {summary['n_images']} images flagged; resolved at: "
                + ", ".join(f"{k} {v}" for k, v in summary["resolved_at"].items()))
     click.echo(f"wrote {out / 'flags.csv'}")

@@ -112,33 +112,39 @@ class LocalEngine:
 
     def predict(self, model: str | Path, paths: Sequence[str | Path], out: str | Path | None,
                 *, batch_size: int | None = None, top_k: int = 5, overwrite: bool = False,
-                progress: Progress | None = None) -> Predictions:
-        """Embeddings stored (resumable, found by file content) in ``out/embeddings``, or
-        in a temporary folder; a file replaced in place is embedded again."""
-        import contextlib
-        import tempfile
-
-        import pandas as pd
+                progress: Progress | None = None,
+                cache: str | Path | None = None) -> Predictions:
+        """Vectors found by file content in the store :func:`embedding_folder` picks
+        (``cache``; else the bundle's writable training store; else ``out/embeddings``;
+        else a temporary folder): only the images the store lacks are embedded and
+        appended, so train, evaluate, predict and flag-unknowns share one store. A file
+        replaced in place is embedded again. ``overwrite`` deletes ``out/embeddings`` first
+        (a ``cache`` or training store is never deleted). ``record["embeddings"]`` says
+        where the vectors are and how many were computed and reused."""
+        import shutil
 
         from ..bundle import ModelBundle
-        from ..features.embeddings import compute_embeddings
+        from ..features.embeddings import check_cache_folder, embed_with_spec
 
         bundle = ModelBundle.load(model)
-        items = [(str(p), str(p)) for p in paths]
-        backbone = bundle.create_backbone(device=self.device)
-        with (contextlib.nullcontext(out) if out else tempfile.TemporaryDirectory()) as root:
-            cache_dir = Path(root) / "embeddings"
-            res = compute_embeddings(items, backbone, cache_dir, batch_size=batch_size,
-                                     num_workers=self.num_workers, overwrite=overwrite,
-                                     progress=progress)
-        frame = prediction_frame(bundle, res.cache.embeddings, res.cache.image_ids.tolist(),
-                                 top_k)
-        if len(res.failures):
-            fails = pd.DataFrame({"image": res.failures["image_id"].astype(str),
-                                  "error": res.failures["error"]})
-            frame = pd.concat([frame, fails], ignore_index=True)
-        return Predictions(frame=frame, backbone=backbone.describe(),
-                           record={"model": str(Path(model).resolve()), "top_k": top_k})
+        _check_cache_option(cache)
+        spec = _bundle_spec(bundle)
+        with embedding_folder(cache, out, reuse=bundle.extra.get("embedding_cache")) as folder:
+            own = out is not None and folder == Path(out) / "embeddings"
+            if overwrite and own:
+                shutil.rmtree(folder, ignore_errors=True)
+            check_cache_folder(folder)
+            res = embed_with_spec([str(p) for p in paths], folder, spec, device=self.device,
+                                  precision=self.precision, batch_size=batch_size,
+                                  num_workers=self.num_workers, progress=progress)
+            kept = bool(cache) or own or _is_reuse(folder, bundle)  # else a temporary one
+            where = str(folder) if kept else None
+        embeddings = {"folder": where, "n_computed": int(res.n_computed),
+                      "n_reused": int(res.n_reused)}
+        return Predictions(frame=_frame_of(bundle, res, paths, top_k),
+                           backbone=dict(res.description),
+                           record={"model": str(Path(model).resolve()), "top_k": top_k,
+                                   "embeddings": embeddings})
 
     def classify_plots(self, classifier: Mapping[str, Any], photos: Sequence[str | Path],
                        out: str | Path, *, grids: Sequence[Any], overlap: float,
@@ -182,12 +188,17 @@ class SparkEngine:
 
     def predict(self, model: str | Path, paths: Sequence[str | Path], out: str | Path | None,
                 *, batch_size: int | None = None, top_k: int = 5, overwrite: bool = False,
-                progress: Progress | None = None) -> Predictions:
+                progress: Progress | None = None,
+                cache: str | Path | None = None) -> Predictions:
         """Rows appended to ``out/predictions.parquet`` (images already there are skipped)."""
         from .spark_predict import spark_predict
 
         if out is None:
             raise ConfigError("--engine spark writes Parquet: pass --out DIR.")
+        if cache is not None:
+            raise ConfigError("--cache applies to --engine local (its embedding store); Spark "
+                              "keeps its resumable rows in --out/predictions.parquet. Fix: "
+                              "leave out --cache, or use --engine local.")
         return spark_predict(model, paths, out, partitions=self.partitions,
                              batch_size=batch_size or 64, top_k=top_k, overwrite=overwrite,
                              spark=self.session(), progress=progress)
@@ -202,6 +213,51 @@ class SparkEngine:
         return spark_classify_plots(classifier, photos, out, grids=grids, overlap=overlap,
                                     partitions=self.partitions, overwrite=overwrite,
                                     spark=self.session())
+
+
+def _check_cache_option(cache: str | Path | None) -> None:
+    """A ``--cache`` that is a file is a clear error (before any model loads)."""
+    if cache is not None and Path(cache).exists() and not Path(cache).is_dir():
+        raise ConfigError(f"--cache {str(cache)!r} is an existing file. Fix: pass the folder of "
+                          "an embedding store (the training cache, embeddings.cache), or a new "
+                          "folder.")
+
+
+def _is_reuse(folder: Path, bundle: Any) -> bool:
+    reuse = bundle.extra.get("embedding_cache")
+    return bool(reuse) and Path(reuse) == Path(folder)
+
+
+def _bundle_spec(bundle: Any) -> dict[str, Any]:
+    """The spec of the backbone ``bundle.create_backbone`` builds (a checkpoint inside the
+    bundle made absolute and checked against the bundle's record), so store vectors are
+    looked up before any model loads."""
+    from ..bundle import check_checkpoint
+    from ..features.backbones import SPEC_KEYS
+
+    spec = {k: v for k, v in bundle.backbone.items() if k in SPEC_KEYS and v is not None}
+    checkpoint = spec.get("checkpoint")
+    if checkpoint and bundle.path is not None and not Path(checkpoint).is_absolute():
+        check_checkpoint(bundle.path, bundle.parts, str(checkpoint))
+        spec["checkpoint"] = str(Path(bundle.path) / checkpoint)
+    return spec
+
+
+def _frame_of(bundle: Any, res: Any, paths: Sequence[str | Path], top_k: int):
+    """Prediction rows of the embedded images, then one ``error`` row per failed image."""
+    import numpy as np
+    import pandas as pd
+
+    found = np.asarray(res.found, dtype=bool)
+    images = [str(p) for p in paths]
+    frame = prediction_frame(bundle, res.embeddings[found],
+                             [images[i] for i in np.flatnonzero(found)], top_k)
+    bad = np.flatnonzero(~found)
+    if len(bad):
+        fails = pd.DataFrame({"image": [images[i] for i in bad],
+                              "error": [res.errors.get(int(i), "not embedded") for i in bad]})
+        frame = pd.concat([frame, fails], ignore_index=True)
+    return frame
 
 
 def get_engine(name: str = "local", **options: Any) -> Engine:

@@ -34,7 +34,8 @@ FAILURE_COLUMNS = ["image", "error"]
 
 def _predict(model: str | Path, images: Sequence[str | Path], out: str | Path | None, *,
              batch_size: int | None, num_workers: int, top_k: int, overwrite: bool,
-             progress: Progress | None, device: str, engine: str, master: str | None) -> Any:
+             progress: Progress | None, device: str, engine: str, master: str | None,
+             cache: str | Path | None = None) -> Any:
     """The engine's :class:`~taxoclass.engines.base.Predictions` for the images."""
     from ..engines import engine_for_job
     from ..features.batching import auto_batch_size
@@ -47,8 +48,20 @@ def _predict(model: str | Path, images: Sequence[str | Path], out: str | Path | 
             raise ConfigError("--engine spark writes Parquet: pass --out DIR.")
         batch_size = batch_size or auto_batch_size("cpu")  # executors predict on CPUs
     paths = collect_images(images)
-    return runner.predict(model, paths, out, batch_size=batch_size, top_k=top_k,
-                          overwrite=overwrite, progress=progress)
+    extra = {} if cache is None else {"cache": cache}
+    result = runner.predict(model, paths, out, batch_size=batch_size, top_k=top_k,
+                            overwrite=overwrite, progress=progress, **extra)
+    _log_embeddings(result)
+    return result
+
+
+def _log_embeddings(result: Any) -> None:
+    """Log (INFO) how many vectors were computed and reused, and where they are kept."""
+    emb = result.record.get("embeddings") if isinstance(result.record, dict) else None
+    if emb:
+        result.frame.attrs["embeddings"] = dict(emb)
+        log.info("embeddings: %d computed, %d reused (%s)", emb["n_computed"], emb["n_reused"],
+                 emb["folder"] or "a temporary folder")
 
 
 def failures_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -83,21 +96,25 @@ def predict_images(model: str | Path, images: Sequence[str | Path], *,
                    num_workers: int = 0,
                    top_k: int = 5, overwrite: bool = False, progress: Progress | None = None,
                    device: str = "auto", engine: str = "local",
-                   master: str | None = None) -> pd.DataFrame:
+                   master: str | None = None, cache: str | Path | None = None) -> pd.DataFrame:
     """Predictions for image files or folders, backed off to the lowest reliable rank.
 
     Returns a DataFrame, one row per image: ``taxon_rank``, ``taxon`` (``Quercus sp.`` at
-    genus rank), ``score``, ``reason``, ``outlier``, the full coherent path with
-    probabilities and top-k per rank; failed images carry an ``error``. With
-    ``out``, embeddings are cached (resumable) in ``out/embeddings`` and
-    ``predictions.csv`` / ``predictions.json``, ``failures.csv`` plus provenance are written
-    there as a unit. ``engine="spark"`` (``master``, default ``local[2]``) runs the same
-    code in PySpark and keeps its resumable rows in ``out/predictions.parquet``; it needs
-    ``out`` and ignores ``device`` and ``num_workers`` (executors predict on CPUs).
+    genus rank, ``Scaridae`` at family rank), ``score``, ``reason``, ``outlier``, the full
+    coherent path (one column per rank of the model) with probabilities and top-k per
+    rank; failed images carry an ``error``. Embeddings are found by file content in one
+    store (resumable; only missing images are computed): ``cache``, else the model's
+    training store when it can be written, else ``out/embeddings``, else a temporary folder
+    (:func:`~taxoclass.engines.embedding_folder`); ``frame.attrs["embeddings"]`` counts
+    them. With ``out``, ``predictions.csv`` / ``predictions.json``, ``failures.csv`` plus
+    provenance are written there as a unit. ``engine="spark"`` (``master``, default
+    ``local[2]``) runs the same code in PySpark and keeps its resumable rows in
+    ``out/predictions.parquet``; it needs ``out``, takes no ``cache`` and ignores ``device``
+    and ``num_workers`` (executors predict on CPUs).
     """
     result = _predict(model, images, out, batch_size=batch_size, num_workers=num_workers,
                       top_k=top_k, overwrite=overwrite, progress=progress, device=device,
-                      engine=engine, master=master)
+                      engine=engine, master=master, cache=cache)
     frame = result.frame
     if out:
         with output_folder(out, keep=RESUME_STATE) as stage:
@@ -108,13 +125,14 @@ def predict_images(model: str | Path, images: Sequence[str | Path], *,
 
 def flag_unknowns(model: str | Path, images: Sequence[str | Path], *, out: str | Path,
                   batch_size: int | None = None, overwrite: bool = False,
-                  progress: Progress | None = None,
-                  device: str = "auto") -> tuple[pd.DataFrame, dict]:
+                  progress: Progress | None = None, device: str = "auto",
+                  cache: str | Path | None = None) -> tuple[pd.DataFrame, dict]:
     """Field-survey screening: one row per image, flagged rows (not named to species) first.
 
     Writes ``flags.csv``, ``flags_summary.json``, the predictions, ``failures.csv`` and
     provenance into ``out`` (as a unit) and returns ``(frame, summary)`` where summary
-    counts images resolved at each rank. When no image at all could be read, nothing was
+    counts images resolved at each rank (and the embeddings computed and reused; ``cache``:
+    as for :func:`predict_images`). When no image at all could be read, nothing was
     screened: the files are still written (every row says why), then an
     :class:`~taxoclass.errors.ImageError` says so (the CLI exits 2), rather than a
     screening that looks finished.
@@ -123,7 +141,7 @@ def flag_unknowns(model: str | Path, images: Sequence[str | Path], *, out: str |
 
     result = _predict(model, images, out, batch_size=batch_size, num_workers=0, top_k=5,
                       overwrite=overwrite, progress=progress, device=device, engine="local",
-                      master=None)
+                      master=None, cache=cache)
     frame = result.frame.copy()
     lowest = ModelBundle.load(model).taxonomy.ranks[-1]
     reason = frame["reason"] if "reason" in frame else pd.Series([None] * len(frame))
@@ -132,7 +150,9 @@ def flag_unknowns(model: str | Path, images: Sequence[str | Path], *, out: str |
                               kind="stable").reset_index(drop=True)
     resolved = frame["taxon_rank"].fillna("failed").value_counts().to_dict()
     summary = {"n_images": len(frame), "n_flagged": int(frame["flagged"].sum()),
-               "resolved_at": {k: int(v) for k, v in resolved.items()}}
+               "resolved_at": {k: int(v) for k, v in resolved.items()},
+               **({"embeddings": result.record["embeddings"]}
+                  if "embeddings" in result.record else {})}
     with output_folder(out, keep=RESUME_STATE) as stage:
         _write_predictions(Path(stage), result.frame, result, images)
         atomic_write_csv(Path(stage) / "flags.csv", frame)

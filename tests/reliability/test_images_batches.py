@@ -357,7 +357,9 @@ def test_flag_unknowns_mixed_folder_flags_failures_first(fixture_model, fixture_
     summary = json.loads((out / "flags_summary.json").read_text())
     assert summary["n_images"] == 6 and summary["resolved_at"]["failed"] == 3
     assert len(pd.read_csv(out / "failures.csv")) == 3
-    assert {"predictions.csv", "provenance.json", "embeddings"} <= {p.name for p in out.iterdir()}
+    # the vectors go to the model's training store (issue 15: one store shared by commands)
+    assert {"predictions.csv", "provenance.json"} <= {p.name for p in out.iterdir()}
+    assert "embeddings: " in res and " reused (" in res, res
 
 
 @pytest.mark.catalogue(101)
