@@ -25,8 +25,10 @@ __all__ = ["crossfit_folds", "group_codes", "stratified_split", "validation_spli
 
 log = logging.getLogger(__name__)
 
-#: Most folds a grouped validation split is cut into (the share is m of q folds).
+#: Most folds a grouped validation split is cut into (the share is m of q folds), and how
+#: far m/q may be from the asked share when fewer folds are taken (0.3 -> 1 of 3 folds).
 _MAX_FOLDS = 10
+_PLAN_SLACK = 0.04
 
 
 def group_codes(values: Sequence[Any], field: str = "group") -> np.ndarray:
@@ -124,7 +126,7 @@ def crossfit_folds(strata: np.ndarray, n_folds: int, seed: int = 0,
         if n_groups < n_folds:
             raise ConfigError(f"crossfit: {n_groups} group(s) (data.group_by) cannot fill "
                               f"{n_folds} folds that keep groups together. Fix: fewer folds "
-                              f"(openset.calibration: crossfit:{max(n_groups, 2)}), or "
+                              f"(openset.folds: {max(n_groups, 2)}), or "
                               f"openset.calibration: holdout.")
         return _group_folds(strata, codes, n_folds, seed)
     rng = np.random.default_rng(seed)
@@ -158,16 +160,16 @@ def _as_arrays(strata: Any, groups: Sequence[Any]) -> tuple[np.ndarray, np.ndarr
 
 
 def _fold_plan(fraction: float, n_groups: int) -> tuple[int, int]:
-    """(q folds, m validation folds): m/q closest to ``fraction``, the fewest folds first,
-    at most ``_MAX_FOLDS`` and at most ``n_groups``."""
-    best: tuple[float, int, int] | None = None
+    """(q folds, m validation folds): the fewest folds (at most ``_MAX_FOLDS`` and
+    ``n_groups``) whose m/q is within ``_PLAN_SLACK`` of ``fraction``, else the closest.
+    Few folds stratify best: a taxon with three groups has one in each of three folds."""
+    plans = []
     for q in range(2, min(_MAX_FOLDS, n_groups) + 1):
         m = int(min(max(round(fraction * q), 1), q - 1))
-        err = abs(m / q - fraction)
-        if best is None or err < best[0] - 1e-9:
-            best = (err, q, m)
-    assert best is not None
-    return best[1], best[2]
+        plans.append((abs(m / q - fraction), q, m))
+    close = [p for p in plans if p[0] <= _PLAN_SLACK]
+    _, q, m = close[0] if close else min(plans)
+    return q, m
 
 
 def _group_folds(strata: np.ndarray, codes: np.ndarray, q: int, seed: int) -> np.ndarray:

@@ -240,14 +240,17 @@ def _retrain(bundle, cfg: dict, tax, kr: pd.DataFrame, xk: np.ndarray, seed: int
     """Train the recipe on the known images less a seeded test share; returns
     (labels, is_test, is_tr, is_val, retrained bundle, calibration record)."""
     from ..bundle import ModelBundle
-    from ..model.training import stratified_split, train_head
+    from ..model.splits import group_codes, validation_split
+    from ..model.training import train_head
     from ..openset.evaluation import truth_names
     from ..openset.scorer import group_rank_of
 
     ranks = tuple(tax.ranks)
     y, nodes = encode_labels(tax, kr)
     strata = np.array(["/".join(n) for n in nodes])
-    is_test = stratified_split(strata, test_fraction, seed)
+    group_by = (cfg.get("data") or {}).get("group_by")
+    groups = group_codes(kr["group"], group_by) if group_by else None
+    is_test = validation_split(strata, test_fraction, seed, groups=groups)
     tr_idx = np.flatnonzero(~is_test)
     ocfg = dict(cfg.get("openset") or {})
     is_val = np.zeros(len(kr), dtype=bool)
@@ -261,11 +264,12 @@ def _retrain(bundle, cfg: dict, tax, kr: pd.DataFrame, xk: np.ndarray, seed: int
                                                 "normalize": bundle.normalize},
                                "decode": {**(cfg.get("decode") or {}),
                                           "method": bundle.decode_method}},
-                              seed=seed)
+                              seed=seed, groups=None if groups is None else groups[is_tr])
         res, calibration = cf.train, cf.info
     else:
         val_fraction = float(cfg["data"]["val_fraction"])
-        is_val[tr_idx[stratified_split(strata[tr_idx], val_fraction, seed + 1)]] = True
+        is_val[tr_idx[validation_split(strata[tr_idx], val_fraction, seed + 1,
+                                       groups=None if groups is None else groups[tr_idx])]] = True
         is_tr = ~is_test & ~is_val
         res = train_head(xk[is_tr], {r: a[is_tr] for r, a in y.items()}, xk[is_val],
                          {r: a[is_val] for r, a in y.items()}, tax, model=cfg.get("model"),
@@ -292,7 +296,8 @@ def _holdout_split(bundle, annotations, images_root, held_args: dict, cfg: dict,
 
     root = Path(images_root) if images_root else Path(annotations).parent
     ann = load_annotations(annotations)
-    rows = ann.labelled_images(root).reset_index(drop=True)
+    group_by = (cfg.get("data") or {}).get("group_by")  # the recipe's groups stay together
+    rows = ann.labelled_images(root, group_by=group_by).reset_index(drop=True)
     try:
         held = choose_holdout(rows, seed=seed, **held_args)
     except ValueError as exc:

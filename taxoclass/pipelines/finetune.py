@@ -185,6 +185,7 @@ class _Job:
 
 def _prepare(cfg: Mapping[str, Any], device: str | None) -> _Job:
     """Check the config and read the annotations, the labels and the validation split."""
+    from ..model.splits import group_codes
     from ..taxonomy.annotations import load_annotations
     from ..taxonomy.labels import encode_labels
 
@@ -197,11 +198,13 @@ def _prepare(cfg: Mapping[str, Any], device: str | None) -> _Job:
     settings = FinetuneSettings.from_mapping(cfg.get("finetune"))
     root = Path(data.get("images_root") or Path(data["annotations"]).parent)
     ann = load_annotations(data["annotations"], allow_outside_root=data.get("allow_outside_root"))
-    tax, rows = known_rows(ann, ann.labelled_images(root), data)
+    group_by = data.get("group_by")
+    tax, rows = known_rows(ann, ann.labelled_images(root, group_by=group_by), data)
     y, nodes = encode_labels(tax, rows)
     ids = [str(i) for i in rows["image_id"]]
+    groups = group_codes(rows["group"], group_by) if group_by else None
     return _Job(cfg=cfg, data=data, settings=settings, taxonomy=tax, rows=rows, y=y, ids=ids,
-                is_val=validation_mask(ids, nodes, data),
+                is_val=validation_mask(ids, nodes, data, groups=groups),
                 paths=np.asarray(rows["path"].tolist(), dtype=object),
                 device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -307,8 +310,10 @@ def _write_records(job: _Job, result: FinetuneResult, stage: Path, bb) -> None:
     from ..io.provenance import write_provenance
 
     cfg, is_val = job.cfg, job.is_val
-    atomic_write_csv(stage / "split.csv", pd.DataFrame(
-        {"image_id": job.ids, "split": np.where(is_val, "val", "train")}))
+    split = pd.DataFrame({"image_id": job.ids, "split": np.where(is_val, "val", "train")})
+    if job.data.get("group_by"):
+        split["group"] = job.rows["group"].to_numpy()  # data.group_by value (empty: none)
+    atomic_write_csv(stage / "split.csv", split)
     if result.failures:
         atomic_write_csv(stage / "failures.csv", pd.DataFrame(result.failures,
                                                               columns=["path", "error"]))

@@ -25,6 +25,7 @@ from ..io.files import (
     recover_output_folder,
 )
 from ..io.provenance import write_provenance
+from ..model.splits import group_codes
 from ..taxonomy.labels import encode_labels
 from ..taxonomy.tree import Taxonomy
 from ..vocab import Calibration
@@ -61,6 +62,7 @@ class _Data:
     tr: np.ndarray          # rows the head trains on
     va: np.ndarray          # validation rows (none with crossfit)
     views: tuple[np.ndarray, np.ndarray]  # view embeddings, index into rows of each source
+    groups: np.ndarray | None = None  # group code per row (data.group_by), None without
 
 
 @dataclass
@@ -80,7 +82,8 @@ def _prepare(cfg: dict, embed_progress: Progress | None) -> _Data:
     data = require_training_settings(cfg)
     root = Path(data.get("images_root") or Path(data["annotations"]).parent)
     ann = load_annotations(data["annotations"], allow_outside_root=data.get("allow_outside_root"))
-    tax, rows = known_rows(ann, ann.labelled_images(root), data)
+    group_by = data.get("group_by")
+    tax, rows = known_rows(ann, ann.labelled_images(root, group_by=group_by), data)
     y, nodes = encode_labels(tax, rows)
     ids = [str(i) for i in rows["image_id"]]
     cache = embedding_cache(cfg)
@@ -89,7 +92,8 @@ def _prepare(cfg: dict, embed_progress: Progress | None) -> _Data:
         missing = [i for i, f in zip(ids, found) if not f][:5]
         log.warning("%d labelled image(s) have no embedding (unreadable; see %s/failures.csv), "
                     "e.g. %s; training without them.", int((~found).sum()), cache, missing)
-    is_val = validation_mask(ids, nodes, data)
+    groups = group_codes(rows["group"], group_by) if group_by else None
+    is_val = validation_mask(ids, nodes, data, groups=groups)
     crossfit = openset_calibration(cfg["openset"])[0] == Calibration.CROSSFIT
     # crossfit: every embedded image trains the final head (no validation split).
     tr, va = (found, np.zeros_like(found)) if crossfit else (found & ~is_val, found & is_val)
@@ -99,7 +103,7 @@ def _prepare(cfg: dict, embed_progress: Progress | None) -> _Data:
                               progress=embed_progress)
     return _Data(cfg=cfg, rows=rows, tax=tax, y=y, ids=ids, cache=cache, x=x, found=found,
                  backbone_desc=backbone_desc, is_val=is_val, crossfit=crossfit, tr=tr, va=va,
-                 views=(xv, tr_idx[src]) if not crossfit else (xv, src))
+                 views=(xv, tr_idx[src]) if not crossfit else (xv, src), groups=groups)
 
 
 def _fit_crossfit(d: _Data, progress: Progress | None) -> _Fit:
@@ -110,7 +114,7 @@ def _fit_crossfit(d: _Data, progress: Progress | None) -> _Fit:
     cf = crossfit_openset(d.x[tr], {r: v[tr] for r, v in y.items()}, tax,
                           truth_names(d.rows[tr], tax.ranks), d.cfg,
                           seed=int(d.cfg["data"]["split_seed"]), views=d.views,
-                          progress=progress)
+                          progress=progress, groups=None if d.groups is None else d.groups[tr])
     fold = np.full(len(d.ids), -1)
     fold[tr] = cf.oof.fold
     # The final head trained on every row: its own validation figures would be
@@ -197,6 +201,8 @@ def _write_files(out: Path, d: _Data, fit: _Fit, bundle, metrics: dict) -> None:
     split = pd.DataFrame({"image_id": d.ids,
                           "split": np.where(d.is_val & ~d.crossfit, "val", "train"),
                           "embedded": d.found})
+    if d.groups is not None:
+        split["group"] = d.rows["group"].to_numpy()  # data.group_by value (empty: none)
     if d.crossfit:
         split["fold"] = fit.fold  # crossfit fold of each image (-1: not embedded)
     atomic_write_csv(out / "split.csv", split)
