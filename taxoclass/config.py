@@ -228,6 +228,7 @@ class DataConfig(Section):
     split_file: str | None = None     # optional CSV image_id,split (train/val) given by the user
     holdout_species: list[str] = _opt(factory=list)  # binomials left out (open-set tests)
     allow_outside_root: bool = False  # true: file_names may be absolute or climb out ('../')
+    group_by: str | None = None       # image/annotation field whose groups stay together
 
 
 @dataclass
