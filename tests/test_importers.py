@@ -43,15 +43,21 @@ def _validates(out: Path, root: Path) -> str:
     return text
 
 
-def _fixture_tree(dest: Path, annotations: Path, image_dir: str, *, binomial: bool) -> int:
-    """A family/genus/species/*.jpg copy of a fixture annotation file's images."""
+def _fixture_tree(dest: Path, annotations: Path, image_dir: str, *, binomial: bool,
+                  coarse: bool = False) -> int:
+    """A family/genus/species/*.jpg copy of a fixture annotation file's images. With
+    ``coarse`` every 6th image sits in its family folder (a family-only label), the next
+    in its genus folder (genus-only), and the rest in one track folder per 4 images."""
     data = json.loads(annotations.read_text())
     cats = {c["category_id"]: c for c in data["categories"]}
     files = {im["image_id"]: im["file_name"] for im in data["images"]}
-    for a in data["annotations"]:
+    for i, a in enumerate(data["annotations"]):
         c = cats[a["category_id"]]
         species = f"{c['genus']}_{c['species']}" if binomial else c["species"]
         folder = dest / c["family"] / c["genus"] / species
+        if coarse:
+            folder = [dest / c["family"], dest / c["family"] / c["genus"],
+                      folder / f"track{i // 4}"][min(i % 6, 2)]
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy(FIXTURES / files[a["image_id"]], folder / Path(files[a["image_id"]]).name)
     assert all(f.startswith(image_dir) for f in files.values())
@@ -296,12 +302,17 @@ def test_real_leaf_labels_round_trip_through_a_csv(shared_data, tmp_path):
 @pytest.mark.usefixtures("one_thread")
 def test_import_then_train_on_one_file_and_evaluate_on_another(tmp_path, fixture_set):
     data = tmp_path / "data"
-    n_train = _fixture_tree(data / "train", fixture_set["train"], "images/train", binomial=False)
+    n_train = _fixture_tree(data / "train", fixture_set["train"], "images/train", binomial=False,
+                            coarse=True)
     n_test = _fixture_tree(data / "test", fixture_set["test"], "images/test", binomial=True)
     for part, n in (("train", n_train), ("test", n_test)):
         code, text = _run("import", data / part, "--out", data / f"{part}.json")
         assert code == 0, text
-        assert f"OK {data / part}.json: {n} images, {n} annotations, 6 categories" in text
+        assert f"OK {data / part}.json: {n} images, {n} annotations" in text
+    train = json.loads((data / "train.json").read_text())
+    stops = [c["taxonRank"] for c in train["categories"]]
+    assert sorted(set(stops)) == ["family", "genus", "species"]  # 2 + 3 + 6 categories
+    assert sum(1 for im in train["images"] if "group" in im) == 40  # 4 of 6 in tracks
     f = fixture_set
     code, text = _run("embed", "--annotations", data / "train.json", "--images-root", data,
                       "--backbone", f["arch"], "--checkpoint", f["ckpt"], "--model-kwargs",
