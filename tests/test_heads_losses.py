@@ -102,7 +102,7 @@ def test_coherent_predictions_cost_less_than_incoherent(tax):
     # Same per-rank confidence, but the species sits under another genus and family.
     incoherent = {"family": [q_robur["family"]], "genus": [q_robur["genus"]],
                   "species": [acer["species"]]}
-    targets_none = {r: torch.tensor([-1]) for r in tax.ranks}  # only the dependency term
+    targets_none: dict = {}  # no targets at all: only the dependency term, on every sample
     lc = loss(_onehot_logits(tax, coherent), targets_none)
     li = loss(_onehot_logits(tax, incoherent), targets_none)
     assert float(lc) < float(li)
@@ -118,8 +118,7 @@ def test_dependency_term_matches_formula(tax):
     torch.manual_seed(1)
     logits = {r: torch.randn(4, tax.n_classes(r)) for r in tax.ranks}
     loss = ClassDependencyLoss(tax, dependency_weight=2.0)
-    targets = {r: torch.full((4,), -1) for r in tax.ranks}
-    total = loss(logits, targets)
+    total = loss(logits, {})  # no targets: the dependency term over every sample
     expected = 0.0
     for parent, child in [("family", "genus"), ("genus", "species")]:
         pc, pp = logits[child].softmax(1), logits[parent].softmax(1)
@@ -146,15 +145,16 @@ def test_masked_rank_gets_no_gradient_without_dependency_term(tax):
     assert set(loss.last_parts) == {"ce/family", "ce/genus", "total"}
 
 
-def test_dependency_term_does_send_gradient_to_unlabelled_ranks(tax):
-    # What is true: the class-dependency term couples the heads, so the species head
-    # learns from genus/family labels even when no species label is present.
+def test_dependency_term_sends_no_gradient_to_masked_ranks(tax):
+    # Issue 15: a masked rank contributes nothing, the class-dependency term included:
+    # genus-only images do not train the species head.
     torch.manual_seed(0)
     head = MultiRankHead(8, tax.sizes)
     targets = {"family": torch.tensor([0, 1]), "genus": torch.tensor([0, 1]),
                "species": torch.tensor([-1, -1])}
     ClassDependencyLoss(tax, dependency_weight=1.0)(head(torch.randn(2, 8)), targets).backward()
-    assert torch.count_nonzero(head.heads["species"].weight.grad) > 0
+    assert torch.count_nonzero(head.heads["species"].weight.grad) == 0
+    assert torch.count_nonzero(head.heads["genus"].weight.grad) > 0
 
 
 def test_masked_samples_get_no_cross_entropy_gradient(tax):

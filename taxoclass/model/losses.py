@@ -11,10 +11,14 @@ The dependency term, for each adjacent (parent, child) rank pair, is
 i.e. the probability that a class drawn from the child head and one drawn from the
 parent head are *incoherent* (the drawn child is not under the drawn parent). It is 0
 only when both heads put all their mass on one consistent (parent, child) pair, lies in
-[0, 1], needs no labels (so it also trains on unlabelled ranks), and for a fixed
-per-rank confidence it is lower when the heads agree. Like Bjerge's term it also
-mildly rewards confident heads. Because it couples the heads, a rank whose targets
-are all ``-1`` still receives gradient through it unless ``dependency_weight == 0``.
+[0, 1], and for a fixed per-rank confidence it is lower when the heads agree. Like
+Bjerge's term it also mildly rewards confident heads.
+
+Labels at any rank: the mean runs over the samples labelled at the child rank only
+(target ``>= 0``), so a masked rank contributes nothing, to either term: a family-only
+image trains the family head only. A pair with no such sample adds 0; the sum over pairs
+is still divided by the number of pairs, so fully labelled batches give the same value
+as before.
 """
 
 from __future__ import annotations
@@ -107,14 +111,29 @@ class ClassDependencyLoss(nn.Module):
             parts[f"ce/{rank}"] = ce
             total = total + self.rank_weights[rank] * ce
         if self.dependency_weight > 0 and self._pairs:
-            probs = {r: logits[r].softmax(dim=1) for r in self.ranks}
-            dep = sum(dependency_penalty(probs[c], probs[p], getattr(self, f"parent_of_{c}"))
-                      .mean() for p, c in self._pairs) / len(self._pairs)
+            dep = self._dependency(logits, targets)
             parts["dependency"] = dep
             total = total + self.dependency_weight * dep
         self.last_parts = {k: float(v.detach()) for k, v in parts.items()}
         self.last_parts["total"] = float(total.detach())
         return total
+
+
+    def _dependency(self, logits: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor:
+        """Mean over adjacent pairs of the penalty over samples labelled at the child rank
+        (every sample when ``targets`` lacks the child rank)."""
+        probs = {r: logits[r].softmax(dim=1) for r in self.ranks}
+        dep = probs[self.ranks[0]].sum() * 0.0
+        for p, c in self._pairs:
+            pen = dependency_penalty(probs[c], probs[p], getattr(self, f"parent_of_{c}"))
+            if c in targets:
+                keep = torch.as_tensor(targets[c], device=pen.device).long() >= 0
+                if not bool(keep.all()):
+                    if not bool(keep.any()):
+                        continue
+                    pen = pen[keep]
+            dep = dep + pen.mean()
+        return dep / len(self._pairs)
 
 
 def class_balanced_weights(counts: np.ndarray, beta: float = 0.999) -> torch.Tensor:
