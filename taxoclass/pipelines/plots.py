@@ -69,20 +69,22 @@ def plot_report_job(model: str | Path, photos: Sequence[str | Path], out: str | 
 
 
 def read_plot_truth(path: str | Path) -> dict[str, list[str]]:
-    """Ground-truth species per plot from a CSV with ``plot_id`` and ``species`` columns
-    (one row per species, or several species separated by ``;`` in one cell).
+    """Ground-truth taxa per plot from a CSV with ``plot_id`` and ``species`` (or ``taxon``:
+    names at any rank of the model, e.g. ``Scaridae`` for a find known to family) columns,
+    one row per taxon, or several separated by ``;`` in one cell.
     """
     import pandas as pd
 
     from ..errors import AnnotationError
 
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = {"plot_id", "species"} - set(frame.columns)
-    if missing:
-        raise AnnotationError(f"{path}: expected columns plot_id and species, missing "
-                              f"{sorted(missing)} (found {list(frame.columns)}).")
+    column = next((c for c in ("species", "taxon") if c in frame.columns), None)
+    if "plot_id" not in frame.columns or column is None:
+        missing = sorted({"plot_id", "species"} - set(frame.columns))
+        raise AnnotationError(f"{path}: expected columns plot_id and species (or taxon), "
+                              f"missing {missing} (found {list(frame.columns)}).")
     truth: dict[str, list[str]] = {}
-    for plot_id, cell in zip(frame["plot_id"], frame["species"]):
+    for plot_id, cell in zip(frame["plot_id"], frame[column]):
         truth.setdefault(plot_id, []).extend(s.strip() for s in cell.split(";") if s.strip())
     return truth
 
