@@ -6,13 +6,19 @@ index, ``-1`` where the label stops above that rank). A prediction may also hold
 
 Conventions:
 
-- Per rank, samples whose target is ``-1`` are skipped (``n`` counts the rest).
+- Labels at any rank, any rank list: each image is scored at the ranks it has a label
+  for. Per rank, samples whose target is ``-1`` (the label stops above that rank) are
+  skipped; ``n_scored`` (also ``n``) counts the rest, and the top level repeats them as
+  ``n_scored: {rank: n}``. A placeholder target ("Philadelphus sp.", the class the lowest
+  head has for a taxon known only higher up) is scored as that class, as the head was
+  trained; ``n_placeholder`` says how many of the scored targets are placeholders.
 - Hierarchical precision/recall/F1 (Kiritchenko et al. 2005): each sample's true set is
   its deepest labelled node plus its ancestors (root excluded); the predicted set is the
   predicted node *at that same rank* (or the deepest one the prediction reports above
   it) plus its ancestors. A partial label (image known to genus) is thus not penalised
   for the species the model adds. Placeholder nodes ("Philadelphus sp.") count as the
-  genus they stand for (``taxonomy.reported``). Micro-averaged over samples.
+  genus they stand for (``taxonomy.reported``), and the prediction is cut at that rank
+  too. Micro-averaged over samples.
 - Mistake severity: over samples whose predicted node (as above) differs from the true
   node: mean tree distance, mean depth of the lowest common ancestor (ranks below the
   root; 0 = different top-rank taxa) and its height (``len(ranks) - depth``, Bertinetto
@@ -73,7 +79,8 @@ def evaluate_predictions(decoded_path: Mapping[str, np.ndarray],
                          probs: Mapping[str, np.ndarray] | None = None) -> dict:
     """All metrics for one prediction set, as a JSON-able nested dict.
 
-    Returns ``{"n", "ranks": {rank: {accuracy, macro_f1, n[, top5_accuracy][, nll]}},
+    Returns ``{"n", "n_scored": {rank: n}, "ranks": {rank: {accuracy, macro_f1, n,
+    n_scored, n_placeholder[, top5_accuracy][, nll]}},
     "hierarchical": {precision, recall, f1, n}, "mistake_severity": {mean_distance,
     mean_lca_depth, mean_lca_height, n_mistakes, rate}, "genus_distance": float|None,
     "genus_distance_n", "coherence_rate"}``. ``probs`` (rank -> ``[n, n_classes]``) adds
@@ -94,11 +101,14 @@ def evaluate_predictions(decoded_path: Mapping[str, np.ndarray],
     k = max(v.shape[1] for v in topk.values()) if topk is not None else 0
     per_rank = {r: _rank_metrics(true[r], pred[r], topk[r] if topk is not None else None,
                                  prob[r] if prob is not None else None, k=k) for r in ranks}
+    for r in ranks:
+        per_rank[r]["n_placeholder"] = _n_placeholder(true[r], taxonomy, r)
     hierarchical, severity = _hierarchical_metrics(true, pred, taxonomy, ranks)
     gd, gd_n = _genus_distance(true, pred, taxonomy, ranks)
     coherent = is_coherent(pred, taxonomy)
     return {
         "n": int(n_total),
+        "n_scored": {r: per_rank[r]["n_scored"] for r in ranks},
         "ranks": per_rank,
         "hierarchical": hierarchical,
         "mistake_severity": severity,
@@ -114,7 +124,7 @@ def _rank_metrics(true: np.ndarray, pred: np.ndarray, topk: np.ndarray | None,
     rank's ``k``) and NLL at one rank."""
     m = true >= 0
     t, p = true[m].astype(np.int64), pred[m].astype(np.int64)
-    res: dict[str, object] = {"n": int(m.sum())}
+    res: dict[str, object] = {"n": int(m.sum()), "n_scored": int(m.sum())}
     if not m.any():
         res["accuracy"] = res["macro_f1"] = None
         if topk is not None:
@@ -141,7 +151,8 @@ def _hierarchical_metrics(true: Mapping[str, np.ndarray], pred: Mapping[str, np.
     labelled = np.flatnonzero(t_depth > 0)
     for i in labelled:
         tn = _node(taxonomy, ranks, true, i, int(t_depth[i]))
-        pn = _node(taxonomy, ranks, pred, i, int(p_depth[i]))
+        # Compare down to the truth's (reported) rank only.
+        pn = taxonomy.reported(_node(taxonomy, ranks, pred, i, int(p_depth[i]))[:len(tn)])
         lca = taxonomy.lca(tn, pn)
         inter += len(lca)
         n_pred += len(pn)
@@ -165,6 +176,13 @@ def _hierarchical_metrics(true: Mapping[str, np.ndarray], pred: Mapping[str, np.
         "rate": len(dists) / len(labelled) if len(labelled) else None,
     }
     return hierarchical, severity
+
+
+def _n_placeholder(true: np.ndarray, taxonomy, rank: str) -> int:
+    """How many targets at ``rank`` are placeholder classes."""
+    holders = np.array([taxonomy.is_placeholder(n) for n in taxonomy.nodes(rank)], dtype=bool)
+    t = true[true >= 0].astype(np.int64)
+    return int(holders[t].sum()) if holders.any() and len(t) else 0
 
 
 def _genus_distance(true: Mapping[str, np.ndarray], pred: Mapping[str, np.ndarray],
@@ -196,12 +214,14 @@ def flatten_metrics(result: Mapping, prefix: str = "") -> dict[str, object]:
 
 
 def confusion_summary(decoded_path: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
-                      taxonomy, rank: str = "species", top: int = 10) -> pd.DataFrame:
-    """The ``top`` most frequent (true, predicted) confusions at ``rank``.
+                      taxonomy, rank: str | None = None, top: int = 10) -> pd.DataFrame:
+    """The ``top`` most frequent (true, predicted) confusions at ``rank`` (default: the
+    lowest rank).
 
     Columns ``true``, ``predicted`` (display labels, placeholders as ``Genus sp.``) and
     ``count``; samples unlabelled at ``rank`` and correct predictions are left out.
     """
+    rank = rank or taxonomy.ranks[-1]
     if rank not in taxonomy.ranks:
         raise ValueError(f"confusion_summary: unknown rank {rank!r}; taxonomy has "
                          f"{taxonomy.ranks}.")
