@@ -222,13 +222,27 @@ class DataConfig(Section):
 
     annotations: str | None = None    # Herbarium 2022-style annotations JSON
     images_root: str | None = None    # folder the images' file_name paths are relative to
-    ranks: list[str] = _opt(factory=lambda: ["family", "genus", "species"])
+    # top-down rank list, or "auto": the ranks the categories fill, in the canonical order
+    # kingdom, phylum, class, order, family, subfamily, tribe, genus, species
+    ranks: list[str] | str = _opt(factory=lambda: ["family", "genus", "species"])
     val_fraction: float = _opt(0.3, gt=0, lt=1)  # seeded split stratified by the lowest rank
     split_seed: int = 0
     split_file: str | None = None     # optional CSV image_id,split (train/val) given by the user
     holdout_species: list[str] = _opt(factory=list)  # binomials left out (open-set tests)
     allow_outside_root: bool = False  # true: file_names may be absolute or climb out ('../')
+    keep_empty_taxa: bool = False     # true: categories without images stay output classes
     group_by: str | None = None       # image/annotation field whose groups stay together
+
+    def check(self, *, where: str | None = None) -> None:
+        super().check(where=where)
+        where = where or self.section
+        ranks = self.ranks
+        if isinstance(ranks, str) and ranks != "auto":
+            raise ConfigError(f"{where}.ranks: expected a list of ranks, top-down (e.g. "
+                              f"[order, family, genus, species]), or 'auto', found {ranks!r}.")
+        if not isinstance(ranks, str) and (not ranks or len(set(ranks)) != len(ranks)):
+            raise ConfigError(f"{where}.ranks: expected distinct ranks, at least one, found "
+                              f"{ranks!r}.")
 
 
 @dataclass
@@ -468,7 +482,8 @@ class Config(Section):
         cfg = cls(out=out, **{k: kind.from_dict(m.get(k))  # type: ignore[attr-defined]
                               for k, kind in kinds.items()})
         tp = cfg.openset.target_precision
-        missing = [r for r in cfg.data.ranks if cfg.openset.enabled and isinstance(tp, Mapping)
+        ranks = [] if isinstance(cfg.data.ranks, str) else cfg.data.ranks  # auto: when loaded
+        missing = [r for r in ranks if cfg.openset.enabled and isinstance(tp, Mapping)
                    and r not in tp and "default" not in tp]
         if missing:
             raise ConfigError(f"openset.target_precision: no value for rank(s) {missing} of "

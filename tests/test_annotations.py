@@ -68,10 +68,23 @@ def test_every_semantic_problem_is_listed(leaf_dict, shared_data):
 def test_schema_violations_name_path_and_field(leaf_dict):
     d = copy.deepcopy(leaf_dict)
     d["images"][0]["file_name"] = 5
-    del d["categories"][2]["genus"]
+    d["categories"][2]["family"] = 7
     msgs = _messages(d)
     assert any(m.startswith("ERROR $.images[0].file_name") and "type string" in m for m in msgs)
-    assert any("$.categories[2]" in m and "'genus'" in m for m in msgs)
+    assert any(m.startswith("ERROR $.categories[2].family") and "type string" in m
+               for m in msgs)
+
+
+def test_a_missing_rank_above_a_filled_one_is_named(leaf_dict):
+    """Issue 15: rank fields are optional (a label may stop at any rank), but a genus
+    missing above a species is a gap: named with the rank, the taxon below and a fix."""
+    d = copy.deepcopy(leaf_dict)
+    del d["categories"][2]["genus"]
+    msgs = [m for m in _messages(d) if "$.categories" in m]
+    assert len(msgs) == 1
+    assert msgs[0].startswith("ERROR $.categories[2].genus")
+    assert "a non-empty genus (above the species" in msgs[0]
+    assert "every rank above its lowest one must be filled" in msgs[0]
 
 
 def test_broken_json_names_file_and_line(tmp_path):

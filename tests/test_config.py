@@ -52,7 +52,10 @@ def test_partial_section_takes_the_defaults():
     ("openset.target_precision=0", "openset.target_precision: expected a number > 0 and <= 1, "
                                    "found 0."),
     ("augment.scale=[1]", "augment.scale: expected a list of 2 numbers, found [1]."),
-    ("data.ranks=genus", "data.ranks: expected a list of strings, found 'genus'."),
+    ("data.ranks=genus", "data.ranks: expected a list of ranks, top-down (e.g. [order, family, "
+                         "genus, species]), or 'auto', found 'genus'."),
+    ("data.ranks=[genus,genus]", "data.ranks: expected distinct ranks, at least one, found "
+                                 "['genus', 'genus']."),
     ("decode.method=argmax", "decode.method: expected one of 'path', 'marginal', found "
                              "'argmax'."),
     ("finetune.unfreeze_blocks=-2", "finetune.unfreeze_blocks: expected an integer >= -1, "

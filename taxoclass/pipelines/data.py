@@ -144,18 +144,29 @@ def cached_embeddings(ids: Sequence[str], paths: Sequence[str], *, cache: str | 
 
 
 def known_rows(ann: Annotations, rows: pd.DataFrame, data: dict) -> tuple[Taxonomy, pd.DataFrame]:
-    """(taxonomy, rows) a model trains on: without ``data.holdout_species``, if any.
+    """(taxonomy, rows) a model trains on: the taxa with labelled images, without
+    ``data.holdout_species``, if any.
 
-    Held-out species leave the taxonomy too (their genus stays when it keeps a known
-    species), so the model has no output for them: they are truly unknown to it.
-    The rows are checked (:func:`check_training_rows`): none, or one taxon only, is an
-    error; taxa with one image or none are warnings.
+    ``data.ranks`` is a list or ``"auto"`` (the known ranks the categories fill, top-down),
+    checked against the categories (a rank no category fills is an error). Categories
+    without any labelled image are left out of the taxonomy (one warning lists them)
+    unless ``data.keep_empty_taxa``; the model has no output for them, and the bundle's
+    taxonomy is this reduced, known set. Held-out species leave the taxonomy too (their
+    genus stays when it keeps a known species), so the model has no output for them:
+    they are truly unknown to it. The rows are checked (:func:`check_training_rows`):
+    none, or one taxon only, is an error; taxa with one image are a warning.
     """
+    from ..taxonomy.validation import check_ranks
+
     held = list(data.get("holdout_species") or [])
-    ranks = data.get("ranks") or DEFAULT_RANKS
+    ranks = check_ranks(data.get("ranks") or DEFAULT_RANKS,
+                        ann.categories.to_dict("records"), ann.source)
+    rows = _rows_with_a_rank(rows, ranks, ann.source)
+    keep_empty = bool(data.get("keep_empty_taxa"))
+    used = None if keep_empty else _used_categories(ann, rows, ranks)
     if not held:
-        tax = ann.taxonomy(ranks)
-        check_training_rows(tax, rows, source=ann.source)
+        tax = ann.taxonomy(ranks, category_ids=used)
+        check_training_rows(tax, rows, source=ann.source, keep_empty=keep_empty)
         return tax, rows
     from ..openset.evaluation import choose_holdout, known_taxonomy, split_known_unknown
 
@@ -163,21 +174,68 @@ def known_rows(ann: Annotations, rows: pd.DataFrame, data: dict) -> tuple[Taxono
         held = choose_holdout(rows, species=held)  # checks the names exist
     except ValueError as exc:
         raise ConfigError(f"data.holdout_species: {exc}") from exc
-    tax = known_taxonomy(ann.categories, held, ranks)
+    cats = ann.categories if used is None else ann.categories[
+        ann.categories["category_id"].isin(used)]
+    tax = known_taxonomy(cats, held, ranks)
     rows = rows[~split_known_unknown(rows, held)].reset_index(drop=True)
-    check_training_rows(tax, rows, source=f"{ann.source} without data.holdout_species")
+    check_training_rows(tax, rows, source=f"{ann.source} without data.holdout_species",
+                        keep_empty=keep_empty)
     return tax, rows
 
 
-def check_training_rows(tax: Taxonomy, rows: pd.DataFrame, *, source: str) -> None:
+def _rows_with_a_rank(rows: pd.DataFrame, ranks: Sequence[str], source: str) -> pd.DataFrame:
+    """Drop (one warning) labelled images whose label names none of ``ranks`` (an
+    order-only label when data.ranks starts at family): nothing to train them on."""
+    from ..taxonomy.tree import rank_values
+
+    if not len(rows):
+        return rows
+    named = [any(rank_values(rec, ranks)) for rec in rows.to_dict("records")]
+    if all(named):
+        return rows
+    import numpy as np
+
+    keep = np.asarray(named)
+    log.warning("%s: %d labelled image(s) name no rank of data.ranks %s (labels above its "
+                "top rank, e.g. image_id %s); they are left out of training. Fix: add the "
+                "rank to data.ranks (or data.ranks: auto).", source, int((~keep).sum()),
+                list(ranks), rows["image_id"][~keep].iloc[0])
+    return rows[keep].reset_index(drop=True)
+
+
+def _used_categories(ann: Annotations, rows: pd.DataFrame, ranks: Sequence[str]) -> list:
+    """The category ids with a labelled image; one warning names the others (left out)."""
+    used = set(rows["category_id"]) if len(rows) else set()
+    cats = ann.categories
+    empty = cats[~cats["category_id"].isin(list(used))]
+    if len(empty) and used:
+        names = sorted({_category_name(rec, ranks) for rec in empty.to_dict("records")})
+        log.warning("%s: %d categories have no labelled image and are left out of the model "
+                    "(it has no output for them): %s. Fix: add images of them, or set "
+                    "data.keep_empty_taxa: true to keep them as classes (a checklist prior).",
+                    ann.source, len(names), _some(names, 20))
+    return [c for c in cats["category_id"] if c in used]
+
+
+def _category_name(rec: dict, ranks: Sequence[str]) -> str:
+    """The lowest named rank of a category record (species as a binomial)."""
+    from ..taxonomy.tree import rank_values
+
+    named = [v for v in rank_values(rec, ranks) if v]
+    return named[-1] if named else str(rec.get("category_id"))
+
+
+def check_training_rows(tax: Taxonomy, rows: pd.DataFrame, *, source: str,
+                        keep_empty: bool = False) -> None:
     """Refuse training data that cannot make a model, warn about data that makes a
     misleading one.
 
     Errors (:class:`AnnotationError`): no labelled image; every image one taxon of the
     lowest rank (a one-class model scores accuracy 1.000 by construction). Warnings: taxa
-    with a single image (it trains, so no validation image checks them) and taxa of the
-    categories without any image (kept as output classes the model never learned; the
-    model's classes stay those of the annotation file).
+    with a single image (it trains, so no validation image checks them) and, should the
+    taxonomy still hold taxa without any image, those (output classes the model never
+    learned); with ``keep_empty`` (``data.keep_empty_taxa``) they are kept on purpose and
+    only logged at info level.
     """
     lowest = tax.ranks[-1]
     if len(rows) == 0:
@@ -201,8 +259,12 @@ def check_training_rows(tax: Taxonomy, rows: pd.DataFrame, *, source: str) -> No
                     "image checks them (and the split cannot stratify them): %s. Fix: add "
                     "images (2 or more per taxon).", source, len(single), lowest,
                     _some(single))
-    unused = sorted(tax.label(n) for n in tax.nodes(lowest) if n not in per_taxon)
-    if unused:
+    labelled = {n[:k] for n in per_taxon for k in range(1, len(n) + 1)}
+    unused = sorted(tax.label(n) for n in tax.nodes(lowest) if n not in labelled)
+    if unused and keep_empty:
+        log.info("%s: %d %s taxa without a labelled image kept as output classes "
+                 "(data.keep_empty_taxa): %s", source, len(unused), lowest, _some(unused))
+    elif unused:
         log.warning("%s: %d %s taxa of the categories have no labelled image; the model keeps "
                     "them as output classes it never learned (they get low scores): %s. Fix: "
                     "add images of them, or remove those categories.", source, len(unused),

@@ -3,7 +3,9 @@
 :func:`load_annotations` reads a file, checks it (:mod:`taxoclass.taxonomy.validation`:
 every problem with its JSON path, record, expected, found and fix) and returns one
 DataFrame per section (:class:`Annotations`); it raises :class:`AnnotationError` when there
-are errors. Extra fields (e.g. ``order`` on categories) are kept. The validation names are
+are errors. Extra fields (e.g. ``order`` on categories) are kept. A category may stop at
+any rank (family-only, genus-only); :meth:`Annotations.taxonomy` builds the tree for a
+rank list or ``"auto"`` (the ranks the categories fill). The validation names are
 re-exported here (``validate_annotations``, ``read_json``, ``outside_root_allowed``, ...).
 """
 
@@ -11,18 +13,20 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from ..errors import AnnotationError, ConfigError
-from .tree import DEFAULT_RANKS, Taxonomy
+from .tree import DEFAULT_RANKS, KNOWN_RANKS, Taxonomy
 from .validation import (
     SCHEMA_NAME,
     Problem,
     ValidationReport,
+    category_ranks,
+    check_ranks,
     is_image_problem,
     load_schema,
     outside_root_allowed,
@@ -32,7 +36,8 @@ from .validation import (
 )
 
 __all__ = ["SCHEMA_NAME", "SECTIONS", "Annotations", "Problem", "ValidationReport",
-           "annotations_from_dict", "load_annotations", "load_schema", "outside_root_allowed",
+           "annotations_from_dict", "category_ranks", "check_ranks", "load_annotations",
+           "load_schema", "outside_root_allowed",
            "outside_root_reason", "read_class_mapping", "read_json", "read_species_table",
            "validate_annotations"]
 
@@ -56,18 +61,23 @@ class Annotations:
     institutions: pd.DataFrame
     extra: dict = field(default_factory=dict)
 
-    def taxonomy(self, ranks: Sequence[str] = DEFAULT_RANKS) -> Taxonomy:
-        """The taxonomy of the categories, with genus distances when the file has them."""
+    def taxonomy(self, ranks: Sequence[str] | str = DEFAULT_RANKS, *,
+                 category_ids: Collection | None = None) -> Taxonomy:
+        """The taxonomy of the categories, with genus distances when the file has them.
+
+        ``ranks``: a list, top-down, or ``"auto"`` (the known ranks some category fills,
+        :func:`~taxoclass.taxonomy.validation.category_ranks`); a rank no category fills
+        raises :class:`AnnotationError` naming it and the ranks the file has.
+        ``category_ids``: only those categories (e.g. the ones with labelled images).
+        """
         if self.categories.empty:
             raise AnnotationError(f"{self.source}: has no categories, so no taxonomy can be "
                                   "built. Expected a 'categories' list with family/genus/species.")
-        missing = [r for r in ranks if r not in self.categories.columns]
-        if missing:
-            raise AnnotationError(
-                f"{self.source}: categories have no {', '.join(missing)} field; expected one "
-                f"field per rank {tuple(ranks)}. Add the field(s) or choose ranks the file has.")
-        tax = Taxonomy.from_records(self.categories.to_dict("records"), ranks,
-                                    source=self.source)
+        cats = self.categories
+        if category_ids is not None:
+            cats = cats[cats["category_id"].isin(list(category_ids))]
+        ranks = check_ranks(ranks, self.categories.to_dict("records"), self.source)
+        tax = Taxonomy.from_records(cats.to_dict("records"), ranks, source=self.source)
         if not self.distances.empty and not self.genera.empty:
             name = dict(zip(self.genera["genus_id"], self.genera["genus"]))
             tax.genus_distances = {
@@ -161,7 +171,7 @@ def annotations_from_dict(data: Mapping, *, source: str = "<dict>") -> Annotatio
     frames = {k: pd.DataFrame(data.get(k) or [], columns=None if data.get(k) else cols)
               for k, cols in defaults.items()}
     cats = frames["categories"]
-    for col in ("family", "genus", "species"):
+    for col in KNOWN_RANKS:
         if col in cats:
             cats[col] = cats[col].fillna("").astype(str)
     extra = {k: v for k, v in data.items() if k not in SECTIONS}

@@ -9,9 +9,16 @@ from ..errors import AnnotationError
 from .tree import DEFAULT_RANKS, Taxonomy
 
 
-def load_taxonomy(source: str | Path, ranks: Sequence[str] = DEFAULT_RANKS) -> Taxonomy:
-    """Taxonomy from an annotations JSON (validated) or a species table (CSV / ``;``)."""
+def load_taxonomy(source: str | Path, ranks: Sequence[str] | str = DEFAULT_RANKS) -> Taxonomy:
+    """Taxonomy from an annotations JSON (validated) or a species table (CSV / ``;``).
+
+    ``ranks``: top-down, or ``"auto"`` (also ``["auto"]``): the known ranks the records fill.
+    """
     from .annotations import load_annotations, read_species_table
+    from .validation import check_ranks
+
+    if not isinstance(ranks, str) and list(ranks) == ["auto"]:
+        ranks = "auto"
 
     source = Path(source)
     if not source.exists():
@@ -20,6 +27,8 @@ def load_taxonomy(source: str | Path, ranks: Sequence[str] = DEFAULT_RANKS) -> T
     if source.suffix.lower() == ".json":  # image paths play no part in a taxonomy
         return load_annotations(source, allow_outside_root=True).taxonomy(ranks)
     table = read_species_table(source)
+    if isinstance(ranks, str):
+        ranks = check_ranks(ranks, table.to_dict("records"), str(source))
     missing = [r for r in ranks if r not in table.columns]
     if missing:
         raise AnnotationError(f"{source}: no {', '.join(repr(r) for r in missing)} column; "

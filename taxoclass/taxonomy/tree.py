@@ -1,4 +1,5 @@
-"""The taxonomy: one networkx tree (root → family → genus → species) that every module asks.
+"""The taxonomy: one networkx tree (root → family → genus → species, or any ordered rank
+list such as order → family → species or kingdom → … → species) that every module asks.
 
 Node identity is the full path from the root, a tuple of names: ``("Fagaceae",
 "Quercus", "Quercus robur")``. The same genus name under two families is therefore two
@@ -6,8 +7,12 @@ nodes. Each rank's nodes are numbered ``0..n-1`` in sorted path order; those num
 are the class indices of the model head for that rank, and the index arrays
 (`parent_index`) map species to genus and family without any string look-ups.
 
-A record whose lowest rank is empty (``species == ""``, e.g. *Philadelphus sp.*) is a
-label at the rank above (genus), not an error: it maps to the genus node.
+A record may stop at any rank (``species == ""``, e.g. *Philadelphus sp.*; a family-only
+``Scaridae``): it is a label at its lowest filled rank and maps to that node, or, when
+that taxon has no named children, to its placeholder chain (``"Scaridae sp."`` at every
+rank below), so that every path has full depth. A label above the lowest rank has
+class index -1 at the ranks below it (:meth:`Taxonomy.path_indices`) unless it stands on
+placeholders.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import pandas as pd
 from ..errors import TaxonomyError
 
 DEFAULT_RANKS: tuple[str, ...] = ("family", "genus", "species")
+#: The ranks taxoclass knows, top-down (``data.ranks: auto`` takes those the data has).
 KNOWN_RANKS: tuple[str, ...] = (
-    "kingdom", "phylum", "class", "order", "family", "genus", "species",
+    "kingdom", "phylum", "class", "order", "family", "subfamily", "tribe", "genus", "species",
 )
 ROOT: tuple[str, ...] = ()
 #: Name used for a missing higher rank that cannot be filled from other records.
@@ -47,6 +53,20 @@ def species_name(genus: str, species: str) -> str:
     if genus and (species == genus or species.startswith(genus + " ")):
         return species
     return f"{genus} {species}".strip()
+
+
+def rank_values(record: Mapping[str, object], ranks: Sequence[str]) -> list[str]:
+    """The name at each of ``ranks`` in ``record`` ("" where empty).
+
+    The species is a binomial: with a ``genus`` rank, ``species_name(genus, species)``;
+    without one (``order, family, species``) the ``species`` field as written when it is
+    a binomial, else joined to the record's ``genus`` field when it has one.
+    """
+    row = [_clean(record.get(r)) for r in ranks]
+    if "species" in ranks:
+        si = list(ranks).index("species")
+        row[si] = species_name(_clean(record.get("genus")), row[si])
+    return row
 
 
 def _clean(value: object) -> str:
@@ -111,11 +131,7 @@ class Taxonomy:
         """
         ranks = tuple(ranks)
         _check_rank_order(ranks, source)
-        rows = [[_clean(rec.get(r)) for r in ranks] for rec in records]
-        if "species" in ranks and "genus" in ranks:
-            si, gi = ranks.index("species"), ranks.index("genus")
-            for row in rows:
-                row[si] = species_name(row[gi], row[si])
+        rows = [rank_values(rec, ranks) for rec in records]
         if fill_missing:
             rows = _fill_higher_ranks(rows)
         graph = nx.DiGraph()
@@ -286,10 +302,7 @@ class Taxonomy:
 
         Raises :class:`TaxonomyError` if it is not in the taxonomy.
         """
-        row = [_clean(record.get(r)) for r in self.ranks]
-        if "species" in self.ranks and "genus" in self.ranks:
-            si, gi = self.ranks.index("species"), self.ranks.index("genus")
-            row[si] = species_name(row[gi], row[si])
+        row = rank_values(record, self.ranks)
         depth = len(row)
         while depth > 0 and not row[depth - 1]:
             depth -= 1

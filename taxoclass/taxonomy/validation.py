@@ -28,9 +28,10 @@ from .paths import (
     outside_root_is_allowed,
     outside_root_reason,
 )
-from .tree import DEFAULT_RANKS, Taxonomy, species_name
+from .tree import KNOWN_RANKS, Taxonomy, rank_values
 
-__all__ = ["SCHEMA_NAME", "Problem", "ValidationReport", "is_image_problem", "load_schema",
+__all__ = ["SCHEMA_NAME", "Problem", "ValidationReport", "category_ranks", "check_ranks",
+           "is_image_problem", "load_schema",
            "outside_root_allowed", "outside_root_reason", "read_json", "validate_annotations"]
 
 SCHEMA_NAME = "herbarium2022_annotations.schema.json"
@@ -396,31 +397,67 @@ def _genus_id_problems(i: int, a: Mapping, rec: str, cat: Mapping,
     return []
 
 
-def _category_ranks(cats: list) -> list[str]:
-    return ["order", "family", "genus"] if any("order" in c for c in cats) else ["family",
-                                                                                 "genus"]
+def category_ranks(cats: Sequence[Mapping]) -> tuple[str, ...]:
+    """The known ranks (:data:`~taxoclass.taxonomy.tree.KNOWN_RANKS`: kingdom … species)
+    that at least one category fills, top-down: what ``data.ranks: auto`` trains on."""
+    return tuple(r for r in KNOWN_RANKS
+                 if any(str(c.get(r) or "").strip() for c in cats if isinstance(c, Mapping)))
+
+
+def check_ranks(ranks: Sequence[str], cats: Sequence[Mapping], source: str) -> tuple[str, ...]:
+    """``ranks`` (a list, or ``"auto"``: :func:`category_ranks`) checked against the
+    categories: each rank must be filled in at least one category, else
+    :class:`AnnotationError` naming it and the ranks the file has."""
+    found = category_ranks(cats)
+    if isinstance(ranks, str):
+        if ranks != "auto":
+            raise AnnotationError(f"data.ranks: expected a list of ranks or 'auto', found "
+                                  f"{ranks!r}.")
+        if not found:
+            raise AnnotationError(f"{source}: no category fills any known rank "
+                                  f"({', '.join(KNOWN_RANKS)}); expected rank fields such as "
+                                  "family, genus, species.")
+        return found
+    ranks = tuple(ranks)
+    missing = [r for r in ranks
+               if not any(str(c.get(r) or "").strip() for c in cats if isinstance(c, Mapping))]
+    if missing:
+        raise AnnotationError(
+            f"{source}: no category has a {', '.join(repr(r) for r in missing)} (data.ranks "
+            f"{list(ranks)}); the categories fill the ranks {list(found)}. Fix: set data.ranks "
+            f"to ranks the file has (e.g. {list(found)}, or 'auto'), or add the field(s) to "
+            "the categories.")
+    return ranks
+
+
+def _gap_problems(i: int, c: Mapping, ranks: Sequence[str]) -> list[Problem]:
+    """A category may stop at any rank, but no rank above its lowest filled one may be empty."""
+    rec = _rec(c, "category_id", "scientificName")
+    filled = [bool(str(c.get(r) or "").strip()) for r in ranks]
+    if not any(filled):
+        return [Problem(f"$.categories[{i}]", rec, f"a name at one of the ranks "
+                        f"{', '.join(ranks)}", "every rank empty",
+                        "fill in the ranks down to the one the label stops at")]
+    low = max(k for k, f in enumerate(filled) if f)
+    return [Problem(f"$.categories[{i}].{ranks[k]}", rec, f"a non-empty {ranks[k]} (above the "
+                    f"{ranks[low]} {str(c.get(ranks[low])).strip()!r})", "''",
+                    f"fill in the {ranks[k]}: a category may stop at any rank (leave the ranks "
+                    f"below it empty), but every rank above its lowest one must be filled")
+            for k in range(low) if not filled[k]]
 
 
 def _category_problems(cats: list) -> list[Problem]:
-    """Taxon consistency across categories: filled ranks, one parent per taxon, no twins."""
+    """Taxon consistency across categories: no rank missing above a filled one, one parent
+    per taxon, no twins. A category may stop at any rank (family-only, genus-only)."""
     problems = []
     parents: dict[tuple[str, str], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
-    ranks = _category_ranks(cats)
+    ranks = category_ranks(cats)
     for i, c in enumerate(cats):
-        rec = _rec(c, "category_id", "scientificName")
-        for r in ("family", "genus"):
-            if not str(c.get(r, "")).strip():
-                problems.append(Problem(
-                    f"$.categories[{i}].{r}", rec, f"a non-empty {r}", "''",
-                    f"fill in the {r} (only 'species' may be empty: a {r}-level label "
-                    "needs every rank above it)"))
-        for upper, lower in zip(ranks, ranks[1:]):
-            lo, up = str(c.get(lower, "")).strip(), str(c.get(upper, "")).strip()
-            if lo and up:
-                parents[(lower, lo)][up].append(i)
-        sp = species_name(str(c.get("genus", "")), str(c.get("species", "")))
-        if sp and str(c.get("family", "")).strip():
-            parents[("species", sp)][str(c.get("genus", "")).strip()].append(i)
+        problems += _gap_problems(i, c, ranks)
+        values = rank_values(c, ranks)
+        for k in range(1, len(ranks)):
+            if values[k] and values[k - 1]:
+                parents[(ranks[k], values[k])][values[k - 1]].append(i)
     for (rank, name_), ups in parents.items():
         if len(ups) > 1:
             detail = "; ".join(f"{u!r} in categories at {idx[:5]}" for u, idx in ups.items())
@@ -432,13 +469,13 @@ def _category_problems(cats: list) -> list[Problem]:
                 "(homonyms), each under its own parent",
                 f"nothing, if they are homonyms; if they are one {rank}, make every category "
                 f"that names {rank} {name_!r} use the same parent", severity="warning"))
-    dup_names = Counter((str(c.get("family", "")).strip(), str(c.get("genus", "")).strip(),
-                         str(c.get("species", "")).strip()) for c in cats)
-    for (f, g, sp), n in dup_names.items():
-        if n > 1 and sp:
+    dup_names = Counter(tuple(rank_values(c, ranks)) for c in cats)
+    for path, n in dup_names.items():
+        if n > 1 and "species" in ranks and path[ranks.index("species")]:
+            name_ = path[ranks.index("species")]
             problems.append(Problem(
-                "$.categories", f"{g} {sp}", "one category per taxon",
-                f"{n} categories for {g} {sp} ({f})",
+                "$.categories", name_, "one category per taxon",
+                f"{n} categories for {name_} ({' > '.join(p for p in path[:-1] if p)})",
                 "merge the categories (or tell them apart, e.g. by authors)",
                 severity="warning"))
     return problems
@@ -467,14 +504,12 @@ def _counts(data: Mapping, name: str, images: list, anns: list, cats: list, *,
             ok: bool) -> dict[str, int]:
     """What the report's summary line counts (taxa per rank only for a valid file)."""
     counts = {"images": len(images), "annotations": len(anns), "categories": len(cats)}
-    if cats and ok:
-        ranks = _category_ranks(cats)
-        tax = Taxonomy.from_records(
-            cats, ("order", *DEFAULT_RANKS) if ranks[0] == "order" else DEFAULT_RANKS,
-            source=name)
+    ranks = category_ranks(cats)
+    if cats and ok and ranks:
+        tax = Taxonomy.from_records(cats, ranks, source=name)
         counts.update({f"{r} taxa": n for r, n in tax.summary().items()
                        if r != "placeholders"})
-        n_genus_only = sum(1 for c in cats if not str(c.get("species", "")).strip())
-        if n_genus_only:
-            counts["genus-level categories"] = n_genus_only
+        stops = Counter(max((r for r in ranks if str(c.get(r) or "").strip()),
+                            key=ranks.index) for c in cats)
+        counts.update({f"{r}-level categories": stops[r] for r in ranks[:-1] if stops[r]})
     return counts

@@ -173,15 +173,34 @@ def test_wrong_label_types_fail_validate_and_only_warn_in_embed(base, fixture_se
 
 # ------------------------------------------------------------------ taxa, 10, 11, 14
 @pytest.mark.catalogue(10)
-def test_family_only_category_is_a_clear_error(base, tmp_path, train_args):
+def test_family_only_category_is_accepted_and_a_gap_is_a_clear_error(base, tmp_path,
+                                                                     train_args):
+    """Issue 15: a category may stop at any rank. Family-only Fagaceae (beside the named
+    Quercus robur) validates and trains on family only; a genus without its family (a rank
+    missing above a filled one) is still refused, by validate and by train."""
+    from taxoclass.taxonomy.tree import Taxonomy
+
     d = copy.deepcopy(base)
     d["categories"][5].update(genus="", species="")
+    for a in d["annotations"]:  # a family-only label has no genus_id
+        if a["category_id"] == 5:
+            a.pop("genus_id")
     ann = _write(tmp_path, "family_only.json", d)
-    assert_report(run("validate", ann), 1, "$.categories[5].genus", "a non-empty genus",
-                  "only 'species' may be empty")
-    assert_clear_error(_train(train_args, ann, tmp_path / "model"), "family_only.json",
-                       "non-empty genus", "only 'species' may be empty")
-    assert not (tmp_path / "model").exists()
+    assert_report(run("validate", ann), 0, "OK", "1 family-level categories")
+    assert_ok(_train(train_args, ann, tmp_path / "model"))
+    tax = Taxonomy.load(tmp_path / "model" / "taxonomy.json")
+    assert tax.summary() == {"family": 2, "genus": 3, "species": 5}
+    assert ("Fagaceae",) in tax.nodes("family") and ("Fagaceae", "Quercus", "Quercus petraea") \
+        not in tax.nodes("species")
+    gap = copy.deepcopy(base)
+    gap["categories"][5].update(family="")
+    bad = _write(tmp_path, "gap.json", gap)
+    assert_report(run("validate", bad), 1, "$.categories[5].family",
+                  "a non-empty family (above the species 'petraea')",
+                  "every rank above its lowest one must be filled")
+    assert_clear_error(_train(train_args, bad, tmp_path / "bad-model"), "gap.json",
+                       "non-empty family", "every rank above its lowest one must be filled")
+    assert not (tmp_path / "bad-model").exists()
 
 
 @pytest.mark.catalogue(11)
@@ -529,12 +548,16 @@ def test_one_image_species_and_imageless_category_are_named(base, tmp_path, trai
     model = tmp_path / "model"
     out = assert_ok(_train(train_args, ann, model))
     assert "warning:" in out and lone_name in out and "no validation image" in out
-    assert noimg_name in out and "never learned" in out
-    # decided: the image-less category stays an output class, the lone image trains
+    # issue 15: the image-less category is left out of the model, named in one warning
+    assert noimg_name in out and "1 categories have no labelled image and are left out" in out
     labels = (model / "labels.json").read_text()
-    assert noimg_name in labels
+    assert noimg_name not in labels and lone_name in labels
     split = (model / "split.csv").read_text()
     assert f"{keep_id},train" in split.replace('"', "")
+    # ...unless data.keep_empty_taxa keeps it as a class (a checklist prior)
+    kept = tmp_path / "kept"
+    out = assert_ok(_train(train_args, ann, kept, "--set", "data.keep_empty_taxa=true"))
+    assert "left out" not in out and noimg_name in (kept / "labels.json").read_text()
 
 
 # ------------------------------------------------------------------ other, 115, 116
