@@ -370,6 +370,7 @@ def evaluate_holdout(model: str | Path, annotations: str | Path, *,
     from ..openset.evaluation import (
         correct_by_rank,
         detection_table,
+        labelled_by_rank,
         outcome_summary,
         path_names,
         risk_coverage,
@@ -399,17 +400,22 @@ def evaluate_holdout(model: str | Path, annotations: str | Path, *,
     frame, decoded = sub.predict_with_backoff(x_test)
     truth = truth_names(test_rows, ranks)
     correct = correct_by_rank(path_names(decoded.path, tax), truth, ranks)
+    # Known images are scored at the ranks they are labelled at (a family-only image is
+    # neither a right nor a wrong species).
+    known_at = {r: ~y_unk & lab for r, lab in labelled_by_rank(truth, ranks).items()}
     ocfg = dict(cfg.get("openset") or {})
     scores, evidence = _unknown_scores(h, x_test, decoded, ocfg)
     detection = detection_table(y_unk, scores).sort_values("auroc", ascending=False)
-    rc = risk_coverage({r: evidence[r][~y_unk] for r in ranks},
-                       {r: correct[r][~y_unk] for r in ranks})
+    rc = risk_coverage({r: evidence[r][known_at[r]] for r in ranks if known_at[r].any()},
+                       {r: correct[r][known_at[r]] for r in ranks if known_at[r].any()})
     result = {
         "held_out_species": held, "seed": seed,
         "n_train": int(h.is_tr.sum()), "n_val": int(h.is_val.sum()),
         "openset_calibration": h.calibration,
         "n_test_known": int(h.is_test.sum()), "n_test_held_out": int(h.is_unk.sum()),
-        "known_test_accuracy": {r: float(correct[r][~y_unk].mean()) for r in ranks},
+        "known_test_accuracy": {r: float(correct[r][known_at[r]].mean())
+                                if known_at[r].any() else None for r in ranks},
+        "known_test_n_scored": {r: int(known_at[r].sum()) for r in ranks},
         "held_out_right_genus_on_path": float(correct["genus"][y_unk].mean())
         if "genus" in correct and y_unk.any() else None,
         "thresholds": sub.scorer.thresholds.to_dict(),
