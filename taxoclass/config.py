@@ -223,7 +223,8 @@ class DataConfig(Section):
     annotations: str | None = None    # Herbarium 2022-style annotations JSON
     images_root: str | None = None    # folder the images' file_name paths are relative to
     # top-down rank list, or "auto": the ranks the categories fill, in the canonical order
-    # kingdom, phylum, class, order, family, subfamily, tribe, genus, species
+    # kingdom, phylum, class, order, family, subfamily, tribe, genus, species. Not the
+    # default: files that carry an extra 'order' (the leaf data) would gain an order head.
     ranks: list[str] | str = _opt(factory=lambda: ["family", "genus", "species"])
     val_fraction: float = _opt(0.3, gt=0, lt=1)  # seeded split stratified by the lowest rank
     split_seed: int = 0

@@ -1,6 +1,10 @@
 """Training data from a config: rows, labels, validation split, cached embeddings, views.
 
-One implementation that head training (:mod:`taxoclass.pipelines.train`), fine-tuning
+The taxa a model knows (:func:`known_rows`): ``data.ranks`` (a list, or ``auto``: the
+ranks the categories fill; the default stays family, genus, species) checked against the
+categories, only the categories with labelled images (``data.keep_empty_taxa`` keeps the
+others, a checklist prior), labels at any rank (a family-only image trains the ranks it
+names). One implementation that head training (:mod:`taxoclass.pipelines.train`), fine-tuning
 (:mod:`taxoclass.pipelines.finetune`), the open-set evaluation and the benches share.
 """
 

@@ -119,7 +119,8 @@ class Taxonomy:
                      fill_missing: bool = True, placeholders: bool = True) -> Taxonomy:
         """Build from rows with one column per rank (``family``, ``genus``, ``species``).
 
-        A row may stop early (empty ``species``: a genus-level taxon). A missing higher
+        A row may stop at any rank (empty ``species``: a genus-level taxon; empty genus
+        and species: a family-level one). A missing higher
         rank is filled from another row that names the same lower taxon, else set to
         ``"incertae sedis"``. A row with a lower rank but nothing at the top ranks and no
         way to fill it, or a gap in the middle of a path, raises :class:`TaxonomyError`.

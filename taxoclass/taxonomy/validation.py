@@ -5,8 +5,10 @@ record, what was expected and found, and a fix (:class:`Problem`). Refused becau
 would train on wrong pairs: ``file_name``s outside the images root (``../``, absolute;
 allowed by ``allow_outside_root`` / ``--allow-outside-root`` / ``data.allow_outside_root`` /
 :func:`outside_root_allowed`), one file under two image ids with different labels, ids equal
-as text (``201``, ``"201"``). Warnings: a genus under two families (two taxa, as
-:class:`~taxoclass.taxonomy.tree.Taxonomy` builds it), 0 images, 0 annotations.
+as text (``201``, ``"201"``), a category with a rank missing above a filled one (a
+category may stop at any rank: family-only and genus-only labels are valid). Warnings: a
+genus under two families (two taxa, as :class:`~taxoclass.taxonomy.tree.Taxonomy` builds
+it), 0 images, 0 annotations.
 """
 
 from __future__ import annotations
@@ -157,8 +159,10 @@ def validate_annotations(source: str | Path | Mapping, *, images_root: str | Pat
     ``file_name``s outside the images root (errors unless ``allow_outside_root``; ``None``:
     as :func:`outside_root_allowed` says), one file under two image ids (an error when their
     labels differ), annotations pointing at missing images or categories, ``genus_id``
-    disagreeing with the category's genus, categories without family/genus, unknown genus
-    ids in ``distances``, and (with ``images_root``) image files missing on disk. Warns
+    disagreeing with the category's genus, a category with a rank missing above its lowest
+    filled one (a category may stop at any rank: family-only, genus-only; the ranks are
+    the known ones some category fills, :func:`category_ranks`), unknown genus ids in
+    ``distances``, and (with ``images_root``) image files missing on disk. Warns
     about 0 images or 0 annotations and about homonyms (a genus name under two families
     becomes two taxa).
     """
