@@ -13,7 +13,9 @@ strata = full node path of each label), the same for every method:
 
 Hyper-parameters are selected on the training part only (``--tune``: three inner
 stratified 70/30 splits of the 693 training images, seeds 1-3, averaged); the 30%
-test part is used once, for this table.
+test part is used once, for this table. ``--group-by FIELD`` (an image or annotation
+field, ``data.group_by``) keeps each group on one side of every split
+(``taxoclass.model.splits.validation_split``); without it the splits are unchanged.
 
     .venv/bin/python bench/leaf_hierarchy.py           # ~1 min on 2 CPU cores
     .venv/bin/python bench/leaf_hierarchy.py --tune    # + the inner-validation grid (~5 min)
@@ -41,9 +43,11 @@ CONFIG = ROOT / "configs" / "leaf.yaml"
 FLAT_C_GRID = (1.0, 10.0, 100.0, 1000.0)
 
 
-def load_data():
-    """Labelled rows, taxonomy, targets, embeddings (computed into the cache if absent)."""
+def load_data(group_by: str | None = None):
+    """Taxonomy, embeddings (computed into the cache if absent), targets, strata, and
+    the group code of each row (``group_by``; None without)."""
     from taxoclass.config import load_config
+    from taxoclass.model.splits import group_codes
     from taxoclass.pipelines.data import config_embeddings
     from taxoclass.taxonomy.annotations import load_annotations
     from taxoclass.taxonomy.labels import encode_labels
@@ -51,7 +55,7 @@ def load_data():
     ann_path = DATA / "annotations.json"
     ann = load_annotations(ann_path)
     tax = ann.taxonomy()
-    rows = ann.labelled_images(DATA)
+    rows = ann.labelled_images(DATA, group_by=group_by)
     y, nodes = encode_labels(tax, rows)
     # The features configs/leaf.yaml trains on (backbone, image size, resize), from its
     # cache; computed there when absent.
@@ -59,7 +63,8 @@ def load_data():
     x = x[keep]
     y = {r: v[keep] for r, v in y.items()}
     strata = np.array(["/".join(n) for n, k in zip(nodes, keep) if k])
-    return tax, x, y, strata
+    groups = group_codes(rows["group"][keep], group_by) if group_by else None
+    return tax, x, y, strata, groups
 
 
 def metrics_row(name, decoded_path, y, tax, fit_s, note=""):
@@ -157,15 +162,16 @@ def fit_proto(tax, x_tr, y_tr, x_te):
 
 
 # ----------------------------------------------------------------------------- tuning
-def tune(tax, x, y, strata, train_idx, cfg) -> list[dict]:
+def tune(tax, x, y, strata, train_idx, cfg, groups=None) -> list[dict]:
     """Inner validation on the training part only: 3 stratified splits, averaged."""
     import copy
 
-    from taxoclass.model.training import stratified_split
+    from taxoclass.model.splits import validation_split
 
     inner = []
     for seed in (1, 2, 3):
-        m = stratified_split(strata[train_idx], 0.3, seed)
+        m = validation_split(strata[train_idx], 0.3, seed,
+                             groups=None if groups is None else groups[train_idx])
         inner.append((train_idx[~m], train_idx[m]))
 
     def sub(idx):
@@ -246,23 +252,26 @@ def main(argv: list[str] | None = None) -> int:
                     help="C of the tuned flat probe (default: chosen by inner validation "
                          "with --tune, else 100, the value that inner validation picked)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--group-by", default=None, metavar="FIELD",
+                    help="image or annotation field whose groups stay on one side of every "
+                         "split (data.group_by); default: split by image")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "leaf_hierarchy.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from taxoclass.config import load_config
-    from taxoclass.model.training import stratified_split
+    from taxoclass.model.splits import validation_split
 
     if not (DATA / "annotations.json").is_file():
         print(f"skip: {DATA} not found (see shared/data/README.md)")
         return 0
     cfg = load_config(CONFIG)
-    tax, x, y, strata = load_data()
-    is_test = stratified_split(strata, 0.3, seed=0)
+    tax, x, y, strata, groups = load_data(args.group_by)
+    is_test = validation_split(strata, 0.3, seed=0, groups=groups)
     tr, te = np.flatnonzero(~is_test), np.flatnonzero(is_test)
     y_tr, y_te = {r: v[tr] for r, v in y.items()}, {r: v[te] for r, v in y.items()}
 
-    tune_rows = tune(tax, x, y, strata, tr, cfg) if args.tune else []
+    tune_rows = tune(tax, x, y, strata, tr, cfg, groups) if args.tune else []
     flat_c = args.flat_c
     if flat_c is None:
         flats = [r for r in tune_rows if r["method"].startswith("flat")]
@@ -305,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Data: {len(x)} labelled leaf images ({tax.sizes}), seeded 70/30 split stratified by "
         f"species path (`stratified_split(strata, 0.3, seed=0)`): {len(tr)} train / "
-        f"{len(te)} test. Same split for every method.",
+        f"{len(te)} test. Same split for every method."
+        + (f" Groups of `{args.group_by}` kept on one side of every split "
+           f"(`validation_split(..., groups=...)`)." if args.group_by else ""),
         "",
         "Command: `.venv/bin/python bench/leaf_hierarchy.py "
         + " ".join(argv if argv is not None else sys.argv[1:]) + "`  ·  the taxoclass row is "

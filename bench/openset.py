@@ -12,6 +12,9 @@ no test; a different training set, so figures are not comparable with the defaul
 training and validation images together and fits the combiner and thresholds on their
 out-of-fold predictions (``pipelines.openset_fit.crossfit_openset``, ``--folds`` heads);
 the combiner grid of the detection table needs a validation split and is left out.
+``--group-by FIELD`` (an image or annotation field, ``data.group_by``) keeps each group on
+one side of the test, validation and crossfit splits (``taxoclass.model.splits``); without
+it the splits are unchanged.
 
     .venv/bin/python bench/openset.py [--n-holdout 12] [--calib-holdout 8] [--seed 0]
         [--calibration holdout|crossfit] [--folds 5]
@@ -37,7 +40,8 @@ from _results import markdown_table, publish
 
 from taxoclass.config import CALIBRATIONS, DEFAULTS, load_config
 from taxoclass.model.decoding import decode
-from taxoclass.model.training import normalize, stratified_split, train_head
+from taxoclass.model.splits import group_codes, validation_split
+from taxoclass.model.training import normalize, train_head
 from taxoclass.openset.detectors import DETECTORS, OutlierDetector
 from taxoclass.openset.evaluation import (
     choose_holdout,
@@ -116,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="holdout: calibrate on the validation split; crossfit: head on "
                         "train+validation, calibration on out-of-fold predictions")
     p.add_argument("--folds", type=int, default=o["folds"], help="crossfit folds")
+    p.add_argument("--group-by", default=None, metavar="FIELD",
+                   help="image or annotation field whose groups stay on one side of every "
+                        "split (data.group_by); default: split by image")
     p.add_argument("--species-target", type=float, default=0.97)
     p.add_argument("--higher-target", type=float, default=0.95)
     p.add_argument("--threads", type=int, default=1)
@@ -132,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     cfg = yaml.safe_load(CONFIG.read_text())
     ann = load_annotations(DATA)
-    rows = ann.labelled_images().reset_index(drop=True)
+    rows = ann.labelled_images(group_by=args.group_by).reset_index(drop=True)
     # The features configs/leaf.yaml trains on, from its cache (computed when absent).
     tcfg = load_config(CONFIG)
     x_all, found, _ = config_embeddings(tcfg, rows)
@@ -152,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     xk = x_all[known]
     y, nodes = encode_labels(tax, kr)
     strata = np.array(["/".join(n) for n in nodes])
-    is_test = stratified_split(strata, 0.3, args.seed)
+    groups = group_codes(kr["group"], args.group_by) if args.group_by else None
+    is_test = validation_split(strata, 0.3, args.seed, groups=groups)
     tr_idx = np.flatnonzero(~is_test)
-    v = stratified_split(strata[tr_idx], 0.25, args.seed + 1)
+    v = validation_split(strata[tr_idx], 0.25, args.seed + 1,
+                         groups=None if groups is None else groups[tr_idx])
     is_val = np.zeros(len(kr), dtype=bool)
     is_val[tr_idx[v]] = True
     is_tr = ~is_test & ~is_val
@@ -167,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                 "confidence": args.confidence, "gate_quantile": args.gate_quantile,
                 "target_precision": targets, "min_support": 10, "folds": args.folds}
         cf = crossfit_openset(xk[is_tr], {r: a[is_tr] for r, a in y.items()}, tax,
-                              truth_names(kr[is_tr]), {**cfg, "openset": ocfg}, seed=args.seed)
+                              truth_names(kr[is_tr]), {**cfg, "openset": ocfg}, seed=args.seed,
+                              groups=None if groups is None else groups[is_tr])
         res = cf.train
     else:
         res = train_head(xk[is_tr], {r: a[is_tr] for r, a in y.items()}, xk[is_val],
@@ -297,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         f"({tcfg['backbone']['image_size']} px, {tcfg['backbone']['resize']}); head: "
         f"`train_head` with configs/leaf.yaml (model={cfg['model']}, train={cfg['train']}, "
         f"loss={cfg['loss']}); best epoch {res.best_epoch}; total {seconds:.1f} s",
-        f"- held out ({len(held)}, seed {args.seed}): {', '.join(held)}",
+        f"- held out ({len(held)}, seed {args.seed}): {', '.join(held)}"
+        + (f"; test, validation and folds keep groups of `{args.group_by}` together"
+           if args.group_by else ""),
         f"- calibration holdout ({len(calib)}, in validation only): "
         f"{', '.join(calib) or 'none'}",
         calibration,

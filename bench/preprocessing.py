@@ -34,7 +34,7 @@ from sklearn.metrics import roc_auc_score
 
 from taxoclass.features.backbones import create_backbone, preprocess_overrides
 from taxoclass.features.batching import embed_batches
-from taxoclass.model.training import stratified_split
+from taxoclass.model.splits import group_codes, validation_split
 from taxoclass.taxonomy.annotations import load_annotations
 from taxoclass.taxonomy.labels import encode_labels
 
@@ -61,9 +61,11 @@ def embed(paths: list[str], overrides: dict) -> np.ndarray:
     return out
 
 
-def score(x: np.ndarray, species: np.ndarray, strata: np.ndarray, held: set[str]) -> dict:
+def score(x: np.ndarray, species: np.ndarray, strata: np.ndarray, held: set[str],
+          groups: np.ndarray | None = None) -> dict:
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
-    is_test = stratified_split(strata, 0.3, 0)  # = taxoclass train's split for leaf.yaml
+    # = taxoclass train's split for leaf.yaml (groups: --group-by, data.group_by)
+    is_test = validation_split(strata, 0.3, 0, groups=groups)
     tr, te = np.flatnonzero(~is_test), np.flatnonzero(is_test)
     probe = LogisticRegression(C=10, max_iter=3000).fit(x[tr], species[tr])
     acc = float((probe.predict(x[te]) == species[te]).mean())
@@ -85,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    parser.add_argument("--group-by", default=None, metavar="FIELD",
+                        help="image or annotation field whose groups stay on one side of the "
+                             "split (data.group_by); default: split by image")
     args = parser.parse_args(argv)
     if not (LEAF / "annotations.json").is_file():
         print(f"Data not found: {LEAF / 'annotations.json'}", file=sys.stderr)
@@ -94,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; expected some of {list(VARIANTS)}")
     ann = load_annotations(LEAF / "annotations.json")
-    rows = ann.labelled_images(LEAF)
+    rows = ann.labelled_images(LEAF, group_by=args.group_by)
+    groups = group_codes(rows["group"], args.group_by) if args.group_by else None
     _, nodes = encode_labels(ann.taxonomy(), rows)
     strata = np.array(["/".join(n) for n in nodes])  # as workflows.validation_mask
     species = (rows["genus"] + " " + rows["species"]).str.strip().to_numpy()
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         x = embed(rows["path"].tolist(), VARIANTS[name])
         seconds = time.perf_counter() - t0
-        r = score(x, species, strata, held)
+        r = score(x, species, strata, held, groups)
         lines.append(f"| {name} | {r['species_acc']:.3f} | {r['auroc_maxprob']:.3f} | "
                      f"{r['auroc_cosine']:.3f} | {seconds:.0f} |")
         print(lines[-1], flush=True)

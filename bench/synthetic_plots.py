@@ -56,7 +56,8 @@ from taxoclass.config import load_config
 from taxoclass.features.backbones import backbone_spec
 from taxoclass.features.views import clutter_background
 from taxoclass.model.heads import MultiRankHead
-from taxoclass.model.training import stratified_split, train_head
+from taxoclass.model.splits import group_codes, validation_split
+from taxoclass.model.training import train_head
 from taxoclass.openset.detectors import OutlierDetector
 from taxoclass.pipelines.data import config_embeddings, view_embeddings, with_views
 from taxoclass.plots.evaluation import evaluate_plots
@@ -576,6 +577,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--size", type=int, default=896)
     ap.add_argument("--overlap", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--group-by", default=None, metavar="FIELD",
+                    help="image or annotation field whose groups stay on one side of the "
+                         "test and calibration splits (data.group_by); default: by image")
     ap.add_argument("--max-taxa", type=int, default=8, help="taxa per plot at most")
     ap.add_argument("--richness", choices=("uniform", "table"), default="uniform",
                     help="taxa per plot: uniform on 1..--max-taxa (the issue's 1-8), or each "
@@ -631,11 +635,14 @@ def leaf_data(args: argparse.Namespace, out: Path) -> Leaves:
         cfg["augment"]["dir"] = str(out / f"views-{args.view_background}")
     ann = load_annotations(cfg["data"]["annotations"])
     taxonomy = ann.taxonomy(cfg["data"]["ranks"])
-    rows = ann.labelled_images(cfg["data"]["images_root"])
+    group_by = args.group_by or cfg["data"].get("group_by")
+    rows = ann.labelled_images(cfg["data"]["images_root"], group_by=group_by)
     y, nodes = encode_labels(taxonomy, rows)
     strata = np.array(["/".join(n) for n in nodes])
-    is_test = stratified_split(strata, float(cfg["data"]["val_fraction"]),
-                               int(cfg["data"]["split_seed"]))  # = taxoclass train's split
+    groups = group_codes(rows["group"], group_by) if group_by else None
+    is_test = validation_split(strata, float(cfg["data"]["val_fraction"]),
+                               int(cfg["data"]["split_seed"]),
+                               groups=groups)  # = taxoclass train's split
     # The features configs/leaf.yaml trains on (backbone, image size, resize), cached.
     x, found, _ = config_embeddings(cfg, rows)
     if not found.all():
@@ -643,7 +650,9 @@ def leaf_data(args: argparse.Namespace, out: Path) -> Leaves:
     train = ~is_test
     # calibration pool: ~30% of each taxon's TRAINING images; calibration head: the rest
     cal_pool = np.zeros(len(rows), dtype=bool)
-    cal_pool[np.flatnonzero(train)[stratified_split(strata[train], 0.3, args.seed + 1)]] = True
+    cal_pool[np.flatnonzero(train)[validation_split(
+        strata[train], 0.3, args.seed + 1,
+        groups=None if groups is None else groups[train])]] = True
     if args.finetune_epochs:
         cfg = finetuned_config(cfg, rows, y, train & ~cal_pool, taxonomy, args, out)
         x, found, _ = config_embeddings(cfg, rows)

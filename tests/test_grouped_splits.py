@@ -113,6 +113,13 @@ def test_species_in_one_group_trains_like_a_singleton():
         assert is_val[species == s].any() and not is_val[species == s].all()
 
 
+def test_one_group_only_means_no_validation_and_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="taxoclass.model.splits"):
+        is_val = validation_split(np.array(list("aabbcc")), 0.3, 0, groups=["site"] * 6)
+    assert not is_val.any()
+    assert "at least 2 are needed" in caplog.text
+
+
 def test_grouped_crossfit_folds_keep_tracks_together():
     species, tracks = tracked()
     fold = crossfit_folds(species, 5, seed=0, groups=tracks)

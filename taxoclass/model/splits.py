@@ -96,6 +96,9 @@ def validation_split(strata: np.ndarray, val_fraction: float, seed: int,
     free = np.flatnonzero(~np.isin(codes, list(forced)))
     n_free = len(np.unique(codes[free]))
     if n_free < 2:
+        log.warning("grouped split: %d group(s) hold a taxon found in another group too; "
+                    "at least 2 are needed, so every image stays in training (no "
+                    "validation or test images).", n_free)
         return is_val
     q, m = _fold_plan(val_fraction, n_free)
     fold = _group_folds(strata[free], codes[free], q, seed)
