@@ -263,3 +263,26 @@ def test_one_store_grows_by_the_missing_images_only(three, cli, monkeypatch, tmp
     seen.clear()
     text = cli("predict", "--model", three["model"], extra, "--cache", own)
     assert sum(seen) == 1 and _embedding_line(text) == (1, 0) and str(own) in text
+
+
+def test_plot_truth_at_any_rank_is_scored_at_its_rank():
+    from taxoclass.plots.calibration import check_plot_truth
+    from taxoclass.plots.evaluation import evaluate_plots, truth_path
+
+    tax = Taxonomy.from_records([
+        {"order": "Perciformes", "family": "Scaridae", "species": "Scarus ghobban"},
+        {"order": "Perciformes", "family": "Labridae", "species": "Labrus bergylta"},
+    ], ranks=("order", "family", "species"))
+    assert truth_path("Scaridae", tax) == ("Perciformes", "Scaridae")
+    assert truth_path("Scarus ghobban", tax) == ("Perciformes", "Scaridae", "Scarus ghobban")
+    # a name the model never saw: a path of its own, no genus slot to guess into
+    assert truth_path("Sparus aurata", tax) == ("?Sparus aurata", "?Sparus aurata",
+                                                "Sparus aurata")
+    node = ("Perciformes", "Scaridae")
+    pred = {"f1": [PlotRecord("f1", "family", "Scaridae", 0.9, 2, "max", node)]}
+    scores = evaluate_plots(pred, {"f1": ["Scaridae"]}, tax)
+    assert scores["family"]["micro_f1"] == 1.0 and scores["order"]["micro_f1"] == 1.0
+    assert scores["species"]["n_taxa"] == 0  # nothing to score at species rank
+    check_plot_truth({"f1": ["Scaridae", "Labrus bergylta"]}, ["f1.jpg"], tax)
+    with pytest.raises(Exception, match="Scaridea"):
+        check_plot_truth({"f1": ["Scaridea"]}, ["f1.jpg"], tax)

@@ -123,8 +123,9 @@ def check_plot_truth(truth: Mapping[str, Sequence[str]], photos: Sequence[str | 
                      taxonomy: Any | None = None, *, truth_file: str = "the truth table") -> None:
     """Raise :class:`AnnotationError` unless every photo has truth rows and every truth
     plot a photo (plot id = photo file stem), and, with a taxonomy, every species name
-    is one of its lowest-rank taxa (``"Carex nigra"``, or ``"Philadelphus sp."`` where
-    the model knows that genus only)."""
+    is one of its taxa: at the lowest rank (``"Carex nigra"``, or ``"Philadelphus sp."``
+    where the model knows that genus only) or, for a find known only to a higher rank,
+    at that rank (``"Scaridae"``, ``"Carex"`` or ``"Carex sp."``)."""
     paths = [Path(p) for p in photos]
     ids = dict(zip(plot_ids(paths), paths))
     no_photo = [p for p in truth if p not in ids]
@@ -148,9 +149,10 @@ def check_plot_truth(truth: Mapping[str, Sequence[str]], photos: Sequence[str | 
         return
     lowest = taxonomy.ranks[-1]
     names = set(taxonomy.names(lowest))
+    higher = {n for r in taxonomy.ranks[:-1] for n in taxonomy.names(r)}
     for plot_id, species in truth.items():
         for name in species:
-            if name in names:
+            if name in names or name.removesuffix(" sp.").strip() in higher:
                 continue
             close = difflib.get_close_matches(name, sorted(names), n=3)
             hint = (f"Did you mean {', '.join(repr(c) for c in close)}?" if close
