@@ -217,3 +217,50 @@ def test_cli_train_on_the_four_rank_partial_label_set(four, cli, one_thread, tmp
     assert not tax.find("Fagus")
     labels = json.loads((model / "labels.json").read_text())
     assert labels["order"] == ["Fagales", "Sapindales"]
+
+
+@pytest.fixture(scope="module")
+def emb_cache(tmp_path_factory):
+    """One embedding cache for the CLI trainings of this module (same images)."""
+    return tmp_path_factory.mktemp("emb")
+
+
+@pytest.mark.parametrize("build", [three_rank_set, five_rank_set])
+def test_cli_train_on_three_and_five_ranks(build, cli, one_thread, emb_cache, tmp_path):
+    ds = build(tmp_path / "data")
+    model = tmp_path / "model"
+    out = cli("train", "--config", write_config(ds, model, epochs=5), "--set",
+              f"embeddings.cache={emb_cache}", "--set", "data.ranks=auto")
+    assert "model bundle written" in out
+    tax = Taxonomy.load(model / "taxonomy.json")
+    assert list(tax.ranks) == ds.ranks
+    assert "Acer campestre" in tax.names("species")
+    assert out.count(ds.ranks[0]) >= 1 and "species" in out
+
+
+def test_cli_validate_counts_labels_at_each_rank(four, cli):
+    out = cli("validate", four.train, "--images-root", four.images_root)
+    assert "OK" in out and "1 family-level categories" in out
+    assert "1 order-level categories" in out and "2 order taxa" in out
+
+
+def test_config_takes_rank_lists_auto_and_keep_empty_taxa():
+    from taxoclass.config import load_config
+
+    cfg = load_config(None, ["data.ranks=auto", "data.keep_empty_taxa=true"])
+    assert cfg["data"]["ranks"] == "auto" and cfg["data"]["keep_empty_taxa"] is True
+    cfg = load_config(None, ["data.ranks=[order,family,species]"])
+    assert cfg["data"]["ranks"] == ["order", "family", "species"]
+    assert load_config(None, [])["data"]["keep_empty_taxa"] is False
+
+
+def test_leaf_default_ranks_stay_three_and_auto_adds_its_order(shared_data):
+    """Why ``auto`` is not the default: the leaf categories carry an order, so auto would
+    add an order head and change every leaf result."""
+    ann = load_annotations(shared_data / "leaf" / "annotations.json")
+    rows = ann.labelled_images()
+    tax, kept = known_rows(ann, rows, {"ranks": ["family", "genus", "species"]})
+    assert tax.ranks == ("family", "genus", "species") and len(kept) == 990
+    assert tax.summary() == {"family": 24, "genus": 34, "species": 98, "placeholders": 1}
+    auto, _ = known_rows(ann, rows, {"ranks": "auto"})
+    assert auto.ranks == ("order", "family", "genus", "species")
