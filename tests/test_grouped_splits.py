@@ -258,3 +258,24 @@ def test_openset_holdout_test_share_keeps_tracks_together(fixture_set, fixture_m
     side = np.where(h.is_test, "test", np.where(h.is_val, "val", "train"))
     assert straddling(groups, side) == set()
     assert set(h.known.loc[h.is_test, "species"]) == set(h.known["species"])
+
+
+def test_four_rank_set_with_partial_labels_trains_grouped_by_track(fixture_model, cli,
+                                                                  tmp_path):
+    """tests/any_rank_data.py's four-rank set (genus-, family- and order-only labels) with
+    data.group_by=track: validation split and crossfit folds keep every track whole."""
+    from any_rank_data import fixture_four_rank_set, write_config
+
+    data = fixture_four_rank_set(tmp_path / "set")
+    config = write_config(data, tmp_path / "model", epochs=5, group_by="track")
+    cache = ("--set", f"embeddings.cache={fixture_model['emb']}")
+    cli("train", "--config", config, *cache)
+    split = pd.read_csv(tmp_path / "model" / "split.csv", dtype={"image_id": str})
+    assert split["group"].notna().all()
+    assert straddling(split["group"], split["split"]) == set()
+    assert (split["split"] == "val").any()
+    cli("train", "--config", config, *cache, "--set", f"out={tmp_path / 'cf'}",
+        "--set", "openset.calibration=crossfit", "--set", "openset.folds=3")
+    split = pd.read_csv(tmp_path / "cf" / "split.csv", dtype={"image_id": str})
+    assert straddling(split["group"], split["fold"]) == set()
+    assert set(split["fold"]) == {0, 1, 2}
