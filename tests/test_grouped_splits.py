@@ -237,8 +237,9 @@ def test_cli_train_with_group_by_track(fixture_set, fixture_model, cli, tmp_path
     assert set(split["fold"]) == {0, 1, 2}
 
 
+@pytest.mark.parametrize("calibration", ["holdout", "crossfit"])
 def test_openset_holdout_test_share_keeps_tracks_together(fixture_set, fixture_model,
-                                                           tmp_path):
+                                                           tmp_path, calibration):
     import yaml
 
     from taxoclass.bundle import ModelBundle
@@ -251,10 +252,12 @@ def test_openset_holdout_test_share_keeps_tracks_together(fixture_set, fixture_m
     cfg = complete_config(yaml.safe_load((model / "config.yaml").read_text()))
     cfg["data"]["group_by"] = "track"
     cfg["train"]["epochs"] = 5
+    cfg["openset"].update(enabled=True, calibration=calibration, folds=3)
     _, h = _holdout_split(ModelBundle.load(model), ann, fixture_set["dir"],
                           {"n_species": 1}, cfg, 0, 0.3, tmp_path / "eval", None)
     groups = h.known["group"].to_numpy()
-    assert h.is_test.any() and h.is_val.any()
+    assert h.is_test.any() and (h.is_val.any() or calibration == "crossfit")
+    assert h.calibration.get("grouped_folds", False) == (calibration == "crossfit")
     side = np.where(h.is_test, "test", np.where(h.is_val, "val", "train"))
     assert straddling(groups, side) == set()
     assert set(h.known.loc[h.is_test, "species"]) == set(h.known["species"])
