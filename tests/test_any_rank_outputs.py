@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from any_rank_data import fixture_four_rank_set, three_rank_set, write_config
+from any_rank_data import five_rank_set, fixture_four_rank_set, three_rank_set, write_config
 from PIL import Image, ImageOps
 
 from taxoclass.bundle import ModelBundle
@@ -182,6 +182,28 @@ def test_four_rank_plot_report_writes_records_per_rank(four, cli, fixture_set, t
     assert (dwc.loc[dwc["taxonRank"] == "genus", "identificationQualifier"] == "sp.").all()
     settings = json.loads((out / "plot_records.json").read_text())["settings"]["thresholds"]
     assert set(settings) == {"order", "family", "genus", "species"}
+    html = (out / "report.html").read_text()
+    for _, row in records[records["taxon_rank"] != "unknown"].iterrows():
+        assert f"<tr><td>{row['taxon_rank']}</td>" in html and row["taxon"] in html
+
+
+def test_five_rank_model_predicts_and_reports_every_rank(cli, fixture_set, tmp_path):
+    dataset = five_rank_set(tmp_path / "data")
+    model = _train(cli, dataset, tmp_path)
+    ranks = ["class", "order", "family", "genus", "species"]
+    assert list(ModelBundle.load(model).taxonomy.ranks) == ranks
+    cli("predict", "--model", model, *_test_images(dataset)[:4], "--out", tmp_path / "pred")
+    frame = pd.read_csv(tmp_path / "pred" / "predictions.csv")
+    assert set(ranks) <= set(frame.columns)
+    assert set(frame["taxon_rank"]) <= {*ranks, "unknown"}
+    plots = sorted(Path(fixture_set["plots"]).glob("*.jpg"))[:1]
+    cli("plot-report", "--model", model, "--grid", "2", *plots, "--out", tmp_path / "rep")
+    dwc = pd.read_csv(tmp_path / "rep" / "occurrences_dwc.csv", dtype=str,
+                      keep_default_na=False)
+    assert list(dwc.columns) == dwc_columns(ranks)
+    assert [c for c in dwc.columns if c in ranks] == ranks[:-1]  # Darwin Core order
+    for _, row in dwc.iterrows():
+        assert row["taxonRank"] in ranks and row[ranks[0]] != ""  # class filled from the path
 
 
 def test_four_rank_flag_unknowns_resolves_at_the_model_ranks(four, cli, tmp_path):
