@@ -112,7 +112,7 @@ def truth_names(rows: pd.DataFrame, ranks: Sequence[str] = DEFAULT_RANKS
     holds the epithet; ``""`` where unlabelled)."""
     out = {}
     for r in ranks:
-        if r == "species" and "genus" in ranks and "genus" in rows:
+        if r == "species" and "genus" in rows:  # as taxonomy.tree names species
             out[r] = _binomials(rows)
         elif r not in rows:  # no column for this rank: no row is labelled there
             out[r] = np.full(len(rows), "", dtype=object)
