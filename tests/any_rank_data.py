@@ -15,8 +15,9 @@ Builders
     order-only ``Fagales`` (so the family Fagaceae and the genus Aesculus have named
     children too: those labels train only the ranks they name). Test file (24 images):
     species labels, one image family-only ``Fagaceae``. ``empty_taxa=True`` adds the
-    checklist categories :data:`CHECKLIST_EXTRA` (no image: *Quercus cerris* and
-    *Fagus sylvatica*, a genus without any image).
+    checklist categories :data:`CHECKLIST_EXTRA` (no image: *Quercus frainetto* and
+    *Nothofagus antarctica*, a family and genus without any image; neither is in the
+    leaf data either).
 :func:`leaf_four_rank_set` (skips without ``../shared/data``: pass ``shared_data``)
     The real leaf data (990 images, 99 taxa, order already on its categories), same
     ranks and ``track`` (pairs of images of one taxon). Per taxon 8 images train and 2
@@ -66,7 +67,7 @@ ORDERS: dict[str, str] = {
     "Myrtaceae": "Myrtales", "Poaceae": "Poales", "Cannabaceae": "Rosales",
     "Moraceae": "Rosales", "Rosaceae": "Rosales", "Ulmaceae": "Rosales",
     "Anacardiaceae": "Sapindales", "Sapindaceae": "Sapindales",
-    "Altingiaceae": "Saxifragales",
+    "Altingiaceae": "Saxifragales", "Nothofagaceae": "Fagales",
 }
 #: Class of each order (Ginkgo and grasses apart from the dicots).
 CLASSES: dict[str, str] = {o: "Magnoliopsida" for o in ORDERS.values()}
@@ -74,8 +75,8 @@ CLASSES.update({"Ginkgoales": "Ginkgoopsida", "Poales": "Liliopsida"})
 
 #: Checklist categories without any image (``empty_taxa=True``).
 CHECKLIST_EXTRA: tuple[dict[str, str], ...] = (
-    {"family": "Fagaceae", "genus": "Quercus", "species": "cerris"},
-    {"family": "Fagaceae", "genus": "Fagus", "species": "sylvatica"},
+    {"family": "Fagaceae", "genus": "Quercus", "species": "frainetto"},
+    {"family": "Nothofagaceae", "genus": "Nothofagus", "species": "antarctica"},
 )
 FOUR_RANKS = ["order", "family", "genus", "species"]
 
