@@ -283,3 +283,18 @@ def test_cli_train_on_the_leaf_four_rank_set(shared_data, cli, one_thread, tmp_p
     ranks_line = {ln.split()[0]: ln.split() for ln in out.splitlines()
                   if ln.split() and ln.split()[0] in FOUR_RANKS}
     assert float(ranks_line["species"][2]) > 3 / 97  # validation accuracy above chance
+
+
+def test_subfamily_and_tribe_are_known_ranks_in_order():
+    from taxoclass.errors import TaxonomyError
+
+    ranks = ("family", "subfamily", "tribe", "genus", "species")
+    tax = Taxonomy.from_records([
+        {"family": "Fabaceae", "subfamily": "Faboideae", "tribe": "Robinieae",
+         "genus": "Robinia", "species": "pseudoacacia"},
+        {"family": "Fabaceae", "subfamily": "Faboideae"}], ranks)
+    assert tax.sizes == {"family": 1, "subfamily": 1, "tribe": 1, "genus": 1, "species": 1}
+    y, _ = encode_labels(tax, pd.DataFrame([{"family": "Fabaceae", "subfamily": "Faboideae"}]))
+    assert [int(y[r][0]) for r in ranks] == [0, 0, -1, -1, -1]
+    with pytest.raises(TaxonomyError, match="not in top-down order"):
+        Taxonomy.from_records([], ("family", "tribe", "subfamily", "genus"))
