@@ -282,3 +282,25 @@ def test_four_rank_set_with_partial_labels_trains_grouped_by_track(fixture_model
     split = pd.read_csv(tmp_path / "cf" / "split.csv", dtype={"image_id": str})
     assert straddling(split["group"], split["fold"]) == set()
     assert set(split["fold"]) == {0, 1, 2}
+
+
+def test_finetune_validation_split_keeps_tracks_together(fixture_set, cli, tmp_path):
+    import torch
+
+    ann = tmp_path / "tracked.json"
+    with_tracks(fixture_set["train"], ann)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cli("train", "--config", fixture_set["config"], "--finetune", "--unfreeze-blocks", 1,
+            "--device", "cpu", "--set", f"data.annotations={ann}",
+            "--set", f"data.images_root={fixture_set['dir']}", "--set", "data.group_by=track",
+            "--set", f"out={tmp_path / 'ft'}", "--set", f"embeddings.cache={tmp_path / 'emb'}",
+            "--set", "finetune.epochs=1", "--set", "finetune.batch_size=8",
+            "--set", "finetune.num_workers=0", "--set", "finetune.warmup_epochs=0")
+    finally:
+        torch.set_num_threads(before)
+    split = pd.read_csv(tmp_path / "ft" / "split.csv", dtype={"image_id": str})
+    assert split["group"].notna().all()
+    assert straddling(split["group"], split["split"]) == set()
+    assert (split["split"] == "val").any()
