@@ -23,6 +23,7 @@ from any_rank_data import five_rank_set, fixture_four_rank_set, three_rank_set, 
 from PIL import Image, ImageOps
 
 from taxoclass.bundle import ModelBundle
+from taxoclass.errors import ConfigError
 from taxoclass.plots.report import darwin_core_frame, dwc_columns, plantclef_submission_frame
 from taxoclass.plots.rules import PlotRecord, resolve_thresholds
 from taxoclass.taxonomy.tree import Taxonomy
@@ -150,8 +151,11 @@ def test_five_ranks_fill_kingdom_and_a_rank_list_without_species_has_no_plantcle
             row["genus"]) == ("Eristalis", "genus", "Animalia", "Insecta", "Eristalis")
     assert resolve_thresholds("argmax_union", ranks, None) == {
         "kingdom": 0.5, "class": 0.5, "order": 0.5, "family": 0.5, "genus": 0.0}
-    with pytest.raises(Exception, match="species"):
+    with pytest.raises(ConfigError, match="species"):
         plantclef_submission_frame(recs, tax)
+    # a threshold for a rank the model lacks is an error that names the model's ranks
+    with pytest.raises(ConfigError, match="species.*lacks.*kingdom, class"):
+        resolve_thresholds("max", ranks, {"species": 0.4})
 
 
 # ------------------------------------------------------------------ four ranks
