@@ -305,3 +305,53 @@ def test_four_rank_set_trains_scores_and_calibrates(tmp_path):
     lab = labelled_by_rank(truth_names(rows_va, tax.ranks), tax.ranks)
     assert th.n_validation == {r: int(lab[r].sum()) for r in tax.ranks}
     assert th.n_validation["species"] == m["n_scored"]["species"]
+
+
+def test_train_and_evaluate_write_n_scored_per_rank(tmp_path, cli):
+    """`taxoclass train` on the four-rank set (family/order/genus-only labels, order rank),
+    then `evaluate` on its separate test file with one family-only image: every rank is
+    written with the number of images scored there, the open-set targets name order."""
+    import json
+
+    from any_rank_data import fixture_four_rank_set, write_config
+
+    torch.set_num_threads(1)
+    data = fixture_four_rank_set(tmp_path / "set")
+    cfg = write_config(data, tmp_path / "model", epochs=30)
+    out = cli("train", "--config", cfg)
+    assert "species" in out and "order" in out
+    val = json.loads((tmp_path / "model" / "metrics_val.json").read_text())
+    assert list(val["n_scored"]) == ["order", "family", "genus", "species"]
+    thr = val["openset_thresholds"]
+    assert thr["target"]["order"] == 0.95 and set(thr["n_validation"]) == set(val["n_scored"])
+    cli("evaluate", "--model", tmp_path / "model", "--annotations", data.test,
+        "--images-root", data.images_root, "--out", tmp_path / "eval")
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    n = m["n_images"]
+    assert n == 24
+    # One test image is family-only: scored at order and family, not at genus or species.
+    assert m["n_scored"] == {"order": n, "family": n, "genus": n - 1, "species": n - 1}
+    assert m["ranks"]["species"]["n_scored"] == n - 1
+    assert m["ranks"]["family"]["accuracy"] >= 0.8  # chance about 1/4
+
+
+def test_openset_evaluation_without_a_genus_rank(tmp_path, cli):
+    """`evaluate --holdout-species` on order/family/species: the held-out species' parent
+    on the path is its family; known images are scored at the ranks they have."""
+    import json
+
+    from any_rank_data import three_rank_set, write_config
+
+    torch.set_num_threads(1)
+    data = three_rank_set(tmp_path / "set")
+    cfg = write_config(data, tmp_path / "model", epochs=30)
+    cli("train", "--config", cfg)
+    cli("evaluate", "--model", tmp_path / "model", "--annotations", data.train,
+        "--images-root", data.images_root, "--holdout-species", "Acer campestre",
+        "--out", tmp_path / "os")
+    m = json.loads((tmp_path / "os" / "openset_metrics.json").read_text())
+    assert m["held_out_parent_rank"] == "family" and m["held_out_right_genus_on_path"] is None
+    assert m["n_test_held_out"] == 10 and 0.0 <= m["held_out_right_parent_on_path"] <= 1.0
+    assert set(m["known_test_n_scored"]) == {"order", "family", "species"}
+    assert m["known_test_n_scored"]["species"] <= m["known_test_n_scored"]["family"]
+    assert set(m["thresholds"]["target"]) == {"order", "family", "species"}

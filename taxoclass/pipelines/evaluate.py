@@ -418,6 +418,10 @@ def evaluate_holdout(model: str | Path, annotations: str | Path, *,
         "known_test_n_scored": {r: int(known_at[r].sum()) for r in ranks},
         "held_out_right_genus_on_path": float(correct["genus"][y_unk].mean())
         if "genus" in correct and y_unk.any() else None,
+        # Any rank list: the rank above the lowest (genus, or family without a genus rank).
+        "held_out_parent_rank": ranks[-2] if len(ranks) > 1 else None,
+        "held_out_right_parent_on_path": float(correct[ranks[-2]][y_unk].mean())
+        if len(ranks) > 1 and y_unk.any() else None,
         "thresholds": sub.scorer.thresholds.to_dict(),
         "outcomes": outcome_summary(frame, truth, y_unk, ranks),
         "detection": detection.to_dict("records"),
