@@ -210,7 +210,7 @@ def test_cli_train_on_the_four_rank_partial_label_set(four, cli, one_thread, tmp
     model = tmp_path / "model"
     cfg = write_config(four, model, epochs=10, group_by="track")
     out = cli("train", "--config", cfg, "--set", f"embeddings.cache={tmp_path / 'emb'}")
-    assert "left out" in out and "Nothofagus antarctica" in out
+    assert out.count("left out of the model") == 1 and "Nothofagus antarctica" in out
     tax = Taxonomy.load(model / "taxonomy.json")
     assert tax.ranks == tuple(FOUR_RANKS)
     assert tax.summary() == {"order": 2, "family": 2, "genus": 3, "species": 6}
@@ -298,3 +298,8 @@ def test_subfamily_and_tribe_are_known_ranks_in_order():
     assert [int(y[r][0]) for r in ranks] == [0, 0, -1, -1, -1]
     with pytest.raises(TaxonomyError, match="not in top-down order"):
         Taxonomy.from_records([], ("family", "tribe", "subfamily", "genus"))
+
+
+def test_cli_taxonomy_with_auto_ranks(four, cli):
+    out = cli("taxonomy", four.train, "--ranks", "auto")  # the checklist: every category
+    assert out.split() == ["order:", "2", "family:", "3", "genus:", "4", "species:", "8"]
