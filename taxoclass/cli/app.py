@@ -110,12 +110,14 @@ def main() -> None:
     """Name organisms in images at the taxonomic rank the evidence supports.
 
     \b
-    Typical run on a labelled image folder (Herbarium 2022-style annotations):
+    Typical run on a labelled image folder (Herbarium 2022-style annotations; `taxoclass
+    import` writes them from a folder tree, a CSV, a Darwin Core export or COCO boxes):
+      taxoclass import photos/ --out annotations.json
       taxoclass validate annotations.json --images-root DIR
       taxoclass embed --annotations annotations.json --images-root DIR \\
                       --backbone efficientnet-lite0 --out runs/emb
       taxoclass train --config configs/leaf.yaml
-      taxoclass evaluate --model runs/leaf --annotations annotations.json --images-root DIR
+      taxoclass evaluate --model runs/leaf --annotations test.json --images-root DIR
       taxoclass predict --model runs/leaf IMAGE...
     """
 
