@@ -303,3 +303,12 @@ def test_subfamily_and_tribe_are_known_ranks_in_order():
 def test_cli_taxonomy_with_auto_ranks(four, cli):
     out = cli("taxonomy", four.train, "--ranks", "auto")  # the checklist: every category
     assert out.split() == ["order:", "2", "family:", "3", "genus:", "4", "species:", "8"]
+
+
+def test_a_bare_epithet_without_a_genus_rank_is_a_warning(tmp_path):
+    data = json.loads(three_rank_set(tmp_path).train.read_text())
+    data["categories"][0]["species"] = "campestre"
+    report = validate_annotations(data)
+    assert report.ok
+    warned = [str(p) for p in report.warnings if "binomial" in str(p)]
+    assert len(warned) == 1 and "$.categories[0].species" in warned[0]

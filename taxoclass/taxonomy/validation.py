@@ -450,6 +450,18 @@ def _gap_problems(i: int, c: Mapping, ranks: Sequence[str]) -> list[Problem]:
             for k in range(low) if not filled[k]]
 
 
+def _epithet_problems(i: int, c: Mapping, ranks: Sequence[str]) -> list[Problem]:
+    """Without a genus rank a species is named by its ``species`` field alone, so a bare
+    epithet (``"campestre"``) would be a name shared across genera: a warning."""
+    sp = str(c.get("species") or "").strip()
+    if "genus" in ranks or not sp or " " in sp:
+        return []
+    return [Problem(f"$.categories[{i}].species", _rec(c, "category_id", "scientificName"),
+                    "a binomial ('Genus epithet'): the file has no genus rank",
+                    repr(sp), "write the species as its binomial, e.g. 'Acer campestre', or "
+                    "add a genus field", severity="warning")]
+
+
 def _category_problems(cats: list) -> list[Problem]:
     """Taxon consistency across categories: no rank missing above a filled one, one parent
     per taxon, no twins. A category may stop at any rank (family-only, genus-only)."""
@@ -458,6 +470,7 @@ def _category_problems(cats: list) -> list[Problem]:
     ranks = category_ranks(cats)
     for i, c in enumerate(cats):
         problems += _gap_problems(i, c, ranks)
+        problems += _epithet_problems(i, c, ranks)
         values = rank_values(c, ranks)
         for k in range(1, len(ranks)):
             if values[k] and values[k - 1]:
