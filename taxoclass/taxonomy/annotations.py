@@ -66,7 +66,7 @@ class Annotations:
         """The taxonomy of the categories, with genus distances when the file has them.
 
         ``ranks``: a list, top-down, or ``"auto"`` (the known ranks some category fills,
-        :func:`~taxoclass.taxonomy.validation.category_ranks`); a rank no category fills
+        :func:`~taxoclass.taxonomy.ranks.category_ranks`); a rank no category fills
         raises :class:`AnnotationError` naming it and the ranks the file has.
         ``category_ids``: only those categories (e.g. the ones with labelled images).
         """
