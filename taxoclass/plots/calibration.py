@@ -7,8 +7,9 @@ Every photo is tiled and classified once (:func:`predict_plots`), then
   threshold and tile settings (:class:`~taxoclass.plots.selection.TileSettings`:
   ``min_tiles`` for every rule, ``top_k`` and ``min_tile_prob`` too for ``noisy_or`` and
   ``mean``; :data:`~taxoclass.plots.search.TILE_SEARCH`) that together maximise species
-  macro F1 per plot, then the genus threshold (rank-aware genus F1, species threshold and
-  tile settings fixed), then the family threshold (lower ranks fixed). These rules are
+  macro F1 per plot, then each higher rank's threshold bottom-up (rank-aware F1 at that
+  rank, the lower ranks' thresholds and the tile settings fixed; any rank list: "species"
+  here is the model's lowest rank, "genus" the next one up). These rules are
   scored *in-sample*, on the plots they were tuned on: one threshold per rank and at most
   three settings from a grid of 27, so their optimism is small next to a fitted model's;
 - a :class:`~taxoclass.plots.learned.LearnedPlotRule` (one logistic regression per rank
