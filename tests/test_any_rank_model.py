@@ -26,6 +26,7 @@ from taxoclass.openset.evaluation import (
     correct_by_rank,
     labelled_by_rank,
     outcome_summary,
+    path_names,
     truth_names,
 )
 from taxoclass.openset.thresholds import fit_thresholds
@@ -355,3 +356,47 @@ def test_openset_evaluation_without_a_genus_rank(tmp_path, cli):
     assert set(m["known_test_n_scored"]) == {"order", "family", "species"}
     assert m["known_test_n_scored"]["species"] <= m["known_test_n_scored"]["family"]
     assert set(m["thresholds"]["target"]) == {"order", "family", "species"}
+
+
+def test_leaf_partial_labels_through_metrics_and_calibration(shared_data, tmp_path):
+    """Real leaf taxa (order/family/genus/species) with genus-, family- and order-only
+    labels, and Ginkgoaceae family-only (a family without a genus: its images stand on
+    placeholders). Synthetic embeddings per labelled node keep it fast."""
+    from any_rank_data import leaf_four_rank_set
+
+    from taxoclass.taxonomy.annotations import load_annotations
+    from taxoclass.taxonomy.labels import encode_labels
+
+    data = leaf_four_rank_set(tmp_path, shared_data / "leaf")
+    ann = load_annotations(data.train, images_root=None)
+    tax = ann.taxonomy(data.ranks)
+    rows = ann.labelled_images()
+    y, nodes = encode_labels(tax, rows)
+    truth = truth_names(rows, tax.ranks)
+    lab = labelled_by_rank(truth, tax.ranks)
+    # Labelled at a rank by name <=> a real class there (-1 or a placeholder otherwise).
+    for r in tax.ranks:
+        holders = np.array([tax.is_placeholder(nd) for nd in tax.nodes(r)])
+        real = (y[r] >= 0) & ~holders[np.maximum(y[r], 0)]
+        assert (real == lab[r]).all(), r
+    ginkgo = np.array([len(nd) > 1 and nd[1] == "Ginkgoaceae" for nd in nodes])
+    assert ginkgo.any() and not lab["genus"][ginkgo].any() and (y["species"][ginkgo] >= 0).all()
+    # A perfect prediction of every image's path: each rank right where labelled.
+    rng = np.random.default_rng(0)
+    full = {r: np.where(y[r] >= 0, y[r], 0) for r in tax.ranks}
+    for r in tax.ranks[1:]:  # fill unlabelled ranks with a child of the labelled node
+        up = tax.parent_index(r, tax.ranks[tax.ranks.index(r) - 1])
+        for i in np.flatnonzero(y[r] < 0):
+            full[r][i] = int(np.flatnonzero(up == full[tax.ranks[tax.ranks.index(r) - 1]][i])[0])
+    m = evaluate_predictions(full, y, tax)
+    assert all(m["ranks"][r]["accuracy"] == 1.0 for r in tax.ranks)
+    assert m["n_scored"] == {r: int((y[r] >= 0).sum()) for r in tax.ranks}
+    assert m["ranks"]["species"]["n_placeholder"] >= int(ginkgo.sum())
+    # Calibration: species thresholds rest on images labelled at species only.
+    s = rng.uniform(size=len(rows))
+    correct = correct_by_rank(path_names(full, tax), truth, tax.ranks)
+    assert not correct["species"][~lab["species"]].any()
+    th = fit_thresholds({r: s for r in tax.ranks}, correct, labelled=lab, min_support=5)
+    assert th.n_validation == {r: int(lab[r].sum()) for r in tax.ranks}
+    assert th.precision["species"] == 1.0  # every labelled species is right
+    assert th.target["order"] == 0.95
