@@ -312,3 +312,20 @@ def test_plot_truth_at_any_rank_is_scored_at_its_rank():
     check_plot_truth({"f1": ["Scaridae", "Labrus bergylta"]}, ["f1.jpg"], tax)
     with pytest.raises(Exception, match="Scaridea"):
         check_plot_truth({"f1": ["Scaridea"]}, ["f1.jpg"], tax)
+
+
+def test_evaluate_plots_takes_the_ranks_of_an_annotations_file(four, cli, fixture_set,
+                                                                tmp_path):
+    plots = sorted(Path(fixture_set["plots"]).glob("*.jpg"))
+    cli("plot-report", "--model", four["model"], "--grid", "2", *plots, "--out", tmp_path / "r")
+    truth = tmp_path / "truth.csv"  # names at any rank: a family, an order, a species
+    truth.write_text("plot_id,taxon\nplot_1,Sapindaceae\nplot_2,Fagales\nplot_3,Acer campestre\n")
+    cli("evaluate-plots", "--records", tmp_path / "r" / "plot_records.csv", "--truth", truth,
+        "--taxonomy", four["data"].train, "--out", tmp_path / "m")
+    metrics = json.loads((tmp_path / "m" / "plot_metrics.json").read_text())
+    assert {"order", "family", "genus", "species"} <= set(metrics)
+    # plot_2's truth is an order only: it adds a true taxon at order rank, none below
+    assert metrics["order"]["n_plots"] == 3
+    per_plot = pd.read_csv(tmp_path / "m" / "plot_metrics_per_plot.csv")
+    assert list(per_plot.columns) == ["plot_id", "order_f1", "family_f1", "genus_f1",
+                                      "species_f1"]

@@ -163,7 +163,8 @@ def calibrate_plots_cmd(model: Path, truth: Path, plots: tuple[Path, ...], out: 
 @click.option("--records", type=click.Path(path_type=Path), required=True,
               help="plot_records.csv written by plot-report.")
 @click.option("--truth", type=click.Path(path_type=Path), required=True,
-              help="CSV with plot_id and species (one row per species, or ';'-separated).")
+              help="CSV with plot_id and species (one row per species, or ';'-separated; "
+                   "a 'taxon' column instead may name taxa at any rank, e.g. a family).")
 @click.option("--taxonomy", "taxonomy_source", type=click.Path(path_type=Path), required=True,
               help="The model bundle folder, an annotations JSON or a species table.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,

@@ -155,8 +155,8 @@ def evaluate_plots_job(records: str | Path, truth: str | Path, taxonomy_source: 
     source = Path(taxonomy_source)
     if (source / "taxonomy.json").is_file():
         tax = Taxonomy.load(source / "taxonomy.json")
-    else:
-        tax = load_taxonomy(source)
+    else:  # the ranks the file fills (order, family, ...), not a fixed list
+        tax = load_taxonomy(source, "auto")
     frame = pd.read_csv(records, dtype={"plot_id": str})
     predicted: dict[str, list] = {}
     for row in frame.to_dict("records"):
