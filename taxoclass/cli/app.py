@@ -180,12 +180,11 @@ def print_metrics(path_or_dict, title: str) -> None:
     m = json.loads(Path(path_or_dict).read_text()) if isinstance(path_or_dict, Path) \
         else path_or_dict
     click.echo(title)
-    click.echo(f"{'rank':>10} {'n':>6} {'acc':>7} {'top5':>7} {'macroF1':>8}")
+    click.echo(f"{'rank':>10} {'n scored':>8} {'acc':>7} {'top5':>7} {'macroF1':>8}")
     for rank, r in m.get("ranks", {}).items():
-        top5 = r.get("top5_accuracy")
-        click.echo(f"{rank:>10} {r.get('n', 0):>6} {r['accuracy']:>7.3f} "
-                   f"{(top5 if top5 is not None else float('nan')):>7.3f} "
-                   f"{r['macro_f1']:>8.3f}")
+        n = r.get("n_scored", r.get("n", 0))
+        click.echo(f"{rank:>10} {n:>8} {fmt3(r.get('accuracy')):>7} "
+                   f"{fmt3(r.get('top5_accuracy')):>7} {fmt3(r.get('macro_f1')):>8}")
     h = m.get("hierarchical", {})
     if h:
         click.echo(f"hierarchical P/R/F1: {h.get('precision', 0):.3f} / "
@@ -198,9 +197,19 @@ def print_metrics(path_or_dict, title: str) -> None:
         click.echo(f"coherent predictions: {m['coherence_rate']:.3f}")
 
 
+def fmt3(value) -> str:
+    """A figure with 3 decimals; ``-`` where there is none (a rank without labelled images)."""
+    return "-" if value is None or value != value else f"{value:.3f}"
+
+
 def show_predictions(frame) -> None:
+    """The prediction table on the terminal, with the model's lowest rank and its probability
+    (the last ``<rank>`` / ``<rank>_prob`` pair of the frame: species, or e.g. family)."""
+    ranks = [c[: -len("_prob")] for c in frame.columns
+             if c.endswith("_prob") and c[: -len("_prob")] in frame.columns]
+    lowest = [ranks[-1], f"{ranks[-1]}_prob"] if ranks else []
     cols = [c for c in ("image", "flagged", "taxon_rank", "taxon", "score", "reason",
-                        "species", "species_prob", "error") if c in frame.columns]
+                        *lowest, "error") if c in frame.columns]
     shown = frame[cols].copy()
     shown["image"] = shown["image"].map(lambda p: Path(str(p)).name)
     with wide_pandas():

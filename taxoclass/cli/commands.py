@@ -14,6 +14,7 @@ from .app import (
     allow_outside_root_option,
     device_option,
     engine_options,
+    fmt3,
     json_option,
     main,
     pad_fill_option,
@@ -314,9 +315,14 @@ def flag_unknowns_cmd(model: Path, images: tuple[Path, ...], out: Path, batch_si
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the hold-out choice/split.")
 @allow_outside_root_option
+@click.option("--cache", type=click.Path(path_type=Path), default=None,
+              help="Embedding store to read and grow (only images it lacks are embedded) "
+                   "[default: the model's training store when writable, else embeddings/ beside "
+                   "the --out files, "
+                   "else a temporary folder].")
 def evaluate(model: Path, annotations: Path, images_root: Path | None, out: Path | None,
              split: str, holdout_species: tuple[str, ...], holdout_fraction: float | None,
-             seed: int, allow_outside_root: bool) -> None:
+             seed: int, allow_outside_root: bool, cache: Path | None) -> None:
     """Per-rank accuracy / macro-F1 / top-5, hierarchical P/R/F1, mistake severity,
     coherence rate and the most confused taxon pairs.
 
@@ -331,11 +337,11 @@ def evaluate(model: Path, annotations: Path, images_root: Path | None, out: Path
             _evaluate_holdout(model, annotations, images_root, out, holdout_species,
                               holdout_fraction, seed)
         else:
-            _evaluate(model, annotations, images_root, out, split)
+            _evaluate(model, annotations, images_root, out, split, cache)
 
 
 def _evaluate(model: Path, annotations: Path, images_root: Path | None, out: Path | None,
-              split: str) -> None:
+              split: str, cache: Path | None = None) -> None:
     from ..pipelines.evaluate import evaluate_model
 
     out_dir = None
@@ -343,7 +349,7 @@ def _evaluate(model: Path, annotations: Path, images_root: Path | None, out: Pat
         out_dir = out.parent if out.suffix == ".json" else out
     with progress_bar("embedding", "img") as prog:
         metrics = evaluate_model(model, annotations, images_root=images_root, out=out_dir,
-                                 split=split, progress=prog)
+                                 split=split, cache=cache, progress=prog)
     if out is not None and out.suffix == ".json" and out.name != "metrics.json":
         from ..io.files import atomic_write_json
 
@@ -367,7 +373,7 @@ def _evaluate_holdout(model, annotations, images_root, out, species, fraction, s
     click.echo(f"held out {len(r['held_out_species'])} species: "
                + ", ".join(r["held_out_species"]))
     click.echo(f"test: {r['n_test_known']} known + {r['n_test_held_out']} held-out images; "
-               "known accuracy " + ", ".join(f"{k} {v:.3f}"
+               "known accuracy " + ", ".join(f"{k} {fmt3(v)}"
                                              for k, v in r["known_test_accuracy"].items()))
     click.echo("unknown detection (higher score = unknown):")
     for row in r["detection"]:
