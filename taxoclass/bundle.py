@@ -13,12 +13,20 @@ Layout::
     provenance.json      version, command line, environment, backbone
     openset.json         (optional) outlier detector, evidence combiner, per-rank thresholds
     openset.npz          (optional) the detector's training embeddings (refit on load)
+    confidence.json      (optional) per-rank calibration of ``confidence``
+                         (:mod:`taxoclass.model.confidence`; fitted on held-out predictions)
     backbone.pth         (fine-tuned bundles) the backbone's state dict, checked when built
 
 A bundle is written as one folder (staged, then swapped in: :func:`taxoclass.io.files.
 output_folder`), so a killed writer leaves the previous bundle or the new one. Loading
 refuses parts whose sha256 differs from bundle.json's (mixed or damaged bundles) with a
 BundleError; a bundle written before the hashes (no "parts") loads with a warning.
+
+Every prediction row carries ``confidence`` (:meth:`ModelBundle.predict_with_backoff`):
+the calibrated probability that the reported taxon at its rank is right (NaN for
+``unknown``). A bundle without ``confidence.json`` (trained before it, or without held-out
+rows) loads with a warning and reports the uncalibrated path probability there. ``score``
+stays the back-off evidence that the per-rank thresholds compare, not a probability.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from safetensors.torch import load_file, save
 
 from .errors import BundleError, ConfigError, TaxonomyError
 from .io.files import atomic_write, atomic_write_json, output_folder, recover_output_folder
+from .model.confidence import ConfidenceCalibration, confidence_of
 from .model.heads import MultiRankHead
 from .taxonomy.tree import Taxonomy
 
@@ -49,6 +58,7 @@ TAXONOMY_FILE = "taxonomy.json"
 LABELS_FILE = "labels.json"
 OPENSET_FILE = "openset.json"
 OPENSET_ARRAYS = "openset.npz"
+CONFIDENCE_FILE = "confidence.json"
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +85,7 @@ class ModelBundle:
     scorer: Any = None  # taxoclass.openset.scorer.OpenSetScorer: detector + thresholds for back-off
     path: Path | None = None  # the folder it was loaded from (relative checkpoints resolve here)
     parts: dict[str, str] | None = None  # file -> sha256 recorded in bundle.json (None: legacy)
+    confidence: ConfidenceCalibration | None = None  # per-rank calibration of ``confidence``
 
     # ------------------------------------------------------------------ inference
     def logits(self, embeddings: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
@@ -99,7 +110,10 @@ class ModelBundle:
         """Coherent predictions plus back-off to the lowest reliable rank.
 
         Returns ``(frame, decoded)``: one row per embedding with ``taxon_rank``, ``taxon``,
-        ``score``, ``reason``, ``outlier`` and the full coherent path with probabilities.
+        ``confidence`` (calibrated probability that the taxon at ``taxon_rank`` is right;
+        NaN for unknown; the raw path probability without a fitted calibration),
+        ``score`` (the evidence the back-off thresholds compare), ``reason``, ``outlier``
+        and the full coherent path with (raw) probabilities.
         Without a fitted scorer every answer is the species of the best path
         (reason ``"species"``, score = its probability).
         """
@@ -114,6 +128,8 @@ class ModelBundle:
             frame = back_off_batch(decoded, decoded.path_prob, zeros, None, self.taxonomy)
             frame["outlier"] = False
         frame["taxon_rank"] = frame["taxon_rank"].fillna("unknown")
+        conf = confidence_of(frame, self.taxonomy.ranks, self.confidence)
+        frame.insert(int(frame.columns.get_loc("taxon")) + 1, "confidence", conf)
         return frame, decoded
 
     def scorer_input(self, embeddings: np.ndarray) -> np.ndarray:
@@ -151,8 +167,11 @@ class ModelBundle:
         atomic_write_json(out / LABELS_FILE, {r: self.taxonomy.names(r)
                                               for r in self.taxonomy.ranks})
         parts = [WEIGHTS_FILE, TAXONOMY_FILE, LABELS_FILE]
-        for stale in (OPENSET_FILE, OPENSET_ARRAYS):
+        for stale in (OPENSET_FILE, OPENSET_ARRAYS, CONFIDENCE_FILE):
             (out / stale).unlink(missing_ok=True)
+        if self.confidence is not None:
+            atomic_write_json(out / CONFIDENCE_FILE, self.confidence.to_dict())
+            parts.append(CONFIDENCE_FILE)
         if self.scorer is not None:
             params, arrays = self.scorer.to_state()
             atomic_write_json(out / OPENSET_FILE, params)
@@ -186,7 +205,8 @@ class ModelBundle:
         return cls(head=head, taxonomy=taxonomy, backbone=meta["backbone"],
                    normalize=meta.get("normalize", True),
                    decode_method=meta.get("decode_method", "path"), extra=meta.get("extra", {}),
-                   scorer=scorer, path=path, parts=parts)
+                   scorer=scorer, path=path, parts=parts,
+                   confidence=_load_confidence(path, parts))
 
     def update_extra(self, out_dir: str | Path, values: Mapping[str, Any]) -> None:
         """Add fields to ``extra`` and rewrite ``bundle.json`` (e.g. fitted thresholds); the
@@ -275,7 +295,8 @@ def _check_parts(path: Path, parts: Mapping[str, str] | None) -> None:
 
 
 def _is_checkpoint(name: str) -> bool:
-    return name not in (WEIGHTS_FILE, TAXONOMY_FILE, LABELS_FILE, OPENSET_FILE, OPENSET_ARRAYS)
+    return name not in (WEIGHTS_FILE, TAXONOMY_FILE, LABELS_FILE, OPENSET_FILE, OPENSET_ARRAYS,
+                        CONFIDENCE_FILE)
 
 
 def check_checkpoint(path: Path, meta_parts: Mapping[str, str] | None, name: str) -> None:
@@ -354,3 +375,20 @@ def _load_scorer(path: Path):
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
         raise BundleError(f"{path / OPENSET_FILE}: the open-set scorer cannot be rebuilt "
                           f"({type(exc).__name__}: {exc}). {_FIX}") from None
+
+
+def _load_confidence(path: Path, parts: Mapping[str, str] | None) -> ConfidenceCalibration | None:
+    """The calibration of ``confidence`` (confidence.json, checked with the other parts);
+    None with a warning when the bundle has none (its confidence is then uncalibrated)."""
+    file = path / CONFIDENCE_FILE
+    if (CONFIDENCE_FILE not in parts) if parts is not None else not file.is_file():
+        log.warning("%s has no fitted confidence calibration (%s; trained by an older "
+                    "taxoclass or without held-out images): its 'confidence' column is the "
+                    "uncalibrated path probability. Retrain to calibrate it.", path,
+                    CONFIDENCE_FILE)
+        return None
+    try:
+        return ConfidenceCalibration.from_dict(json.loads(file.read_text(encoding="utf-8")))
+    except (UnicodeDecodeError, ValueError, RecursionError, TypeError, KeyError,
+            AttributeError) as exc:
+        raise BundleError(f"{file}: not a confidence calibration ({exc}). {_FIX}") from None

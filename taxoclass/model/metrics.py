@@ -240,3 +240,36 @@ def confusion_summary(decoded_path: Mapping[str, np.ndarray], targets: Mapping[s
     return pd.DataFrame({"true": [label(i) for i in pairs["t"]],
                          "predicted": [label(i) for i in pairs["p"]],
                          "count": pairs["count"].to_numpy()}, columns=cols).reset_index(drop=True)
+
+
+def calibration_metrics(path: Mapping[str, np.ndarray], path_prob: Mapping[str, np.ndarray],
+                        targets: Mapping[str, np.ndarray], ranks, calibration=None, *,
+                        n_bins: int = 10) -> tuple[dict, pd.DataFrame]:
+    """Reliability of ``confidence`` per rank: the (calibrated) path probability at each
+    rank against whether the path is right there, over the rows labelled at that rank.
+
+    ``calibration``: a :class:`~taxoclass.model.confidence.ConfidenceCalibration` (None:
+    the raw path probability, as a bundle without one reports). Returns ``({"method",
+    "calibrated", "n_bins", "ece": {rank: float|None}, "ece_uncalibrated": {...},
+    "n_scored": {rank: n}}, bins)`` where ``bins`` has one row per rank and bin: ``rank``,
+    ``bin``, ``lower``, ``upper``, ``count``, ``mean_confidence``, ``accuracy``.
+    """
+    from .confidence import expected_calibration_error, reliability_bins
+
+    ece, raw_ece, n, tables = {}, {}, {}, []
+    for r in ranks:
+        t = np.asarray(targets[r]).astype(np.int64)
+        keep = t >= 0
+        right = np.asarray(path[r])[keep] == t[keep]
+        raw = np.asarray(path_prob[r], dtype=np.float64)[keep]
+        conf = raw if calibration is None else calibration.calibrate(r, raw)
+        ece[r] = expected_calibration_error(conf, right, n_bins)
+        raw_ece[r] = expected_calibration_error(raw, right, n_bins)
+        n[r] = int(keep.sum())
+        bins = reliability_bins(conf, right, n_bins)
+        bins.insert(0, "rank", r)
+        tables.append(bins)
+    summary = {"method": calibration.method if calibration is not None else "uncalibrated",
+               "calibrated": calibration is not None, "n_bins": int(n_bins), "ece": ece,
+               "ece_uncalibrated": raw_ece, "n_scored": n}
+    return summary, pd.concat(tables, ignore_index=True)

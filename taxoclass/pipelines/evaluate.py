@@ -16,7 +16,7 @@ import pandas as pd
 from ..config import OpensetConfig, complete_config, openset_calibration
 from ..engines import embedding_folder
 from ..errors import ConfigError, TaxonomyError
-from ..io.files import atomic_write_csv, atomic_write_json
+from ..io.files import atomic_write, atomic_write_csv, atomic_write_json
 from ..io.provenance import write_provenance
 from ..taxonomy.labels import encode_labels
 from ..vocab import Calibration
@@ -29,7 +29,7 @@ SPLITS = ("auto", "all", "val", "train")
 
 
 EVALUATION_FILES = ("metrics.json", "confusion.csv", "predictions.csv", "provenance.json",
-                    "config.yaml")
+                    "config.yaml", "reliability.csv", "reliability.png")
 OPENSET_FILES = ("openset_metrics.json", "openset_detection.csv", "openset_risk_coverage.csv",
                  "openset_predictions.csv", "provenance.json", "config.yaml")
 
@@ -144,13 +144,41 @@ def _write_unit(out: Path, own: Sequence[str], write: Callable[[Path], None]) ->
         write(stage)
 
 
+def _reliability_png(path: Path, bins: pd.DataFrame, summary: dict) -> bool:
+    """The reliability diagram (accuracy against mean confidence per bin, one line per
+    rank); False when matplotlib is not installed. No process-wide state is changed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    fig = Figure(figsize=(5, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
+    for rank, rows in bins[bins["count"] > 0].groupby("rank", sort=False):
+        ece = summary["ece"].get(rank)
+        ax.plot(rows["mean_confidence"], rows["accuracy"], marker="o",
+                label=f"{rank} (ECE {ece:.3f})" if ece is not None else str(rank))
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean confidence", ylabel="accuracy",
+           title="Reliability of confidence")
+    ax.legend(loc="upper left", fontsize="small")
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100), mode="wb")
+    return True
+
+
 def _write_evaluation(out: Path, model, annotations, bundle, split: str, metrics: dict,
-                      confusion: pd.DataFrame, predictions: pd.DataFrame) -> None:
-    """metrics.json, confusion.csv, predictions.csv and provenance, as a unit."""
+                      confusion: pd.DataFrame, predictions: pd.DataFrame,
+                      reliability: pd.DataFrame) -> None:
+    """metrics.json, confusion.csv, predictions.csv, reliability.csv (+ .png) and
+    provenance, as a unit."""
     def write(folder: Path) -> None:
         atomic_write_json(folder / "metrics.json", metrics)
         atomic_write_csv(folder / "confusion.csv", confusion)
         atomic_write_csv(folder / "predictions.csv", predictions)
+        atomic_write_csv(folder / "reliability.csv", reliability)
+        (folder / "reliability.png").unlink(missing_ok=True)
+        _reliability_png(folder / "reliability.png", reliability, metrics["calibration"])
         write_provenance(folder, backbone=bundle.backbone, config={
             "model": str(Path(model).resolve()), "annotations": str(Path(annotations).resolve()),
             "split": split})
@@ -174,7 +202,7 @@ def evaluate_model(model: str | Path, annotations: str | Path, *,
     """
     from ..bundle import ModelBundle
     from ..io.files import check_output_folder
-    from ..model.metrics import confusion_summary, evaluate_predictions
+    from ..model.metrics import calibration_metrics, confusion_summary, evaluate_predictions
     from ..taxonomy.annotations import load_annotations
 
     if out:
@@ -204,6 +232,8 @@ def evaluate_model(model: str | Path, annotations: str | Path, *,
     metrics = evaluate_predictions(decoded.path, y, tax, topk_index=decoded.topk_index)
     metrics.update(split=split, n_images=int(found.sum()), n_skipped_unknown_taxon=unknown,
                    n_training_images_left_out=n_left, n_failed_images=int((~found).sum()))
+    metrics["calibration"], reliability = calibration_metrics(
+        decoded.path, decoded.path_prob, y, tax.ranks, bundle.confidence)
     if unknown or n_left or (~found).any():
         log.warning("scored %d of %d labelled images: %d training image(s) left out (--split "
                     "all scores them), %d of taxa the model never saw, %d not embedded",
@@ -212,7 +242,7 @@ def evaluate_model(model: str | Path, annotations: str | Path, *,
     if out:
         ids_found = [i for i, f in zip(ids, found) if f]
         _write_evaluation(Path(out), model, annotations, bundle, split, metrics, confusion,
-                          decoded.to_frame(tax, ids=ids_found))
+                          decoded.to_frame(tax, ids=ids_found), reliability)
     metrics["confusion"] = confusion.to_dict("records")
     return metrics
 

@@ -74,6 +74,7 @@ class _Fit:
     scorer: Any = None      # crossfit: the out-of-fold calibrated scorer
     x_tr: np.ndarray | None = None
     y_tr: dict[str, np.ndarray] | None = None
+    held_out: tuple[Any, dict[str, np.ndarray]] | None = None  # crossfit: (OOF decoded, y)
 
 
 def _prepare(cfg: dict, embed_progress: Progress | None) -> _Data:
@@ -125,7 +126,7 @@ def _fit_crossfit(d: _Data, progress: Progress | None) -> _Fit:
                               f"by one of {cf.oof.n_folds} fold heads that did not train on "
                               f"it (the bundle's head trained on all of them)")
     return _Fit(result=cf.train, calibration=cf.info, metrics=metrics, fold=fold,
-                scorer=cf.scorer)
+                scorer=cf.scorer, held_out=(cf.oof.decoded, {r: v[tr] for r, v in y.items()}))
 
 
 def _fit_holdout(d: _Data, progress: Progress | None) -> _Fit:
@@ -158,11 +159,14 @@ def _bundle(d: _Data, fit: _Fit):
                                 "embedding_cache": str(Path(d.cache).resolve()),
                                 "best_epoch": fit.result.best_epoch})
     metrics = fit.metrics
+    held_out = fit.held_out
     if not d.crossfit:
         decoded = bundle.predict_embeddings(d.x[va], top_k=int(cfg["decode"]["top_k"]))
         metrics = evaluate_predictions(decoded.path, {r: v[va] for r, v in d.y.items()}, tax,
                                        topk_index=decoded.topk_index)
         metrics["predictions"] = f"validation split ({int(va.sum())} images, not trained on)"
+        held_out = (decoded, {r: v[va] for r, v in d.y.items()})
+    bundle.confidence = _fit_confidence(held_out, tax, fit.calibration["calibration"])
     ocfg = cfg["openset"]
     if ocfg["enabled"]:
         if d.crossfit:
@@ -176,6 +180,21 @@ def _bundle(d: _Data, fit: _Fit):
         metrics["openset_calibration"] = fit.calibration
         bundle.extra["openset_calibration"] = fit.calibration
     return bundle, metrics
+
+
+def _fit_confidence(held_out, tax: Taxonomy, source: str):
+    """The per-rank calibration of ``confidence`` on held-out predictions (validation
+    split or out of fold); None (with a warning) when no held-out image is labelled."""
+    from ..model.confidence import fit_confidence
+
+    decoded, y = held_out
+    labelled = {r: np.asarray(y[r]) >= 0 for r in tax.ranks}
+    if not any(m.any() for m in labelled.values()):
+        log.warning("no held-out image to calibrate 'confidence' on: predictions will report "
+                    "the uncalibrated path probability.")
+        return None
+    correct = {r: decoded.path[r] == np.asarray(y[r]) for r in tax.ranks}
+    return fit_confidence(decoded.path_prob, correct, labelled, source=source)
 
 
 def _write(out: Path, d: _Data, fit: _Fit, bundle, metrics: dict) -> None:
