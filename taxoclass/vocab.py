@@ -5,16 +5,40 @@ compares equal to its string, hashes like it, and ``str()``/``format()``/JSON/CS
 the bare value: outputs stay byte-identical to the plain strings they replace.
 
 - :data:`UNKNOWN`: the one "unknown" label (a taxon nobody can name, the answer when no
-  rank passes back-off, the plot record of outlier tiles).
+  rank passes back-off, the plot record of outlier tiles): ``taxon`` and ``taxon_rank``
+  are both ``"unknown"`` and ``score`` is empty (NaN), never a number.
 - :class:`Reason`: why a prediction sits where it does (the fixed words of a reason).
-- :class:`Rule`: plot aggregation rules.
+- :class:`Rule`: plot aggregation rules (a setting: the ``rule`` column, never a reason).
+
+One vocabulary for the ``reason`` column of every output (predict, flag-unknowns, the
+Python classifier, the Spark engine, plot records); the SpeciesNet ``prediction_source``
+idea, with ranks as data:
+
+=======================================  ==========================================
+``<lowest rank>`` (``species``)          named at the model's lowest rank
+``backoff_to_<rank>:low_confidence``     the lowest rank's evidence was below its
+                                         threshold; the answer is at ``<rank>``
+``backoff_to_<rank>:outlier``            the distance gate rejected the lowest rank
+                                         (the image lies outside the known taxa)
+``unknown:low_confidence``               no rank passed
+``unknown:outlier``                      no rank passed; the gate rejected the lowest
+``failed``                               the image could not be read (``error``)
+=======================================  ==========================================
+
+The ``outlier`` column is ``True`` exactly when the reason ends in ``:outlier``
+(:func:`is_outlier_reason`): the gate acted in this decision. ``flagged``
+(flag-unknowns) is ``True`` when the reason is not the lowest rank's name. A genus
+answer is written ``"Quercus sp."`` in ``taxon`` (with ``taxon_rank`` ``genus``) in
+every output; the per-rank path columns (``genus``) hold the bare name of the decoded
+path (``"Quercus"``), a different quantity.
 - :class:`Detector`, :class:`Scope`, :class:`Combiner`, :class:`Confidence`,
   :class:`Calibration`: the open-set choices (config ``openset`` section, bundle JSON).
 - :class:`DecodeMethod`: how rank probabilities are made coherent (config ``decode``).
 
 Ranks are data (the taxonomy's ranks, configurable), not an enum: reason strings that
-embed a rank are built by :func:`backoff_reason` and :func:`plot_reason` only, and read
-back by :func:`parse_backoff_reason`.
+embed a rank are built by :func:`backoff_reason`, :func:`unknown_reason` and
+:func:`plot_reason` only, and read back by :func:`parse_backoff_reason` and
+:func:`reason_why`.
 """
 
 from __future__ import annotations
@@ -25,7 +49,9 @@ from typing import Final
 __all__ = [
     "BACKOFF_PREFIX",
     "CHECKLIST_SUFFIX",
-    "ROLLUP_PREFIX",
+    "REASON_HELP",
+    "RULE_COLUMN",
+    "TILE_SHARE_COLUMN",
     "UNKNOWN",
     "Calibration",
     "Combiner",
@@ -35,19 +61,29 @@ __all__ = [
     "Reason",
     "Rule",
     "Scope",
+    "accepted_reason",
     "backoff_reason",
+    "is_outlier_reason",
     "parse_backoff_reason",
     "plot_reason",
+    "plot_rule",
+    "reason_why",
+    "unknown_reason",
 ]
 
 #: The one "unknown" label: a taxon label, a back-off reason and a plot record's taxon.
 UNKNOWN: Final[str] = "unknown"
 #: ``backoff_to_<rank>:<why>``
 BACKOFF_PREFIX: Final[str] = "backoff_to_"
-#: ``<rule>+rollup_to_<rank>``
-ROLLUP_PREFIX: Final[str] = "+rollup_to_"
-#: appended to a plot reason when a checklist restricted the candidates.
+#: ``unknown:<why>``
+UNKNOWN_PREFIX: Final[str] = f"{UNKNOWN}:"
+#: appended to a plot record's ``rule`` when a checklist restricted the candidates.
 CHECKLIST_SUFFIX: Final[str] = "+checklist"
+#: Plot records: the aggregation setting that produced the record (``max``, ``max+checklist``).
+RULE_COLUMN: Final[str] = "rule"
+#: Plot records: the share of the plot's tiles that a record counts (the ``unknown`` row's
+#: number; its ``score`` is empty).
+TILE_SHARE_COLUMN: Final[str] = "tile_share"
 
 
 class _StrEnum(str, Enum):
@@ -61,20 +97,23 @@ class _StrEnum(str, Enum):
 
 
 class Reason(_StrEnum):
-    """The fixed words of a prediction's reason.
+    """The fixed words of a prediction's reason (see the module docstring for the table).
 
     Per image (back-off): the lowest rank's name when accepted there (a rank: data, not a
-    member), :func:`backoff_reason` (``backoff_to_genus:outlier``) when backed off, else
-    :attr:`UNKNOWN`. Per plot: :func:`plot_reason` for a reported taxon, :attr:`OUTLIER` for
-    the record counting outlier tiles.
+    member, :func:`accepted_reason`), :func:`backoff_reason` (``backoff_to_genus:outlier``)
+    when backed off, :func:`unknown_reason` (``unknown:outlier``) when no rank passed,
+    :attr:`FAILED` when the image could not be read. Plot records use the same words
+    (:func:`plot_reason`, :func:`unknown_reason`).
     """
 
-    #: the outlier detector flagged the image (or tile) at the lowest rank.
+    #: the distance gate rejected the lowest rank (the image lies outside the known taxa).
     OUTLIER = "outlier"
-    #: the lowest rank's evidence was below its threshold, and no outlier flag.
+    #: the lowest rank's evidence was below its threshold, and the gate did not act.
     LOW_CONFIDENCE = "low_confidence"
-    #: no rank passed.
+    #: no rank passed (the prefix of :func:`unknown_reason`; also the taxon label).
     UNKNOWN = UNKNOWN
+    #: the image could not be read: no decision was made.
+    FAILED = "failed"
 
 
 class Rule(_StrEnum):
@@ -145,10 +184,7 @@ def backoff_reason(rank: str, why: Reason | str) -> str:
 
     ``why`` is :attr:`Reason.OUTLIER` or :attr:`Reason.LOW_CONFIDENCE` (or their strings).
     """
-    why = Reason(why)
-    if why not in (Reason.OUTLIER, Reason.LOW_CONFIDENCE):
-        raise ValueError(f"backoff_reason: why must be 'outlier' or 'low_confidence', "
-                         f"found {why.value!r}.")
+    why = _why(why, "backoff_reason")
     if not rank or ":" in rank:
         raise ValueError(f"backoff_reason: expected a rank name without ':', found {rank!r}.")
     return f"{BACKOFF_PREFIX}{rank}:{why.value}"
@@ -165,11 +201,66 @@ def parse_backoff_reason(reason: str) -> tuple[str, Reason] | None:
         return None
 
 
-def plot_reason(rule: Rule | str, rollup_rank: str | None = None, *,
-                checklist: bool = False) -> str:
-    """``<rule>[+rollup_to_<rank>][+checklist]``: the reason of a reported plot taxon.
+def _why(why: Reason | str, caller: str) -> Reason:
+    why = Reason(why)
+    if why not in (Reason.OUTLIER, Reason.LOW_CONFIDENCE):
+        raise ValueError(f"{caller}: why must be 'outlier' or 'low_confidence', "
+                         f"found {why.value!r}.")
+    return why
 
-    ``rollup_rank``: the rank the find was rolled up to (``None`` at the lowest rank).
-    """
-    roll = "" if rollup_rank is None else f"{ROLLUP_PREFIX}{rollup_rank}"
-    return f"{Rule(rule).value}{roll}{CHECKLIST_SUFFIX if checklist else ''}"
+
+def accepted_reason(lowest: str) -> str:
+    """The reason of an answer named at the lowest rank: the rank's name (``species``)."""
+    return str(lowest)
+
+
+def unknown_reason(why: Reason | str) -> str:
+    """``unknown:<why>``: no rank passed; ``why`` says why the lowest rank was rejected."""
+    return f"{UNKNOWN_PREFIX}{_why(why, 'unknown_reason').value}"
+
+
+def reason_why(reason: object) -> Reason | None:
+    """:attr:`Reason.OUTLIER` / :attr:`Reason.LOW_CONFIDENCE` of a back-off or unknown
+    reason; ``None`` for an answer at the lowest rank, ``failed`` or a missing reason."""
+    if not isinstance(reason, str) or ":" not in reason:
+        return None
+    head, _, why = reason.rpartition(":")
+    if not (head == UNKNOWN or head.startswith(BACKOFF_PREFIX)):
+        return None
+    try:
+        return _why(why, "reason_why")
+    except ValueError:
+        return None
+
+
+def is_outlier_reason(reason: object) -> bool:
+    """True when the decision behind ``reason`` was the distance gate's (``...:outlier``):
+    the value of every output's ``outlier`` column."""
+    return reason_why(reason) is Reason.OUTLIER
+
+
+def plot_reason(rank: str, lowest: str) -> str:
+    """The reason of a plot record found at ``rank``: the lowest rank's name there, else
+    ``backoff_to_<rank>:low_confidence`` (the evidence for a lower taxon did not pass its
+    threshold; outlier tiles are counted in the ``unknown`` record, not here)."""
+    return accepted_reason(lowest) if rank == lowest else backoff_reason(rank,
+                                                                         Reason.LOW_CONFIDENCE)
+
+
+def plot_rule(rule: Rule | str, *, checklist: bool = False) -> str:
+    """The ``rule`` column of a plot record: ``<rule>[+checklist]``."""
+    return f"{Rule(rule).value}{CHECKLIST_SUFFIX if checklist else ''}"
+
+
+#: One line per reason word, for report legends and the column reference.
+REASON_HELP: Final[dict[str, str]] = {
+    "<lowest rank>": "named at the model's lowest rank (e.g. species)",
+    f"{BACKOFF_PREFIX}<rank>:{Reason.LOW_CONFIDENCE.value}":
+        "the lowest rank was not sure enough; the answer is the taxon at <rank>",
+    f"{BACKOFF_PREFIX}<rank>:{Reason.OUTLIER.value}":
+        "the photo lies outside the known taxa (distance gate); the answer is at <rank>",
+    f"{UNKNOWN_PREFIX}{Reason.LOW_CONFIDENCE.value}": "no rank was sure enough",
+    f"{UNKNOWN_PREFIX}{Reason.OUTLIER.value}":
+        "outside the known taxa and no higher rank was sure enough",
+    Reason.FAILED.value: "the image could not be read (see the error column)",
+}

@@ -63,7 +63,12 @@ def test_reasons_for_family_and_unknown(tax):
     assert r.reason == "backoff_to_family:low_confidence"
     r = back_off(path=OAK, scores={"family": 0.1, "genus": 0.1, "species": 0.1},
                  thresholds=THR, taxonomy=tax)
-    assert (r.taxon_rank, r.taxon, r.label, r.reason) == (None, (), "unknown", "unknown")
+    assert (r.taxon_rank, r.taxon, r.label, r.reason) == ("unknown", (), "unknown",
+                                                          "unknown:low_confidence")
+    assert math.isnan(r.score) and not r.outlier  # unknown: no score to report
+    r = back_off(path=OAK, scores={"family": 0.1, "genus": 0.1, "species": 0.1},
+                 thresholds=THR, taxonomy=tax, outlier_flags={"species": True})
+    assert (r.reason, r.outlier) == ("unknown:outlier", True)
 
 
 def test_never_returns_rank_below_a_failed_rank(tax):
@@ -110,8 +115,12 @@ def test_property_lowest_passing_rank_and_never_below_a_failure(tax, s, t, f, le
     r = back_off(path=leaf, scores=scores, thresholds=thresholds, taxonomy=tax,
                  outlier_flags=flags)
     passes = {k: (not math.isnan(scores[k])) and scores[k] >= thresholds[k] for k in RANKS}
-    if r.reason == "unknown":
-        assert not any(passes.values()) and r.taxon == ()
+    # outlier: exactly when the gate acted on the (rejected) lowest rank
+    assert r.outlier == (flags["species"] and not passes["species"] and r.reason != "species")
+    assert r.outlier == r.reason.endswith(":outlier")
+    if r.reason.startswith("unknown:"):
+        assert r.taxon == () and r.taxon_rank == "unknown" and math.isnan(r.score)
+        assert not any(passes.values()) or not passes["species"]
         return
     # the rank it was accepted at (a placeholder species is reported at genus)
     accepted = "species" if r.reason == "species" else r.reason.split(":")[0][11:]
@@ -130,7 +139,7 @@ def test_batch_matches_scalar(tax):
     ev = {r: rng.uniform(size=n) for r in RANKS}
     flags = {"species": rng.uniform(size=n) < 0.5}
     frame = back_off_batch(decoded, ev, THR, flags, tax)
-    assert list(frame.columns[:4]) == ["taxon_rank", "taxon", "score", "reason"]
+    assert list(frame.columns[:5]) == ["taxon_rank", "taxon", "score", "reason", "outlier"]
     for col in ("family", "family_prob", "genus", "genus_prob", "species", "species_prob"):
         assert col in frame
     for i in range(n):
@@ -139,8 +148,8 @@ def test_batch_matches_scalar(tax):
                      outlier_flags={"species": bool(flags["species"][i])})
         row = frame.iloc[i]
         assert (row.taxon, row.reason) == (r.label, r.reason)
-        assert (row.taxon_rank if isinstance(row.taxon_rank, str) else None) == r.taxon_rank
-        assert row.score == pytest.approx(r.score)
+        assert (row.taxon_rank, row.outlier) == (r.taxon_rank, r.outlier)
+        assert row.score == pytest.approx(r.score, nan_ok=True)
 
 
 def test_reasons_are_plain_strings_and_follow_the_taxonomy_ranks():
@@ -156,7 +165,10 @@ def test_reasons_are_plain_strings_and_follow_the_taxonomy_ranks():
           "genus": np.array([0.9, 0.1, 0.1])}
     thr = {"order": 0.5, "family": 0.5, "genus": 0.5}
     frame = back_off_batch(decoded, ev, thr, {"genus": np.array([False, True, False])}, three)
-    assert frame["reason"].tolist() == ["genus", "backoff_to_order:outlier", "unknown"]
+    assert frame["reason"].tolist() == ["genus", "backoff_to_order:outlier",
+                                        "unknown:low_confidence"]
+    assert frame["outlier"].tolist() == [False, True, False]
+    assert frame["taxon_rank"].tolist() == ["genus", "order", "unknown"]
     assert all(type(v) is str for v in frame["reason"])
     assert all(type(v) is str for v in frame["taxon"])
     r = back_off(path=("Fagales", "Fagaceae", "Quercus"), taxonomy=three, thresholds=thr,

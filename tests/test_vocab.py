@@ -13,8 +13,12 @@ from taxoclass.vocab import (
     Reason,
     Rule,
     backoff_reason,
+    is_outlier_reason,
     parse_backoff_reason,
     plot_reason,
+    plot_rule,
+    reason_why,
+    unknown_reason,
 )
 
 
@@ -41,10 +45,24 @@ def test_backoff_reason_round_trip():
         backoff_reason("genus", "bogus")
 
 
-def test_plot_reason():
-    assert plot_reason(Rule.MAX) == "max"
-    assert plot_reason("noisy_or", "genus") == "noisy_or+rollup_to_genus"
-    reason = plot_reason(Rule.LEARNED, "family", checklist=True)
-    assert reason == "learned+rollup_to_family+checklist"
+def test_plot_reason_uses_the_image_words_and_the_rule_is_its_own_column():
+    assert plot_reason("species", "species") == "species"
+    assert plot_reason("genus", "species") == "backoff_to_genus:low_confidence"
+    assert plot_rule(Rule.MAX) == "max"
+    assert plot_rule(Rule.LEARNED, checklist=True) == "learned+checklist"
     with pytest.raises(ValueError):
-        plot_reason("median")
+        plot_rule("median")
+
+
+def test_unknown_and_failed_reasons_and_the_outlier_reading():
+    assert unknown_reason(Reason.OUTLIER) == "unknown:outlier"
+    assert unknown_reason("low_confidence") == "unknown:low_confidence"
+    assert Reason.FAILED == "failed"
+    with pytest.raises(ValueError, match="why must be"):
+        unknown_reason(Reason.FAILED)
+    assert reason_why("unknown:outlier") is Reason.OUTLIER
+    assert reason_why("backoff_to_genus:low_confidence") is Reason.LOW_CONFIDENCE
+    for other in ("species", "failed", None, float("nan"), "max+rollup_to_genus", "x:outlier"):
+        assert reason_why(other) is None and not is_outlier_reason(other)
+    assert is_outlier_reason("backoff_to_family:outlier")
+    assert not is_outlier_reason("backoff_to_family:low_confidence")

@@ -7,12 +7,16 @@ A pure function in the SpeciesNet roll-up style: keyword-only arguments in, a
 - :func:`~taxoclass.vocab.backoff_reason` (``"backoff_to_genus:outlier"`` /
   ``"backoff_to_genus:low_confidence"`` and the same for any higher rank): the lowest rank
   was rejected and this rank is the first one up that passes; the suffix says why the
-  *first* (lowest) rejected rank was rejected: ``outlier`` when the outlier detector
-  flagged the image at that rank, else ``low_confidence``;
-- :data:`~taxoclass.vocab.UNKNOWN` (``"unknown"``): no rank passes; the label is
-  ``"unknown"`` too.
+  *first* (lowest) rejected rank was rejected: ``outlier`` when the distance gate rejected
+  it (``outlier_flags``: per rank, "outlyingness rejected this rank", see
+  :meth:`~taxoclass.openset.scorer.OpenSetScorer.gated`), else ``low_confidence``;
+- :func:`~taxoclass.vocab.unknown_reason` (``"unknown:outlier"`` /
+  ``"unknown:low_confidence"``): no rank passes; the label and the rank are ``"unknown"``
+  and the score is NaN.
 
-Reasons are written as plain strings (the values of :class:`~taxoclass.vocab.Reason`).
+The ``outlier`` column of :func:`back_off_batch` is ``True`` exactly when the reason ends
+in ``:outlier`` (:func:`~taxoclass.vocab.is_outlier_reason`): one decision, one flag.
+Reasons are written as plain strings (the vocabulary of :mod:`taxoclass.vocab`).
 
 The walk starts at the lowest rank and only goes up, so a rank below a rejected rank is
 never returned. The reported taxon is the path's node at the accepted rank together with
@@ -34,17 +38,18 @@ import numpy as np
 import pandas as pd
 
 from ..taxonomy.tree import Node, Taxonomy
-from ..vocab import UNKNOWN, Reason, backoff_reason
+from ..vocab import UNKNOWN, Reason, accepted_reason, backoff_reason, unknown_reason
 
 __all__ = ["BackoffResult", "back_off", "back_off_batch"]
 
 
 @dataclass(frozen=True)
 class BackoffResult:
-    """``taxon_rank`` is ``None`` and ``taxon`` is ``()`` for ``"unknown"``.
+    """``taxon_rank`` is ``"unknown"`` and ``taxon`` is ``()`` for ``"unknown"``.
 
-    ``score`` is the evidence at the reported rank; for ``"unknown"`` the evidence at the
-    top rank (the best there was, still below its threshold).
+    ``score`` is the evidence at the reported rank; NaN for ``"unknown"`` (no rank to
+    report). ``outlier``: the distance gate acted in this decision (the reason ends in
+    ``:outlier``).
     """
 
     taxon_rank: str | None
@@ -52,6 +57,7 @@ class BackoffResult:
     label: str
     score: float
     reason: str
+    outlier: bool = False
 
 
 def _path_nodes(path, taxonomy: Taxonomy) -> dict[str, Node]:
@@ -82,7 +88,7 @@ def _path_nodes(path, taxonomy: Taxonomy) -> dict[str, Node]:
 
 
 def _reason_for(rank: str, why: Reason | None, lowest: str) -> str:
-    return lowest if rank == lowest or why is None else backoff_reason(rank, why)
+    return accepted_reason(lowest) if rank == lowest or why is None else backoff_reason(rank, why)
 
 
 def back_off(*, path: Sequence | Mapping[str, int], scores: Mapping[str, float],
@@ -93,7 +99,7 @@ def back_off(*, path: Sequence | Mapping[str, int], scores: Mapping[str, float],
     ``path``: the predicted leaf as a node (tuple of names) or class indices per rank
     (a sequence top-down or a rank -> index mapping). ``scores``: evidence per rank
     (NaN fails). ``thresholds``: per rank (``+inf`` = never trust the rank).
-    ``outlier_flags``: per rank, whether the outlier detector flagged the image there.
+    ``outlier_flags``: per rank, whether outlyingness rejected the rank (the gate acted).
     """
     ranks = taxonomy.ranks
     missing = [r for r in ranks if r not in scores or r not in thresholds]
@@ -111,12 +117,14 @@ def back_off(*, path: Sequence | Mapping[str, int], scores: Mapping[str, float],
                 break
             return BackoffResult(taxon_rank=taxonomy.rank_of(node), taxon=node,
                                  label=taxonomy.label(node), score=s,
-                                 reason=_reason_for(rank, why, lowest))
+                                 reason=_reason_for(rank, why, lowest),
+                                 outlier=why is Reason.OUTLIER)
         if why is None:
             flagged = bool(outlier_flags.get(rank, False)) if outlier_flags else False
             why = Reason.OUTLIER if flagged else Reason.LOW_CONFIDENCE
-    return BackoffResult(taxon_rank=None, taxon=(), label=UNKNOWN,
-                         score=float(scores[ranks[0]]), reason=Reason.UNKNOWN.value)
+    why = why or Reason.LOW_CONFIDENCE
+    return BackoffResult(taxon_rank=UNKNOWN, taxon=(), label=UNKNOWN, score=math.nan,
+                         reason=unknown_reason(why), outlier=why is Reason.OUTLIER)
 
 
 def back_off_batch(decoded, evidence: Mapping[str, np.ndarray],
@@ -125,10 +133,13 @@ def back_off_batch(decoded, evidence: Mapping[str, np.ndarray],
     """:func:`back_off` for every row of a :class:`~taxoclass.model.decoding.Decoded`, vectorised.
 
     ``evidence``: rank -> score per row for the taxon on ``decoded.path``. ``flags``: rank ->
-    bool per row, or one bool array for every rank, or ``None``. Returns one row per image:
-    ``taxon_rank``, ``taxon`` (the botanical label: "Quercus sp.", a species name, a family
-    name or "unknown"), ``score``, ``reason``, then the full coherent path
-    (``<rank>``, ``<rank>_prob`` per rank) that the decision was made on.
+    bool per row (outlyingness rejected the rank: the gate acted), or one bool array for
+    every rank, or ``None``. Returns one row per image: ``taxon_rank`` (``"unknown"`` when
+    no rank passes), ``taxon`` (the answer's label: "Quercus sp." at genus rank, a species
+    name, a family name or "unknown"), ``score`` (evidence at ``taxon_rank``; NaN for
+    unknown), ``reason``, ``outlier`` (the reason ends in ``:outlier``), then the full
+    coherent path that the decision was made on: ``<rank>`` (the bare name there,
+    "Quercus") and ``<rank>_prob`` per rank.
     """
     ranks = taxonomy.ranks
     n = len(decoded)
@@ -158,7 +169,7 @@ def back_off_batch(decoded, evidence: Mapping[str, np.ndarray],
     any_ok = rev.any(axis=1)
     j_ok = len(ranks) - 1 - rev.argmax(axis=1)  # lowest accepted rank (top-down index)
     lowest = ranks[-1]
-    low_flag = fl[lowest]
+    low_flag = fl[lowest] & ~accept[:, -1]  # the gate acted on the lowest rank
 
     taxon_rank = np.empty(n, dtype=object)
     taxon = np.empty(n, dtype=object)
@@ -177,15 +188,17 @@ def back_off_batch(decoded, evidence: Mapping[str, np.ndarray],
         taxon_rank[rows] = rrank[idx]
         score[rows] = ev[r][rows]
         if r == lowest:
-            reason[rows] = lowest
+            reason[rows] = accepted_reason(lowest)
         else:
             reason[rows] = np.where(low_flag[rows], backoff_reason(r, Reason.OUTLIER),
                                     backoff_reason(r, Reason.LOW_CONFIDENCE))
     none = ~any_ok
-    taxon[none], taxon_rank[none], reason[none] = UNKNOWN, None, Reason.UNKNOWN.value
-    score[none] = ev[ranks[0]][none]
+    taxon[none], taxon_rank[none] = UNKNOWN, UNKNOWN
+    reason[none] = np.where(low_flag[none], unknown_reason(Reason.OUTLIER),
+                            unknown_reason(Reason.LOW_CONFIDENCE))
+    outlier = low_flag
     cols: dict[str, object] = {"taxon_rank": taxon_rank, "taxon": taxon, "score": score,
-                               "reason": reason}
+                               "reason": reason, "outlier": outlier}
     for r in ranks:
         names = np.asarray(taxonomy.names(r), dtype=object)
         cols[r] = names[decoded.path[r]]

@@ -34,7 +34,7 @@ from .thresholds import RankThresholds, fit_thresholds
 
 __all__ = ["CrossfitPredictions", "OpenSetScorer", "confidence_of", "crossfit_folds",
            "crossfit_predictions", "fit_detector", "fit_evidence", "fit_scorer",
-           "group_rank_of"]
+           "group_rank_of", "typical_outlier_score"]
 
 _OPENSET = OpensetConfig()
 _DECODE = DecodeConfig()
@@ -58,19 +58,50 @@ class OpenSetScorer:
     group_rank: str  # group detectors score a row with its predicted class at this rank
 
     def outlier(self, x: np.ndarray, decoded) -> tuple[np.ndarray, np.ndarray]:
-        """Outlier z-score and pyod flag per row (groups = predicted ``group_rank``)."""
-        groups = decoded.path[self.group_rank] if self.detector.scope == Scope.GROUP else None
+        """Outlier z-score and the detector's own flag (its contamination cut) per row
+        (groups = predicted ``group_rank``); diagnostics only, not the back-off decision."""
+        groups = self._groups(decoded)
         return (self.detector.decision_function(x, groups), self.detector.predict(x, groups))
 
     def evidence(self, x: np.ndarray, decoded) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        z, flags = self.outlier(x, decoded)
-        return self.combiner.score(confidence_of(decoded, self.combiner.confidence), z), flags
+        """Evidence per rank, and the detector's z-score per row."""
+        z = self.detector.decision_function(x, self._groups(decoded))
+        return self.combiner.score(confidence_of(decoded, self.combiner.confidence), z), z
+
+    def _groups(self, decoded):
+        return decoded.path[self.group_rank] if self.detector.scope == Scope.GROUP else None
+
+    def gated(self, decoded, evidence: Mapping[str, np.ndarray], z: np.ndarray
+              ) -> dict[str, np.ndarray]:
+        """Per rank and row: outlyingness rejected the rank (the distance gate acted).
+
+        True where the rank's evidence is below its threshold but would pass with the
+        outlier score of a typical known image (:func:`typical_outlier_score`): for the
+        ``gate`` combiner exactly "z above the gate's cut", for ``rank_mean`` and
+        ``logistic`` the distance term that pulled the evidence under the threshold.
+        Ranks the combiner scores without the outlier score are never gated. The
+        detector's own contamination cut (:meth:`outlier`) plays no part in the decision.
+        """
+        conf = confidence_of(decoded, self.combiner.confidence)
+        thr = self.thresholds.thresholds
+        n = len(np.asarray(z))
+        out = {r: np.zeros(n, dtype=bool) for r in self.combiner.ranks_}
+        for rank in self.combiner.outlier_ranks_:
+            typical = np.full(n, typical_outlier_score(self.combiner, rank))
+            would = self.combiner.score(conf, typical)[rank]
+            t = float(thr[rank])
+            out[rank] = ~(np.asarray(evidence[rank]) >= t) & (np.asarray(would) >= t)
+        return out
 
     def predict(self, x: np.ndarray, decoded, taxonomy: Taxonomy) -> pd.DataFrame:
-        """Back-off answers (:func:`~taxoclass.openset.backoff.back_off_batch`) plus ``outlier``."""
-        ev, flags = self.evidence(x, decoded)
-        frame = back_off_batch(decoded, ev, self.thresholds.thresholds, flags, taxonomy)
-        frame["outlier"] = flags
+        """Back-off answers (:func:`~taxoclass.openset.backoff.back_off_batch`): ``outlier``
+        is True exactly where the distance gate rejected the lowest rank (:meth:`gated`);
+        ``outlier_score`` is the detector's z-score (higher = farther from the known taxa)."""
+        ev, z = self.evidence(x, decoded)
+        frame = back_off_batch(decoded, ev, self.thresholds.thresholds,
+                               self.gated(decoded, ev, z), taxonomy)
+        frame.insert(frame.columns.get_loc("outlier") + 1, "outlier_score",
+                     np.asarray(z, dtype=np.float64))
         return frame
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -88,6 +119,19 @@ class OpenSetScorer:
                    combiner=combiner,
                    thresholds=RankThresholds.from_dict(params["thresholds"]),
                    group_rank=str(params.get("group_rank") or group_rank_of(combiner.ranks_)))
+
+
+def typical_outlier_score(combiner: EvidenceCombiner, rank: str) -> float:
+    """An outlier z-score at which ``combiner`` does not hold distance against ``rank``:
+    the gate's cut (``gate``), the validation median (``rank_mean``), the validation mean
+    (``logistic``: the mean its features were centred on)."""
+    par = combiner.params_[rank]
+    if "z_cut" in par:
+        return float(par["z_cut"])
+    if "z_ref" in par:
+        return -float(np.median(np.asarray(par["z_ref"], dtype=np.float64)))
+    mean = list(par.get("mean", []))
+    return float(mean[1]) if len(mean) > 1 else 0.0
 
 
 def confidence_of(decoded, kind: str = _OPENSET.confidence) -> dict[str, np.ndarray]:
