@@ -228,11 +228,16 @@ def photo_metadata(photo: str | Path, *, plot_id: str | None = None,
     return PlotMetadata(pid, **values, extra=row, sources=sources)
 
 
-def plot_metadata(photos: Mapping[str, str | Path], metadata: str | Path | None = None
+def plot_metadata(photos: Mapping[str, str | Path],
+                  metadata: str | Path | Mapping[str, Mapping[str, str]] | None = None
                   ) -> dict[str, PlotMetadata]:
     """:class:`PlotMetadata` for every plot (``{plot_id: photo}``); ``metadata``: the plot
-    metadata CSV or None. Rows of the CSV naming no plot of this run are warned about."""
-    table = read_plot_metadata(metadata) if metadata is not None else {}
+    metadata CSV, its rows (:func:`read_plot_metadata`, to check the file before the photos
+    are read) or None. Rows naming no plot of this run are warned about."""
+    if isinstance(metadata, (str, Path)):
+        table = read_plot_metadata(metadata)
+    else:
+        table = dict(metadata or {})
     unused = sorted(set(table) - set(photos))
     if unused:
         log.warning("%d plot(s) of %s match no photo of this run (plot_id is the photo's file "

@@ -6,11 +6,18 @@ With a species table (species_id, species, genus, family) this module builds the
 taxonomy of those species, maps each head unit to its species node, and sums the
 species softmax up the tree, so genus and family probabilities come for free and are
 coherent by construction.
+
+:func:`write_submission` writes the PlantCLEF run file of a plot report. It holds species
+ids, never names: a model with ids (this checkpoint, via :meth:`PlantCLEFClassifier.taxon_ids`)
+writes ``plantclef_submission.csv``; a model without ids (a user-trained bundle) writes the
+same rows with species *names* as ``plantclef_submission_names.csv`` and says so in a
+warning, so a names file is never mistaken for (or uploaded as) a run file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +26,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import AnnotationError
+from ..errors import AnnotationError, ConfigError
 from ..taxonomy.annotations import read_species_table
 from ..taxonomy.tree import DEFAULT_RANKS, Node, Taxonomy
 
-__all__ = ["PLANTCLEF_BACKBONE", "PlantCLEFClassifier", "PlantCLEFTaxonomy",
-           "plantclef_taxonomy"]
+log = logging.getLogger(__name__)
+
+__all__ = ["NAMES_FILE", "PLANTCLEF_BACKBONE", "PlantCLEFClassifier", "PlantCLEFTaxonomy",
+           "SUBMISSION_FILE", "has_species_rank", "plantclef_submission_frame",
+           "plantclef_taxonomy", "write_submission"]
+
+SUBMISSION_FILE = "plantclef_submission.csv"
+#: The submission rows with species names, for a model that has no PlantCLEF species ids.
+NAMES_FILE = "plantclef_submission_names.csv"
 
 PLANTCLEF_BACKBONE = "vit_base_patch14_reg4_dinov2"
 
@@ -185,3 +199,73 @@ class PlantCLEFClassifier:
         return {"kind": "plantclef-checkpoint", "backbone": self.backbone.describe(),
                 "species_table": self.species_table, "n_units": len(self.mapping.unit_to_leaf),
                 "taxonomy": self.taxonomy.summary()}
+
+
+# ---------------------------------------------------------------------- submission file
+def has_species_rank(taxonomy: Taxonomy) -> bool:
+    """Whether the rank list ends at species (what a PlantCLEF submission lists)."""
+    return str(taxonomy.ranks[-1]).lower() == "species"
+
+
+def plantclef_submission_frame(records: Mapping[str, Sequence[Any]], taxonomy: Taxonomy, *,
+                               taxon_ids: Mapping[tuple[str, ...], str] | None = None,
+                               year: int = 2024, names: bool = False):
+    """PlantCLEF run: one row per plot, the species records only (the task scores species).
+
+    Species ids come from ``taxon_ids`` (species node -> id(s), comma-separated); a species
+    record without an id is a :class:`~taxoclass.errors.ConfigError`, never a name in the
+    id list. ``names=True``: species names instead (for :data:`NAMES_FILE`). 2024: columns
+    ``plot_id``/``species_ids`` (written ``;``-separated); 2025: ``quadrat_id``/``species_ids``.
+    """
+    import pandas as pd
+
+    if year not in (2024, 2025):
+        raise ConfigError(f"PlantCLEF submission year must be 2024 or 2025, got {year}.")
+    if not has_species_rank(taxonomy):
+        raise ConfigError(f"A PlantCLEF submission lists species ids, but the model's ranks "
+                          f"{tuple(taxonomy.ranks)} end at {taxonomy.ranks[-1]!r}, not "
+                          "species. Fix: use plot_records.csv or occurrences_dwca.zip.")
+    lowest, ids = taxonomy.ranks[-1], dict(taxon_ids or {})
+    key = "plot_id" if year == 2024 else "quadrat_id"
+    rows = []
+    for plot_id, recs in records.items():
+        out: list[str] = []
+        for r in recs:
+            if r.taxon_rank != lowest:
+                continue
+            if names:
+                out.append(r.taxon)
+            elif tuple(r.node) in ids:
+                out.extend(ids[tuple(r.node)].split(","))
+            else:
+                raise ConfigError(f"Plot {plot_id}: species {r.taxon!r} has no PlantCLEF species "
+                                  "id in the model's class mapping; a submission lists ids, "
+                                  "not names. Fix: use the checkpoint's class mapping and "
+                                  "species table, or read the names file.")
+        rows.append({key: plot_id, "species_ids": "[" + ", ".join(dict.fromkeys(out)) + "]"})
+    return pd.DataFrame(rows, columns=[key, "species_ids"])
+
+
+def write_submission(out_dir: str | Path, records: Mapping[str, Sequence[Any]],
+                     taxonomy: Taxonomy, *, taxon_ids: Mapping[tuple[str, ...], str] | None,
+                     year: int = 2024) -> Path | None:
+    """Write the PlantCLEF file of a plot report into ``out_dir``; returns its path.
+
+    None (nothing written) for a model whose ranks do not end at species. With species ids:
+    :data:`SUBMISSION_FILE`; without (a user-trained model): :data:`NAMES_FILE`, and a
+    warning saying why there is no submission file.
+    """
+    from ..io.files import atomic_write_text
+
+    if not has_species_rank(taxonomy):
+        return None
+    names = not taxon_ids
+    frame = plantclef_submission_frame(records, taxonomy, taxon_ids=taxon_ids, year=year,
+                                       names=names)
+    path = Path(out_dir) / (NAMES_FILE if names else SUBMISSION_FILE)
+    if names:
+        log.warning("the model has no PlantCLEF species ids (a user-trained model): no %s "
+                    "written; %s lists species names in the submission layout instead (not "
+                    "a valid PlantCLEF run file)", SUBMISSION_FILE, NAMES_FILE)
+    atomic_write_text(path, frame.to_csv(index=False, sep=";" if year == 2024 else ","))
+    return path
