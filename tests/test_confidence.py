@@ -149,3 +149,18 @@ def test_evaluate_writes_ece_per_rank_and_reliability_bins(fixture_model, fixtur
     full = bins[bins["count"] > 0]
     assert full["accuracy"].between(0, 1).all() and full["mean_confidence"].between(0, 1).all()
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_crossfit_training_calibrates_on_out_of_fold_predictions(fixture_model, fixture_set,
+                                                                  cli, tmp_path):
+    model = tmp_path / "cf"
+    cli("train", "--config", fixture_set["config"], "--set", f"out={model}",
+        "--set", f"embeddings.cache={fixture_model['emb']}", "--set", "train.epochs=20",
+        "--set", "openset.calibration=crossfit", "--set", "openset.folds=3")
+    bundle = ModelBundle.load(model)
+    metrics = json.loads((model / "metrics_val.json").read_text())
+    assert metrics["predictions"].startswith("out-of-fold")
+    info = bundle.confidence.info
+    assert info["source"] == "crossfit"
+    for rank in RANKS:  # every image, each predicted by a fold head that did not train on it
+        assert info["ranks"][rank]["n"] == metrics["ranks"][rank]["n_scored"] == metrics["n"]
