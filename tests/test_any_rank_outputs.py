@@ -24,7 +24,8 @@ from PIL import Image, ImageOps
 
 from taxoclass.bundle import ModelBundle
 from taxoclass.errors import ConfigError
-from taxoclass.plots.report import darwin_core_frame, dwc_columns, plantclef_submission_frame
+from taxoclass.plots.dwc import darwin_core_frame, dwc_columns
+from taxoclass.plots.plantclef import plantclef_submission_frame
 from taxoclass.plots.rules import PlotRecord, resolve_thresholds
 from taxoclass.taxonomy.tree import Taxonomy
 
@@ -149,6 +150,8 @@ def test_five_ranks_fill_kingdom_and_a_rank_list_without_species_has_no_plantcle
     row = dwc.iloc[0]
     assert (row["scientificName"], row["taxonRank"], row["kingdom"], row["class"],
             row["genus"]) == ("Eristalis", "genus", "Animalia", "Insecta", "Eristalis")
+    assert (row["occurrenceStatus"], row["identificationVerificationStatus"]) == (
+        "present", "unverified")
     assert resolve_thresholds("argmax_union", ranks, None) == {
         "kingdom": 0.5, "class": 0.5, "order": 0.5, "family": 0.5, "genus": 0.0}
     with pytest.raises(ConfigError, match="species"):
