@@ -232,11 +232,12 @@ def meta_xml(columns: Sequence[str], *, location: str = "occurrence.txt") -> str
 
 
 def eml_xml(*, title: str, identified_by: str, n_occurrences: int, n_plots: int,
-            pub_date: str | None = None) -> str:
-    """Minimal EML 2.1.1 dataset metadata (GBIF profile): title, creator, date, abstract.
-
-    The publisher still sets the licence and contacts in the IPT; this says who made the
-    records and that no person verified them.
+            pub_date: str | None = None, license: str = "") -> str:
+    """Minimal EML 2.1.1 dataset metadata (GBIF profile): title, creator, date, abstract,
+    and the licence when the records carry one (a ``license`` column of the plot metadata
+    CSV, e.g. ``http://creativecommons.org/licenses/by/4.0/legalcode``); otherwise the
+    publisher chooses it in the IPT. It says who made the records and that no person
+    verified them.
     """
     date = pub_date or dt.date.today().isoformat()
     package = uuid.uuid5(_OCC_NAMESPACE, f"{title}|{date}|{identified_by}")
@@ -244,6 +245,8 @@ def eml_xml(*, title: str, identified_by: str, n_occurrences: int, n_plots: int,
                 f"by {identified_by} (taxoclass plot-report); not verified by a person "
                 "(identificationVerificationStatus = unverified).")
     org = "<organizationName>taxoclass plot-report</organizationName>"
+    rights = (f"    <intellectualRights><para>This work is licensed under {escape(license)}"
+              "</para></intellectualRights>\n" if license else "")
     return ('<?xml version="1.0" encoding="UTF-8"?>\n'
             '<eml:eml xmlns:eml="eml://ecoinformatics.org/eml-2.1.1" '
             'xmlns:dc="http://purl.org/dc/terms/" '
@@ -259,7 +262,7 @@ def eml_xml(*, title: str, identified_by: str, n_occurrences: int, n_plots: int,
             f"    <pubDate>{date}</pubDate>\n"
             "    <language>eng</language>\n"
             f"    <abstract><para>{escape(abstract)}</para></abstract>\n"
-            f"    <contact>{org}</contact>\n"
+            f"{rights}    <contact>{org}</contact>\n"
             "  </dataset>\n</eml:eml>\n")
 
 
@@ -269,6 +272,12 @@ def _tsv(frame: pd.DataFrame) -> str:
     lines = ["\t".join(clean.columns), *("\t".join(row) for row in clean.itertuples(
         index=False, name=None))]
     return "\n".join(lines) + "\n"
+
+
+def _one_license(frame: pd.DataFrame) -> str:
+    """The records' licence when they all carry the same one (else "")."""
+    values = set(frame["license"]) - {""} if "license" in frame.columns else set()
+    return values.pop() if len(values) == 1 else ""
 
 
 def write_dwc_archive(path: str | Path, frame: pd.DataFrame, *, title: str,
@@ -282,5 +291,6 @@ def write_dwc_archive(path: str | Path, frame: pd.DataFrame, *, title: str,
         zf.writestr("occurrence.txt", _tsv(frame))
         zf.writestr("meta.xml", meta_xml(list(frame.columns)))
         zf.writestr("eml.xml", eml_xml(title=title, identified_by=identified_by,
-                                       n_occurrences=len(frame), n_plots=n_plots))
+                                       n_occurrences=len(frame), n_plots=n_plots,
+                                       license=_one_license(frame)))
     return atomic_write(path, lambda fh: fh.write(buf.getvalue()), mode="wb")
