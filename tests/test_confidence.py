@@ -164,3 +164,16 @@ def test_crossfit_training_calibrates_on_out_of_fold_predictions(fixture_model, 
     assert info["source"] == "crossfit"
     for rank in RANKS:  # every image, each predicted by a fold head that did not train on it
         assert info["ranks"][rank]["n"] == metrics["ranks"][rank]["n_scored"] == metrics["n"]
+
+
+def test_open_set_evaluation_calibrates_its_retrained_model(fixture_model, fixture_set, cli,
+                                                            tmp_path):
+    cli("evaluate", "--model", fixture_model["model"], "--annotations", fixture_set["train"],
+        "--holdout-species", "Acer platanoides", "--out", tmp_path)
+    metrics = json.loads((tmp_path / "openset_metrics.json").read_text())
+    assert set(metrics["confidence_ece"]) == {*RANKS, "all"}
+    assert 0.0 <= metrics["confidence_ece"]["all"] <= 1.0
+    frame = pd.read_csv(tmp_path / "openset_predictions.csv")
+    answered = frame[frame["taxon_rank"].isin(RANKS)]
+    assert len(answered) and answered["confidence"].between(0, 1).all()
+    assert frame.loc[frame["taxon_rank"] == "unknown", "confidence"].isna().all()

@@ -21,7 +21,7 @@ from ..io.provenance import write_provenance
 from ..taxonomy.labels import encode_labels
 from ..vocab import Calibration
 from .data import cached_embeddings
-from .openset_fit import crossfit_openset, fit_openset_scorer
+from .openset_fit import crossfit_openset, fit_confidence_on, fit_openset_scorer
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -310,7 +310,12 @@ def _retrain(bundle, cfg: dict, tax, kr: pd.DataFrame, xk: np.ndarray, seed: int
                       normalize=bundle.normalize, decode_method=bundle.decode_method)
     if cf is not None:
         sub.scorer = cf.scorer
+        sub.confidence = fit_confidence_on(cf.oof.decoded, {r: a[is_tr] for r, a in y.items()},
+                                           tax, calibration["calibration"])
     else:
+        sub.confidence = fit_confidence_on(sub.predict_embeddings(xk[is_val]),
+                                           {r: a[is_val] for r, a in y.items()}, tax,
+                                           calibration["calibration"])
         sub.scorer = fit_openset_scorer(sub, xk[is_tr], y[group_rank_of(ranks)][is_tr],
                                         xk[is_val],
                                         kr[is_val].reset_index(drop=True), ocfg,
@@ -373,6 +378,22 @@ def _unknown_scores(h: _Holdout, x_test: np.ndarray, decoded, ocfg: dict
     oc = OpensetConfig.from_dict(ocfg)
     scores[f"combined evidence ({oc.combiner}, {oc.detector} {oc.scope})"] = -evidence[ranks[-1]]
     return scores, evidence
+
+
+def _reported_ece(frame: pd.DataFrame, correct: dict[str, np.ndarray], ranks) -> dict:
+    """ECE of the ``confidence`` column over the answered rows (known and held-out test
+    images): is the taxon at ``taxon_rank`` right? Per reported rank and over all."""
+    from ..model.confidence import expected_calibration_error
+
+    rank_col = frame["taxon_rank"].to_numpy(dtype=object)
+    right = np.zeros(len(frame), dtype=bool)
+    for r in ranks:
+        right[rank_col == r] = correct[r][rank_col == r]
+    conf = frame["confidence"].to_numpy(dtype=np.float64)
+    out = {r: expected_calibration_error(conf[rank_col == r], right[rank_col == r])
+           for r in ranks}
+    out["all"] = expected_calibration_error(conf, right)
+    return out
 
 
 def evaluate_holdout(model: str | Path, annotations: str | Path, *,
@@ -454,6 +475,7 @@ def evaluate_holdout(model: str | Path, annotations: str | Path, *,
         if len(ranks) > 1 and y_unk.any() else None,
         "thresholds": sub.scorer.thresholds.to_dict(),
         "outcomes": outcome_summary(frame, truth, y_unk, ranks),
+        "confidence_ece": _reported_ece(frame, correct, ranks),
         "detection": detection.to_dict("records"),
         "risk_coverage": rc.to_dict("records"),
     }

@@ -7,6 +7,7 @@ objects (the bundle layer sits above openset); the scorer itself is
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,24 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..openset.scorer import OpenSetScorer
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger(__name__)
+
+
+def fit_confidence_on(decoded: Any, y: Mapping[str, np.ndarray], taxonomy: Taxonomy,
+                      source: str):
+    """The per-rank calibration of ``confidence``
+    (:func:`~taxoclass.model.confidence.fit_confidence`) on held-out predictions
+    ``decoded`` (validation split or out of fold) with class indices ``y`` (-1: no label
+    at that rank); None, with a warning, when no held-out image is labelled."""
+    from ..model.confidence import fit_confidence
+
+    labelled = {r: np.asarray(y[r]) >= 0 for r in taxonomy.ranks}
+    if not any(m.any() for m in labelled.values()):
+        log.warning("no held-out image to calibrate 'confidence' on: predictions will report "
+                    "the uncalibrated path probability.")
+        return None
+    correct = {r: np.asarray(decoded.path[r]) == np.asarray(y[r]) for r in taxonomy.ranks}
+    return fit_confidence(decoded.path_prob, correct, labelled, source=source)
 
 
 def _openset_detector(x_train: np.ndarray, group_train: np.ndarray,

@@ -38,7 +38,7 @@ from .data import (
     view_embeddings,
     with_views,
 )
-from .openset_fit import crossfit_openset, fit_openset_scorer
+from .openset_fit import crossfit_openset, fit_confidence_on, fit_openset_scorer
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -166,7 +166,7 @@ def _bundle(d: _Data, fit: _Fit):
                                        topk_index=decoded.topk_index)
         metrics["predictions"] = f"validation split ({int(va.sum())} images, not trained on)"
         held_out = (decoded, {r: v[va] for r, v in d.y.items()})
-    bundle.confidence = _fit_confidence(held_out, tax, fit.calibration["calibration"])
+    bundle.confidence = fit_confidence_on(*held_out, tax, fit.calibration["calibration"])
     ocfg = cfg["openset"]
     if ocfg["enabled"]:
         if d.crossfit:
@@ -180,21 +180,6 @@ def _bundle(d: _Data, fit: _Fit):
         metrics["openset_calibration"] = fit.calibration
         bundle.extra["openset_calibration"] = fit.calibration
     return bundle, metrics
-
-
-def _fit_confidence(held_out, tax: Taxonomy, source: str):
-    """The per-rank calibration of ``confidence`` on held-out predictions (validation
-    split or out of fold); None (with a warning) when no held-out image is labelled."""
-    from ..model.confidence import fit_confidence
-
-    decoded, y = held_out
-    labelled = {r: np.asarray(y[r]) >= 0 for r in tax.ranks}
-    if not any(m.any() for m in labelled.values()):
-        log.warning("no held-out image to calibrate 'confidence' on: predictions will report "
-                    "the uncalibrated path probability.")
-        return None
-    correct = {r: decoded.path[r] == np.asarray(y[r]) for r in tax.ranks}
-    return fit_confidence(decoded.path_prob, correct, labelled, source=source)
 
 
 def _write(out: Path, d: _Data, fit: _Fit, bundle, metrics: dict) -> None:
