@@ -24,9 +24,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from ..vocab import UNKNOWN
+from ..vocab import BACKOFF_PREFIX, REASON_HELP, UNKNOWN, Reason, unknown_reason
 
-__all__ = ["TOP_K", "lab_distance", "palette", "render_html", "tiles_frame"]
+__all__ = ["TOP_K", "b64_jpeg", "draw_tiles", "explain_reason", "explain_rule", "lab_distance",
+           "palette", "render_html", "tiles_frame"]
 
 #: Candidates listed per rank and tile (in ``tiles.csv`` and the tile tooltips).
 TOP_K = 3
@@ -107,13 +108,14 @@ def _top(plot: Any, taxonomy, i: int, k: int = TOP_K) -> dict[str, list[tuple[st
 
 
 def _tile_reason(plot: Any, label: str) -> tuple[str, str]:
-    """(rank, reason) of the record a tile supports; unknown tiles: outlier."""
-    if label == UNKNOWN:
-        return UNKNOWN, "outlier"
+    """(rank, reason) of the record a tile supports (the unknown record for a flagged
+    tile); empty for a tile that supports no reported taxon."""
     for r in plot.records:
         if r.taxon == label:
             return str(r.taxon_rank), str(r.reason)
-    return "", "not_reported"
+    if label == UNKNOWN:
+        return UNKNOWN, unknown_reason(Reason.OUTLIER)
+    return "", ""
 
 
 def tiles_frame(plots: Sequence[Any], taxonomy) -> pd.DataFrame:
@@ -172,35 +174,33 @@ def b64_jpeg(img: Image.Image, quality: int = 80) -> str:
 
 
 # ---------------------------------------------------------------------- words
-_WORDS = {
+_RULES = {
     "argmax_union": "every tile votes for its most probable taxon; a taxon is reported when "
-                    "tiles pass the lowest rank's threshold",
-    "max": "the taxon's best tile probability passed the threshold",
-    "noisy_or": "1 - prod(1 - p) over the tiles passed the threshold",
-    "mean": "the (weighted) mean tile probability passed the threshold",
+                    "tiles pass the rank's threshold",
+    "max": "the taxon's best tile probability passed the rank's threshold",
+    "noisy_or": "1 - prod(1 - p) over the tiles passed the rank's threshold",
+    "mean": "the (weighted) mean tile probability passed the rank's threshold",
     "learned": "a learned plot scorer (calibrate-plots) passed its threshold",
-    "outlier": "the outlier check flagged the tile(s): the evidence is unlike the training "
-               "images at the lowest rank",
-    "low_confidence": "the lowest rank's evidence stayed below its threshold",
-    UNKNOWN: "no rank passed: nothing can be named",
-    "not_reported": "the tile supports no reported taxon",
     "checklist": "candidates were restricted to a checklist",
 }
 
 
-def explain_reason(reason: str) -> str:
-    """A sentence for a reason string (``max+rollup_to_genus``, ``backoff_to_genus:outlier``)."""
-    out = []
-    for part in str(reason).split("+"):
-        if part.startswith("backoff_to_") and ":" in part:
-            rank, _, why = part[len("backoff_to_"):].partition(":")
-            out.append(f"backed off to {rank} ({_WORDS.get(why, why)})")
-        elif part.startswith("rollup_to_"):
-            out.append(f"rolled up to {part[len('rollup_to_'):]}: no lower taxon passed, the "
-                       "summed evidence of its tiles did")
-        else:
-            out.append(_WORDS.get(part, part))
-    return "; ".join(out)
+def explain_reason(reason: str, lowest: str = "species") -> str:
+    """A sentence for a reason word of :mod:`taxoclass.vocab` (``species``,
+    ``backoff_to_genus:low_confidence``, ``unknown:outlier``, ``failed``)."""
+    reason = str(reason)
+    if reason == lowest:
+        return REASON_HELP.get("<lowest rank>", f"named at the lowest rank ({lowest})")
+    if reason.startswith(BACKOFF_PREFIX) and ":" in reason:
+        rank, _, why = reason[len(BACKOFF_PREFIX):].partition(":")
+        text = REASON_HELP.get(f"{BACKOFF_PREFIX}<rank>:{why}")
+        return text.replace("<rank>", rank) if text else f"backed off to {rank} ({why})"
+    return REASON_HELP.get(reason, reason)
+
+
+def explain_rule(rule: str) -> str:
+    """A sentence for a plot record's ``rule`` (``max``, ``max+checklist``)."""
+    return "; ".join(_RULES.get(part, part) for part in str(rule).split("+") if part)
 
 
 # ---------------------------------------------------------------------- HTML
@@ -210,7 +210,8 @@ _CSS = (
     ".sw{display:inline-block;width:1em;height:1em;margin-right:.4em;vertical-align:middle;"
     "border:1px solid #555}table{border-collapse:collapse;margin:.5em 0}"
     "td,th{padding:.15em .6em;text-align:left;border-bottom:1px solid #e4e4e4}"
-    "th{background:#eee;cursor:pointer;vertical-align:bottom}th.rot{font-weight:normal}"
+    "th{background:#eee;cursor:pointer;vertical-align:bottom}th.rot{font-weight:normal;"
+    "white-space:nowrap}#matrix td{white-space:nowrap}"
     "td.n{text-align:right}td.z{color:#bbb;text-align:center}.fail{color:#a00}"
     ".photo{position:relative;display:inline-block;line-height:0}"
     ".tile{position:absolute;box-sizing:border-box}.tile:hover{outline:2px solid #fff}"
@@ -241,7 +242,8 @@ def _reported(plot: Any) -> list[Any]:
 
 
 def _fmt(v: Any) -> str:
-    return "" if v is None else f"{float(v):.3f}"
+    """Three decimals; empty for a missing value (None, NaN)."""
+    return "" if v is None or v != v else f"{float(v):.3f}"
 
 
 def _meta_text(plot: Any) -> tuple[str, str]:
@@ -315,10 +317,13 @@ def _matrix(plots: Sequence[Any], taxonomy, colours) -> str:
     return "".join(parts)
 
 
-def _legend(plots: Sequence[Any]) -> str:
+def _legend(plots: Sequence[Any], lowest: str) -> str:
     reasons = sorted({str(r.reason) for p in plots for r in p.records})
-    items = "".join(f"<dt>{html.escape(w)}</dt><dd>{html.escape(explain_reason(w))}</dd>"
-                    for w in reasons)
+    items = "".join(f"<dt>{html.escape(w)}</dt><dd>{html.escape(explain_reason(w, lowest))}"
+                    "</dd>" for w in reasons)
+    rules = sorted({str(getattr(r, "rule", "")) for p in plots for r in p.records} - {""})
+    items += "".join(f"<dt>rule {html.escape(w)}</dt><dd>{html.escape(explain_rule(w))}</dd>"
+                     for w in rules)
     return (
         "<h2>Legend: how to read this report</h2><dl class='leg'>"
         "<dt>rank</dt><dd>The rank a taxon is reported at: the lowest rank whose evidence "
@@ -331,7 +336,7 @@ def _legend(plots: Sequence[Any]) -> str:
         "taxon; on a photo, tiles are coloured by the taxon they support, tiles crossed "
         "in red were flagged unknown (outliers), grey outlines support no reported taxon. "
         "Hover a tile for its top-3 taxa per rank.</dd></dl>"
-        f"<h3>Reasons in this report</h3><dl class='leg'>{items}</dl>")
+        f"<h3>Reasons and rules in this report</h3><dl class='leg'>{items}</dl>")
 
 
 def _tile_overlay(plot: Any, taxonomy, shown: tuple[int, int]) -> str:
@@ -363,18 +368,23 @@ def _plot_section(p: Any, taxonomy, colours) -> str:
              f"src='data:image/jpeg;base64,{b64_jpeg(pic)}'>{_tile_overlay(p, taxonomy, pic.size)}"
              f"</div><br><small>{esc(str(p.photo))} ({p.size[0]}×{p.size[1]} px, "
              f"{len(p.tiles)} tiles)</small></div><div>"]
+    conf = any(getattr(r, "confidence", None) is not None for r in p.records)
     parts.append("<h3>Taxa by rank</h3><table class='sortable'><thead><tr><th>rank</th>"
-                 "<th>taxon</th><th>tiles</th><th>score</th><th>confidence</th><th>reason</th>"
-                 "</tr></thead><tbody>")
+                 "<th>taxon</th><th>tiles</th><th>score</th>"
+                 + ("<th>confidence</th>" if conf else "")
+                 + "<th>reason</th><th>rule</th></tr></thead><tbody>")
+    lowest = taxonomy.ranks[-1]
     for rank in [*reversed(taxonomy.ranks), UNKNOWN]:
         for r in (x for x in p.records if x.taxon_rank == rank):
             parts.append(f"<tr><td>{esc(rank)}</td><td>{_sw(colours, r.taxon)}<i>"
                          f"{esc(r.taxon)}</i></td><td class='n'>{r.n_tiles}</td>"
-                         f"<td class='n'>{_fmt(r.score)}</td><td class='n'>"
-                         f"{_fmt(getattr(r, 'confidence', None))}</td>"
-                         f"<td title='{esc(explain_reason(r.reason))}'>{esc(r.reason)}</td></tr>")
+                         f"<td class='n'>{_fmt(r.score)}</td>"
+                         + (f"<td class='n'>{_fmt(getattr(r, 'confidence', None))}</td>"
+                            if conf else "")
+                         + f"<td title='{esc(explain_reason(r.reason, lowest))}'>"
+                         f"{esc(r.reason)}</td><td>{esc(str(getattr(r, 'rule', '')))}</td></tr>")
     if not p.records:
-        parts.append("<tr><td colspan='6'>nothing passed the thresholds</td></tr>")
+        parts.append("<tr><td colspan='7'>nothing passed the thresholds</td></tr>")
     parts.append("</tbody></table></div></div>")
     return "".join(parts)
 
@@ -400,7 +410,7 @@ def render_html(plots: Sequence[Any], failures: Sequence[Mapping[str, str]], *, 
         + (f", <span class='fail'>{len(failures)} photo(s) could not be read</span>"
            if failures else "") + ".</p>",
         "<h2>Overview: plots × taxa</h2>", _matrix(plots, taxonomy, colours), _chart(plots),
-        _legend(plots),
+        _legend(plots, taxonomy.ranks[-1]),
         f"<h2>Files</h2><ul id='files'>{links}</ul>",
         "<h2>Settings</h2><p><small>"
         + "; ".join(f"{esc(str(k))}: {esc(str(v))}" for k, v in settings.items())
