@@ -149,6 +149,11 @@ def test_evaluate_writes_ece_per_rank_and_reliability_bins(fixture_model, fixtur
     full = bins[bins["count"] > 0]
     assert full["accuracy"].between(0, 1).all() and full["mean_confidence"].between(0, 1).all()
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    preds = pd.read_csv(out / "predictions.csv")
+    bundle = ModelBundle.load(fixture_model["model"])
+    for rank in RANKS:
+        np.testing.assert_allclose(preds[f"{rank}_confidence"], bundle.confidence.calibrate(
+            rank, preds[f"{rank}_prob"].to_numpy()), rtol=1e-5)
 
 
 def test_crossfit_training_calibrates_on_out_of_fold_predictions(fixture_model, fixture_set,

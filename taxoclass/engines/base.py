@@ -60,7 +60,13 @@ def backbone_from_spec(spec: Mapping[str, Any], **options: Any):
 
 
 def prediction_frame(bundle: Any, embeddings: Any, images: Sequence[str], top_k: int):
-    """The prediction rows of embedded images: image, back-off columns, top-k per rank."""
+    """The prediction rows of embedded images: image, back-off columns, top-k per rank.
+
+    Every command that writes prediction rows builds them here (predict, flag-unknowns,
+    plot tiles, Spark): ``confidence`` (after ``taxon``) is the calibrated probability
+    that ``taxon`` at ``taxon_rank`` is right (NaN for unknown; see
+    :meth:`~taxoclass.bundle.ModelBundle.predict_with_backoff`), ``score`` the back-off
+    evidence the per-rank thresholds compare (not a probability)."""
     import pandas as pd
 
     backoff, decoded = bundle.predict_with_backoff(embeddings, top_k=top_k)

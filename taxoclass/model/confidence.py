@@ -162,3 +162,14 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
     full = bins[bins["count"] > 0]
     gap = (full["accuracy"] - full["mean_confidence"]).abs() * full["count"]
     return float(gap.sum() / n)
+
+
+def with_rank_confidence(table: pd.DataFrame, ranks: Sequence[str],
+                         calibration: ConfidenceCalibration | None) -> pd.DataFrame:
+    """``table`` (:meth:`Decoded.to_frame` columns) with ``<rank>_confidence`` after each
+    ``<rank>_prob``: the confidence a prediction row would carry at that rank."""
+    for r in ranks:
+        p = table[f"{r}_prob"].to_numpy(dtype=np.float64)
+        table.insert(int(table.columns.get_loc(f"{r}_prob")) + 1, f"{r}_confidence",
+                     p if calibration is None else calibration.calibrate(r, p))
+    return table

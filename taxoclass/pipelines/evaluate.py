@@ -152,8 +152,7 @@ def _reliability_png(path: Path, bins: pd.DataFrame, summary: dict) -> bool:
         from matplotlib.figure import Figure
     except ImportError:
         return False
-    fig = Figure(figsize=(5, 5))
-    FigureCanvasAgg(fig)
+    fig = FigureCanvasAgg(Figure(figsize=(5, 5))).figure
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
     for rank, rows in bins[bins["count"] > 0].groupby("rank", sort=False):
@@ -202,6 +201,7 @@ def evaluate_model(model: str | Path, annotations: str | Path, *,
     """
     from ..bundle import ModelBundle
     from ..io.files import check_output_folder
+    from ..model.confidence import with_rank_confidence
     from ..model.metrics import calibration_metrics, confusion_summary, evaluate_predictions
     from ..taxonomy.annotations import load_annotations
 
@@ -241,8 +241,10 @@ def evaluate_model(model: str | Path, annotations: str | Path, *,
     confusion = confusion_summary(decoded.path, y, tax, rank=tax.ranks[-1])
     if out:
         ids_found = [i for i, f in zip(ids, found) if f]
+        table = with_rank_confidence(decoded.to_frame(tax, ids=ids_found), tax.ranks,
+                                     bundle.confidence)
         _write_evaluation(Path(out), model, annotations, bundle, split, metrics, confusion,
-                          decoded.to_frame(tax, ids=ids_found), reliability)
+                          table, reliability)
     metrics["confusion"] = confusion.to_dict("records")
     return metrics
 
