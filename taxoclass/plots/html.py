@@ -7,9 +7,9 @@ rank of every tile on hover, the taxa table). Tables sort by a click on their he
 (a few lines of inline JS). ``tiles.csv`` is :func:`tiles_frame`: one row per tile.
 
 Duck-typed on the report's ``PlotResult`` (``plot_id``, ``photo``, ``size``, ``tiles``,
-``records``, ``tile_labels``, ``thumbnail``, optional ``probs``: rank -> tile
-probabilities, optional ``metadata``: date/place) so that this module imports nothing from
-:mod:`taxoclass.plots.report`.
+``records``, ``tile_labels``, ``thumbnail``, optional ``top``: rank -> each tile's
+top-3 (:func:`top_candidates`), optional ``metadata``: date/place) so that this module
+imports nothing from :mod:`taxoclass.plots.report`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from ..vocab import BACKOFF_PREFIX, REASON_HELP, UNKNOWN, Reason, unknown_reason
 
 __all__ = ["TOP_K", "b64_jpeg", "draw_tiles", "explain_reason", "explain_rule", "lab_distance",
-           "palette", "render_html", "tiles_frame"]
+           "palette", "render_html", "tiles_frame", "top_candidates"]
 
 #: Candidates listed per rank and tile (in ``tiles.csv`` and the tile tooltips).
 TOP_K = 3
@@ -94,17 +94,26 @@ def _finest(tiles: Sequence[Any]) -> str | None:
     return max(dict.fromkeys(scales), key=scales.count) if scales else None
 
 
-def _top(plot: Any, taxonomy, i: int, k: int = TOP_K) -> dict[str, list[tuple[str, float]]]:
-    """Rank -> the ``k`` most probable taxa of tile ``i`` with their probabilities."""
-    probs = getattr(plot, "probs", None)
-    if not probs:
-        return {}
+def top_candidates(probs: Mapping[str, np.ndarray], k: int = TOP_K
+                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Rank -> (class indices ``[n_tiles, k]``, probabilities ``[n_tiles, k]``), best first:
+    what the report keeps of a plot's tile probabilities (small for thousands of classes)."""
     out = {}
-    for rank in taxonomy.ranks:
-        p = np.asarray(probs[rank])[i]
-        idx = np.argsort(-p, kind="stable")[:k]
-        out[rank] = [(taxonomy.label(taxonomy.node(rank, int(j))), float(p[j])) for j in idx]
+    for rank, p in probs.items():
+        p = np.asarray(p)
+        idx = np.argsort(-p, axis=1, kind="stable")[:, :k]
+        out[rank] = (idx.astype(np.int32), np.take_along_axis(p, idx, axis=1))
     return out
+
+
+def _top(plot: Any, taxonomy, i: int) -> dict[str, list[tuple[str, float]]]:
+    """Rank -> the top taxa of tile ``i`` with their probabilities (none when not kept)."""
+    top = getattr(plot, "top", None)
+    if not top:
+        return {}
+    return {rank: [(taxonomy.label(taxonomy.node(rank, int(j))), float(q))
+                   for j, q in zip(top[rank][0][i], top[rank][1][i])]
+            for rank in taxonomy.ranks if rank in top}
 
 
 def _tile_reason(plot: Any, label: str) -> tuple[str, str]:
