@@ -382,7 +382,7 @@ def test_learned_records_never_name_a_taxon_with_its_ancestor(calibrated, seed, 
     assert len(nodes) == len(set(nodes))
     for a in nodes:
         assert not any(b != a and b[:len(a)] == a for b in nodes), (a, nodes)
-    assert all(r.reason.startswith("learned") for r in recs if r.taxon_rank != "unknown")
+    assert all(r.rule == "learned" for r in recs)
     unknown = [r for r in recs if r.taxon_rank == "unknown"]
     assert [r.n_tiles for r in unknown] == ([n_flags] if n_flags else [])
 
@@ -397,7 +397,8 @@ def test_learned_rule_rolls_up_to_genus_when_species_are_unsure(calibrated):
     recs = aggregate_plot(tp.probs, TAX, rule=LEARNED, scores=scores,
                           thresholds={"species": 1.0, "genus": float(ge.max()), "family": 1.0})
     assert sp.max() < 1.0
-    assert [(r.taxon_rank, r.reason) for r in recs] == [("genus", "learned+rollup_to_genus")]
+    assert [(r.taxon_rank, r.reason, r.rule) for r in recs] == [
+        ("genus", "backoff_to_genus:low_confidence", "learned")]
 
 
 def test_learned_rule_needs_its_scores_and_grids(calibrated):
@@ -535,8 +536,11 @@ def test_calibrate_plots_cli_then_plot_report_uses_the_settings(bundle_dir, plot
         assert used["overridden"] == (["rule", "thresholds"] if "--threshold" in extra else
                                       ["rule"] if extra else [])
         assert rj["plots"][0]["n_tiles"] == 4 + 9
-        reasons = {r["reason"].split("+")[0] for p in rj["plots"] for r in p["records"]}
-        assert reasons <= {rule, "outlier"}
+        records = [r for p in rj["plots"] for r in p["records"]]
+        assert {r["rule"].split("+")[0] for r in records} == {rule}
+        assert {r["reason"] for r in records} <= {
+            "species", "backoff_to_genus:low_confidence", "backoff_to_family:low_confidence",
+            "unknown:outlier", "unknown:low_confidence"}
         prov = json.loads((rep / "provenance.json").read_text())
         assert prov["config"]["settings_file"] == str(cal / SETTINGS_FILE)
         tiles = next(r["tiles"] for r in doc["calibration"] if r["rule"] == rule)

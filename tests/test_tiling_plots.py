@@ -133,7 +133,8 @@ def test_genus_record_when_tiles_agree_on_genus_but_split_on_species(rule, th):
                        {"Carex nigra": 0.46, "Carex flacca": 0.49})
     recs = aggregate_plot(probs, TAX, plot_id="q", rule=rule, thresholds=th)
     assert [(r.taxon_rank, r.taxon) for r in recs] == [("genus", "Carex sp.")]
-    assert recs[0].n_tiles == 3 and "rollup_to_genus" in recs[0].reason
+    assert recs[0].n_tiles == 3 and recs[0].reason == "backoff_to_genus:low_confidence"
+    assert recs[0].rule == rule and recs[0].tile_share == pytest.approx(1.0)
     assert recs[0].score == pytest.approx(0.95 if rule != "noisy_or" else 1 - 0.05 ** 3)
 
 
@@ -157,7 +158,9 @@ def test_unknown_tiles_are_counted_not_named():
     recs = aggregate_plot(probs, TAX, plot_id="q", rule="max", unknown=[True, False, True, False])
     assert [(r.taxon_rank, r.taxon, r.n_tiles) for r in recs] == [
         ("species", "Juncus effusus", 2), ("unknown", "unknown", 2)]
-    assert recs[-1].reason == "outlier" and recs[-1].score == pytest.approx(0.5)
+    assert recs[-1].reason == "unknown:outlier" and recs[-1].tile_share == pytest.approx(0.5)
+    assert np.isnan(recs[-1].score) and recs[-1].to_dict()["score"] is None  # no score 1.0
+    assert (recs[0].reason, recs[0].rule) == ("species", "max")
     labels = tile_assignments(recs, probs, TAX, unknown=[True, False, True, False])
     assert labels == ["unknown", "Juncus effusus", "unknown", "Juncus effusus"]
 
@@ -184,10 +187,11 @@ def test_checklist_restricts_and_renormalises():
     assert restricted["genus"][0, TAX.index(("Poaceae", "Poa"))] == pytest.approx(1.0)
     assert not empty.any()
     recs = aggregate_plot(probs, TAX, rule="max", checklist=["Poaceae"])
-    assert [r.taxon for r in recs] == ["Poa annua"] and recs[0].reason == "max+checklist"
+    assert [r.taxon for r in recs] == ["Poa annua"] and (recs[0].reason, recs[0].rule) == (
+        "species", "max+checklist")
     off = leaf_probs({"Carex nigra": 1.0})
     recs = aggregate_plot(off, TAX, rule="max", checklist=["Poa"])
-    assert [(r.taxon, r.reason) for r in recs] == [("unknown", "outlier")]
+    assert [(r.taxon, r.reason) for r in recs] == [("unknown", "unknown:outlier")]
     with pytest.raises(TaxonomyError, match="checklist"):
         apply_checklist(probs, TAX, ["Quercus robur"])
 
@@ -254,8 +258,11 @@ def test_never_a_taxon_and_its_own_ancestor(rows, rule, th, flags):
             if a != b:
                 assert b[: len(a)] != a, f"{a} reported together with its descendant {b}"
     for r in recs:
+        if r.taxon_rank == "unknown":  # no score: the share of tiles has its own column
+            assert np.isnan(r.score) and 0.0 < r.tile_share <= 1.0
+            continue
         assert 0.0 <= r.score <= 1.0 + 1e-9
-        assert r.taxon_rank == "unknown" or r.taxon == TAX.label(r.node)
+        assert r.taxon == TAX.label(r.node)
 
 
 class _FixedClassifier:

@@ -204,12 +204,14 @@ def fmt3(value) -> str:
 
 def show_predictions(frame) -> None:
     """The prediction table on the terminal, with the model's lowest rank and its probability
-    (the last ``<rank>`` / ``<rank>_prob`` pair of the frame: species, or e.g. family)."""
+    (the last ``<rank>`` / ``<rank>_prob`` pair of the frame: species, or e.g. family).
+
+    An unknown or failed row shows no score (an empty cell), only its reason."""
     ranks = [c[: -len("_prob")] for c in frame.columns
              if c.endswith("_prob") and c[: -len("_prob")] in frame.columns]
     lowest = [ranks[-1], f"{ranks[-1]}_prob"] if ranks else []
-    cols = [c for c in ("image", "flagged", "taxon_rank", "taxon", "score", "reason",
-                        *lowest, "error") if c in frame.columns]
+    cols = [c for c in ("image", "flagged", "taxon_rank", "taxon", "confidence", "score",
+                        "reason", *lowest, "error") if c in frame.columns]
     shown = frame[cols].copy()
     shown["image"] = shown["image"].map(lambda p: Path(str(p)).name)
     with wide_pandas():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..vocab import UNKNOWN
 from .app import (
     checkpoint_model_options,
     device_option,
@@ -18,6 +19,16 @@ from .app import (
     progress_bar,
     wide_pandas,
 )
+
+
+def _find(record) -> str:
+    """One find on the console: ``Carex sp. (genus, 0.91)``; the unknown record says how
+    many tiles it counts, never a score (``unknown (2 of 9 tiles, unknown:outlier)``)."""
+    if record.taxon_rank == UNKNOWN:
+        share = getattr(record, "tile_share", float("nan"))
+        total = round(record.n_tiles / share) if share == share and share > 0 else "?"
+        return f"{UNKNOWN} ({record.n_tiles} of {total} tiles, {record.reason})"
+    return f"{record.taxon} ({record.taxon_rank}, {record.score:.2f})"
 
 
 def _echo_failures(n_failed: int, n_photos: int, out: Path) -> None:
@@ -97,9 +108,10 @@ def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, settings_fi
             grids=list(grids) or None, overlap=overlap, rule=rule,
             thresholds=parse_thresholds(thresholds), settings=settings_file, top_k=top_k,
             min_tile_prob=min_tile_prob, min_tiles=min_tiles,
-            plantclef_year=int(plantclef_year), device=device, engine=engine, master=master)
+            plantclef_year=int(plantclef_year), plot_metadata=plot_metadata, device=device,
+            engine=engine, master=master)
     for plot_id, records in result.records.items():
-        finds = ", ".join(f"{r.taxon} ({r.taxon_rank}, {r.score:.2f})" for r in records)
+        finds = ", ".join(_find(r) for r in records)
         click.echo(f"{plot_id}: {finds or 'nothing above threshold'}")
     _echo_failures(len(result.failures), result.n_plots + len(result.failures), out)
     click.echo(f"report: {out / 'report.html'}")

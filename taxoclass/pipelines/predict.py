@@ -22,6 +22,7 @@ from ..errors import ConfigError, ImageError
 from ..io.files import atomic_write_csv, atomic_write_json, check_output_folder, output_folder
 from ..io.images import collect_images
 from ..io.provenance import write_provenance
+from ..vocab import Reason, accepted_reason, is_outlier_reason
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,32 @@ def _predict(model: str | Path, images: Sequence[str | Path], out: str | Path | 
     extra = {} if cache is None else {"cache": cache}
     result = runner.predict(model, paths, out, batch_size=batch_size, top_k=top_k,
                             overwrite=overwrite, progress=progress, **extra)
+    result.frame = one_decision(result.frame)
     _log_embeddings(result)
     return result
+
+
+def one_decision(frame: pd.DataFrame) -> pd.DataFrame:
+    """The decision columns of every row from the one back-off decision (both engines).
+
+    A failed row (``error`` set) gets reason ``failed`` and ``outlier`` False; every
+    other row's ``outlier`` is read from its reason (True exactly when it ends in
+    ``:outlier``: the distance gate acted), so the two columns cannot disagree.
+    """
+    frame = frame.copy()
+    if "reason" not in frame:
+        frame["reason"] = None
+    failed = (frame["error"].notna() & (frame["error"].astype(str) != "")
+              if "error" in frame else pd.Series(False, index=frame.index))
+    frame["reason"] = frame["reason"].astype(object).where(~failed, Reason.FAILED.value)
+    frame["outlier"] = frame["reason"].map(is_outlier_reason).astype(bool)
+    return frame
+
+
+def flagged_of(frame: pd.DataFrame, lowest: str) -> pd.Series:
+    """``flagged``: True where the answer is not named at the model's lowest rank (backed
+    off, unknown or failed); the same decision as ``reason``."""
+    return frame["reason"] != accepted_reason(lowest)
 
 
 def _log_embeddings(result: Any) -> None:
@@ -100,7 +125,10 @@ def predict_images(model: str | Path, images: Sequence[str | Path], *,
     """Predictions for image files or folders, backed off to the lowest reliable rank.
 
     Returns a DataFrame, one row per image: ``taxon_rank``, ``taxon`` (``Quercus sp.`` at
-    genus rank, ``Scaridae`` at family rank), ``score``, ``reason``, ``outlier``, the full
+    genus rank, ``Scaridae`` at family rank, ``unknown``), ``score`` (empty for unknown),
+    ``reason`` (the words of :mod:`taxoclass.vocab`: ``species``,
+    ``backoff_to_genus:outlier``, ``unknown:low_confidence``, ``failed``...), ``outlier``
+    (True exactly when the reason ends in ``:outlier``: the distance gate acted), the full
     coherent path (one column per rank of the model) with probabilities and top-k per
     rank; failed images carry an ``error``. Embeddings are found by file content in one
     store (resumable; only missing images are computed): ``cache``, else the model's
@@ -129,6 +157,9 @@ def flag_unknowns(model: str | Path, images: Sequence[str | Path], *, out: str |
                   cache: str | Path | None = None) -> tuple[pd.DataFrame, dict]:
     """Field-survey screening: one row per image, flagged rows (not named to species) first.
 
+    ``flagged`` is True where the reason is not the lowest rank's name (:func:`flagged_of`):
+    backed off, unknown or failed; ``outlier`` and ``reason`` are the predictions' own.
+
     Writes ``flags.csv``, ``flags_summary.json``, the predictions, ``failures.csv`` and
     provenance into ``out`` (as a unit) and returns ``(frame, summary)`` where summary
     counts images resolved at each rank (and the embeddings computed and reused; ``cache``:
@@ -144,11 +175,10 @@ def flag_unknowns(model: str | Path, images: Sequence[str | Path], *, out: str |
                       master=None, cache=cache)
     frame = result.frame.copy()
     lowest = ModelBundle.load(model).taxonomy.ranks[-1]
-    reason = frame["reason"] if "reason" in frame else pd.Series([None] * len(frame))
-    frame.insert(1, "flagged", (reason != lowest).to_numpy())
+    frame.insert(1, "flagged", flagged_of(frame, lowest).to_numpy())
     frame = frame.sort_values(["flagged", "taxon_rank", "image"], ascending=[False, True, True],
                               kind="stable").reset_index(drop=True)
-    resolved = frame["taxon_rank"].fillna("failed").value_counts().to_dict()
+    resolved = frame["taxon_rank"].fillna(Reason.FAILED.value).value_counts().to_dict()
     summary = {"n_images": len(frame), "n_flagged": int(frame["flagged"].sum()),
                "resolved_at": {k: int(v) for k, v in resolved.items()},
                **({"embeddings": result.record["embeddings"]}

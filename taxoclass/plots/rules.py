@@ -16,6 +16,13 @@ supports: a species where its score passes the species threshold; a genus (``Car
 where the genus passes its threshold and none of its species is reported; a family
 likewise. A species and its own genus are never both reported. Tiles flagged unknown
 (outliers) give no taxon evidence; they are counted in one ``"unknown"`` record.
+
+Records speak the image vocabulary (:mod:`taxoclass.vocab`): ``reason`` is the lowest
+rank's name (``species``) for a find at the lowest rank, ``backoff_to_<rank>:low_confidence``
+for a find backed off to a higher rank, ``unknown:outlier`` for the unknown record; the
+aggregation setting is its own column, ``rule`` (``max``, ``max+checklist``). ``taxon`` is
+written as in predictions (``"Carex sp."`` at genus rank). The unknown record has no
+``score`` (NaN); ``tile_share`` is the share of the plot's tiles a record counts.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..errors import ConfigError, TaxonomyError
-from ..vocab import UNKNOWN, Reason, Rule, plot_reason
+from ..vocab import UNKNOWN, Reason, Rule, plot_reason, plot_rule, unknown_reason
 from .selection import LEARNED, RULES, keep_top_k, rank_evidence
 
 __all__ = [
@@ -59,7 +66,10 @@ class PlotRecord:
     ``taxon_rank`` is ``"species"``, ``"genus"``, ``"family"`` (any taxonomy rank) or
     ``"unknown"``; ``taxon`` its display label (``"Carex sp."`` at genus rank);
     ``node`` the taxon's full path in the taxonomy (empty for unknown); ``n_tiles`` the
-    tiles that support it; ``reason`` the rule and roll-up that produced it.
+    tiles that support it; ``reason`` why it sits at that rank (the words of
+    :mod:`taxoclass.vocab`, as in predictions); ``rule`` the aggregation setting that
+    scored it; ``tile_share`` ``n_tiles`` over the plot's tiles. ``score`` is NaN for the
+    unknown record (written as an empty cell / JSON null).
     """
 
     plot_id: str
@@ -69,11 +79,14 @@ class PlotRecord:
     n_tiles: int
     reason: str
     node: tuple[str, ...] = field(default_factory=tuple)
+    rule: str = ""
+    tile_share: float = float("nan")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["node"] = list(self.node)
-        d["score"] = float(self.score)
+        d["score"] = None if np.isnan(float(self.score)) else float(self.score)
+        d["tile_share"] = None if np.isnan(float(self.tile_share)) else float(self.tile_share)
         d["n_tiles"] = int(self.n_tiles)
         return d
 
@@ -203,7 +216,8 @@ def aggregate_plot(probs: Mapping[str, np.ndarray], taxonomy, *, plot_id: str = 
                    checklist: Sequence[str] | None = None, outside_weight: float = 0.0,
                    min_tiles: int = 1, top_k: int | None = None,
                    min_tile_prob: float = 0.0,
-                   scores: Mapping[str, np.ndarray] | None = None) -> list[PlotRecord]:
+                   scores: Mapping[str, np.ndarray] | None = None,
+                   unknown_why: Reason | str = Reason.OUTLIER) -> list[PlotRecord]:
     """The taxa of one plot, each at the lowest rank its tiles support.
 
     ``probs``: rank -> coherent tile probabilities ``[n_tiles, n_classes]`` (e.g.
@@ -222,7 +236,9 @@ def aggregate_plot(probs: Mapping[str, np.ndarray], taxonomy, *, plot_id: str = 
     :meth:`~taxoclass.plots.learned.LearnedPlotRule.scores`), used instead of the
     rule's own; thresholds apply to them, and a taxon's supporting tiles are the
     non-flagged tiles that rank it among their
-    :data:`~taxoclass.plots.selection.SUPPORT_TOP` best.
+    :data:`~taxoclass.plots.selection.SUPPORT_TOP` best. ``unknown_why``: why the flagged
+    tiles are unknown (``outlier``, the default: the gate; ``low_confidence``: no rank
+    passed), the suffix of the unknown record's reason.
 
     Records come species first (best score first), then genera, families, unknown.
     """
@@ -244,6 +260,7 @@ def aggregate_plot(probs: Mapping[str, np.ndarray], taxonomy, *, plot_id: str = 
     if top_k is not None:
         p = {r: keep_top_k(a, top_k) for r, a in p.items()}
     th = resolve_thresholds(rule, ranks, thresholds)
+    rule_word = plot_rule(rule, checklist=bool(checklist))
     known = (~flags) & (w > 0)
     records: list[PlotRecord] = []
     covered: set[tuple[str, ...]] = set()  # reported nodes and all their ancestors
@@ -264,14 +281,15 @@ def aggregate_plot(probs: Mapping[str, np.ndarray], taxonomy, *, plot_id: str = 
         for score, shown, n in sorted(found, key=lambda t: (-t[0], t[1])):
             if shown in covered:
                 continue  # two placeholders standing for one taxon
-            reason = plot_reason(rule, None if depth == 0 else rank, checklist=bool(checklist))
             records.append(PlotRecord(plot_id, taxonomy.rank_of(shown), taxonomy.label(shown),
-                                      score, n, reason, shown))
+                                      score, n, plot_reason(rank, ranks[-1]), shown,
+                                      rule_word, n / len(flags)))
             covered.update(shown[:k] for k in range(1, len(shown) + 1))
     n_unknown = int(flags.sum())
     if n_unknown:
-        records.append(PlotRecord(plot_id, UNKNOWN, UNKNOWN, n_unknown / len(flags), n_unknown,
-                                  Reason.OUTLIER.value))
+        records.append(PlotRecord(plot_id, UNKNOWN, UNKNOWN, float("nan"), n_unknown,
+                                  unknown_reason(unknown_why), (), rule_word,
+                                  n_unknown / len(flags)))
     return records
 
 
