@@ -79,8 +79,9 @@ def test_embed_train_evaluate_predict(small_leaf):
         assert (row.family, row.genus, row.species) in paths  # coherent path
         assert 0.0 <= row.species_prob <= row.genus_prob + 1e-6 <= row.family_prob + 2e-6
     assert json.loads((pred_dir / "predictions.json").read_text())[0]["image"].endswith("1.jpg")
-    reasons = {"species", "unknown"} | {f"backoff_to_{r}:{why}" for r in ("genus", "family")
-                                        for why in ("outlier", "low_confidence")}
+    reasons = {"species"} | {f"{pre}:{why}" for pre in ("backoff_to_genus", "backoff_to_family",
+                                                        "unknown")
+                             for why in ("outlier", "low_confidence")}
     assert set(frame["reason"]) <= reasons
     assert set(frame["taxon_rank"]) <= {"species", "genus", "family", "unknown"}
 
