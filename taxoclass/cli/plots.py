@@ -38,6 +38,12 @@ def _echo_failures(n_failed: int, n_photos: int, out: Path) -> None:
                    err=True)
 
 
+def _optional(*, plot_metadata: Path | None, outlier_check: bool) -> dict:
+    """The plot-report settings that were given (the library's defaults otherwise)."""
+    return {**({"plot_metadata": plot_metadata} if plot_metadata is not None else {}),
+            **({"outlier_check": False} if not outlier_check else {})}
+
+
 @main.command("plot-report")
 @click.option("--model", type=click.Path(path_type=Path), required=True,
               help="A model bundle folder, or a PlantCLEF 2024 checkpoint file "
@@ -83,6 +89,16 @@ def _echo_failures(n_failed: int, n_photos: int, out: Path) -> None:
 @checkpoint_model_options
 @click.option("--plantclef-year", type=click.Choice(["2024", "2025"]), default="2024",
               show_default=True, help="Submission file format.")
+@click.option("--plot-metadata", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="CSV of date and place per plot: plot_id (the photo's file name without "
+                   "suffix), eventDate, decimalLatitude, decimalLongitude, locality, country, "
+                   "countryCode, other Darwin Core terms (recordedBy, habitat...). Without "
+                   "it, or where it is empty, the photo's EXIF date/GPS and a date in the file "
+                   "name (…-20230705.jpg) are used.")
+@click.option("--outlier-check/--no-outlier-check", default=True, show_default=True,
+              help="Back every tile off as predict does (an outlier tile counts at the genus "
+                   "or family its evidence supports; unknown only when no rank passes). "
+                   "--no-outlier-check: every tile counts at every rank, none is unknown.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @engine_options
 @device_option
@@ -92,11 +108,14 @@ def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, settings_fi
                     min_tile_prob: float | None, min_tiles: int | None,
                     checklist: Path | None, class_mapping: Path | None,
                     species_table: Path | None, backbone: str, model_kwargs: str | None,
-                    plantclef_year: str, batch_size: int, engine: str,
+                    plantclef_year: str, plot_metadata: Path | None, outlier_check: bool,
+                    batch_size: int, engine: str,
                     master: str | None, device: str) -> None:
     """Rank-aware reports for plot (quadrat) photos: tiles → taxa at the rank the
     evidence supports. Writes plot_records.csv/.json, report.html (photos with tile grid
-    and taxa), plantclef_submission.csv, occurrences_dwc.csv, failures.csv, provenance.
+    and taxa), plantclef_submission.csv (species ids; a model without ids:
+    plantclef_submission_names.csv), occurrences_dwca.zip (Darwin Core Archive) and
+    occurrences_dwc.csv, failures.csv, provenance.
     """
     from ..pipelines.plots import plot_report_job
 
@@ -108,8 +127,8 @@ def plot_report_cmd(model: Path, plots: tuple[Path, ...], out: Path, settings_fi
             grids=list(grids) or None, overlap=overlap, rule=rule,
             thresholds=parse_thresholds(thresholds), settings=settings_file, top_k=top_k,
             min_tile_prob=min_tile_prob, min_tiles=min_tiles,
-            plantclef_year=int(plantclef_year), plot_metadata=plot_metadata, device=device,
-            engine=engine, master=master)
+            plantclef_year=int(plantclef_year), device=device, engine=engine, master=master,
+            **_optional(plot_metadata=plot_metadata, outlier_check=outlier_check))
     for plot_id, records in result.records.items():
         finds = ", ".join(_find(r) for r in records)
         click.echo(f"{plot_id}: {finds or 'nothing above threshold'}")
