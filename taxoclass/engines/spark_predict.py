@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..io.files import atomic_write_json
+from ..vocab import Reason
 from .base import Predictions, prediction_frame
 from .spark import (
     MANIFEST,
@@ -113,7 +114,9 @@ def spark_predict(model_dir: str | Path, paths: Sequence[str | Path], out: str |
     Executors embed their images and run the bundle's back-off; rows are appended to
     ``out/predictions.parquet/`` (images already there are skipped). Returns the rows
     (successes in input order, then failures with their ``error``); the predict job
-    writes ``predictions.csv``/``.json`` and provenance.
+    writes ``predictions.csv``/``.json`` and provenance. Reasons and ``outlier`` are the
+    bundle's back-off decision (:mod:`taxoclass.vocab`); a failed image's reason is
+    ``failed``.
     """
     from ..bundle import ModelBundle
 
@@ -160,6 +163,8 @@ def spark_predict(model_dir: str | Path, paths: Sequence[str | Path], out: str |
     frame = ok[cols].reset_index(drop=True)
     if len(bad):
         frame = pd.concat([frame, pd.DataFrame({"image": bad["image"].to_numpy(),
+                                                "reason": Reason.FAILED.value,
+                                                "outlier": False,
                                                 "error": bad["error"].to_numpy()})],
                           ignore_index=True)
     return Predictions(frame=frame, backbone=bundle.backbone, record={
