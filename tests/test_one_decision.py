@@ -159,3 +159,46 @@ def test_every_reason_word_is_explained():
                                                backoff_reason("genus", "low_confidence"))} | {
         unknown_reason("outlier"), unknown_reason("low_confidence")}
     assert set(REASON_HELP) == words
+
+
+@pytest.mark.parametrize("combiner", ["gate", "rank_mean", "logistic"])
+def test_outlier_is_the_gate_acting_for_every_combiner(combiner):
+    """Synthetic: the ``outlier`` column is exactly "distance rejected the lowest rank",
+    never the detector's own contamination cut, whatever the combiner."""
+    from taxoclass.model.decoding import decode_leaf_probabilities
+    from taxoclass.openset.scorer import fit_scorer, typical_outlier_score
+    from taxoclass.taxonomy.tree import Taxonomy
+
+    tax = Taxonomy.from_records([
+        {"family": "Fagaceae", "genus": "Quercus", "species": "Quercus robur"},
+        {"family": "Fagaceae", "genus": "Quercus", "species": "Quercus rubra"},
+        {"family": "Sapindaceae", "genus": "Acer", "species": "Acer rubrum"},
+    ], ("family", "genus", "species"))
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 8) * 6
+    y_train = rng.integers(0, 3, 300)
+    x_train = centres[y_train] + rng.normal(size=(300, 8))
+    y_val = rng.integers(0, 3, 120)
+    far = np.arange(120) >= 90  # 30 images far from every known species
+    x_val = centres[y_val] + rng.normal(size=(120, 8)) + far[:, None] * 8
+    leaf = np.full((120, 3), 0.05)
+    leaf[np.arange(120), y_val] = rng.uniform(0.4, 0.95, 120)
+    leaf /= leaf.sum(axis=1, keepdims=True)
+    decoded = decode_leaf_probabilities(leaf, tax)
+    correct = {"species": ~far, "genus": np.ones(120, bool), "family": np.ones(120, bool)}
+    groups = tax.parent_index("species", "genus")[y_train]
+    scorer = fit_scorer(x_train, groups, x_val, decoded, correct, combiner=combiner,
+                        confidence="path_prob", labels_train=y_train, target_precision=0.9,
+                        min_support=5)
+    frame = scorer.predict(x_val, decoded, tax)
+    assert (frame["outlier"] == frame["reason"].map(is_outlier_reason)).all()
+    assert not (frame["outlier"] & (frame["reason"] == "species")).any()
+    ev, z = scorer.evidence(x_val, decoded)
+    gated = scorer.gated(decoded, ev, z)["species"]
+    assert (frame["outlier"].to_numpy() == gated).all()
+    np.testing.assert_allclose(frame["outlier_score"], z)
+    assert frame.loc[far, "outlier"].any()  # the far images are seen rejected by distance
+    if combiner == "gate":  # exactly "z above the gate's cut"
+        cut = typical_outlier_score(scorer.combiner, "species")
+        assert (frame["outlier"].to_numpy() == (z > cut)).all()
+        assert frame.loc[far, "outlier"].mean() > 0.5 > frame.loc[~far, "outlier"].mean()
