@@ -243,6 +243,8 @@ _SORT_JS = (
 
 def _sw(colours: Mapping[str, tuple[int, int, int]], taxon: str) -> str:
     c = colours.get(taxon)
+    if taxon == UNKNOWN:  # as drawn on the photo: dark, outlined in red
+        return f"<span class='sw' style='background:rgb{c};border:2px solid #e61e1e'></span>"
     return f"<span class='sw' style='background:rgb{c}'></span>" if c else ""
 
 
