@@ -146,7 +146,7 @@ def openset_model(shared_data, tmp_path_factory, write_leaf_subset) -> Path:
     return train_from_config(cfg)
 
 
-def test_bundle_classifier_flags_unknown_tiles_with_its_detector(openset_model, shared_data):
+def test_bundle_classifier_backs_tiles_off_as_predict_does(openset_model, shared_data):
     from dataclasses import replace
 
     from taxoclass.io.images import load_image
@@ -159,35 +159,44 @@ def test_bundle_classifier_flags_unknown_tiles_with_its_detector(openset_model, 
     leaf = load_image(shared_data / "leaf" / "images" / f"{train_id}.jpg")
     quadrat = load_image(shared_data / "quadrat" / "CBN-can-A1-20230705.jpg")
 
-    # a whole training leaf is known; every tile of a real vegetation photo is unknown
+    # a whole training leaf is known
     dec = clf.predict_tiles([leaf])
     flags = clf.flag_unknown(dec)
     assert flags.dtype == bool and flags.shape == (1,) and not flags[0]
+    # every tile of a real vegetation photo is an outlier, yet it backs off as predict's
+    # answer for its crop does (issue 16): unknown only where no rank passes
     tiles = make_tiles(quadrat.size, grids=(2, 3))
     dec = clf.predict_tiles(crop_tiles(quadrat, tiles))
-    flags = clf.flag_unknown(dec)
-    assert flags.shape == (13,) and flags.all()
-
-    # the flags are the scorer's verdicts: outlier, or no reliable rank at all
+    ranks, flags = clf.back_off_tiles(dec), clf.flag_unknown(dec)
     emb = clf.embed(crop_tiles(quadrat, tiles))
     frame, _ = clf.bundle.predict_with_backoff(emb)
-    expected = frame["outlier"].to_numpy(bool) | (frame["taxon_rank"] == "unknown").to_numpy()
-    np.testing.assert_array_equal(clf.unknown_flags(emb, dec), expected)
+    assert (frame["outlier_score"] > 0).all() and ranks.shape == (13,)
+    np.testing.assert_array_equal(ranks, frame["taxon_rank"].to_numpy(object))
+    np.testing.assert_array_equal(flags, (frame["taxon_rank"] == "unknown").to_numpy())
+    np.testing.assert_array_equal(clf.unknown_flags(emb), flags)
+    assert (ranks != "species").all() and not flags.all()
     with pytest.raises(ValueError, match="latest predict_tiles"):
         clf.flag_unknown(clf.predict_embeddings(emb))
 
-    # without a scorer nothing is flagged
+    # without a scorer nothing backs off
     plain = BundleTileClassifier(replace(clf.bundle, scorer=None), clf.backbone)
-    assert not plain.flag_unknown(plain.predict_tiles(crop_tiles(quadrat, tiles))).any()
+    dec = plain.predict_tiles(crop_tiles(quadrat, tiles))
+    assert not plain.flag_unknown(dec).any()
+    assert set(plain.back_off_tiles(dec)) == {clf.taxonomy.ranks[-1]}
 
 
-def test_plot_report_job_counts_detector_unknowns(openset_model, shared_data, tmp_path):
+def test_plot_report_job_backs_outlier_tiles_off(openset_model, shared_data, tmp_path):
     from taxoclass.pipelines.plots import plot_report_job
 
     quadrat = shared_data / "quadrat" / "CBN-can-A1-20230705.jpg"
     res = plot_report_job(openset_model, [quadrat], tmp_path / "rep", grids=(2,), rule="max")
     recs = res.records[quadrat.stem]
-    assert [(r.taxon_rank, r.n_tiles, r.reason) for r in recs] == [("unknown", 4, "outlier")]
+    # the four outlier tiles back off to a genus (as predict's answers do), not unknown
+    assert [(r.taxon_rank, r.n_tiles) for r in recs] == [("genus", 4)]
     doc = json.loads((tmp_path / "rep" / "plot_records.json").read_text())
-    assert doc["plots"][0]["n_unknown_tiles"] == 4
-    assert "crossed in red" in (tmp_path / "rep" / "report.html").read_text()
+    assert doc["plots"][0]["n_unknown_tiles"] == 0 and doc["settings"]["outlier_check"] is True
+    off = plot_report_job(openset_model, [quadrat], tmp_path / "off", grids=(2,), rule="max",
+                          outlier_check=False)
+    assert "unknown" not in {r.taxon_rank for r in off.records[quadrat.stem]}
+    doc = json.loads((tmp_path / "off" / "plot_records.json").read_text())
+    assert doc["settings"]["outlier_check"] is False

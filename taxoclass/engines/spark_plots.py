@@ -65,9 +65,10 @@ def _unpack_decoded(blob: bytes):
     return Decoded(ranks=ranks, method=meta["method"], top_k=int(meta["top_k"]), **fields)
 
 
-def _pack_flags(flags: np.ndarray) -> bytes:
+def _pack_flags(ranks: np.ndarray) -> bytes:
+    """Per tile, the rank of its back-off answer (fixed-width text, no pickle)."""
     buf = io.BytesIO()
-    np.save(buf, np.asarray(flags, dtype=bool), allow_pickle=False)
+    np.save(buf, np.asarray(ranks, dtype=str), allow_pickle=False)
     return buf.getvalue()
 
 
@@ -81,7 +82,7 @@ def _plots_partition(classifier_args: dict, grids: list, overlap: float, threads
         _set_threads(threads)
         key = {"plots": classifier_args, "stamp": _file_stamp(classifier_args["model"])}
         clf = _cached(key, lambda: load_tile_classifier(**classifier_args))
-        flagger = getattr(clf, "flag_unknown", None)
+        flagger = getattr(clf, "back_off_tiles", None) or getattr(clf, "flag_unknown", None)
         described = False
         for frame in frames:
             rows = []
@@ -98,8 +99,8 @@ def _plots_partition(classifier_args: dict, grids: list, overlap: float, threads
                     continue
                 row.update(width=tiles.size[0], height=tiles.size[1], n_tiles=len(tiles.tiles),
                            decoded=_pack_decoded(tiles.decoded))
-                if flagger is not None:
-                    row["flags"] = _pack_flags(tiles.unknown)
+                if flagger is not None:  # each tile's back-off rank ("unknown": none passes)
+                    row["flags"] = _pack_flags(tiles.ranks)
                 if not described:
                     row["classifier"] = json.dumps(clf.describe(), default=str)
                     described = True
@@ -143,6 +144,8 @@ class _ReplayClassifier:
         return decoded
 
     def flag_unknown(self, decoded) -> np.ndarray:
+        """The executor's back-off for this photo's tiles: each tile's answer rank
+        (``"unknown"`` where no rank passes; bool unknown flags from an older run)."""
         flags = self._last_flags
         return np.zeros(len(decoded), dtype=bool) if flags is None else flags
 

@@ -35,6 +35,9 @@ def plot_report_job(model: str | Path, photos: Sequence[str | Path], out: str | 
     :func:`~taxoclass.plots.report.plot_report` for ``settings`` (``settings=``: a
     plot_settings.json from :func:`calibrate_plots_job`).
 
+    Tiles back off as single images do (:func:`tile_backoff`); ``outlier_check=False``
+    (``plot-report --no-outlier-check``) turns that off: every tile counts at every rank.
+
     ``engine="spark"`` (``master``, default ``local[2]``) tiles and classifies the photos
     on Spark executors (one plot per task; resumable in ``out/plot_tiles.parquet``,
     ``overwrite`` discards it) and aggregates on the driver; ``device`` is for the local
@@ -63,9 +66,16 @@ def plot_report_job(model: str | Path, photos: Sequence[str | Path], out: str | 
     names = None
     if checklist:
         names = [ln.strip() for ln in Path(checklist).read_text().splitlines() if ln.strip()]
-    flagger = getattr(classifier, "flag_unknown", None)
     return plot_report(classifier, paths, out, checklist=names,
-                       flag_unknown=flagger, progress=progress, **settings)
+                       flag_unknown=tile_backoff(classifier), progress=progress, **settings)
+
+
+def tile_backoff(classifier: Any):
+    """The classifier's tile back-off (each tile's answer rank, ``"unknown"`` where no rank
+    passes: :meth:`~taxoclass.plots.tiling.BundleTileClassifier.back_off_tiles`, the
+    Spark replay's stored ranks), or None for a classifier without one (PlantCLEF)."""
+    return (getattr(classifier, "back_off_tiles", None)
+            or getattr(classifier, "flag_unknown", None))
 
 
 def read_plot_truth(path: str | Path) -> dict[str, list[str]]:
@@ -122,8 +132,7 @@ def calibrate_plots_job(model: str | Path, photos: Sequence[str | Path], truth: 
                                       model_kwargs=model_kwargs, batch_size=batch_size,
                                       device=device)
     result = calibrate_plots(classifier, paths, truth_table, grids=grids,
-                             overlap=overlap, flag_unknown=getattr(classifier, "flag_unknown",
-                                                                   None),
+                             overlap=overlap, flag_unknown=tile_backoff(classifier),
                              progress=progress, model=model, truth_file=truth)
     with output_folder(out) as stage:
         files = {"settings": result.settings.save(stage / SETTINGS_FILE),

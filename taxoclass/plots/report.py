@@ -42,7 +42,16 @@ from ..vocab import CHECKLIST_SUFFIX, UNKNOWN
 from .rules import PlotRecord, aggregate_plot, apply_checklist, resolve_thresholds
 from .rules import tile_assignments as _tile_assignments
 from .settings import PlotSettings, resolve_report_settings
-from .tiling import PhotoFailure, PlotTiles, Tile, backbone_name, classify_photos, parse_grid
+from .tiling import (
+    PhotoFailure,
+    PlotTiles,
+    Tile,
+    backbone_name,
+    classify_photos,
+    mask_below,
+    parse_grid,
+    tile_ranks,
+)
 
 if TYPE_CHECKING:
     from .learned import LearnedPlotRule
@@ -309,11 +318,20 @@ def _aggregate(pt: PlotTiles, taxonomy, *, rule: str, thresholds: Mapping[str, f
                outside_weight: float, weights_by_scale: Mapping[str, float],
                min_tiles: int, top_k: int | None, min_tile_prob: float,
                thumbnail_px: int) -> PlotResult:
-    """One classified photo's records, tile labels and thumbnail (the image is let go)."""
+    """One classified photo's records, tile labels and thumbnail (the image is let go).
+
+    Each tile counts at the rank of its back-off answer and above (``pt.probs`` are 0
+    below it, :func:`~taxoclass.plots.tiling.mask_below`); only tiles where no rank
+    passes (``pt.unknown``) go to the unknown record.
+    """
     probs, flags = pt.probs, pt.unknown
-    if checklist:
-        probs, off_list = apply_checklist(probs, taxonomy, checklist,
+    tile_rank = pt.ranks if pt.ranks is not None else tile_ranks(flags, len(flags),
+                                                                   taxonomy.ranks)
+    if checklist:  # re-weight the classifier's own probabilities, then back off again
+        raw = pt.decoded.probs if pt.decoded is not None else probs
+        probs, off_list = apply_checklist(raw, taxonomy, checklist,
                                           outside_weight=outside_weight)
+        probs = mask_below(probs, tile_rank, taxonomy.ranks)
         flags = flags | off_list
     weights = np.array([weights_by_scale.get(t.scale, 1.0) for t in pt.tiles])
     scores = (None if learned is None else
@@ -321,16 +339,44 @@ def _aggregate(pt: PlotTiles, taxonomy, *, rule: str, thresholds: Mapping[str, f
     recs = aggregate_plot(probs, taxonomy, plot_id=pt.plot_id, rule=rule, thresholds=thresholds,
                           unknown=flags, weights=weights, min_tiles=min_tiles, top_k=top_k,
                           min_tile_prob=min_tile_prob, scores=scores)
-    if checklist:
+    if checklist:  # applied here, not by aggregate_plot: the rule column says so
         for r in recs:
-            if r.taxon_rank != UNKNOWN:
-                r.reason += CHECKLIST_SUFFIX
-    labels = _tile_assignments(recs, probs, taxonomy, unknown=flags)
+            r.rule += CHECKLIST_SUFFIX
+    labels = _tile_labels(recs, probs, taxonomy, tile_rank, flags)
     thumb = pt.image.copy()
     thumb.thumbnail((thumbnail_px, thumbnail_px))
     pt.image = None
     return PlotResult(pt.plot_id, Path(pt.photo), pt.size, pt.tiles, recs, labels, thumb,
                       int(flags.sum()))
+
+
+def _tile_labels(records: Sequence[PlotRecord], probs: Mapping[str, np.ndarray], taxonomy,
+                 tile_rank: np.ndarray, unknown: np.ndarray) -> list[str]:
+    """Per tile, the reported taxon it supports (:func:`~taxoclass.plots.rules.tile_assignments`),
+    looked for from the tile's own answer rank up: a tile backed off to genus supports its
+    genus or family record, never a species."""
+    ranks = list(taxonomy.ranks)
+    labels = ["" for _ in range(len(unknown))]
+    for depth, rank in enumerate(ranks):
+        rows = np.flatnonzero(tile_rank == rank)
+        if not len(rows):
+            continue
+        sub = {r: np.asarray(probs[r])[rows] for r in ranks[:depth + 1]}
+        sub_tax = taxonomy if depth == len(ranks) - 1 else _TopRanks(taxonomy, ranks[:depth + 1])
+        for i, label in zip(rows, _tile_assignments(records, sub, sub_tax,
+                                                    unknown=np.asarray(unknown)[rows])):
+            labels[i] = label
+    return [UNKNOWN if u else lab for u, lab in zip(unknown, labels)]
+
+
+class _TopRanks:
+    """A taxonomy seen down to one of its ranks (what a backed-off tile can support)."""
+
+    def __init__(self, taxonomy, ranks: Sequence[str]) -> None:
+        self._taxonomy, self.ranks = taxonomy, list(ranks)
+
+    def __getattr__(self, name: str):
+        return getattr(self._taxonomy, name)
 
 
 def _scale_weights(scale_weights: Mapping[str, float] | None,
@@ -408,7 +454,8 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
                 rule: str | None = None, thresholds: Mapping[str, float] | None = None,
                 settings: PlotSettings | str | Path | None = None,
                 checklist: Sequence[str] | None = None, outside_weight: float = 0.0,
-                flag_unknown: UnknownFlagger | None = None, min_tiles: int | None = None,
+                flag_unknown: UnknownFlagger | None = None, outlier_check: bool = True,
+                min_tiles: int | None = None,
                 top_k: int | None = None, min_tile_prob: float | None = None,
                 scale_weights: Mapping[str, float] | None = None,
                 plantclef_year: int = 2024, thumbnail_px: int = 640,
@@ -427,8 +474,11 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
     ``"learned"`` needs it. The learned rule scores the non-flagged tiles of non-zero
     weight; ``top_k``/``min_tile_prob`` do not change its scores. ``scale_weights``:
     weight of each grid's tiles (``{"2x2": 0.5, "4x4": 1.0}``; grids not named weigh 1).
-    ``flag_unknown(decoded) -> bool[n_tiles]`` marks outlier tiles (e.g. an outlier
-    detector's labels; :meth:`~taxoclass.plots.tiling.BundleTileClassifier.flag_unknown`). A
+    ``flag_unknown(decoded)`` backs the tiles off (each tile's answer rank, ``"unknown"``
+    where no rank passes; :meth:`~taxoclass.plots.tiling.BundleTileClassifier.back_off_tiles`,
+    the back-off ``predict`` uses; bool flags mark unknown tiles): a tile counts at its
+    answer's rank and above. ``outlier_check=False`` turns that off: every tile counts at
+    every rank, none is unknown. A
     photo that cannot be read is recorded in ``failures.csv`` and the other plots carry
     on. ``progress(done, total)`` is called after each plot.
     """
@@ -444,7 +494,8 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
     paths = [Path(p) for p in photos]
     plots, failures = _classify_and_aggregate(
         classifier, paths, resolved, th, checklist=checklist, outside_weight=outside_weight,
-        flag_unknown=flag_unknown, weights_by_scale=weights_by_scale,
+        flag_unknown=flag_unknown if outlier_check else None,
+        weights_by_scale=weights_by_scale,
         thumbnail_px=thumbnail_px, progress=progress)
     used = {"rule": resolved.rule, "thresholds": th, "grids": list(resolved.grids),
             "overlap": float(resolved.overlap),
@@ -452,7 +503,8 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
             "min_tiles": resolved.min_tiles, "top_k": resolved.top_k,
             "min_tile_prob": float(resolved.min_tile_prob),
             "scale_weights": weights_by_scale or None, "settings_file": resolved.source,
-            "overridden": resolved.overridden}
+            "overridden": resolved.overridden,
+            "outlier_check": bool(outlier_check and flag_unknown is not None)}
     with output_folder(out, keep=RESUME_STATE) as stage:
         files = _write_outputs(stage, classifier, plots, failures, used, taxonomy,
                                plantclef_year=plantclef_year)

@@ -8,11 +8,17 @@ overlap so a plant on a tile border is whole in a neighbouring tile.
 :class:`TileClassifier` is the interface the plot pipeline needs from a model: a
 taxonomy and ``predict_tiles(images) -> Decoded``. :class:`BundleTileClassifier` wraps a
 trained :class:`~taxoclass.bundle.ModelBundle` and, when the bundle has an open-set
-scorer, flags unknown tiles (:meth:`BundleTileClassifier.flag_unknown`); the PlantCLEF
-checkpoint wrapper lives in :mod:`taxoclass.plots.plantclef`.
+scorer, backs every tile off through the bundle's own back-off
+(:meth:`BundleTileClassifier.back_off_tiles`: the answers ``predict`` gives for the same
+crops); the PlantCLEF checkpoint wrapper lives in :mod:`taxoclass.plots.plantclef`.
+
+Tile back-off: a tile whose answer is at genus (``Quercus sp.``) gives evidence at genus
+and above only (its probabilities below genus count 0, :func:`mask_below`); a tile is
+unknown only when no rank of it passes. An outlier tile is therefore not thrown away: it
+supports the genus or family its evidence supports.
 
 :func:`classify_photo` is the one tile loop (open a photo, tile it, classify the tiles,
-flag unknown ones) that plot reports, plot calibration and the Spark engine share;
+back them off) that plot reports, plot calibration and the Spark engine share;
 :func:`classify_photos` runs it over many photos, recording unreadable ones.
 """
 
@@ -30,7 +36,7 @@ from PIL import Image
 
 from ..errors import ConfigError, ImageError
 from ..io.images import load_image, to_rgb
-from ..vocab import UNKNOWN, Reason
+from ..vocab import UNKNOWN
 
 __all__ = [
     "DEFAULT_GRIDS",
@@ -43,6 +49,7 @@ __all__ = [
     "TileClassifier",
     "backbone_name",
     "check_grids",
+    "tile_ranks",
     "classify_photo",
     "classify_photos",
     "crop_tiles",
@@ -50,12 +57,16 @@ __all__ = [
     "embed_tiles",
     "grid_label",
     "make_tiles",
+    "mask_below",
     "parse_grid",
     "plot_ids",
 ]
 
 Grid = int | tuple[int, int] | str
 Progress = Callable[[int, int], None]
+#: ``fn(decoded) -> array[n_tiles]``: per tile, the rank its back-off answer sits at (a rank
+#: name of the taxonomy, or ``"unknown"`` where no rank passes); a bool array is read as
+#: unknown flags (True: unknown; the other tiles count at every rank).
 UnknownFlagger = Callable[[Any], np.ndarray]
 
 
@@ -242,9 +253,12 @@ class PlotTiles:
     """One plot photo, tiled and classified: what every plot job starts from.
 
     ``scales``: the grid label of each tile (``"4x4"``); ``probs``: rank -> coherent tile
-    probabilities ``[n_tiles, n_classes]`` (float64); ``unknown``: True for tiles flagged as
-    outliers. From :func:`classify_photo` also the tiles, the photo's ``size`` (width,
-    height), the classifier's ``decoded`` output and, when asked for, the ``image``.
+    probabilities ``[n_tiles, n_classes]`` (float64), 0 below the rank each tile backed
+    off to (:func:`mask_below`); ``unknown``: True for tiles where no rank passes
+    back-off. ``ranks``: the rank of each tile's back-off answer (``"unknown"``; the
+    lowest rank for every tile when nothing backs off). From :func:`classify_photo` also
+    the tiles, the photo's ``size`` (width, height), the classifier's ``decoded`` output
+    (probabilities before back-off) and, when asked for, the ``image``.
     """
 
     plot_id: str
@@ -256,6 +270,41 @@ class PlotTiles:
     size: tuple[int, int] | None = None
     decoded: Any = field(default=None, repr=False)
     image: Image.Image | None = field(default=None, repr=False)
+    ranks: np.ndarray | None = None
+
+
+def tile_ranks(result: Any, n: int, ranks: Sequence[str]) -> np.ndarray:
+    """Per tile, the rank its answer sits at, from a back-off function's ``result``: rank
+    names (``"unknown"`` where no rank passes) or bool unknown flags (True: ``"unknown"``,
+    else the lowest rank); ``None``: every tile at the lowest rank."""
+    lowest = str(ranks[-1])
+    if result is None:
+        return np.full(n, lowest, dtype=object)
+    arr = np.asarray(result).reshape(n)
+    if arr.dtype == bool:
+        return np.where(arr, UNKNOWN, lowest).astype(object)
+    out = arr.astype(str).astype(object)
+    bad = sorted(set(out) - {*map(str, ranks), UNKNOWN})
+    if bad:
+        raise ValueError(f"Tile back-off gave rank(s) {bad}; expected one of "
+                         f"{[*ranks, UNKNOWN]} per tile.")
+    return out
+
+
+def mask_below(probs: Mapping[str, np.ndarray], tile_rank: np.ndarray,
+               ranks: Sequence[str]) -> dict[str, np.ndarray]:
+    """Tile probabilities with every rank below each tile's answer rank set to 0: a tile
+    backed off to genus gives evidence for its genus and family, never for a species. An
+    ``"unknown"`` tile keeps its probabilities (it is flagged; the aggregation skips it)."""
+    ranks = [str(r) for r in ranks]
+    depth = np.array([ranks.index(r) if r in ranks else len(ranks) for r in tile_rank],
+                     dtype=int)
+    out = {}
+    for j, r in enumerate(ranks):
+        a = np.array(probs[r], dtype=np.float64)
+        a[depth < j] = 0.0
+        out[r] = a
+    return out
 
 
 @dataclass(frozen=True)
@@ -274,8 +323,10 @@ def classify_photo(classifier: TileClassifier, photo: str | Path | Image.Image, 
                    plot_id: str | None = None, flag_unknown: UnknownFlagger | None = None,
                    keep_image: bool = False) -> PlotTiles:
     """Open one plot photo, tile it (:func:`make_tiles`), classify the tiles in one
-    ``classifier.predict_tiles`` call and flag unknown ones with ``flag_unknown(decoded)
-    -> bool[n_tiles]`` (none flagged when omitted): the one tile loop of every plot job.
+    ``classifier.predict_tiles`` call and back them off with ``flag_unknown(decoded)``
+    (:data:`UnknownFlagger`: each tile's answer rank, e.g.
+    :meth:`BundleTileClassifier.back_off_tiles`; omitted: no back-off, every tile counts
+    at every rank): the one tile loop of every plot job.
 
     ``photo``: a path (read with :func:`~taxoclass.io.images.load_image`, which raises
     :class:`~taxoclass.errors.ImageError` for an unreadable file) or an image in memory.
@@ -290,12 +341,13 @@ def classify_photo(classifier: TileClassifier, photo: str | Path | Image.Image, 
         plot_id = Path(source).stem if source else ""
     tiles = make_tiles(image.size, grids=grids, overlap=overlap, plot_id=plot_id)
     decoded = classifier.predict_tiles(crop_tiles(image, tiles))
-    flags = (np.zeros(len(tiles), dtype=bool) if flag_unknown is None
-             else np.asarray(flag_unknown(decoded), dtype=bool).reshape(len(tiles)))
-    return PlotTiles(plot_id, source, np.array([t.scale for t in tiles], dtype=str),
-                     {r: np.asarray(a, dtype=np.float64) for r, a in decoded.probs.items()},
-                     flags, tiles=tiles, size=image.size, decoded=decoded,
-                     image=image if keep_image else None)
+    ranks = list(classifier.taxonomy.ranks)
+    answer = tile_ranks(None if flag_unknown is None else flag_unknown(decoded), len(tiles),
+                        ranks)
+    probs = mask_below({r: decoded.probs[r] for r in ranks}, answer, ranks)
+    return PlotTiles(plot_id, source, np.array([t.scale for t in tiles], dtype=str), probs,
+                     np.asarray(answer == UNKNOWN, dtype=bool), tiles=tiles, size=image.size,
+                     decoded=decoded, image=image if keep_image else None, ranks=answer)
 
 
 def classify_photos(classifier: TileClassifier, photos: Sequence[str | Path], *,
@@ -419,39 +471,46 @@ class BundleTileClassifier:
         self._last = (decoded, emb)
         return decoded
 
-    def unknown_flags(self, emb: np.ndarray, decoded) -> np.ndarray:
-        """Per tile: True where the bundle's open-set scorer says the tile is unknown.
+    def tile_answers(self, emb: np.ndarray):
+        """The bundle's back-off answers for tile embeddings: exactly what ``predict``
+        writes for the same crops (:meth:`~taxoclass.bundle.ModelBundle.predict_with_backoff`:
+        ``taxon_rank``, ``taxon``, ``score``, ``reason``, ``outlier``, the path)."""
+        frame, _ = self.bundle.predict_with_backoff(np.asarray(emb), top_k=self.top_k)
+        return frame
 
-        A tile is unknown evidence when the scorer's outlier detector flags it (its
-        embedding is far from the training images of the genus it was assigned to), or
-        when back-off finds no reliable rank at all (answer ``"unknown"``: even the family
-        evidence is below its calibrated threshold). A tile backed off to genus or family
-        for low confidence alone is *not* unknown: it still supports that higher taxon in
-        the plot. A bundle without a scorer flags nothing.
+    def unknown_flags(self, emb: np.ndarray, decoded=None) -> np.ndarray:
+        """Per tile: True where back-off finds no rank that passes (answer ``"unknown"``).
+
+        An outlier tile whose genus or family evidence passes is *not* unknown: it backs
+        off to that rank (:meth:`back_off_tiles`). A bundle without a scorer flags nothing.
         """
-        n = len(emb)
-        scorer = getattr(self.bundle, "scorer", None)
-        if scorer is None or n == 0:
-            return np.zeros(n, dtype=bool)
-        frame = scorer.predict(self.bundle.scorer_input(emb), decoded, self.taxonomy)
-        outlier = frame["outlier"].to_numpy(dtype=bool)
-        no_rank = (frame["taxon_rank"].isna().to_numpy()
-                   | (frame["reason"] == Reason.UNKNOWN.value).to_numpy())
-        return outlier | no_rank
+        return tile_ranks(self._ranks(emb), len(emb), self.taxonomy.ranks) == UNKNOWN
 
-    def flag_unknown(self, decoded) -> np.ndarray:
-        """Unknown flags for the tiles of the last :meth:`predict_tiles` call.
+    def _ranks(self, emb: np.ndarray) -> np.ndarray | None:
+        if getattr(self.bundle, "scorer", None) is None or len(emb) == 0:
+            return None
+        ranks = self.tile_answers(emb)["taxon_rank"].fillna(UNKNOWN).astype(str)
+        return ranks.to_numpy(dtype=object)
 
-        ``decoded`` must be the object that call returned (the plot pipeline passes it
-        straight through); see :meth:`unknown_flags` for what counts as unknown.
-        """
+    def _last_embeddings(self, decoded) -> np.ndarray:
         last = getattr(self, "_last", None)
         if last is None or last[0] is not decoded:
-            raise ValueError("flag_unknown(decoded) needs the Decoded returned by the latest "
+            raise ValueError("back_off_tiles(decoded) needs the Decoded returned by the latest "
                              "predict_tiles call of this classifier (the tile embeddings are "
                              "kept for one batch only); call predict_tiles first, or use "
-                             "unknown_flags(embeddings, decoded).")
-        return self.unknown_flags(last[1], decoded)
+                             "tile_answers(embeddings).")
+        return last[1]
+
+    def back_off_tiles(self, decoded) -> np.ndarray:
+        """Per tile of the last :meth:`predict_tiles` call (``decoded``: what it returned):
+        the rank of its back-off answer, ``"unknown"`` where no rank passes
+        (:data:`UnknownFlagger`); the lowest rank for every tile without a scorer."""
+        emb = self._last_embeddings(decoded)
+        return tile_ranks(self._ranks(emb), len(emb), self.taxonomy.ranks)
+
+    def flag_unknown(self, decoded) -> np.ndarray:
+        """Unknown flags (no rank passes) for the tiles of the last :meth:`predict_tiles`."""
+        return self.back_off_tiles(decoded) == UNKNOWN
 
     def taxon_ids(self) -> dict[tuple[str, ...], str]:
         """External ids of leaf taxa (none for a trained bundle)."""
