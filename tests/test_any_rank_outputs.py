@@ -113,7 +113,9 @@ def test_three_rank_plot_report_darwin_core(three, cli, fixture_set, tmp_path):
         assert (rows["scientificName"] == rows[rank]).all()
     records = pd.read_csv(out / "plot_records.csv")
     assert set(records["taxon_rank"]) <= {"order", "family", "species", "unknown"}
-    assert (out / "plantclef_submission.csv").is_file()  # the ranks end at species
+    # the ranks end at species, but a user-trained model has no PlantCLEF ids: names file
+    assert (out / "plantclef_submission_names.csv").is_file()
+    assert not (out / "plantclef_submission.csv").exists()
 
 
 def test_darwin_core_of_a_family_only_fish_and_an_order_answer():

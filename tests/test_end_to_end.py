@@ -239,8 +239,8 @@ def test_plot_report_lists_the_species_of_each_plot(fixture_set, fixture_model, 
               "--grid", 4, "--out", tmp_path, "--device", "cpu")
     assert "plot_1:" in out
     for name in ("plot_records.csv", "plot_records.json", "report.html",
-                 "plantclef_submission.csv", "occurrences_dwc.csv", "failures.csv",
-                 "provenance.json"):
+                 "plantclef_submission_names.csv", "occurrences_dwc.csv",
+                 "occurrences_dwca.zip", "failures.csv", "provenance.json"):
         assert (tmp_path / name).is_file(), name
     records = pd.read_csv(tmp_path / "plot_records.csv")
     assert list(records.columns[:4]) == ["plot_id", "taxon_rank", "taxon", "score"]
@@ -248,7 +248,10 @@ def test_plot_report_lists_the_species_of_each_plot(fixture_set, fixture_model, 
     truth = pd.read_csv(fixture_set["truth"])
     listed, absent = _records_vs_truth(records, truth)
     assert listed >= 0.6 and absent <= 0.2 and listed > absent
-    sub = pd.read_csv(tmp_path / "plantclef_submission.csv", sep=";")
+    # a user-trained model has no PlantCLEF species ids: names go to another file
+    assert not (tmp_path / "plantclef_submission.csv").exists()
+    assert "plantclef_submission_names.csv" in out
+    sub = pd.read_csv(tmp_path / "plantclef_submission_names.csv", sep=";")
     assert list(sub.columns) == ["plot_id", "species_ids"] and len(sub) == 3
     dwc = pd.read_csv(tmp_path / "occurrences_dwc.csv")
     assert set(dwc["basisOfRecord"]) == {"MachineObservation"}

@@ -69,7 +69,10 @@ def test_spark_plot_report_matches_local(fixture_set, fixture_model, cli, tmp_pa
     assert spark[keys].values.tolist() == local[keys].values.tolist()
     assert np.allclose(spark["score"], local["score"], atol=1e-5)
     assert (tmp_path / "spark" / "plot_tiles.parquet").exists()  # Spark writes a folder
-    for name in ("report.html", "plantclef_submission.csv", "occurrences_dwc.csv"):
+    # a user-trained model has no PlantCLEF ids: the names file, never the run file
+    for name in ("report.html", "plantclef_submission_names.csv", "occurrences_dwc.csv",
+                 "occurrences_dwca.zip"):
         assert (tmp_path / "spark" / name).is_file(), name
-    assert ((tmp_path / "spark" / "plantclef_submission.csv").read_text()
-            == (tmp_path / "local" / "plantclef_submission.csv").read_text())
+    assert not (tmp_path / "spark" / "plantclef_submission.csv").exists()
+    assert ((tmp_path / "spark" / "plantclef_submission_names.csv").read_text()
+            == (tmp_path / "local" / "plantclef_submission_names.csv").read_text())

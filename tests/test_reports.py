@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -50,8 +51,8 @@ def test_plot_report_writes_every_output(classifier, leaf_image_paths, tmp_path)
                       thresholds={"species": 0.3, "genus": 0.4, "family": 0.5},
                       flag_unknown=low_confidence, progress=lambda d, t: calls.append((d, t)))
     assert calls == [(1, 3), (2, 3), (3, 3)]
-    for name in [*OUTPUT_FILES.values(), "provenance.json"]:
-        assert (out / name).is_file(), name
+    for key, name in [*OUTPUT_FILES.items(), ("provenance", "provenance.json")]:
+        assert (out / name).is_file() == (key != "plantclef"), name
     ids = [leaf_image_paths[0].stem, leaf_image_paths[1].stem]
     assert list(res.records) == ids
 
@@ -70,7 +71,8 @@ def test_plot_report_writes_every_output(classifier, leaf_image_paths, tmp_path)
     assert len(csv) == sum(len(p["records"]) for p in doc["plots"])
     for recs in res.records.values():
         unknown = [r for r in recs if r.taxon_rank == "unknown"]
-        assert len(unknown) == 1 and unknown[0].reason == "outlier" and unknown[0].n_tiles >= 1
+        assert len(unknown) == 1 and unknown[0].n_tiles >= 1
+        assert unknown[0].reason.startswith("unknown:")
         nodes = [r.node for r in recs if r.node]
         assert not any(a != b and b[: len(a)] == a for a in nodes for b in nodes)
 
@@ -81,8 +83,10 @@ def test_plot_report_writes_every_output(classifier, leaf_image_paths, tmp_path)
     assert "Legend" in page and "Taxa by rank" in page and "corrupt.jpg" in page
     assert "unknown" in page
 
-    # PlantCLEF 2024 run file and Darwin Core occurrences
-    sub = (out / "plantclef_submission.csv").read_text().splitlines()
+    # PlantCLEF 2024 layout and Darwin Core occurrences. A user-trained model has no
+    # PlantCLEF species ids: the rows (names) go to a names file, never the run file.
+    assert res.files["plantclef"] == out / "plantclef_submission_names.csv"
+    sub = (out / "plantclef_submission_names.csv").read_text().splitlines()
     assert sub[0] == "plot_id;species_ids" and len(sub) == 3
     assert all(line.split(";")[1].startswith("[") for line in sub[1:])
     dwc = pd.read_csv(out / "occurrences_dwc.csv", keep_default_na=False, dtype=str)
@@ -90,11 +94,16 @@ def test_plot_report_writes_every_output(classifier, leaf_image_paths, tmp_path)
     n_taxa = sum(1 for recs in res.records.values() for r in recs if r.taxon_rank != "unknown")
     assert len(dwc) == n_taxa
     if n_taxa:
-        assert dwc["identifiedBy"][0] == f"taxoclass {__version__} (vit_base_patch14_reg4_dinov2)"
+        # the model (its id), not the backbone; no local paths (issue 16)
+        assert re.fullmatch(rf"taxoclass {re.escape(__version__)} model [0-9a-f]{{16}}",
+                            dwc["identifiedBy"][0])
         assert set(dwc["eventID"]) <= set(ids)
         genus_rows = dwc[dwc["taxonRank"] == "genus"]
         assert (genus_rows["identificationQualifier"] == "sp.").all()
-        assert dwc["associatedMedia"][0] in {str(p) for p in leaf_image_paths[:2]}
+        assert set(dwc["associatedMedia"]) == {""}
+        assert any(f"photo={p.name}" in dwc["identificationRemarks"][0]
+                   for p in leaf_image_paths[:2])
+        assert set(dwc["occurrenceStatus"]) == {"present"}
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["n_failures"] == 1 and prov["config"]["rule"] == "max"
 

@@ -4,21 +4,24 @@
 
     plot_records.csv         one row per find: plot_id, taxon_rank, taxon, score, n_tiles, reason
     plot_records.json        the same per plot, with settings (data_schemas/plot_report.schema.json)
-    report.html              self-contained: photos with the tile grid coloured by taxon
+    report.html              self-contained survey report (plots.html): overview matrix,
+                             richness chart, legend, links, per-plot photo + tile grid
+    tiles.csv                one row per tile: box, top-3 per rank, answer, reason
     plantclef_submission.csv PlantCLEF run file (2024: ``plot_id;species_ids``, 2025:
                              ``quadrat_id,species_ids``) with ids like ``[1361281, 1395807]``;
-                             only for a model whose ranks end at species
-    occurrences_dwc.csv      Darwin Core occurrences (one per taxon record; taxonRank is the
-                             answer's rank, higher-taxon columns those of the rank list)
+                             only for a model whose ranks end at species and that has
+                             PlantCLEF species ids; a model without ids writes the rows
+                             with names as plantclef_submission_names.csv (plots.plantclef)
+    occurrences_dwca.zip     Darwin Core Archive: occurrence.txt + meta.xml + eml.xml
+                             (plots.dwc; date and place from plots.metadata)
+    occurrences_dwc.csv      the same occurrences as a CSV (one per taxon record; taxonRank
+                             is the answer's rank, higher-taxon columns those of the rank list)
     failures.csv             photos that could not be read (photo, error)
     provenance.json          version, command, classifier, settings
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .._version import __version__
 from ..errors import ConfigError
@@ -39,6 +42,11 @@ from ..io.files import (
 )
 from ..io.provenance import write_provenance
 from ..vocab import CHECKLIST_SUFFIX, UNKNOWN
+from .dwc import darwin_core_frame, dwc_columns, identified_by, write_dwc_archive
+from .html import render_html, tiles_frame, top_candidates
+from .metadata import plot_metadata as metadata_of
+from .metadata import read_plot_metadata
+from .plantclef import has_species_rank, plantclef_submission_frame, write_submission
 from .rules import PlotRecord, aggregate_plot, apply_checklist, resolve_thresholds
 from .rules import tile_assignments as _tile_assignments
 from .settings import PlotSettings, resolve_report_settings
@@ -76,20 +84,13 @@ OUTPUT_FILES = {
     "html": "report.html",
     "plantclef": "plantclef_submission.csv",
     "dwc": "occurrences_dwc.csv",
+    "dwca": "occurrences_dwca.zip",
     "failures": "failures.csv",
+    "tiles": "tiles.csv",
 }
 #: Entries of a previous report folder a rerun keeps: the Spark engine's resumable tile rows.
 RESUME_STATE = ("plot_tiles.parquet", "manifest.json")
 RECORD_COLUMNS = ["plot_id", "taxon_rank", "taxon", "score", "n_tiles", "reason"]
-#: Darwin Core occurrence columns; the higher-taxon terms of :data:`DWC_HIGHER_TAXA` that
-#: the model's rank list has go after ``identificationQualifier`` (in Darwin Core order).
-DWC_COLUMNS = ["occurrenceID", "eventID", "scientificName", "taxonRank",
-               "identificationQualifier", "basisOfRecord", "identifiedBy",
-               "identificationRemarks", "associatedMedia"]
-#: Darwin Core terms for taxa above species, top down. A rank of the model named like one
-#: of them gets that column, filled from each record's path.
-DWC_HIGHER_TAXA = ("kingdom", "phylum", "class", "order", "superfamily", "family",
-                   "subfamily", "tribe", "subtribe", "genus", "subgenus")
 
 
 @dataclass
@@ -104,6 +105,10 @@ class PlotResult:
     tile_labels: list[str]
     thumbnail: Image.Image
     n_unknown: int = 0
+    #: rank -> (class indices, probabilities) of each tile's top-3 (``html.top_candidates``)
+    top: dict[str, tuple[np.ndarray, np.ndarray]] | None = field(default=None, repr=False)
+    #: date and place (a ``plots.metadata.PlotMetadata`` or a Darwin Core term mapping)
+    metadata: Any = None
 
 
 @dataclass
@@ -128,188 +133,6 @@ def records_frame(records: Mapping[str, Sequence[PlotRecord]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=RECORD_COLUMNS)
     frame["score"] = frame["score"].astype(float).round(6)
     return frame
-
-
-def _format_ids(ids: Sequence[str]) -> str:
-    return "[" + ", ".join(ids) + "]"
-
-
-def has_species_rank(taxonomy) -> bool:
-    """Whether the rank list ends at species (what a PlantCLEF submission lists)."""
-    return str(taxonomy.ranks[-1]).lower() == "species"
-
-
-def plantclef_submission_frame(records: Mapping[str, Sequence[PlotRecord]], taxonomy, *,
-                               taxon_ids: Mapping[tuple[str, ...], str] | None = None,
-                               year: int = 2024) -> pd.DataFrame:
-    """PlantCLEF run: one row per plot, species records only (the task scores species).
-
-    Species ids come from ``taxon_ids`` (the PlantCLEF classifier knows them); a model
-    without ids writes species names instead. 2024: columns ``plot_id``/``species_ids``
-    (written ``;``-separated); 2025: ``quadrat_id``/``species_ids`` (comma-separated).
-    """
-    if year not in (2024, 2025):
-        raise ConfigError(f"PlantCLEF submission year must be 2024 or 2025, got {year}.")
-    if not has_species_rank(taxonomy):
-        raise ConfigError(f"A PlantCLEF submission lists species ids, but the model's ranks "
-                          f"{tuple(taxonomy.ranks)} end at {taxonomy.ranks[-1]!r}, not "
-                          "species. Fix: use plot_records.csv or occurrences_dwc.csv.")
-    lowest = taxonomy.ranks[-1]
-    ids = dict(taxon_ids or {})
-    rows = []
-    for plot_id, recs in records.items():
-        out: list[str] = []
-        for r in recs:
-            if r.taxon_rank != lowest:
-                continue
-            out.extend(ids[r.node].split(",") if r.node in ids else [r.taxon])
-        rows.append({"plot_id" if year == 2024 else "quadrat_id": plot_id,
-                     "species_ids": _format_ids(list(dict.fromkeys(out)))})
-    return pd.DataFrame(rows, columns=["plot_id" if year == 2024 else "quadrat_id",
-                                       "species_ids"])
-
-
-def dwc_columns(ranks: Sequence[str]) -> list[str]:
-    """The Darwin Core columns for a rank list: the higher-taxon terms it has, in place."""
-    have = {str(r).lower() for r in ranks}
-    higher = [t for t in DWC_HIGHER_TAXA if t in have]
-    at = DWC_COLUMNS.index("identificationQualifier") + 1
-    return [*DWC_COLUMNS[:at], *higher, *DWC_COLUMNS[at:]]
-
-
-def darwin_core_frame(records: Mapping[str, Sequence[PlotRecord]], taxonomy, *,
-                      photos: Mapping[str, str], identified_by: str) -> pd.DataFrame:
-    """Darwin Core occurrences: one per taxon record (unknown tiles are not occurrences).
-
-    ``scientificName`` is the taxon at the rank of the answer and ``taxonRank`` that rank
-    (any rank of the model, lower case: ``order``, ``family``, ``species``); the
-    higher-taxon terms the rank list has (``kingdom``, ``order``, ``family``, ``genus``,
-    …, :data:`DWC_HIGHER_TAXA`) come from the record's path, empty below the answer.
-    """
-    rows = []
-    ranks = taxonomy.ranks
-    columns = dwc_columns(ranks)
-    for plot_id, recs in records.items():
-        for i, r in enumerate(recs):
-            if r.taxon_rank == UNKNOWN or not r.node:
-                continue
-            path = {str(k).lower(): v for k, v in zip(ranks, r.node)}
-            row = {
-                "occurrenceID": f"{plot_id}:{i + 1}",
-                "eventID": plot_id,
-                "scientificName": r.node[-1],
-                "taxonRank": str(r.taxon_rank).lower(),
-                # "sp.": the taxonomy labels this answer above the lowest rank "<name> sp."
-                "identificationQualifier": "sp." if r.taxon.endswith(" sp.") else "",
-                "basisOfRecord": "MachineObservation",
-                "identifiedBy": identified_by,
-                "identificationRemarks": f"score={r.score:.4f}; n_tiles={r.n_tiles}; "
-                                         f"reason={r.reason}",
-                "associatedMedia": photos.get(plot_id, ""),
-            }
-            row.update({t: path.get(t, "") for t in DWC_HIGHER_TAXA if t in columns})
-            rows.append(row)
-    return pd.DataFrame(rows, columns=columns)
-
-
-# ---------------------------------------------------------------------- HTML
-def _palette(labels: Sequence[str]) -> dict[str, tuple[int, int, int]]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab20"]
-    out: dict[str, tuple[int, int, int]] = {}
-    for i, lab in enumerate(dict.fromkeys(x for x in labels if x and x != UNKNOWN)):
-        r, g, b, _ = cmap(i % 20)
-        out[lab] = (int(r * 255), int(g * 255), int(b * 255))
-    out[UNKNOWN] = (20, 20, 20)
-    return out
-
-
-def _draw_tiles(plot: PlotResult, colours: Mapping[str, tuple[int, int, int]]) -> Image.Image:
-    """Thumbnail with the finest grid's tiles filled by the colour of the taxon they support."""
-    thumb = plot.thumbnail.convert("RGBA")
-    sx, sy = thumb.width / plot.size[0], thumb.height / plot.size[1]
-    scales = [t.scale for t in plot.tiles]
-    finest = max(dict.fromkeys(scales), key=lambda s: scales.count(s)) if scales else None
-    layer = Image.new("RGBA", thumb.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer)
-    for tile, label in zip(plot.tiles, plot.tile_labels):
-        if tile.scale != finest:
-            continue
-        x0, y0, x1, y1 = tile.box
-        box = (x0 * sx, y0 * sy, x1 * sx - 1, y1 * sy - 1)
-        if label == UNKNOWN:
-            draw.rectangle(box, fill=(0, 0, 0, 110), outline=(230, 30, 30, 255), width=3)
-            draw.line((box[0], box[1], box[2], box[3]), fill=(230, 30, 30, 255), width=3)
-            draw.line((box[0], box[3], box[2], box[1]), fill=(230, 30, 30, 255), width=3)
-        elif label:
-            draw.rectangle(box, fill=(*colours[label], 90), outline=(*colours[label], 255),
-                           width=3)
-        else:
-            draw.rectangle(box, outline=(200, 200, 200, 200), width=1)
-    return Image.alpha_composite(thumb, layer).convert("RGB")
-
-
-def _b64_jpeg(img: Image.Image, quality: int = 80) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def render_html(plots: Sequence[PlotResult], failures: Sequence[Mapping[str, str]], *,
-                taxonomy, title: str, settings: Mapping[str, Any]) -> str:
-    """A self-contained HTML page (images inline as base64 JPEG, no external files)."""
-    esc = html.escape
-    colours = _palette([lab for p in plots for lab in p.tile_labels]
-                       + [r.taxon for p in plots for r in p.records])
-    parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>{esc(title)}</title><style>",
-        "body{font-family:sans-serif;margin:1.5em;color:#222}"
-        ".plot{display:flex;gap:1.5em;margin-bottom:2em;border-top:1px solid #ccc;"
-        "padding-top:1em}.sw{display:inline-block;width:1em;height:1em;margin-right:.4em;"
-        "vertical-align:middle;border:1px solid #555}table{border-collapse:collapse}"
-        "td,th{padding:.15em .6em;text-align:left}th{background:#eee}.fail{color:#a00}",
-        "</style></head><body>",
-        f"<h1>{esc(title)}</h1>",
-        "<p>" + "; ".join(f"{esc(str(k))}: {esc(str(v))}" for k, v in settings.items()) + "</p>",
-        "<p>Tiles of the finest grid are coloured by the reported taxon they support; tiles "
-        "crossed in red were flagged unknown (outliers); grey outlines support no reported "
-        "taxon.</p>",
-    ]
-    for p in plots:
-        img = _b64_jpeg(_draw_tiles(p, colours))
-        parts.append(f"<div class='plot' id='{esc(p.plot_id)}'><div>"
-                     f"<h2>{esc(p.plot_id)}</h2><img alt='{esc(p.plot_id)}' "
-                     f"src='data:image/jpeg;base64,{img}'><br><small>{esc(str(p.photo))} "
-                     f"({p.size[0]}×{p.size[1]} px, {len(p.tiles)} tiles)</small></div><div>")
-        legend = [lab for lab in dict.fromkeys(p.tile_labels) if lab]
-        parts.append("<h3>Legend</h3><ul style='list-style:none;padding:0'>")
-        for lab in legend:
-            n = p.tile_labels.count(lab)
-            parts.append(f"<li><span class='sw' style='background:rgb{colours[lab]}'></span>"
-                         f"{esc(lab)} ({n} tile{'s' if n != 1 else ''})</li>")
-        parts.append("</ul><h3>Taxa by rank</h3>")
-        order = [*reversed(taxonomy.ranks), UNKNOWN]
-        parts.append("<table><tr><th>rank</th><th>taxon</th><th>score</th><th>tiles</th>"
-                     "<th>reason</th></tr>")
-        for rank in order:
-            for r in (x for x in p.records if x.taxon_rank == rank):
-                sw = (f"<span class='sw' style='background:rgb{colours[r.taxon]}'></span>"
-                      if r.taxon in colours else "")
-                parts.append(f"<tr><td>{esc(rank)}</td><td>{sw}<i>{esc(r.taxon)}</i></td>"
-                             f"<td>{r.score:.3f}</td><td>{r.n_tiles}</td>"
-                             f"<td>{esc(r.reason)}</td></tr>")
-        if not p.records:
-            parts.append("<tr><td colspan='5'>nothing passed the thresholds</td></tr>")
-        parts.append("</table></div></div>")
-    if failures:
-        parts.append("<h2 class='fail'>Photos that could not be read</h2><ul>")
-        parts.extend(f"<li class='fail'>{esc(f['photo'])}: {esc(f['error'])}</li>"
-                     for f in failures)
-        parts.append("</ul>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
 
 
 # ---------------------------------------------------------------------- the job
@@ -347,7 +170,7 @@ def _aggregate(pt: PlotTiles, taxonomy, *, rule: str, thresholds: Mapping[str, f
     thumb.thumbnail((thumbnail_px, thumbnail_px))
     pt.image = None
     return PlotResult(pt.plot_id, Path(pt.photo), pt.size, pt.tiles, recs, labels, thumb,
-                      int(flags.sum()))
+                      int(flags.sum()), top=top_candidates(probs))
 
 
 def _tile_labels(records: Sequence[PlotRecord], probs: Mapping[str, np.ndarray], taxonomy,
@@ -416,8 +239,10 @@ def _html_settings(used: Mapping[str, Any], backbone: str) -> dict[str, Any]:
 
 def _write_outputs(out: Path, classifier: Any, plots: Sequence[PlotResult],
                    failures: list[dict[str, str]], used: Mapping[str, Any], taxonomy, *,
-                   plantclef_year: int) -> dict[str, Path]:
-    """Every report file but the provenance (see the module docstring)."""
+                   plantclef_year: int,
+                   metadata: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """Every report file but the provenance (see the module docstring); ``metadata``:
+    plot id -> date and place (shown on the page)."""
     describe = classifier.describe()
     backbone = backbone_name(classifier)
     taxon_ids = classifier.taxon_ids() if hasattr(classifier, "taxon_ids") else {}
@@ -434,18 +259,28 @@ def _write_outputs(out: Path, classifier: Any, plots: Sequence[PlotResult],
         "classifier": {"kind": str(describe.get("kind", type(classifier).__name__)),
                        "backbone": backbone},
         "settings": dict(used), "plots": plot_json, "failures": failures})
-    if "plantclef" in files:  # species ids: only a model whose ranks end at species
-        sub = plantclef_submission_frame(records, taxonomy, taxon_ids=taxon_ids,
-                                         year=plantclef_year)
-        atomic_write_text(files["plantclef"],
-                          sub.to_csv(index=False, sep=";" if plantclef_year == 2024 else ","))
-    atomic_write_csv(files["dwc"], darwin_core_frame(
-        records, taxonomy, photos={p.plot_id: str(p.photo) for p in plots},
-        identified_by=f"taxoclass {__version__} ({backbone})"))
+    files.pop("plantclef", None)  # ids, or a names file under another name (plantclef.py)
+    submission = write_submission(out, records, taxonomy, taxon_ids=taxon_ids,
+                                  year=plantclef_year)
+    if submission is not None:
+        files["plantclef"] = submission
+    who = identified_by(classifier)
+    occurrences = darwin_core_frame(records, taxonomy, photos={p.plot_id: p.photo for p in plots},
+                                    identified_by=who, metadata=metadata)
+    atomic_write_csv(files["dwc"], occurrences)  # the same table as the archive's occurrence.txt
+    write_dwc_archive(files["dwca"], occurrences, identified_by=who, n_plots=len(plots),
+                      title=f"taxoclass plot report: {len(plots)} plots")
     atomic_write_csv(files["failures"], pd.DataFrame(failures, columns=["photo", "error"]))
+    atomic_write_csv(files["tiles"], tiles_frame(plots, taxonomy))
+    for p in plots:  # date and place for the page, where known
+        if metadata and p.plot_id in metadata:
+            p.metadata = metadata[p.plot_id]
+    # every file of the folder, the provenance written after this one included
+    links = {**{k: v.name for k, v in files.items() if k != "html"},
+             "provenance": "provenance.json", "config": "config.yaml"}
     atomic_write_text(files["html"], render_html(
         plots, failures, taxonomy=taxonomy, title=f"taxoclass plot report ({len(plots)} plots)",
-        settings=_html_settings(used, backbone)))
+        settings=_html_settings(used, backbone), files=links))
     return files
 
 
@@ -459,7 +294,8 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
                 top_k: int | None = None, min_tile_prob: float | None = None,
                 scale_weights: Mapping[str, float] | None = None,
                 plantclef_year: int = 2024, thumbnail_px: int = 640,
-                overwrite: bool = True, progress: Progress | None = None) -> PlotReportResult:
+                overwrite: bool = True, progress: Progress | None = None,
+                plot_metadata: str | Path | None = None) -> PlotReportResult:
     """Tile, classify, aggregate and report every plot photo; write all outputs into ``out_dir``.
 
     ``classifier``: a :class:`~taxoclass.plots.tiling.TileClassifier` (a trained bundle or the
@@ -480,7 +316,8 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
     answer's rank and above. ``outlier_check=False`` turns that off: every tile counts at
     every rank, none is unknown. A
     photo that cannot be read is recorded in ``failures.csv`` and the other plots carry
-    on. ``progress(done, total)`` is called after each plot.
+    on. ``progress(done, total)`` is called after each plot. ``plot_metadata``: a CSV of
+    date and place per plot (:mod:`taxoclass.plots.metadata`; else EXIF / file-name dates).
     """
     resolved = resolve_report_settings(settings, grids=grids, overlap=overlap, rule=rule,
                                        thresholds=thresholds, top_k=top_k,
@@ -491,6 +328,7 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
     if not 0.0 <= float(resolved.overlap) < 1.0:
         raise ConfigError(f"Tile overlap must be a fraction in [0, 1), got {resolved.overlap}.")
     out = _check_output_folder(out_dir, overwrite)
+    table = read_plot_metadata(plot_metadata) if plot_metadata is not None else None
     paths = [Path(p) for p in photos]
     plots, failures = _classify_and_aggregate(
         classifier, paths, resolved, th, checklist=checklist, outside_weight=outside_weight,
@@ -507,7 +345,8 @@ def plot_report(classifier: Any, photos: Sequence[str | Path], out_dir: str | Pa
             "outlier_check": bool(outlier_check and flag_unknown is not None)}
     with output_folder(out, keep=RESUME_STATE) as stage:
         files = _write_outputs(stage, classifier, plots, failures, used, taxonomy,
-                               plantclef_year=plantclef_year)
+                               plantclef_year=plantclef_year,
+                               metadata=metadata_of({p.plot_id: p.photo for p in plots}, table))
         files["provenance"] = write_provenance(
             stage, backbone=classifier.describe(),
             config={**used, "photos": [str(p) for p in paths], "plantclef_year": plantclef_year,

@@ -462,8 +462,8 @@ def test_plot_report_bomb_last_keeps_the_finished_plots(fixture_model, fixture_s
     assert "decompression bomb" in failures["error"][0]
     report = json.loads((out / "plot_records.json").read_text())
     assert len(report["plots"]) == 4 and report["failures"][0]["photo"].endswith("zz_bomb.png")
-    for name in ("plot_records.csv", "plantclef_submission.csv", "occurrences_dwc.csv",
-                 "provenance.json", "report.html"):
+    for name in ("plot_records.csv", "plantclef_submission_names.csv", "occurrences_dwc.csv",
+                 "occurrences_dwca.zip", "provenance.json", "report.html"):
         assert (out / name).is_file(), name
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".r.")]
 
