@@ -176,7 +176,8 @@ def evaluate_plots_job(records: str | Path, truth: str | Path, taxonomy_source: 
         predicted.setdefault(row["plot_id"], []).append(PlotRecord(
             plot_id=row["plot_id"], taxon_rank=row["taxon_rank"], taxon=row["taxon"],
             score=float(row["score"]), n_tiles=int(row["n_tiles"]), reason=row["reason"],
-            node=node))
+            node=node, rule=row["rule"] if isinstance(row.get("rule"), str) else "",
+            tile_share=float(row.get("tile_share", float("nan")))))
     result = evaluate_plots(predicted, read_plot_truth(truth), tax)
     per_plot = result.pop("per_plot", None)
     if out:
