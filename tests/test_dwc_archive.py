@@ -308,3 +308,8 @@ def test_a_license_column_goes_to_the_records_and_eml(tmp_path):
     assert 'term="http://purl.org/dc/terms/license"' in files["meta.xml"]
     rights = ET.fromstring(files["eml.xml"]).find("dataset/intellectualRights/para").text
     assert rights == f"This work is licensed under {cc_by}"
+
+
+def test_the_real_quadrat_photo_is_dated_by_its_file_name(shared_data):
+    meta = photo_metadata(shared_data / "quadrat" / "CBN-can-A1-20230705.jpg")
+    assert (meta.eventDate, meta.sources["eventDate"]) == ("2023-07-05", "filename")
