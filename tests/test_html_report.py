@@ -5,7 +5,7 @@ briefly trained rank head, a 2x2 grid) is written by ``plot_report``; Chromium t
 screenshot and dumps the DOM. The test checks that the screenshot is not blank, that
 the place where the first plot's picture is laid out really shows that picture (pixels
 compared with the embedded JPEG, and the colour of the first reported taxon's tiles is
-there), and that the taxa table names the reported taxa.
+there), and that the taxa table names the reported taxa; the overview matrix has a row per plot.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-from taxoclass.plots.report import _palette, plot_report
+from taxoclass.plots.html import palette as _palette
+from taxoclass.plots.report import plot_report
 from taxoclass.plots.tiling import BundleTileClassifier
 from taxoclass.taxonomy.tree import Taxonomy
 
@@ -36,7 +37,7 @@ TAX = Taxonomy.from_records([
     {"family": "Fagaceae", "genus": "Quercus", "species": "ilex"},
     {"family": "Betulaceae", "genus": "Alnus", "species": "glutinosa"},
 ])
-WINDOW = (1200, 1400)
+WINDOW = (1200, 2600)  # tall: the overview (matrix, chart, legend) comes first
 # Appended to a copy of the page: writes where each picture is laid out into the DOM,
 # which ``--dump-dom`` prints after scripts ran (same window size as the screenshot).
 GEOMETRY_JS = ("<script>document.body.insertAdjacentHTML('beforeend', '<pre id=\"geom\">' + "
@@ -73,6 +74,12 @@ def test_rendered_report_shows_photos_and_taxa(classifier, leaf_image_paths, tmp
     dom = _chromium(tmp_path, "--dump-dom", page.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "Taxa by rank" in dom.stdout
+    # the overview matrix: one row per plot, a column per reported taxon, each plot linked
+    matrix = dom.stdout.split('<table id="matrix"', 1)[1].split("</table>", 1)[0]
+    assert matrix.count('<tr class="mrow">') == len(res.plots)
+    reported = {r.taxon for p in res.plots for r in p.records if r.taxon_rank != "unknown"}
+    assert matrix.count('<th class="rot"') == len(reported)
+    assert all(f'href="#{p.plot_id}"' in matrix for p in res.plots)
     for plot in res.plots:
         assert f"<h2>{plot.plot_id}</h2>" in dom.stdout
         for r in plot.records:
