@@ -355,6 +355,11 @@ def _evaluate(model: Path, annotations: Path, images_root: Path | None, out: Pat
 
         atomic_write_json(out, {k: v for k, v in metrics.items() if k != "confusion"})
     print_metrics(metrics, f"{metrics['n_images']} images ({metrics['split']} split)")
+    cal = metrics.get("calibration")
+    if cal:
+        click.echo("calibration error (ECE) of confidence: " + ", ".join(
+            f"{r} {e:.3f}" for r, e in cal["ece"].items() if e is not None)
+            + ("" if cal["calibrated"] else " (uncalibrated model)"))
     click.echo("most confused pairs:")
     for row in metrics["confusion"][:10]:
         click.echo(f"  {row['count']:>3} x  {row['true']}  ->  {row['predicted']}")
