@@ -170,7 +170,8 @@ def _aggregate(pt: PlotTiles, taxonomy, *, rule: str, thresholds: Mapping[str, f
     thumb.thumbnail((thumbnail_px, thumbnail_px))
     pt.image = None
     return PlotResult(pt.plot_id, Path(pt.photo), pt.size, pt.tiles, recs, labels, thumb,
-                      int(flags.sum()), top=top_candidates(probs))
+                      int(flags.sum()),  # top-3: the classifier's own, not the masked ones
+                      top=top_candidates(pt.decoded.probs if pt.decoded is not None else probs))
 
 
 def _tile_labels(records: Sequence[PlotRecord], probs: Mapping[str, np.ndarray], taxonomy,
