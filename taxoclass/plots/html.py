@@ -417,7 +417,8 @@ def render_html(plots: Sequence[Any], failures: Sequence[Mapping[str, str]], *, 
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
-        f"<p>{len(plots)} plot{'s' * (len(plots) != 1)}, {n_taxa} distinct taxa reported"
+        f"<p>{len(plots)} plot{'s' * (len(plots) != 1)}, {n_taxa} distinct "
+        f"{'taxon' if n_taxa == 1 else 'taxa'} reported"
         + (f", <span class='fail'>{len(failures)} photo(s) could not be read</span>"
            if failures else "") + ".</p>",
         "<h2>Overview: plots × taxa</h2>", _matrix(plots, taxonomy, colours), _chart(plots),
