@@ -202,3 +202,18 @@ def test_outlier_is_the_gate_acting_for_every_combiner(combiner):
         cut = typical_outlier_score(scorer.combiner, "species")
         assert (frame["outlier"].to_numpy() == (z > cut)).all()
         assert frame.loc[far, "outlier"].mean() > 0.5 > frame.loc[~far, "outlier"].mean()
+
+
+def test_python_api_rows_carry_the_same_decision(fixture_set, fixture_model, tmp_path):
+    """TaxonClassifier.predict (the public API) writes the rows `taxoclass predict` writes:
+    an unreadable file says `failed` (not an empty reason) and outlier follows the reason."""
+    from taxoclass import TaxonClassifier
+
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not an image")
+    good = sorted(fixture_set["unknown"].glob("*.jpg"))[:3]
+    frame = TaxonClassifier.load(fixture_model["model"]).predict([*good, bad])
+    assert list(frame["reason"])[-1] == "failed" and not frame["outlier"].iloc[-1]
+    ok = frame.iloc[:-1]
+    assert (ok["outlier"] == ok["reason"].str.endswith(":outlier")).all()
+    assert ok["confidence"].dropna().between(0, 1).all()

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..engines.base import prediction_frame
+from .predict import one_decision
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -90,10 +91,11 @@ class TaxonClassifier:
     def predict(self, images: Sequence[str | Path | Image.Image], *,
                 top_k: int = 5) -> pd.DataFrame:
         """One row per image, in input order: ``image`` (the path, or ``<image N>`` for an
-        in-memory image), ``taxon_rank``, ``taxon``, ``score``, ``reason`` (why that rank),
-        ``outlier``, the coherent path with its probabilities and the top-k per rank; an
-        unreadable file gets an ``error`` instead. A folder stands for its images (sorted,
-        recursively, as ``taxoclass predict`` reads it)."""
+        in-memory image), ``taxon_rank``, ``taxon``, ``confidence``, ``score``, ``reason``
+        (why that rank), ``outlier``, the coherent path with its probabilities and the top-k
+        per rank; an unreadable file gets an ``error`` and reason ``failed`` instead. A
+        folder stands for its images (sorted, recursively, as ``taxoclass predict`` reads
+        it)."""
         from PIL import Image
 
         images = expand_folders(images)
@@ -107,6 +109,7 @@ class TaxonClassifier:
                                   "error": [e for _, e in failures],
                                   "_k": [k for k, _ in failures]})
             frame = pd.concat([frame, fails], ignore_index=True)
+        frame = one_decision(frame)  # a failed row says `failed`, as in `taxoclass predict`
         return frame.sort_values("_k", kind="stable").drop(columns="_k").reset_index(drop=True)
 
 
