@@ -175,3 +175,17 @@ def test_tile_ranks_and_mask_below():
     assert pd.DataFrame({r: out[r][:, 0] for r in ranks}).to_dict("list") == {
         "family": [0.5, 0.5, 0.5, 0.5], "genus": [0.5, 0.5, 0.0, 0.5],
         "species": [0.5, 0.0, 0.0, 0.5]}
+
+
+def test_a_tile_backed_off_above_a_rank_supports_no_class_there():
+    """All-zero probabilities at a rank (a tile backed off to a higher rank) count for no
+    class: with argmax_union it must not report that rank's first class."""
+    import numpy as np
+
+    from taxoclass.plots.selection import rank_evidence
+    from taxoclass.vocab import Rule
+
+    probs = np.array([[0.0, 0.0, 0.0], [0.1, 0.7, 0.2]])
+    ev = rank_evidence(probs, Rule.ARGMAX_UNION, lowest=True)
+    assert ev.n_first.tolist() == [0, 1, 0]
+    assert ev.score.tolist() == [0.0, 0.7, 0.0]

@@ -188,7 +188,8 @@ def rank_evidence(probs: np.ndarray, rule: str, *, lowest: bool,
                         top_ranked(a, SUPPORT_TOP).sum(axis=0), None)
     rows = np.arange(len(a))
     best = a.argmax(axis=1)
-    n_first = np.bincount(best, minlength=k)
+    # a tile backed off above this rank has all-zero probabilities here: it supports nothing
+    n_first = np.bincount(best[a[rows, best] > 0], minlength=k)
     if rule == Rule.ARGMAX_UNION:
         if lowest:
             score = np.zeros(k)
