@@ -275,7 +275,8 @@ def flag_unknowns_cmd(model: Path, images: tuple[Path, ...], out: Path, batch_si
 
     Each image is named at the lowest rank whose evidence passes its calibrated threshold:
     a known species by name, an unknown oak as "Quercus sp." (reason
-    backoff_to_genus:outlier or :low_confidence), or "unknown".
+    backoff_to_genus:outlier or :low_confidence), or "unknown" (reason unknown:outlier or
+    unknown:low_confidence); an unreadable file: reason failed.
     """
     from ..pipelines.predict import flag_unknowns
 
