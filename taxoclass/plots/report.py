@@ -90,7 +90,8 @@ OUTPUT_FILES = {
 }
 #: Entries of a previous report folder a rerun keeps: the Spark engine's resumable tile rows.
 RESUME_STATE = ("plot_tiles.parquet", "manifest.json")
-RECORD_COLUMNS = ["plot_id", "taxon_rank", "taxon", "score", "n_tiles", "reason"]
+RECORD_COLUMNS = ["plot_id", "taxon_rank", "taxon", "score", "n_tiles", "reason", "rule",
+                  "tile_share"]
 
 
 @dataclass
