@@ -53,15 +53,14 @@ from .base import (
 
 @contextlib.contextmanager
 def embedding_folder(cache: str | Path | None, out: str | Path | None, *,
-                     reuse: str | Path | None = None,
-                     ids: Sequence[str] = ()) -> Iterator[Path]:
+                     reuse: str | Path | None = None) -> Iterator[Path]:
     """Where a command's embeddings are stored (evaluate, predict, flag-unknowns): ``cache``
     if given; else ``reuse`` (the bundle's training cache) when it exists and can be
     written; else ``out/embeddings``; else a temporary folder removed on exit. So every
     command on one model shares one store that grows by the images it lacks.
 
     Vectors are found by each file's content (never by image id), so any of these gives
-    the vectors of the files evaluated; ``ids`` is no longer needed (kept for callers).
+    the vectors of the files evaluated.
     """
     from ..features.store import can_write
 

@@ -340,8 +340,7 @@ def _holdout_split(bundle, annotations, images_root, held_args: dict, cfg: dict,
     except ValueError as exc:
         raise ConfigError(f"hold-out choice: {exc}") from exc
     ids = [str(i) for i in rows["image_id"]]
-    with embedding_folder(None, out, reuse=bundle.extra.get("embedding_cache"),
-                          ids=ids) as folder:
+    with embedding_folder(None, out, reuse=bundle.extra.get("embedding_cache")) as folder:
         x_all, found, _ = cached_embeddings(ids, rows["path"].tolist(), cache=folder,
                                             backbone_cfg=bundle.backbone, progress=progress)
     rows, x_all = rows[found].reset_index(drop=True), x_all[found]
