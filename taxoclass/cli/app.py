@@ -138,6 +138,19 @@ def device_option(command):
              "present.")(command)
 
 
+def embedding_store_options(command):
+    """``--overwrite`` and ``--cache DIR``: where predict and flag-unknowns keep vectors."""
+    command = click.option(
+        "--cache", type=click.Path(path_type=Path), default=None,
+        help="Embedding store to read and grow (only images it lacks are embedded) "
+             "[default: the model's training store when writable, else "
+             "--out/embeddings, else a temporary folder].")(command)
+    return click.option(
+        "--overwrite", is_flag=True,
+        help="Delete the vectors stored in --out/embeddings and start over (a --cache "
+             "or the model's training store is never deleted).")(command)
+
+
 def engine_options(command):
     """``--engine local|spark`` and ``--master URL`` for the commands both engines run."""
     command = click.option(

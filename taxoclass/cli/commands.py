@@ -13,6 +13,7 @@ from ..vocab import Calibration
 from .app import (
     allow_outside_root_option,
     device_option,
+    embedding_store_options,
     engine_options,
     fmt3,
     json_option,
@@ -217,13 +218,7 @@ def _train(cfg: dict, finetune: bool, unfreeze_blocks: int | None, device: str |
               help="Species candidates listed per image.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass [default: 8 on a CPU, 64 on a GPU].")
-@click.option("--overwrite", is_flag=True,
-              help="Delete the vectors stored in --out/embeddings and start over (a --cache "
-                   "or the model's training store is never deleted).")
-@click.option("--cache", type=click.Path(path_type=Path), default=None,
-              help="Embedding store to read and grow (only images it lacks are embedded) "
-                   "[default: the model's training store when writable, else "
-                   "--out/embeddings, else a temporary folder].")
+@embedding_store_options
 @engine_options
 @device_option
 def predict(model: Path, images: tuple[Path, ...], out: Path | None, top_k: int,
@@ -261,13 +256,7 @@ def _echo_embeddings(emb: dict | None) -> None:
                    "(flags.csv: one row per image, flagged rows first.)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass [default: 8 on a CPU, 64 on a GPU].")
-@click.option("--overwrite", is_flag=True,
-              help="Delete the vectors stored in --out/embeddings and start over (a --cache "
-                   "or the model's training store is never deleted).")
-@click.option("--cache", type=click.Path(path_type=Path), default=None,
-              help="Embedding store to read and grow (only images it lacks are embedded) "
-                   "[default: the model's training store when writable, else "
-                   "--out/embeddings, else a temporary folder].")
+@embedding_store_options
 @device_option
 def flag_unknowns_cmd(model: Path, images: tuple[Path, ...], out: Path, batch_size: int,
                       overwrite: bool, cache: Path | None, device: str) -> None:
