@@ -433,6 +433,9 @@ class FinetuneSettings(Section):
     resume: bool = True               # continue from <out>/finetune_state/last.pt if present
     keep_checkpoints: bool = False    # keep <out>/finetune_state after a finished run
     compile: bool = False             # torch.compile the model (CUDA only)
+    freeze_bn: bool = False           # BatchNorm keeps its running statistics (eval mode;
+    #                                   scale and shift still train): equal results for any
+    #                                   process count on a CPU (SyncBatchNorm is CUDA-only)
     tile_views: int = _opt(0, ge=0)   # per epoch, each image also seen N times as a fresh
     #                                   tile-like view (the augment section's settings)
     probe_head: bool = False          # `train --finetune`: start from heads trained on the
