@@ -23,12 +23,22 @@ updates the backbone too, which is what a GPU is for. What it does:
   image's augmentation a function of (seed, epoch, image), so a resumed run ends with
   the same weights as an uninterrupted one.
 
+Under ``torchrun`` (a process group initialised, :mod:`taxoclass.model.distributed`) the
+model is wrapped in DistributedDataParallel: ``batch_size`` stays the global batch (each of
+W processes takes ``batch_size / W`` images of the same (seed, epoch) permutation, through
+a ``DistributedSampler`` without its padding), each micro-batch loss is weighted by its
+share of the global step's images, process 0 alone writes checkpoints, and the epoch's
+validation loss and accuracies are sums over every process's shard of the validation set.
+SyncBatchNorm on CUDA; on a CPU, ``freeze_bn`` (or a backbone without BatchNorm) gives the
+same result as one process. Dropout masks come from each process's own seeded stream.
+
 Writing the model bundle is the job's (:func:`taxoclass.pipelines.finetune.finetune_to_bundle`).
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import logging
 import math
 import shutil
 import time
@@ -37,17 +47,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import FinetuneSettings, ModelConfig
 from ..errors import ConfigError
 from ..taxonomy.tree import Taxonomy
+from . import distributed as dist
+from .checkpoint import FinetuneState as _State
 from .checkpoint import atomic_torch_save, rng_states, set_rng_states
-from .heads import HierarchicalClassifier, MultiRankHead
-from .image_data import ImageDataset, LabelledImages, TileViewTransform, collate
+from .finetune_parts import FinetuneModel, as_backbone, build_model, datasets
+from .heads import MultiRankHead
+from .image_data import ImageDataset, LabelledImages, collate
 from .losses import ClassDependencyLoss, criterion_from_config
 from .optim import (
     adamw,
@@ -58,6 +69,7 @@ from .optim import (
 )
 from .training import EarlyStopping
 
+log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -73,25 +85,10 @@ LAST_CHECKPOINT = "last.pt"
 BEST_WEIGHTS = "best.pt"
 CHECKPOINT_VERSION = 2  # 2: timm's scheduler state, early-stopping state under "best"
 _UNSIGNED = ("max_steps", "checkpoint_steps", "resume", "keep_checkpoints", "num_workers",
-             "compile")  # settings a resumed run may change
+             "compile")  # settings a resumed run may change (so may the process count)
 
 
 # --------------------------------------------------------------------------- inputs, outputs
-class FinetuneModel(HierarchicalClassifier):
-    """Backbone + :class:`MultiRankHead`, L2-normalising the embedding first when
-    ``normalize`` (as :class:`~taxoclass.bundle.ModelBundle` does), so the bundle
-    reproduces this model's logits from ``Backbone.embed``."""
-
-    def __init__(self, backbone: nn.Module, head: MultiRankHead, normalize: bool = True) -> None:
-        super().__init__(backbone, head)
-        self.normalize = bool(normalize)
-
-    def forward_head(self, emb: Tensor) -> dict[str, Tensor]:
-        if self.normalize:
-            emb = F.normalize(emb.float(), dim=1)
-        return self.head(emb)
-
-
 @dataclass
 class FinetuneResult:
     model: FinetuneModel              # best weights, eval mode, on the training device
@@ -112,6 +109,7 @@ class FinetuneResult:
     state_dir: Path | None = None     # checkpoints of this run
     bundle_dir: Path | None = None    # set by the job that writes the bundle
     backbone_checkpoint: Path | None = None
+    world_size: int = 1               # processes that trained it (torchrun)
 
     @property
     def head(self) -> MultiRankHead:
@@ -121,97 +119,6 @@ class FinetuneResult:
         """Remove the run's checkpoints unless ``settings.keep_checkpoints``."""
         if self.state_dir is not None and not self.settings.keep_checkpoints:
             shutil.rmtree(self.state_dir, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- building
-def _as_backbone(backbone: Any) -> Backbone:
-    from ..features.backbones import Backbone, backbone_from_spec, backbone_spec, create_backbone
-
-    if isinstance(backbone, Backbone):
-        return backbone
-    if isinstance(backbone, str):
-        return create_backbone(backbone)
-    if isinstance(backbone, Mapping):
-        spec = dict(backbone)
-        if not spec.get("name"):
-            raise ConfigError(f"finetune: backbone spec {spec} has no 'name'; expected the "
-                              f"config's backbone section (name, checkpoint, model_kwargs).")
-        return backbone_from_spec(backbone_spec(spec))
-    raise ConfigError(f"finetune: backbone must be a taxoclass Backbone, a model name or a "
-                      f"backbone config mapping, got {type(backbone).__name__}.")
-
-
-def _build_model(bb: Backbone, taxonomy: Taxonomy, head_init: MultiRankHead | None,
-                 model_cfg: ModelConfig, seed: int) -> FinetuneModel:
-    """A copy of the backbone's network (classifier removed) plus the rank heads."""
-    torch.manual_seed(int(seed))
-    net = copy.deepcopy(bb.model).cpu()
-    if int(getattr(net, "num_classes", 0) or 0) and hasattr(net, "reset_classifier"):
-        net.reset_classifier(0)  # the rank heads replace any classifier of the backbone
-    if head_init is not None:
-        head = copy.deepcopy(head_init).cpu()
-        if head.in_features != int(bb.num_features) or dict(head.n_classes) != taxonomy.sizes:
-            raise ConfigError(f"finetune: head_init has in_features={head.in_features}, "
-                              f"n_classes={dict(head.n_classes)}, but the backbone gives "
-                              f"{bb.num_features}-d features and the taxonomy has "
-                              f"{taxonomy.sizes}. Pass a head trained for this backbone and "
-                              f"taxonomy, or none.")
-    else:
-        head = MultiRankHead.for_taxonomy(taxonomy, int(bb.num_features),
-                                          hidden=model_cfg.hidden,
-                                          dropout=float(model_cfg.dropout))
-    return FinetuneModel(net, head, normalize=bool(model_cfg.normalize))
-
-
-def _datasets(bb: Backbone, s: FinetuneSettings, train: LabelledImages,
-              val: LabelledImages, views: Any) -> tuple[ImageDataset, ImageDataset | None,
-                                                        dict[str, Any] | None]:
-    """The training set (the images, then ``tile_views`` tile-like passes of them), the
-    validation set (eval transform) and the view settings used."""
-    from timm.data import create_transform
-
-    n_views = int(s.tile_views)
-    train_tf = (create_transform(**bb.data_config, is_training=True) if s.augment
-                else bb.transform)
-    view_tf = view_settings = None
-    if n_views:
-        view_tf = TileViewTransform(views, bb.transform)
-        view_settings = view_tf.settings.to_dict()
-    train_ds = ImageDataset(list(train.paths) * (1 + n_views),
-                            {r: np.tile(v, 1 + n_views) for r, v in train.targets.items()},
-                            train_tf, seed=int(s.seed), view_transform=view_tf,
-                            n_plain=len(train.paths))
-    val_ds = ImageDataset(val.paths, val.targets, bb.transform) if val.paths else None
-    return train_ds, val_ds, view_settings
-
-
-@dataclass
-class _State:
-    """Everything a checkpoint restores besides model, optimizer, scheduler and RNGs."""
-
-    epoch: int = 0
-    micro_done: int = 0
-    step: int = 0
-    epoch_loss: float = 0.0
-    epoch_seen: int = 0
-    best: EarlyStopping = field(default_factory=EarlyStopping)
-    history: list[dict[str, Any]] = field(default_factory=list)
-    failures: dict[int, str] = field(default_factory=dict)  # image index (val: -1 - i) -> error
-    finished: bool = False
-    stopped_early: bool = False
-
-    def to_checkpoint(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["failures"] = {str(k): v for k, v in self.failures.items()}
-        return d
-
-    @classmethod
-    def from_checkpoint(cls, d: Mapping[str, Any]) -> _State:
-        return cls(epoch=int(d["epoch"]), micro_done=int(d["micro_done"]), step=int(d["step"]),
-                   epoch_loss=float(d["epoch_loss"]), epoch_seen=int(d["epoch_seen"]),
-                   best=EarlyStopping(**d["best"]), history=[dict(r) for r in d["history"]],
-                   failures={int(k): str(v) for k, v in d["failures"].items()},
-                   finished=bool(d["finished"]), stopped_early=bool(d["stopped_early"]))
 
 
 # --------------------------------------------------------------------------- the run
@@ -224,7 +131,10 @@ class _Run:
         self.clf, self.bb, self.s, self.taxonomy = clf, bb, s, taxonomy
         self.train_ds, self.val_ds, self.n_train = train_ds, val_ds, n_train
         self.dev, self.on_cuda = device, device.type == "cuda"
+        self.dist = dist.current()
         self.frozen = set_trainable(clf, int(s.unfreeze_blocks))
+        if self.dist.enabled and self.on_cuda and not s.freeze_bn:
+            nn.SyncBatchNorm.convert_sync_batchnorm(clf)  # same parameters, shared statistics
         self.frozen_modules = [clf.get_submodule(n) for n in self.frozen]
         clf.to(device)
         if bb.channels_last and self.on_cuda:
@@ -234,6 +144,7 @@ class _Run:
         self.lr_groups = {g["name"]: float(s.lr) * g["lr_scale"] for g in groups}
         self.opt = adamw(groups, lr=float(s.lr))
         self.bs, self.accum = int(s.batch_size), int(s.accum_steps)
+        self.local_bs = dist.per_process_batch(self.bs, self.dist)
         self.n_items = len(train_ds)
         self.n_micro = math.ceil(self.n_items / self.bs)
         self.total_steps = math.ceil(self.n_micro / self.accum) * int(s.epochs)
@@ -241,9 +152,27 @@ class _Run:
         self.sched = warmup_cosine(self.opt, warmup=warmup, total=self.total_steps,
                                    lr=float(s.lr), min_lr_ratio=float(s.min_lr_ratio))
         self.criterion = criterion.to(device)
-        self.runner: nn.Module = torch.compile(clf) if s.compile and self.on_cuda else clf
+        compiled = s.compile and self.on_cuda
+        self.eval_runner: nn.Module = torch.compile(clf) if compiled else clf
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
+        self.runner = self.eval_runner
+        if self.dist.enabled:  # broadcasts process 0's weights and buffers to the others
+            self.ddp = nn.parallel.DistributedDataParallel(
+                clf, device_ids=[device.index] if self.on_cuda else None)
+            self.runner = torch.compile(self.ddp) if compiled else self.ddp
+            self._warn_batch_norm()
         self.state = _State(best=EarlyStopping(patience=int(s.patience) if val_ds else 0))
         self.images_seen = 0
+
+    def _warn_batch_norm(self) -> None:
+        self.set_train_mode()
+        training_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                          and not isinstance(m, nn.SyncBatchNorm) for m in self.clf.modules())
+        if training_bn and self.dist.is_main:
+            log.warning("finetune: %d processes on %s train BatchNorm layers with per-process "
+                        "batch statistics (%d images each; SyncBatchNorm needs CUDA), so the "
+                        "result differs from one process's. Set finetune.freeze_bn: true for "
+                        "the same result.", self.dist.world_size, self.dev.type, self.local_bs)
 
     # ---- checkpoints
     state_dir: Path
@@ -262,27 +191,38 @@ class _Run:
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         self.state = _State.from_checkpoint(ck["state"])
-        set_rng_states(ck["rng"], self.dev)
+        per_rank = ck.get("rng_ranks") or []
+        same_world = len(per_rank) == self.dist.world_size
+        set_rng_states(per_rank[self.dist.rank] if same_world else ck["rng"], self.dev)
         return self.state.step
 
     def save(self) -> None:
-        """Checkpoint everything a resumed run needs (atomically)."""
-        atomic_torch_save({
-            "version": CHECKPOINT_VERSION, "signature": self.signature,
-            "model": self.clf.state_dict(), "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(), "state": self.state.to_checkpoint(),
-            "rng": rng_states(self.dev)}, self.state_dir / LAST_CHECKPOINT)
+        """Checkpoint everything a resumed run needs (atomically; called by every process,
+        process 0 writes what all of them saw, the others wait until it is written)."""
+        rngs = dist.all_gather_objects(rng_states(self.dev))
+        if self.dist.enabled:
+            for failures in dist.all_gather_objects(self.state.failures):
+                self.state.failures.update(failures)
+        if self.dist.is_main:
+            atomic_torch_save({
+                "version": CHECKPOINT_VERSION, "signature": self.signature,
+                "model": self.clf.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "state": self.state.to_checkpoint(),
+                "rng": rngs[0], "rng_ranks": rngs}, self.state_dir / LAST_CHECKPOINT)
+        dist.barrier()
 
     # ---- forward passes
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, train: bool = True) -> dict[str, Tensor]:
+        """Logits; ``train``: through DDP (gradients reduced), else the plain model."""
+        runner = self.runner if train else self.eval_runner
         x = x.to(self.dev, non_blocking=True)
         if self.bb.channels_last and self.on_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.on_cuda:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = self.runner(x)
+                out = runner(x)
         else:
-            out = self.runner(x)
+            out = runner(x)
         return {r: v.float() for r, v in out.items()}
 
     def loader(self, ds: ImageDataset, batches: list[list[int]]) -> torch.utils.data.DataLoader:
@@ -294,26 +234,32 @@ class _Run:
         self.clf.train()
         for m in self.frozen_modules:
             m.eval()
+        if self.s.freeze_bn:
+            for m in self.clf.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
 
     def lr(self) -> float:
         """The heads' (highest) learning rate now."""
         return max(g["lr"] for g in self.opt.param_groups)
 
     def validate(self) -> dict[str, float]:
-        """Validation loss and per-rank top-1 accuracy (ranks with a labelled image)."""
+        """Validation loss and per-rank top-1 accuracy (ranks with a labelled image); with
+        several processes each takes every W-th image and the sums are reduced."""
         self.clf.eval()
-        ranks, ds, bs = self.taxonomy.ranks, self.val_ds, self.bs
+        ranks, ds, bs, info = self.taxonomy.ranks, self.val_ds, self.local_bs, self.dist
         n, total = 0, 0.0
         correct = {r: 0 for r in ranks}
         labelled = {r: 0 for r in ranks}
-        batches = [list(range(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs)]
+        mine = list(range(info.rank, len(ds), info.world_size))
+        batches = [mine[i:i + bs] for i in range(0, len(mine), bs)]
         with torch.inference_mode():
             for x, y, idx, fails in self.loader(ds, batches):
                 for i, msg in fails:
                     self.state.failures[-1 - i] = msg
                 if x is None:
                     continue
-                logits = self.forward(x)
+                logits = self.forward(x, train=False)
                 y = {r: v.to(self.dev) for r, v in y.items()}
                 total += float(self.criterion(logits, y)) * len(idx)
                 n += len(idx)
@@ -321,6 +267,11 @@ class _Run:
                     mask = y[r] >= 0
                     labelled[r] += int(mask.sum())
                     correct[r] += int((logits[r].argmax(1)[mask] == y[r][mask]).sum())
+        if info.enabled:
+            sums = dist.all_reduce_sum([total, n, *correct.values(), *labelled.values()])
+            total, n = sums[0], int(sums[1])
+            correct = {r: int(v) for r, v in zip(ranks, sums[2:2 + len(ranks)])}
+            labelled = {r: int(v) for r, v in zip(ranks, sums[2 + len(ranks):])}
         row = {"val_loss": total / max(n, 1)}
         row.update({f"val_{r}_acc": correct[r] / labelled[r] for r in ranks if labelled[r]})
         return row
@@ -328,20 +279,31 @@ class _Run:
     # ---- training
     def optimizer_step(self, batches: list[tuple]) -> tuple[float, int]:
         """One optimizer step over ``batches`` (micro-batches, each loss weighted by its
-        share of the step's images); returns (summed loss, images)."""
+        share of the step's images over all processes); returns (summed loss, images),
+        both over all processes."""
         st = self.state
         for _x, _, _, fails in batches:
             for i, msg in fails:
                 st.failures[i % self.n_train] = msg  # an image fails in each of its passes
-        n_group = sum(len(b[2]) for b in batches)
+        n_group, ddp_sync = self.count_step(batches)
         self.opt.zero_grad(set_to_none=True)
         group_loss = 0.0
-        for x, y, idx, _ in batches:
+        world = self.dist.world_size
+        for k, (x, y, idx, _) in enumerate(batches):
             if x is None:
                 continue
-            value = self.criterion(self.forward(x), {r: v.to(self.dev) for r, v in y.items()})
-            (value * (len(idx) / n_group)).backward()
+            sync = ddp_sync and k == len(batches) - 1  # DDP reduces in this backward pass
+            with (self.ddp.no_sync() if self.ddp is not None and not sync
+                  else contextlib.nullcontext()):
+                value = self.criterion(self.forward(x),
+                                       {r: v.to(self.dev) for r, v in y.items()})
+                (value * (len(idx) * world / n_group)).backward()  # DDP divides by world
             group_loss += float(value.detach()) * len(idx)
+        if self.dist.enabled:
+            if not ddp_sync:
+                dist.all_reduce_grads([p for p in self.clf.parameters() if p.requires_grad],
+                                      world)
+            group_loss = dist.all_reduce_sum([group_loss])[0]
         if n_group:
             if self.s.grad_clip:
                 params = [p for g in self.opt.param_groups for p in g["params"]]
@@ -351,14 +313,26 @@ class _Run:
         self.sched.step_update(st.step)
         return group_loss, n_group
 
+    def count_step(self, batches: list[tuple]) -> tuple[int, bool]:
+        """The step's readable images over all processes, and whether DDP can reduce the
+        gradients itself (every process has an image in the last micro-batch; else they
+        are reduced by hand after the backward passes)."""
+        n_local = sum(len(b[2]) for b in batches)
+        if not self.dist.enabled:
+            return n_local, True
+        last_empty = 0 if batches and len(batches[-1][2]) else 1
+        n_group, n_empty = dist.all_reduce_sum([n_local, last_empty])
+        return int(n_group), n_empty == 0
+
     def train_epoch(self, progress: Progress | None, callback: Callback | None) -> bool:
         """Train (the rest of) the current epoch; True when paused by ``max_steps``."""
         s, st = self.s, self.state
         max_steps = None if s.max_steps is None else int(s.max_steps)
         self.train_ds.epoch = st.epoch
-        gen = torch.Generator().manual_seed(int(s.seed) * 7_919 + st.epoch)
-        order = torch.randperm(self.n_items, generator=gen).tolist()
-        micro = [order[i:i + self.bs] for i in range(0, self.n_items, self.bs)]
+        # DistributedSampler's (seed, epoch) permutation, this process's share of it, in
+        # n_micro runs of batch_size / W (for one process: the permutation in batches)
+        order = dist.shard(self.n_items, int(s.seed) * 7_919, st.epoch, self.dist)
+        micro = dist.micro_batches(order, self.n_micro, self.local_bs)
         self.set_train_mode()
         it = iter(self.loader(self.train_ds, micro[st.micro_done:]))
         while st.micro_done < self.n_micro:
@@ -371,7 +345,7 @@ class _Run:
             self.images_seen += n_group
             st.epoch_loss += group_loss
             st.epoch_seen += n_group
-            if progress:
+            if progress and self.dist.is_main:
                 progress(st.step, self.total_steps)
             if callback:
                 callback({"event": "step", "step": st.step, "epoch": st.epoch + 1,
@@ -400,7 +374,7 @@ class _Run:
         st.history.append(row)
         st.epoch += 1
         st.micro_done, st.epoch_loss, st.epoch_seen = 0, 0.0, 0
-        if st.best.update(st.epoch, score):
+        if st.best.update(st.epoch, score) and self.dist.is_main:
             atomic_torch_save(self.clf.state_dict(), self.state_dir / BEST_WEIGHTS)
         st.stopped_early = st.best.should_stop(st.epoch)
         st.finished = st.stopped_early or st.epoch >= int(self.s.epochs)
@@ -457,33 +431,54 @@ def finetune(train: LabelledImages, val: LabelledImages | None, taxonomy: Taxono
     if not train.paths:
         raise ValueError("finetune: no training images.")
     t_start = time.perf_counter()
-    bb = _as_backbone(backbone)
-    clf = _build_model(bb, taxonomy, head_init, mcfg, int(s.seed))
+    bb = as_backbone(backbone)
+    clf = build_model(bb, taxonomy, head_init, mcfg, int(s.seed))
+    info = dist.current()
+    if info.rank:  # each process its own dropout stream (process 0's is one process's)
+        torch.manual_seed(int(s.seed) * 1_000_003 + info.rank)
     check_layer_decay(clf, float(s.layer_decay), int(s.unfreeze_blocks))
-    train_ds, val_ds, view_settings = _datasets(bb, s, train, val, views)
+    train_ds, val_ds, view_settings = datasets(bb, s, train, val, views)
     run = _Run(clf, bb, s, taxonomy, train_ds, val_ds, len(train.paths),
-               criterion_from_config(taxonomy, train.targets, loss), torch.device(device))
+               criterion_from_config(taxonomy, train.targets, loss), dist.resolve_device(device))
     run.state_dir = Path(out_dir) / STATE_DIR
     run.signature = {"n_train": len(train.paths), "n_val": len(val.paths),
                      "sizes": taxonomy.sizes, "views": view_settings, "backbone": bb.name,
                      "settings": {k: v for k, v in asdict(s).items() if k not in _UNSIGNED}}
-    resumed_from = None
-    if s.resume and (run.state_dir / LAST_CHECKPOINT).is_file():
-        resumed_from = run.restore()
-    elif run.state_dir.exists():
-        shutil.rmtree(run.state_dir)
+    resumed_from = _start(run)
     paused = run.run(progress, callback)
     st = run.state
-    seconds = time.perf_counter() - t_start
     if not paused and (run.state_dir / BEST_WEIGHTS).is_file():
         clf.load_state_dict(torch.load(run.state_dir / BEST_WEIGHTS, map_location=run.dev,
                                        weights_only=True))
+    dist.barrier()  # every process has read best.pt before process 0 may remove it
+    seconds = time.perf_counter() - t_start
+    images = dist.all_reduce_sum([run.images_seen])[0]
     clf.eval()
     return FinetuneResult(
         model=clf, history=pd.DataFrame(st.history), best_epoch=st.best.best_epoch,
         steps=st.step, completed=not paused, stopped_early=st.stopped_early,
         lr_groups=run.lr_groups, frozen=run.frozen, resumed_from_step=resumed_from,
-        seconds=seconds, images_per_second=run.images_seen / max(seconds, 1e-9),
+        seconds=seconds, images_per_second=images / max(seconds, 1e-9),
         failures=[(train.paths[i] if i >= 0 else val.paths[-1 - i], msg)
                   for i, msg in sorted(st.failures.items())],
-        backbone=bb, settings=s, views=view_settings, state_dir=run.state_dir)
+        backbone=bb, settings=s, views=view_settings, state_dir=run.state_dir,
+        world_size=info.world_size)
+
+
+def _start(run: _Run) -> int | None:
+    """Resume from the last checkpoint (every process from the same one), or start afresh
+    (process 0 removes old checkpoints); returns the step resumed from."""
+    s, info = run.s, run.dist
+    found = dist.all_gather_objects((run.state_dir / LAST_CHECKPOINT).is_file())
+    if len(set(found)) > 1:
+        raise ConfigError(
+            f"{run.state_dir / LAST_CHECKPOINT}: only processes "
+            f"{[r for r, f in enumerate(found) if f]} of {info.world_size} see this checkpoint. "
+            f"Fix: put the output folder on storage every node shares (NFS, a parallel file "
+            f"system).")
+    if s.resume and found[0]:
+        return run.restore()
+    if info.is_main and run.state_dir.exists():
+        shutil.rmtree(run.state_dir)
+    dist.barrier()
+    return None

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..bundle import ModelBundle
 from ..config import FinetuneSettings, complete_config, openset_calibration
@@ -31,6 +30,7 @@ from ..io.files import (
     output_folder,
     recover_output_folder,
 )
+from ..model import distributed as dist
 from ..model.checkpoint import atomic_torch_save, state_to_cpu
 from ..model.finetune import STATE_DIR, FinetuneResult, finetune
 from ..model.heads import MultiRankHead
@@ -108,9 +108,10 @@ def finetune_to_bundle(train: LabelledImages, val: LabelledImages | None,
                        decode_method: str = "path", extra: Mapping[str, Any] | None = None,
                        **kwargs: Any) -> FinetuneResult:
     """:func:`~taxoclass.model.finetune.finetune` (same arguments), then, when the run
-    completed (not paused by ``max_steps``), :func:`write_finetuned_bundle` in ``out_dir``."""
+    completed (not paused by ``max_steps``), :func:`write_finetuned_bundle` in ``out_dir``
+    (by process 0 alone when the caller initialised a process group)."""
     result = finetune(train, val, taxonomy, out_dir=out_dir, **kwargs)
-    if result.completed:
+    if result.completed and dist.current().is_main:
         write_finetuned_bundle(result, out_dir, taxonomy, decode_method=decode_method,
                                extra=extra)
     return result
@@ -206,7 +207,7 @@ def _prepare(cfg: Mapping[str, Any], device: str | None) -> _Job:
     return _Job(cfg=cfg, data=data, settings=settings, taxonomy=tax, rows=rows, y=y, ids=ids,
                 is_val=validation_mask(ids, nodes, data, groups=groups),
                 paths=np.asarray(rows["path"].tolist(), dtype=object),
-                device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                device=str(dist.resolve_device(device)))
 
 
 def _embed(job: _Job, result: FinetuneResult, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -267,7 +268,7 @@ def _validation_metrics(job: _Job, result: FinetuneResult, out: Path) -> dict[st
 
 def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = None,
                          device: str | None = None,
-                         embed_progress: Progress | None = None) -> Path:
+                         embed_progress: Progress | None = None) -> Path | None:
     """``taxoclass train --finetune``: fine-tune as configured and write the bundle.
 
     Uses the ``data``, ``backbone``, ``model``, ``loss``, ``decode`` and ``out`` sections
@@ -279,22 +280,40 @@ def finetune_from_config(cfg: Mapping[str, Any], *, progress: Progress | None = 
     and (``openset.enabled``) the outlier detector and the back-off thresholds are
     fitted, on embeddings of the training and validation images by the fine-tuned
     backbone. A run paused by ``finetune.max_steps`` returns before any of that.
+
+    Launched by ``torchrun`` (``RANK``/``WORLD_SIZE`` set), every process runs this: the
+    process group (NCCL on CUDA, gloo on the CPU; ``cuda`` means ``cuda:LOCAL_RANK``) lives
+    for the call, process 0 alone computes the probe heads (DDP hands its weights to the
+    others), reports progress and writes every file; the other processes return None
+    once training is done (``docs/distributed.md``).
     """
+    with dist.process_group(device) as info:
+        return _finetune_job(complete_config(cfg), info, progress, device, embed_progress)
+
+
+def _finetune_job(cfg: dict[str, Any], info: dist.DistInfo, progress: Progress | None,
+                  device: str | None, embed_progress: Progress | None) -> Path | None:
+    """:func:`finetune_from_config` in this process (one of ``info.world_size``)."""
     from ..features.backbones import backbone_from_spec, backbone_spec
 
-    cfg = complete_config(cfg)
     out = Path(cfg["out"])
-    check_output_folder(out)  # before any work: an unusable --out fails at once
-    recover_output_folder(out, keep=(STATE_DIR,))
+    if info.is_main:
+        check_output_folder(out)  # before any work: an unusable --out fails at once
+        recover_output_folder(out, keep=(STATE_DIR,))
+    else:
+        progress = embed_progress = None
     job = _prepare(cfg, device)
     cfg, s, is_val = job.cfg, job.settings, job.is_val
-    bb = backbone_from_spec(backbone_spec(cfg["backbone"]))
+    with dist.main_first():  # weights downloaded (and cached) once
+        bb = backbone_from_spec(backbone_spec(cfg["backbone"]))
     head_init = (_probe_head(cfg, job.rows, job.y, ~is_val, job.taxonomy, embed_progress)
-                 if s.probe_head else None)
+                 if s.probe_head and info.is_main else None)
     result = finetune(
         job.part(~is_val), job.part(is_val), job.taxonomy, backbone=bb, out_dir=out,
         settings=s, model=cfg.get("model"), loss=cfg.get("loss"), device=job.device,
         progress=progress, views=_view_section(cfg), head_init=head_init)
+    if not info.is_main:
+        return None  # process 0 writes the bundle and the records
     if not result.completed:
         return out  # paused (max_steps): only the checkpoints in out/finetune_state
     with output_folder(out, keep=(STATE_DIR,)) as stage:
