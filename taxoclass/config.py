@@ -36,6 +36,8 @@ from .vocab import Calibration, Combiner, Confidence, DecodeMethod, Detector, Sc
 __all__ = [
     "CALIBRATIONS",
     "DEFAULTS",
+    "LEAF_ONLY_LOSSES",
+    "LOSS_KINDS",
     "AugmentConfig",
     "BackboneConfig",
     "Config",
@@ -284,21 +286,38 @@ class ModelConfig(Section):
     normalize: bool = True            # L2-normalise embeddings before the heads
 
 
+#: ``loss.kind`` values; the last three train the lowest rank's head only.
+LOSS_KINDS: tuple[str, ...] = ("dependency", "bjerge", "flat", "soft_labels", "hxe")
+LEAF_ONLY_LOSSES: tuple[str, ...] = ("flat", "soft_labels", "hxe")
+
+
 @dataclass
 class LossConfig(Section):
-    """``loss``: per-rank cross-entropy plus the class-dependency term."""
+    """``loss``: the training loss (``kind``) and its settings."""
 
     section: ClassVar[str] = "loss"
 
+    # dependency: per-rank CE + our smooth class-dependency term (dependency_weight);
+    # bjerge: per-rank CE + Bjerge et al. 2023's dependency loss (bjerge_penalty);
+    # flat: CE on the lowest rank only; soft_labels / hxe: Bertinetto et al. 2020 on the
+    # lowest rank's softmax (soft_labels_beta / hxe_alpha). model/losses.py cites each.
+    kind: str = _opt("dependency", choices=LOSS_KINDS)
     rank_weights: dict[str, float] | None = None  # e.g. {family: 1, genus: 1, species: 1}
     dependency_weight: float = _opt(1.0, ge=0)
     class_balanced: bool = False
     class_balanced_beta: float = _opt(0.999, ge=0, lt=1)
     label_smoothing: float = _opt(0.0, ge=0, lt=1)
+    bjerge_penalty: float = _opt(3.0, ge=1)     # p of p**(D*l_parent) * p**(D*l_child) - 1
+    soft_labels_beta: float = _opt(10.0, ge=0)  # target exp(-beta * LCA height / tree height)
+    hxe_alpha: float = _opt(0.1, ge=0)          # edge weight exp(-alpha * height of its child)
 
     def check(self, *, where: str | None = None) -> None:
         super().check(where=where)
         where = where or self.section
+        if self.class_balanced and self.kind in ("soft_labels", "hxe"):
+            raise ConfigError(f"{where}.class_balanced: not defined for {where}.kind "
+                              f"{self.kind!r} (its targets are distributions); set "
+                              f"class_balanced: false or use kind dependency, bjerge or flat.")
         for rank, w in (self.rank_weights or {}).items():
             _check_value(f"{where}.rank_weights.{rank}", w, float, {"ge": 0})
 
@@ -485,6 +504,10 @@ class Config(Section):
         _check_value("out", out, str | None, {})
         cfg = cls(out=out, **{k: kind.from_dict(m.get(k))  # type: ignore[attr-defined]
                               for k, kind in kinds.items()})
+        if cfg.decode.method == "topdown" and cfg.loss.kind in LEAF_ONLY_LOSSES:
+            raise ConfigError(f"decode.method: 'topdown' needs a head per rank, but loss.kind "
+                              f"{cfg.loss.kind!r} trains the lowest rank only; use decode.method "
+                              f"marginal or crm, or loss.kind dependency or bjerge.")
         tp = cfg.openset.target_precision
         ranks = [] if isinstance(cfg.data.ranks, str) else cfg.data.ranks  # auto: when loaded
         missing = [r for r in ranks if cfg.openset.enabled and isinstance(tp, Mapping)

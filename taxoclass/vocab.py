@@ -177,6 +177,8 @@ class DecodeMethod(_StrEnum):
 
     PATH = "path"
     MARGINAL = "marginal"
+    TOPDOWN = "topdown"
+    CRM = "crm"
 
 
 def backoff_reason(rank: str, why: Reason | str) -> str:

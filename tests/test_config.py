@@ -56,8 +56,8 @@ def test_partial_section_takes_the_defaults():
                          "genus, species]), or 'auto', found 'genus'."),
     ("data.ranks=[genus,genus]", "data.ranks: expected distinct ranks, at least one, found "
                                  "['genus', 'genus']."),
-    ("decode.method=argmax", "decode.method: expected one of 'path', 'marginal', found "
-                             "'argmax'."),
+    ("decode.method=argmax", "decode.method: expected one of 'path', 'marginal', 'topdown', "
+                             "'crm', found 'argmax'."),
     ("finetune.unfreeze_blocks=-2", "finetune.unfreeze_blocks: expected an integer >= -1, "
                                     "found -2."),
     ("data.val_fraction=0", "data.val_fraction: expected a number > 0 and < 1, found 0."),
