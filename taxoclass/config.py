@@ -333,6 +333,9 @@ class TrainConfig(Section):
     lr: float = _opt(0.003, gt=0)
     weight_decay: float = _opt(0.0001, ge=0)
     patience: int | None = _opt(20, ge=0)    # early stopping on validation loss; 0/null: off
+    # torch intra-op threads while heads train (restored after); null: 1 for heads under
+    # 2 M weights (model.threads.head_threads; bench/head_threads.py), torch's default above
+    threads: int | None = _opt(None, ge=1)
     seed: int = 0
 
 
