@@ -8,6 +8,7 @@ on images and models; ``plots`` those on plot photos.
 from __future__ import annotations
 
 from . import commands as commands  # noqa: F401  (registers the commands on main)
+from . import export as export  # noqa: F401
 from . import importing as importing  # noqa: F401
 from . import plots as plots  # noqa: F401
 from .app import main as main
