@@ -26,6 +26,7 @@ from ..io.files import (
 )
 from ..io.provenance import write_provenance
 from ..model.splits import group_codes
+from ..model.threads import head_threads, torch_threads
 from ..taxonomy.labels import encode_labels
 from ..taxonomy.tree import Taxonomy
 from ..vocab import Calibration
@@ -219,6 +220,16 @@ def _write_files(out: Path, d: _Data, fit: _Fit, bundle, metrics: dict) -> None:
         "openset_calibration": fit.calibration if enabled else None})
 
 
+def _threads(d: _Data) -> int | None:
+    """``train.threads``, else the rule of :func:`~taxoclass.model.threads.head_threads`
+    for this head's weights (input dim x hidden, hidden or input dim x classes of all ranks)."""
+    hidden = d.cfg["model"].get("hidden")
+    dim = int(d.x.shape[1]) if d.x.ndim == 2 else 0
+    n_out = sum(d.tax.n_classes(r) for r in d.tax.ranks)
+    weights = dim * int(hidden) + int(hidden) * n_out if hidden else dim * n_out
+    return head_threads(d.cfg["train"].get("threads"), n_weights=weights)
+
+
 def train_from_config(cfg: dict, *, progress: Progress | None = None,
                       embed_progress: Progress | None = None) -> Path:
     """Train a hierarchical head as configured (``configs/leaf.yaml``); returns the bundle
@@ -229,7 +240,8 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     check_output_folder(out)  # before any work: an unusable --out fails at once
     recover_output_folder(out)  # a bundle a killed run left half-swapped is put back
     d = _prepare(cfg, embed_progress)
-    fit = _fit_crossfit(d, progress) if d.crossfit else _fit_holdout(d, progress)
-    bundle, metrics = _bundle(d, fit)
+    with torch_threads(_threads(d)):  # heads, fold heads, detector: one setting, restored
+        fit = _fit_crossfit(d, progress) if d.crossfit else _fit_holdout(d, progress)
+        bundle, metrics = _bundle(d, fit)
     _write(out, d, fit, bundle, metrics)
     return out
