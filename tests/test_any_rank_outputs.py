@@ -274,7 +274,7 @@ def test_one_store_grows_by_the_missing_images_only(three, cli, monkeypatch, tmp
 
     seen = _count_forward_passes(monkeypatch)
     cli("evaluate", "--model", three["model"], "--annotations", root / "other.json",
-        "--images-root", root, "--split", "all", "--out", tmp_path / "eval" / "metrics.json")
+        "--images-root", root, "--split", "all", "--out", tmp_path / "eval")
     assert sum(seen) == 4  # the 4 mirrored images; the 4 copies were in the training store
 
     extra = tmp_path / "new.jpg"

@@ -54,6 +54,15 @@ recordedBy recordedByID datasetName institutionCode collectionCode
 """.split())
 DCTERMS_OFFICIAL = frozenset({"license", "rightsHolder"})
 
+#: The official Darwin Core term list and the text guide's meta.xml schema, shipped with
+#: their source and licence (tests/fixtures/dwc/README.md): no network is needed, and no
+#: GBIF/IPT online validator is run here.
+DWC_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "dwc"
+#: Dublin Core terms of the Darwin Core list (the first lines of all_dwc_vertical.csv).
+DUBLIN_CORE = frozenset({"type", "modified", "language", "license", "rightsHolder",
+                         "accessRights", "bibliographicCitation", "references"})
+EML = "{eml://ecoinformatics.org/eml-2.1.1}eml"
+
 RANKS = ("family", "genus", "species")
 TAX = Taxonomy.from_records([
     {"family": "Cyperaceae", "genus": "Carex", "species": "Carex nigra"},
@@ -293,6 +302,7 @@ def test_plot_report_writes_the_archive_with_metadata(fixture_model, fixture_set
     assert set(first["decimalLatitude"]) == {"43.6"} and set(first["country"]) == {"France"}
     assert set(second["eventDate"]) <= {""}  # no row, no EXIF date, no date in "plot_2"
     assert all(re.fullmatch(r"taxoclass \S+ model [0-9a-f]{16}", v) for v in a["identifiedBy"])
+    _check_archive(_read_zip(out / "occurrences_dwca.zip"))  # the archive a real run writes
 
 
 def test_a_license_column_goes_to_the_records_and_eml(tmp_path):
@@ -313,3 +323,58 @@ def test_a_license_column_goes_to_the_records_and_eml(tmp_path):
 def test_the_real_quadrat_photo_is_dated_by_its_file_name(shared_data):
     meta = photo_metadata(shared_data / "quadrat" / "CBN-can-A1-20230705.jpg")
     assert (meta.eventDate, meta.sources["eventDate"]) == ("2023-07-05", "filename")
+
+
+# ---------------------------------------------------------------------- standards, offline
+def _official_term_uris() -> set[str]:
+    """Every current Darwin Core term as a URI, from the shipped official list."""
+    names = (DWC_FIXTURES / "all_dwc_vertical.csv").read_text(encoding="utf-8").split()
+    assert len(names) > 200 and "occurrenceID" in names
+    return {("http://purl.org/dc/terms/" if n in DUBLIN_CORE else "http://rs.tdwg.org/dwc/terms/")
+            + n for n in names}
+
+
+def _check_archive(files: dict[str, str]) -> None:
+    """meta.xml valid against the TDWG text guide XSD, every occurrence.txt column an
+    official term URI, eml.xml well-formed with what GBIF asks for (title, creator,
+    contact, publication date, abstract)."""
+    etree = pytest.importorskip("lxml.etree")
+    schema = etree.XMLSchema(etree.parse(str(DWC_FIXTURES / "tdwg_dwc_text.xsd"),
+                                         etree.XMLParser(no_network=True)))
+    meta = etree.fromstring(files["meta.xml"].encode("utf-8"))
+    assert schema.validate(etree.ElementTree(meta)), schema.error_log
+    official = _official_term_uris()
+    ns = {"t": "http://rs.tdwg.org/dwc/text/"}
+    terms = [f.get("term") for f in meta.findall("t:core/t:field", ns)]
+    header = files["occurrence.txt"].split("\n", 1)[0].split("\t")
+    assert len(terms) == len(header) and set(terms) <= official, set(terms) - official
+    eml = ET.fromstring(files["eml.xml"])
+    assert eml.tag == EML
+    for path in ("dataset/title", "dataset/creator/organizationName",
+                 "dataset/contact/organizationName", "dataset/pubDate", "dataset/abstract/para"):
+        assert (eml.findtext(path) or "").strip(), path
+
+
+def test_every_term_the_module_writes_is_official():
+    assert set(TERMS.values()) <= _official_term_uris()
+
+
+def test_archive_validates_against_the_text_guide_schema_and_term_list(tmp_path):
+    photo = _jpeg(tmp_path / "A1-20230705.jpg", date="2023:07:05 10:00:00")
+    table = tmp_path / "m.csv"
+    cc_by = "http://creativecommons.org/licenses/by/4.0/legalcode"
+    table.write_text("plot_id,license,recordedBy,habitat,locality,country,decimalLatitude,"
+                     f"decimalLongitude\nA1-20230705,{cc_by},A. Botanist,meadow,Causse,France,"
+                     "44.1,3.2\n")
+    frame = darwin_core_frame(_records(), TAX, photos={"A1-20230705": photo}, identified_by="m",
+                              metadata=plot_metadata({"A1-20230705": photo}, table))
+    files = _read_zip(write_dwc_archive(tmp_path / "a.zip", frame, title="t",
+                                        identified_by="m", n_plots=1))
+    _check_archive(files)
+    assert ET.fromstring(files["eml.xml"]).findtext("dataset/intellectualRights/para")
+    # the schema is not a formality: a descriptor without rowType or fields is refused
+    etree = pytest.importorskip("lxml.etree")
+    schema = etree.XMLSchema(etree.parse(str(DWC_FIXTURES / "tdwg_dwc_text.xsd"),
+                                         etree.XMLParser(no_network=True)))
+    bad = files["meta.xml"].replace(' rowType="http://rs.tdwg.org/dwc/terms/Occurrence"', "")
+    assert not schema.validate(etree.ElementTree(etree.fromstring(bad.encode("utf-8"))))

@@ -86,7 +86,7 @@ def test_predict_rows_carry_one_decision(screened, bundle):
     assert not (frame.loc[unseen, "reason"] == bundle.taxonomy.ranks[-1]).any()
     assert frame["outlier"].any()
     # JSON: the same words, and no number for an unknown row's score
-    for rec in screened["predictions_json"]:
+    for rec in screened["predictions_json"]["predictions"]:
         assert rec["outlier"] == is_outlier_reason(rec["reason"])
         if rec["taxon_rank"] == "unknown":
             assert rec["score"] is None

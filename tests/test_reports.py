@@ -67,8 +67,8 @@ def test_plot_report_writes_every_output(classifier, leaf_image_paths, tmp_path)
     assert [p["plot_id"] for p in doc["plots"]] == ids
     assert all(p["n_tiles"] == 4 + 9 for p in doc["plots"])
     csv = pd.read_csv(out / "plot_records.csv")
-    assert list(csv.columns) == ["plot_id", "taxon_rank", "taxon", "score", "n_tiles", "reason",
-                                 "rule", "tile_share"]
+    assert list(csv.columns) == ["plot_id", "taxon_rank", "taxon", "confidence", "score",
+                                 "n_tiles", "reason", "rule", "tile_share"]
     assert len(csv) == sum(len(p["records"]) for p in doc["plots"])
     for recs in res.records.values():
         unknown = [r for r in recs if r.taxon_rank == "unknown"]

@@ -288,8 +288,9 @@ def flag_unknowns_cmd(model: Path, images: tuple[Path, ...], out: Path, batch_si
 @click.option("--images-root", type=click.Path(path_type=Path), default=None,
               help="Folder the file_name paths are relative to [default: the JSON's folder].")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Where to write metrics.json (a file) — its folder also gets confusion.csv, "
-                   "predictions.csv and provenance.json.")
+              help="Output folder: metrics.json, predictions.csv (per image: path, truth, "
+                   "prediction, confidence, reason, correct), confusion.csv, reliability.csv/"
+                   ".png and provenance.json (open-set: the openset_* files).")
 @click.option("--split", type=click.Choice(["auto", "all", "val", "train"]), default="auto",
               show_default=True,
               help="auto: every image except those the model trained on (recognised by file "
@@ -330,20 +331,30 @@ def evaluate(model: Path, annotations: Path, images_root: Path | None, out: Path
             _evaluate(model, annotations, images_root, out, split, cache)
 
 
+def _evaluation_folder(out: Path | None) -> Path | None:
+    """evaluate's --out folder. The older form ``--out DIR/metrics.json`` still means DIR
+    (with a warning); another ``*.json`` name that is not a folder is refused."""
+    if out is None or out.is_dir() or out.suffix.lower() != ".json":
+        return out
+    if out.name in ("metrics.json", "openset_metrics.json"):
+        click.echo(f"warning: evaluate --out is a folder; writing into {out.parent} (pass "
+                   f"--out {out.parent})", err=True)
+        return out.parent
+    if out.exists():
+        return out  # an existing file: evaluate refuses it with the fix
+    raise click.UsageError(f"--out {out}: evaluate writes a folder (metrics.json, "
+                           f"predictions.csv, ...), not one JSON file. Pass --out "
+                           f"{out.with_suffix('')}.")
+
+
 def _evaluate(model: Path, annotations: Path, images_root: Path | None, out: Path | None,
               split: str, cache: Path | None = None) -> None:
     from ..pipelines.evaluate import evaluate_model
 
-    out_dir = None
-    if out is not None:
-        out_dir = out.parent if out.suffix == ".json" else out
+    out = _evaluation_folder(out)
     with progress_bar("embedding", "img") as prog:
-        metrics = evaluate_model(model, annotations, images_root=images_root, out=out_dir,
+        metrics = evaluate_model(model, annotations, images_root=images_root, out=out,
                                  split=split, cache=cache, progress=prog)
-    if out is not None and out.suffix == ".json" and out.name != "metrics.json":
-        from ..io.files import atomic_write_json
-
-        atomic_write_json(out, {k: v for k, v in metrics.items() if k != "confusion"})
     print_metrics(metrics, f"{metrics['n_images']} images ({metrics['split']} split)")
     cal = metrics.get("calibration")
     if cal:
@@ -360,7 +371,7 @@ def _evaluate(model: Path, annotations: Path, images_root: Path | None, out: Pat
 def _evaluate_holdout(model, annotations, images_root, out, species, fraction, seed) -> None:
     from ..pipelines.evaluate import evaluate_holdout
 
-    out_dir = None if out is None else (out.parent if out.suffix == ".json" else out)
+    out_dir = _evaluation_folder(out)
     with progress_bar("embedding", "img") as prog:
         r = evaluate_holdout(model, annotations, images_root=images_root,
                              holdout_species=list(species) or None, holdout_fraction=fraction,

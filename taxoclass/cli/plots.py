@@ -22,13 +22,17 @@ from .app import (
 
 
 def _find(record) -> str:
-    """One find on the console: ``Carex sp. (genus, 0.91)``; the unknown record says how
-    many tiles it counts, never a score (``unknown (2 of 9 tiles, unknown:outlier)``)."""
+    """One find on the console: ``Carex sp. (genus, confidence 0.91)`` (the record's
+    calibrated ``confidence``; ``score 0.91`` where it has none); the unknown record says
+    how many tiles it counts, never a number of its own
+    (``unknown (2 of 9 tiles, unknown:outlier)``)."""
     if record.taxon_rank == UNKNOWN:
         share = getattr(record, "tile_share", float("nan"))
         total = round(record.n_tiles / share) if share == share and share > 0 else "?"
         return f"{UNKNOWN} ({record.n_tiles} of {total} tiles, {record.reason})"
-    return f"{record.taxon} ({record.taxon_rank}, {record.score:.2f})"
+    conf = float(getattr(record, "confidence", float("nan")))
+    number = f"confidence {conf:.2f}" if conf == conf else f"score {record.score:.2f}"
+    return f"{record.taxon} ({record.taxon_rank}, {number})"
 
 
 def _echo_failures(n_failed: int, n_photos: int, out: Path) -> None:

@@ -16,8 +16,8 @@ import pandas as pd
 from ..config import OpensetConfig, complete_config, openset_calibration
 from ..engines import embedding_folder
 from ..errors import ConfigError, TaxonomyError
-from ..io.files import atomic_write, atomic_write_csv, atomic_write_json
-from ..io.provenance import write_provenance
+from ..io.files import atomic_write, atomic_write_csv
+from ..io.provenance import model_id_for, write_json_output, write_provenance
 from ..taxonomy.labels import encode_labels
 from ..vocab import Calibration
 from .data import cached_embeddings
@@ -128,20 +128,36 @@ def _split_rows(rows: pd.DataFrame, keys: list[str | None], split: str,
 
 
 def _write_unit(out: Path, own: Sequence[str], write: Callable[[Path], None]) -> None:
-    """Call ``write(folder)`` so that its files replace those of ``out`` as a unit: a kill
-    leaves the old set or the new one. The other results of evaluate in ``out`` and its
-    embedding store are carried over. A folder shared with other outputs (``--out
-    runs/eval.json``) is not swapped as a whole: there each file is replaced on its own."""
+    """Call ``write(folder)`` so that its files replace those of ``out`` as a unit
+    (:func:`~taxoclass.io.files.output_folder`): a kill leaves the old set or the new one.
+    The other evaluation's results in ``out`` (plain or open-set) and its embedding store
+    are carried over. A folder holding files evaluate never writes is refused rather than
+    replaced (``--out`` is the evaluation's own folder)."""
     from ..io.files import output_folder
 
     others = sorted(e.name for e in out.iterdir() if e.name not in own
                     and not e.name.startswith(".")) if out.is_dir() else []
-    known = {*EVALUATION_FILES, *OPENSET_FILES, "embeddings"}
-    if any(name not in known for name in others):
-        write(out)
-        return
+    foreign = [n for n in others if n not in {*EVALUATION_FILES, *OPENSET_FILES, "embeddings"}]
+    if foreign:
+        raise ConfigError(f"--out {out}: the folder holds files evaluate did not write "
+                          f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); "
+                          "evaluate replaces its whole output folder. Fix: pass a new or "
+                          "empty folder, e.g. --out runs/eval.")
     with output_folder(out, keep=others) as stage:
         write(stage)
+
+
+def check_evaluation_folder(out: str | Path) -> Path:
+    """``out`` usable as evaluate's output folder, checked before any work: not an existing
+    file (:func:`~taxoclass.io.files.check_output_folder`)."""
+    from ..io.files import check_output_folder
+
+    out = Path(out)
+    if out.is_file():
+        raise ConfigError(f"--out {out} is an existing file; evaluate writes a folder "
+                          f"(metrics.json, predictions.csv, ...). Fix: --out "
+                          f"{out.with_suffix('')}-eval, or another folder.")
+    return check_output_folder(out)
 
 
 def _reliability_png(path: Path, bins: pd.DataFrame, summary: dict) -> bool:
@@ -171,8 +187,10 @@ def _write_evaluation(out: Path, model, annotations, bundle, split: str, metrics
                       reliability: pd.DataFrame) -> None:
     """metrics.json, confusion.csv, predictions.csv, reliability.csv (+ .png) and
     provenance, as a unit."""
+    model_id = model_id_for(bundle)
+
     def write(folder: Path) -> None:
-        atomic_write_json(folder / "metrics.json", metrics)
+        write_json_output(folder / "metrics.json", metrics, model_id=model_id)
         atomic_write_csv(folder / "confusion.csv", confusion)
         atomic_write_csv(folder / "predictions.csv", predictions)
         atomic_write_csv(folder / "reliability.csv", reliability)
@@ -180,9 +198,50 @@ def _write_evaluation(out: Path, model, annotations, bundle, split: str, metrics
         _reliability_png(folder / "reliability.png", reliability, metrics["calibration"])
         write_provenance(folder, backbone=bundle.backbone, config={
             "model": str(Path(model).resolve()), "annotations": str(Path(annotations).resolve()),
-            "split": split})
+            "split": split}, extra={"model_id": model_id})
 
     _write_unit(out, EVALUATION_FILES, write)
+
+
+def _cell(ok: np.ndarray, labelled: np.ndarray) -> list[bool | None]:
+    """True/False where the row is labelled, None (an empty cell) where it is not."""
+    return [bool(o) if lab else None for o, lab in zip(ok, labelled)]
+
+
+def evaluation_table(rows: pd.DataFrame, y: dict[str, np.ndarray], answers: pd.DataFrame,
+                     decoded, tax, calibration) -> pd.DataFrame:
+    """evaluate's ``predictions.csv``: one row per scored image.
+
+    ``image_id``, ``image`` (path); the back-off answer ``taxon_rank``, ``taxon``,
+    ``confidence``, ``reason`` and ``correct`` (the answer names the true taxon at its rank;
+    empty for unknown, or where the image has no label at that rank); per rank
+    ``<rank>_true`` (empty where the label stops above it), ``<rank>`` (the decoded path),
+    ``<rank>_prob``, ``<rank>_confidence``, ``<rank>_correct`` (empty where unlabelled),
+    ``<rank>_top5``; ``method``.
+    """
+    from ..model.confidence import with_rank_confidence
+
+    ranks = list(tax.ranks)
+    path = with_rank_confidence(decoded.to_frame(tax), ranks, calibration)
+    table = pd.DataFrame({"image_id": rows["image_id"].astype(str).to_numpy(),
+                          "image": rows["path"].astype(str).to_numpy()})
+    for col in ("taxon_rank", "taxon", "confidence", "reason"):
+        table[col] = answers[col].to_numpy()
+    answer_ok: list[bool | None] = [None] * len(table)
+    for r in ranks:
+        names = np.asarray(tax.names(r), dtype=object)
+        lab = y[r] >= 0
+        ok = np.asarray(decoded.path[r]) == y[r]
+        table[f"{r}_true"] = np.where(lab, names[np.maximum(y[r], 0)], "")
+        for col in (r, f"{r}_prob", f"{r}_confidence"):
+            table[col] = path[col].to_numpy()
+        table[f"{r}_correct"] = _cell(ok, lab)
+        table[f"{r}_top{decoded.top_k}"] = path[f"{r}_top{decoded.top_k}"].to_numpy()
+        for i in np.flatnonzero(answers["taxon_rank"].to_numpy(dtype=object) == r):
+            answer_ok[i] = bool(ok[i]) if lab[i] else None
+    table.insert(table.columns.get_loc("reason") + 1, "correct", answer_ok)
+    table["method"] = decoded.method
+    return table
 
 
 def evaluate_model(model: str | Path, annotations: str | Path, *,
@@ -196,17 +255,16 @@ def evaluate_model(model: str | Path, annotations: str | Path, *,
     except those the model trained on, recognised by content (a copy of the training
     annotations gives its validation split), so training images never inflate the
     figures; ``"all"`` scores every labelled image; ``"val"`` / ``"train"`` that split of
-    the training images. Writes metrics.json, confusion.csv and predictions.csv into
-    ``out`` as a unit when given.
+    the training images. ``out`` is a folder (an existing file is refused): metrics.json
+    (with the header of every JSON output), confusion.csv, the per-image predictions.csv
+    (:func:`evaluation_table`), reliability.csv / .png and provenance, written as a unit.
     """
     from ..bundle import ModelBundle
-    from ..io.files import check_output_folder
-    from ..model.confidence import with_rank_confidence
     from ..model.metrics import calibration_metrics, confusion_summary, evaluate_predictions
     from ..taxonomy.annotations import load_annotations
 
     if out:
-        check_output_folder(out)
+        check_evaluation_folder(out)
     bundle = ModelBundle.load(model)
     tax = bundle.taxonomy
     root = Path(images_root) if images_root else Path(annotations).parent
@@ -228,7 +286,7 @@ def evaluate_model(model: str | Path, annotations: str | Path, *,
         x, found, _ = cached_embeddings(ids, rows["path"].tolist(), cache=folder,
                                         backbone_cfg=bundle.backbone, progress=progress)
     x, y = x[found], {r: v[found] for r, v in y.items()}
-    decoded = bundle.predict_embeddings(x)
+    answers, decoded = bundle.predict_with_backoff(x)
     metrics = evaluate_predictions(decoded.path, y, tax, topk_index=decoded.topk_index)
     metrics.update(split=split, n_images=int(found.sum()), n_skipped_unknown_taxon=unknown,
                    n_training_images_left_out=n_left, n_failed_images=int((~found).sum()))
@@ -240,9 +298,8 @@ def evaluate_model(model: str | Path, annotations: str | Path, *,
                     int(found.sum()), len(labelled), n_left, unknown, int((~found).sum()))
     confusion = confusion_summary(decoded.path, y, tax, rank=tax.ranks[-1])
     if out:
-        ids_found = [i for i, f in zip(ids, found) if f]
-        table = with_rank_confidence(decoded.to_frame(tax, ids=ids_found), tax.ranks,
-                                     bundle.confidence)
+        table = evaluation_table(rows[found].reset_index(drop=True), y, answers, decoded, tax,
+                                 bundle.confidence)
         _write_evaluation(Path(out), model, annotations, bundle, split, metrics, confusion,
                           table, reliability)
     metrics["confusion"] = confusion.to_dict("records")
@@ -418,7 +475,6 @@ def evaluate_holdout(model: str | Path, annotations: str | Path, *,
     import yaml
 
     from ..bundle import ModelBundle
-    from ..io.files import check_output_folder
     from ..openset.evaluation import (
         correct_by_rank,
         detection_table,
@@ -430,7 +486,7 @@ def evaluate_holdout(model: str | Path, annotations: str | Path, *,
     )
 
     if out:
-        check_output_folder(out)  # before the retraining
+        check_evaluation_folder(out)  # before the retraining
     bundle = ModelBundle.load(model)
     cfg_file = Path(model) / "config.yaml"
     if not cfg_file.is_file():
@@ -485,7 +541,7 @@ def evaluate_holdout(model: str | Path, annotations: str | Path, *,
         frame.insert(1, "held_out", y_unk)
 
         def write(folder: Path) -> None:
-            atomic_write_json(folder / "openset_metrics.json", result)
+            write_json_output(folder / "openset_metrics.json", result, model_id=model_id)
             atomic_write_csv(folder / "openset_detection.csv", detection)
             atomic_write_csv(folder / "openset_risk_coverage.csv", rc)
             atomic_write_csv(folder / "openset_predictions.csv", frame)
@@ -493,7 +549,9 @@ def evaluate_holdout(model: str | Path, annotations: str | Path, *,
                 "model": str(Path(model).resolve()),
                 "annotations": str(Path(annotations).resolve()),
                 "holdout_species": held, "seed": seed, "test_fraction": test_fraction,
-                "retrain": {k: cfg.get(k) for k in ("model", "loss", "train", "openset")}})
+                "retrain": {k: cfg.get(k) for k in ("model", "loss", "train", "openset")}},
+                extra={"model_id": model_id})
 
+        model_id = model_id_for(bundle)
         _write_unit(Path(out), OPENSET_FILES, write)
     return result

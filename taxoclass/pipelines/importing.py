@@ -97,9 +97,10 @@ def import_annotations(source: str | Path, out: str | Path, *,
     if not data["images"]:
         raise AnnotationError(f"{source}: no labelled image to import ({len(left_out)} left "
                               "out, " f"{len(failures)} failed). Nothing was written.")
-    from ..io.files import atomic_write_json
+    from ..io.provenance import write_json_output
 
-    atomic_write_json(out, data)
+    # The header sits under COCO's own "info" key, which annotation readers ignore.
+    write_json_output(out, data, key="info")
     report = validate_annotations(out, images_root=root, allow_outside_root=False)
     return ImportResult(out=out, images_root=root, source_format=fmt, report=report,
                         left_out=left_out, failures=failures, crops=crop_dir)

@@ -157,7 +157,8 @@ def evaluate_plots_job(records: str | Path, truth: str | Path, taxonomy_source: 
     """Plot metrics (PlantCLEF macro F1 per plot, per species, micro; rank-aware credit)."""
     import pandas as pd
 
-    from ..io.files import atomic_write_csv, atomic_write_json
+    from ..io.files import atomic_write_csv
+    from ..io.provenance import write_json_output
     from ..plots.evaluation import evaluate_plots
     from ..plots.rules import PlotRecord
 
@@ -177,11 +178,12 @@ def evaluate_plots_job(records: str | Path, truth: str | Path, taxonomy_source: 
             plot_id=row["plot_id"], taxon_rank=row["taxon_rank"], taxon=row["taxon"],
             score=float(row["score"]), n_tiles=int(row["n_tiles"]), reason=row["reason"],
             node=node, rule=row["rule"] if isinstance(row.get("rule"), str) else "",
-            tile_share=float(row.get("tile_share", float("nan")))))
+            tile_share=float(row.get("tile_share", float("nan"))),
+            confidence=float(row.get("confidence", float("nan")))))
     result = evaluate_plots(predicted, read_plot_truth(truth), tax)
     per_plot = result.pop("per_plot", None)
     if out:
-        atomic_write_json(Path(out) / "plot_metrics.json", result)
+        write_json_output(Path(out) / "plot_metrics.json", result)
         if per_plot is not None:
             atomic_write_csv(Path(out) / "plot_metrics_per_plot.csv", per_plot)
         write_provenance(out, config={"records": str(records), "truth": str(truth),

@@ -12,6 +12,8 @@ and the engine's resumable state (``embeddings/``, Spark's Parquet rows) is kept
 from __future__ import annotations
 
 import logging
+import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,9 @@ from typing import Any
 import pandas as pd
 
 from ..errors import ConfigError, ImageError
-from ..io.files import atomic_write_csv, atomic_write_json, check_output_folder, output_folder
+from ..io.files import atomic_write_csv, check_output_folder, output_folder
 from ..io.images import collect_images
-from ..io.provenance import write_provenance
+from ..io.provenance import model_id_for, write_json_output, write_provenance
 from ..vocab import Reason, accepted_reason, is_outlier_reason
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,8 @@ Progress = Callable[[int, int], None]
 #: What a rerun into the same ``out`` resumes from (the local embedding cache, Spark's rows).
 RESUME_STATE = ("embeddings", "predictions.parquet", "manifest.json")
 FAILURE_COLUMNS = ["image", "error"]
+#: ``<rank>_top<k>`` columns: packed ``name:prob;...`` in CSV, lists in JSON.
+TOPK_COLUMN = re.compile(r"^(?P<rank>.+)_top(?P<k>[0-9]+)$")
 
 
 def _predict(model: str | Path, images: Sequence[str | Path], out: str | Path | None, *,
@@ -71,6 +75,8 @@ def one_decision(frame: pd.DataFrame) -> pd.DataFrame:
               if "error" in frame else pd.Series(False, index=frame.index))
     frame["reason"] = frame["reason"].astype(object).where(~failed, Reason.FAILED.value)
     frame["outlier"] = frame["reason"].map(is_outlier_reason).astype(bool)
+    for col in [c for c in frame.columns if str(c).endswith("_prob")]:
+        frame[col] = frame[col].clip(0.0, 1.0)  # float32 sums can reach 1.0000001
     return frame
 
 
@@ -97,14 +103,54 @@ def failures_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.loc[bad, FAILURE_COLUMNS].reset_index(drop=True)
 
 
+def topk_list(packed: Any, rank: str) -> list[dict[str, Any]] | None:
+    """A packed top-k cell (``"Acer:0.8123;Quercus:0.1000"``) as a JSON list, best first:
+    ``[{"name": "Acer", "rank": "genus", "probability": 0.8123}, ...]``; None for an
+    empty cell (a failed image)."""
+    if not isinstance(packed, str):
+        return None
+    out = []
+    for item in filter(None, packed.split(";")):
+        name, _, prob = item.rpartition(":")
+        out.append({"name": name, "rank": rank, "probability": float(prob)})
+    return out
+
+
+def json_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rows of a predictions frame for JSON: missing values null, top-k as lists."""
+    records = frame.astype(object).where(frame.notna(), None).to_dict("records")
+    tops = {c: m["rank"] for c in frame.columns if (m := TOPK_COLUMN.match(str(c)))}
+    for rec in records:
+        for col, rank in tops.items():
+            rec[col] = topk_list(rec[col], rank)
+        for key, val in rec.items():  # numpy NaN that survived as a float
+            if isinstance(val, float) and math.isnan(val):
+                rec[key] = None
+    return records
+
+
+def bundle_model_id(model: str | Path) -> str | None:
+    """The id of the bundle at ``model`` (:func:`~taxoclass.io.provenance.model_id_for`),
+    written in every JSON header; None when it cannot be read."""
+    from ..bundle import ModelBundle
+    from ..errors import TaxoclassError
+
+    try:
+        return model_id_for(ModelBundle.load(model))
+    except (TaxoclassError, OSError, ValueError) as exc:
+        log.warning("no model id for the JSON headers: %s", exc)
+        return None
+
+
 def _write_predictions(stage: Path, frame: pd.DataFrame, result: Any,
-                       images: Sequence[str | Path]) -> None:
+                       images: Sequence[str | Path], model_id: str | None) -> None:
     atomic_write_csv(stage / "predictions.csv", frame)
-    atomic_write_json(stage / "predictions.json",
-                      frame.astype(object).where(frame.notna(), None).to_dict("records"))
+    write_json_output(stage / "predictions.json", json_records(frame), model_id=model_id,
+                      items="predictions")
     atomic_write_csv(stage / "failures.csv", failures_frame(frame))
     write_provenance(stage, backbone=result.backbone,
-                     config={**result.record, "images": [str(i) for i in images]})
+                     config={**result.record, "images": [str(i) for i in images]},
+                     extra={"model_id": model_id})
 
 
 def _warn_failures(frame: pd.DataFrame, out: str | Path | None) -> int:
@@ -134,9 +180,10 @@ def predict_images(model: str | Path, images: Sequence[str | Path], *,
     store (resumable; only missing images are computed): ``cache``, else the model's
     training store when it can be written, else ``out/embeddings``, else a temporary folder
     (:func:`~taxoclass.engines.embedding_folder`); ``frame.attrs["embeddings"]`` counts
-    them. With ``out``, ``predictions.csv`` / ``predictions.json``, ``failures.csv`` plus
-    provenance are written there as a unit. ``engine="spark"`` (``master``, default
-    ``local[2]``) runs the same code in PySpark and keeps its resumable rows in
+    them. With ``out``, ``predictions.csv`` / ``predictions.json`` (``{"header": ...,
+    "predictions": [...]}``, top-k as lists; ``data_schemas/predictions.schema.json``),
+    ``failures.csv`` plus provenance are written there as a unit. ``engine="spark"``
+    (``master``, default ``local[2]``) runs the same code in PySpark and keeps its resumable rows in
     ``out/predictions.parquet``; it needs ``out``, takes no ``cache`` and ignores ``device``
     and ``num_workers`` (executors predict on CPUs).
     """
@@ -146,7 +193,7 @@ def predict_images(model: str | Path, images: Sequence[str | Path], *,
     frame = result.frame
     if out:
         with output_folder(out, keep=RESUME_STATE) as stage:
-            _write_predictions(Path(stage), frame, result, images)
+            _write_predictions(Path(stage), frame, result, images, bundle_model_id(model))
     _warn_failures(frame, out)
     return frame
 
@@ -183,10 +230,11 @@ def flag_unknowns(model: str | Path, images: Sequence[str | Path], *, out: str |
                "resolved_at": {k: int(v) for k, v in resolved.items()},
                **({"embeddings": result.record["embeddings"]}
                   if "embeddings" in result.record else {})}
+    model_id = bundle_model_id(model)
     with output_folder(out, keep=RESUME_STATE) as stage:
-        _write_predictions(Path(stage), result.frame, result, images)
+        _write_predictions(Path(stage), result.frame, result, images, model_id)
         atomic_write_csv(Path(stage) / "flags.csv", frame)
-        atomic_write_json(Path(stage) / "flags_summary.json", summary)
+        write_json_output(Path(stage) / "flags_summary.json", summary, model_id=model_id)
     n_failed = _warn_failures(frame, out)
     if len(frame) and n_failed == len(frame):
         first = failures_frame(frame).iloc[0]

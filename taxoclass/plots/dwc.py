@@ -46,6 +46,7 @@ import pandas as pd
 
 from .._version import __version__
 from ..io.files import atomic_write
+from ..io.provenance import model_id_for
 from ..vocab import UNKNOWN
 
 if TYPE_CHECKING:
@@ -121,20 +122,10 @@ def _photo_hash(photo: str | Path | None) -> str:
 
 
 def model_id(classifier: Any) -> str:
-    """The model's id: the bundle's ``model_id`` if it has one, else a hash of the sha256 of
-    its parts (bundle.json), else of its description (PlantCLEF checkpoint, legacy bundle)."""
-    bundle = getattr(classifier, "bundle", classifier)
-    own = getattr(bundle, "model_id", None)
-    if isinstance(own, str) and own:
-        return own
-    parts = getattr(bundle, "parts", None)
-    if parts:
-        text = json.dumps(dict(sorted(parts.items())), sort_keys=True)
-    else:
-        describe = getattr(classifier, "describe", None)
-        text = json.dumps(describe() if callable(describe) else repr(classifier),
-                          sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    """The model's id (:func:`taxoclass.io.provenance.model_id_for`): the bundle's
+    ``model_id`` if it has one, else a hash of the sha256 of its parts (bundle.json), else
+    of its description (PlantCLEF checkpoint, legacy bundle)."""
+    return model_id_for(classifier)
 
 
 def identified_by(classifier: Any) -> str:

@@ -107,11 +107,13 @@ def top_candidates(probs: Mapping[str, np.ndarray], k: int = TOP_K
 
 
 def _top(plot: Any, taxonomy, i: int) -> dict[str, list[tuple[str, float]]]:
-    """Rank -> the top taxa of tile ``i`` with their probabilities (none when not kept)."""
+    """Rank -> the top taxa of tile ``i`` with their probabilities (none when not kept).
+    Bare names, as in the rank columns of predictions (``Acer``, not ``Acer sp.``: the rank
+    says what it is); display labels are for ``taxon`` / ``answer`` only."""
     top = getattr(plot, "top", None)
     if not top:
         return {}
-    return {rank: [(taxonomy.label(taxonomy.node(rank, int(j))), float(q))
+    return {rank: [(taxonomy.node(rank, int(j))[-1], float(q))
                    for j, q in zip(top[rank][0][i], top[rank][1][i])]
             for rank in taxonomy.ranks if rank in top}
 

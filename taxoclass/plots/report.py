@@ -2,8 +2,10 @@
 
 :func:`plot_report` is the one job the CLI calls. Files written into ``out_dir``::
 
-    plot_records.csv         one row per find: plot_id, taxon_rank, taxon, score, n_tiles, reason
-    plot_records.json        the same per plot, with settings (data_schemas/plot_report.schema.json)
+    plot_records.csv         one row per find: plot_id, taxon_rank, taxon, confidence, score,
+                             n_tiles, reason, rule, tile_share
+    plot_records.json        the same per plot, with the output header and settings
+                             (data_schemas/plot_report.schema.json)
     report.html              self-contained survey report (plots.html): overview matrix,
                              richness chart, legend, links, per-plot photo + tile grid
     tiles.csv                one row per tile: box, top-3 per rank, answer, reason
@@ -35,12 +37,11 @@ from .._version import __version__
 from ..errors import ConfigError
 from ..io.files import (
     atomic_write_csv,
-    atomic_write_json,
     atomic_write_text,
     check_output_folder,
     output_folder,
 )
-from ..io.provenance import write_provenance
+from ..io.provenance import model_id_for, write_json_output, write_provenance
 from ..vocab import CHECKLIST_SUFFIX, UNKNOWN
 from .dwc import darwin_core_frame, dwc_columns, identified_by, write_dwc_archive
 from .html import render_html, tiles_frame, top_candidates
@@ -90,8 +91,8 @@ OUTPUT_FILES = {
 }
 #: Entries of a previous report folder a rerun keeps: the Spark engine's resumable tile rows.
 RESUME_STATE = ("plot_tiles.parquet", "manifest.json")
-RECORD_COLUMNS = ["plot_id", "taxon_rank", "taxon", "score", "n_tiles", "reason", "rule",
-                  "tile_share"]
+RECORD_COLUMNS = ["plot_id", "taxon_rank", "taxon", "confidence", "score", "n_tiles", "reason",
+                  "rule", "tile_share"]
 
 
 @dataclass
@@ -132,8 +133,31 @@ def records_frame(records: Mapping[str, Sequence[PlotRecord]]) -> pd.DataFrame:
     """One row per record, columns :data:`RECORD_COLUMNS`."""
     rows = [{c: getattr(r, c) for c in RECORD_COLUMNS} for recs in records.values() for r in recs]
     frame = pd.DataFrame(rows, columns=RECORD_COLUMNS)
-    frame["score"] = frame["score"].astype(float).round(6)
+    for col in ("score", "confidence"):
+        frame[col] = frame[col].astype(float).round(6)
     return frame
+
+
+def record_confidence(records: Sequence[PlotRecord], probs: Mapping[str, np.ndarray],
+                      taxonomy, tile_rank: np.ndarray, unknown: np.ndarray,
+                      calibration: Any = None) -> None:
+    """Set each record's ``confidence``: the highest calibrated confidence among the tiles
+    that count at the record's rank (not unknown, answered at that rank or below): the
+    tile's probability of the taxon (``probs``: the classifier's own, per rank) through
+    ``calibration`` (the bundle's per-rank map that ``predict``'s ``confidence`` uses;
+    None: the raw probability). The unknown record keeps NaN."""
+    ranks = [str(r) for r in taxonomy.ranks]
+    depth = np.array([ranks.index(str(r)) if str(r) in ranks else -1 for r in tile_rank])
+    counted = ~np.asarray(unknown, dtype=bool)
+    for rec in records:
+        if rec.taxon_rank not in ranks or not rec.node:
+            continue
+        rows = counted & (depth >= ranks.index(rec.taxon_rank))
+        if not rows.any():
+            continue
+        p = np.asarray(probs[rec.taxon_rank])[rows, taxonomy.index(tuple(rec.node))]
+        conf = p if calibration is None else calibration.calibrate(rec.taxon_rank, p)
+        rec.confidence = float(np.clip(np.max(conf), 0.0, 1.0))
 
 
 # ---------------------------------------------------------------------- the job
@@ -141,7 +165,7 @@ def _aggregate(pt: PlotTiles, taxonomy, *, rule: str, thresholds: Mapping[str, f
                learned: LearnedPlotRule | None, checklist: Sequence[str] | None,
                outside_weight: float, weights_by_scale: Mapping[str, float],
                min_tiles: int, top_k: int | None, min_tile_prob: float,
-               thumbnail_px: int) -> PlotResult:
+               thumbnail_px: int, calibration: Any = None) -> PlotResult:
     """One classified photo's records, tile labels and thumbnail (the image is let go).
 
     Each tile counts at the rank of its back-off answer and above (``pt.probs`` are 0
@@ -167,6 +191,8 @@ def _aggregate(pt: PlotTiles, taxonomy, *, rule: str, thresholds: Mapping[str, f
         for r in recs:
             r.rule += CHECKLIST_SUFFIX
     labels = _tile_labels(recs, probs, taxonomy, tile_rank, flags)
+    record_confidence(recs, pt.decoded.probs if pt.decoded is not None else probs, taxonomy,
+                      tile_rank, flags, calibration)
     thumb = pt.image.copy()
     thumb.thumbnail((thumbnail_px, thumbnail_px))
     pt.image = None
@@ -256,11 +282,12 @@ def _write_outputs(out: Path, classifier: Any, plots: Sequence[PlotResult],
     files = {k: out / v for k, v in OUTPUT_FILES.items()
              if k != "plantclef" or has_species_rank(taxonomy)}
     atomic_write_csv(files["csv"], records_frame(records))
-    atomic_write_json(files["json"], {
+    write_json_output(files["json"], {
         "taxoclass_version": __version__,
         "classifier": {"kind": str(describe.get("kind", type(classifier).__name__)),
                        "backbone": backbone},
-        "settings": dict(used), "plots": plot_json, "failures": failures})
+        "settings": dict(used), "plots": plot_json, "failures": failures},
+        model_id=model_id_for(classifier))
     files.pop("plantclef", None)  # ids, or a names file under another name (plantclef.py)
     submission = write_submission(out, records, taxonomy, taxon_ids=taxon_ids,
                                   year=plantclef_year)
@@ -369,6 +396,7 @@ def _classify_and_aggregate(classifier: Any, paths: Sequence[Path], resolved: An
     """Every readable photo's :class:`PlotResult`; a photo that cannot be read or tiled is
     a failure row (photo, error) and the others carry on."""
     taxonomy = classifier.taxonomy
+    calibration = getattr(getattr(classifier, "bundle", None), "confidence", None)
     plots: list[PlotResult] = []
     failures: list[dict[str, str]] = []
     for item in classify_photos(classifier, paths, grids=resolved.grids,
@@ -382,5 +410,5 @@ def _classify_and_aggregate(classifier: Any, paths: Sequence[Path], resolved: An
                                 outside_weight=outside_weight, weights_by_scale=weights_by_scale,
                                 min_tiles=resolved.min_tiles, top_k=resolved.top_k,
                                 min_tile_prob=resolved.min_tile_prob,
-                                thumbnail_px=thumbnail_px))
+                                thumbnail_px=thumbnail_px, calibration=calibration))
     return plots, failures

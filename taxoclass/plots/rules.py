@@ -68,8 +68,11 @@ class PlotRecord:
     ``node`` the taxon's full path in the taxonomy (empty for unknown); ``n_tiles`` the
     tiles that support it; ``reason`` why it sits at that rank (the words of
     :mod:`taxoclass.vocab`, as in predictions); ``rule`` the aggregation setting that
-    scored it; ``tile_share`` ``n_tiles`` over the plot's tiles. ``score`` is NaN for the
-    unknown record (written as an empty cell / JSON null).
+    scored it; ``tile_share`` ``n_tiles`` over the plot's tiles. ``confidence``: the
+    highest calibrated confidence among the tiles that support the record (each tile's
+    probability of the taxon at its rank through the model's per-rank calibration, the map
+    ``predict`` uses; set by the report, NaN until then). ``score`` and ``confidence`` are
+    NaN for the unknown record (written as an empty cell / JSON null).
     """
 
     plot_id: str
@@ -81,12 +84,14 @@ class PlotRecord:
     node: tuple[str, ...] = field(default_factory=tuple)
     rule: str = ""
     tile_share: float = float("nan")
+    confidence: float = float("nan")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["node"] = list(self.node)
-        d["score"] = None if np.isnan(float(self.score)) else float(self.score)
-        d["tile_share"] = None if np.isnan(float(self.tile_share)) else float(self.tile_share)
+        for key in ("score", "tile_share", "confidence"):
+            value = float(getattr(self, key))
+            d[key] = None if np.isnan(value) else value
         d["n_tiles"] = int(self.n_tiles)
         return d
 
