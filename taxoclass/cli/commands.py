@@ -195,6 +195,8 @@ def _train(cfg: dict, finetune: bool, unfreeze_blocks: int | None, device: str |
             cfg["finetune"]["unfreeze_blocks"] = unfreeze_blocks
         with progress_bar("embedding", "img") as emb, progress_bar("fine-tuning", "step") as prog:
             out = finetune_from_config(cfg, progress=prog, device=device, embed_progress=emb)
+        if out is None:  # another process of a torchrun job: process 0 writes and reports
+            return
         print_metrics(out / "metrics_val.json", f"validation metrics ({out})")
         click.echo(f"model bundle written to {out}")
         return
