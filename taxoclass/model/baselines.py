@@ -32,7 +32,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from .decoding import Decoded, decode, decode_leaf_probabilities
 
-__all__ = ["ClassPrototype", "FlatLinearProbe", "NearestNeighbour", "l2_normalise"]
+__all__ = ["C_GRID", "ClassPrototype", "FlatLinearProbe", "HiclassBaseline", "NearestNeighbour",
+           "choose_C", "l2_normalise", "row_space"]
 
 #: Logit given to classes a baseline never saw in training (finite, so softmax is safe).
 UNSEEN_LOGIT = -1e4
@@ -224,3 +225,112 @@ class ClassPrototype(BaseEstimator):
 
     def predict(self, X: np.ndarray) -> Decoded:
         return decode(self.logits(X), self.taxonomy, method=self.method, top_k=self.top_k)
+
+
+# ----------------------------------------------------------------- C by inner CV, hiclass
+#: Starting grid of logistic-regression C (factor 10); extended while the best is at an edge.
+C_GRID: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
+
+
+def row_space(X: np.ndarray) -> np.ndarray:
+    """An orthonormal basis ``[d, r]`` of the span of the rows of ``X``.
+
+    L2-penalised logistic regression depends on the data through ``X @ W`` only and its
+    optimal ``W`` lies in that span (representer theorem), so fitting on ``X @ basis``
+    (``r <= n`` columns instead of ``d``) gives the same model, faster when ``n < d``."""
+    _, s, vt = np.linalg.svd(np.asarray(X, dtype=np.float64), full_matrices=False)
+    keep = s > s[0] * 1e-10 if s.size else s > 0
+    return vt[keep].T.astype(np.float32)
+
+
+def choose_C(X: np.ndarray, y: np.ndarray, *, folds: int = 3, seed: int = 0,
+             grid: tuple[float, ...] = C_GRID, max_extend: int = 6,
+             max_iter: int = 3000) -> tuple[float, dict[float, float]]:
+    """The C of best mean inner-CV accuracy (stratified ``folds``, seeded) on ``X, y``
+    (training data only), and every C's score. The grid (factor 10 apart) grows by one
+    step beyond an edge while the best C sits at that edge (at most ``max_extend``
+    steps); ties go to the smaller C (stronger regularisation)."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedKFold
+
+    with warnings.catch_warnings():  # classes with fewer images than folds: still valid
+        warnings.simplefilter("ignore", UserWarning)
+        splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y))
+    scores: dict[float, float] = {}
+
+    def score(C: float) -> float:
+        if C not in scores:
+            acc = []
+            for tr, va in splits:
+                m = LogisticRegression(C=C, max_iter=max_iter).fit(X[tr], y[tr])
+                acc.append(float((m.predict(X[va]) == y[va]).mean()))
+            scores[C] = float(np.mean(acc))
+        return scores[C]
+
+    cs = sorted(grid)
+    for _ in range(max_extend + 1):
+        best = max(cs, key=lambda c: (score(c), -c))
+        if best == cs[0] and cs[0] / 10 not in scores:
+            cs.insert(0, cs[0] / 10)
+        elif best == cs[-1] and cs[-1] * 10 not in scores:
+            cs.append(cs[-1] * 10)
+        else:
+            break
+    best = max(scores, key=lambda c: (scores[c], -c))
+    return best, scores
+
+
+class HiclassBaseline(BaseEstimator):
+    """hiclass ``LocalClassifierPerParentNode`` with logistic regression (C) on
+    L2-normalised features: a classifier per parent node, decided top-down. Labels stop
+    where the target is -1 (hiclass pads with ""). Probabilities: hiclass's per-level
+    probabilities (product along the path) at the lowest rank, renormalised over the
+    known leaves and summed up the tree; the reported path is hiclass's own top-down one
+    (when it stops above the lowest rank, the most probable leaf below where it stopped)."""
+
+    def __init__(self, taxonomy, *, C: float = 1.0, max_iter: int = 3000, top_k: int = 5) -> None:
+        self.taxonomy = taxonomy
+        self.C = C
+        self.max_iter = max_iter
+        self.top_k = top_k
+
+    def fit(self, X: np.ndarray, targets: Mapping[str, object]) -> HiclassBaseline:
+        from hiclass import LocalClassifierPerParentNode
+
+        X = _check_X(X, who="HiclassBaseline")
+        t = _check_targets(targets, self.taxonomy, len(X), "HiclassBaseline")
+        keep = t[self.taxonomy.ranks[0]] >= 0
+        cols = [np.where(t[r][keep] >= 0, t[r][keep].astype(str), "") for r in self.taxonomy.ranks]
+        self.model_ = LocalClassifierPerParentNode(
+            local_classifier=LogisticRegression(C=self.C, max_iter=self.max_iter),
+            return_all_probabilities=True)
+        self.model_.fit(l2_normalise(X[keep]), np.array(cols, dtype=object).T)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def predict(self, X: np.ndarray) -> Decoded:
+        check_is_fitted(self)
+        tax = self.taxonomy
+        Xn = l2_normalise(_check_X(X, self.n_features_in_, "HiclassBaseline"))
+        pred = self.model_.predict(Xn)
+        lowest = tax.ranks[-1]
+        classes = np.asarray(self.model_.classes_[-1]).astype(str)
+        proba = np.asarray(self.model_.predict_proba(Xn)[-1], dtype=np.float64)
+        leaf_p = np.zeros((len(Xn), tax.n_classes(lowest)))
+        known = classes != ""
+        leaf_p[:, classes[known].astype(int)] = proba[:, known]
+        total = leaf_p.sum(1, keepdims=True)
+        leaf_p = np.where(total > 0, leaf_p / np.maximum(total, 1e-300), 1.0 / leaf_p.shape[1])
+        leaf = np.empty(len(Xn), dtype=np.int64)
+        for i, row in enumerate(pred):
+            filled = [(k, v) for k, v in enumerate(row) if str(v) != ""]
+            k, v = filled[-1] if filled else (-1, "")
+            if k == len(tax.ranks) - 1:
+                leaf[i] = int(v)
+                continue
+            under = (np.ones(leaf_p.shape[1], bool) if k < 0 else
+                     tax.parent_index(lowest, tax.ranks[k]) == int(v))
+            leaf[i] = int(np.argmax(np.where(under, leaf_p[i], -1.0)))
+        return decode_leaf_probabilities(leaf_p.astype(np.float32), tax, top_k=self.top_k,
+                                         method="hiclass+topdown", leaf=leaf)

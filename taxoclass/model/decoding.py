@@ -1,16 +1,32 @@
-"""Coherent decoding: per-rank probabilities that agree along the tree, and the best path.
+"""Coherent decoding: per-rank probabilities that agree along the tree, and one path.
 
-Two methods, both vectorised over the taxonomy's index arrays (no Python loop over taxa):
+Four methods, all vectorised over the taxonomy's index arrays (no Python loop over taxa):
 
 - ``"path"``: every full path (leaf = lowest-rank class) is scored by the sum of the
   per-rank log-softmax along it; a softmax over paths gives leaf probabilities, which
   are summed up the tree. All heads vote; a species is only likely if its genus and
-  family heads agree.
+  family heads agree. Caveat: a head that only repeats the species head's evidence
+  (e.g. a genus head equal to the species marginals) is counted twice, which sharpens
+  the result and favours species-rich genera when the heads are uncertain.
 - ``"marginal"``: the lowest-rank softmax alone, summed up the tree. The higher heads
   are ignored (useful when they were not trained, e.g. a flat species model).
+- ``"topdown"``: greedy from the top rank: the top head's arg-max, then at each rank
+  below the arg-max of that rank's head among the children of the class chosen above
+  (the local-classifier-per-parent-node decision, e.g. Silla & Freitas 2011, "A survey of
+  hierarchical classification across different application domains", DMKD 22:31-72).
+  Its probabilities are the chain rule of the heads, each renormalised over the children
+  of its parent: ``P(leaf) = prod_rank p_rank(node | parent)``.
+- ``"crm"``: conditional-risk minimisation (Karthik et al. 2021, "No Cost Likelihood
+  Manipulation at Test Time for Making Better Mistakes in Deep Networks", ICLR): the
+  reported leaf minimises the *expected* tree distance to the truth under the path
+  probabilities, ``argmin_j sum_i p_i d(i, j)``. With every leaf at full depth,
+  ``d(i, j) = 2 * (n_ranks - depth of their LCA)``, so this is the leaf maximising the
+  sum over ranks of its ancestors' probabilities (computed without a leaf x leaf matrix).
+  :func:`decode_leaf_probabilities` applies it to any method's leaf probabilities.
 
-The reported path is the arg-max leaf and its ancestors, so the species reported is
-always a child of the genus reported, and so on.
+For ``"path"`` and ``"marginal"`` the reported path is the arg-max leaf and its ancestors;
+for ``"topdown"`` and ``"crm"`` the leaf that rule chooses. Either way the species
+reported is a child of the genus reported, and so on.
 """
 
 from __future__ import annotations
@@ -24,9 +40,11 @@ import torch
 from torch import Tensor
 
 __all__ = ["METHODS", "Decoded", "coherent_probabilities", "decode", "decode_leaf_probabilities",
-           "is_coherent", "marginalise"]
+           "is_coherent", "marginalise", "min_risk_leaf", "topdown"]
 
-METHODS: tuple[str, ...] = ("path", "marginal")
+METHODS: tuple[str, ...] = ("path", "marginal", "topdown", "crm")
+#: How a leaf is chosen from leaf probabilities (:func:`decode_leaf_probabilities`).
+CHOICES: tuple[str, ...] = ("argmax", "crm")
 
 
 @dataclass
@@ -38,9 +56,10 @@ class Decoded:
     ``topk_index``/``topk_prob``: the ``k`` most probable classes per rank, best first.
     ``method`` says how the probabilities were made (the reason behind the answer).
 
-    The path follows the best *leaf*, so its genus need not be the most probable genus
-    (two oaks at 0.3 each beat one maple at 0.4 at genus rank, yet the maple is the best
-    leaf); rank-level decisions (back-off) should read ``probs`` / ``topk_*``.
+    The path follows one *leaf* (the best one, or the one ``topdown``/``crm`` choose), so
+    its genus need not be the most probable genus (two oaks at 0.3 each beat one maple
+    at 0.4 at genus rank, yet the maple is the best leaf); rank-level decisions (back-off)
+    should read ``probs`` / ``topk_*``.
     """
 
     ranks: tuple[str, ...]
@@ -55,6 +74,10 @@ class Decoded:
     #: decoders that start from probabilities). An unnormalised confidence: unlike the
     #: softmax probability it stays low when no known class fits (unknown species).
     path_logit: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Per rank, the arg-max of that rank's own head before coherent decoding (when
+    #: decoded from logits; empty for methods without per-rank heads). Unlike ``path`` it
+    #: need not be coherent: :func:`is_coherent` on it measures how well the heads agree.
+    head_argmax: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.path[self.ranks[-1]])
@@ -128,8 +151,10 @@ def _leaf_scores(logits: Mapping[str, Tensor], taxonomy, method: str) -> Tensor:
         raise ValueError(f"Unknown decoding method {method!r}; expected one of {METHODS}.")
     x = _check(logits, taxonomy)
     lowest = taxonomy.ranks[-1]
+    if method == "topdown":
+        return _topdown_scores(x, taxonomy)
     score = x[lowest].log_softmax(dim=1)
-    if method == "path":
+    if method in ("path", "crm"):
         for rank, z in x.items():
             if rank != lowest:
                 idx = _index(taxonomy, lowest, rank, z.device)
@@ -137,46 +162,132 @@ def _leaf_scores(logits: Mapping[str, Tensor], taxonomy, method: str) -> Tensor:
     return score
 
 
+def _group_log_softmax(z: Tensor, group: Tensor, n_groups: int) -> Tensor:
+    """``log softmax`` of each row of ``z`` within groups of columns (stable)."""
+    idx = group.expand(z.shape[0], -1)
+    top = z.new_full((z.shape[0], n_groups), float("-inf")).scatter_reduce(
+        1, idx, z, reduce="amax")
+    shifted = z - top.gather(1, idx)
+    total = z.new_zeros((z.shape[0], n_groups)).index_add_(1, group, shifted.exp())
+    return shifted - total.log().gather(1, idx)
+
+
+def _topdown_steps(x: Mapping[str, Tensor], taxonomy):
+    """Per present rank, top-down: (rank, parent rank present above or None, log of the
+    head's probability renormalised over the children of each class's parent)."""
+    above = None
+    for rank in taxonomy.ranks:
+        if rank not in x:
+            continue
+        z = x[rank]
+        if above is None:
+            cond = z.log_softmax(dim=1)
+        else:
+            group = _index(taxonomy, rank, above, z.device)
+            cond = _group_log_softmax(z, group, taxonomy.n_classes(above))
+        yield rank, above, cond
+        above = rank
+
+
+def _topdown_scores(x: Mapping[str, Tensor], taxonomy) -> Tensor:
+    """Leaf log-probabilities by the chain rule of the heads (each renormalised over
+    the children of its parent)."""
+    lowest = taxonomy.ranks[-1]
+    score = None
+    for rank, _, cond in _topdown_steps(x, taxonomy):
+        part = cond if rank == lowest else cond.index_select(
+            1, _index(taxonomy, lowest, rank, cond.device))
+        score = part if score is None else score + part
+    return score
+
+
+def topdown(logits: Mapping[str, Tensor], taxonomy) -> Tensor:
+    """The leaf (lowest-rank index) that greedy top-down decoding reaches, per row: the
+    top head's arg-max, then per rank the arg-max among the children of the choice above."""
+    x = _check(logits, taxonomy)
+    chosen = None
+    for rank, above, cond in _topdown_steps(x, taxonomy):
+        if above is not None:
+            group = _index(taxonomy, rank, above, cond.device)
+            cond = cond.masked_fill(group[None, :] != chosen[:, None], float("-inf"))
+        chosen = cond.argmax(dim=1)
+    return chosen
+
+
+def min_risk_leaf(probs: Mapping[str, Tensor], taxonomy) -> Tensor:
+    """Karthik et al. 2021's conditional-risk choice: per row, the leaf with the least
+    expected tree distance to the truth, from coherent per-rank ``probs`` (rank ->
+    ``[batch, n]``, each rank the sum of the lowest up the tree): the leaf maximising the
+    sum over ranks of the probability of its ancestor there. Ties go to the lower index."""
+    lowest = taxonomy.ranks[-1]
+    p = probs[lowest]
+    gain = p.clone()
+    for rank in taxonomy.ranks[:-1]:
+        gain = gain + probs[rank].index_select(1, _index(taxonomy, lowest, rank, p.device))
+    return gain.argmax(dim=1)
+
+
 def coherent_probabilities(logits: Mapping[str, Tensor], taxonomy,
                            method: str = "path") -> dict[str, Tensor]:
     """Per-rank probabilities that sum up the tree (genus = sum of its species).
 
-    ``logits``: rank -> ``[batch, n_classes]`` (tensors or arrays). Method ``"path"``
-    uses every rank present (the lowest rank is required); ``"marginal"`` only the
-    lowest. Differentiable; runs on the logits' device.
+    ``logits``: rank -> ``[batch, n_classes]`` (tensors or arrays). Methods ``"path"`` and
+    ``"crm"`` use every rank present (the lowest rank is required) by path scoring,
+    ``"topdown"`` every rank by the chain rule, ``"marginal"`` only the lowest.
+    Differentiable; runs on the logits' device.
     """
     return marginalise(_leaf_scores(logits, taxonomy, method).softmax(dim=1), taxonomy)
 
 
 def decode_leaf_probabilities(leaf_probs: Tensor | np.ndarray, taxonomy, *, top_k: int = 5,
-                              method: str = "marginal") -> Decoded:
-    """Build a :class:`Decoded` from lowest-rank probabilities (rows summing to 1)."""
+                              method: str = "marginal", choice: str = "argmax",
+                              leaf: np.ndarray | None = None) -> Decoded:
+    """Build a :class:`Decoded` from lowest-rank probabilities (rows summing to 1).
+
+    ``choice``: ``"argmax"`` reports the most probable leaf, ``"crm"`` the leaf of least
+    expected tree distance (:func:`min_risk_leaf`, Karthik et al. 2021). ``leaf`` (one
+    lowest-rank index per row) reports the leaf a method chose itself instead."""
+    if choice not in CHOICES:
+        raise ValueError(f"Unknown leaf choice {choice!r}; expected one of {CHOICES}.")
     p = torch.as_tensor(leaf_probs)
     if not p.is_floating_point():
         p = p.float()
-    return _decoded(marginalise(p, taxonomy), taxonomy, top_k=top_k, method=method)
+    probs = marginalise(p, taxonomy)
+    chosen = None if leaf is None else torch.as_tensor(np.asarray(leaf), dtype=torch.long)
+    if chosen is None and choice == "crm":
+        chosen = min_risk_leaf(probs, taxonomy)
+    return _decoded(probs, taxonomy, top_k=top_k, method=method, leaf=chosen)
 
 
 @torch.no_grad()
 def decode(logits: Mapping[str, Tensor], taxonomy, *, method: str = "path",
            top_k: int = 5) -> Decoded:
-    """Coherent probabilities, the best path and the top-k per rank, as numpy arrays."""
-    out = _decoded(coherent_probabilities(logits, taxonomy, method), taxonomy, top_k=top_k,
-                   method=method)
+    """Coherent probabilities, the chosen path and the top-k per rank, as numpy arrays
+    (``head_argmax``: each head's own arg-max, before decoding)."""
+    probs = coherent_probabilities(logits, taxonomy, method)
+    leaf = None
+    if method == "crm":
+        leaf = min_risk_leaf(probs, taxonomy)
+    elif method == "topdown":
+        leaf = topdown(logits, taxonomy)
+    out = _decoded(probs, taxonomy, top_k=top_k, method=method, leaf=leaf)
     for rank in taxonomy.ranks:
         if rank not in logits:
             continue
         lg = torch.as_tensor(logits[rank]).float()
         idx = torch.as_tensor(out.path[rank], device=lg.device)
         out.path_logit[rank] = lg.gather(1, idx[:, None])[:, 0].cpu().numpy()
+        out.head_argmax[rank] = lg.argmax(dim=1).cpu().numpy()
     return out
 
 
-def _decoded(probs: dict[str, Tensor], taxonomy, *, top_k: int, method: str) -> Decoded:
+def _decoded(probs: dict[str, Tensor], taxonomy, *, top_k: int, method: str,
+             leaf: Tensor | None = None) -> Decoded:
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}.")
     lowest = taxonomy.ranks[-1]
-    leaf = probs[lowest].argmax(dim=1)
+    if leaf is None:
+        leaf = probs[lowest].argmax(dim=1)
     path, path_prob, topk_index, topk_prob = {}, {}, {}, {}
     for rank in taxonomy.ranks:
         p = probs[rank]
@@ -230,8 +341,11 @@ def concat_decoded(parts: Sequence[Decoded]) -> Decoded:
 
     logit_ranks = [r for r in first.ranks
                    if all(r in p.path_logit for p in parts)]
+    head_ranks = [r for r in first.ranks if all(r in p.head_argmax for p in parts)]
     return Decoded(ranks=first.ranks, probs=cat("probs"), path=cat("path"),
                    path_prob=cat("path_prob"), topk_index=cat("topk_index"),
                    topk_prob=cat("topk_prob"), method=first.method, top_k=first.top_k,
                    path_logit={r: np.concatenate([p.path_logit[r] for p in parts])
-                               for r in logit_ranks})
+                               for r in logit_ranks},
+                   head_argmax={r: np.concatenate([p.head_argmax[r] for p in parts])
+                                for r in head_ranks})

@@ -38,6 +38,20 @@ def make_optimizer(head: torch.nn.Module, train: Mapping | None = None) -> torch
                  lr=float(settings.lr), weight_decay=float(settings.weight_decay))
 
 
+def freeze_untrained_heads(head: MultiRankHead, trained: tuple[str, ...] | list[str]) -> None:
+    """Zero and freeze the heads of ranks the loss does not train (``loss.kind`` flat,
+    soft_labels, hxe train the lowest only): their logits are exactly 0, a uniform
+    softmax that adds the same constant to every path score, so ``path`` and ``crm``
+    decoding equal their marginal versions instead of reading an untrained head."""
+    for rank in head.ranks:
+        if rank not in trained:
+            layer = head.heads[rank]
+            with torch.no_grad():
+                layer.weight.zero_()
+                layer.bias.zero_()
+            layer.requires_grad_(False)
+
+
 @dataclass
 class EarlyStopping:
     """Best-epoch tracking for a loop that scores every epoch (lower is better).
@@ -102,6 +116,7 @@ def train_head(x_train: np.ndarray, y_train: Mapping[str, np.ndarray],
     head = MultiRankHead(xt.shape[1], {r: taxonomy.n_classes(r) for r in ranks},
                          hidden=model_cfg.hidden, dropout=float(model_cfg.dropout))
     criterion = criterion_from_config(taxonomy, yt, loss)
+    freeze_untrained_heads(head, getattr(criterion, "trained_ranks", ranks))
     opt = make_optimizer(head, train_cfg.to_dict())
     epochs = int(train_cfg.epochs)
     n = len(xt)
