@@ -314,9 +314,9 @@ def _matrix(plots: Sequence[Any], taxonomy, colours) -> str:
             if r is None:
                 cells.append("<td class='z' data-v='0'>·</td>")
                 continue
-            conf = getattr(r, "confidence", None)
+            conf = _fmt(getattr(r, "confidence", None))
             tip = (f"{t}: {r.n_tiles} tiles, score {_fmt(r.score)}"
-                   + (f", confidence {_fmt(conf)}" if conf is not None else "")
+                   + (f", confidence {conf}" if conf else "")
                    + f", reason {r.reason}")
             cells.append(f"<td class='n' data-v='{r.n_tiles}' title='{esc(tip)}'>"
                          f"{r.n_tiles}</td>")
@@ -344,10 +344,13 @@ def _legend(plots: Sequence[Any], lowest: str) -> str:
         "more specific; a family or genus answer means the tiles did not support a species."
         "</dd><dt>score</dt><dd>The evidence the plot rule compares with the rank's "
         "threshold (not a probability of being right).</dd>"
-        "<dt>confidence</dt><dd>Where shown: the calibrated probability that the taxon at "
-        "that rank is right.</dd><dt>tiles</dt><dd>Tiles of the photo that support the "
-        "taxon; on a photo, tiles are coloured by the taxon they support, tiles crossed "
-        "in red were flagged unknown (outliers), grey outlines support no reported taxon. "
+        "<dt>confidence</dt><dd>Where shown: the highest calibrated confidence among the "
+        "tiles counted at the taxon's rank (each tile's probability of the taxon through the "
+        "model's calibration, the map single-image predictions use; fitted on whole images, "
+        "so for a tile an estimate). None for unknown.</dd><dt>tiles</dt><dd>Tiles of the "
+        "photo that support the taxon; on a photo, tiles are coloured by the taxon they "
+        "support, tiles crossed in red were flagged unknown (outliers), grey outlines support "
+        "no reported taxon. "
         "Hover a tile for its top-3 taxa per rank.</dd></dl>"
         f"<h3>Reasons and rules in this report</h3><dl class='leg'>{items}</dl>")
 
@@ -381,7 +384,7 @@ def _plot_section(p: Any, taxonomy, colours) -> str:
              f"src='data:image/jpeg;base64,{b64_jpeg(pic)}'>{_tile_overlay(p, taxonomy, pic.size)}"
              f"</div><br><small>{esc(str(p.photo))} ({p.size[0]}×{p.size[1]} px, "
              f"{len(p.tiles)} tiles)</small></div><div>"]
-    conf = any(getattr(r, "confidence", None) is not None for r in p.records)
+    conf = any(_fmt(getattr(r, "confidence", None)) for r in p.records)
     parts.append("<h3>Taxa by rank</h3><table class='sortable'><thead><tr><th>rank</th>"
                  "<th>taxon</th><th>tiles</th><th>score</th>"
                  + ("<th>confidence</th>" if conf else "")
