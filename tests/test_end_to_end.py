@@ -178,6 +178,7 @@ def test_openset_evaluation_places_a_held_out_species_in_its_genus(fixture_set, 
     cli("evaluate", "--model", fixture_model["model"], "--annotations", fixture_set["train"],
         "--holdout-species", "Acer platanoides", "--out", tmp_path / "openset")
     metrics = json.loads((tmp_path / "openset" / "openset_metrics.json").read_text())
+    assert metrics["header"]["tool"] == "taxoclass" and metrics["header"]["model_id"]
     assert metrics["held_out_species"] == ["Acer platanoides"]
     assert metrics["n_test_held_out"] == 10  # every image of the held-out species
     assert metrics["held_out_right_genus_on_path"] >= 0.8
