@@ -224,8 +224,15 @@ def _torch_modules():
                                  + (["outlier_score"] if det is not None else []))
 
         def forward(self, image):
+            return self.tail(self.embed(image))
+
+        def embed(self, image):
+            """The backbone's pooled embeddings (what taxoclass's embedding store holds)."""
             feats = self.backbone.forward_features(image)
-            emb = self.backbone.forward_head(feats, pre_logits=True).float()
+            return self.backbone.forward_head(feats, pre_logits=True).float()
+
+        def tail(self, emb):
+            """Heads, decoding and outlier score of embeddings: the graph's outputs."""
             x = F.normalize(emb, dim=1) if self.normalize else emb
             logits = self.head(x)
             probs = coherent_probabilities(logits, self.taxonomy, self.method)
