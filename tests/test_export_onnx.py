@@ -214,6 +214,24 @@ def test_runner_backs_off_with_the_exported_thresholds(exported, photos, tmp_pat
     assert any(r["reason"].startswith("backoff_to_genus") for r in rows)
 
 
+def test_bundle_without_openset_answers_at_the_lowest_rank(fixture_model, photos, tmp_path):
+    """No open-set scorer: no outlier output, every answer the best path's lowest rank
+    (taxoclass's behaviour), confidence still calibrated."""
+    from taxoclass import TaxonClassifier, export_onnx
+    from taxoclass.bundle import ModelBundle
+    from taxoclass.pipelines.edge_runner import EdgeModel
+
+    bundle = ModelBundle.load(fixture_model["model"])
+    bundle.scorer = None
+    res = export_onnx(bundle, tmp_path / "plain.onnx", check=False)
+    assert "outlier_score" not in res.outputs
+    assert json.loads(res.meta.read_text())["openset"] is None
+    paths = sorted(p for p in photos.glob("*.jpg") if p.name != "broken.jpg")
+    rows = EdgeModel(res.onnx).predict(paths)
+    assert_same_answers(rows, TaxonClassifier(bundle, device="cpu").predict(paths))
+    assert {r["reason"] for r in rows} == {"species"} and "outlier_score" not in rows[0]
+
+
 def test_export_errors(exported, fixture_model, cli, tmp_path):
     from click.testing import CliRunner
 
