@@ -167,6 +167,8 @@ def test_topk_probs_and_coherence_rate(case):
     res = evaluate_predictions(pred, true, tax, head_argmax=heads)
     assert res["coherence_rate"] == pytest.approx(6 / 7)
     assert "coherence_rate" not in evaluate_predictions(pred, true, tax, head_argmax={})
+    one_head = {"species": pred["species"]}  # a species-only model: nothing to agree with
+    assert "coherence_rate" not in evaluate_predictions(pred, true, tax, head_argmax=one_head)
 
 
 def test_genus_distance_is_none_without_a_distance_table(case):

@@ -42,8 +42,8 @@ Conventions (issue 17: the standard ones, stated):
   back-off (the prediction stops above the truth on its path) is not a mistake; it is
   counted in ``n_backoff``. ``rate`` = mistakes / labelled samples.
 - Coherence (``coherence_rate``) is reported only for the heads' own per-rank arg-max
-  (``head_argmax``): the decoded path is coherent by construction, so without
-  ``head_argmax`` there is no such key.
+  (``head_argmax``, two ranks or more): the decoded path is coherent by construction, and
+  a single head (a species-only model) agrees with itself, so otherwise there is no key.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def evaluate_predictions(decoded_path: Mapping[str, np.ndarray],
     n_classes]``) adds the mean negative log-likelihood per rank, and gives the top-k when
     ``topk_index`` is not given. ``head_argmax`` (rank -> each head's own arg-max,
     :attr:`Decoded.head_argmax`) adds ``coherence_rate``: the share of rows whose heads
-    agree along the tree; an empty mapping or None adds nothing (module doc).
+    agree along the tree; None or fewer than two ranks add nothing (module doc).
     """
     ranks = tuple(taxonomy.ranks)
     pred = _arrays(decoded_path, ranks, "decoded_path")
@@ -141,7 +141,7 @@ def evaluate_predictions(decoded_path: Mapping[str, np.ndarray],
         "genus_distance": gd,
         "genus_distance_n": gd_n,
     }
-    if head_argmax:
+    if head_argmax and len(head_argmax) > 1:  # one head agrees with itself: no column
         heads = _arrays(head_argmax, tuple(r for r in ranks if r in head_argmax),
                         "head_argmax")
         out["coherence_rate"] = float(is_coherent(heads, taxonomy).mean()) if n_total else None
