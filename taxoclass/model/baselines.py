@@ -249,7 +249,8 @@ def choose_C(X: np.ndarray, y: np.ndarray, *, folds: int = 3, seed: int = 0,
     """The C of best mean inner-CV accuracy (stratified ``folds``, seeded) on ``X, y``
     (training data only), and every C's score. The grid (factor 10 apart) grows by one
     step beyond an edge while the best C sits at that edge (at most ``max_extend``
-    steps); ties go to the smaller C (stronger regularisation)."""
+    steps; a flat plateau at the bottom edge does not extend it); ties go to the smaller
+    C (stronger regularisation)."""
     import warnings
 
     from sklearn.model_selection import StratifiedKFold
@@ -269,14 +270,16 @@ def choose_C(X: np.ndarray, y: np.ndarray, *, folds: int = 3, seed: int = 0,
         return scores[C]
 
     cs = sorted(grid)
-    for _ in range(max_extend + 1):
+    for _ in range(max_extend):
         best = max(cs, key=lambda c: (score(c), -c))
-        if best == cs[0] and cs[0] / 10 not in scores:
-            cs.insert(0, cs[0] / 10)
-        elif best == cs[-1] and cs[-1] * 10 not in scores:
+        if best == cs[-1]:  # (ties go to the smaller C: the top edge is strictly best)
             cs.append(cs[-1] * 10)
+        elif best == cs[0] and (len(cs) == 1 or score(cs[0]) > score(cs[1])):
+            cs.insert(0, cs[0] / 10)  # strictly best at the bottom edge (not a plateau)
         else:
             break
+    for c in cs:
+        score(c)
     best = max(scores, key=lambda c: (scores[c], -c))
     return best, scores
 

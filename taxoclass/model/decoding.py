@@ -166,7 +166,7 @@ def _group_log_softmax(z: Tensor, group: Tensor, n_groups: int) -> Tensor:
     """``log softmax`` of each row of ``z`` within groups of columns (stable)."""
     idx = group.expand(z.shape[0], -1)
     top = z.new_full((z.shape[0], n_groups), float("-inf")).scatter_reduce(
-        1, idx, z, reduce="amax")
+        1, idx, z.detach(), reduce="amax")  # a shift for range only: no gradient needed
     shifted = z - top.gather(1, idx)
     total = z.new_zeros((z.shape[0], n_groups)).index_add_(1, group, shifted.exp())
     return shifted - total.log().gather(1, idx)

@@ -9,7 +9,7 @@ same head on a live timm backbone (timm style: ``forward_features`` then
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -61,12 +61,14 @@ class MultiRankHead(nn.Module):
         """A head with one output per class of every rank of ``taxonomy``."""
         return cls(in_features, taxonomy.sizes, hidden=hidden, dropout=dropout)
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, ranks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Logits per rank; ``ranks`` limits them to those ranks (training skips the
+        heads a loss does not train)."""
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"MultiRankHead expected embeddings of shape [batch, "
                              f"{self.in_features}], got {tuple(x.shape)}.")
         h = self.trunk(x)
-        return {r: self.heads[r](h) for r in self.ranks}
+        return {r: self.heads[r](h) for r in (self.ranks if ranks is None else ranks)}
 
     def config(self) -> dict[str, Any]:
         """JSON-able constructor arguments; :meth:`from_config` rebuilds the module."""

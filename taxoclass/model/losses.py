@@ -91,7 +91,7 @@ class ClassDependencyLoss(nn.Module):
         for parent, child in self._pairs:
             idx = torch.as_tensor(taxonomy.parent_index(child, parent), dtype=torch.long)
             self.register_buffer(f"parent_of_{child}", idx)
-        self.last_parts: dict[str, float] = {}
+        self._parts: dict[str, Tensor] = {}
         #: The ranks whose heads this loss trains (a rank weighted 0 gets no gradient).
         self.trained_ranks: tuple[str, ...] = tuple(r for r in self.ranks
                                                     if self.rank_weights[r] > 0
@@ -99,15 +99,15 @@ class ClassDependencyLoss(nn.Module):
                                                         and len(self.ranks) > 1))
 
     def forward(self, logits: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor:
-        missing = [r for r in self.ranks if r not in logits]
+        missing = [r for r in self.trained_ranks if r not in logits]
         if missing:
             raise ValueError(f"ClassDependencyLoss: no logits for rank(s) {missing}; expected "
-                             f"one tensor per rank {self.ranks}.")
+                             f"one tensor per rank it trains {self.trained_ranks}.")
         # Start from a zero that is attached to every head, so backward() always works.
-        total = sum(logits[r].sum() for r in self.ranks) * 0.0
+        total = sum(logits[r].sum() for r in self.ranks if r in logits) * 0.0
         parts: dict[str, Tensor] = {}
         for rank in self.ranks:
-            if rank not in targets:
+            if rank not in targets or rank not in logits:
                 continue
             x = logits[rank]
             t = torch.as_tensor(targets[rank], device=x.device).long()
@@ -126,9 +126,13 @@ class ClassDependencyLoss(nn.Module):
             dep = self._dependency(logits, targets)
             parts["dependency"] = dep
             total = total + self.dependency_weight * dep
-        self.last_parts = {k: float(v.detach()) for k, v in parts.items()}
-        self.last_parts["total"] = float(total.detach())
+        self._parts = {**{k: v.detach() for k, v in parts.items()}, "total": total.detach()}
         return total
+
+    @property
+    def last_parts(self) -> dict[str, float]:
+        """The parts of the last call as floats (converted when read, not every step)."""
+        return {k: float(v) for k, v in self._parts.items()}
 
 
     def _dependency(self, logits: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor:
@@ -274,11 +278,14 @@ class LeafLoss(nn.Module):
         anc = np.stack([taxonomy.parent_index(self.lowest, r) if r != self.lowest
                         else np.arange(self.n_leaf) for r in self.ranks])
         self.register_buffer("ancestors", torch.as_tensor(anc, dtype=torch.long))
+        self.n_groups = [taxonomy.n_classes(r) for r in self.ranks]
+        self.edge_weight = [float(np.exp(-self.alpha * (len(self.ranks) - 1 - k)))
+                            for k in range(len(self.ranks))]
         # largest LCA height between two leaves: n ranks minus those above the first
         # rank that branches (1 when there is one leaf, to avoid a division by 0)
         branching = [k for k in range(len(self.ranks)) if np.unique(anc[k]).size > 1]
         self.h_max = float(len(self.ranks) - branching[0]) if branching else 1.0
-        self.last_parts: dict[str, float] = {}
+        self._parts: dict[str, Tensor] = {}
 
     def forward(self, logits: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor:
         if self.lowest not in logits:
@@ -299,8 +306,13 @@ class LeafLoss(nn.Module):
             else:
                 fn = self._soft if self.kind == "soft_labels" else self._hxe
                 value = fn(z[keep], t[:, keep])
-        self.last_parts = {self.kind: float(value.detach()), "total": float(value.detach())}
+        self._parts = {self.kind: value.detach(), "total": value.detach()}
         return value
+
+    @property
+    def last_parts(self) -> dict[str, float]:
+        """The parts of the last call as floats (converted when read)."""
+        return {k: float(v) for k, v in self._parts.items()}
 
     def _flat(self, z: Tensor, t: Tensor) -> Tensor:
         if not bool((t >= 0).any()):
@@ -327,11 +339,10 @@ class LeafLoss(nn.Module):
             if k == n - 1:
                 node = logp.gather(1, lab.clamp(min=0)[:, None])[:, 0]
             else:
-                node = _group_logsumexp(logp, self.ancestors[k],
-                                        int(self.ancestors[k].max()) + 1
+                node = _group_logsumexp(logp, self.ancestors[k], self.n_groups[k]
                                         ).gather(1, lab.clamp(min=0)[:, None])[:, 0]
-            weight = float(np.exp(-self.alpha * (n - 1 - k)))
-            total = total - torch.where(has, weight * (node - above), torch.zeros_like(node))
+            total = total - torch.where(has, self.edge_weight[k] * (node - above),
+                                        torch.zeros_like(node))
             above = node
         return total.mean()
 
@@ -339,8 +350,10 @@ class LeafLoss(nn.Module):
 def _group_logsumexp(logp: Tensor, group: Tensor, n_groups: int) -> Tensor:
     """Per row, ``log sum exp`` of ``logp`` over the columns of each group (stable)."""
     idx = group.expand(logp.shape[0], -1)
+    # the shift only keeps exp() in range; detached, it costs no backward pass and the
+    # gradient of log-sum-exp does not depend on it
     top = logp.new_full((logp.shape[0], n_groups), float("-inf")).scatter_reduce(
-        1, idx, logp, reduce="amax")
+        1, idx, logp.detach(), reduce="amax")
     summed = logp.new_zeros((logp.shape[0], n_groups)).index_add_(
         1, group, (logp - top.gather(1, idx)).exp())
     return summed.log() + top

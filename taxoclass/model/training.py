@@ -116,7 +116,8 @@ def train_head(x_train: np.ndarray, y_train: Mapping[str, np.ndarray],
     head = MultiRankHead(xt.shape[1], {r: taxonomy.n_classes(r) for r in ranks},
                          hidden=model_cfg.hidden, dropout=float(model_cfg.dropout))
     criterion = criterion_from_config(taxonomy, yt, loss)
-    freeze_untrained_heads(head, getattr(criterion, "trained_ranks", ranks))
+    trained = tuple(r for r in ranks if r in getattr(criterion, "trained_ranks", ranks))
+    freeze_untrained_heads(head, trained)
     opt = make_optimizer(head, train_cfg.to_dict())
     epochs = int(train_cfg.epochs)
     n = len(xt)
@@ -128,20 +129,23 @@ def train_head(x_train: np.ndarray, y_train: Mapping[str, np.ndarray],
     rows = []
     t0 = time.perf_counter()
     seen = 0
+    y_all = torch.stack([yt[r] for r in ranks], dim=1)  # [n, n_ranks]
     for epoch in range(1, epochs + 1):
         head.train()
         order = torch.randperm(n, generator=gen)
-        total, t_epoch = 0.0, time.perf_counter()
+        # one gather per epoch, then contiguous slices: the batches of the same order
+        xs, ys = xt[order], y_all[order]
+        total, t_epoch = xt.new_zeros(()), time.perf_counter()
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            out = head(xt[idx])
-            value = criterion(out, {r: yt[r][idx] for r in ranks})
+            yb = ys[start:start + batch_size]
+            out = head(xs[start:start + batch_size], ranks=trained)
+            value = criterion(out, {r: yb[:, k] for k, r in enumerate(ranks)})
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
-            total += float(value.detach()) * len(idx)
+            total += value.detach() * len(yb)
         seen += n
-        row = {"epoch": epoch, "train_loss": total / n,
+        row = {"epoch": epoch, "train_loss": float(total) / n,
                "seconds": time.perf_counter() - t_epoch}
         if has_val:
             head.eval()
