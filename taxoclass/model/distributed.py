@@ -98,11 +98,19 @@ def process_group(device: str | torch.device | None = None) -> Iterator[DistInfo
         yield current()
         return
     dev = resolve_device(device)
+    # torchrun's store outlives a restart (--max-restarts): the keys of the killed attempt
+    # would send the new processes to dead peers (pytorch/pytorch#135712), so each
+    # attempt gets its own prefix.
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=TIMEOUT))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"taxoclass/attempt-{attempt}", store)
+    kwargs: dict[str, Any] = dict(store=store, rank=rank, world_size=world_size,
+                                  timeout=TIMEOUT)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-        dist.init_process_group("nccl", timeout=TIMEOUT, device_id=dev)
+        dist.init_process_group("nccl", device_id=dev, **kwargs)
     else:
-        dist.init_process_group("gloo", timeout=TIMEOUT)
+        dist.init_process_group("gloo", **kwargs)
     try:
         yield current()
     finally:
