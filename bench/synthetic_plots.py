@@ -27,6 +27,13 @@ embeddings are cached under ``--out`` and reused across runs.
 
 Writes ``results.csv`` and ``results.md`` into ``--out`` and the markdown also to
 ``--results``; ``--quadrat`` also times ``plot_report`` on the real quadrat photo.
+
+This script explores rules; its "best calibrated rule" is the best of several rules on
+the TEST plots, its baseline is untuned, and its ``± SE`` treats plots as independent
+although they share leaf images. The figures BENCHMARKS.md reports come from
+``bench/plots_fair.py``: the product's own ``calibrate-plots`` choice against arg-max
+union with the same calibration budget, on DS@GT's 3x3 grid too, with intervals clustered
+by source image and repeated over seeds.
 """
 
 from __future__ import annotations
