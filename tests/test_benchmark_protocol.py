@@ -20,6 +20,7 @@ from taxoclass.pipelines.benchmark import (
     select_on_selection_seeds,
     split_for,
 )
+from taxoclass.pipelines.benchmark_report import load_benchmark, summary_markdown
 from taxoclass.taxonomy.tree import Taxonomy
 
 
@@ -179,7 +180,8 @@ def test_benchmark_writes_the_folder(tmp_path):
     out = tmp_path / "bench"
     res = benchmark(_data(), RECIPES, seeds=3, final_seeds=(0,), out=out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "reliability.csv", "reliability.png", "results.csv", "summary.md"]
+        "per_image.npz", "protocol.json", "reliability.csv", "reliability.png", "results.csv",
+        "summary.md"]
     table = pd.read_csv(out / "results.csv")
     assert len(table) == len(res.results) and {"seed", "split", "axis", "recipe",
                                                "acc_species", "ece_species",
@@ -188,6 +190,10 @@ def test_benchmark_writes_the_folder(tmp_path):
     assert "Kept-back seed(s) 0" in text and "paired t" in text and "McNemar" in text
     assert "| noisy |" in text and "control" in text
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    # read back: the same tables (McNemar counts need the per-image file)
+    back = load_benchmark(out)
+    assert summary_markdown(back, back.info["ranks"]) == text
+    assert back.right.keys() == res.right.keys()
 
 
 def test_bad_input_is_refused_clearly():

@@ -59,7 +59,7 @@ Progress = Callable[[int, int], None]
 FitFn = Callable[..., Any]
 
 __all__ = ["AXES", "BenchmarkData", "BenchmarkResult", "benchmark", "benchmark_data",
-           "select_on_selection_seeds", "split_for"]
+           "recipe_settings", "select_on_selection_seeds", "split_for"]
 
 AXES: tuple[str, ...] = ("full", "partial-25", "partial-50", "partial-75", "family-only",
                          "long-tail", "unseen")
@@ -321,7 +321,8 @@ def _focus(row, right, decoded, split, n_test) -> None:
 
 # ------------------------------------------------------------------------------ running
 def _resolve(recipes, control: str) -> dict[str, FitFn]:
-    """Name -> fit function ``fit(name, x, y, taxonomy, seed=...) -> predictor``."""
+    """Name -> fit function ``fit(name, x, y, taxonomy, seed=..., settings=...) ->
+    predictor``."""
     if recipes is None or isinstance(recipes, (str, Sequence)) and not isinstance(recipes, Mapping):
         from ..model import recipes as registry
 
@@ -333,12 +334,52 @@ def _resolve(recipes, control: str) -> dict[str, FitFn]:
                               f"{', '.join(registry.available())}.")
         if control not in names:
             names.insert(0, control)  # the control is always in the table
-        return {n: registry.fit_recipe for n in names}
+        fit = _SharedHeads(registry)
+        return {n: fit for n in names}
     fns = dict(recipes)
     if control not in fns:
         raise ConfigError(f"benchmark: the control {control!r} is not among the recipes "
                           f"{sorted(fns)}.")
     return fns
+
+
+class _SharedHeads:
+    """``recipes.fit_recipe`` that trains a head once per training set and head config:
+    recipes that differ only in decoding (taxoclass, crm, path, marginal, topdown) decode
+    the same trained heads (training is seeded, so this is what separate fits give)."""
+
+    def __init__(self, registry) -> None:
+        self.registry, self.data_key, self.heads = registry, None, {}
+
+    def __call__(self, name, x, y, taxonomy, *, seed=0, settings=None):
+        import dataclasses
+        import hashlib
+        import json
+
+        cfg = self.registry.recipe_config(name, settings, seed)
+        digest = hashlib.sha1(np.ascontiguousarray(x).tobytes())
+        for r in taxonomy.ranks:
+            digest.update(np.ascontiguousarray(y[r]).tobytes())
+        data_key = (digest.hexdigest(), tuple(taxonomy.sizes.items()), int(seed))
+        if data_key != self.data_key:
+            self.data_key, self.heads = data_key, {}
+        head_key = (name in _HEAD_RECIPES(self.registry),
+                    json.dumps({k: cfg[k] for k in ("model", "loss", "train")},
+                               sort_keys=True, default=str))
+        cached = self.heads.get(head_key) if head_key[0] else None
+        if cached is not None:
+            return dataclasses.replace(cached, method=str(cfg["decode"]["method"]),
+                                       top_k=int(cfg["decode"]["top_k"]))
+        model = self.registry.fit_recipe(name, x, y, taxonomy, seed=seed, settings=settings)
+        if head_key[0] and dataclasses.is_dataclass(model) and hasattr(model, "method"):
+            self.heads[head_key] = model
+        return model
+
+
+def _HEAD_RECIPES(registry) -> set[str]:  # noqa: N802
+    """Recipes whose predictor is a trained head plus a decoding method."""
+    fit_head = getattr(registry, "_fit_head", None)
+    return {n for n, r in registry.RECIPES.items() if fit_head is not None and r.fit is fit_head}
 
 
 def _seeds(seeds, final_seeds) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -367,6 +408,7 @@ def benchmark(data: BenchmarkData | dict, recipes: Sequence[str] | Mapping[str, 
     with ``fit_recipe``'s signature. ``settings`` go to every recipe alike. ``out``: also
     write the folder (:func:`write_benchmark`)."""
     if isinstance(data, dict):
+        settings = recipe_settings(data) if settings is None else settings
         data = benchmark_data(data)
     fns = _resolve(recipes, control)
     sel, fin = _seeds(seeds, final_seeds)
@@ -416,6 +458,13 @@ def benchmark(data: BenchmarkData | dict, recipes: Sequence[str] | Mapping[str, 
 
         write_benchmark(result, out)
     return result
+
+
+def recipe_settings(cfg: Mapping) -> dict[str, Any]:
+    """The sections of a (loaded) config that every recipe trains with alike: ``model``,
+    ``loss``, ``train``, ``decode`` (a recipe's own ``loss.kind`` / ``decode.method``
+    win, :func:`taxoclass.model.recipes.recipe_config`)."""
+    return {k: dict(cfg[k]) for k in ("model", "loss", "train", "decode") if k in cfg}
 
 
 def select_on_selection_seeds(results: pd.DataFrame, candidates: Sequence[str], column: str,

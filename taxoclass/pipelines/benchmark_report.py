@@ -12,9 +12,10 @@ from typing import Any
 
 import pandas as pd
 
-from ..io.files import atomic_write_csv, output_folder
+from ..io.files import atomic_write_csv, atomic_write_json, output_folder
 
-__all__ = ["axis_metrics", "compare", "summary_markdown", "write_benchmark"]
+__all__ = ["axis_metrics", "compare", "load_benchmark", "summary_markdown",
+           "write_benchmark"]
 
 
 def axis_metrics(axis: str, ranks: tuple[str, ...], columns) -> list[tuple[str, str, bool]]:
@@ -179,7 +180,8 @@ def summary_markdown(result, ranks: tuple[str, ...]) -> str:
         "(a correct back-off is not one). Placeholder classes are not scored as taxa of "
         "their rank.", ""]
     if result.info.get("settings"):
-        lines += [f"Settings for every recipe alike: `{result.info['settings']}`.", ""]
+        lines += ["Settings for every recipe alike (a recipe's own loss.kind / decode.method "
+                  f"win): `{_flat(result.info['settings'])}`.", ""]
     lines += ["## Selection seeds", ""]
     for axis in result.axes:
         lines += _axis_tables(result, axis, ranks)
@@ -188,6 +190,15 @@ def summary_markdown(result, ranks: tuple[str, ...]) -> str:
     lines += ["Mean fit + predict seconds per split: " + ", ".join(
         f"{k} {v:.1f}" for k, v in times.items()), ""]
     return "\n".join(lines)
+
+
+def _flat(settings, prefix: str = "") -> str:
+    """``{"train": {"epochs": 100}}`` -> ``train.epochs=100`` (comma-separated)."""
+    items = []
+    for k, v in settings.items():
+        key = f"{prefix}{k}"
+        items.append(_flat(v, key + ".") if isinstance(v, dict) else f"{key}={v}")
+    return ", ".join(items)
 
 
 def reliability_frame(result, n_bins: int = 10) -> pd.DataFrame:
@@ -222,13 +233,17 @@ def _plot_reliability(frame: pd.DataFrame, path: Path, title: str) -> None:
 
 
 def write_benchmark(result, out: str | Path) -> Path:
-    """``results.csv``, ``summary.md``, ``reliability.csv`` and ``reliability.png`` in
-    ``out``, written as one folder."""
+    """``results.csv``, ``summary.md``, ``reliability.csv``, ``reliability.png``,
+    ``per_image.npz`` (right/wrong per image of the McNemar metrics) and
+    ``protocol.json`` in ``out``, written as one folder (:func:`load_benchmark` reads it
+    back)."""
     out = Path(out)
     ranks = tuple(result.info["ranks"])
     with output_folder(out) as stage:
         atomic_write_csv(stage / "results.csv", result.results)
         (stage / "summary.md").write_text(summary_markdown(result, ranks), encoding="utf-8")
+        _write_per_image(stage / "per_image.npz", result)
+        atomic_write_json(stage / "protocol.json", _protocol(result))
         rel = reliability_frame(result)
         if not rel.empty:
             atomic_write_csv(stage / "reliability.csv", rel)
@@ -236,3 +251,46 @@ def write_benchmark(result, out: str | Path) -> Path:
                               f"{ranks[-1]}: reliability, axis {result.axes[0]}, "
                               f"{len(result.seeds)} splits")
     return out
+
+
+_KEYS = ("seeds", "final_seeds", "axes", "recipes", "bins", "control")
+
+
+def _protocol(result) -> dict[str, Any]:
+    return {**{k: list(getattr(result, k)) if k != "control" else result.control
+               for k in _KEYS}, "info": {k: (list(v) if isinstance(v, tuple) else v)
+                                          for k, v in result.info.items()}}
+
+
+def _write_per_image(path: Path, result) -> None:
+    import io
+
+    import numpy as np
+
+    arrays = {"|".join(map(str, k)): np.asarray(v, dtype=bool) for k, v in result.right.items()}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    path.write_bytes(buf.getvalue())
+
+
+def load_benchmark(folder: str | Path):
+    """A :class:`~taxoclass.pipelines.benchmark.BenchmarkResult` from a folder that
+    :func:`write_benchmark` wrote (to summarise or combine runs again)."""
+    import json
+
+    import numpy as np
+
+    from .benchmark import BenchmarkResult
+
+    folder = Path(folder)
+    meta = json.loads((folder / "protocol.json").read_text())
+    right = {}
+    with np.load(folder / "per_image.npz") as z:
+        for key in z.files:
+            seed, axis, recipe, col = key.split("|")
+            right[(int(seed), axis, recipe, col)] = z[key]
+    return BenchmarkResult(
+        results=pd.read_csv(folder / "results.csv"), control=meta["control"],
+        seeds=tuple(meta["seeds"]), final_seeds=tuple(meta["final_seeds"]),
+        axes=tuple(meta["axes"]), recipes=tuple(meta["recipes"]), bins=tuple(meta["bins"]),
+        right=right, info=meta["info"])
