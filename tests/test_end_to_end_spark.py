@@ -68,6 +68,8 @@ def test_spark_plot_report_matches_local(fixture_set, fixture_model, cli, tmp_pa
     keys = ["plot_id", "taxon_rank", "taxon"]
     assert spark[keys].values.tolist() == local[keys].values.tolist()
     assert np.allclose(spark["score"], local["score"], atol=1e-5)
+    # the bundle's confidence calibration applies to Spark's records too (it did not)
+    assert np.allclose(spark["confidence"], local["confidence"], atol=1e-5, equal_nan=True)
     assert (tmp_path / "spark" / "plot_tiles.parquet").exists()  # Spark writes a folder
     # a user-trained model has no PlantCLEF ids: the names file, never the run file
     for name in ("report.html", "plantclef_submission_names.csv", "occurrences_dwc.csv",

@@ -147,6 +147,13 @@ def _default_partitions(spark: SparkSession, n: int) -> int:
     return max(1, min(n, 2 * int(spark.sparkContext.defaultParallelism)))
 
 
+def executor_path(path: str | os.PathLike) -> str:
+    """``path`` as executors must get it: absolute (an executor's working directory is
+    its worker's scratch folder, never the driver's), without resolving symlinks (the
+    same shared mount on every node)."""
+    return os.path.abspath(os.fspath(path))
+
+
 # ---------------------------------------------------------------------------- models
 def _cached(key: Mapping[str, Any], build: Callable[[], Any]) -> Any:
     """One model per recipe per Python worker (Spark reuses workers across tasks)."""
@@ -224,7 +231,7 @@ def _append_rounds(session: SparkSession, todo: list[tuple], columns: str, run: 
     for rows in _rounds(todo, chunk_size):
         n_parts = partitions or _default_partitions(session, len(rows))
         frame = _rows_frame(session, rows, columns, n_parts)
-        frame.mapInPandas(run, schema).write.mode("append").parquet(str(parquet))
+        frame.mapInPandas(run, schema).write.mode("append").parquet(executor_path(parquet))
         done += len(rows)
         if progress is not None:
             progress(done, total)
@@ -342,9 +349,10 @@ def spark_embed(items: Sequence[tuple[object, str | Path]], backbone_spec: Mappi
     if batch_size < 1 or chunk_size < 1:
         raise CacheError(f"batch_size and chunk_size must be >= 1 (found {batch_size}, "
                          f"{chunk_size}).")
-    spec = {k: (str(v) if k in ("checkpoint", "class_mapping") and v else v)
+    spec = {k: (executor_path(v) if k in ("checkpoint", "class_mapping") and v else v)
             for k, v in dict(backbone_spec).items()}
     ids, paths = normalise_items(items)
+    paths = [executor_path(p) for p in paths]  # rows keep the absolute path executors read
     root = Path(out)
     parquet = root / EMBEDDINGS_PARQUET
     manifest = _embed_manifest(spec, batch_size)

@@ -32,6 +32,7 @@ from .spark import (
     _session,
     _set_threads,
     _task_threads,
+    executor_path,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -86,12 +87,13 @@ def _plots_partition(classifier_args: dict, grids: list, overlap: float, threads
         described = False
         for frame in frames:
             rows = []
-            for order, photo in zip(frame["order"].tolist(), frame["photo"].tolist()):
+            for order, photo, path in zip(frame["order"].tolist(), frame["photo"].tolist(),
+                                          frame["path"].tolist()):
                 row: dict[str, Any] = {"order": order, "photo": photo, "width": None,
                                        "height": None, "n_tiles": None, "decoded": None,
                                        "flags": None, "classifier": None, "error": None}
                 try:  # the plots layer's one tile loop
-                    tiles = classify_photo(clf, photo, grids=grids, overlap=overlap,
+                    tiles = classify_photo(clf, path, grids=grids, overlap=overlap,
                                            flag_unknown=flagger)
                 except ImageError as exc:
                     row["error"] = str(exc)
@@ -119,8 +121,11 @@ class _ReplayClassifier:
     """
 
     def __init__(self, taxonomy, plots: list[dict], describe: dict, taxon_ids: dict,
-                 backbone_name: str) -> None:
+                 backbone_name: str, bundle: Any = None) -> None:
         self.taxonomy = taxonomy
+        # the driver's copy of the bundle (heads only): the report reads its confidence
+        # calibration, as it does from a local BundleTileClassifier
+        self.bundle = bundle
         self._plots = plots
         self._next = 0
         self._last_flags: np.ndarray | None = None
@@ -156,12 +161,14 @@ class _ReplayClassifier:
         return dict(self._describe)
 
 
-def _driver_taxonomy(model: Path, class_mapping, species_table) -> tuple[Any, dict]:
-    """The classifier's taxonomy and taxon ids without loading a backbone on the driver."""
+def _driver_taxonomy(model: Path, class_mapping, species_table) -> tuple[Any, dict, Any]:
+    """The classifier's taxonomy, taxon ids and bundle (None for a checkpoint) without
+    loading a backbone on the driver."""
     if model.is_dir():
         from ..bundle import ModelBundle
 
-        return ModelBundle.load(model).taxonomy, {}
+        bundle = ModelBundle.load(model)
+        return bundle.taxonomy, {}, bundle
     if not model.is_file():
         raise ConfigError(f"--model {model}: no such bundle folder or checkpoint file.")
     if not class_mapping or not species_table:
@@ -171,7 +178,7 @@ def _driver_taxonomy(model: Path, class_mapping, species_table) -> tuple[Any, di
     from ..plots.plantclef import plantclef_taxonomy
 
     mapping = plantclef_taxonomy(load_class_mapping(class_mapping), species_table)
-    return mapping.taxonomy, dict(mapping.species_ids)
+    return mapping.taxonomy, dict(mapping.species_ids), None
 
 
 def spark_classify_plots(classifier: Mapping[str, Any], photos: Sequence[str | Path],
@@ -192,14 +199,14 @@ def spark_classify_plots(classifier: Mapping[str, Any], photos: Sequence[str | P
     model = Path(classifier["model"])
     class_mapping, species_table = classifier.get("class_mapping"), classifier.get("species_table")
     backbone = classifier.get("backbone") or "vit_base_patch14_reg4_dinov2"
-    taxonomy, taxon_ids = _driver_taxonomy(model, class_mapping, species_table)
+    taxonomy, taxon_ids, bundle = _driver_taxonomy(model, class_mapping, species_table)
     grid_list, tile_overlap = list(grids), float(overlap)
     paths = [str(p) for p in photos]
     root = Path(out)
     parquet = root / TILES_PARQUET
     args = {"model": str(model.resolve()),
-            "class_mapping": str(class_mapping) if class_mapping else None,
-            "species_table": str(species_table) if species_table else None,
+            "class_mapping": executor_path(class_mapping) if class_mapping else None,
+            "species_table": executor_path(species_table) if species_table else None,
             "backbone": backbone, "model_kwargs": classifier.get("model_kwargs"),
             "batch_size": int(classifier.get("batch_size") or 32)}
     manifest = {"format": "taxoclass-spark-plot-tiles", "format_version": SPARK_FORMAT_VERSION,
@@ -215,12 +222,13 @@ def spark_classify_plots(classifier: Mapping[str, Any], photos: Sequence[str | P
     session = _session(spark, master)
     unique = list(dict.fromkeys(paths))
     done = _done_keys(parquet, "photo")
-    todo = [(k, p) for k, p in enumerate(unique) if p not in done]
+    # ``photo`` as the user gave it (the rows' key), ``path`` absolute for the executors
+    todo = [(k, p, executor_path(p)) for k, p in enumerate(unique) if p not in done]
     if todo:
         run = _plots_partition(args, grid_list, tile_overlap, _task_threads(session))
-        frame = _rows_frame(session, todo, "order long, photo string",
+        frame = _rows_frame(session, todo, "order long, photo string, path string",
                             partitions or len(todo))
-        frame.mapInPandas(run, TILES_SCHEMA).write.mode("append").parquet(str(parquet))
+        frame.mapInPandas(run, TILES_SCHEMA).write.mode("append").parquet(executor_path(parquet))
 
     table = _read_parquet(parquet).drop_duplicates("photo").set_index("photo")
     ok_plots = [table.loc[p].to_dict() | {"photo": p} for p in paths
@@ -230,7 +238,7 @@ def spark_classify_plots(classifier: Mapping[str, Any], photos: Sequence[str | P
     bb = describe.get("backbone", {})
     replay = _ReplayClassifier(taxonomy, ok_plots, describe, taxon_ids,
                                str(bb.get("name", backbone)) if isinstance(bb, dict)
-                               else str(bb))
+                               else str(bb), bundle=bundle)
     if not any(p["flags"] is not None for p in ok_plots):
         replay.flag_unknown = None  # the model has no outlier detector: flag nothing
     return replay

@@ -32,6 +32,7 @@ from .spark import (
     _session,
     _set_threads,
     _task_threads,
+    executor_path,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -87,16 +88,16 @@ def _predict_partition(model_dir: str, types: dict[str, str], batch_size: int, t
 
         bundle, backbone = _cached(_bundle_key(model_dir), build)
         for batch in _rebatch(frames, batch_size):
-            paths = batch["image"].tolist()
+            images, paths = batch["image"].tolist(), batch["path"].tolist()
             parts = []
             for ok, feats, bad in embed_batches(paths, backbone, [list(range(len(paths)))]):
                 if feats is not None:
-                    part = prediction_frame(bundle, feats, [paths[i] for i in ok], top_k)
+                    part = prediction_frame(bundle, feats, [images[i] for i in ok], top_k)
                     part["order"] = batch["order"].to_numpy()[ok]
                     parts.append(part)
                 if bad:
                     parts.append(pd.DataFrame({
-                        "image": [paths[i] for i, _ in bad], "error": [e for _, e in bad],
+                        "image": [images[i] for i, _ in bad], "error": [e for _, e in bad],
                         "order": batch["order"].to_numpy()[[i for i, _ in bad]]}))
             yield _conform(pd.concat(parts, ignore_index=True), types)
 
@@ -143,12 +144,13 @@ def spark_predict(model_dir: str | Path, paths: Sequence[str | Path], out: str |
     session = _session(spark, master)
     done = _done_keys(parquet, "image")
     unique = list(dict.fromkeys(image_list))
-    todo = [(k, p) for k, p in enumerate(unique) if p not in done]
+    # ``image`` as the user gave it (the rows' key), ``path`` absolute for the executors
+    todo = [(k, p, executor_path(p)) for k, p in enumerate(unique) if p not in done]
     if progress is not None:
         progress(len(unique) - len(todo), len(unique))
     schema = ", ".join(f"`{c}` {t}" for c, t in types.items())
     run = _predict_partition(model_dir, types, batch_size, top_k, _task_threads(session))
-    _append_rounds(session, todo, "order long, image string", run, schema, parquet,
+    _append_rounds(session, todo, "order long, image string, path string", run, schema, parquet,
                    chunk_size=chunk_size, partitions=partitions,
                    done=len(unique) - len(todo), total=len(unique), progress=progress)
 
