@@ -33,7 +33,7 @@ from sklearn.utils.validation import check_is_fitted
 from .decoding import Decoded, decode, decode_leaf_probabilities
 
 __all__ = ["C_GRID", "ClassPrototype", "FlatLinearProbe", "HiclassBaseline", "NearestNeighbour",
-           "choose_C", "l2_normalise", "row_space"]
+           "check_embeddings", "check_targets", "choose_C", "l2_normalise", "row_space"]
 
 #: Logit given to classes a baseline never saw in training (finite, so softmax is safe).
 UNSEEN_LOGIT = -1e4
@@ -77,6 +77,18 @@ def _check_targets(targets: Mapping[str, object], taxonomy, n: int,
                              f"{taxonomy.n_classes(r) - 1}.")
         out[r] = t
     return out
+
+
+def check_embeddings(X: object, n_features: int | None = None,
+                     who: str = "baseline") -> np.ndarray:
+    """``X`` as float32 ``[n_images, n_features]``, finite (``ValueError`` naming ``who``)."""
+    return _check_X(X, n_features, who)
+
+
+def check_targets(targets: Mapping[str, object], taxonomy, n: int,
+                  who: str = "baseline") -> dict[str, np.ndarray]:
+    """One int64 class-index array of length ``n`` per rank, ``-1`` allowed (``ValueError``)."""
+    return _check_targets(targets, taxonomy, n, who)
 
 
 def _class_max_similarity(sims: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -259,13 +271,18 @@ def choose_C(X: np.ndarray, y: np.ndarray, *, folds: int = 3, seed: int = 0,
         warnings.simplefilter("ignore", UserWarning)
         splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y))
     scores: dict[float, float] = {}
+    # each fold fitted in the span of its own training rows: the same models, fewer columns
+    folds_z = []
+    for tr, va in splits:
+        basis = row_space(X[tr])
+        folds_z.append((X[tr] @ basis, y[tr], X[va] @ basis, y[va]))
 
     def score(C: float) -> float:
         if C not in scores:
             acc = []
-            for tr, va in splits:
-                m = LogisticRegression(C=C, max_iter=max_iter).fit(X[tr], y[tr])
-                acc.append(float((m.predict(X[va]) == y[va]).mean()))
+            for z_tr, y_tr, z_va, y_va in folds_z:
+                m = LogisticRegression(C=C, max_iter=max_iter).fit(z_tr, y_tr)
+                acc.append(float((m.predict(z_va) == y_va).mean()))
             scores[C] = float(np.mean(acc))
         return scores[C]
 

@@ -75,8 +75,9 @@ class Decoded:
     #: softmax probability it stays low when no known class fits (unknown species).
     path_logit: dict[str, np.ndarray] = field(default_factory=dict)
     #: Per rank, the arg-max of that rank's own head before coherent decoding (when
-    #: decoded from logits; empty for methods without per-rank heads). Unlike ``path`` it
-    #: need not be coherent: :func:`is_coherent` on it measures how well the heads agree.
+    #: decoded from logits; empty for methods without per-rank heads, and without the
+    #: ranks whose head a loss left untrained at zero). Unlike ``path`` it need not be
+    #: coherent: :func:`is_coherent` on it measures how well the heads agree.
     head_argmax: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -277,7 +278,8 @@ def decode(logits: Mapping[str, Tensor], taxonomy, *, method: str = "path",
         lg = torch.as_tensor(logits[rank]).float()
         idx = torch.as_tensor(out.path[rank], device=lg.device)
         out.path_logit[rank] = lg.gather(1, idx[:, None])[:, 0].cpu().numpy()
-        out.head_argmax[rank] = lg.argmax(dim=1).cpu().numpy()
+        if bool(lg.any()):  # all-zero logits: a head left untrained (no answer of its own)
+            out.head_argmax[rank] = lg.argmax(dim=1).cpu().numpy()
     return out
 
 

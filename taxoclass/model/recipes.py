@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -42,14 +42,17 @@ from ..errors import ConfigError
 from .baselines import (
     HiclassBaseline,
     NearestNeighbour,
-    _check_targets,
-    _check_X,
+    check_embeddings,
+    check_targets,
     choose_C,
     l2_normalise,
     row_space,
 )
 from .decoding import Decoded, decode, decode_leaf_probabilities
 from .training import normalize, train_head
+
+if TYPE_CHECKING:
+    from ..taxonomy.tree import Taxonomy
 
 __all__ = ["RECIPES", "Predictor", "Recipe", "available", "fit_recipe", "recipe_config"]
 
@@ -165,11 +168,11 @@ class HeadPredictor:
         return {r: out[r] for r in self.ranks}
 
     def predict(self, x: np.ndarray) -> Decoded:
-        x = _check_X(x, who="HeadPredictor")
+        x = check_embeddings(x, who="HeadPredictor")
         return decode(self.logits(x), self.taxonomy, method=self.method, top_k=self.top_k)
 
 
-def _fit_head(x: np.ndarray, y: Mapping[str, np.ndarray], taxonomy, seed: int,
+def _fit_head(x: np.ndarray, y: Mapping[str, np.ndarray], taxonomy: Taxonomy, seed: int,
               cfg: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any]) -> HeadPredictor:
     res = train_head(x, y, None, None, taxonomy, model=cfg["model"], loss=cfg["loss"],
                      train=cfg["train"], normalize_inputs=bool(cfg["model"]["normalize"]))
@@ -193,7 +196,7 @@ class LogRegPredictor:
     cv_scores: dict[float, float]
 
     def predict(self, x: np.ndarray) -> Decoded:
-        x = _check_X(x, self.basis.shape[0], "logreg")
+        x = check_embeddings(x, self.basis.shape[0], "logreg")
         p = self.model.predict_proba(l2_normalise(x) @ self.basis)
         lowest = self.taxonomy.ranks[-1]
         full = np.zeros((len(x), self.taxonomy.n_classes(lowest)), np.float32)
@@ -203,8 +206,8 @@ class LogRegPredictor:
 
 
 def _lowest_labelled(x: np.ndarray, y: Mapping[str, np.ndarray], taxonomy, who: str):
-    x = _check_X(x, who=who)
-    t = _check_targets(y, taxonomy, len(x), who)
+    x = check_embeddings(x, who=who)
+    t = check_targets(y, taxonomy, len(x), who)
     m = t[taxonomy.ranks[-1]] >= 0
     if len(np.unique(t[taxonomy.ranks[-1]][m])) < 2:
         raise ValueError(f"{who}: needs images of at least two classes labelled at the lowest "
@@ -285,7 +288,7 @@ def _recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def fit_recipe(name: str, x: np.ndarray, y: Mapping[str, np.ndarray], taxonomy, *,
+def fit_recipe(name: str, x: np.ndarray, y: Mapping[str, np.ndarray], taxonomy: Taxonomy, *,
                seed: int = 0, settings: Mapping[str, Any] | None = None) -> Predictor:
     """Fit recipe ``name`` on embeddings ``x`` and targets ``y`` (every row given trains;
     settings are never chosen here on held-out data)."""
