@@ -203,3 +203,38 @@ def test_bad_input_is_refused_clearly():
         benchmark(_data(), {"noisy": RECIPES["noisy"]}, seeds=2)
     with pytest.raises(ConfigError, match="at least 2"):
         benchmark(_data(), RECIPES, seeds=1)
+
+
+# ------------------------------------------------------------------------------ CLI
+def test_cli_benchmark_writes_the_folder_from_a_config(fixture_set, fixture_model, tmp_path,
+                                                       cli, one_thread):
+    out = tmp_path / "bench"
+    text = cli("benchmark", "--config", fixture_set["config"], "--set",
+               f"embeddings.cache={fixture_model['emb']}", "--set", f"out={tmp_path / 'm'}",
+               "--set", "train.epochs=20", "--seeds", 2, "--final-seeds", "none",
+               "--recipes", "knn", "--out", out)
+    assert "Benchmark: annotations.json" in text and f"benchmark written to {out}" in text
+    table = pd.read_csv(out / "results.csv")
+    # the control is always added; 2 selection seeds x 2 recipes, full axis
+    assert sorted(set(table["recipe"])) == ["knn", "species-only"] and len(table) == 4
+    assert set(table["split"]) == {"selection"} and table["acc_species"].min() > 1 / 6
+    assert (out / "reliability.png").is_file()
+
+
+def test_cli_benchmark_refuses_bad_input_clearly(fixture_set, tmp_path):
+    from click.testing import CliRunner
+
+    from taxoclass.cli import main
+
+    def run(*args):
+        return CliRunner().invoke(main, ["benchmark", "--config", str(fixture_set["config"]),
+                                         "--out", str(tmp_path / "b"), *map(str, args)])
+
+    res = run("--axes", "full,sideways")
+    assert res.exit_code == 2 and "unknown axis ['sideways']" in res.output
+    res = run("--seeds", 1)
+    assert res.exit_code == 2 and "--seeds" in res.output
+    res = run("--recipes", "knn,nope", "--set", "embeddings.cache=" + str(tmp_path / "none"))
+    assert res.exit_code == 2 and "unknown recipe(s) ['nope']" in res.output
+    assert not (tmp_path / "none").exists()  # refused before any embedding work
+    assert not (tmp_path / "b").exists()

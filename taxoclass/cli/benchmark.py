@@ -58,12 +58,20 @@ def benchmark_cmd(config_path: Path, overrides: tuple[str, ...], seeds: int, fin
         raise click.BadParameter(f"unknown axis {bad}; expected some of {', '.join(AXES)}",
                                  param_hint="--axes")
     final = [] if final_seeds.strip().lower() == "none" else _seed_list(final_seeds)
+    names = _names(recipes)
+    if names is not None:
+        from ..model.recipes import available
+
+        unknown = [n for n in names if n not in available()]
+        if unknown:  # before any embedding work
+            raise click.BadParameter(f"unknown recipe(s) {unknown}; expected some of "
+                                     f"{', '.join(available())}", param_hint="--recipes")
     cfg = load_config(config_path, overrides)
     with outside_root_allowed(bool(cfg["data"].get("allow_outside_root"))):
         with progress_bar("embedding", "img") as emb:
             data = benchmark_data(cfg, progress=emb)
     with progress_bar("benchmark", "fit") as prog:
-        benchmark(data, _names(recipes), seeds=seeds, final_seeds=final, axes=axis_list,
+        benchmark(data, names, seeds=seeds, final_seeds=final, axes=axis_list,
                   test_fraction=test_fraction, settings=recipe_settings(cfg), out=out,
                   progress=prog)
     click.echo((out / "summary.md").read_text())
