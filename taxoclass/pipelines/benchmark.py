@@ -386,7 +386,8 @@ def _seeds(seeds, final_seeds) -> tuple[tuple[int, ...], tuple[int, ...]]:
     sel = tuple(range(1, int(seeds) + 1)) if isinstance(seeds, (int, np.integer)) else tuple(
         int(s) for s in seeds)
     fin = tuple(int(s) for s in final_seeds)
-    if len(sel) < 2:
+    if len(sel) < (2 if isinstance(seeds, (int, np.integer)) else 1):
+        # an explicit list may hold one seed: a part of a run merged later
         raise ConfigError(f"benchmark: at least 2 selection seeds are needed for an interval, "
                           f"got {len(sel)}.")
     both = sorted(set(sel) & set(fin))
