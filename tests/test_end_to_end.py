@@ -324,3 +324,17 @@ def test_fixture_generator_rebuilds_the_shipped_files(fixture_set, tmp_path):
             assert a.shape == b.shape and np.abs(a - b).mean() < 1.0, rel
     old, new = (torch.load(d / "tiny_dinov2.pth", weights_only=True) for d in (here, tmp_path))
     assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+
+
+def test_plot_settings_json_carries_the_output_header(calibrated, fixture_model):
+    """calibrate-plots' plot_settings.json has the one JSON header, naming the model it was
+    calibrated with (the same id as predictions), and plot-report still reads it."""
+    from taxoclass.io.provenance import HEADER_FIELDS, model_id_for
+    from taxoclass.pipelines.classifier import TaxonClassifier
+
+    doc = json.loads((calibrated["cal"] / "plot_settings.json").read_text())
+    assert list(doc)[0] == "header" and tuple(doc["header"])[:5] == HEADER_FIELDS
+    assert doc["header"]["command"].startswith("taxoclass calibrate-plots ")
+    model_id = model_id_for(TaxonClassifier.load(fixture_model["model"]))
+    assert doc["header"]["model_id"] == doc["provenance"]["model_id"] == model_id
+    assert (calibrated["report"] / "plot_records.csv").is_file()

@@ -278,11 +278,12 @@ def calibrate_plots(classifier: Any, photos: Sequence[str | Path],
         raise ImageError(f"None of the {len(preds.failures)} calibration photo(s) could be read "
                          f"(first: {preds.failures[0]['photo']}: {preds.failures[0]['error']}). "
                          "Fix: pass readable plot photos (JPEG/PNG) or a coarser --grid.")
-    from ..io.provenance import command_line
+    from ..io.provenance import command_line, model_id_for
 
     describe = classifier.describe()
     provenance = {
         "command": command_line(), "model": str(model) if model is not None else None,
+        "model_id": model_id_for(classifier),
         "classifier": str(describe.get("kind", type(classifier).__name__)),
         "backbone": backbone_name(classifier), "truth": str(truth_file) if truth_file else None,
         "n_failures": len(preds.failures), "flag_unknown": flag_unknown is not None}

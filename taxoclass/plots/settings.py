@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import ConfigError
-from ..io.files import atomic_write_json
+from ..io.provenance import write_json_output
 from .learned import LearnedPlotRule
 from .selection import LEARNED, RULES, TileSettings
 from .tiling import grid_label
@@ -134,7 +134,8 @@ class PlotSettings:
         path = Path(path)
         if path.suffix.lower() != ".json":
             path = path / SETTINGS_FILE
-        return atomic_write_json(path, self.to_dict())
+        return write_json_output(path, self.to_dict(),
+                                 model_id=self.provenance.get("model_id"))
 
     @classmethod
     def load(cls, path: str | Path) -> PlotSettings:
