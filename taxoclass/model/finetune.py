@@ -342,7 +342,7 @@ class _Run:
             batches = [next(it) for _ in range(group_end - st.micro_done)]
             group_loss, n_group = self.optimizer_step(batches)
             st.micro_done = group_end
-            self.images_seen += n_group
+            self.images_seen += n_group  # over all processes
             st.epoch_loss += group_loss
             st.epoch_seen += n_group
             if progress and self.dist.is_main:
@@ -452,13 +452,12 @@ def finetune(train: LabelledImages, val: LabelledImages | None, taxonomy: Taxono
                                        weights_only=True))
     dist.barrier()  # every process has read best.pt before process 0 may remove it
     seconds = time.perf_counter() - t_start
-    images = dist.all_reduce_sum([run.images_seen])[0]
     clf.eval()
     return FinetuneResult(
         model=clf, history=pd.DataFrame(st.history), best_epoch=st.best.best_epoch,
         steps=st.step, completed=not paused, stopped_early=st.stopped_early,
         lr_groups=run.lr_groups, frozen=run.frozen, resumed_from_step=resumed_from,
-        seconds=seconds, images_per_second=images / max(seconds, 1e-9),
+        seconds=seconds, images_per_second=run.images_seen / max(seconds, 1e-9),
         failures=[(train.paths[i] if i >= 0 else val.paths[-1 - i], msg)
                   for i, msg in sorted(st.failures.items())],
         backbone=bb, settings=s, views=view_settings, state_dir=run.state_dir,
