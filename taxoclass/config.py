@@ -334,7 +334,7 @@ class TrainConfig(Section):
     weight_decay: float = _opt(0.0001, ge=0)
     patience: int | None = _opt(20, ge=0)    # early stopping on validation loss; 0/null: off
     # torch intra-op threads while heads train (restored after); null: 1 for heads under
-    # 2 M weights (model.threads.head_threads; bench/head_threads.py), torch's default above
+    # 8 M weights (model.threads.head_threads; bench/head_threads.py), torch's default above
     threads: int | None = _opt(None, ge=1)
     seed: int = 0
 
