@@ -2,16 +2,17 @@
 
 The configs/leaf.yaml head (linear heads on the cached 1280-d EfficientNet-Lite0 384 px
 leaf embeddings, 693 training rows, batch 128, AdamW, class-dependency loss) is trained
-for a fixed number of epochs with torch's default threads (all cores) and with the
+with torch's default threads (all cores) and with the
 count ``taxoclass.model.threads.head_threads`` chooses. Then the same with a busy
 neighbour: a separate process running a numpy matmul loop on one thread (what another
 helper's test or a second job does). Synthetic heads of growing size (random
 embeddings, 768-d, more classes) show where more threads start to pay, which is the
-rule ``train.threads: null`` follows. Every ratio in the table compares runs of this
-one invocation.
+rule ``train.threads: null`` follows. Each measurement trains for a fixed time and
+counts epochs (a slow setting cannot hold the run up). Every ratio in the table
+compares runs of this one invocation.
 
     nice -n 10 .venv/bin/python bench/head_threads.py   # no OMP_NUM_THREADS: it measures that
-        [--epochs 30] [--out bench/results/head_threads.md]
+        [--seconds 6] [--repeats 2] [--out bench/results/head_threads.md]
 """
 
 from __future__ import annotations
@@ -73,15 +74,28 @@ def synthetic(n_classes: int, dim: int = 768, n: int = 1024, seed: int = 0):
     return tax, rng.standard_normal((n, dim)).astype(np.float32), y
 
 
-def epochs_per_second(x, y, tax, cfg, threads: int | None, epochs: int) -> float:
+class _Enough(Exception):
+    """Raised from the progress callback once a cell has used its time."""
+
+
+def epochs_per_second(x, y, tax, cfg, threads: int | None, seconds: float) -> float:
+    """Epochs per second of ``train_head`` on ``threads`` threads, timed between the end
+    of the first epoch and the last one that ends within ``seconds`` (set-up excluded)."""
     from taxoclass.model.threads import torch_threads
     from taxoclass.model.training import train_head
 
-    train = {**cfg["train"], "epochs": epochs, "patience": None}
-    with torch_threads(threads):
-        res = train_head(x, y, None, None, tax, model=cfg["model"], loss=cfg["loss"],
-                         train=train, normalize_inputs=True)
-    return len(res.history) / res.seconds
+    stamps: list[float] = []
+
+    def tick(epoch: int, total: int) -> None:
+        stamps.append(time.perf_counter())
+        if len(stamps) >= 3 and stamps[-1] - stamps[0] >= seconds:
+            raise _Enough
+
+    train = {**cfg["train"], "epochs": 100_000, "patience": None}
+    with torch_threads(threads), contextlib.suppress(_Enough):
+        train_head(x, y, None, None, tax, model=cfg["model"], loss=cfg["loss"], train=train,
+                   normalize_inputs=True, progress=tick)
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
 @contextlib.contextmanager
@@ -103,8 +117,9 @@ def neighbour(busy: bool):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=6.0,
+                        help="training time per measurement (epochs counted within it)")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sizes", default="100,1000,4000,8000",
                         help="species counts of the synthetic 768-d heads")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/head_threads.md")
@@ -115,22 +130,22 @@ def main(argv: list[str] | None = None) -> int:
     default = os.cpu_count() or 1
     cfg, tax, x, y = leaf_data()
     loads = [os.getloadavg()[0]]
-    cases = [("leaf (configs/leaf.yaml)", tax, x, y, args.epochs)]
+    cases = [("leaf (configs/leaf.yaml)", tax, x, y)]
     for k in (int(s) for s in args.sizes.split(",") if s):
         stax, sx, sy = synthetic(k)
-        cases.append((f"synthetic 768-d, {k} species", stax, sx, sy, max(2, args.epochs // 10)))
+        cases.append((f"synthetic 768-d, {k} species", stax, sx, sy))
     rows = []
-    for name, ctax, cx, cy, epochs in cases:
+    for name, ctax, cx, cy in cases:
         n_out = sum(ctax.n_classes(r) for r in ctax.ranks)
         weights = cx.shape[1] * n_out
         chosen = head_threads(None, n_weights=weights)
         for busy in (False, True):
             with neighbour(busy) as who:
-                rate = {}
-                for t in sorted({default, 1}, reverse=True):
-                    runs = [epochs_per_second(cx, cy, ctax, cfg, t, epochs)
-                            for _ in range(args.repeats)]
-                    rate[t] = float(np.median(runs))
+                runs: dict[int, list[float]] = {default: [], 1: []}
+                for _ in range(args.repeats):  # alternating, so drifting load hits both
+                    for t in runs:
+                        runs[t].append(epochs_per_second(cx, cy, ctax, cfg, t, args.seconds))
+                rate = {t: float(np.median(v)) for t, v in runs.items()}
                 loads.append(os.getloadavg()[0])
             rows.append({"head": name, "weights": weights, "neighbour": who.split(",")[0],
                          f"epochs/s, {default} threads (default)": rate[default],
@@ -149,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         f"(other jobs share this machine); at the end `{uptime}`",
         f"- command: `{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`",
         f"- leaf: {len(x)} training rows x {x.shape[1]}-d, configs/leaf.yaml head "
-        f"(batch {cfg['train']['batch_size']}), {args.epochs} epochs; synthetic: 1024 rows, "
-        f"same optimiser, {max(2, args.epochs // 10)} epochs; median of {args.repeats} "
-        "runs per cell; busy neighbour: "
+        f"(batch {cfg['train']['batch_size']}); synthetic: 1024 rows, same settings; each "
+        f"measurement: epochs completed in {args.seconds:.0f} s of training (after the "
+        f"first epoch), median of {args.repeats} alternating runs per cell; busy neighbour: "
         "a separate Python process running a 600x600 numpy matmul loop on one thread",
         f"- rule (`train.threads: null`): 1 thread for heads under {SMALL_HEAD_WEIGHTS:,} "
         "weights (input dim x outputs of all ranks), torch's default above",

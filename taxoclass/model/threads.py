@@ -3,9 +3,9 @@
 A small head (a few linear layers on cached embeddings) does too little work per batch
 for several intra-op threads to pay: every operation pays a fork/join between threads,
 and when anything else keeps a core busy each join waits for a descheduled thread. On
-2 cores, with a busy neighbour process, the leaf head (1280-d Lite0 features) trained at
-about 1 epoch/s with torch's default threads and about 35 with one thread (issue 19;
-``bench/head_threads.py`` has the measured figures). So the training jobs wrap their fits
+2 shared cores the leaf head (1280-d Lite0 features) trained at about 1 epoch/s with
+torch's default threads and about 35 with one thread when another process was busy
+(issue 19; ``bench/head_threads.py`` measures it). So the training jobs wrap their fits
 in :func:`torch_threads` with :func:`head_threads`'s choice, and restore the process's
 setting afterwards (a library never leaves process state changed).
 
@@ -21,9 +21,12 @@ from collections.abc import Iterator
 __all__ = ["SMALL_HEAD_WEIGHTS", "head_threads", "torch_threads"]
 
 # Heads with fewer weights than this train on one thread by default (the rule of
-# ``train.threads: null``). The leaf head has 1280 x ~150 = ~0.2 M weights; a 7,806-species
-# PlantCLEF head on 768-d features ~6 M: that one is left to torch's default.
-SMALL_HEAD_WEIGHTS = 2_000_000
+# ``train.threads: null``). Measured on 2 shared cores (bench/head_threads.py, load 12-15):
+# one thread beat torch's default of 2 at every size tried, by 30x for the leaf head
+# (1280 x 157 = 0.2 M weights) down to 3.7x for a 768-d head of 8,000 species (6.3 M,
+# PlantCLEF's size). Larger heads keep torch's default (not measured here; on many cores
+# they may gain from more threads): set ``train.threads`` to choose.
+SMALL_HEAD_WEIGHTS = 8_000_000
 
 
 @contextlib.contextmanager
