@@ -54,7 +54,9 @@ def leaf_images(root: Path, limit: int | None) -> list[Path]:
 
 
 def measure(bundle: ModelBundle, edge: EdgeModel, paths: list[Path], batch: int,
-            threads: int) -> dict:
+            threads: int, on_update=None, every: int = 10) -> dict:
+    """The figures over ``paths``; ``on_update(figures so far)`` every ``every`` batches
+    (a run cut short by its timeout still leaves a report of the images it did)."""
     backbone = bundle.create_backbone()
     graph = EdgeGraph(backbone.model, bundle).eval()
     names = graph.output_names
@@ -90,9 +92,12 @@ def measure(bundle: ModelBundle, edge: EdgeModel, paths: list[Path], batch: int,
             same = all(str(a[c]) == str(b[c]) for c in ("taxon_rank", "taxon", "reason"))
             agree += same
             decisions.append(b["reason"])
-    return {"times": t, "n_timed": n_timed, "diffs": diffs, "agree": agree,
-            "n": len(paths), "backed_off": sum(r != bundle.taxonomy.ranks[-1]
-                                               for r in decisions)}
+        state = {"times": dict(t), "n_timed": n_timed, "diffs": dict(diffs), "agree": agree,
+                 "n": len(decisions), "n_total": len(paths),
+                 "backed_off": sum(r != bundle.taxonomy.ranks[-1] for r in decisions)}
+        if on_update is not None and (k + 1) % every == 0:
+            on_update(state)
+    return state
 
 
 def machine() -> str:
@@ -117,7 +122,8 @@ def report(res: dict, args, export_s: float, onnx_mb: float, load_before: str) -
         f"Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {machine()}; "
         f"load (uptime) before: {load_before}; after: {uptime()}  ",
         f"Model: `{args.model}` (Lite0 384 px letterbox for configs/leaf.yaml); "
-        f"{res['n']} leaf images, batch {args.batch_size}, {args.threads} threads for both "
+        f"{res['n']} of {res['n_total']} leaf images done, batch {args.batch_size}, "
+        f"{args.threads} threads for both "
         f"(torch.set_num_threads / onnxruntime intra_op_num_threads); first batch not timed "
         f"({n} images timed).  ",
         f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; export took "
@@ -157,12 +163,17 @@ def main() -> None:
         res = export_onnx(bundle, Path(tmp) / "model.onnx", check=False)
         export_s = time.perf_counter() - t0
         edge = EdgeModel(res.onnx, threads=args.threads)
+        size_mb = res.onnx.stat().st_size / 1e6
+
+        def write(figures: dict) -> str:
+            text = report(figures, args, export_s, size_mb, load_before)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text, encoding="utf-8")
+            return text
+
         result = measure(bundle, edge, leaf_images(Path(args.images), args.limit),
-                         args.batch_size, args.threads)
-        text = report(result, args, export_s, res.onnx.stat().st_size / 1e6, load_before)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text, encoding="utf-8")
-    print(text)
+                         args.batch_size, args.threads, on_update=write)
+        print(write(result))
 
 
 if __name__ == "__main__":
