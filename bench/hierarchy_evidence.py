@@ -96,7 +96,7 @@ def _settings(cfg: dict, epochs: int) -> dict:
 
 # ------------------------------------------------------------------------------ parts
 def run_part(part: str, axes: list[str], seeds: list[int], final: list[int], epochs: int,
-             recipes) -> Path:
+             recipes, tag: str = "") -> Path:
     from taxoclass.pipelines.benchmark import benchmark
 
     t0 = time.time()
@@ -107,7 +107,7 @@ def run_part(part: str, axes: list[str], seeds: list[int], final: list[int], epo
     else:
         data, cfg = leaf_data()
     name = part if part != "leaf" else f"leaf-{'+'.join(axes)}"
-    out = OUT / f"{name}.seeds{seeds[0]}-{seeds[-1]}"
+    out = OUT / f"{name}.seeds{seeds[0]}-{seeds[-1]}{tag}"
     bar = _progress(name)
     benchmark(data, list(recipes) if recipes else None, seeds=seeds, final_seeds=final,
               axes=axes, settings=_settings(cfg, epochs), out=out, progress=bar)
@@ -149,8 +149,13 @@ def _load(part: str):
     if not runs:
         return None
     right = {k: v for r in runs for k, v in r.right.items()}
+    # a recipe run in two processes on one seed (the control is added to every run) is
+    # the same seeded fit twice: keep one row
+    results = pd.concat([r.results for r in runs], ignore_index=True).drop_duplicates(
+        ["seed", "axis", "recipe"])
+    recipes = list(dict.fromkeys(n for r in runs for n in r.recipes))
     return dataclasses.replace(
-        runs[0], results=pd.concat([r.results for r in runs], ignore_index=True),
+        runs[0], results=results, recipes=tuple(recipes),
         seeds=tuple(sorted({s for r in runs for s in r.seeds})),
         final_seeds=tuple(sorted({s for r in runs for s in r.final_seeds})), right=right)
 
@@ -271,7 +276,11 @@ def report() -> None:
         "## Default chosen on the selection seeds", "", f"Rule: {choose_default.__doc__}",
         "", f"Result: {why}.", "", "## Kept-back seed 0 (reported once, after the choice)", "",
         *final_table(parts, choice), ""]
-    for n, title in (("leaf-more", "Leaf, the other axes"),
+    pooled_reliability(parts["leaf-full"], "leaf-full")
+    lines += ["Reliability diagram of the species path probability, pooled over the selection "
+              "seeds: `bench/results/hierarchy_evidence/leaf-full-reliability.png`.", ""]
+    for n, title in (("leaf-full", "Leaf, full labels: every recipe, all metrics"),
+                     ("leaf-more", "Leaf, the other axes"),
                      ("naflora", "Second data set: NAFlora-mini-shaped synthetic embeddings")):
         if parts[n] is not None:
             from taxoclass.pipelines.benchmark_report import summary_markdown
@@ -287,6 +296,40 @@ def report() -> None:
     publish("\n".join(lines) + "\n", REPORT)
 
 
+def pooled_reliability(result, part: str) -> None:
+    """One reliability diagram over every selection seed of ``part``: the per-seed bins
+    (``reliability.csv``) summed (counts) and count-weighted (confidence, accuracy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    tables = [pd.read_csv(f / "reliability.csv") for f in sorted(OUT.glob(f"{part}.seeds*"))
+              if (f / "reliability.csv").is_file()]
+    if not tables:
+        return
+    t = pd.concat(tables)
+    t = t[t["count"] > 0].assign(c=lambda d: d["mean_confidence"] * d["count"],
+                                 a=lambda d: d["accuracy"] * d["count"])
+    g = t.groupby(["recipe", "bin"], sort=False)[["count", "c", "a"]].sum().reset_index()
+    keep = [r for r in result.recipes if r in set(g["recipe"])
+            and r in ("taxoclass", "species-only", "crm", "hxe", "soft-labels", "logreg",
+                      "knn", "marginal")]
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="calibrated")
+    for r in keep:
+        d = g[g["recipe"] == r]
+        ax.plot(d["c"] / d["count"], d["a"] / d["count"], marker="o", ms=3, lw=1.2, label=r)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean species path probability (bin)",
+           ylabel="accuracy (bin)",
+           title=f"Leaf, species, {len(result.seeds)} selection splits pooled")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(OUT / f"{part}-reliability.png", dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["leaf", "leaf-more", "naflora"])
@@ -295,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--final", default="0", help="kept-back seeds (comma-separated, or none)")
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--recipes", default=None, help="comma-separated (default: all)")
+    ap.add_argument("--tag", default="", help="folder suffix (recipes split over processes)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args(argv)
     import torch
@@ -315,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         recipes = recipes or list(NAFLORA_RECIPES)
     lo, hi = (int(v) for v in args.seeds.split("-"))
     final = [] if args.final == "none" else [int(v) for v in args.final.split(",")]
-    out = run_part(args.part, axes, list(range(lo, hi + 1)), final, args.epochs, recipes)
+    out = run_part(args.part, axes, list(range(lo, hi + 1)), final, args.epochs, recipes,
+                   args.tag)
     print(f"wrote {out}")
     return 0
 
