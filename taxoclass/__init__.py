@@ -37,6 +37,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "import_annotations": ("pipelines.importing", "import_annotations"),
     "plot_report": ("pipelines.plots", "plot_report_job"),
     "calibrate_plots": ("pipelines.plots", "calibrate_plots_job"),
+    "benchmark": ("pipelines.benchmark", "benchmark"),
     "export_onnx": ("pipelines.export", "export_onnx"),
     "Taxonomy": ("taxonomy.tree", "Taxonomy"),
     "load_taxonomy": ("taxonomy.loading", "load_taxonomy"),
