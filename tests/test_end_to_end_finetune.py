@@ -56,6 +56,9 @@ def test_finetune_loss_goes_down_and_the_heads_learn(finetuned):
     assert val.get("coherence_rate", 1.0) <= 1.0  # heads' own, or absent (B17)
     assert val["ranks"]["species"]["accuracy"] >= 0.5  # chance: 1/6
     assert "openset_thresholds" in val  # the fine-tuned bundle backs off too
+    from taxoclass.io.provenance import model_id_of  # the one JSON output header, this bundle's id
+    parts = json.loads((finetuned["model"] / "bundle.json").read_text())["parts"]
+    assert list(val)[0] == "header" and val["header"]["model_id"] == model_id_of(parts)
 
 
 def test_finetuned_bundle_moves_and_predicts(fixture_set, finetuned, cli, tmp_path):

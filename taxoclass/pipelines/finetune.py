@@ -12,6 +12,7 @@ and the open-set scorer on embeddings of the fine-tuned backbone.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,6 @@ from ..config import FinetuneSettings, complete_config, openset_calibration
 from ..errors import ConfigError
 from ..io.files import (
     atomic_write_csv,
-    atomic_write_json,
     check_output_folder,
     output_folder,
     recover_output_folder,
@@ -326,7 +326,7 @@ def _finetune_job(cfg: dict[str, Any], info: dist.DistInfo, progress: Progress |
 
 def _write_records(job: _Job, result: FinetuneResult, stage: Path, bb) -> None:
     """split, failures, validation metrics (and the open-set scorer), provenance."""
-    from ..io.provenance import write_provenance
+    from ..io.provenance import model_id_of, write_json_output, write_provenance
 
     cfg, is_val = job.cfg, job.is_val
     split = pd.DataFrame({"image_id": job.ids, "split": np.where(is_val, "val", "train")})
@@ -338,7 +338,9 @@ def _write_records(job: _Job, result: FinetuneResult, stage: Path, bb) -> None:
                                                               columns=["path", "error"]))
     metrics = _validation_metrics(job, result, stage)
     metrics["best_epoch"] = result.best_epoch
-    atomic_write_json(stage / "metrics_val.json", metrics)
+    parts = json.loads((stage / "bundle.json").read_text(encoding="utf-8")).get("parts")
+    write_json_output(stage / "metrics_val.json", metrics,  # the one output header first
+                      model_id=model_id_of(parts) if parts else None)
     write_provenance(stage, config=cfg, backbone=bb.describe(), extra={
         "finetune": {"best_epoch": result.best_epoch, "steps": result.steps,
                      "stopped_early": result.stopped_early, "seconds": result.seconds,
