@@ -344,3 +344,18 @@ def test_model_layer_run_writes_no_bundle(image_data, tiny_backbone, tmp_path):
     assert (res.state_dir / "best.pt").is_file() and res.frozen == ["backbone"]
     write_finetuned_bundle(res, tmp_path / "m", image_data["tax"])
     assert (tmp_path / "m" / "bundle.json").is_file() and not res.state_dir.exists()
+
+
+def test_heads_a_flat_loss_does_not_train_stay_zero(image_data, tiny_backbone, tmp_path):
+    """With ``loss.kind: flat`` only the lowest-rank head learns; the others stay exactly zero
+    (as train_head leaves them), so path decoding of the fine-tuned model is the marginal one."""
+    paths, y = image_data["train"]
+    res = finetune(LabelledImages(paths, y), None, image_data["tax"], backbone=tiny_backbone,
+                   out_dir=tmp_path / "f", settings={**BASE, "epochs": 1, "unfreeze_blocks": 0},
+                   loss={"kind": "flat"})
+    heads = res.model.head.heads
+    lowest, *higher = image_data["tax"].ranks[::-1]
+    assert heads[lowest].weight.abs().sum() > 0
+    for rank in higher:
+        assert heads[rank].weight.abs().sum() == 0 and heads[rank].bias.abs().sum() == 0
+        assert not heads[rank].weight.requires_grad

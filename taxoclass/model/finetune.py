@@ -67,7 +67,7 @@ from .optim import (
     set_trainable,
     warmup_cosine,
 )
-from .training import EarlyStopping
+from .training import EarlyStopping, freeze_untrained_heads
 
 log = logging.getLogger(__name__)
 if TYPE_CHECKING:
@@ -438,8 +438,12 @@ def finetune(train: LabelledImages, val: LabelledImages | None, taxonomy: Taxono
         torch.manual_seed(int(s.seed) * 1_000_003 + info.rank)
     check_layer_decay(clf, float(s.layer_decay), int(s.unfreeze_blocks))
     train_ds, val_ds, view_settings = datasets(bb, s, train, val, views)
-    run = _Run(clf, bb, s, taxonomy, train_ds, val_ds, len(train.paths),
-               criterion_from_config(taxonomy, train.targets, loss), dist.resolve_device(device))
+    criterion = criterion_from_config(taxonomy, train.targets, loss)
+    # heads the loss does not train (loss.kind flat, soft_labels, hxe) stay at zero, as in
+    # train_head, so path/crm decoding of the fine-tuned bundle equals the marginal one
+    freeze_untrained_heads(clf.head, criterion.trained_ranks)
+    run = _Run(clf, bb, s, taxonomy, train_ds, val_ds, len(train.paths), criterion,
+               dist.resolve_device(device))
     run.state_dir = Path(out_dir) / STATE_DIR
     run.signature = {"n_train": len(train.paths), "n_val": len(val.paths),
                      "sizes": taxonomy.sizes, "views": view_settings, "backbone": bb.name,
