@@ -77,6 +77,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=6)
     ap.add_argument("--n-test", type=int, default=120, help="test plots of seed 0")
     ap.add_argument("--n-cal", type=int, default=60, help="calibration plots of seed 0")
+    ap.add_argument("--own-test-plots", action="store_true",
+                    help="seeds 1.. compose their own --n-test-extra test plots (default: "
+                         "they are scored on seed 0's test plots)")
     ap.add_argument("--n-test-extra", type=int, default=20, help="test plots of seeds 1..")
     ap.add_argument("--n-cal-extra", type=int, default=20, help="calibration plots, seeds 1..")
     ap.add_argument("--views", type=int, default=4)
@@ -118,10 +121,14 @@ def seed_data(args, seed: int, out: Path) -> dict:
         return {int(k): leaves.rows["path"][mask & (leaf_idx == k)].tolist()
                 for k in np.unique(leaf_idx[mask])}
 
-    n_test, n_cal = ((args.n_test, args.n_cal) if seed == 0
-                     else (args.n_test_extra, args.n_cal_extra))
-    test = plots_and_tiles("test", pool_of(leaves.is_test), n_test, seed, args, taxonomy,
-                           backbone, out)
+    n_cal = args.n_cal if seed == 0 else args.n_cal_extra
+    # seeds >= 1 draw new calibration plots and are scored on seed 0's test plots (tile
+    # embedding on shared CPU cores limits what can be composed; --own-test-plots: new
+    # test plots each seed too)
+    test_seed, n_test = ((seed, args.n_test_extra) if seed and args.own_test_plots
+                         else (0, args.n_test))
+    test = plots_and_tiles("test", pool_of(leaves.is_test), n_test, test_seed, args,
+                           taxonomy, backbone, out)
     cal = plots_and_tiles("cal", pool_of(leaves.cal_pool), n_cal, seed + 1000, args,
                           taxonomy, backbone, out)
     return {"taxonomy": taxonomy, "acc": acc, "test": test, "cal": cal,
@@ -301,15 +308,40 @@ def methods_over_seeds(all_stats: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def report(args, seeds: dict, out: Path, total: float) -> None:
-    all_stats, infos, rules = {}, {}, {}
+def combined_interval(per_plots: dict, sources: dict, ctrl: str, n_resamples: int
+                      ) -> tuple[float, float, float]:
+    """Mean over seeds of the headline's difference to ``ctrl`` with a normal 95% interval
+    that adds both uncertainties: the test plots' (shared-source bootstrap of the per-plot
+    difference averaged over seeds; every seed scores the same test plots) and the
+    calibration draws' (variance of the per-seed means / number of seeds)."""
+    diffs = np.stack([pp[(HEADLINE, "species")].to_numpy() - pp[(ctrl, "species")].to_numpy()
+                      for pp in per_plots.values()])
+    ids = list(next(iter(per_plots.values())).index)
+    mem, _ = membership_matrix(sources, ids)
+    se_test = float(bootstrap_means(diffs.mean(axis=0), mem, n_resamples=n_resamples).std())
+    seed_means = diffs.mean(axis=1)
+    se = float(np.sqrt(se_test ** 2 + seed_means.var(ddof=1) / len(seed_means)))
+    m = float(seed_means.mean())
+    return m, m - 1.96 * se, m + 1.96 * se
+
+
+def report(args, seeds: dict, out: Path, t0: float) -> None:
+    all_stats, infos, rules, per_plots = {}, {}, {}, {}
     for seed, d in seeds.items():
         per_plot, info = methods_of_seed(d)
+        per_plots[seed] = per_plot
         per_plot.to_csv(out / f"per_plot_seed{seed}.csv")
         infos[seed] = {i["method"]: i for i in info}
         rules[seed] = infos[seed][HEADLINE]["settings"]
         all_stats[seed] = seed_stats(per_plot, d["test"]["sources"], args.resamples, seed)
     (out / "stats.json").write_text(json.dumps(all_stats, indent=1, default=float))
+    same_test = all(d["test"]["truth"] == seeds[0]["test"]["truth"] for d in seeds.values())
+    combined = pd.DataFrame([
+        {"control": label, "Δ of the product's choice, mean over seeds, pts [95%, test plots "
+         "and calibration draws]": _ci(*combined_interval(per_plots, seeds[0]["test"]["sources"],
+                                                        ctrl, args.resamples), pts=True)}
+        for ctrl, label in CONTROLS.items()]) if same_test and len(seeds) > 1 else None
+    total = time.perf_counter() - t0
     st0, d0 = all_stats[0], seeds[0]
     load = os.getloadavg()
     se = pd.DataFrame([{"interval scheme": k, "SE of the headline Δ (pts)": 100 * v}
@@ -322,8 +354,8 @@ def report(args, seeds: dict, out: Path, total: float) -> None:
         f"{platform.machine()}, {os.cpu_count()} CPU cores (shared VM), no GPU; load average "
         f"at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}",
         f"- command: `OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python "
-        f"{' '.join(['bench/plots_fair.py', *sys.argv[1:]])}` ({total:.0f} s, tile "
-        "embeddings cached)",
+        f"{' '.join(['bench/plots_fair.py', *sys.argv[1:]])}` ({total:.0f} s with the "
+        "tile embeddings cached)",
         f"- heads: `train_head` with configs/leaf.yaml on the 693 training-split leaf "
         f"embeddings (EfficientNet-Lite0, 384 px letterbox, FROZEN backbone) plus "
         f"{args.views} tile-like views per image; single-leaf species accuracy on the 297 "
@@ -333,9 +365,11 @@ def report(args, seeds: dict, out: Path, total: float) -> None:
         f"{st0['n_images']} distinct images); no setting was chosen on them. Calibration "
         f"plots come from a calibration pool of ~30% of the training images, scored by a "
         f"head trained without that pool; seed 0 has {args.n_cal} calibration plots, seeds "
-        f"1–{len(seeds) - 1} {args.n_test_extra} test and {args.n_cal_extra} calibration "
-        "plots each (new compositions of both; the leaf split, the calibration pool and the "
-        "heads are the same in every seed)",
+        f"1–{len(seeds) - 1} {args.n_cal_extra} newly composed calibration plots each, "
+        + (f"and {args.n_test_extra} new test plots each" if args.own_test_plots else
+           "scored on seed 0's test plots (so the seeds measure what the calibration draw "
+           "changes; the test plots' own variation is in the bootstrap intervals)")
+        + "; the leaf split, the calibration pool and the heads are the same in every seed",
         f"- intervals: shared-source bootstrap ({args.resamples} resamples, seeded; "
         "`taxoclass.plots.bootstrap`: plots sharing a source image are correlated), paired "
         "within the same resamples; p: two-sided bootstrap p of no difference",
@@ -345,6 +379,9 @@ def report(args, seeds: dict, out: Path, total: float) -> None:
         "## Over seeds (the product's choice at 4x4 against each control)", "",
         markdown_table(seeds_table(all_stats, rules)), "",
         markdown_table(methods_over_seeds(all_stats)), "",
+        *(["The t-intervals above vary only the calibration plots (every seed scores the "
+           "same test plots). Both uncertainties together:", "", markdown_table(combined),
+           ""] if combined is not None else []),
         "## Standard error of the headline difference (seed 0) by interval scheme", "",
         markdown_table(se), ""]
     publish("\n".join(md), out / "results.md", args.results)
@@ -361,7 +398,7 @@ def main() -> None:
         print(f"seed {seed} ready after {time.perf_counter() - t0:.0f}s", flush=True)
     if args.embed_only:
         return
-    report(args, seeds, out, time.perf_counter() - t0)
+    report(args, seeds, out, t0)
 
 
 if __name__ == "__main__":
