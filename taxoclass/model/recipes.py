@@ -219,8 +219,9 @@ def _fit_logreg(x, y, taxonomy, seed, cfg, options) -> LogRegPredictor:
     from sklearn.linear_model import LogisticRegression
 
     xs, ys = _lowest_labelled(x, y, taxonomy, "logreg")
-    basis = row_space(l2_normalise(xs))
-    z = l2_normalise(xs) @ basis
+    xn = l2_normalise(xs)
+    basis = row_space(xn)
+    z = xn @ basis
     if options["C"] is None:
         C, scores = choose_C(z, ys, folds=int(options["folds"]), seed=seed)
     else:
@@ -233,7 +234,8 @@ def _fit_hiclass(x, y, taxonomy, seed, cfg, options) -> HiclassBaseline:
     C = options["C"]
     if C is None:  # the flat probe's inner-CV choice (one grid, on the training data)
         xs, ys = _lowest_labelled(x, y, taxonomy, "hiclass")
-        z = l2_normalise(xs) @ row_space(l2_normalise(xs))
+        xn = l2_normalise(xs)
+        z = xn @ row_space(xn)
         C, _ = choose_C(z, ys, folds=int(options["folds"]), seed=seed)
     return HiclassBaseline(taxonomy, C=float(C), top_k=int(cfg["decode"]["top_k"])).fit(x, y)
 
