@@ -416,6 +416,8 @@ def benchmark(data: BenchmarkData | dict, recipes: Sequence[str] | Mapping[str, 
     bad = [a for a in axes if a not in AXES]
     if bad or not axes:
         raise ConfigError(f"benchmark: unknown axis {bad or '(none)'}; expected some of {AXES}.")
+    from ..model.threads import torch_threads
+
     rows, right, reliab = [], {}, {n: ([], []) for n in fns}
     plan = [(s, a) for a in axes for s in (*sel, *fin)]
     done, total = 0, len(plan) * len(fns)
@@ -425,11 +427,13 @@ def benchmark(data: BenchmarkData | dict, recipes: Sequence[str] | Mapping[str, 
         x_eval = data.x[split["test"]]
         if split.get("y_focus") is not None:
             x_eval = np.concatenate([x_eval, data.x[split["focus"]]])
+        threads = _threads(settings, data.x.shape[1], split["taxonomy"])
         for name, fit in fns.items():
             t0 = time.perf_counter()
-            model = fit(name, data.x[split["train"]], split["y_train"], split["taxonomy"],
-                        seed=int(seed), settings=settings)
-            decoded = model.predict(x_eval)
+            with torch_threads(threads):
+                model = fit(name, data.x[split["train"]], split["y_train"], split["taxonomy"],
+                            seed=int(seed), settings=settings)
+                decoded = model.predict(x_eval)
             fit_s = time.perf_counter() - t0
             row, r = _score(decoded, split, data, bins)
             rows.append({"seed": seed, "split": "selection" if seed in sel else "final",
@@ -459,6 +463,18 @@ def benchmark(data: BenchmarkData | dict, recipes: Sequence[str] | Mapping[str, 
 
         write_benchmark(result, out)
     return result
+
+
+def _threads(settings: Mapping | None, dim: int, taxonomy) -> int | None:
+    """Torch threads for one fit: ``train.threads`` of ``settings``, else the head-size
+    rule of :func:`taxoclass.model.threads.head_threads` (1 thread for small heads)."""
+    from ..model.threads import head_threads
+
+    train = (settings or {}).get("train") or {}
+    setting = train.get("threads") if isinstance(train, Mapping) else None
+    setting = (settings or {}).get("train.threads", setting)
+    n_out = sum(taxonomy.n_classes(r) for r in taxonomy.ranks)
+    return head_threads(setting, n_weights=dim * n_out)
 
 
 def recipe_settings(cfg: Mapping) -> dict[str, Any]:
