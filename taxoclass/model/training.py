@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from ..config import ModelConfig, TrainConfig
+from ..errors import ConfigError
 from ..taxonomy.tree import Taxonomy
 from .heads import MultiRankHead
 from .losses import criterion_from_config
@@ -147,6 +148,10 @@ def train_head(x_train: np.ndarray, y_train: Mapping[str, np.ndarray],
                          hidden=model_cfg.hidden, dropout=float(model_cfg.dropout))
     criterion = criterion_from_config(taxonomy, yt, loss)
     trained = tuple(r for r in ranks if r in getattr(criterion, "trained_ranks", ranks))
+    if not trained:
+        raise ConfigError(f"loss: trains no head (every loss.rank_weights entry is 0 and "
+                          f"dependency_weight is 0); give at least one of the ranks "
+                          f"{tuple(ranks)} a weight above 0.")
     freeze_untrained_heads(head, trained)
     fused = _FusedHeads(head, trained)
     opt = make_optimizer(fused, train_cfg.to_dict())
