@@ -37,7 +37,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from ..config import DEFAULTS, DecodeConfig, LossConfig, ModelConfig, TrainConfig, deep_merge
+from ..config import (
+    DEFAULTS,
+    LEAF_ONLY_LOSSES,
+    DecodeConfig,
+    LossConfig,
+    ModelConfig,
+    TrainConfig,
+    deep_merge,
+)
 from ..errors import ConfigError
 from .baselines import (
     HiclassBaseline,
@@ -123,8 +131,7 @@ def recipe_config(name: str, settings: Mapping[str, Any] | None = None,
     classes = {"model": ModelConfig, "loss": LossConfig, "train": TrainConfig,
                "decode": DecodeConfig}
     out = {s: classes[s].from_dict(cfg[s]).to_dict() for s in _HEAD_SECTIONS}
-    if out["decode"]["method"] == "topdown" and out["loss"]["kind"] in ("flat", "soft_labels",
-                                                                         "hxe"):
+    if out["decode"]["method"] == "topdown" and out["loss"]["kind"] in LEAF_ONLY_LOSSES:
         raise ConfigError(f"recipe {name!r}: decode.method 'topdown' needs a head per rank, "
                           f"but loss.kind {out['loss']['kind']!r} trains the lowest only.")
     return out
