@@ -432,8 +432,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="first N leaf images only")
     parser.add_argument("--kill-after", type=float, default=12.0,
                         help="seconds after both executors start that worker 1 is killed")
+    parser.add_argument("--kill-only", type=Path, default=None, metavar="LOCAL_EMBED",
+                        help="only the killed-worker run and its rerun, compared with this "
+                             "local embed output (e.g. kept from an earlier run)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/spark_cluster.md")
     args = parser.parse_args(argv)
+    # `timeout` sends SIGTERM: exit through the finally blocks, so the cluster is killed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="taxoclass-cluster-") as tmp_name:
         tmp = Path(tmp_name)
         data = tmp / "leaf"
@@ -444,20 +449,22 @@ def main(argv: list[str] | None = None) -> int:
         rows, checks, logs = [], {}, tmp / "logs"
         logs.mkdir()
         with running_cluster(env, logs) as cluster:
-            for cmd in commands:
+            for cmd in commands if args.kill_only is None else []:
                 name = cmd[1]  # cmd[0] is "taxoclass"
                 extra = ("--cache", str(tmp / "local-cache")) if name == "predict" else ()
                 local_s, _ = _run(local_command(cmd, str(tmp / "local" / name), *extra), env,
                                   logs / f"local-{name}.log")
                 spark_s, _ = _run(cmd, env, logs / f"spark-{name}.log")
                 rows.append((name, local_s, spark_s))
-            checks = compare_outputs(_outs(commands, tmp / "local"))
+            checks = (compare_outputs(_outs(commands, tmp / "local"))
+                      if args.kill_only is None else {})
             killed_cmd = [w.replace(str(tmp / "spark"), str(tmp / "spark-kill"))
                           for w in commands[0]]
             kill_s, kill_out, event = _kill_during(cluster, killed_cmd, env,
                                                    logs / "spark-kill.log", args.kill_after)
             rerun_s, rerun_out = _run(killed_cmd, env, logs / "spark-kill-rerun.log")
-            kill = compare_outputs(_outs([killed_cmd], tmp / "local"))
+            local = tmp / "local" if args.kill_only is None else args.kill_only.parent
+            kill = compare_outputs({"embed": (local / "embed", _out_of(killed_cmd))})
         text = markdown(rows, checks, kill, event, kill_s, kill_out, rerun_s, rerun_out,
                         env=env, n_images=_count(data), argv=sys.argv, limit=args.limit)
     from _results import publish
