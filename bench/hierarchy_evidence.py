@@ -184,7 +184,8 @@ def figures_table(parts: dict) -> tuple[list[str], dict[str, list[int]]]:
     first = parts["leaf-full"]
     recipes = [r for r in first.recipes if all(r in p.recipes for p in parts.values() if p)]
     signs = {r: [] for r in recipes}
-    head = "| recipe | " + " | ".join(f[2] for f in FIGURES) + " |"
+    head = "| recipe | " + " | ".join(
+        f"{f[2]} ({len(parts[f[0]].seeds)} splits)" for f in FIGURES) + " |"
     lines = [head, "|---" * (len(FIGURES) + 1) + "|"]
     for r in recipes:
         cells = []
@@ -196,6 +197,35 @@ def figures_table(parts: dict) -> tuple[list[str], dict[str, list[int]]]:
             cells.append(f"{text}<br>{diff}")
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
     return lines, signs
+
+
+def compact_table(parts: dict, recipes=None) -> list[str]:
+    """The figure axes as ``mean ± half-width (difference to the control, paired t p)``:
+    one line per recipe (for BENCHMARKS.md)."""
+    from taxoclass.pipelines.benchmark_report import compare
+
+    first = parts["leaf-full"]
+    recipes = recipes or [r for r in first.recipes
+                          if all(r in parts[f[0]].recipes for f in FIGURES)]
+    lines = ["| recipe | " + " | ".join(f"{f[2]} ({len(parts[f[0]].seeds)} splits)"
+                                         for f in FIGURES) + " |",
+             "|---" * (len(FIGURES) + 1) + "|"]
+    for r in recipes:
+        cells = []
+        for part, col, _, higher in FIGURES:
+            res = parts[part]
+            c = compare(res, res.axes[0], r, col)
+            mean, lo, hi = c["mean"]
+            text = f"{mean:.3f} ± {(hi - lo) / 2:.3f}"
+            if r != CONTROL:
+                d, _, _, pv = c["diff"]
+                good = pv < 0.05 and (d > 0) == higher
+                bad = pv < 0.05 and (d > 0) != higher
+                text += f" ({d:+.3f}, p={pv:.2g})"
+                text = f"**{text}**" if good else (f"*{text}*" if bad else text)
+            cells.append(text)
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def choose_default(parts: dict, signs: dict[str, list[int]]) -> tuple[str, str]:
@@ -259,9 +289,10 @@ def report() -> None:
         "# Does the hierarchy pay? (issue 17)", "",
         f"Leaf data: {full.info['n_images']} images, {full.info['sizes']}, EfficientNet-Lite0 "
         f"384 px letterbox embeddings (cached, configs/leaf.yaml). Protocol "
-        f"(`taxoclass.pipelines.benchmark`, = `taxoclass benchmark`): {len(full.seeds)} "
-        f"seeded 70/30 splits stratified by species (selection seeds {full.seeds[0]}.."
-        f"{full.seeds[-1]}), seed 0 kept back and never used for a choice. Every recipe on "
+        f"(`taxoclass.pipelines.benchmark`, = `taxoclass benchmark`): seeded 70/30 splits "
+        "stratified by species; selection seeds per part: " + "; ".join(
+            f"{n} {list(p.seeds)}" for n, p in parts.items() if p is not None) + "; seed 0 "
+        "kept back and never used for a choice. Every recipe on "
         "the same splits and features; head recipes with the configs/leaf.yaml recipe "
         f"(linear heads, AdamW lr 0.03, wd 0.1, label smoothing 0.05, batch 128) except "
         f"**{full.info['settings']['train']['epochs']} epochs instead of 300 for every head "
@@ -273,6 +304,9 @@ def report() -> None:
                              for n, r in runs.items()) + f" (machine {platform.node()}, "
         "2 CPU cores shared with other jobs, no GPU).", "",
         "## The five figure axes (leaf, selection seeds)", "", *fig, "",
+        "Compact form (mean ± 95% half-width; difference to the control, paired t p; "
+        "**bold** significantly better, *italic* significantly worse):", "",
+        *compact_table({k: v for k, v in parts.items() if v is not None}), "",
         "## Default chosen on the selection seeds", "", f"Rule: {choose_default.__doc__}",
         "", f"Result: {why}.", "", "## Kept-back seed 0 (reported once, after the choice)", "",
         *final_table(parts, choice), ""]
