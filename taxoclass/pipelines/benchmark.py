@@ -46,13 +46,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError
+from .benchmark_report import BenchmarkResult, write_benchmark
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -86,25 +87,6 @@ class BenchmarkData:
         ranks = self.taxonomy.ranks
         cols = np.stack([self.y[r] for r in ranks], axis=1)
         return np.array(["/".join(map(str, row)) for row in cols])
-
-
-@dataclass
-class BenchmarkResult:
-    """``results``: one row per seed x recipe x axis; ``right``: per-image right/wrong of
-    the McNemar metrics, keyed ``(seed, axis, recipe, column)``; ``reliability``:
-    (path probability, right) of the lowest rank pooled over the selection seeds, per
-    recipe, on the first axis."""
-
-    results: pd.DataFrame
-    control: str
-    seeds: tuple[int, ...]
-    final_seeds: tuple[int, ...]
-    axes: tuple[str, ...]
-    recipes: tuple[str, ...]
-    bins: tuple[int, int]
-    right: dict[tuple, np.ndarray] = field(default_factory=dict)
-    reliability: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 def benchmark_data(cfg: dict, *, progress: Progress | None = None) -> BenchmarkData:
@@ -459,8 +441,6 @@ def benchmark(data: BenchmarkData | dict, recipes: Sequence[str] | Mapping[str, 
               "grouped": data.groups is not None, "test_fraction": test_fraction,
               "settings": dict(settings or {})})
     if out is not None:
-        from .benchmark_report import write_benchmark
-
         write_benchmark(result, out)
     return result
 

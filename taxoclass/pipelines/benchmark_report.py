@@ -7,15 +7,36 @@ See :mod:`taxoclass.pipelines.benchmark` for the protocol the numbers come from.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ..io.files import atomic_write_csv, atomic_write_json, output_folder
 
-__all__ = ["axis_metrics", "compare", "load_benchmark", "summary_markdown",
+__all__ = ["BenchmarkResult", "axis_metrics", "compare", "load_benchmark", "summary_markdown",
            "write_benchmark"]
+
+
+@dataclass
+class BenchmarkResult:
+    """``results``: one row per seed x recipe x axis; ``right``: per-image right/wrong of
+    the McNemar metrics, keyed ``(seed, axis, recipe, column)``; ``reliability``:
+    (path probability, right) of the lowest rank pooled over the selection seeds, per
+    recipe, on the first axis."""
+
+    results: pd.DataFrame
+    control: str
+    seeds: tuple[int, ...]
+    final_seeds: tuple[int, ...]
+    axes: tuple[str, ...]
+    recipes: tuple[str, ...]
+    bins: tuple[int, int]
+    right: dict[tuple, np.ndarray] = field(default_factory=dict)
+    reliability: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def axis_metrics(axis: str, ranks: tuple[str, ...], columns) -> list[tuple[str, str, bool]]:
@@ -265,8 +286,6 @@ def _protocol(result) -> dict[str, Any]:
 def _write_per_image(path: Path, result) -> None:
     import io
 
-    import numpy as np
-
     arrays = {"|".join(map(str, k)): np.asarray(v, dtype=bool) for k, v in result.right.items()}
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
@@ -277,10 +296,6 @@ def load_benchmark(folder: str | Path):
     """A :class:`~taxoclass.pipelines.benchmark.BenchmarkResult` from a folder that
     :func:`write_benchmark` wrote (to summarise or combine runs again)."""
     import json
-
-    import numpy as np
-
-    from .benchmark import BenchmarkResult
 
     folder = Path(folder)
     meta = json.loads((folder / "protocol.json").read_text())
