@@ -314,7 +314,7 @@ def compare_outputs(outs: Mapping[str, tuple[Path, Path]]) -> dict[str, dict]:
 def _lost(output: str) -> list[str]:
     """The driver's log lines about the lost executor and its retried tasks."""
     return [line.strip()[:200] for line in output.splitlines()
-            if re.search(r"Lost executor|Lost task|ExecutorLostFailure|Removing executor",
+            if re.search(r"Lost executor|Lost task|ExecutorLostFailure|Executor .* removed",
                          line)]
 
 
@@ -355,8 +355,8 @@ def markdown(rows, checks, kill, event, kill_s, kill_out, rerun_s, rerun_out, *,
         "",
         "Killed worker: the same embed command into a new folder; worker 1 (its JVM, "
         f"executor and Python workers: {event.get('killed', 0)} processes) killed "
-        f"{event.get('killed_at', float('nan'))} s into the command (executors on both "
-        f"workers at {event.get('executors_at', float('nan'))} s).",
+        f"{event.get('killed_at', float('nan'))} s into the command (tasks running on both "
+        f"workers at {event.get('busy_at', float('nan'))} s, by the driver's REST API).",
         "",
         f"- outcome: the command finished (exit 0) in {kill_s:.1f} s; outputs vs local: "
         f"{json.dumps(kill.get('embed', {}))}",
@@ -399,29 +399,54 @@ def _run(argv: Sequence[str], env: Mapping[str, str], log: Path) -> tuple[float,
     return seconds, done.stdout + done.stderr
 
 
+def _busy_executors(master: str) -> int:
+    """How many executors of the application on ``master`` run a task now (the driver's
+    REST API, ports 4040-4055)."""
+    for port in range(4040, 4056):
+        base = f"http://127.0.0.1:{port}/api/v1/applications"
+        try:
+            with urllib.request.urlopen(base, timeout=1) as r:
+                apps = json.loads(r.read())
+            for app in apps:
+                with urllib.request.urlopen(f"{base}/{app['id']}/executors", timeout=1) as r:
+                    executors = json.loads(r.read())
+                with urllib.request.urlopen(f"{base}/{app['id']}/environment", timeout=1) as r:
+                    props = dict(json.loads(r.read()).get("sparkProperties", []))
+                if props.get("spark.master") == master:
+                    return sum(e["id"] != "driver" and e.get("activeTasks", 0) > 0
+                               for e in executors)
+        except (OSError, ValueError, KeyError):
+            continue
+    return 0
+
+
 def _kill_during(cluster: Cluster, argv, env, log: Path, after: float) -> tuple[float, str, dict]:
-    """Run ``argv`` while a thread kills worker 1 ``after`` seconds into the job (once the
-    app has executors on both workers)."""
+    """Run ``argv`` while a thread kills worker 1 ``after`` seconds after executors on
+    both workers run a task (the driver's REST API says so)."""
     import threading
 
     event: dict = {}
 
     def killer() -> None:
-        with contextlib.suppress(TimeoutError, RuntimeError):
-            cluster.wait(lambda s: any(w.get("coresused", 0) for w in s.get("workers", []))
-                         and sum(w.get("coresused", 0) > 0 for w in s["workers"]) >= 2,
-                         300, "executors on both workers")
-            event["executors_at"] = time.perf_counter()
-            time.sleep(after)
-            event["killed"] = len(cluster.kill_worker(1))
-            event["killed_at"] = time.perf_counter()
+        end = time.monotonic() + 600
+        while time.monotonic() < end and "done" not in event:
+            if _busy_executors(env["MASTER"]) >= 2:
+                event["busy_at"] = time.perf_counter()
+                time.sleep(after)
+                event["killed"] = len(cluster.kill_worker(1))
+                event["killed_at"] = time.perf_counter()
+                return
+            time.sleep(0.2)
 
     thread = threading.Thread(target=killer, daemon=True)
     t0 = time.perf_counter()
     thread.start()
-    seconds, output = _run(argv, env, log)
+    try:
+        seconds, output = _run(argv, env, log)
+    finally:
+        event["done"] = True
     thread.join(timeout=5)
-    for key in ("executors_at", "killed_at"):
+    for key in ("busy_at", "killed_at"):
         if key in event:
             event[key] = round(event[key] - t0, 1)
     return seconds, output, event
@@ -430,8 +455,8 @@ def _kill_during(cluster: Cluster, argv, env, log: Path, after: float) -> tuple[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None, help="first N leaf images only")
-    parser.add_argument("--kill-after", type=float, default=12.0,
-                        help="seconds after both executors start that worker 1 is killed")
+    parser.add_argument("--kill-after", type=float, default=3.0,
+                        help="seconds after both workers run a task that worker 1 is killed")
     parser.add_argument("--kill-only", type=Path, default=None, metavar="LOCAL_EMBED",
                         help="only the killed-worker run and its rerun, compared with this "
                              "local embed output (e.g. kept from an earlier run)")
