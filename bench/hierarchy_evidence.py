@@ -322,8 +322,8 @@ def report() -> None:
             text = summary_markdown(parts[n], tuple(parts[n].info["ranks"]))
             body = text.split("## Selection seeds", 1)[-1].split("## Kept-back", 1)[0]
             lines += [f"## {title}", "", f"{len(parts[n].seeds)} selection seeds; folders "
-                      f"`{OUT.relative_to(ROOT)}/{n}.seeds*/` (kept-back seed and reliability "
-                      "diagram there).", "", body.strip(), ""]
+                      f"`{OUT.relative_to(ROOT)}/{n}.seeds*/` (the kept-back seed 0 in the "
+                      "seeds1-1 folder's summary.md).", "", body.strip(), ""]
     notes = REPORT.with_suffix(".notes.md")
     if notes.is_file():
         lines += [notes.read_text()]
