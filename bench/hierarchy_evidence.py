@@ -5,20 +5,28 @@ Everything runs through the public protocol, ``taxoclass.pipelines.benchmark.ben
 (what ``taxoclass benchmark`` runs): every recipe of ``taxoclass.model.recipes`` on the
 same seeded 70/30 splits and cached embeddings, selection seeds 1..N, seed 0 kept back.
 
-Parts (each writes ``bench/results/hierarchy_evidence/<part>/``, run them in parallel):
+Parts (each run writes ``bench/results/hierarchy_evidence/<part>.seeds<a>-<b>[tag]/``; runs of
+one part with other seeds or recipes are merged by ``--report``, so they can run in parallel).
+The figures of 2026-11-30 were made with one process per seed (``--seeds s-s``, ``--final 0``
+with seed 1 only), ``--epochs 50`` (``--epochs 20`` for naflora), for example:
 
     B=bench/hierarchy_evidence.py; export OMP_NUM_THREADS=1
-    nice -n 10 .venv/bin/python $B --part leaf --axes full          # the figure axes
-    nice -n 10 .venv/bin/python $B --part leaf --axes partial-50
-    nice -n 10 .venv/bin/python $B --part leaf --axes unseen
-    nice -n 10 .venv/bin/python $B --part leaf-more                 # the other axes
-    nice -n 10 .venv/bin/python $B --part naflora                   # second data set
+    HEADS=taxoclass,species-only,species-only+crm,soft-labels,hxe,bjerge,crm,path,marginal,topdown,knn
+    .venv/bin/python $B --part leaf --axes full --epochs 50 --recipes $HEADS --seeds 1-1 --final 0
+    .venv/bin/python $B --part leaf --axes full --epochs 50 --recipes logreg,hiclass \
+        --tag .baselines --seeds 2-2 --final none
+    .venv/bin/python $B --part leaf --axes partial-50 --epochs 50 --recipes $HEADS --seeds 1-1
+    .venv/bin/python $B --part leaf --axes unseen --epochs 50 --recipes $HEADS --seeds 1-1
+    .venv/bin/python $B --part leaf-more --epochs 50 \
+        --recipes taxoclass,species-only,crm,marginal,knn --seeds 1-1      # (+ hxe, seeds 1-3)
+    .venv/bin/python $B --part naflora --epochs 20 --seeds 1-1           # (+ hxe, seeds 1-2)
     .venv/bin/python $B --report     # -> bench/results/hierarchy_evidence.md
 
-``--epochs`` (default 100, the config has 300) is the one training setting changed, for
-every head recipe alike, to fit the CPU budget. The synthetic set (:func:`naflora_like`):
-the NAFlora-mini taxonomy (metadata.json: 1,863 species, 829 genera, 162 families, 5
-images each) with embeddings from a seeded hierarchical Gaussian model.
+``--epochs`` (the config has 300) is the one training setting changed, for every head recipe
+alike, to fit the CPU budget. The synthetic set (:func:`naflora_like`): the NAFlora-mini
+taxonomy (metadata.json: 1,863 species, 829 genera, 162 families, 5 images each) with
+embeddings from a seeded hierarchical Gaussian model (64 dimensions; standard deviations 1.0
+family, 0.7 genus, 0.5 species, 1.2 image noise: cosine 1-NN reaches ~0.61 species accuracy).
 """
 
 from __future__ import annotations
