@@ -207,7 +207,7 @@ def print_metrics(path_or_dict, title: str) -> None:
         click.echo("mistake severity: " + ", ".join(
             f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in sev.items()))
     if "coherence_rate" in m:
-        click.echo(f"coherent predictions: {m['coherence_rate']:.3f}")
+        click.echo(f"heads' own arg-max coherent (before decoding): {m['coherence_rate']:.3f}")
 
 
 def fmt3(value) -> str:

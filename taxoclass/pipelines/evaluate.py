@@ -171,7 +171,8 @@ def evaluate_model(model: str | Path, annotations: str | Path, *,
                                         backbone_cfg=bundle.backbone, progress=progress)
     x, y = x[found], {r: v[found] for r, v in y.items()}
     answers, decoded = bundle.predict_with_backoff(x)
-    metrics = evaluate_predictions(decoded.path, y, tax, topk_index=decoded.topk_index)
+    metrics = evaluate_predictions(decoded.path, y, tax, topk_index=decoded.topk_index,
+                                   head_argmax=decoded.head_argmax)
     metrics.update(split=split, n_images=int(found.sum()), n_skipped_unknown_taxon=unknown,
                    n_training_images_left_out=n_left, n_failed_images=int((~found).sum()))
     metrics["calibration"], reliability = calibration_metrics(

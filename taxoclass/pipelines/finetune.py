@@ -257,7 +257,8 @@ def _validation_metrics(job: _Job, result: FinetuneResult, out: Path) -> dict[st
     decoded = bundle.predict_embeddings(x_val[ok], top_k=int(
         job.cfg["decode"]["top_k"]))
     metrics = evaluate_predictions(decoded.path, {r: v[is_val][ok] for r, v in job.y.items()},
-                                   job.taxonomy, topk_index=decoded.topk_index)
+                                   job.taxonomy, topk_index=decoded.topk_index,
+                                   head_argmax=decoded.head_argmax)
     ocfg = job.cfg.get("openset") or {}
     if ocfg["enabled"]:
         _fit_scorer(job, result, bundle, x_val, ok, ocfg)

@@ -122,7 +122,8 @@ def _fit_crossfit(d: _Data, progress: Progress | None) -> _Fit:
     # The final head trained on every row: its own validation figures would be
     # in-sample, so the metrics are those of the out-of-fold predictions.
     metrics = evaluate_predictions(cf.oof.decoded.path, {r: v[tr] for r, v in y.items()},
-                                   tax, topk_index=cf.oof.decoded.topk_index)
+                                   tax, topk_index=cf.oof.decoded.topk_index,
+                                   head_argmax=cf.oof.decoded.head_argmax)
     metrics["predictions"] = (f"out-of-fold: each of the {int(tr.sum())} images predicted "
                               f"by one of {cf.oof.n_folds} fold heads that did not train on "
                               f"it (the bundle's head trained on all of them)")
@@ -164,7 +165,8 @@ def _bundle(d: _Data, fit: _Fit):
     if not d.crossfit:
         decoded = bundle.predict_embeddings(d.x[va], top_k=int(cfg["decode"]["top_k"]))
         metrics = evaluate_predictions(decoded.path, {r: v[va] for r, v in d.y.items()}, tax,
-                                       topk_index=decoded.topk_index)
+                                       topk_index=decoded.topk_index,
+                                       head_argmax=decoded.head_argmax)
         metrics["predictions"] = f"validation split ({int(va.sum())} images, not trained on)"
         held_out = (decoded, {r: v[va] for r, v in d.y.items()})
     bundle.confidence = fit_confidence_on(*held_out, tax, fit.calibration["calibration"])
