@@ -182,11 +182,13 @@ class ModelBundle:
         if checkpoint and not Path(checkpoint).is_absolute() and (out / checkpoint).is_file():
             parts.append(str(checkpoint))  # e.g. a fine-tuned backbone.pth
         # bundle.json last: its presence marks a complete bundle, its hashes bind the parts.
+        # The bundle keeps the hashes it recorded, as a loaded one does (its model id).
+        self.parts = {name: sha256_of(out / name) for name in parts}
         atomic_write_json(out / BUNDLE_FILE, {
             "format_version": FORMAT_VERSION, "head": self.head.config(),
             "ranks": list(self.taxonomy.ranks), "backbone": self.backbone,
             "normalize": self.normalize, "decode_method": self.decode_method,
-            "extra": self.extra, "parts": {name: sha256_of(out / name) for name in parts}})
+            "extra": self.extra, "parts": self.parts})
         return out
 
     @classmethod

@@ -136,6 +136,9 @@ def test_train_writes_a_bundle_that_learned_the_fixture_species(fixture_model):
     assert (split["split"] == "val").sum() == 18  # 30% of 10 images of each of 6 species
     val = json.loads((model / "metrics_val.json").read_text())
     assert 0 < val["coherence_rate"] <= 1  # the heads' own arg-max (three trained heads)
+    from taxoclass.io.provenance import model_id_of  # the header names the bundle written
+    parts = json.loads((model / "bundle.json").read_text())["parts"]
+    assert val["header"]["model_id"] == model_id_of(parts)
     assert val["ranks"]["species"]["accuracy"] >= 0.7
     assert val["ranks"]["genus"]["accuracy"] >= 0.8
     labels = json.loads((model / "labels.json").read_text())

@@ -7,7 +7,6 @@ Steps: prepare the data (:func:`_prepare`), fit the head and its open-set calibr
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from ..io.files import (
     output_folder,
     recover_output_folder,
 )
-from ..io.provenance import model_id_of, write_json_output, write_provenance
+from ..io.provenance import model_id_for, write_json_output, write_provenance
 from ..model.splits import group_codes
 from ..model.threads import head_threads, torch_threads
 from ..taxonomy.labels import encode_labels
@@ -213,9 +212,8 @@ def _write_files(out: Path, d: _Data, fit: _Fit, bundle, metrics: dict) -> None:
     if d.crossfit:
         split["fold"] = fit.fold  # crossfit fold of each image (-1: not embedded)
     atomic_write_csv(out / "split.csv", split)
-    parts = json.loads((out / "bundle.json").read_text(encoding="utf-8")).get("parts")
     write_json_output(out / "metrics_val.json", metrics,  # the one output header first
-                      model_id=model_id_of(parts) if parts else None)
+                      model_id=model_id_for(bundle))
     enabled = d.cfg["openset"]["enabled"]
     write_provenance(out, config=d.cfg, backbone=d.backbone_desc, extra={
         "training": {"best_epoch": result.best_epoch, "epochs_run": len(result.history),
