@@ -18,12 +18,20 @@ TINY_DINO_KWARGS = dict(img_size=56, depth=2, embed_dim=64, num_heads=2)
 @pytest.fixture
 def one_thread():
     """One torch thread for the test: deterministic, fast and polite on a shared machine."""
-    import torch
+    from taxoclass.model.threads import torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """:func:`one_thread` for a whole module (``pytestmark = usefixtures(...)``): tiny
+    tensors, where a thread hand-off costs more than the work."""
+    from taxoclass.model.threads import torch_threads
+
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from conftest import SHARED_DATA as DATA
 from sklearn.exceptions import NotFittedError
 
@@ -16,12 +15,7 @@ from taxoclass.taxonomy.tree import Taxonomy
 LEAF = DATA / "leaf" / "annotations.json"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny tensors
 
 
 def _synthetic_taxonomy() -> Taxonomy:

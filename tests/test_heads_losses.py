@@ -23,14 +23,7 @@ RECORDS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny tensors: thread hand-off costs more than the work, and on a busy 2-core
-    # machine it makes every op wait milliseconds.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny tensors
 
 
 @pytest.fixture(scope="module")

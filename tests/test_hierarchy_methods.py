@@ -35,12 +35,7 @@ RECORDS = [
 Z = torch.tensor([[2.0, 1.0, 0.0, 0.5, -1.0]])  # species logits of one image
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny tensors
 
 
 @pytest.fixture(scope="module")
