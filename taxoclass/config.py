@@ -301,7 +301,9 @@ class LossConfig(Section):
     # bjerge: per-rank CE + Bjerge et al. 2023's dependency loss (bjerge_penalty);
     # flat: CE on the lowest rank only; soft_labels / hxe: Bertinetto et al. 2020 on the
     # lowest rank's softmax (soft_labels_beta / hxe_alpha). model/losses.py cites each.
-    kind: str = _opt("dependency", choices=LOSS_KINDS)
+    # Default hxe: chosen by `taxoclass benchmark` on the leaf data's selection seeds
+    # (BENCHMARKS.md, "Does the hierarchy pay?"); per-rank heads: kind dependency.
+    kind: str = _opt("hxe", choices=LOSS_KINDS)
     rank_weights: dict[str, float] | None = None  # e.g. {family: 1, genus: 1, species: 1}
     dependency_weight: float = _opt(1.0, ge=0)
     class_balanced: bool = False
@@ -345,7 +347,9 @@ class DecodeConfig(Section):
 
     section: ClassVar[str] = "decode"
 
-    method: str = _opt(DecodeMethod.PATH.value, choices=[m.value for m in DecodeMethod])
+    # marginal: the lowest head summed up the tree (the default loss, hxe, trains only the
+    # lowest head); path: every head votes (for loss.kind dependency / bjerge).
+    method: str = _opt(DecodeMethod.MARGINAL.value, choices=[m.value for m in DecodeMethod])
     top_k: int = _opt(5, ge=1)
 
 

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["METHODS", "Decoded", "coherent_probabilities", "decode", "decode_leaf_probabilities",
-           "is_coherent", "marginalise", "min_risk_leaf", "topdown"]
+           "is_coherent", "marginal_logits", "marginalise", "min_risk_leaf", "topdown"]
 
 METHODS: tuple[str, ...] = ("path", "marginal", "topdown", "crm")
 #: How a leaf is chosen from leaf probabilities (:func:`decode_leaf_probabilities`).
@@ -71,8 +71,9 @@ class Decoded:
     method: str = "path"
     top_k: int = field(default=5)
     #: Raw head logit of the path's class, per rank (when decoded from logits; empty for
-    #: decoders that start from probabilities). An unnormalised confidence: unlike the
-    #: softmax probability it stays low when no known class fits (unknown species).
+    #: decoders that start from probabilities); for a rank whose head is absent or left
+    #: untrained, the :func:`marginal_logits` of the lowest head. An unnormalised
+    #: confidence: unlike the softmax probability it stays low when no known class fits.
     path_logit: dict[str, np.ndarray] = field(default_factory=dict)
     #: Per rank, the arg-max of that rank's own head before coherent decoding (when
     #: decoded from logits; empty for methods without per-rank heads, and without the
@@ -272,15 +273,33 @@ def decode(logits: Mapping[str, Tensor], taxonomy, *, method: str = "path",
     elif method == "topdown":
         leaf = topdown(logits, taxonomy)
     out = _decoded(probs, taxonomy, top_k=top_k, method=method, leaf=leaf)
+    lowest = taxonomy.ranks[-1]
     for rank in taxonomy.ranks:
-        if rank not in logits:
-            continue
-        lg = torch.as_tensor(logits[rank]).float()
+        lg = torch.as_tensor(logits[rank]).float() if rank in logits else None
+        if lg is not None and bool(lg.any()):  # a trained head: its own raw logit
+            out.head_argmax[rank] = lg.argmax(dim=1).cpu().numpy()
+        else:  # absent or all-zero (left untrained by a leaf-only loss): marginal logit
+            lg = marginal_logits(torch.as_tensor(logits[lowest]).float(), taxonomy, rank)
         idx = torch.as_tensor(out.path[rank], device=lg.device)
         out.path_logit[rank] = lg.gather(1, idx[:, None])[:, 0].cpu().numpy()
-        if bool(lg.any()):  # all-zero logits: a head left untrained (no answer of its own)
-            out.head_argmax[rank] = lg.argmax(dim=1).cpu().numpy()
     return out
+
+
+def marginal_logits(leaf_logits: Tensor, taxonomy, rank: str) -> Tensor:
+    """Log-sum-exp of the lowest rank's logits over the leaves under each class of ``rank``
+    (``[batch, n_rank]``): an unnormalised confidence for a rank whose own head is absent
+    or untrained (``loss.kind`` flat / soft_labels / hxe). Like the raw head logit, and
+    unlike the summed probability, it stays low when no known leaf fits (it is the
+    negative free energy of the class's leaves, Liu et al. 2020, "Energy-based
+    Out-of-distribution Detection", NeurIPS)."""
+    lowest = taxonomy.ranks[-1]
+    if rank == lowest:
+        return leaf_logits
+    idx = _index(taxonomy, lowest, rank, leaf_logits.device)
+    top = leaf_logits.max(dim=1, keepdim=True).values
+    acc = leaf_logits.new_zeros((leaf_logits.shape[0], taxonomy.n_classes(rank)))
+    acc.index_add_(1, idx, (leaf_logits - top).exp())
+    return acc.log() + top
 
 
 def _decoded(probs: dict[str, Tensor], taxonomy, *, top_k: int, method: str,
