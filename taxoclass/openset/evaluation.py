@@ -30,8 +30,9 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from ..taxonomy.tree import DEFAULT_RANKS, Taxonomy, species_name
 
 __all__ = ["choose_holdout", "correct_by_rank", "detection_table", "fpr_at_tpr",
-           "known_taxonomy", "labelled_by_rank", "outcome_summary", "path_names", "risk_coverage",
-           "split_known_unknown", "truth_names"]
+           "hold_out_taxa", "known_taxonomy", "known_taxonomy_without", "labelled_by_rank",
+           "outcome_summary", "path_names", "risk_coverage", "split_known_unknown",
+           "split_known_unknown_taxa", "truth_names"]
 
 
 # ---------------------------------------------------------------------- splitting
@@ -102,6 +103,73 @@ def known_taxonomy(categories: pd.DataFrame, held_out: Iterable[str],
                    ranks: Sequence[str] = DEFAULT_RANKS) -> Taxonomy:
     """Taxonomy of the categories minus the held-out species (they must not be classes)."""
     keep = ~np.isin(_leaves(categories, ranks), list(held_out))
+    return Taxonomy.from_records(categories[keep].to_dict("records"), ranks,
+                                 source="known categories")
+
+
+def hold_out_taxa(rows: pd.DataFrame, ranks: Sequence[str], *, rank: str,
+                  n: int | None = None, fraction: float | None = None, seed: int = 0
+                  ) -> list[str]:
+    """Names at ``rank`` to hold out (seeded, independent of row order); the rank above
+    keeps at least one known child.
+
+    Lowest rank: as :func:`choose_holdout` (species whose genus keeps a known species).
+    A higher rank (genus, family): whole taxa, drawn among those whose parent has at least
+    two children, so the parent stays known; the top rank (no parent) keeps at least one
+    taxon known. Give exactly one of ``n`` (count) or ``fraction`` (of the eligible taxa,
+    at least one). Rows unlabelled at ``rank`` are ignored; ``ranks``: the taxonomy's.
+    """
+    ranks = list(ranks)
+    if rank not in ranks:
+        raise ValueError(f"hold_out_taxa: rank {rank!r} is not one of {ranks}.")
+    if (n is None) == (fraction is None):
+        raise ValueError("hold_out_taxa: give exactly one of n or fraction.")
+    i = ranks.index(rank)
+    truth = truth_names(rows, ranks[: i + 1])
+    names = truth[rank]
+    parent = truth[ranks[i - 1]] if i > 0 else np.full(len(rows), "", dtype=object)
+    by_parent: dict[str, list[str]] = {}
+    for name, par in sorted({(a, b) for a, b in zip(names, parent) if a}):
+        by_parent.setdefault(par, []).append(name)
+    eligible = sorted(t for ts in by_parent.values() if len(ts) >= 2 for t in ts)
+    if fraction is not None:
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"hold_out_taxa: fraction must be in (0, 1), got {fraction}.")
+        n = max(1, round(fraction * len(eligible))) if eligible else 0
+    if int(n) < 0:
+        raise ValueError(f"hold_out_taxa: n must be >= 0, got {n}.")
+    rng = np.random.default_rng(seed)
+    order = [eligible[k] for k in rng.permutation(len(eligible))]
+    left = {p: len(ts) for p, ts in by_parent.items()}
+    parent_of = {t: p for p, ts in by_parent.items() for t in ts}
+    chosen: list[str] = []
+    for t in order:
+        if len(chosen) >= int(n):
+            break
+        if left[parent_of[t]] > 1:
+            chosen.append(t)
+            left[parent_of[t]] -= 1
+    return sorted(chosen)
+
+
+def split_known_unknown_taxa(rows: pd.DataFrame, held: Mapping[str, Sequence[str]],
+                             ranks: Sequence[str]) -> np.ndarray:
+    """Boolean mask: True for rows under any held taxon (``held``: rank -> names)."""
+    truth = truth_names(rows, ranks)
+    out = np.zeros(len(rows), dtype=bool)
+    for rank, names in held.items():
+        if rank not in truth:
+            raise ValueError(f"split_known_unknown_taxa: rank {rank!r} is not one of "
+                             f"{list(ranks)}.")
+        out |= np.isin(truth[rank], [str(v) for v in names])
+    return out
+
+
+def known_taxonomy_without(categories: pd.DataFrame, held: Mapping[str, Sequence[str]],
+                           ranks: Sequence[str]) -> Taxonomy:
+    """Taxonomy of the categories minus every held taxon and all below it (``held``:
+    rank -> names), so hidden taxa are not classes."""
+    keep = ~split_known_unknown_taxa(categories, held, ranks)
     return Taxonomy.from_records(categories[keep].to_dict("records"), ranks,
                                  source="known categories")
 
