@@ -413,6 +413,26 @@ class OpensetConfig(Section):
     max_train: int = _opt(50000, ge=2)  # detector reference set size (seeded subsample above)
     calibration: str = _opt(Calibration.HOLDOUT.value, choices=[c.value for c in Calibration])
     folds: int = _opt(5, ge=2)        # crossfit: number of species-stratified folds (seeded)
+    # --- recipe chosen on the training data (issue 18; docs/openset.md) ---
+    recipe: str = _opt("auto", choices=["auto", "fixed"])  # auto: detector, combiner,
+    #                                   confidence, gate_quantile chosen by leave-taxa-out
+    #                                   rounds on the training data; fixed: as set above
+    unknown_share: float = _opt(0.2, ge=0, lt=1)  # expected share of unknown images in use:
+    #                                   thresholds target precision over ALL images at it
+    rounds: int = _opt(3, ge=0)       # leave-taxa-out rounds (one head + detectors each);
+    #                                   0: no simulated unknowns (precision over known only)
+    holdout_fraction: float = _opt(0.15, gt=0, lt=1)  # per round: share of the lowest-rank
+    #                                   taxa (whose parent keeps another) hidden
+    holdout_taxa: int = _opt(2, ge=0)  # per round: whole taxa hidden at each higher rank
+    min_species: int = _opt(10, ge=3)  # fewer lowest-rank taxa: no rounds, fixed recipe
+    candidate_detectors: list[str] = _opt(factory=lambda: ["mahalanobis", "knn", "lof"])
+    candidate_combiners: list[str] = _opt(factory=lambda: ["gate", "rank_mean", "logistic"])
+    candidate_confidences: list[str] = _opt(factory=lambda: ["path_logit", "path_prob"])
+    candidate_gate_quantiles: list[float] = _opt(  # gate combiner only
+        factory=lambda: [0.9, 0.95, 0.975, 0.99])
+    precision_slack: float = _opt(0.01, ge=0, lt=1)  # auto: a candidate "meets" the species
+    #                                   target when its CV precision over all images is
+    #                                   >= target - slack (then: most known named)
 
     def detector_args(self) -> dict[str, Any]:
         """Keyword arguments of ``openset.scorer.fit_detector``."""
@@ -432,6 +452,16 @@ class OpensetConfig(Section):
         for rank, t in (tp.items() if isinstance(tp, Mapping) else [(None, tp)]):
             key = f"{where}.target_precision" + (f".{rank}" if rank else "")
             _check_value(key, t, float, {"gt": 0, "le": 1})
+        for key, allowed in (("candidate_detectors", Detector),
+                             ("candidate_combiners", Combiner),
+                             ("candidate_confidences", Confidence)):
+            values = list(getattr(self, key))
+            bad = [v for v in values if v not in {a.value for a in allowed}]
+            if bad or not values:
+                raise ConfigError(f"{where}.{key}: expected a non-empty list of "
+                                  f"{[a.value for a in allowed]}, found {values!r}.")
+        for q in self.candidate_gate_quantiles:
+            _check_value(f"{where}.candidate_gate_quantiles", q, float, {"gt": 0, "le": 1})
 
 
 @dataclass
