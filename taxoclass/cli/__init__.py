@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import benchmark as benchmark  # noqa: F401  (registers the commands on main)
 from . import commands as commands  # noqa: F401
+from . import discover as discover  # noqa: F401
 from . import export as export  # noqa: F401
 from . import importing as importing  # noqa: F401
 from . import plots as plots  # noqa: F401
