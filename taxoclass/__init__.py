@@ -33,6 +33,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "train": ("pipelines.train", "train_from_config"),
     "predict": ("pipelines.predict", "predict_images"),
     "flag_unknowns": ("pipelines.predict", "flag_unknowns"),
+    "discover": ("pipelines.discover", "discover_taxa"),
     "evaluate": ("pipelines.evaluate", "evaluate_model"),
     "import_annotations": ("pipelines.importing", "import_annotations"),
     "plot_report": ("pipelines.plots", "plot_report_job"),
