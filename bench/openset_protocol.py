@@ -1,0 +1,298 @@
+"""Open-set figures under the protocol (issue 18): unknown species, genera and families.
+
+Per hold-out seed (1..N; seed 0 chose the old fixed defaults in earlier sessions and is
+kept out of every table): whole families, then whole genera (their family keeps a known
+genus where it can), then species whose genus keeps a known species are held out of
+training (``--families/--genera/--species`` of each). The known species' images are split
+70/30 (stratified by species, seeded) into a training part and a known test part. The
+model is trained with the public API only (``taxoclass.train`` on an annotation file of
+the known training images, the config of ``configs/leaf.yaml`` with ``openset.recipe``
+set; its own validation split and, for ``auto``, its own leave-species-out selection
+see only those images), then ``ModelBundle.predict_with_backoff`` answers the known test
+images and every held-out image (cached embeddings, nothing recomputed).
+
+Figures per seed: unknown-detection AUROC of the lowest-rank back-off evidence and of the
+outlier score; species-answer precision over known images and over all images at an
+unknown share of ``--share`` (held-out images reweighted to make up that share); known
+images named to species; where held-out images land, per held-out level (correct genus /
+correct family / wrong higher taxon / named to a wrong species / unknown); the recipe the
+training chose and what it expected. ``auto`` and ``fixed`` (the old defaults: Mahalanobis
+detector, gate combiner, path-logit confidence, 97.5% gate quantile) run on the same seeds
+and are compared pairwise.
+
+    export OMP_NUM_THREADS=1
+    nice -n 10 timeout 1500 .venv/bin/python bench/openset_protocol.py --recipe fixed --seeds 1-6
+    nice -n 10 timeout 1500 .venv/bin/python bench/openset_protocol.py --recipe auto --seeds 1-6
+    .venv/bin/python bench/openset_protocol.py --report   # -> bench/results/openset_protocol.md
+
+One JSON per (data, recipe, seed) under ``bench/results/openset_protocol/``; ``--report``
+merges what is there. ``--data synthetic`` runs the recipe selection on a second data set
+(:mod:`openset_synthetic`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "leaf.yaml"
+LEAF = ROOT.parent / "shared" / "data" / "leaf"
+OUT = ROOT / "bench" / "results" / "openset_protocol"
+REPORT = ROOT / "bench" / "results" / "openset_protocol.md"
+#: the old fixed defaults (bench/openset.py, seed 0): the fair control of ``auto``
+FIXED = {"recipe": "fixed", "detector": "mahalanobis", "scope": "global", "combiner": "gate",
+         "confidence": "path_logit", "gate_quantile": 0.975}
+OUTCOMES = ("named_species", "correct_genus", "correct_family", "wrong_higher", "unknown")
+
+
+# ------------------------------------------------------------------------------ hold-out
+def held_out_sets(rows: pd.DataFrame, ranks: Sequence[str], seed: int,
+                  counts: Mapping[str, int]) -> dict[str, list[str]]:
+    """Rank -> held-out names, drawn top-down (a genus is drawn from what the held-out
+    families left, species from what the held-out genera left)."""
+    from taxoclass.openset.evaluation import hold_out_taxa, truth_names
+
+    held: dict[str, list[str]] = {}
+    left = rows
+    for rank in ranks:
+        n = int(counts.get(rank, 0))
+        if n <= 0:
+            continue
+        held[rank] = hold_out_taxa(left, ranks, rank=rank, n=n, seed=seed)
+        left = left[~np.isin(truth_names(left, ranks)[rank], held[rank])]
+    return held
+
+
+def held_level(rows: pd.DataFrame, ranks: Sequence[str], held: Mapping[str, Sequence[str]]
+               ) -> np.ndarray:
+    """Per row, the rank of the held-out taxon it belongs to ("" for known rows)."""
+    from taxoclass.openset.evaluation import split_known_unknown_taxa
+
+    level = np.full(len(rows), "", dtype=object)
+    for rank in ranks:  # top-down: a row under a held family is "family"
+        hit = split_known_unknown_taxa(rows, {rank: held.get(rank, [])}, ranks) & (level == "")
+        level[hit] = rank
+    return level
+
+
+# ------------------------------------------------------------------------------ metrics
+def _auroc(is_unknown: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    s = np.nan_to_num(np.asarray(score, dtype=float), nan=np.inf)
+    return float(roc_auc_score(is_unknown, s))
+
+
+def precision_at_share(named: np.ndarray, right: np.ndarray, is_unknown: np.ndarray,
+                       share: float) -> float:
+    """Precision of species answers when held-out images make up ``share`` of all images
+    (each group's images reweighted to its share; held-out answers are never right)."""
+    k, u = ~is_unknown, is_unknown
+    wk, wu = (1 - share) / max(k.sum(), 1), share / max(u.sum(), 1)
+    answered = wk * named[k].sum() + wu * named[u].sum()
+    return float(wk * (named & right)[k].sum() / answered) if answered else float("nan")
+
+
+def landing(frame: pd.DataFrame, truth: Mapping[str, np.ndarray], ranks: Sequence[str],
+            mask: np.ndarray) -> dict[str, float]:
+    """Where the ``mask`` rows land, as shares adding up to 1 (``OUTCOMES``), from
+    ``taxoclass.openset.evaluation.outcome_summary``."""
+    from taxoclass.openset.evaluation import outcome_summary
+
+    s = outcome_summary(frame[mask].reset_index(drop=True),
+                        {r: np.asarray(v)[mask] for r, v in truth.items()},
+                        np.ones(int(mask.sum()), dtype=bool), ranks)
+    out = {"n": int(mask.sum()), "named_species": s["unknown_named_species"],
+           "correct_genus": s.get("unknown_correct_genus", 0.0),
+           "correct_family": s.get("unknown_correct_family", 0.0),
+           "wrong_higher": s["unknown_wrong_higher"], "unknown": s["unknown_unknown"]}
+    out["correct_genus_or_family"] = out["correct_genus"] + out["correct_family"]
+    return out
+
+
+def seed_figures(frame: pd.DataFrame, evidence: np.ndarray, truth: Mapping[str, np.ndarray],
+                 level: np.ndarray, ranks: Sequence[str], share: float) -> dict:
+    """Every figure of one seed from the back-off answers on the test images."""
+    from taxoclass.openset.evaluation import correct_by_rank
+
+    unk = level != ""
+    lowest = ranks[-1]
+    pred = {r: frame[r].to_numpy(dtype=object) for r in ranks}
+    right = correct_by_rank(pred, truth, ranks)[lowest]
+    named = frame["taxon_rank"].to_numpy(dtype=object) == lowest
+    out = {"n_known": int((~unk).sum()), "n_unknown": int(unk.sum()),
+           "auroc_evidence": _auroc(unk, -evidence),
+           "auroc_outlier": _auroc(unk, frame["outlier_score"].to_numpy()),
+           "coverage_known_species": float(named[~unk].mean()),
+           "precision_species_known": (float(right[named & ~unk].mean())
+                                       if (named & ~unk).any() else float("nan")),
+           "precision_species_all": precision_at_share(named, right, unk, share),
+           "unknown_named_species": float(named[unk].mean()),
+           "landing": {lv: landing(frame, truth, ranks, level == lv)
+                       for lv in ranks if (level == lv).any()}}
+    return out
+
+
+# ------------------------------------------------------------------------------ leaf
+def _subset_annotations(src: dict, image_ids: set, folder: Path) -> Path:
+    """An annotation file of ``src`` with only ``image_ids`` (and their categories)."""
+    anns = [a for a in src["annotations"] if a["image_id"] in image_ids]
+    cats = {a["category_id"] for a in anns}
+    data = {**src, "images": [i for i in src["images"] if i["image_id"] in image_ids],
+            "annotations": anns,
+            "categories": [c for c in src["categories"] if c["category_id"] in cats]}
+    path = folder / "known_train.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def openset_section(recipe: str, defaults: Mapping) -> dict:
+    """The ``openset`` overrides of a recipe arm (``recipe`` only where the config has it)."""
+    if recipe == "auto":
+        return {"recipe": "auto"}
+    return {k: v for k, v in FIXED.items() if k != "recipe" or "recipe" in defaults}
+
+
+def train_known(base: dict, ann: Path, folder: Path, recipe: str, seed: int) -> Path:
+    """``taxoclass.train`` on the known training images; returns the bundle folder."""
+    import taxoclass
+    from taxoclass.config import DEFAULTS
+
+    cfg = copy.deepcopy(base)
+    cfg["data"].update({"annotations": str(ann), "images_root": str(LEAF), "split_seed": seed})
+    cfg["train"]["seed"] = seed
+    cfg["openset"].update(openset_section(recipe, DEFAULTS["openset"]))
+    cfg["out"] = str(folder / f"model-{recipe}")
+    return Path(taxoclass.train(cfg))
+
+
+def _chosen(bundle_dir: Path, bundle) -> dict:
+    """The recipe the training chose (``openset_selection``), else the fitted scorer's."""
+    metrics = json.loads((bundle_dir / "metrics_val.json").read_text())
+    sel = metrics.get("openset_selection") or bundle.extra.get("openset_selection")
+    if sel:
+        return {"chosen": sel.get("chosen"), "expected": sel.get("expected"),
+                "rounds": sel.get("rounds"), "candidates": sel.get("candidates")}
+    c = bundle.scorer.combiner.to_dict()
+    return {"chosen": {"detector": bundle.scorer.detector.method,
+                       "combiner": c.get("method"),
+                       "confidence": c.get("confidence"),
+                       "gate_quantile": c.get("gate_quantile")}}
+
+
+def run_leaf_seed(seed: int, recipe: str, counts: Mapping[str, int], share: float) -> dict:
+    """One seed of the leaf protocol, one recipe arm."""
+    from taxoclass import load_annotations, load_config
+    from taxoclass.bundle import ModelBundle
+    from taxoclass.model.splits import validation_split
+    from taxoclass.openset.evaluation import truth_names
+    from taxoclass.pipelines.data import config_embeddings
+
+    t0 = time.perf_counter()
+    base = load_config(CONFIG)
+    ranks = list(base["data"]["ranks"])
+    src = json.loads((LEAF / "annotations.json").read_text())
+    rows = load_annotations(LEAF / "annotations.json").labelled_images(LEAF)
+    rows = rows.reset_index(drop=True)
+    held = held_out_sets(rows, ranks, seed, counts)
+    level = held_level(rows, ranks, held)
+    known = level == ""
+    strata = truth_names(rows, ranks)[ranks[-1]]
+    test_known = np.zeros(len(rows), dtype=bool)
+    test_known[np.flatnonzero(known)[validation_split(strata[known], 0.3, seed)]] = True
+    train_ids = set(rows["image_id"][known & ~test_known])
+    with tempfile.TemporaryDirectory(prefix="openset-protocol-") as tmp:
+        ann = _subset_annotations(src, train_ids, Path(tmp))
+        bundle_dir = train_known(base, ann, Path(tmp), recipe, seed)
+        bundle = ModelBundle.load(bundle_dir)
+        chosen = _chosen(bundle_dir, bundle)
+        train_s = time.perf_counter() - t0
+        test = test_known | ~known
+        x, found, _ = config_embeddings(base, rows[test].reset_index(drop=True))
+        if not found.all():
+            raise SystemExit(f"{int((~found).sum())} test images have no cached embedding")
+        frame, decoded = bundle.predict_with_backoff(x)
+        evidence, _ = bundle.scorer.evidence(bundle.scorer_input(x), decoded)
+    truth = truth_names(rows[test].reset_index(drop=True), ranks)
+    figs = seed_figures(frame, evidence[ranks[-1]], truth, level[test], ranks, share)
+    return {"data": "leaf", "recipe": recipe, "seed": seed, "share": share,
+            "held_out": held, "n_train": len(train_ids), **figs, **chosen,
+            "train_seconds": train_s, "seconds": time.perf_counter() - t0,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "uptime": _uptime()}
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+# ------------------------------------------------------------------------------ main
+def _seeds(text: str) -> list[int]:
+    a, _, b = text.partition("-")
+    return list(range(int(a), int(b or a) + 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", choices=("leaf", "synthetic"), default="leaf")
+    ap.add_argument("--recipe", choices=("auto", "fixed"), default="auto")
+    ap.add_argument("--seeds", default="1-6", help="hold-out seeds, e.g. 1-6 (0 is kept out)")
+    ap.add_argument("--families", type=int, default=1, help="whole families held out")
+    ap.add_argument("--genera", type=int, default=3, help="whole genera held out")
+    ap.add_argument("--species", type=int, default=12, help="species with a known congener")
+    ap.add_argument("--share", type=float, default=0.2, help="unknown share for precision")
+    ap.add_argument("--report", action="store_true", help="merge the runs into the report")
+    args = ap.parse_args(argv)
+    if args.report:
+        from openset_protocol_report import write_report
+
+        write_report(OUT, REPORT)
+        return 0
+    if args.data == "synthetic":
+        from openset_synthetic import run_synthetic_seed as run_seed
+    else:
+        if not (LEAF / "annotations.json").is_file():
+            print(f"Need {LEAF / 'annotations.json'}.", file=sys.stderr)
+            return 2
+        run_seed = run_leaf_seed
+    counts = {"family": args.families, "genus": args.genera, "species": args.species}
+    OUT.mkdir(parents=True, exist_ok=True)
+    for seed in _seeds(args.seeds):
+        rec = run_seed(seed, args.recipe, counts, args.share)
+        rec["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+        rec["machine"] = f"{platform.node()} ({os.cpu_count()} CPUs)"
+        path = OUT / f"{args.data}.{args.recipe}.seed{seed}.json"
+        path.write_text(json.dumps(rec, indent=1, default=_json_default))
+        print(f"{path.name}: AUROC {rec['auroc_evidence']:.3f}, precision all "
+              f"{rec['precision_species_all']:.3f}, coverage {rec['coverage_known_species']:.3f}"
+              f", {rec['seconds']:.0f} s", flush=True)
+    return 0
+
+
+def _json_default(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    raise TypeError(type(v))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
