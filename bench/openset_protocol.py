@@ -42,7 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -167,13 +168,14 @@ def openset_section(recipe: str, defaults: Mapping) -> dict:
     return {k: v for k, v in FIXED.items() if k != "recipe" or "recipe" in defaults}
 
 
-def train_known(base: dict, ann: Path, folder: Path, recipe: str, seed: int) -> Path:
+def train_known(base: dict, ann: Path, root: Path, folder: Path, recipe: str, seed: int
+                ) -> Path:
     """``taxoclass.train`` on the known training images; returns the bundle folder."""
     import taxoclass
     from taxoclass.config import DEFAULTS
 
     cfg = copy.deepcopy(base)
-    cfg["data"].update({"annotations": str(ann), "images_root": str(LEAF), "split_seed": seed})
+    cfg["data"].update({"annotations": str(ann), "images_root": str(root), "split_seed": seed})
     cfg["train"]["seed"] = seed
     cfg["openset"].update(openset_section(recipe, DEFAULTS["openset"]))
     cfg["out"] = str(folder / f"model-{recipe}")
@@ -194,20 +196,47 @@ def _chosen(bundle_dir: Path, bundle) -> dict:
                        "gate_quantile": c.get("gate_quantile")}}
 
 
-def run_leaf_seed(seed: int, recipe: str, counts: Mapping[str, int], share: float) -> dict:
-    """One seed of the leaf protocol, one recipe arm."""
+@dataclass
+class Dataset:
+    """What a protocol run needs: the base config, the annotation dict and its images
+    root, the labelled rows (``path``, rank columns) and their embeddings (``x_of(mask)``)."""
+
+    name: str
+    cfg: dict
+    src: dict
+    root: Path
+    rows: pd.DataFrame
+    x_of: Callable[[np.ndarray], np.ndarray]
+
+
+def leaf_dataset() -> Dataset:
+    """The leaf data of configs/leaf.yaml with its cached embeddings."""
     from taxoclass import load_annotations, load_config
+    from taxoclass.pipelines.data import config_embeddings
+
+    base = load_config(CONFIG)
+    rows = load_annotations(LEAF / "annotations.json").labelled_images(LEAF)
+    rows = rows.reset_index(drop=True)
+
+    def x_of(mask: np.ndarray) -> np.ndarray:
+        x, found, _ = config_embeddings(base, rows[mask].reset_index(drop=True))
+        if not found.all():
+            raise SystemExit(f"{int((~found).sum())} images have no cached embedding")
+        return x
+
+    return Dataset("leaf", base, json.loads((LEAF / "annotations.json").read_text()), LEAF,
+                   rows, x_of)
+
+
+def run_seed(ds: Dataset, seed: int, recipe: str, counts: Mapping[str, int], share: float
+             ) -> dict:
+    """One hold-out seed of the protocol, one recipe arm."""
     from taxoclass.bundle import ModelBundle
     from taxoclass.model.splits import validation_split
     from taxoclass.openset.evaluation import truth_names
-    from taxoclass.pipelines.data import config_embeddings
 
     t0 = time.perf_counter()
-    base = load_config(CONFIG)
-    ranks = list(base["data"]["ranks"])
-    src = json.loads((LEAF / "annotations.json").read_text())
-    rows = load_annotations(LEAF / "annotations.json").labelled_images(LEAF)
-    rows = rows.reset_index(drop=True)
+    rows, ranks = ds.rows, list(ds.cfg["data"]["ranks"])
     held = held_out_sets(rows, ranks, seed, counts)
     level = held_level(rows, ranks, held)
     known = level == ""
@@ -215,21 +244,19 @@ def run_leaf_seed(seed: int, recipe: str, counts: Mapping[str, int], share: floa
     test_known = np.zeros(len(rows), dtype=bool)
     test_known[np.flatnonzero(known)[validation_split(strata[known], 0.3, seed)]] = True
     train_ids = set(rows["image_id"][known & ~test_known])
+    test = test_known | ~known
     with tempfile.TemporaryDirectory(prefix="openset-protocol-") as tmp:
-        ann = _subset_annotations(src, train_ids, Path(tmp))
-        bundle_dir = train_known(base, ann, Path(tmp), recipe, seed)
+        ann = _subset_annotations(ds.src, train_ids, Path(tmp))
+        bundle_dir = train_known(ds.cfg, ann, ds.root, Path(tmp), recipe, seed)
         bundle = ModelBundle.load(bundle_dir)
         chosen = _chosen(bundle_dir, bundle)
         train_s = time.perf_counter() - t0
-        test = test_known | ~known
-        x, found, _ = config_embeddings(base, rows[test].reset_index(drop=True))
-        if not found.all():
-            raise SystemExit(f"{int((~found).sum())} test images have no cached embedding")
+        x = ds.x_of(test)
         frame, decoded = bundle.predict_with_backoff(x)
         evidence, _ = bundle.scorer.evidence(bundle.scorer_input(x), decoded)
     truth = truth_names(rows[test].reset_index(drop=True), ranks)
     figs = seed_figures(frame, evidence[ranks[-1]], truth, level[test], ranks, share)
-    return {"data": "leaf", "recipe": recipe, "seed": seed, "share": share,
+    return {"data": ds.name, "recipe": recipe, "seed": seed, "share": share,
             "held_out": held, "n_train": len(train_ids), **figs, **chosen,
             "train_seconds": train_s, "seconds": time.perf_counter() - t0,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -266,16 +293,19 @@ def main(argv: list[str] | None = None) -> int:
         write_report(OUT, REPORT)
         return 0
     if args.data == "synthetic":
-        from openset_synthetic import run_synthetic_seed as run_seed
+        from openset_synthetic import synthetic_dataset
+
+        tmp = tempfile.TemporaryDirectory(prefix="openset-synthetic-")
+        ds = synthetic_dataset(Path(tmp.name), CONFIG)
     else:
         if not (LEAF / "annotations.json").is_file():
             print(f"Need {LEAF / 'annotations.json'}.", file=sys.stderr)
             return 2
-        run_seed = run_leaf_seed
+        ds = leaf_dataset()
     counts = {"family": args.families, "genus": args.genera, "species": args.species}
     OUT.mkdir(parents=True, exist_ok=True)
     for seed in _seeds(args.seeds):
-        rec = run_seed(seed, args.recipe, counts, args.share)
+        rec = run_seed(ds, seed, args.recipe, counts, args.share)
         rec["command"] = " ".join([Path(sys.executable).name, *sys.argv])
         rec["machine"] = f"{platform.node()} ({os.cpu_count()} CPUs)"
         path = OUT / f"{args.data}.{args.recipe}.seed{seed}.json"
