@@ -121,7 +121,9 @@ def read_image_table(path: str | Path, *, ranks: Sequence[str] | None = None,
                      ) -> tuple[list[ImageRecord], list[str]]:
     """A CSV (or TSV) with an image path column and one column per rank.
 
-    Empty rank cells end the label (a row with only ``family`` is a family-only label).
+    Empty rank cells end the label (a row with only ``family`` is a family-only label); a
+    row with no name in any rank column is left out with a warning (an image nobody
+    labelled, e.g. a row of ``taxoclass discover``'s ``members.csv`` the expert skipped).
     Relative image paths are read from the table's folder (or ``images_root``). Group
     columns (``track``, ``site``, ... of :data:`GROUP_FIELDS`, plus ``group_columns``) are
     kept on the image records.
@@ -140,14 +142,25 @@ def read_image_table(path: str | Path, *, ranks: Sequence[str] | None = None,
                               f"({', '.join(RANK_ORDER)}) or --ranks naming them, found {cols}.")
     groups = _group_columns(cols, group_columns, path)
     folders = [path.parent] + ([Path(images_root)] if images_root else [])
-    records = []
+    records, unlabelled = [], []
     for i, row in enumerate(rows, start=2):  # line 1 is the header
         if not row[col].strip():
             raise AnnotationError(f"{path}: line {i} has no image path in column {col!r}. "
                                   "Fix: fill it or drop the row.")
-        records.append(ImageRecord(resolve_image(row[col], folders), clean_label(row, rank_cols),
+        label = clean_label(row, rank_cols)
+        if not any(label.values()):
+            unlabelled.append(i)
+            continue
+        records.append(ImageRecord(resolve_image(row[col], folders), label,
                                    f"{path.name} line {i}",
                                    {g: row[g] for g in groups if str(row[g]).strip()}))
+    if unlabelled and not records:
+        raise AnnotationError(f"{path}: no row names a taxon; expected a name in at least one "
+                              f"of the rank columns {rank_cols}, found them empty on all "
+                              f"{len(unlabelled)} row(s). Fix: fill them in.")
+    if unlabelled:
+        log.warning("%s: left out %d row(s) with no name in any rank column (%s), e.g. line %d",
+                    path, len(unlabelled), ", ".join(rank_cols), unlabelled[0])
     return records, rank_cols
 
 
