@@ -205,7 +205,39 @@ def _train(cfg: dict, finetune: bool, unfreeze_blocks: int | None, device: str |
     kind = ("out-of-fold" if openset_calibration(cfg.get("openset"))[0] == Calibration.CROSSFIT
             else "validation")
     print_metrics(out / "metrics_val.json", f"{kind} metrics ({out})")
+    _print_openset_selection(out / "metrics_val.json")
     click.echo(f"model bundle written to {out}")
+
+
+def _print_openset_selection(path: Path) -> None:
+    """The open-set recipe used and the precision and AUROC to expect (docs/openset.md)."""
+    import json
+
+    sel = json.loads(path.read_text()).get("openset_selection")
+    if not sel:
+        return
+    c = sel["chosen"]
+    if sel.get("fallback"):
+        click.echo(f"open-set recipe: fixed {sel['chosen_key']} (not chosen on the data: "
+                   f"{sel['fallback']})")
+        return
+    click.echo(f"open-set recipe ({sel['used']}, {sel['rounds']} leave-taxa-out rounds, "
+               f"{len(sel['candidates'])} candidate(s)): detector {c['detector']}, combiner "
+               f"{c['combiner']}, confidence {c['confidence']}, gate_quantile "
+               f"{c['gate_quantile']:g}")
+    e = sel["expected"]
+
+    def fig(key: str) -> str:
+        lo, hi = e.get(f"{key}_ci95") or (None, None)
+        ci = f" [{fmt3(lo)}, {fmt3(hi)}]" if lo is not None and hi is not None else ""
+        return f"{fmt3(e.get(key))}{ci}"
+
+    click.echo(f"expected (mean over rounds, 95% interval): unknown-detection AUROC "
+               f"{fig('auroc')}; species-answer precision over known images "
+               f"{fig('precision_species_known')}, over all images at "
+               f"{sel['unknown_share']:.0%} unknown {fig('precision_species_all')} (target "
+               f"{sel['target_precision_species']:g}); known images named to species "
+               f"{fig('coverage_known_species')}")
 
 
 # --------------------------------------------------------------------------- predict

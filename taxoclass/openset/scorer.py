@@ -33,7 +33,8 @@ from .evidence import EvidenceCombiner
 from .thresholds import RankThresholds, fit_thresholds
 
 __all__ = ["CrossfitPredictions", "OpenSetScorer", "confidence_of", "crossfit_folds",
-           "crossfit_predictions", "fit_detector", "fit_evidence", "fit_scorer",
+           "crossfit_predictions", "fit_detector", "fit_evidence", "fit_evidence_arrays",
+           "fit_scorer",
            "group_rank_of", "typical_outlier_score"]
 
 _OPENSET = OpensetConfig()
@@ -168,7 +169,9 @@ def fit_evidence(decoded, z: np.ndarray, correct: Mapping[str, np.ndarray], *,
                  gate_quantile: float = _OPENSET.gate_quantile,
                  target_precision: float | Mapping[str, float] = _OPENSET.target_precision,
                  min_support: int = _OPENSET.min_support,
-                 labelled: Mapping[str, np.ndarray] | None = None
+                 labelled: Mapping[str, np.ndarray] | None = None,
+                 unknown: np.ndarray | None = None,
+                 unknown_share: float = _OPENSET.unknown_share
                  ) -> tuple[EvidenceCombiner, RankThresholds]:
     """Evidence combiner and per-rank thresholds from calibration predictions.
 
@@ -177,15 +180,50 @@ def fit_evidence(decoded, z: np.ndarray, correct: Mapping[str, np.ndarray], *,
     ``z``: their outlier scores from a detector that did not see them either;
     ``correct``: rank -> whether ``decoded.path`` is right there; ``labelled``: rank ->
     whether the row has a label there (:func:`~taxoclass.openset.evaluation.labelled_by_rank`;
-    a rank is calibrated only on its labelled rows).
+    a rank is calibrated only on its labelled rows). ``unknown``: rows of simulated
+    unknowns (:func:`fit_evidence_arrays`).
     """
-    conf = confidence_of(decoded, confidence)
-    comb = EvidenceCombiner(combiner, confidence=confidence,
-                            gate_quantile=gate_quantile).fit(conf, z, correct, labelled)
+    return fit_evidence_arrays(confidence_of(decoded, confidence), z, correct,
+                               combiner=combiner, confidence=confidence,
+                               gate_quantile=gate_quantile, target_precision=target_precision,
+                               min_support=min_support, labelled=labelled, unknown=unknown,
+                               unknown_share=unknown_share)
+
+
+def fit_evidence_arrays(conf: Mapping[str, np.ndarray], z: np.ndarray,
+                        correct: Mapping[str, np.ndarray], *,
+                        combiner: str = _OPENSET.combiner,
+                        confidence: str = _OPENSET.confidence,
+                        gate_quantile: float = _OPENSET.gate_quantile,
+                        target_precision: float | Mapping[str, float]
+                        = _OPENSET.target_precision,
+                        min_support: int = _OPENSET.min_support,
+                        labelled: Mapping[str, np.ndarray] | None = None,
+                        unknown: np.ndarray | None = None,
+                        unknown_share: float = _OPENSET.unknown_share
+                        ) -> tuple[EvidenceCombiner, RankThresholds]:
+    """:func:`fit_evidence` on arrays: ``conf`` rank -> the ``confidence`` input per row.
+
+    ``unknown``: True for rows of simulated unknowns (taxa hidden from the head and the
+    detector that scored them). The gate and rank_mean combiners take their reference
+    distributions from the known rows; logistic learns from all rows (unknowns are its
+    clearest negatives); thresholds target precision over all images with the unknowns
+    weighted to ``unknown_share`` (:func:`~taxoclass.openset.thresholds.fit_thresholds`).
+    """
+    unk = (np.zeros(len(np.asarray(z)), dtype=bool) if unknown is None
+           else np.asarray(unknown, dtype=bool))
+    ref = ~unk if combiner != Combiner.LOGISTIC and (~unk).sum() >= 2 else np.ones_like(unk)
+
+    def part(m: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+        return None if m is None else {r: np.asarray(v)[ref] for r, v in m.items()}
+
+    comb = EvidenceCombiner(combiner, confidence=confidence, gate_quantile=gate_quantile
+                            ).fit(part(conf), np.asarray(z)[ref], part(correct), part(labelled))
     ev = comb.score(conf, z)
     floor = {r: 0.0 for r in comb.outlier_ranks_} if combiner == Combiner.GATE else None
     thr = fit_thresholds(ev, correct, target_precision=target_precision,
-                         min_support=min_support, floor=floor, labelled=labelled)
+                         min_support=min_support, floor=floor, labelled=labelled,
+                         unknown=unk if unk.any() else None, unknown_share=unknown_share)
     return comb, thr
 
 

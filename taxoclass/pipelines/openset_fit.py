@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..bundle import ModelBundle
     from ..openset.scorer import OpenSetScorer
+    from ..openset.selection import Selection
 
 Progress = Callable[[int, int], None]
 log = logging.getLogger(__name__)
@@ -187,3 +188,36 @@ def crossfit_openset(x: np.ndarray, y: dict[str, np.ndarray], taxonomy: Taxonomy
         oof=oof, correct=correct, info=info)
 
 
+
+
+def select_openset(d: Any, progress: Progress | None = None) -> Selection | None:
+    """The open-set recipe (``openset.recipe``) chosen on the train job's embedded rows
+    (:func:`~taxoclass.openset.selection.select_recipe`: training and validation images,
+    never a test set); None when ``openset.enabled`` is false. ``d``: the train job's
+    prepared data (rows, embeddings, labels, groups, config)."""
+    if not d.cfg["openset"]["enabled"]:
+        return None
+    from ..openset.selection import select_recipe
+
+    f = d.found
+    return select_recipe(d.x[f], {r: v[f] for r, v in d.y.items()},
+                         d.rows[f].reset_index(drop=True), d.tax, d.cfg,
+                         seed=int(d.cfg["data"]["split_seed"]),
+                         groups=None if d.groups is None else d.groups[f], progress=progress)
+
+
+def apply_selection(bundle: ModelBundle, selection: Selection | None,
+                    calibration: dict[str, Any]) -> None:
+    """Put the selection's combiner and thresholds (fitted on the leave-taxa-out rounds'
+    rows, simulated unknowns included) on the bundle's scorer, whose detector the final
+    training rows fitted; a fallback selection leaves the usual calibration."""
+    if selection is None or selection.combiner is None:
+        return
+    from ..openset.scorer import OpenSetScorer
+
+    s = bundle.scorer
+    bundle.scorer = OpenSetScorer(detector=s.detector, combiner=selection.combiner,
+                                  thresholds=selection.thresholds, group_rank=s.group_rank)
+    calibration["thresholds_from"] = (
+        f"leave-taxa-out rounds ({selection.record['rounds']}): known calibration images "
+        f"and images of hidden taxa, scored by round heads that did not train on them")

@@ -38,7 +38,13 @@ from .data import (
     view_embeddings,
     with_views,
 )
-from .openset_fit import crossfit_openset, fit_confidence_on, fit_openset_scorer
+from .openset_fit import (
+    apply_selection,
+    crossfit_openset,
+    fit_confidence_on,
+    fit_openset_scorer,
+    select_openset,
+)
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -63,6 +69,8 @@ class _Data:
     va: np.ndarray          # validation rows (none with crossfit)
     views: tuple[np.ndarray, np.ndarray]  # view embeddings, index into rows of each source
     groups: np.ndarray | None = None  # group code per row (data.group_by), None without
+    selection: Any = None   # openset.selection.Selection: the open-set recipe to fit
+    openset: dict | None = None  # the openset section fitted (the chosen recipe's)
 
 
 @dataclass
@@ -113,7 +121,7 @@ def _fit_crossfit(d: _Data, progress: Progress | None) -> _Fit:
 
     tr, y, tax = d.tr, d.y, d.tax
     cf = crossfit_openset(d.x[tr], {r: v[tr] for r, v in y.items()}, tax,
-                          truth_names(d.rows[tr], tax.ranks), d.cfg,
+                          truth_names(d.rows[tr], tax.ranks), {**d.cfg, "openset": d.openset},
                           seed=int(d.cfg["data"]["split_seed"]), views=d.views,
                           progress=progress, groups=None if d.groups is None else d.groups[tr])
     fold = np.full(len(d.ids), -1)
@@ -169,7 +177,7 @@ def _bundle(d: _Data, fit: _Fit):
         metrics["predictions"] = f"validation split ({int(va.sum())} images, not trained on)"
         held_out = (decoded, {r: v[va] for r, v in d.y.items()})
     bundle.confidence = fit_confidence_on(*held_out, tax, fit.calibration["calibration"])
-    ocfg = cfg["openset"]
+    ocfg = d.openset or cfg["openset"]
     if ocfg["enabled"]:
         if d.crossfit:
             bundle.scorer = fit.scorer
@@ -178,9 +186,13 @@ def _bundle(d: _Data, fit: _Fit):
             bundle.scorer = fit_openset_scorer(bundle, fit.x_tr, group_train, d.x[va],
                                                d.rows[va].reset_index(drop=True), ocfg,
                                                species_train=fit.y_tr[tax.ranks[-1]])
+        apply_selection(bundle, d.selection, fit.calibration)
         metrics["openset_thresholds"] = bundle.scorer.thresholds.to_dict()
         metrics["openset_calibration"] = fit.calibration
         bundle.extra["openset_calibration"] = fit.calibration
+        if d.selection is not None:
+            metrics["openset_selection"] = d.selection.record
+            bundle.extra["openset_selection"] = d.selection.record
     return bundle, metrics
 
 
@@ -243,6 +255,9 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     recover_output_folder(out)  # a bundle a killed run left half-swapped is put back
     d = _prepare(cfg, embed_progress)
     with torch_threads(_threads(d)):  # heads, fold heads, detector: one setting, restored
+        d.selection = select_openset(d, progress)
+        d.openset = (d.selection.openset_config(cfg["openset"]) if d.selection is not None
+                     else dict(cfg["openset"]))
         fit = _fit_crossfit(d, progress) if d.crossfit else _fit_holdout(d, progress)
         bundle, metrics = _bundle(d, fit)
     _write(out, d, fit, bundle, metrics)
