@@ -1,14 +1,15 @@
 """Open-set figures under the protocol (issue 18): unknown species, genera and families.
 
 Per hold-out seed (1..N; seed 0 chose the old fixed defaults in earlier sessions and is
-kept out of every table): whole families, then whole genera (their family keeps a known
-genus where it can), then species whose genus keeps a known species are held out of
-training (``--families/--genera/--species`` of each). The known species' images are split
+kept out of every table): whole families (at least one family stays known), then whole
+genera of families that keep a known genus, then species whose genus keeps a known
+species are held out of training (``--families/--genera/--species`` of each; drawn by
+``taxoclass.openset.evaluation.hold_out_taxa``). The known species' images are split
 70/30 (stratified by species, seeded) into a training part and a known test part. The
 model is trained with the public API only (``taxoclass.train`` on an annotation file of
 the known training images, the config of ``configs/leaf.yaml`` with ``openset.recipe``
-set; its own validation split and, for ``auto``, its own leave-species-out selection
-see only those images), then ``ModelBundle.predict_with_backoff`` answers the known test
+set; its own validation split and its leave-taxa-out selection rounds see only those
+images), then ``ModelBundle.predict_with_backoff`` answers the known test
 images and every held-out image (cached embeddings, nothing recomputed).
 
 Figures per seed: unknown-detection AUROC of the lowest-rank back-off evidence and of the
@@ -16,13 +17,17 @@ outlier score; species-answer precision over known images and over all images at
 unknown share of ``--share`` (held-out images reweighted to make up that share); known
 images named to species; where held-out images land, per held-out level (correct genus /
 correct family / wrong higher taxon / named to a wrong species / unknown); the recipe the
-training chose and what it expected. ``auto`` and ``fixed`` (the old defaults: Mahalanobis
-detector, gate combiner, path-logit confidence, 97.5% gate quantile) run on the same seeds
-and are compared pairwise.
+training chose and what it expected. Three arms run on the same seeds, held-out taxa and
+splits and are compared pairwise: ``auto`` (the default), ``old`` (the old defaults as
+they were: Mahalanobis detector, gate combiner, path-logit confidence, 97.5% gate
+quantile, thresholds on known validation images; ``openset.recipe: fixed`` with
+``openset.rounds: 0``) and ``fixed`` (the same recipe with ``openset.recipe: fixed``, whose
+thresholds are fitted with the simulated unknowns of the leave-taxa-out rounds).
 
     export OMP_NUM_THREADS=1
     nice -n 10 timeout 1500 .venv/bin/python bench/openset_protocol.py --recipe fixed --seeds 1-6
     nice -n 10 timeout 1500 .venv/bin/python bench/openset_protocol.py --recipe auto --seeds 1-6
+    nice -n 10 timeout 1500 .venv/bin/python bench/openset_protocol.py --recipe old --seeds 1-6
     .venv/bin/python bench/openset_protocol.py --report   # -> bench/results/openset_protocol.md
 
 One JSON per (data, recipe, seed) under ``bench/results/openset_protocol/``; ``--report``
@@ -145,6 +150,11 @@ def seed_figures(frame: pd.DataFrame, evidence: np.ndarray, truth: Mapping[str, 
            "unknown_named_species": float(named[unk].mean()),
            "landing": {lv: landing(frame, truth, ranks, level == lv)
                        for lv in ranks if (level == lv).any()}}
+    for lv in out["landing"]:  # each held-out level against the known images alone
+        m = ~unk | (level == lv)
+        out["landing"][lv]["auroc_evidence"] = _auroc(unk[m], -evidence[m])
+        out["landing"][lv]["auroc_outlier"] = _auroc(
+            unk[m], frame["outlier_score"].to_numpy()[m])
     return out
 
 
@@ -162,10 +172,16 @@ def _subset_annotations(src: dict, image_ids: set, folder: Path) -> Path:
 
 
 def openset_section(recipe: str, defaults: Mapping) -> dict:
-    """The ``openset`` overrides of a recipe arm (``recipe`` only where the config has it)."""
+    """The ``openset`` overrides of a recipe arm: ``auto``; ``fixed`` (the old detector,
+    combiner, confidence and gate quantile, thresholds fitted with the rounds' simulated
+    unknowns); ``old`` (the same without rounds: thresholds on known validation images
+    only, as before issue 18)."""
     if recipe == "auto":
         return {"recipe": "auto"}
-    return {k: v for k, v in FIXED.items() if k != "recipe" or "recipe" in defaults}
+    out = {k: v for k, v in FIXED.items() if k != "recipe" or "recipe" in defaults}
+    if recipe == "old":
+        out["rounds"] = 0
+    return out
 
 
 def train_known(base: dict, ann: Path, root: Path, folder: Path, recipe: str, seed: int
@@ -279,7 +295,8 @@ def _seeds(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", choices=("leaf", "synthetic"), default="leaf")
-    ap.add_argument("--recipe", choices=("auto", "fixed"), default="auto")
+    ap.add_argument("--recipe", choices=("auto", "fixed", "old"), default="auto",
+                    help="auto; fixed: old settings, new thresholds; old: as before issue 18")
     ap.add_argument("--seeds", default="1-6", help="hold-out seeds, e.g. 1-6 (0 is kept out)")
     ap.add_argument("--families", type=int, default=1, help="whole families held out")
     ap.add_argument("--genera", type=int, default=3, help="whole genera held out")

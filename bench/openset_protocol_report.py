@@ -66,27 +66,39 @@ def by_seed(recs: list[dict], recipe: str, key: str) -> dict[int, float]:
     return {r["seed"]: r[key] for r in recs if r["recipe"] == recipe}
 
 
-def figure_table(recs: list[dict], recipes: Sequence[str]) -> pd.DataFrame:
-    """Mean [95% interval] per recipe, and the paired difference auto - fixed."""
+ARMS = ("auto", "fixed", "old")
+CONTROLS = ("old", "fixed")
+
+
+def _paired(recs: list[dict], key: str, control: str, higher: bool, pct: bool
+            ) -> dict[str, str]:
+    """auto minus ``control`` on the seeds both ran: mean [95% interval], paired t-test p,
+    seeds where auto is better."""
     from scipy import stats
 
+    a, f = by_seed(recs, "auto", key), by_seed(recs, control, key)
+    seeds = sorted(set(a) & set(f))
+    d = [a[s] - f[s] for s in seeds]
+    p = (stats.ttest_rel([a[s] for s in seeds], [f[s] for s in seeds]).pvalue
+         if len(seeds) > 1 and np.std(d) > 0 else float("nan"))
+    better = sum((x > 0) if higher else (x < 0) for x in d)
+    return {f"auto - {control}": _fmt(*interval(d), pct=pct),
+            f"p (vs {control})": "" if math.isnan(p) else f"{p:.3f}",
+            f"auto better (vs {control})": f"{better}/{len(seeds)}"}
+
+
+def figure_table(recs: list[dict], recipes: Sequence[str]) -> pd.DataFrame:
+    """Mean [95% interval] per arm, and the paired differences auto - control."""
     rows = []
     for key, label, higher in FIGURES:
-        pct = key != "auroc_evidence" and key != "auroc_outlier"
+        pct = key not in ("auroc_evidence", "auroc_outlier")
         row = {"figure": label + (" (%)" if pct else "")}
         for rec in recipes:
             v = by_seed(recs, rec, key)
             row[f"{rec} (n={len(v)})"] = _fmt(*interval(list(v.values())), pct=pct)
-        if {"auto", "fixed"} <= set(recipes):
-            a, f = by_seed(recs, "auto", key), by_seed(recs, "fixed", key)
-            seeds = sorted(set(a) & set(f))
-            d = [a[s] - f[s] for s in seeds]
-            row["auto - fixed (paired)"] = _fmt(*interval(d), pct=pct)
-            p = (stats.ttest_rel([a[s] for s in seeds], [f[s] for s in seeds]).pvalue
-                 if len(seeds) > 1 and np.std(d) > 0 else float("nan"))
-            row["paired t p"] = "" if math.isnan(p) else f"{p:.3f}"
-            better = sum((x > 0) if higher else (x < 0) for x in d)
-            row["auto better"] = f"{better}/{len(seeds)}"
+        for control in CONTROLS:
+            if "auto" in recipes and control in recipes:
+                row.update(_paired(recs, key, control, higher, pct))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -118,11 +130,18 @@ def landing_table(recs: list[dict], recipes: Sequence[str]) -> pd.DataFrame:
             if not got:
                 continue
             row = {"held out": name, "recipe": rec, "seeds": len(got),
-                   "images per seed": f"{np.mean([g['n'] for g in got]):.0f}"}
+                   "images per seed": f"{np.mean([g['n'] for g in got]):.0f}",
+                   "AUROC evidence": _auroc_cell(got, "auroc_evidence"),
+                   "AUROC outlier": _auroc_cell(got, "auroc_outlier")}
             for k, label in OUTCOME_NAMES.items():
                 row[label] = f"{100 * np.mean([g[k] for g in got]):.1f}"
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _auroc_cell(got: list[dict], key: str) -> str:
+    v = [g[key] for g in got if key in g]
+    return f"{np.mean(v):.3f}" if v else ""
 
 
 def _recipe_text(chosen: dict | None) -> str:
@@ -162,12 +181,13 @@ def _run_lines(recs: list[dict]) -> list[str]:
 
 
 def section(recs: list[dict], title: str, intro: Sequence[str]) -> list[str]:
-    recipes = [r for r in ("auto", "fixed") if any(x["recipe"] == r for x in recs)]
+    recipes = [r for r in ARMS if any(x["recipe"] == r for x in recs)]
     out = [f"## {title}", "", *intro, "", *_run_lines(recs), "",
            markdown_table(figure_table(recs, recipes)), ""]
     for rec in recipes:
-        out += [f"Goals, `openset.recipe: {rec}`:", "", *goals(recs, rec), ""]
-    out += ["Where held-out images land (mean % over seeds; each row adds up to 100):", "",
+        out += [f"Goals, arm `{rec}`:", "", *goals(recs, rec), ""]
+    out += ["Where held-out images land (mean % over seeds; the five outcome columns add up "
+            "to 100; AUROC: that level's images against the known test images):", "",
             markdown_table(landing_table(recs, recipes)), "",
             "Per seed:", "", markdown_table(seed_table(recs)), ""]
     return out
@@ -178,8 +198,11 @@ def write_report(folder: Path, report: Path) -> None:
     out = ["# Open-set figures under the protocol (issue 18)", "",
            "Made by `bench/openset_protocol.py` (the module docstring has the design); "
            "seed 0 chose the old fixed defaults in earlier sessions and is kept out: seeds "
-           "1..N only. Intervals: 95% t-intervals over seeds; the paired column is auto "
-           "minus fixed on the same seeds, held-out taxa and splits.", ""]
+           "1..N only. Arms: `auto` (`openset.recipe: auto`, the default), `old` (the old "
+           "defaults as they were: `recipe: fixed`, `rounds: 0`), `fixed` (the old recipe, "
+           "thresholds fitted with the rounds' simulated unknowns). Intervals: 95% "
+           "t-intervals over seeds; paired columns: auto minus the control on the same "
+           "seeds, held-out taxa and splits, paired t-test p, seeds where auto is better.", ""]
     if leaf:
         out += section(leaf, "Leaf data (EfficientNet-Lite0, 384 px letterbox, cached)",
                        ["Known species split 70/30; the model trains on the 70% with "
