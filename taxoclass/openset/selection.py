@@ -81,7 +81,10 @@ class RoundPlan:
 
 def _hide(rows: pd.DataFrame, ranks: Sequence[str], oc: OpensetConfig, seed: int
           ) -> dict[str, list[str]]:
-    """Hidden taxa of one round, top rank first; lower ranks draw among rows not hidden."""
+    """Hidden taxa of one round, top rank first; lower ranks draw among rows not hidden.
+
+    Lowest rank: ``holdout_fraction`` of the taxa whose parent keeps another; each higher
+    rank: ``holdout_taxa`` whole taxa, at most a quarter of that rank's taxa."""
     held: dict[str, list[str]] = {}
     left = np.ones(len(rows), dtype=bool)
     for i, rank in enumerate(ranks):
@@ -89,10 +92,9 @@ def _hide(rows: pd.DataFrame, ranks: Sequence[str], oc: OpensetConfig, seed: int
         if i == len(ranks) - 1:
             names = hold_out_taxa(sub, ranks, rank=rank, fraction=oc.holdout_fraction,
                                   seed=seed)
-        elif oc.holdout_taxa and _n_taxa(sub, ranks, rank) >= 3:
-            names = hold_out_taxa(sub, ranks, rank=rank, n=oc.holdout_taxa, seed=seed)
-        else:
-            names = []
+        else:  # whole taxa: at most a quarter of the rank's taxa (none of fewer than 4)
+            n = min(oc.holdout_taxa, _n_taxa(sub, ranks, rank) // 4)
+            names = hold_out_taxa(sub, ranks, rank=rank, n=n, seed=seed) if n else []
         if names:
             held[rank] = names
             left &= ~split_known_unknown_taxa(rows, {rank: names}, ranks)
