@@ -279,6 +279,16 @@ def run_seed(ds: Dataset, seed: int, recipe: str, counts: Mapping[str, int], sha
             "uptime": _uptime()}
 
 
+def _code_state() -> dict:
+    """The commit the run used and the library files then changed but not committed (the
+    tree is shared while others work)."""
+    def git(*a):
+        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True,
+                              text=True).stdout.strip()
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "uncommitted": git("status", "--short", "--", "taxoclass").splitlines()}
+
+
 def _uptime() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -325,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         rec = run_seed(ds, seed, args.recipe, counts, args.share)
         rec["command"] = " ".join([Path(sys.executable).name, *sys.argv])
         rec["machine"] = f"{platform.node()} ({os.cpu_count()} CPUs)"
+        rec.update(_code_state())
         path = OUT / f"{args.data}.{args.recipe}.seed{seed}.json"
         path.write_text(json.dumps(rec, indent=1, default=_json_default))
         print(f"{path.name}: AUROC {rec['auroc_evidence']:.3f}, precision all "
