@@ -16,15 +16,19 @@ Missing keys take the defaults of :mod:`taxoclass.config`, the one source of def
 ``loss.kind: flat`` and ``decode.method: marginal``); those win over ``settings``, and
 ``seed`` sets ``train.seed``.
 
-Head recipes (:func:`~taxoclass.model.training.train_head` on all rows given):
-``taxoclass`` (the config as given), ``species-only`` (the control: same recipe, loss
-on the lowest rank only, decoded up the tree by summing), ``soft-labels`` and ``hxe``
-(Bertinetto et al. 2020), ``bjerge`` (Bjerge et al. 2023's dependency loss), ``crm``
-(Karthik et al. 2021 on the taxoclass heads), ``species-only+crm`` (CRM on the control,
-as Karthik et al. apply it), ``path``/``marginal``/``topdown`` (taxoclass heads, that
-decoding). Baselines: ``logreg`` (flat logistic regression, C by inner CV on the
-training data), ``hiclass`` (LocalClassifierPerParentNode + logistic regression), ``knn``
-(cosine 1-NN).
+Head recipes (``Recipe.kind == "head"``: :func:`~taxoclass.model.training.train_head`
+on all rows given, then a decoding): ``taxoclass`` (the config as given; with the
+defaults of :mod:`taxoclass.config`, hierarchical cross-entropy + marginal decoding),
+``species-only`` (the control: same recipe, loss on the lowest rank only, decoded up the
+tree by summing), ``soft-labels`` and ``hxe`` (Bertinetto et al. 2020), ``per-rank`` (the
+previous default: a head per rank, cross-entropy at each plus the class-dependency term,
+path decoding), ``bjerge`` (Bjerge et al. 2023's dependency loss, path decoding), ``crm``
+(Karthik et al. 2021 on the per-rank heads), ``species-only+crm`` (CRM on the control, as
+Karthik et al. apply it), ``path``/``marginal``/``topdown`` (the per-rank heads, that
+decoding). Every recipe but ``taxoclass`` fixes ``loss.kind`` and ``decode.method``, so
+it means what its summary says whatever the config holds. Baselines (``kind ==
+"baseline"``): ``logreg`` (flat logistic regression, C by inner CV on the training data),
+``hiclass`` (LocalClassifierPerParentNode + logistic regression), ``knn`` (cosine 1-NN).
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ from .training import normalize, train_head
 if TYPE_CHECKING:
     from ..taxonomy.tree import Taxonomy
 
-__all__ = ["RECIPES", "Predictor", "Recipe", "available", "fit_recipe", "recipe_config"]
+__all__ = ["RECIPES", "Predictor", "Recipe", "available", "fit_recipe", "head_recipes",
+           "recipe_config"]
 
 _HEAD_SECTIONS = ("model", "loss", "train", "decode")
 
@@ -74,14 +79,18 @@ class Predictor(Protocol):
 @dataclass(frozen=True)
 class Recipe:
     """A named method: ``fit(x, y, taxonomy, seed, config, options) -> Predictor``.
-    ``fixed``: the dotted config keys that define it (they win over ``settings``);
-    ``options``: the recipe options it accepts (``settings`` keys ``<name>.<option>``)."""
+    ``kind``: ``"head"`` (a trained :class:`HeadPredictor`: the head depends only on the
+    ``model``/``loss``/``train`` sections, ``decode`` only chooses how it is read) or
+    ``"baseline"``; ``fixed``: the dotted config keys that define it (they win over
+    ``settings``); ``options``: the recipe options it accepts (``settings`` keys
+    ``<name>.<option>``)."""
 
     name: str
     summary: str
     fit: Callable[..., Predictor]
     fixed: Mapping[str, Any] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
+    kind: str = "baseline"
 
 
 # ------------------------------------------------------------------ settings
@@ -237,14 +246,67 @@ def _fit_logreg(x, y, taxonomy, seed, cfg, options) -> LogRegPredictor:
     return LogRegPredictor(model, basis, taxonomy, int(cfg["decode"]["top_k"]), C, scores)
 
 
-def _fit_hiclass(x, y, taxonomy, seed, cfg, options) -> HiclassBaseline:
+@dataclass
+class HiclassPredictor:
+    """:class:`~taxoclass.model.baselines.HiclassBaseline`'s top-down path, with lowest-rank
+    probabilities formed as in a local classifier per parent node: the product, along the
+    path, of each parent's classifier probability of the child (hiclass_leaf_probabilities).
+    hiclass 5.0.8's own ``predict_proba`` applies every parent's classifier to every image
+    (scikit-learn-contrib/hiclass#159, fix proposed in #160) and its leaf columns came out
+    zero here, i.e. uniform after renormalising: the species ECE 0.898 of 2026-11-30."""
+
+    base: HiclassBaseline
+
+    def predict(self, x: np.ndarray) -> Decoded:
+        decoded = self.base.predict(x)
+        tax = self.base.taxonomy
+        leaf_p = hiclass_leaf_probabilities(self.base.model_, l2_normalise(
+            check_embeddings(x, who="hiclass")), tax)
+        return decode_leaf_probabilities(leaf_p, tax, top_k=self.base.top_k,
+                                         method="hiclass+topdown",
+                                         leaf=decoded.path[tax.ranks[-1]])
+
+
+def hiclass_leaf_probabilities(model: Any, x: np.ndarray, taxonomy: Taxonomy) -> np.ndarray:
+    """Lowest-rank probabilities of a fitted hiclass ``LocalClassifierPerParentNode`` on
+    (normalised) ``x``: each node's probability is its parent's times the parent
+    classifier's probability of it (a parent without a classifier splits evenly); mass
+    that stops above the lowest rank is dropped and the rows renormalised (uniform where
+    nothing reaches a lowest-rank taxon)."""
+    import networkx as nx
+
+    graph, sep = model.hierarchy_, model.separator_
+    depth = len(taxonomy.ranks)
+    out = np.zeros((len(x), taxonomy.n_classes(taxonomy.ranks[-1])), dtype=np.float64)
+    prob = {model.root_: np.ones(len(x))}
+    for node in nx.topological_sort(graph):
+        kids = list(graph.successors(node))
+        if node not in prob or not kids:
+            continue
+        clf = graph.nodes[node].get("classifier")
+        if clf is None:
+            p, cols = np.ones((len(x), 1)) / len(kids), {k: 0 for k in kids}
+        else:
+            p, cols = clf.predict_proba(x), {c: i for i, c in enumerate(clf.classes_)}
+        for k in kids:
+            prob[k] = prob[node] * (p[:, cols[k]] if k in cols else 0.0)
+            parts = str(k).split(sep)
+            if len(parts) == depth and parts[-1] != "":
+                out[:, int(parts[-1])] += prob[k]
+    total = out.sum(1, keepdims=True)
+    return np.where(total > 0, out / np.maximum(total, 1e-300), 1.0 / out.shape[1]).astype(
+        np.float32)
+
+
+def _fit_hiclass(x, y, taxonomy, seed, cfg, options) -> HiclassPredictor:
     C = options["C"]
     if C is None:  # the flat probe's inner-CV choice (one grid, on the training data)
         xs, ys = _lowest_labelled(x, y, taxonomy, "hiclass")
         xn = l2_normalise(xs)
         z = xn @ row_space(xn)
         C, _ = choose_C(z, ys, folds=int(options["folds"]), seed=seed)
-    return HiclassBaseline(taxonomy, C=float(C), top_k=int(cfg["decode"]["top_k"])).fit(x, y)
+    return HiclassPredictor(HiclassBaseline(taxonomy, C=float(C),
+                                            top_k=int(cfg["decode"]["top_k"])).fit(x, y))
 
 
 def _fit_knn(x, y, taxonomy, seed, cfg, options) -> NearestNeighbour:
@@ -255,11 +317,18 @@ def _fit_knn(x, y, taxonomy, seed, cfg, options) -> NearestNeighbour:
 
 # ------------------------------------------------------------------ the table
 def _head(name: str, summary: str, **fixed: Any) -> Recipe:
-    return Recipe(name, summary, _fit_head, {k.replace("__", "."): v for k, v in fixed.items()})
+    return Recipe(name, summary, _fit_head, {k.replace("__", "."): v for k, v in fixed.items()},
+                  kind="head")
+
+
+def _per_rank(name: str, summary: str, method: str) -> Recipe:
+    """A head per rank (cross-entropy at each + the class-dependency term), ``method``."""
+    return _head(name, summary, loss__kind="dependency", decode__method=method)
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    _head("taxoclass", "the config as given (default: dependency loss, path decoding)"),
+    _head("taxoclass", "the config as given (defaults: hierarchical cross-entropy, marginal "
+          "decoding)"),
     _head("species-only", "the control: same recipe, cross-entropy on the lowest rank only, "
           "probabilities summed up the tree", loss__kind="flat", decode__method="marginal"),
     _head("species-only+crm", "the control decoded by conditional risk (Karthik et al. 2021)",
@@ -268,14 +337,14 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
           loss__kind="soft_labels", decode__method="marginal"),
     _head("hxe", "hierarchical cross-entropy on the lowest rank (Bertinetto et al. 2020)",
           loss__kind="hxe", decode__method="marginal"),
+    _per_rank("per-rank", "the previous default: a head per rank, cross-entropy at each + "
+              "class-dependency term, path decoding", "path"),
     _head("bjerge", "per-rank CE + Bjerge et al. 2023's dependency loss, path decoding",
-          loss__kind="bjerge"),
-    _head("crm", "taxoclass heads, conditional-risk decoding (Karthik et al. 2021)",
-          decode__method="crm"),
-    _head("path", "taxoclass heads, path decoding", decode__method="path"),
-    _head("marginal", "taxoclass heads, lowest head summed up the tree",
-          decode__method="marginal"),
-    _head("topdown", "taxoclass heads, greedy top-down decoding", decode__method="topdown"),
+          loss__kind="bjerge", decode__method="path"),
+    _per_rank("crm", "per-rank heads, conditional-risk decoding (Karthik et al. 2021)", "crm"),
+    _per_rank("path", "per-rank heads, path decoding", "path"),
+    _per_rank("marginal", "per-rank heads, lowest head summed up the tree", "marginal"),
+    _per_rank("topdown", "per-rank heads, greedy top-down decoding", "topdown"),
     Recipe("logreg", "flat logistic regression, C by inner stratified CV on the training data",
            _fit_logreg, options={"C": None, "folds": 3}),
     Recipe("hiclass", "hiclass LocalClassifierPerParentNode + logistic regression",
@@ -289,6 +358,11 @@ RECIPE_OPTION_OWNERS = frozenset(n for n, r in RECIPES.items() if r.options)
 def available() -> tuple[str, ...]:
     """Names of every recipe, in table order."""
     return tuple(RECIPES)
+
+
+def head_recipes() -> tuple[str, ...]:
+    """Names of the recipes whose predictor is a trained head plus a decoding method."""
+    return tuple(n for n, r in RECIPES.items() if r.kind == "head")
 
 
 def _recipe(name: str) -> Recipe:

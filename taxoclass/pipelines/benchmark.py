@@ -327,8 +327,9 @@ def _resolve(recipes, control: str) -> dict[str, FitFn]:
 
 class _SharedHeads:
     """``recipes.fit_recipe`` that trains a head once per training set and head config:
-    recipes that differ only in decoding (taxoclass, crm, path, marginal, topdown) decode
-    the same trained heads (training is seeded, so this is what separate fits give)."""
+    head recipes (``Recipe.kind == "head"``) that differ only in decoding (per-rank, crm,
+    path, marginal, topdown; taxoclass and hxe with the default config) decode the same
+    trained heads (training is seeded, so this is what separate fits give)."""
 
     def __init__(self, registry) -> None:
         self.registry, self.data_key, self.heads = registry, None, {}
@@ -345,7 +346,7 @@ class _SharedHeads:
         data_key = (digest.hexdigest(), tuple(taxonomy.sizes.items()), int(seed))
         if data_key != self.data_key:
             self.data_key, self.heads = data_key, {}
-        head_key = (name in _HEAD_RECIPES(self.registry),
+        head_key = (self.registry.RECIPES[name].kind == "head",
                     json.dumps({k: cfg[k] for k in ("model", "loss", "train")},
                                sort_keys=True, default=str))
         cached = self.heads.get(head_key) if head_key[0] else None
@@ -356,12 +357,6 @@ class _SharedHeads:
         if head_key[0] and dataclasses.is_dataclass(model) and hasattr(model, "method"):
             self.heads[head_key] = model
         return model
-
-
-def _HEAD_RECIPES(registry) -> set[str]:  # noqa: N802
-    """Recipes whose predictor is a trained head plus a decoding method."""
-    fit_head = getattr(registry, "_fit_head", None)
-    return {n for n, r in registry.RECIPES.items() if fit_head is not None and r.fit is fit_head}
 
 
 def _seeds(seeds, final_seeds) -> tuple[tuple[int, ...], tuple[int, ...]]:
