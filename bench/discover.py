@@ -19,7 +19,9 @@ singleton (``ARI``; a clustering that calls everything noise scores 0), ARI over
 clustered images only, purity of the clusters (clustered images), share of noise, and
 placement per cluster (its majority true taxon): right at the deepest rank a held-out
 taxon can be right (genus for an unseen species, family for an unseen genus), right but
-coarser, wrong, or not placed. Baselines in the same clustering space
+coarser, wrong, or not placed; the same outcomes at stricter placement thresholds
+(``min_probability`` 0.7 and 0.9, re-applied to the clusters.csv evidence) as a descriptive
+trade-off, nothing chosen on it. Baselines in the same clustering space
 (``cluster_space``: L2-normalised, PCA to 16 dims): k-means and Ward agglomerative
 clustering with k chosen by the silhouette (k = 2 .. n/3), every image clustered.
 
@@ -134,8 +136,21 @@ def cluster_scores(truth: np.ndarray, labels: np.ndarray) -> dict[str, float]:
             "true taxa": float(len(np.unique(truth)))}
 
 
+#: Placement thresholds (min_probability) of the descriptive sweep; 0.5 is discover's default.
+SWEEP = (0.5, 0.7, 0.9)
+
+
+def placed_at(row: dict, min_probability: float) -> tuple[str, str]:
+    """discover's placement rule re-applied to a clusters.csv row at another threshold."""
+    for rank in reversed(RANKS[:-1]):
+        if row[f"{rank}_prob"] >= min_probability and row[f"{rank}_agree"] >= 0.5:
+            return rank, row[rank]
+    return "unknown", "unknown"
+
+
 def placement_scores(clusters: pd.DataFrame, members: pd.DataFrame, truth: dict,
-                     held_genera: list[str]) -> dict[str, float]:
+                     held_genera: list[str], min_probability: float = 0.5,
+                     prefix: str = "placed") -> dict[str, float]:
     """Shares of clusters (whose majority true taxon is held out) by placement outcome."""
     outcome = []
     for row in clusters.to_dict("records"):
@@ -145,7 +160,7 @@ def placement_scores(clusters: pd.DataFrame, members: pd.DataFrame, truth: dict,
         if not true["held"]:
             continue
         best = "family" if true["genus"] in held_genera else "genus"
-        rank, name = row["placement_rank"], row["placement"]
+        rank, name = placed_at(row, min_probability)
         if rank not in RANKS[:-1]:
             outcome.append("not placed")
         elif name != true[rank]:
@@ -153,7 +168,7 @@ def placement_scores(clusters: pd.DataFrame, members: pd.DataFrame, truth: dict,
         else:
             outcome.append("right" if rank == best else "right, coarser")
     n = max(len(outcome), 1)
-    return {f"placed {k}": outcome.count(k) / n
+    return {f"{prefix} {k}": outcome.count(k) / n
             for k in ("right", "right, coarser", "wrong", "not placed")} | {
         "held-out clusters": float(len(outcome))}
 
@@ -200,6 +215,13 @@ def run_seed(seed: int, rows: pd.DataFrame, data: dict, vectors: dict, args) -> 
         row["held-out flagged"] = float(np.mean([p in flagged for p in held_paths]))
         row["flagged held-out share"] = float(np.mean([truth[p]["held"] for p in flagged]))
         out.append(row)
+        if args.keep:
+            import shutil
+
+            for name in ("d1", "d2"):
+                shutil.copytree(tmp / name, Path(args.keep) / f"seed{seed}-{name}",
+                                ignore=shutil.ignore_patterns("embeddings"),
+                                dirs_exist_ok=True)
     return out
 
 
@@ -212,6 +234,11 @@ def score_row(kind: str, seed: int, res, truth: dict, sp: dict, vectors: dict,
            "min_cluster_size": float(res.summary["settings"]["min_cluster_size"]),
            **cluster_scores(y, labels),
            **placement_scores(res.clusters, members, truth, sp["genera"])}
+    assert [placed_at(r, 0.5)[1] for r in res.clusters.to_dict("records")] == \
+        res.clusters["placement"].tolist()  # the rule as discover applies it
+    for t in SWEEP[1:]:
+        row.update(placement_scores(res.clusters, members, truth, sp["genera"], t,
+                                    prefix=f"p>={t}:"))
     x = np.stack([vectors[p] for p in members["image"]])
     space = cluster_space(x)
     for method in ("kmeans", "ward"):
@@ -243,7 +270,10 @@ def paired(a, b) -> str:
 def report(results: pd.DataFrame, args, started: str, load: str, seconds: float) -> str:
     metrics = ["ARI", "ARI clustered", "purity", "noise", "clusters", "true taxa",
                "placed right", "placed right, coarser", "placed wrong", "placed not placed",
-               "held-out clusters", "kmeans ARI", "kmeans purity", "kmeans clusters",
+               "held-out clusters",
+               *[f"p>={t}: {k}" for t in SWEEP[1:] for k in ("right", "right, coarser",
+                                                               "wrong", "not placed")],
+               "kmeans ARI", "kmeans purity", "kmeans clusters",
                "ward ARI", "ward purity", "ward clusters", "held-out flagged",
                "flagged held-out share", "n images", "min_cluster_size"]
     lines = ["# Discover: clustering unseen leaf taxa (issue 18 item 5)", "",
@@ -306,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="config override for training (default openset.recipe=fixed)")
     ap.add_argument("--choose", action="store_true", help="the seed-0 settings grid")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--keep", default=None,
+                    help="copy each seed's discover folders here (to look at the pages)")
     args = ap.parse_args(argv)
     args.set = args.set if args.set is not None else ["openset.recipe=fixed"]
     rows, data = leaf_rows()
