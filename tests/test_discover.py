@@ -157,6 +157,26 @@ def test_discover_writes_clusters_members_page_and_json(discovered, fixture_mode
     assert f"{len(clusters)} cluster(s)" in discovered["output"]
 
 
+def _documented_columns() -> set[str]:
+    """The columns docs/outputs.md lists in its discover section (``<rank>`` as is)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "outputs.md").read_text()
+    section = text.split("## `discover`", 1)[1].split("\n## ", 1)[0]
+    cells = re.findall(r"^\| (`[^|]+`)[^|]*\|", section, re.M)
+    return {c for cell in cells for c in re.findall(r"`([^`]+)`", cell)}
+
+
+def test_docs_list_every_discover_column(discovered):
+    documented = _documented_columns()
+    ranks = ("family", "genus", "species")
+    for name in ("clusters.csv", "members.csv"):
+        for col in pd.read_csv(discovered["out"] / name, nrows=0).columns:
+            generic = col
+            for r in ranks:
+                if col == r or col.startswith(f"{r}_"):
+                    generic = "<rank>" + col[len(r):]
+            assert generic in documented, (name, col)
+
+
 def test_annotated_members_import_as_labels_that_validate(discovered, fixture_set, tmp_path):
     members = pd.read_csv(discovered["out"] / "members.csv", keep_default_na=False)
     rubrum = members["image"].str.contains("rubrum")

@@ -62,7 +62,8 @@ def _evidence(row: Mapping[str, Any], ranks: Sequence[str]) -> str:
     cells = "".join(f"<tr><td>{html.escape(r)}</td><td><i>{_fmt(row[r])}</i></td>"
                     f"<td class='n'>{_fmt(row[f'{r}_prob'])}</td>"
                     f"<td class='n'>{_fmt(row[f'{r}_agree'])}</td></tr>" for r in ranks)
-    return ("<table><tr><th>rank</th><th>most likely taxon</th><th>mean probability</th>"
+    return ("<table><tr><th>rank</th><th>most likely taxon (each rank on its own)</th>"
+            "<th>mean probability</th>"
             f"<th>members agreeing</th></tr>{cells}</table>")
 
 
