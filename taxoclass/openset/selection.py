@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 _OPENSET = OpensetConfig()
 CAL_FRACTION = 0.3  # share of each round's known rows held back as calibration
+MAX_HIDDEN_SHARE = 0.1  # a taxon with more of the rows than this is never hidden
 
 
 # ---------------------------------------------------------------------- planning
@@ -84,16 +85,24 @@ def _hide(rows: pd.DataFrame, ranks: Sequence[str], oc: OpensetConfig, seed: int
     """Hidden taxa of one round, top rank first; lower ranks draw among rows not hidden.
 
     Lowest rank: ``holdout_fraction`` of the taxa whose parent keeps another; each higher
-    rank: ``holdout_taxa`` whole taxa, at most a quarter of that rank's taxa."""
+    rank: ``holdout_taxa`` whole taxa, at most a quarter of that rank's taxa. A taxon
+    holding more than :data:`MAX_HIDDEN_SHARE` of the rows is never hidden (it would make
+    most of the round's unknowns, and leave too little to learn from).
+    """
+    from .evaluation import truth_names
+
     held: dict[str, list[str]] = {}
     left = np.ones(len(rows), dtype=bool)
     for i, rank in enumerate(ranks):
-        sub = rows[left].reset_index(drop=True)
+        names_at = np.asarray(truth_names(rows, ranks)[rank], dtype=object)
+        values, counts = np.unique(names_at, return_counts=True)
+        big = set(values[counts > MAX_HIDDEN_SHARE * len(rows)].tolist())
+        sub = rows[left & ~np.isin(names_at, list(big))].reset_index(drop=True)
         if i == len(ranks) - 1:
             names = hold_out_taxa(sub, ranks, rank=rank, fraction=oc.holdout_fraction,
                                   seed=seed)
         else:  # whole taxa: at most a quarter of the rank's taxa (none of fewer than 4)
-            n = min(oc.holdout_taxa, _n_taxa(sub, ranks, rank) // 4)
+            n = min(oc.holdout_taxa, _n_taxa(rows[left], ranks, rank) // 4)
             names = hold_out_taxa(sub, ranks, rank=rank, n=n, seed=seed) if n else []
         if names:
             held[rank] = names
