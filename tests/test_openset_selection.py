@@ -185,7 +185,7 @@ def test_too_small_data_fall_back_with_the_reason(caplog):
 
 
 def test_rounds_keep_groups_on_one_side():
-    rows = _tree(per_gen=6)
+    rows = _tree(fam_per=4, per_gen=6)  # 12 families: each under 10% of the images
     groups = np.arange(len(rows)) // 3  # 3 images per group (e.g. a video track)
     plans = plan_rounds(rows, RANKS, {"rounds": 2, "min_support": 3}, seed=1, groups=groups)
     assert isinstance(plans, list) and len(plans) == 2
@@ -199,10 +199,10 @@ def test_rounds_keep_groups_on_one_side():
 
 
 def test_select_recipe_on_synthetic_embeddings():
-    """A whole selection: 3 orders x 3 families x 3 genera, clustered embeddings."""
+    """A whole selection: 3 orders x 4 families x 3 genera, clustered embeddings."""
     from taxoclass.taxonomy.labels import encode_labels
 
-    rows = _tree(per_gen=12)
+    rows = _tree(fam_per=4, per_gen=10)
     rng = np.random.default_rng(0)
     centres = {g: rng.normal(0, 1, 16) for g in rows["genus"].unique()}
     x = np.stack([centres[g] * 3 + rng.normal(0, 1, 16) for g in rows["genus"]])
