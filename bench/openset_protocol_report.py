@@ -176,6 +176,10 @@ def _run_lines(recs: list[dict]) -> list[str]:
             f"- load averages during the runs (1/5/15 min): {'; '.join(loads[:4])}"
             + (" ..." if len(loads) > 4 else ""),
             "- commands: " + "; ".join(f"`{c}`" for c in cmds),
+            "- code: commit(s) " + ", ".join(sorted({str(r.get("commit")) for r in recs}))
+            + "; library files uncommitted in the shared tree during some runs: "
+            + (", ".join(sorted({u.split()[-1] for r in recs for u in r.get("uncommitted", [])}))
+               or "none"),
             f"- time per seed and arm: {np.mean([r['seconds'] for r in recs]):.0f} s mean "
             f"(training {np.mean([r['train_seconds'] for r in recs]):.0f} s)"]
 
