@@ -220,3 +220,14 @@ def test_select_recipe_on_synthetic_embeddings():
     assert rec["expected"]["auroc"] > 0.7  # hidden genera sit far from the known ones
     assert set(rec["held_out"][0]) == {"family", "genus"} and seen[-1] == 2 * 40
     assert sel.thresholds.unknown_share == 0.2 and sel.thresholds.precision_all
+
+
+def test_a_dominant_taxon_is_never_hidden():
+    rows = _tree(fam_per=4, per_gen=6)
+    big = pd.DataFrame([{"order": "O0", "family": "F00", "genus": "G000"}] * 400)
+    rows = pd.concat([rows, big], ignore_index=True)  # G000 (and F00) hold 2/3 of the rows
+    for seed in range(4):
+        plans = plan_rounds(rows, RANKS, {"rounds": 2, "min_support": 3}, seed=seed)
+        for p in plans:
+            assert "F00" not in p.held.get("family", []) and "G000" not in p.held["genus"]
+            assert p.unknown.mean() < 0.3

@@ -22,7 +22,8 @@ __all__ = ["METRICS", "Candidate", "SimulatedRows", "candidates", "choose", "fit
            "score_candidates"]
 
 METRICS = ("auroc", "precision_species_all", "precision_species_known",
-           "coverage_known_species", "unknown_named_species", "unknown_correct_higher")
+           "coverage_known_species", "unknown_named_species", "unknown_correct_higher",
+           "unseen_species_correct_higher")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class SimulatedRows:
     correct: dict[str, np.ndarray]          # rank -> the decoded path is right there
     labelled: dict[str, np.ndarray]         # rank -> the row has a label there
     held: list[dict[str, list[str]]] = field(default_factory=list)  # per round
+    hidden_rank: np.ndarray | None = None   # rank the row's taxon was hidden at ("": known)
 
     def take(self, mask: np.ndarray) -> SimulatedRows:
         """The rows where ``mask`` is True."""
@@ -84,7 +86,8 @@ class SimulatedRows:
                                      for k, d in self.conf.items()},
             z={k: v[m] for k, v in self.z.items()},
             correct={r: v[m] for r, v in self.correct.items()},
-            labelled={r: v[m] for r, v in self.labelled.items()}, held=self.held)
+            labelled={r: v[m] for r, v in self.labelled.items()}, held=self.held,
+            hidden_rank=None if self.hidden_rank is None else self.hidden_rank[m])
 
 
 # ---------------------------------------------------------------------- scoring
@@ -138,7 +141,11 @@ def _round_metrics(parts: Sequence[dict[str, Any]], ranks: Sequence[str],
         placed |= ~done & acc[r] & correct[r]
         done |= acc[r]
     nan = float("nan")
-    return {"auroc": float(np.mean(aucs)) if aucs else nan,
+    hidden = (cat([p["sim"].hidden_rank for p in parts])
+              if all(p["sim"].hidden_rank is not None for p in parts) else None)
+    sp = unk & (hidden == lowest) if hidden is not None else np.zeros_like(unk)
+    return {"unseen_species_correct_higher": float(placed[sp].mean()) if sp.any() else nan,
+            "auroc": float(np.mean(aucs)) if aucs else nan,
             "precision_species_all": nan if p_all is None else p_all,
             "precision_species_known": nan if p_known is None else p_known,
             "coverage_known_species": cov,

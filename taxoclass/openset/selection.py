@@ -65,7 +65,8 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 _OPENSET = OpensetConfig()
 CAL_FRACTION = 0.3  # share of each round's known rows held back as calibration
-MAX_HIDDEN_SHARE = 0.1  # a taxon with more of the rows than this is never hidden
+MAX_HIDDEN_SHARE = 0.1  # a taxon with more of the rows (and twice its rank's mean share)
+#                         is never hidden
 
 
 # ---------------------------------------------------------------------- planning
@@ -86,8 +87,8 @@ def _hide(rows: pd.DataFrame, ranks: Sequence[str], oc: OpensetConfig, seed: int
 
     Lowest rank: ``holdout_fraction`` of the taxa whose parent keeps another; each higher
     rank: ``holdout_taxa`` whole taxa, at most a quarter of that rank's taxa. A taxon
-    holding more than :data:`MAX_HIDDEN_SHARE` of the rows is never hidden (it would make
-    most of the round's unknowns, and leave too little to learn from).
+    holding more than :data:`MAX_HIDDEN_SHARE` of the rows and more than twice the mean
+    share of its rank's taxa is never hidden (it would make most of the round's unknowns).
     """
     from .evaluation import truth_names
 
@@ -96,7 +97,9 @@ def _hide(rows: pd.DataFrame, ranks: Sequence[str], oc: OpensetConfig, seed: int
     for i, rank in enumerate(ranks):
         names_at = np.asarray(truth_names(rows, ranks)[rank], dtype=object)
         values, counts = np.unique(names_at, return_counts=True)
-        big = set(values[counts > MAX_HIDDEN_SHARE * len(rows)].tolist())
+        n_named = max(int((values != "").sum()), 1)
+        cap = max(MAX_HIDDEN_SHARE, 2.0 / n_named) * len(rows)
+        big = set(values[counts > cap].tolist())
         sub = rows[left & ~np.isin(names_at, list(big))].reset_index(drop=True)
         if i == len(ranks) - 1:
             names = hold_out_taxa(sub, ranks, rank=rank, fraction=oc.holdout_fraction,
@@ -250,7 +253,17 @@ def _round_scores(plan: RoundPlan, x: np.ndarray, y: Mapping[str, np.ndarray],
     return {"rows": np.flatnonzero(scored), "unknown": plan.unknown[scored],
             "conf": {"path_logit": dict(dec.path_logit), "path_prob": dict(dec.path_prob)},
             "z": z, "correct": correct_by_rank(path_names(dec.path, known), tr, known.ranks),
-            "labelled": labelled_by_rank(tr, known.ranks)}
+            "labelled": labelled_by_rank(tr, known.ranks),
+            "hidden_rank": _hidden_rank(plan.held, tr)}
+
+
+def _hidden_rank(held: Mapping[str, Sequence[str]], truth: Mapping[str, np.ndarray]
+                 ) -> np.ndarray:
+    """Per row: the rank its taxon was hidden at (the highest hidden one), "" if known."""
+    out = np.full(len(next(iter(truth.values()))), "", dtype=object)
+    for rank in reversed(list(held)):  # top rank last: it wins
+        out[np.isin(truth[rank], list(held[rank]))] = rank
+    return out
 
 
 def simulate_rounds(x: np.ndarray, y: Mapping[str, np.ndarray], rows: pd.DataFrame,
@@ -291,6 +304,7 @@ def simulate_rounds(x: np.ndarray, y: Mapping[str, np.ndarray], rows: pd.DataFra
         z={d: cat([p["z"][d] for p in parts]) for d in detectors},
         correct={r: cat([p["correct"][r] for p in parts]) for r in ranks},
         labelled={r: cat([p["labelled"][r] for p in parts]) for r in ranks},
+        hidden_rank=cat([p["hidden_rank"] for p in parts]),
         held=[p.held for p in plans])
 
 
