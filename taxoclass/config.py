@@ -382,11 +382,15 @@ class AugmentConfig(Section):
 class OpensetConfig(Section):
     """``openset``: outlier detector, evidence combiner and per-rank thresholds.
 
-    Chosen on bench/openset.py (leaf data, 12 held-out species): the species rank is named
-    only when the image is within the known species' Mahalanobis range (``gate_quantile`` of
-    correctly named validation images) AND its path logit passes the threshold fitted to
-    ``target_precision``. Alternatives: detector knn/lof/ecod/copod/iforest (pyod),
-    combiner rank_mean/logistic, confidence path_prob.
+    ``recipe: auto`` (default) chooses detector, combiner, confidence and gate quantile
+    among the ``candidate_*`` lists by leave-taxa-out rounds on the training data, and
+    fits the thresholds with the hidden taxa as simulated unknowns at ``unknown_share``
+    (:mod:`taxoclass.openset.selection`, docs/openset.md). ``recipe: fixed`` (and the
+    fallback on data too small to hide taxa) uses ``detector`` etc. as set; their defaults
+    were chosen on bench/openset.py (leaf data, 12 held-out species): the species rank is
+    named only when the image is within the known species' Mahalanobis range
+    (``gate_quantile`` of correctly named validation images) AND its path logit passes the
+    threshold fitted to ``target_precision``.
 
     ``calibration``: what the combiner and thresholds are fitted on. holdout: the head
     trains on the training split, calibration on the validation split (~30% of images,
