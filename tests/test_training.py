@@ -126,8 +126,9 @@ def test_early_stopping_returns_best_epoch_weights():
     xv, yv = _tiny_data(tax, 60, seed=1, noise=2.0)
     perm = np.random.default_rng(0).permutation(60)
     yv = {r: v[perm] for r, v in yv.items()}
-    res = train_head(x, y, xv, yv, tax, train={"epochs": 300, "batch_size": 0, "lr": 0.05,
-                                               "weight_decay": 0.0, "patience": 5})
+    res = train_head(x, y, xv, yv, tax, loss={"kind": "dependency"},
+                     train={"epochs": 300, "batch_size": 0, "lr": 0.05, "weight_decay": 0.0,
+                            "patience": 5})
     hist = res.history
     assert len(hist) < 300
     assert len(hist) == res.best_epoch + 5
@@ -143,7 +144,8 @@ def test_early_stopping_returns_best_epoch_weights():
 def test_no_patience_trains_every_epoch_and_keeps_last_weights():
     tax = _tiny_taxonomy()
     x, y = _tiny_data(tax, 60, seed=0, noise=0.5)
-    res = train_head(x, y, x, y, tax, train={"epochs": 7, "batch_size": 16, "patience": None})
+    res = train_head(x, y, x, y, tax, loss={"kind": "dependency"},
+                     train={"epochs": 7, "batch_size": 16, "patience": None})
     assert len(res.history) == 7 and res.best_epoch == 7
     crit = ClassDependencyLoss(tax)
     with torch.inference_mode():
@@ -172,15 +174,18 @@ def test_criterion_from_config_counts_training_targets_for_class_weights():
     _, y = _tiny_data(tax, 40, seed=0, noise=0.5)
     y = {r: v.copy() for r, v in y.items()}
     y[tax.ranks[-1]][:7] = -1  # unknown at the lowest rank: not counted
-    crit = criterion_from_config(tax, y, {"class_balanced": True, "class_balanced_beta": 0.9,
+    crit = criterion_from_config(tax, y, {"kind": "dependency", "class_balanced": True,
+                                          "class_balanced_beta": 0.9,
                                           "dependency_weight": 0.5, "label_smoothing": 0.1})
     lowest = tax.ranks[-1]
     kept = y[lowest][y[lowest] >= 0]
     want = class_balanced_weights(np.bincount(kept, minlength=tax.n_classes(lowest)), 0.9)
     assert torch.equal(getattr(crit, f"class_weight_{lowest}"), want)
     assert crit.dependency_weight == 0.5 and crit.label_smoothing == 0.1
-    plain = criterion_from_config(tax, y, None)  # the loss section's defaults
+    plain = criterion_from_config(tax, y, {"kind": "dependency"})  # the section's defaults
     assert plain.dependency_weight == 1.0 and not hasattr(plain, f"class_weight_{lowest}")
+    default = criterion_from_config(tax, y, None)  # the default loss: hxe on the lowest rank
+    assert default.kind == "hxe" and default.trained_ranks == (lowest,)
     from taxoclass.errors import ConfigError
 
     with pytest.raises(ConfigError, match="dependency_weigth"):

@@ -39,6 +39,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from ..config import DecodeConfig
+
 __all__ = ["METHODS", "Decoded", "coherent_probabilities", "decode", "decode_leaf_probabilities",
            "is_coherent", "marginal_logits", "marginalise", "min_risk_leaf", "topdown"]
 
@@ -262,7 +264,7 @@ def decode_leaf_probabilities(leaf_probs: Tensor | np.ndarray, taxonomy, *, top_
 
 
 @torch.no_grad()
-def decode(logits: Mapping[str, Tensor], taxonomy, *, method: str = "path",
+def decode(logits: Mapping[str, Tensor], taxonomy, *, method: str = DecodeConfig.method,
            top_k: int = 5) -> Decoded:
     """Coherent probabilities, the chosen path and the top-k per rank, as numpy arrays
     (``head_argmax``: each head's own arg-max, before decoding)."""
