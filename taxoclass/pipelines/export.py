@@ -5,8 +5,9 @@ onnxruntime, numpy and Pillow alone (no torch, no taxoclass).
 folder:
 
 - ``model.onnx``: input ``image`` (preprocessed, NCHW float32, dynamic batch axis) ->
-  ``logits_<rank>`` (the heads' raw outputs), ``probs_<rank>`` (the coherent per-rank
-  probabilities: the bundle's path decoding runs in the graph) and, for a bundle with an
+  ``logits_<rank>`` (the heads' raw outputs; for a head the loss left untrained, the
+  lowest head's log-sum-exp under each class), ``probs_<rank>`` (the coherent per-rank
+  probabilities: the bundle's decoding runs in the graph) and, for a bundle with an
   open-set scorer, ``outlier_score`` (the Mahalanobis detector's z-score, in float64 as in
   taxoclass). One graph: backbone, L2 normalisation, heads, decoding, detector.
 - ``model.json``: the taxonomy (ranks, names, the lowest rank's ancestor indices, what each
@@ -219,6 +220,19 @@ def _torch_modules():
             self.ranks = tuple(bundle.taxonomy.ranks)
             det = detector_state(bundle)
             self.detector = Mahalanobis(*det) if det is not None else None
+            # Ranks whose head a leaf-only loss left untrained (all zero): their exported
+            # logits are the lowest head's log-sum-exp under each class, as decoding's
+            # path_logit (model.decoding.marginal_logits), by a matmul ONNX exports plainly.
+            lowest = self.ranks[-1]
+            self.member = {}
+            for r in self.ranks[:-1]:
+                layer = bundle.head.heads[r]
+                if not (bool(layer.weight.any()) or bool(layer.bias.any())):
+                    idx = torch.as_tensor(bundle.taxonomy.parent_index(lowest, r))
+                    m = torch.zeros(len(idx), bundle.taxonomy.n_classes(r))
+                    m[torch.arange(len(idx)), idx] = 1.0
+                    self.register_buffer(f"member_{r}", m)
+                    self.member[r] = f"member_{r}"
             self.output_names = ([f"logits_{r}" for r in self.ranks]
                                  + [f"probs_{r}" for r in self.ranks]
                                  + (["outlier_score"] if det is not None else []))
@@ -236,6 +250,10 @@ def _torch_modules():
             x = F.normalize(emb, dim=1) if self.normalize else emb
             logits = self.head(x)
             probs = coherent_probabilities(logits, self.taxonomy, self.method)
+            leaf = logits[self.ranks[-1]]
+            top = leaf.max(dim=1, keepdim=True).values
+            for r, name in self.member.items():
+                logits[r] = torch.log(torch.exp(leaf - top) @ getattr(self, name)) + top
             out = [logits[r] for r in self.ranks] + [probs[r] for r in self.ranks]
             if self.detector is not None:
                 out.append(self.detector(x))
