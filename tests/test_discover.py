@@ -252,4 +252,5 @@ def test_help_states_the_library_defaults():
     assert f"[default: {d.dims}]" in text and d.min_samples is None
     assert f"[default: {d.min_probability}]" in text
     assert f"[default: {d.min_agreement}]" in text
+    assert f"[default: {d.selection}]" in text
     assert "max(3, round(log2 N))" in text

@@ -23,6 +23,10 @@ from .app import device_option, main, progress_bar
               help="HDBSCAN min_samples [default: 1].")
 @click.option("--dims", type=click.IntRange(min=2), default=None,
               help="PCA dimensions of the clustering space [default: 16].")
+@click.option("--cluster-selection", "selection", type=click.Choice(["leaf", "eom"]),
+              default=None,
+              help="HDBSCAN cluster selection: leaf (finest clusters) or eom (excess of mass) "
+                   "[default: leaf].")
 @click.option("--all", "include_all", is_flag=True,
               help="With images or folders: cluster every readable image, not only those the "
                    "model flags.")
@@ -39,7 +43,8 @@ from .app import device_option, main, progress_bar
               help="Images per forward pass [default: 8 on a CPU, 64 on a GPU].")
 @device_option
 def discover(model: Path, inputs: tuple[Path, ...], out: Path, min_cluster_size: int | None,
-             min_samples: int | None, dims: int | None, include_all: bool,
+             min_samples: int | None, dims: int | None, selection: str | None,
+             include_all: bool,
              min_probability: float | None, min_agreement: float | None,
              cache: Path | None, batch_size: int | None,
              device: str) -> None:
@@ -55,7 +60,8 @@ def discover(model: Path, inputs: tuple[Path, ...], out: Path, min_cluster_size:
     """
     from ..pipelines.discover import DiscoverSettings, discover_taxa
 
-    given = {"dims": dims, "min_probability": min_probability, "min_agreement": min_agreement}
+    given = {"dims": dims, "min_probability": min_probability, "min_agreement": min_agreement,
+             "selection": selection}
     settings = DiscoverSettings(min_cluster_size=min_cluster_size, min_samples=min_samples,
                                 include="all" if include_all else "flagged",
                                 **{k: v for k, v in given.items() if v is not None})

@@ -8,9 +8,10 @@ image that cannot be read is a row of ``failures.csv`` and the others carry on.
 
 Clustering (:func:`cluster_embeddings`): the embeddings are L2-normalised (as the heads
 see them), reduced by PCA to at most :attr:`DiscoverSettings.dims` dimensions (density
-estimates fail in a thousand dimensions), then clustered by scikit-learn's HDBSCAN; points
-in no dense region are *noise* (cluster ``-1``), listed apart. ``min_cluster_size``
-defaults to :func:`auto_min_cluster_size` (a rule on the number of images).
+estimates fail in a thousand dimensions), then clustered by scikit-learn's HDBSCAN with
+leaf selection (the finest clusters of its tree: sibling species form nearby dense
+groups); points in no dense region are *noise* (cluster ``-1``), listed apart.
+``min_cluster_size`` defaults to :func:`auto_min_cluster_size` (a rule on the count).
 
 Placement (:func:`place_cluster`): for each rank above the model's lowest, bottom-up, the
 cluster's candidate is the taxon with the highest mean coherent probability over its
@@ -69,6 +70,9 @@ class DiscoverSettings:
     min_samples: int | None = None
     #: PCA dimensions of the clustering space (at most the number of images - 1).
     dims: int = 16
+    #: HDBSCAN's cluster_selection_method: "leaf" (the finest clusters of the tree; chosen
+    #: on selection seeds of bench/discover.py: ARI 0.85 vs "eom" 0.77) or "eom".
+    selection: str = "leaf"
     #: a placement needs this mean coherent probability of the taxon over the members...
     min_probability: float = 0.5
     #: ...and this share of members whose decoded path names it at that rank.
@@ -81,6 +85,7 @@ class DiscoverSettings:
 
 
 INCLUDE = ("flagged", "all")
+SELECTIONS = ("leaf", "eom")
 
 
 @dataclass
@@ -118,7 +123,8 @@ def cluster_space(embeddings: np.ndarray, dims: int = DiscoverSettings.dims) -> 
 
 
 def cluster_embeddings(embeddings: np.ndarray, *, min_cluster_size: int | None = None,
-                       min_samples: int | None = None, dims: int = DiscoverSettings.dims
+                       min_samples: int | None = None, dims: int = DiscoverSettings.dims,
+                       selection: str = DiscoverSettings.selection
                        ) -> tuple[np.ndarray, np.ndarray, int]:
     """HDBSCAN clusters of ``embeddings``: ``(labels, space, min_cluster_size)`` with
     labels ``0..k-1`` ordered by size (largest first), :data:`NOISE` for noise, and the
@@ -132,7 +138,8 @@ def cluster_embeddings(embeddings: np.ndarray, *, min_cluster_size: int | None =
     if n < max(mcs, 2):
         return np.full(n, NOISE, dtype=int), space, mcs
     ms = min(int(min_samples or 1), n)
-    raw = HDBSCAN(min_cluster_size=mcs, min_samples=ms, copy=True).fit_predict(space)
+    raw = HDBSCAN(min_cluster_size=mcs, min_samples=ms, cluster_selection_method=selection,
+                  copy=True).fit_predict(space)
     ids, counts = np.unique(raw[raw >= 0], return_counts=True)
     order = ids[np.lexsort((ids, -counts))]  # largest first, ties by first id
     relabel = {int(old): new for new, old in enumerate(order)}
@@ -262,6 +269,9 @@ def discover_taxa(model: str | Path, inputs: Sequence[str | Path], *, out: str |
     from ..bundle import ModelBundle
 
     cfg = settings or DiscoverSettings()
+    if cfg.selection not in SELECTIONS:
+        raise AnnotationError(f"selection {cfg.selection!r}: expected one of "
+                              f"{', '.join(SELECTIONS)}.")
     if cfg.include not in INCLUDE:
         raise AnnotationError(f"include {cfg.include!r}: expected one of {', '.join(INCLUDE)}.")
     if not inputs:
@@ -319,7 +329,8 @@ def _cluster_and_place(bundle: Any, paths: list[Path], frame: pd.DataFrame, deco
     tax = bundle.taxonomy
     idx = np.flatnonzero(chosen)
     labels, space, mcs = cluster_embeddings(embeddings[idx], min_cluster_size=cfg.min_cluster_size,
-                                            min_samples=cfg.min_samples, dims=cfg.dims)
+                                            min_samples=cfg.min_samples, dims=cfg.dims,
+                                            selection=cfg.selection)
     rows, placement_of, dist = [], {}, np.full(len(idx), np.nan)
     rep = np.zeros(len(idx), dtype=bool)
     for c in range(int(labels.max()) + 1 if len(labels) else 0):
