@@ -154,3 +154,17 @@ def test_reasons_tell_which_rule_rejected_the_species(trained, fixture_model, na
     assert by_distance.any() and (rejected & ~by_distance).any()
     assert any(r.startswith("backoff_to_") and r.endswith(":outlier") for r in reason) or \
         any(r == "unknown:outlier" for r in reason)
+
+
+def test_auto_recipe_with_crossfit_calibration(fixture_set, fixture_model, cli, tmp_path):
+    model = tmp_path / "model"
+    cli("train", "--config", fixture_set["config"], "--set", f"out={model}",
+        "--set", f"embeddings.cache={fixture_model['emb']}", *SMALL,
+        "--set", "openset.calibration=crossfit", "--set", "openset.folds=3")
+    m = json.loads((model / "metrics_val.json").read_text())
+    sel, cal = m["openset_selection"], m["openset_calibration"]
+    assert sel["used"] == "auto" and cal["calibration"] == "crossfit"
+    assert "leave-taxa-out" in cal["thresholds_from"]
+    scorer = ModelBundle.load(model).scorer
+    assert scorer.detector.method == sel["chosen"]["detector"]
+    assert scorer.thresholds.unknown_share == 0.2
