@@ -67,6 +67,10 @@ def by_seed(recs: list[dict], recipe: str, key: str) -> dict[int, float]:
 
 
 ARMS = ("auto", "fixed", "old")
+#: library paths whose uncommitted state could change these figures
+RELEVANT = ("taxoclass/openset/", "taxoclass/model/", "taxoclass/pipelines/train.py",
+            "taxoclass/pipelines/openset_fit.py", "taxoclass/pipelines/data.py",
+            "taxoclass/config.py", "taxoclass/bundle.py")
 CONTROLS = ("old", "fixed")
 
 
@@ -147,8 +151,14 @@ def _auroc_cell(got: list[dict], key: str) -> str:
 def _recipe_text(chosen: dict | None) -> str:
     if not chosen:
         return ""
-    return (f"{chosen.get('detector')} / {chosen.get('combiner')} / "
-            f"{chosen.get('confidence')} / q {chosen.get('gate_quantile')}")
+    q = f" / q {chosen.get('gate_quantile')}" if chosen.get("combiner") == "gate" else ""
+    return f"{chosen.get('detector')} / {chosen.get('combiner')} / {chosen.get('confidence')}{q}"
+
+
+def choice_counts(recs: list[dict]) -> str:
+    """How often each recipe was chosen by ``auto`` over the seeds."""
+    got = pd.Series([_recipe_text(r.get("chosen")) for r in recs if r["recipe"] == "auto"])
+    return "; ".join(f"{k} ({v} of {len(got)})" for k, v in got.value_counts().items())
 
 
 def seed_table(recs: list[dict]) -> pd.DataFrame:
@@ -177,9 +187,9 @@ def _run_lines(recs: list[dict]) -> list[str]:
             + (" ..." if len(loads) > 4 else ""),
             "- commands: " + "; ".join(f"`{c}`" for c in cmds),
             "- code: commit(s) " + ", ".join(sorted({str(r.get("commit")) for r in recs}))
-            + "; library files uncommitted in the shared tree during some runs: "
-            + (", ".join(sorted({u.split()[-1] for r in recs for u in r.get("uncommitted", [])}))
-               or "none"),
+            + "; open-set/model/train files uncommitted in the shared tree during some runs: "
+            + (", ".join(sorted({u.split()[-1] for r in recs for u in r.get("uncommitted", [])
+                                 if u.split()[-1].startswith(RELEVANT)})) or "none"),
             f"- time per seed and arm: {np.mean([r['seconds'] for r in recs]):.0f} s mean "
             f"(training {np.mean([r['train_seconds'] for r in recs]):.0f} s)"]
 
@@ -193,6 +203,8 @@ def section(recs: list[dict], title: str, intro: Sequence[str]) -> list[str]:
     out += ["Where held-out images land (mean % over seeds; the five outcome columns add up "
             "to 100; AUROC: that level's images against the known test images):", "",
             markdown_table(landing_table(recs, recipes)), "",
+            f"Recipes chosen by `auto` (detector / combiner / confidence / gate quantile): "
+            f"{choice_counts(recs)}.", "",
             "Per seed:", "", markdown_table(seed_table(recs)), ""]
     return out
 
