@@ -133,6 +133,9 @@ class _Run:
         self.dev, self.on_cuda = device, device.type == "cuda"
         self.dist = dist.current()
         self.frozen = set_trainable(clf, int(s.unfreeze_blocks))
+        # set_trainable thaws every head: heads the loss does not train stay frozen at zero
+        # (DDP refuses parameters that get no gradient)
+        freeze_untrained_heads(clf.head, criterion.trained_ranks)
         if self.dist.enabled and self.on_cuda and not s.freeze_bn:
             nn.SyncBatchNorm.convert_sync_batchnorm(clf)  # same parameters, shared statistics
         self.frozen_modules = [clf.get_submodule(n) for n in self.frozen]
