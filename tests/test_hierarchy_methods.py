@@ -333,11 +333,15 @@ def test_config_validates_loss_and_decoding_choices():
                                           r"'topdown', 'crm', found 'greedy'"):
         load_config(None, ["decode.method=greedy"])
     tax = Taxonomy.from_records(RECORDS)
-    assert isinstance(criterion_from_config(tax, {}, {}), ClassDependencyLoss)
+    default = criterion_from_config(tax, {}, {})  # the default loss: hxe (issue 17)
+    assert isinstance(default, LeafLoss) and default.kind == "hxe"
+    assert isinstance(criterion_from_config(tax, {}, {"kind": "dependency"}),
+                      ClassDependencyLoss)
     y = {r: np.zeros(4, dtype=int) for r in tax.ranks}
     with pytest.raises(ConfigError, match="loss: trains no head"):
         train_head(np.ones((4, 3)), y, None, None, tax, train={"epochs": 1},
-                   loss={"rank_weights": {r: 0 for r in tax.ranks}, "dependency_weight": 0})
+                   loss={"kind": "dependency", "rank_weights": {r: 0 for r in tax.ranks},
+                         "dependency_weight": 0})
 
 
 def test_choose_C_extends_the_grid_past_an_edge():
