@@ -32,7 +32,7 @@ from .app import device_option, main, progress_bar
                    "model flags.")
 @click.option("--min-probability", type=click.FloatRange(0, 1), default=None,
               help="Placement: mean coherent probability the taxon needs over the members "
-                   "[default: 0.5].")
+                   "[default: 0.9].")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
               help="Placement: share of members whose decoded path must name the taxon "
                    "[default: 0.5].")
