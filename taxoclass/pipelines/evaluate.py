@@ -28,7 +28,12 @@ from .evaluation_files import (
     write_evaluation,
     write_unit,
 )
-from .openset_fit import crossfit_openset, fit_confidence_on, fit_openset_scorer
+from .openset_fit import (
+    apply_selection,
+    crossfit_openset,
+    fit_confidence_on,
+    fit_openset_scorer,
+)
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -226,7 +231,10 @@ def _retrain(bundle, cfg: dict, tax, kr: pd.DataFrame, xk: np.ndarray, seed: int
     groups = group_codes(kr["group"], group_by) if group_by else None
     is_test = validation_split(strata, test_fraction, seed, groups=groups)
     tr_idx = np.flatnonzero(~is_test)
-    ocfg = dict(cfg.get("openset") or {})
+    selection = _select(cfg, tax, kr, xk, y, ~is_test, seed, groups)
+    ocfg = (selection.openset_config(cfg["openset"]) if selection is not None
+            else dict(cfg.get("openset") or {}))
+    cfg = {**cfg, "openset": ocfg}
     is_val = np.zeros(len(kr), dtype=bool)
     cf = None
     if openset_calibration(ocfg)[0] == Calibration.CROSSFIT:
@@ -264,7 +272,24 @@ def _retrain(bundle, cfg: dict, tax, kr: pd.DataFrame, xk: np.ndarray, seed: int
                                         xk[is_val],
                                         kr[is_val].reset_index(drop=True), ocfg,
                                         species_train=y[ranks[-1]][is_tr])
+    apply_selection(sub, selection, calibration)
+    if selection is not None:
+        calibration["openset_selection"] = selection.record
     return y, is_test, is_tr, is_val, sub, calibration
+
+
+def _select(cfg: dict, tax, kr: pd.DataFrame, xk: np.ndarray, y: dict[str, np.ndarray],
+            use: np.ndarray, seed: int, groups: np.ndarray | None):
+    """The recipe's open-set recipe (``openset.recipe``: auto chooses it) on the known
+    non-test images only (:func:`~taxoclass.openset.selection.select_recipe`), as
+    ``train`` does; None when ``openset.enabled`` is false."""
+    if not cfg["openset"]["enabled"]:
+        return None
+    from ..openset.selection import select_recipe
+
+    return select_recipe(xk[use], {r: a[use] for r, a in y.items()},
+                         kr[use].reset_index(drop=True), tax, cfg, seed=seed,
+                         groups=None if groups is None else groups[use])
 
 
 def _holdout_split(bundle, annotations, images_root, held_args: dict, cfg: dict, seed: int,
@@ -396,7 +421,8 @@ def evaluate_holdout(model: str | Path, annotations: str | Path, *,
     # Known images are scored at the ranks they are labelled at (a family-only image is
     # neither a right nor a wrong species).
     known_at = {r: ~y_unk & lab for r, lab in labelled_by_rank(truth, ranks).items()}
-    ocfg = dict(cfg.get("openset") or {})
+    chosen = (h.calibration.get("openset_selection") or {}).get("chosen") or {}
+    ocfg = {**dict(cfg.get("openset") or {}), **chosen}  # the recipe the scorer uses
     scores, evidence = _unknown_scores(h, x_test, decoded, ocfg)
     detection = detection_table(y_unk, scores).sort_values("auroc", ascending=False)
     rc = risk_coverage({r: evidence[r][known_at[r]] for r in ranks if known_at[r].any()},
