@@ -56,6 +56,10 @@ def test_finetune_loss_goes_down_and_the_heads_learn(finetuned):
     assert val.get("coherence_rate", 1.0) <= 1.0  # heads' own, or absent (B17)
     assert val["ranks"]["species"]["accuracy"] >= 0.5  # chance: 1/6
     assert "openset_thresholds" in val  # the fine-tuned bundle backs off too
+    # the open-set recipe is chosen (openset.recipe auto) or, on the 6-species fixture,
+    # the fixed one with the reason recorded
+    sel = val["openset_selection"]
+    assert sel["used"] == "fixed" and sel["fallback"] and sel["chosen"]["detector"]
     from taxoclass.io.provenance import model_id_of  # the one JSON output header, this bundle's id
     parts = json.loads((finetuned["model"] / "bundle.json").read_text())["parts"]
     assert list(val)[0] == "header" and val["header"]["model_id"] == model_id_of(parts)

@@ -218,15 +218,38 @@ def _embed(job: _Job, result: FinetuneResult, paths: list[str]) -> tuple[np.ndar
                              device=job.device)
 
 
+def _select(job: _Job, x_tr: np.ndarray, ok_tr: np.ndarray, x_val: np.ndarray,
+            ok_val: np.ndarray):
+    """The open-set recipe (``openset.recipe``) chosen on the fine-tuned embeddings of the
+    training and validation images (:func:`~taxoclass.openset.selection.select_recipe`:
+    its round heads are linear heads on these embeddings, a proxy for the fine-tuned
+    model's own head, which is linear on the same features)."""
+    from ..model.splits import group_codes
+    from ..openset.selection import select_recipe
+
+    is_val = job.is_val
+    idx = np.concatenate([np.flatnonzero(~is_val)[ok_tr], np.flatnonzero(is_val)[ok_val]])
+    x = np.concatenate([x_tr[ok_tr], x_val[ok_val]])
+    rows = job.rows.iloc[idx].reset_index(drop=True)
+    group_by = job.data.get("group_by")
+    groups = group_codes(rows["group"], group_by) if group_by else None
+    return select_recipe(x, {r: v[idx] for r, v in job.y.items()}, rows, job.taxonomy,
+                         job.cfg, seed=int(job.data.get("split_seed") or 0), groups=groups)
+
+
 def _fit_scorer(job: _Job, result: FinetuneResult, bundle: ModelBundle, x_val: np.ndarray,
-                ok_val: np.ndarray, ocfg: Mapping[str, Any]) -> None:
+                ok_val: np.ndarray, ocfg: Mapping[str, Any]) -> dict[str, Any]:
     """The outlier detector on the fine-tuned embeddings of the training images (and,
-    for a plot model, of tile-like views of them), the thresholds on the validation set."""
+    for a plot model, of tile-like views of them), the recipe chosen on the training and
+    validation images (``openset.recipe``), the thresholds on the validation set or, for a
+    chosen recipe, on the selection rounds. Returns the selection record (empty: none)."""
     from ..openset.scorer import group_rank_of
-    from .openset_fit import fit_openset_scorer
+    from .openset_fit import apply_selection, fit_openset_scorer
 
     tax, is_val, y = job.taxonomy, job.is_val, job.y
     x_tr, ok_tr = _embed(job, result, list(job.paths[~is_val]))
+    selection = _select(job, x_tr, ok_tr, x_val, ok_val)
+    ocfg = selection.openset_config(ocfg)
     x_det = x_tr[ok_tr]
     y_det = {r: v[~is_val][ok_tr] for r, v in y.items()}
     # A model for plot tiles: the detector also learns what tile-like views of the
@@ -242,6 +265,9 @@ def _fit_scorer(job: _Job, result: FinetuneResult, bundle: ModelBundle, x_val: n
         bundle, x_det, y_det[group_rank_of(tax.ranks)], x_val[ok_val],
         job.rows[is_val].reset_index(drop=True)[ok_val], dict(ocfg),
         species_train=y_det[tax.ranks[-1]])
+    calibration: dict[str, Any] = {"calibration": "holdout"}
+    apply_selection(bundle, selection, calibration)
+    return {"openset_selection": selection.record, "openset_calibration": calibration}
 
 
 def _validation_metrics(job: _Job, result: FinetuneResult, out: Path) -> dict[str, Any]:
@@ -261,9 +287,11 @@ def _validation_metrics(job: _Job, result: FinetuneResult, out: Path) -> dict[st
                                    head_argmax=decoded.head_argmax)
     ocfg = job.cfg.get("openset") or {}
     if ocfg["enabled"]:
-        _fit_scorer(job, result, bundle, x_val, ok, ocfg)
+        chosen = _fit_scorer(job, result, bundle, x_val, ok, ocfg)
+        bundle.extra.update(chosen)
         bundle.write(out)
         metrics["openset_thresholds"] = bundle.scorer.thresholds.to_dict()
+        metrics.update(chosen)
     return metrics
 
 
