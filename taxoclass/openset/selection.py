@@ -56,6 +56,8 @@ from .evaluation import (
     path_names,
     split_known_unknown_taxa,
 )
+from .evidence import EvidenceCombiner
+from .thresholds import RankThresholds
 
 __all__ = ["METRICS", "Candidate", "RoundPlan", "Selection", "SimulatedRows", "candidates",
            "choose", "fit_chosen", "known_taxonomy_of", "plan_rounds", "score_candidates",
@@ -193,7 +195,7 @@ def _encode_known(y: Mapping[str, np.ndarray], taxonomy: Taxonomy, known: Taxono
     out = {}
     for rank in taxonomy.ranks:
         nodes = taxonomy.nodes(rank)
-        remap = np.array([known._index.get(nd, -1) if nd in known.graph else -1
+        remap = np.array([known.index(nd) if nd in known.graph else -1
                           for nd in nodes] + [-1], dtype=np.int64)
         v = np.asarray(y[rank], dtype=np.int64)
         out[rank] = remap[np.where(v >= 0, v, len(nodes))]
@@ -327,8 +329,8 @@ class Selection:
 
     chosen: Candidate
     record: dict[str, Any]
-    combiner: Any = None
-    thresholds: Any = None
+    combiner: EvidenceCombiner | None = None
+    thresholds: RankThresholds | None = None
     fallback: str | None = None
 
     def openset_config(self, ocfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -190,20 +190,21 @@ def crossfit_openset(x: np.ndarray, y: dict[str, np.ndarray], taxonomy: Taxonomy
 
 
 
-def select_openset(d: Any, progress: Progress | None = None) -> Selection | None:
+def select_openset(x: np.ndarray, y: Mapping[str, np.ndarray], rows: pd.DataFrame,
+                   taxonomy: Taxonomy, cfg: Mapping[str, Any], *,
+                   groups: np.ndarray | None = None,
+                   progress: Progress | None = None) -> Selection | None:
     """The open-set recipe (``openset.recipe``) chosen on the train job's embedded rows
     (:func:`~taxoclass.openset.selection.select_recipe`: training and validation images,
-    never a test set); None when ``openset.enabled`` is false. ``d``: the train job's
-    prepared data (rows, embeddings, labels, groups, config)."""
-    if not d.cfg["openset"]["enabled"]:
+    never a test set; seeded by ``data.split_seed``); None when ``openset.enabled`` is
+    false."""
+    if not cfg["openset"]["enabled"]:
         return None
     from ..openset.selection import select_recipe
 
-    f = d.found
-    return select_recipe(d.x[f], {r: v[f] for r, v in d.y.items()},
-                         d.rows[f].reset_index(drop=True), d.tax, d.cfg,
-                         seed=int(d.cfg["data"]["split_seed"]),
-                         groups=None if d.groups is None else d.groups[f], progress=progress)
+    return select_recipe(x, y, rows.reset_index(drop=True), taxonomy, cfg,
+                         seed=int(cfg["data"]["split_seed"]), groups=groups,
+                         progress=progress)
 
 
 def apply_selection(bundle: ModelBundle, selection: Selection | None,

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -46,6 +46,9 @@ from .openset_fit import (
     select_openset,
 )
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ..openset.selection import Selection
+
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
@@ -69,7 +72,7 @@ class _Data:
     va: np.ndarray          # validation rows (none with crossfit)
     views: tuple[np.ndarray, np.ndarray]  # view embeddings, index into rows of each source
     groups: np.ndarray | None = None  # group code per row (data.group_by), None without
-    selection: Any = None   # openset.selection.Selection: the open-set recipe to fit
+    selection: Selection | None = None  # the open-set recipe to fit (openset.recipe)
     openset: dict | None = None  # the openset section fitted (the chosen recipe's)
 
 
@@ -255,7 +258,10 @@ def train_from_config(cfg: dict, *, progress: Progress | None = None,
     recover_output_folder(out)  # a bundle a killed run left half-swapped is put back
     d = _prepare(cfg, embed_progress)
     with torch_threads(_threads(d)):  # heads, fold heads, detector: one setting, restored
-        d.selection = select_openset(d, progress)
+        f = d.found
+        d.selection = select_openset(d.x[f], {r: v[f] for r, v in d.y.items()}, d.rows[f],
+                                     d.tax, cfg, progress=progress,
+                                     groups=None if d.groups is None else d.groups[f])
         d.openset = (d.selection.openset_config(cfg["openset"]) if d.selection is not None
                      else dict(cfg["openset"]))
         fit = _fit_crossfit(d, progress) if d.crossfit else _fit_holdout(d, progress)
