@@ -1,1 +1,2 @@
-"""Outlier detectors, evidence, thresholds, back-off and open-set evaluation."""
+"""Outlier detectors, evidence, thresholds, back-off, open-set evaluation, and the recipe
+chosen on the training data (selection, candidates)."""
