@@ -13,6 +13,7 @@ from taxoclass.openset.candidates import (
     SimulatedRows,
     candidates,
     choose,
+    nested_estimate,
     score_candidates,
 )
 from taxoclass.openset.evaluation import (
@@ -148,6 +149,11 @@ def test_selection_picks_the_clearly_better_candidate():
     assert 0 <= lo <= by["good"]["precision_species_all"] <= hi <= 1
     assert by["good"]["unknown_named_species"] < by["bad"]["unknown_named_species"]
     assert choose(table, 0.95, 0.01)["detector"] == "good"
+    nested = nested_estimate(table, 0.95, 0.01)  # choose on 2 rounds, score the third
+    assert nested["chosen_per_round"] == [by["good"]["key"]] * 3
+    assert nested["auroc"] == pytest.approx(by["good"]["auroc"])
+    assert nested_estimate([{**t, "auroc_rounds": t["auroc_rounds"][:1]} for t in table],
+                           0.95) is None  # one round: nothing to nest
     # the rule itself: coverage among those meeting the target, else precision then AUROC
     rows = [{"key": "a", "precision_species_all": 0.99, "coverage_known_species": 0.5,
              "auroc": 0.9},

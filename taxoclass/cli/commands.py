@@ -238,6 +238,12 @@ def _print_openset_selection(path: Path) -> None:
                f"{sel['unknown_share']:.0%} unknown {fig('precision_species_all')} (target "
                f"{sel['target_precision_species']:g}); known images named to species "
                f"{fig('coverage_known_species')}")
+    nested = sel.get("expected_nested")
+    if nested:
+        e = nested
+        click.echo(f"the choice itself (chosen on the other rounds, scored on each): AUROC "
+                   f"{fig('auroc')}; precision over all images {fig('precision_species_all')}; "
+                   f"known named to species {fig('coverage_known_species')}")
 
 
 # --------------------------------------------------------------------------- predict

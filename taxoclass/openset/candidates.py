@@ -19,7 +19,7 @@ from ..config import OpensetConfig
 from ..vocab import Combiner
 
 __all__ = ["METRICS", "Candidate", "SimulatedRows", "candidates", "choose", "fit_chosen",
-           "score_candidates"]
+           "nested_estimate", "score_candidates"]
 
 METRICS = ("auroc", "precision_species_all", "precision_species_known",
            "coverage_known_species", "unknown_named_species", "unknown_correct_higher",
@@ -215,3 +215,33 @@ def fit_chosen(sim: SimulatedRows, c: Candidate,
     """The chosen candidate's combiner and thresholds on every round's scored rows."""
     oc = ocfg if isinstance(ocfg, OpensetConfig) else OpensetConfig.from_dict(ocfg)
     return _fit_on(sim, c, oc)
+
+
+def nested_estimate(table: Sequence[Mapping[str, Any]], target: float, slack: float = 0.0
+                    ) -> dict[str, Any] | None:
+    """What the choice itself delivers: for each round, :func:`choose` on the other rounds'
+    figures, then that candidate's figures on the round left out; mean and 95% t interval
+    over rounds (less optimistic than the winner's own figures). None with < 2 rounds."""
+    from ..model.stats import t_interval
+
+    n = min((len(t.get("auroc_rounds") or []) for t in table), default=0)
+    if n < 2:
+        return None
+    picks, per_round = [], []
+    for r in range(n):
+        others = [{**t, **{m: _mean_without(t[f"{m}_rounds"], r) for m in METRICS}}
+                  for t in table]
+        best = choose(others, target, slack)
+        row = next(t for t in table if t["key"] == best["key"])
+        picks.append(best["key"])
+        per_round.append({m: row[f"{m}_rounds"][r] for m in METRICS})
+    out: dict[str, Any] = {"chosen_per_round": picks}
+    for m in METRICS:
+        mean, lo, hi = t_interval([p[m] for p in per_round])
+        out[m], out[f"{m}_ci95"] = _num(mean), [_num(max(lo, 0.0)), _num(min(hi, 1.0))]
+    return out
+
+
+def _mean_without(values: Sequence[float | None], r: int) -> float | None:
+    v = [x for i, x in enumerate(values) if i != r and x is not None]
+    return float(np.mean(v)) if v else None

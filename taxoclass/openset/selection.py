@@ -47,6 +47,7 @@ from .candidates import (
     candidates,
     choose,
     fit_chosen,
+    nested_estimate,
     score_candidates,
 )
 from .evaluation import (
@@ -376,6 +377,7 @@ def select_recipe(x: np.ndarray, y: Mapping[str, np.ndarray], rows: pd.DataFrame
         return Selection(chosen=fixed, fallback=plans, record={
             **base, "used": "fixed", "fallback": plans, "chosen": fixed.as_dict(),
             "chosen_key": fixed.key, "rounds": 0, "candidates": [], "expected": None,
+            "expected_nested": None,
             "held_out": []})
     t0 = time.perf_counter()
     cands = candidates(oc)
@@ -388,6 +390,7 @@ def select_recipe(x: np.ndarray, y: Mapping[str, np.ndarray], rows: pd.DataFrame
     comb, thr = fit_chosen(sim, chosen, oc)
     record = {**base, "used": oc.recipe, "chosen": chosen.as_dict(), "chosen_key": chosen.key,
               "rounds": len(plans), "candidates": table, "expected": _expected(best),
+              "expected_nested": nested_estimate(table, target, oc.precision_slack),
               "held_out": [p.held for p in plans],
               "n_scored": {"known": int((~sim.unknown).sum()), "unknown": int(sim.unknown.sum())},
               "seconds": round(time.perf_counter() - t0, 1)}
