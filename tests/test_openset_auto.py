@@ -83,6 +83,9 @@ def test_auto_recipe_is_recorded_and_printed(trained):
     assert f"detector {c['detector']}, combiner {c['combiner']}" in t["output"]
     assert "unknown-detection AUROC" in t["output"] and "over all images at 20% unknown" \
         in t["output"]
+    nested = sel["expected_nested"]
+    assert len(nested["chosen_per_round"]) == 2 and set(nested["chosen_per_round"]) <= keys
+    assert "the choice itself (chosen on the other rounds" in t["output"]
 
 
 def test_fixed_recipe_is_honoured(trained):
