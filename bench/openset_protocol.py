@@ -216,6 +216,7 @@ def _chosen(bundle_dir: Path, bundle) -> dict:
     sel = metrics.get("openset_selection") or bundle.extra.get("openset_selection")
     if sel:
         return {"chosen": sel.get("chosen"), "expected": sel.get("expected"),
+                "expected_nested": sel.get("expected_nested"),
                 "rounds": sel.get("rounds"), "candidates": sel.get("candidates")}
     c = bundle.scorer.combiner.to_dict()
     return {"chosen": {"detector": bundle.scorer.detector.method,
