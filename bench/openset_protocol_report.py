@@ -177,6 +177,36 @@ def seed_table(recs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+#: (selection metric, measured figure, label)
+PROMISES = (("auroc", "auroc_evidence", "AUROC"),
+            ("precision_species_all", "precision_species_all", "precision over all"),
+            ("coverage_known_species", "coverage_known_species", "known coverage"),
+            ("unseen_species_correct_higher", "species_correct",
+             "unseen species at genus/family"))
+
+
+def promise_table(recs: list[dict]) -> pd.DataFrame:
+    """What the training's selection expected (the winner's own leave-taxa-out figures,
+    and the nested estimate of the choice procedure) against the test, seed means."""
+    rows = []
+    for arm in ARMS:
+        got = [r for r in recs if r["recipe"] == arm and r.get("expected")]
+        for key, measured, label in PROMISES:
+            exp = [r["expected"].get(key) for r in got]
+            nest = [(r.get("expected_nested") or {}).get(key) for r in got]
+            if not got or all(v is None for v in exp):
+                continue
+            rows.append({"arm": arm, "figure": label, "seeds": len(got),
+                         "expected (winner)": _mean(exp), "expected (nested)": _mean(nest),
+                         "measured on test": _mean([r[measured] for r in got])})
+    return pd.DataFrame(rows)
+
+
+def _mean(v: list) -> float:
+    v = [x for x in v if x is not None and not math.isnan(x)]
+    return float(np.mean(v)) if v else float("nan")
+
+
 def _run_lines(recs: list[dict]) -> list[str]:
     dates = sorted(r["date"] for r in recs)
     cmds = sorted({r["command"] for r in recs})
@@ -203,6 +233,9 @@ def section(recs: list[dict], title: str, intro: Sequence[str]) -> list[str]:
     out += ["Where held-out images land (mean % over seeds; the five outcome columns add up "
             "to 100; AUROC: that level's images against the known test images):", "",
             markdown_table(landing_table(recs, recipes)), "",
+            "What the selection expected (seed means; nested: the choice made on the other "
+            "rounds, scored on each round) and what the test gave:", "",
+            markdown_table(promise_table(recs)), "",
             f"Recipes chosen by `auto` (detector / combiner / confidence / gate quantile): "
             f"{choice_counts(recs)}.", "",
             "Per seed:", "", markdown_table(seed_table(recs)), ""]
