@@ -237,3 +237,27 @@ def test_a_dominant_taxon_is_never_hidden():
         for p in plans:
             assert "F00" not in p.held.get("family", []) and "G000" not in p.held["genus"]
             assert p.unknown.mean() < 0.3
+
+
+def test_thresholds_move_to_the_final_scale_at_the_rounds_known_coverage():
+    from taxoclass.openset.thresholds import RankThresholds, at_known_coverage
+
+    thr = RankThresholds(target={"genus": 0.9, "species": 0.9, "family": 0.9},
+                         thresholds={"genus": 0.3, "species": 5.0, "family": float("inf")},
+                         precision={"genus": 0.95, "species": 0.95, "family": None},
+                         coverage={"genus": 0.5, "species": 0.25, "family": 0.0},
+                         support={"genus": 20, "species": 10, "family": 0},
+                         min_support=4)
+    # the final head's evidence on 8 known validation images: another scale (x10)
+    ev = {"genus": np.arange(8) * 10.0, "species": np.arange(8) * 10.0 - 30.0,
+          "family": np.arange(8) * 1.0}
+    out = at_known_coverage(thr, ev, floor={"species": 0.0})
+    assert out.thresholds["genus"] == 40.0  # 4 of 8 (50%) at or above it, as in the rounds
+    assert (ev["genus"] >= out.thresholds["genus"]).mean() == 0.5
+    assert out.thresholds["species"] == 30.0  # 2 of 8 (25%) pass: 40 - 30 and 30
+    assert out.thresholds["family"] == float("inf")  # never trusted stays never trusted
+    low = at_known_coverage(thr, {"species": np.full(8, -1.0)}, floor={"species": 0.0})
+    assert low.thresholds["species"] == 0.0  # the gate's floor holds
+    unlabelled = {"genus": np.array([True] * 2 + [False] * 6)}
+    assert at_known_coverage(thr, ev, unlabelled).thresholds["genus"] == 0.3  # < min_support
+    assert thr.thresholds["genus"] == 0.3  # the input is not changed

@@ -18,15 +18,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from ..config import OpensetConfig
 
-__all__ = ["RankThresholds", "fit_thresholds", "precision_all_known", "precision_coverage",
-           "rank_targets", "unknown_weights"]
+__all__ = ["RankThresholds", "at_known_coverage", "fit_thresholds", "precision_all_known",
+           "precision_coverage", "rank_targets", "unknown_weights"]
 
 
 @dataclass
@@ -243,3 +243,32 @@ def _fit_rank(rank: str, s: np.ndarray, c: np.ndarray, unk: np.ndarray,
                                               unk[np.isfinite(s)], unknown_share)
     out["thr"][rank], out["prec"][rank], out["sup"][rank] = float(t[i]), float(p[i]), int(k[i])
     out["cov"][rank], out["pk"][rank], out["pa"][rank] = cov, p_known, p_all
+
+
+def at_known_coverage(thr: RankThresholds, evidence: Mapping[str, np.ndarray],
+                      labelled: Mapping[str, np.ndarray] | None = None,
+                      floor: Mapping[str, float] | None = None) -> RankThresholds:
+    """``thr`` moved onto another model's evidence scale by its known-image coverage.
+
+    Thresholds fitted on the leave-taxa-out rounds' heads (``openset.recipe``) rest on
+    those heads' evidence; the final head, trained on more images, scores on another scale
+    (raw logits grow with training data). Each finite threshold becomes the evidence value
+    that lets the same share of known held-out images of the final model through as the
+    rounds let through (``thr.coverage``): ``evidence``, rank -> the final model's evidence
+    on known images it did not train on (validation split), ``labelled`` -> which of them
+    are labelled at that rank. The ranking of unknowns against knowns is assumed to carry
+    over, not the scale. ``floor``: rank -> lowest threshold allowed (0 where the ``gate``
+    combiner scores rejected rows below 0). Ranks without evidence keep their threshold.
+    """
+    out = dict(thr.thresholds)
+    for rank, t in thr.thresholds.items():
+        e = np.asarray(evidence.get(rank, []), dtype=np.float64)
+        if labelled is not None and rank in labelled:
+            e = e[np.asarray(labelled[rank], dtype=bool)]
+        e = np.sort(e[np.isfinite(e)])[::-1]
+        cov = float(thr.coverage.get(rank, 0.0))
+        if math.isinf(t) or len(e) < thr.min_support or cov <= 0.0:
+            continue
+        k = min(len(e), max(1, int(math.ceil(cov * len(e) - 1e-9))))
+        out[rank] = max(float(e[k - 1]), float((floor or {}).get(rank, -math.inf)))
+    return replace(thr, thresholds=out)

@@ -272,7 +272,8 @@ def _retrain(bundle, cfg: dict, tax, kr: pd.DataFrame, xk: np.ndarray, seed: int
                                         xk[is_val],
                                         kr[is_val].reset_index(drop=True), ocfg,
                                         species_train=y[ranks[-1]][is_tr])
-    apply_selection(sub, selection, calibration)
+    apply_selection(sub, selection, calibration,
+                    None if cf is not None else (xk[is_val], kr[is_val].reset_index(drop=True)))
     if selection is not None:
         calibration["openset_selection"] = selection.record
     return y, is_test, is_tr, is_val, sub, calibration

@@ -266,7 +266,8 @@ def _fit_scorer(job: _Job, result: FinetuneResult, bundle: ModelBundle, x_val: n
         job.rows[is_val].reset_index(drop=True)[ok_val], dict(ocfg),
         species_train=y_det[tax.ranks[-1]])
     calibration: dict[str, Any] = {"calibration": "holdout"}
-    apply_selection(bundle, selection, calibration)
+    apply_selection(bundle, selection, calibration,
+                    (x_val[ok_val], job.rows[is_val].reset_index(drop=True)[ok_val]))
     return {"openset_selection": selection.record, "openset_calibration": calibration}
 
 

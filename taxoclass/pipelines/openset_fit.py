@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..openset.selection import Selection
 
 Progress = Callable[[int, int], None]
+#: (embeddings, annotation rows) of known images the final head did not train on
+HeldOut = tuple[np.ndarray, "pd.DataFrame"]
 log = logging.getLogger(__name__)
 
 
@@ -208,10 +210,16 @@ def select_openset(x: np.ndarray, y: Mapping[str, np.ndarray], rows: pd.DataFram
 
 
 def apply_selection(bundle: ModelBundle, selection: Selection | None,
-                    calibration: dict[str, Any]) -> None:
+                    calibration: dict[str, Any], held_out: HeldOut | None = None) -> None:
     """Put the selection's combiner and thresholds (fitted on the leave-taxa-out rounds'
     rows, simulated unknowns included) on the bundle's scorer, whose detector the final
-    training rows fitted; a fallback selection leaves the usual calibration."""
+    training rows fitted; a fallback selection leaves the usual calibration.
+
+    ``held_out``: (embeddings, annotation rows) of known images the final head did not
+    train on (the validation split). The thresholds then move onto the final head's
+    evidence scale, letting through the share of known images the rounds let through
+    (:func:`~taxoclass.openset.thresholds.at_known_coverage`); without it (crossfit) they
+    are used as the rounds fitted them."""
     if selection is None or selection.combiner is None:
         return
     from ..openset.scorer import OpenSetScorer
@@ -222,3 +230,25 @@ def apply_selection(bundle: ModelBundle, selection: Selection | None,
     calibration["thresholds_from"] = (
         f"leave-taxa-out rounds ({selection.record['rounds']}): known calibration images "
         f"and images of hidden taxa, scored by round heads that did not train on them")
+    if held_out is not None and len(held_out[0]):
+        bundle.scorer.thresholds = _on_final_scale(bundle, *held_out)
+        calibration["thresholds_scale"] = (
+            f"moved to the final head's evidence at the rounds' known coverage, on "
+            f"{len(held_out[0])} validation images (openset.thresholds.at_known_coverage)")
+
+
+def _on_final_scale(bundle: ModelBundle, x_val: np.ndarray, rows_val: pd.DataFrame):
+    """The bundle scorer's thresholds at their known coverage on the final head's evidence
+    for validation images (``gate``: never below 0 where the distance rejects)."""
+    from ..openset.evaluation import labelled_by_rank, truth_names
+    from ..openset.thresholds import at_known_coverage
+    from ..vocab import Combiner
+
+    sc, tax = bundle.scorer, bundle.taxonomy
+    decoded = bundle.predict_embeddings(x_val)
+    evidence, _ = sc.evidence(bundle.scorer_input(x_val), decoded)
+    floor = ({r: 0.0 for r in sc.combiner.outlier_ranks_}
+             if sc.combiner.method == Combiner.GATE else None)
+    return at_known_coverage(sc.thresholds, evidence,
+                             labelled_by_rank(truth_names(rows_val, tax.ranks), tax.ranks),
+                             floor=floor)

@@ -189,7 +189,8 @@ def _bundle(d: _Data, fit: _Fit):
             bundle.scorer = fit_openset_scorer(bundle, fit.x_tr, group_train, d.x[va],
                                                d.rows[va].reset_index(drop=True), ocfg,
                                                species_train=fit.y_tr[tax.ranks[-1]])
-        apply_selection(bundle, d.selection, fit.calibration)
+        apply_selection(bundle, d.selection, fit.calibration,
+                        None if d.crossfit else (d.x[va], d.rows[va].reset_index(drop=True)))
         metrics["openset_thresholds"] = bundle.scorer.thresholds.to_dict()
         metrics["openset_calibration"] = fit.calibration
         bundle.extra["openset_calibration"] = fit.calibration
