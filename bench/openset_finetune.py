@@ -291,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _written(path: Path) -> str:
+    """When ``path`` was last written (UTC, to the minute)."""
+    return f"{dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc):%Y-%m-%d %H:%M}"
+
+
 def report(args, frame: pd.DataFrame, start, load: list[str]) -> str:
     metas = [json.loads((args.work / f"seed{s}" / "results.json").read_text())["meta"]
              for s in args.seeds]
@@ -300,6 +305,8 @@ def report(args, frame: pd.DataFrame, start, load: list[str]) -> str:
                      f"{m['n_known_test']}" for m in metas)
     per_seed = frame.drop(columns=[c for c in frame.columns if c.startswith("held ")])
     n = len(args.seeds)
+    done = ", ".join(f"{s} at {_written(args.work / f'seed{s}' / 'results.json')}"
+                     for s in args.seeds)
     lines = [
         "# LP-FT fine-tuning vs frozen features: unknown leaf species (issue 18 item 6)", "",
         f"- date: {start.isoformat(timespec='seconds')} to "
@@ -307,6 +314,8 @@ def report(args, frame: pd.DataFrame, start, load: list[str]) -> str:
         f"machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs, "
         f"no GPU, Python {platform.python_version()}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, niced",
+        f"- each seed measured (its results.json written, UTC; --resume reuses them): "
+        f"{done}",
         "- load (`uptime`, every command on this --work folder: at its start and after each "
         "seed it measured):", *[f"  - `{x}`" for x in load],
         f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
