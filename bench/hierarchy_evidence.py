@@ -170,8 +170,9 @@ def _load(part: str, root: Path | None = None):
     results = pd.concat([r.results for r in runs], ignore_index=True).drop_duplicates(
         ["seed", "axis", "recipe"])
     recipes = list(dict.fromkeys(n for r in runs for n in r.recipes))
+    axes = tuple(dict.fromkeys(a for r in runs for a in r.axes))
     return dataclasses.replace(
-        runs[0], results=results, recipes=tuple(recipes),
+        runs[0], results=results, recipes=tuple(recipes), axes=axes,
         seeds=tuple(sorted({s for r in runs for s in r.seeds})),
         final_seeds=tuple(sorted({s for r in runs for s in r.final_seeds})), right=right)
 
@@ -389,11 +390,13 @@ def report() -> None:
         where = OUT if parts.get(n) is not None else OUT / "epochs50"
         text = summary_markdown(res, tuple(res.info["ranks"]))
         body = text.split("## Selection seeds", 1)[-1].split("## Kept-back", 1)[0]
+        then = ("" if where == OUT else " Not re-run at 300 epochs: figures of the session "
+                "before, where `taxoclass` was the default of that time (per-rank heads + "
+                "dependency loss + path decoding, today's `per-rank`) and `hxe` ran on 3 seeds.")
         lines += [f"## {title} ({_epochs(res)} epochs)", "",
                   f"{len(res.seeds)} selection seeds; folders `{where.relative_to(ROOT)}/"
-                  f"{n}.seeds*/` (the kept-back seed 0 in the seeds1-1 folders' summary.md).",
-                  "", body.strip(),
-                  ""]
+                  f"{n}.seeds*/` (the kept-back seed 0 in the seeds1-1 folders' summary.md)."
+                  + then, "", body.strip(), ""]
     notes = REPORT.with_suffix(".notes.md")
     if notes.is_file():
         lines += [notes.read_text()]
