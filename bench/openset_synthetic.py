@@ -63,16 +63,11 @@ def _fill_store(cache: Path, paths: list[str], x: np.ndarray, backbone: dict) ->
     the config's backbone spec, so ``taxoclass.train`` finds every image embedded (the
     files are placeholders; nothing decodes them)."""
     from taxoclass.features.backbones import backbone_spec
-    from taxoclass.features.embeddings import _spec_key
-    from taxoclass.features.store import STORE_DIR, EmbeddingStore
+    from taxoclass.features.embeddings import put_vectors
 
-    store = EmbeddingStore(cache / STORE_DIR)
-    with store.session() as st:
-        key = _spec_key(st, backbone_spec(backbone), "cpu", "auto")
-        ident = st.remember({"num_features": int(x.shape[1]), "name": "synthetic",
-                             "generator": "bench/openset_synthetic.py", "scales": SCALES,
-                             "noise_df": NOISE_DF, "data_seed": DATA_SEED}, key)
-        st.put(ident, [str(k) for k in st.content_keys(paths)], x)
+    put_vectors(cache, paths, x, backbone_spec(backbone),
+                {"name": "synthetic", "generator": "bench/openset_synthetic.py",
+                 "scales": SCALES, "noise_df": NOISE_DF, "data_seed": DATA_SEED})
 
 
 def synthetic_dataset(folder: Path, config: Path):

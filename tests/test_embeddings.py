@@ -169,3 +169,22 @@ def test_load_image_errors_name_path_and_fix(tmp_path, leaf_image_paths):
     truncated.write_bytes(truncated.read_bytes()[:500])
     with pytest.raises(ImageError, match=r"t\.jpg.*cannot be decoded"):
         load_image(truncated)
+
+
+def test_put_vectors_are_found_by_content_and_nothing_is_embedded(tmp_path):
+    from taxoclass.features.backbones import backbone_spec
+    from taxoclass.features.embeddings import embed_with_spec, put_vectors
+
+    paths = []
+    for i in range(3):  # placeholder files: their bytes name the vectors, nothing decodes them
+        p = tmp_path / f"img{i}.bin"
+        p.write_bytes(f"image {i}".encode())
+        paths.append(str(p))
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    spec = backbone_spec({"name": "efficientnet-lite0"})
+    put_vectors(tmp_path / "cache", paths, x, spec, {"generator": "test"})
+    res = embed_with_spec(paths[::-1], tmp_path / "cache", spec)  # any order, by content
+    assert res.n_computed == 0 and res.n_reused == 3 and res.found.all()
+    assert np.array_equal(res.embeddings, x[::-1])
+    with pytest.raises(ValueError, match=r"one row per path \(2\)"):
+        put_vectors(tmp_path / "cache", paths[:2], x, spec, {})

@@ -63,6 +63,7 @@ __all__ = [
     "compute_embeddings",
     "embed_with_spec",
     "load_embeddings",
+    "put_vectors",
 ]
 
 CACHE_FORMAT_VERSION = 2
@@ -155,6 +156,25 @@ def _spec_key(store: EmbeddingStore, spec: dict, device: str, precision: str) ->
               "precision": precision,
               "checkpoint_sha256": store.content_keys([ckpt])[0] if ckpt else None}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def put_vectors(folder: str | Path, paths: Sequence[str], x: np.ndarray,
+                spec: dict[str, Any], identity: dict[str, Any], *, device: str = "cpu",
+                precision: str = "auto") -> None:
+    """Store vectors computed elsewhere as the embeddings of ``paths`` (files whose content
+    names them) under a backbone ``spec`` (:func:`~taxoclass.features.backbones.backbone_spec`),
+    so that ``embed``/``train`` with the same backbone settings find them and embed nothing.
+    ``identity``: what made the vectors (recorded in the store, e.g. a generator and its
+    seed); ``num_features`` is added. For simulated or externally computed embeddings."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2 or len(x) != len(paths):
+        raise ValueError(f"put_vectors: expected one row per path ({len(paths)}), found an "
+                         f"array of shape {x.shape}.")
+    store = EmbeddingStore(Path(folder) / STORE_DIR)
+    with store.session() as st:
+        key = _spec_key(st, spec, device, precision)
+        ident = st.remember({**identity, "num_features": int(x.shape[1])}, key)
+        st.put(ident, [str(k) for k in st.content_keys(list(paths))], x)
 
 
 def embed_with_spec(paths: Sequence[str], folder: str | Path, spec: dict[str, Any], *,
