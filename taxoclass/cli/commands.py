@@ -167,10 +167,14 @@ def embed(annotations: Path, images_root: Path | None, backbone: str, checkpoint
               "available].")
 def train(config_path: Path | None, overrides: tuple[str, ...], finetune: bool,
           unfreeze_blocks: int | None, device: str | None) -> None:
-    """Train family/genus/species heads jointly with the class-dependency loss.
+    """Train a classifier over the taxonomy's ranks (family/genus/species by default).
 
+    The default loss is hierarchical cross-entropy on the species head (``loss.kind: hxe``,
+    marginal decoding; chosen by `taxoclass benchmark`, BENCHMARKS.md); one head per rank
+    with the class-dependency loss: --set loss.kind=dependency --set decode.method=path.
     Reads the annotations and the embedding cache (computing it when missing), makes a
-    seeded validation split stratified by species, trains with early stopping, and
+    seeded validation split stratified by species, trains (early stopping if set),
+    chooses the open-set recipe on the training data (openset.recipe: auto) and
     writes a model bundle: head weights (safetensors), taxonomy, labels, resolved
     config, training curve, split, validation metrics and provenance. With
     ``openset.calibration: crossfit`` the head trains on every image and the metrics

@@ -1,5 +1,6 @@
-"""Train the multi-rank head on cached embeddings: seeded stratified split, mini-batch
-AdamW, class-dependency loss, early stopping on validation loss (best weights kept).
+"""Train the multi-rank head on cached embeddings: mini-batch AdamW, the configured loss
+(``loss.kind``: hxe by default, or per-rank heads with the class-dependency loss), early
+stopping on validation loss when set (best weights kept).
 """
 
 from __future__ import annotations
