@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 
 from taxoclass.config import DEFAULTS
+from taxoclass.model.baselines import HiclassBaseline, hiclass_leaf_probabilities
 from taxoclass.model.recipes import (
     RECIPES,
-    HiclassPredictor,
     available,
     fit_recipe,
     head_recipes,
-    hiclass_leaf_probabilities,
     recipe_config,
 )
 from taxoclass.pipelines.benchmark import BenchmarkData, benchmark
@@ -99,8 +98,8 @@ def hiclass_fit():
 
 def test_hiclass_probabilities_are_the_product_along_the_path(hiclass_fit):
     data, model = hiclass_fit
-    assert isinstance(model, HiclassPredictor)
-    tax, h = data.taxonomy, model.base.model_
+    assert isinstance(model, HiclassBaseline)
+    tax, h = data.taxonomy, model.model_
     xn = data.x / np.linalg.norm(data.x, axis=1, keepdims=True)
     p = hiclass_leaf_probabilities(h, xn, tax)
     np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)

@@ -23,6 +23,7 @@ similarity per class over ``temperature``: a ranking device, not a calibrated es
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,8 +33,12 @@ from sklearn.utils.validation import check_is_fitted
 
 from .decoding import Decoded, decode, decode_leaf_probabilities
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ..taxonomy.tree import Taxonomy
+
 __all__ = ["C_GRID", "ClassPrototype", "FlatLinearProbe", "HiclassBaseline", "NearestNeighbour",
-           "check_embeddings", "check_targets", "choose_C", "l2_normalise", "row_space"]
+           "check_embeddings", "check_targets", "choose_C", "hiclass_leaf_probabilities",
+           "l2_normalise", "row_space"]
 
 #: Logit given to classes a baseline never saw in training (finite, so softmax is safe).
 UNSEEN_LOGIT = -1e4
@@ -304,10 +309,13 @@ def choose_C(X: np.ndarray, y: np.ndarray, *, folds: int = 3, seed: int = 0,
 class HiclassBaseline(BaseEstimator):
     """hiclass ``LocalClassifierPerParentNode`` with logistic regression (C) on
     L2-normalised features: a classifier per parent node, decided top-down. Labels stop
-    where the target is -1 (hiclass pads with ""). Probabilities: hiclass's per-level
-    probabilities (product along the path) at the lowest rank, renormalised over the
-    known leaves and summed up the tree; the reported path is hiclass's own top-down one
-    (when it stops above the lowest rank, the most probable leaf below where it stopped)."""
+    where the target is -1 (hiclass pads with ""). Probabilities: each parent classifier's
+    probability of the child multiplied along the path (:func:`hiclass_leaf_probabilities`;
+    hiclass 5.0.8's own ``predict_proba`` applies every parent's classifier to every image,
+    scikit-learn-contrib/hiclass#159, and its leaf columns came out near uniform: species
+    ECE 0.898 on the leaf data), summed up the tree; the reported path is hiclass's own
+    top-down one (when it stops above the lowest rank, the most probable leaf below where
+    it stopped)."""
 
     def __init__(self, taxonomy, *, C: float = 1.0, max_iter: int = 3000, top_k: int = 5) -> None:
         self.taxonomy = taxonomy
@@ -335,13 +343,7 @@ class HiclassBaseline(BaseEstimator):
         Xn = l2_normalise(_check_X(X, self.n_features_in_, "HiclassBaseline"))
         pred = self.model_.predict(Xn)
         lowest = tax.ranks[-1]
-        classes = np.asarray(self.model_.classes_[-1]).astype(str)
-        proba = np.asarray(self.model_.predict_proba(Xn)[-1], dtype=np.float64)
-        leaf_p = np.zeros((len(Xn), tax.n_classes(lowest)))
-        known = classes != ""
-        leaf_p[:, classes[known].astype(int)] = proba[:, known]
-        total = leaf_p.sum(1, keepdims=True)
-        leaf_p = np.where(total > 0, leaf_p / np.maximum(total, 1e-300), 1.0 / leaf_p.shape[1])
+        leaf_p = hiclass_leaf_probabilities(self.model_, Xn, tax).astype(np.float64)
         leaf = np.empty(len(Xn), dtype=np.int64)
         for i, row in enumerate(pred):
             filled = [(k, v) for k, v in enumerate(row) if str(v) != ""]
@@ -354,3 +356,34 @@ class HiclassBaseline(BaseEstimator):
             leaf[i] = int(np.argmax(np.where(under, leaf_p[i], -1.0)))
         return decode_leaf_probabilities(leaf_p.astype(np.float32), tax, top_k=self.top_k,
                                          method="hiclass+topdown", leaf=leaf)
+
+
+def hiclass_leaf_probabilities(model: Any, x: np.ndarray, taxonomy: Taxonomy) -> np.ndarray:
+    """Lowest-rank probabilities of a fitted hiclass ``LocalClassifierPerParentNode`` on
+    (normalised) ``x``: each node's probability is its parent's times the parent
+    classifier's probability of it (a parent without a classifier splits evenly); mass
+    that stops above the lowest rank is dropped and the rows renormalised (uniform where
+    nothing reaches a lowest-rank taxon)."""
+    import networkx as nx
+
+    graph, sep = model.hierarchy_, model.separator_
+    depth = len(taxonomy.ranks)
+    out = np.zeros((len(x), taxonomy.n_classes(taxonomy.ranks[-1])), dtype=np.float64)
+    prob = {model.root_: np.ones(len(x))}
+    for node in nx.topological_sort(graph):
+        kids = list(graph.successors(node))
+        if node not in prob or not kids:
+            continue
+        clf = graph.nodes[node].get("classifier")
+        if clf is None:
+            p, cols = np.ones((len(x), 1)) / len(kids), {k: 0 for k in kids}
+        else:
+            p, cols = clf.predict_proba(x), {c: i for i, c in enumerate(clf.classes_)}
+        for k in kids:
+            prob[k] = prob[node] * (p[:, cols[k]] if k in cols else 0.0)
+            parts = str(k).split(sep)
+            if len(parts) == depth and parts[-1] != "":
+                out[:, int(parts[-1])] += prob[k]
+    total = out.sum(1, keepdims=True)
+    return np.where(total > 0, out / np.maximum(total, 1e-300), 1.0 / out.shape[1]).astype(
+        np.float32)

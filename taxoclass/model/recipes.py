@@ -246,67 +246,14 @@ def _fit_logreg(x, y, taxonomy, seed, cfg, options) -> LogRegPredictor:
     return LogRegPredictor(model, basis, taxonomy, int(cfg["decode"]["top_k"]), C, scores)
 
 
-@dataclass
-class HiclassPredictor:
-    """:class:`~taxoclass.model.baselines.HiclassBaseline`'s top-down path, with lowest-rank
-    probabilities formed as in a local classifier per parent node: the product, along the
-    path, of each parent's classifier probability of the child (hiclass_leaf_probabilities).
-    hiclass 5.0.8's own ``predict_proba`` applies every parent's classifier to every image
-    (scikit-learn-contrib/hiclass#159, fix proposed in #160) and its leaf columns came out
-    zero here, i.e. uniform after renormalising: the species ECE 0.898 of 2026-11-30."""
-
-    base: HiclassBaseline
-
-    def predict(self, x: np.ndarray) -> Decoded:
-        decoded = self.base.predict(x)
-        tax = self.base.taxonomy
-        leaf_p = hiclass_leaf_probabilities(self.base.model_, l2_normalise(
-            check_embeddings(x, who="hiclass")), tax)
-        return decode_leaf_probabilities(leaf_p, tax, top_k=self.base.top_k,
-                                         method="hiclass+topdown",
-                                         leaf=decoded.path[tax.ranks[-1]])
-
-
-def hiclass_leaf_probabilities(model: Any, x: np.ndarray, taxonomy: Taxonomy) -> np.ndarray:
-    """Lowest-rank probabilities of a fitted hiclass ``LocalClassifierPerParentNode`` on
-    (normalised) ``x``: each node's probability is its parent's times the parent
-    classifier's probability of it (a parent without a classifier splits evenly); mass
-    that stops above the lowest rank is dropped and the rows renormalised (uniform where
-    nothing reaches a lowest-rank taxon)."""
-    import networkx as nx
-
-    graph, sep = model.hierarchy_, model.separator_
-    depth = len(taxonomy.ranks)
-    out = np.zeros((len(x), taxonomy.n_classes(taxonomy.ranks[-1])), dtype=np.float64)
-    prob = {model.root_: np.ones(len(x))}
-    for node in nx.topological_sort(graph):
-        kids = list(graph.successors(node))
-        if node not in prob or not kids:
-            continue
-        clf = graph.nodes[node].get("classifier")
-        if clf is None:
-            p, cols = np.ones((len(x), 1)) / len(kids), {k: 0 for k in kids}
-        else:
-            p, cols = clf.predict_proba(x), {c: i for i, c in enumerate(clf.classes_)}
-        for k in kids:
-            prob[k] = prob[node] * (p[:, cols[k]] if k in cols else 0.0)
-            parts = str(k).split(sep)
-            if len(parts) == depth and parts[-1] != "":
-                out[:, int(parts[-1])] += prob[k]
-    total = out.sum(1, keepdims=True)
-    return np.where(total > 0, out / np.maximum(total, 1e-300), 1.0 / out.shape[1]).astype(
-        np.float32)
-
-
-def _fit_hiclass(x, y, taxonomy, seed, cfg, options) -> HiclassPredictor:
+def _fit_hiclass(x, y, taxonomy, seed, cfg, options) -> HiclassBaseline:
     C = options["C"]
     if C is None:  # the flat probe's inner-CV choice (one grid, on the training data)
         xs, ys = _lowest_labelled(x, y, taxonomy, "hiclass")
         xn = l2_normalise(xs)
         z = xn @ row_space(xn)
         C, _ = choose_C(z, ys, folds=int(options["folds"]), seed=seed)
-    return HiclassPredictor(HiclassBaseline(taxonomy, C=float(C),
-                                            top_k=int(cfg["decode"]["top_k"])).fit(x, y))
+    return HiclassBaseline(taxonomy, C=float(C), top_k=int(cfg["decode"]["top_k"])).fit(x, y)
 
 
 def _fit_knn(x, y, taxonomy, seed, cfg, options) -> NearestNeighbour:
