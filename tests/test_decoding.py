@@ -187,7 +187,7 @@ def test_to_frame_names_probabilities_and_top5():
     phil = _path(tax, "Hydrangeaceae", "Philadelphus")
     logits = _random_logits(tax, 2, seed=1, scale=0.5)
     logits["species"][1, phil["species"]] = 20.0
-    d = decode(logits, tax)
+    d = decode(logits, tax, method="path")
     df = d.to_frame(tax, ids=["a", "b"])
     assert list(df.columns) == ["id", "family", "family_prob", "family_top5", "genus",
                                 "genus_prob", "genus_top5", "species", "species_prob",
@@ -199,6 +199,7 @@ def test_to_frame_names_probabilities_and_top5():
     assert top[0][0] == df.loc[0, "species"]
     assert float(top[0][1]) == pytest.approx(df.loc[0, "species_prob"], abs=1e-4)
     assert (df["method"] == "path").all()
+    assert (decode(logits, tax).to_frame(tax)["method"] == "marginal").all()  # the default
     with pytest.raises(ValueError, match="ids"):
         d.to_frame(tax, ids=["a"])
 
