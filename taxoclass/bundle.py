@@ -136,16 +136,24 @@ class ModelBundle:
         """The detector sees the same (normalised) embeddings as the head."""
         return scorer_input(embeddings, self.normalize)
 
-    def create_backbone(self, device: str = "cpu"):
-        """Rebuild the backbone the head was trained on (same weights and preprocessing)."""
-        from .features.backbones import SPEC_KEYS, backbone_from_spec
+    def backbone_spec(self) -> dict[str, Any]:
+        """The spec of the backbone the head was trained on, as :meth:`create_backbone`
+        builds it and the embedding store keys it: a checkpoint inside the bundle (e.g. a
+        fine-tuned ``backbone.pth``) made absolute after checking it against the record."""
+        from .features.backbones import SPEC_KEYS
 
         spec = {k: v for k, v in self.backbone.items() if k in SPEC_KEYS and v is not None}
         checkpoint = spec.get("checkpoint")
         if checkpoint and self.path is not None and not Path(checkpoint).is_absolute():
             check_checkpoint(self.path, self.parts, str(checkpoint))
-            spec["checkpoint"] = str(self.path / checkpoint)  # e.g. a fine-tuned backbone.pth
-        return backbone_from_spec(spec, device=device)
+            spec["checkpoint"] = str(self.path / checkpoint)
+        return spec
+
+    def create_backbone(self, device: str = "cpu"):
+        """Rebuild the backbone the head was trained on (same weights and preprocessing)."""
+        from .features.backbones import backbone_from_spec
+
+        return backbone_from_spec(self.backbone_spec(), device=device)
 
     # ------------------------------------------------------------------ storage
     def save(self, out_dir: str | Path) -> Path:

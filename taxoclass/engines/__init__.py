@@ -127,7 +127,7 @@ class LocalEngine:
 
         bundle = ModelBundle.load(model)
         _check_cache_option(cache)
-        spec = _bundle_spec(bundle)
+        spec = bundle.backbone_spec()
         with embedding_folder(cache, out, reuse=bundle.extra.get("embedding_cache")) as folder:
             own = out is not None and folder == Path(out) / "embeddings"
             if overwrite and own:
@@ -225,21 +225,6 @@ def _check_cache_option(cache: str | Path | None) -> None:
 def _is_reuse(folder: Path, bundle: Any) -> bool:
     reuse = bundle.extra.get("embedding_cache")
     return bool(reuse) and Path(reuse) == Path(folder)
-
-
-def _bundle_spec(bundle: Any) -> dict[str, Any]:
-    """The spec of the backbone ``bundle.create_backbone`` builds (a checkpoint inside the
-    bundle made absolute and checked against the bundle's record), so store vectors are
-    looked up before any model loads."""
-    from ..bundle import check_checkpoint
-    from ..features.backbones import SPEC_KEYS
-
-    spec = {k: v for k, v in bundle.backbone.items() if k in SPEC_KEYS and v is not None}
-    checkpoint = spec.get("checkpoint")
-    if checkpoint and bundle.path is not None and not Path(checkpoint).is_absolute():
-        check_checkpoint(bundle.path, bundle.parts, str(checkpoint))
-        spec["checkpoint"] = str(Path(bundle.path) / checkpoint)
-    return spec
 
 
 def _frame_of(bundle: Any, res: Any, paths: Sequence[str | Path], top_k: int):

@@ -71,25 +71,34 @@ def choose_holdout(rows: pd.DataFrame, *, species: Iterable[str] | None = None,
             raise ValueError(f"choose_holdout: species {unknown} are not in the rows; expected "
                              "binomial names such as 'Quercus ilex'.")
         return sorted(set(wanted))
-    by_genus: dict[str, list[str]] = {}
-    for n, g in sorted({(n, g) for n, g in zip(names, genus) if n}):
-        by_genus.setdefault(g, []).append(n)
-    eligible = sorted(n for g, ns in by_genus.items() if len(ns) >= 2 for n in ns)
-    if holdout_fraction is not None:
-        if not 0.0 < holdout_fraction < 1.0:
-            raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}.")
-        n_species = max(1, round(holdout_fraction * len(eligible)))
+    if holdout_fraction is not None and not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}.")
+    return _draw_keeping_parents(names, genus, n=n_species, fraction=holdout_fraction,
+                                 seed=seed)
+
+
+def _draw_keeping_parents(names: np.ndarray, parent: np.ndarray, *, n: int | None,
+                          fraction: float | None, seed: int) -> list[str]:
+    """Seeded draw (independent of row order) of ``n`` taxa, or ``fraction`` of the
+    eligible ones (at least one), among ``names`` (one per row, ``""``: unlabelled) whose
+    ``parent`` has at least two children; every parent keeps a known child."""
+    by_parent: dict[str, list[str]] = {}
+    for name, par in sorted({(a, b) for a, b in zip(names, parent) if a}):
+        by_parent.setdefault(par, []).append(name)
+    eligible = sorted(t for ts in by_parent.values() if len(ts) >= 2 for t in ts)
+    if fraction is not None:
+        n = max(1, round(fraction * len(eligible))) if eligible else 0
     rng = np.random.default_rng(seed)
-    order = [eligible[i] for i in rng.permutation(len(eligible))]
-    left = {g: len(ns) for g, ns in by_genus.items()}
-    genus_of = {n: g for g, ns in by_genus.items() for n in ns}
+    order = [eligible[k] for k in rng.permutation(len(eligible))]
+    left = {p: len(ts) for p, ts in by_parent.items()}
+    parent_of = {t: p for p, ts in by_parent.items() for t in ts}
     chosen: list[str] = []
-    for n in order:
-        if len(chosen) >= int(n_species):
+    for t in order:
+        if len(chosen) >= int(n):
             break
-        if left[genus_of[n]] > 1:
-            chosen.append(n)
-            left[genus_of[n]] -= 1
+        if left[parent_of[t]] > 1:
+            chosen.append(t)
+            left[parent_of[t]] -= 1
     return sorted(chosen)
 
 
@@ -128,28 +137,11 @@ def hold_out_taxa(rows: pd.DataFrame, ranks: Sequence[str], *, rank: str,
     truth = truth_names(rows, ranks[: i + 1])
     names = truth[rank]
     parent = truth[ranks[i - 1]] if i > 0 else np.full(len(rows), "", dtype=object)
-    by_parent: dict[str, list[str]] = {}
-    for name, par in sorted({(a, b) for a, b in zip(names, parent) if a}):
-        by_parent.setdefault(par, []).append(name)
-    eligible = sorted(t for ts in by_parent.values() if len(ts) >= 2 for t in ts)
-    if fraction is not None:
-        if not 0.0 < fraction < 1.0:
-            raise ValueError(f"hold_out_taxa: fraction must be in (0, 1), got {fraction}.")
-        n = max(1, round(fraction * len(eligible))) if eligible else 0
-    if int(n) < 0:
+    if fraction is not None and not 0.0 < fraction < 1.0:
+        raise ValueError(f"hold_out_taxa: fraction must be in (0, 1), got {fraction}.")
+    if n is not None and int(n) < 0:
         raise ValueError(f"hold_out_taxa: n must be >= 0, got {n}.")
-    rng = np.random.default_rng(seed)
-    order = [eligible[k] for k in rng.permutation(len(eligible))]
-    left = {p: len(ts) for p, ts in by_parent.items()}
-    parent_of = {t: p for p, ts in by_parent.items() for t in ts}
-    chosen: list[str] = []
-    for t in order:
-        if len(chosen) >= int(n):
-            break
-        if left[parent_of[t]] > 1:
-            chosen.append(t)
-            left[parent_of[t]] -= 1
-    return sorted(chosen)
+    return _draw_keeping_parents(names, parent, n=n, fraction=fraction, seed=seed)
 
 
 def split_known_unknown_taxa(rows: pd.DataFrame, held: Mapping[str, Sequence[str]],

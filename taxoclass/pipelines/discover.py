@@ -224,20 +224,6 @@ def _check_flags_model(folder: Path, model_id: str | None) -> None:
                     "as they are", folder, head["model_id"], model_id)
 
 
-def _backbone_spec(bundle: Any) -> dict[str, Any]:
-    """The spec of the backbone the bundle builds (a checkpoint inside the bundle made
-    absolute after checking it against the bundle's record), as predict uses it."""
-    from ..bundle import check_checkpoint
-    from ..features.backbones import SPEC_KEYS
-
-    spec = {k: v for k, v in bundle.backbone.items() if k in SPEC_KEYS and v is not None}
-    checkpoint = spec.get("checkpoint")
-    if checkpoint and bundle.path is not None and not Path(checkpoint).is_absolute():
-        check_checkpoint(bundle.path, bundle.parts, str(checkpoint))
-        spec["checkpoint"] = str(Path(bundle.path) / checkpoint)
-    return spec
-
-
 def _embed(bundle: Any, paths: list[Path], out: Path, *, cache: str | Path | None,
            device: str, batch_size: int | None, progress: Progress | None) -> tuple[Any, dict]:
     """The store's vectors of ``paths`` (computed where missing) and where they are."""
@@ -247,7 +233,7 @@ def _embed(bundle: Any, paths: list[Path], out: Path, *, cache: str | Path | Non
     reuse = bundle.extra.get("embedding_cache")
     with embedding_folder(cache, out, reuse=reuse) as folder:
         check_cache_folder(folder)
-        res = embed_with_spec([str(p) for p in paths], folder, _backbone_spec(bundle),
+        res = embed_with_spec([str(p) for p in paths], folder, bundle.backbone_spec(),
                               device=device, batch_size=batch_size, progress=progress)
     return res, {"folder": str(folder), "n_computed": int(res.n_computed),
                  "n_reused": int(res.n_reused)}
