@@ -182,9 +182,13 @@ def test_put_vectors_are_found_by_content_and_nothing_is_embedded(tmp_path):
         paths.append(str(p))
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     spec = backbone_spec({"name": "efficientnet-lite0"})
-    put_vectors(tmp_path / "cache", paths, x, spec, {"generator": "test"})
+    put_vectors(tmp_path / "cache", paths, x, spec, {"name": "simulated-a"})
     res = embed_with_spec(paths[::-1], tmp_path / "cache", spec)  # any order, by content
     assert res.n_computed == 0 and res.n_reused == 3 and res.found.all()
     assert np.array_equal(res.embeddings, x[::-1])
     with pytest.raises(ValueError, match=r"one row per path \(2\)"):
         put_vectors(tmp_path / "cache", paths[:2], x, spec, {})
+    put_vectors(tmp_path / "cache", paths, x, spec, {"name": "simulated-a"})  # same maker: ok
+    with pytest.raises(ValueError, match="already holds vectors of this backbone spec made "
+                                         "by .*simulated-a.*Fix: pass another folder"):
+        put_vectors(tmp_path / "cache", paths, x, spec, {"name": "simulated-b"})

@@ -164,8 +164,10 @@ def put_vectors(folder: str | Path, paths: Sequence[str], x: np.ndarray,
     """Store vectors computed elsewhere as the embeddings of ``paths`` (files whose content
     names them) under a backbone ``spec`` (:func:`~taxoclass.features.backbones.backbone_spec`),
     so that ``embed``/``train`` with the same backbone settings find them and embed nothing.
-    ``identity``: what made the vectors (recorded in the store, e.g. a generator and its
-    seed); ``num_features`` is added. For simulated or externally computed embeddings."""
+    ``identity``: what made the vectors (recorded in the store; its ``name`` and the other
+    :data:`~taxoclass.features.store.IDENTITY_KEYS` tell makers apart); ``num_features``
+    is added. For simulated or externally computed embeddings, in a store of their own: a
+    store whose spec already names another maker is refused (``ValueError``)."""
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2 or len(x) != len(paths):
         raise ValueError(f"put_vectors: expected one row per path ({len(paths)}), found an "
@@ -173,7 +175,14 @@ def put_vectors(folder: str | Path, paths: Sequence[str], x: np.ndarray,
     store = EmbeddingStore(Path(folder) / STORE_DIR)
     with store.session() as st:
         key = _spec_key(st, spec, device, precision)
-        ident = st.remember({**identity, "num_features": int(x.shape[1])}, key)
+        description = {**identity, "num_features": int(x.shape[1])}
+        known = st.spec_identity(key)
+        if known is not None and known != identity_hash(description):
+            raise ValueError(f"put_vectors: the store in {folder} already holds vectors of "
+                             f"this backbone spec made by {st.description(known)}; expected "
+                             "a store of its own for vectors computed elsewhere. Fix: pass "
+                             "another folder.")
+        ident = st.remember(description, key)
         st.put(ident, [str(k) for k in st.content_keys(list(paths))], x)
 
 
